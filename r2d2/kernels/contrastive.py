@@ -1,0 +1,155 @@
+"""GCPR: global contrastive pre-ranking loss with multi-positive and teacher-softened targets.
+
+Per rank: local L2-normalised features ``I_l, T_l`` ``[b, d]``; gathered over ``group``:
+``I, T`` ``[B, d]`` (B = world * b), ids ``[B]`` (default: global position), scale ``s``.
+
+    i2t logits  = s * I_l @ T^T         t2i logits = s * T_l @ I^T                 [b, B]
+    hard[r, c]  = [id(r) == id(c)] / #{c : id(c) == id(r)}
+    target      = (1 - alpha) * hard + alpha * softmax(s * teacher logits)          (optional)
+    loss        = 1/2 * (mean_r CE(target_i2t[r], logits_i2t[r]) + mean_r CE(target_t2i[r], logits_t2i[r]))
+
+Gathering keeps gradients (backward sums the gathered gradients over ranks and returns each rank
+its slice), so after DDP averages gradients over ranks they equal the gradient of the same loss
+computed in one process over the concatenated global batch (equal b on every rank).
+
+The eager reference below materialises ``[b, B]`` logits; it is the spec, the test oracle and the
+CPU fallback. Fused Triton/CUDA backends never hold them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from r2d2.kernels.dispatch import OpSpec, register_op, resolve
+
+
+def dist_info(group=None) -> tuple[int, int]:
+    """(rank, world) within ``group``; (0, 1) when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each rank's gradient for the full tensor and returns the
+    local slice, so cross-rank gradient terms are not lost."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        # all_reduce + slice instead of reduce_scatter: gloo has no reduce_scatter.
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g.chunk(world, 0)[rank], None
+
+
+def gather(x: torch.Tensor, group=None, *, with_grad: bool = True) -> torch.Tensor:
+    """Concatenate ``x`` from every rank of ``group`` along dim 0 (identity when not distributed)."""
+    _, world = dist_info(group)
+    if world == 1:
+        return x
+    if with_grad and x.requires_grad:
+        return _GatherWithGrad.apply(x, group)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    return torch.cat(parts, 0)
+
+
+def hard_targets(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
+    """Equal mass on every column whose id equals the row's id: ``[len(row_ids), len(col_ids)]``."""
+    pos = (row_ids[:, None] == col_ids[None, :]).float()
+    return pos / pos.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
+           distill_alpha):
+    if image_feat.dim() != 2 or text_feat.shape != image_feat.shape:
+        raise ValueError(f"contrastive_loss: image_feat and text_feat must both be [b, d]; got "
+                         f"{tuple(image_feat.shape)} and {tuple(text_feat.shape)}")
+    if not image_feat.is_floating_point() or text_feat.dtype != image_feat.dtype:
+        raise TypeError(f"contrastive_loss: features must share one floating dtype; got "
+                        f"{image_feat.dtype} and {text_feat.dtype}")
+    if image_feat.device != text_feat.device:
+        raise ValueError(f"contrastive_loss: features on different devices: {image_feat.device}, "
+                         f"{text_feat.device}")
+    if not torch.is_tensor(logit_scale) or logit_scale.numel() != 1:
+        raise TypeError("contrastive_loss: logit_scale must be a one-element tensor (the scale s, "
+                        "not its log)")
+    if image_ids is not None and tuple(image_ids.shape) != (image_feat.shape[0],):
+        raise ValueError(f"contrastive_loss: image_ids must be [b={image_feat.shape[0]}], got "
+                         f"{tuple(image_ids.shape)}")
+    if (teacher_image_feat is None) != (teacher_text_feat is None):
+        raise ValueError("contrastive_loss: give both teacher_image_feat and teacher_text_feat or neither")
+    if teacher_image_feat is not None and (teacher_image_feat.shape != image_feat.shape
+                                           or teacher_text_feat.shape != image_feat.shape):
+        raise ValueError("contrastive_loss: teacher features must have the student's shape "
+                         f"{tuple(image_feat.shape)}")
+    if not 0.0 <= distill_alpha <= 1.0:
+        raise ValueError(f"contrastive_loss: distill_alpha must be in [0, 1], got {distill_alpha}")
+    if distill_alpha > 0 and teacher_image_feat is None:
+        raise ValueError("contrastive_loss: distill_alpha > 0 needs teacher features")
+
+
+def global_ids(image_ids: torch.Tensor | None, b: int, device, group=None) -> torch.Tensor:
+    """Gathered ids ``[B]``; default ids are global positions (targets on the diagonal)."""
+    rank, world = dist_info(group)
+    if image_ids is None:
+        return torch.arange(world * b, device=device)
+    return gather(image_ids.to(device=device, dtype=torch.long), group, with_grad=False)
+
+
+def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
+                         teacher_image_feat=None, teacher_text_feat=None, distill_alpha=0.0,
+                         group=None):
+    """Eager GCPR (+TgD targets) in fp32. Returns the local loss (mean over local rows)."""
+    rank, world = dist_info(group)
+    b = image_feat.shape[0]
+    I_all = gather(image_feat, group).float()
+    T_all = gather(text_feat, group).float()
+    ids = global_ids(image_ids, b, image_feat.device, group)
+    local_ids = ids[rank * b:(rank + 1) * b]
+    I_l, T_l = I_all[rank * b:(rank + 1) * b], T_all[rank * b:(rank + 1) * b]
+    s = logit_scale.float().reshape(())
+    logits_i2t = s * I_l @ T_all.t()
+    logits_t2i = s * T_l @ I_all.t()
+    tgt = hard_targets(local_ids, ids)
+    tgt_i2t, tgt_t2i = tgt, tgt
+    if distill_alpha > 0:
+        with torch.no_grad():
+            tI = gather(teacher_image_feat.detach(), group, with_grad=False).float()
+            tT = gather(teacher_text_feat.detach(), group, with_grad=False).float()
+            sd = s.detach()
+            soft_i2t = torch.softmax(sd * tI[rank * b:(rank + 1) * b] @ tT.t(), 1)
+            soft_t2i = torch.softmax(sd * tT[rank * b:(rank + 1) * b] @ tI.t(), 1)
+        tgt_i2t = (1 - distill_alpha) * tgt + distill_alpha * soft_i2t
+        tgt_t2i = (1 - distill_alpha) * tgt + distill_alpha * soft_t2i
+    loss_i2t = -(tgt_i2t * torch.log_softmax(logits_i2t, 1)).sum(1).mean()
+    loss_t2i = -(tgt_t2i * torch.log_softmax(logits_t2i, 1)).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+SPEC = register_op(OpSpec(
+    name="contrastive",
+    backends=("eager",),
+))
+
+
+def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teacher_image_feat=None,
+                     teacher_text_feat=None, distill_alpha=0.0, group=None, backend="auto"):
+    """GCPR loss over features gathered from every rank of ``group``; see the module docstring."""
+    _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
+           distill_alpha)
+    resolve("contrastive", backend, image_feat.device)
+    return contrastive_loss_ref(image_feat, text_feat, logit_scale, image_ids=image_ids,
+                                teacher_image_feat=teacher_image_feat,
+                                teacher_text_feat=teacher_text_feat, distill_alpha=distill_alpha,
+                                group=group)
