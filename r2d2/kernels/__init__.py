@@ -15,5 +15,5 @@ from r2d2.kernels.dispatch import (  # noqa: F401
     why_unavailable,
 )
 from r2d2.kernels.distill_kl import distill_kl, distill_kl_ref  # noqa: F401
-from r2d2.kernels.contrastive import contrastive_loss, contrastive_loss_ref  # noqa: F401
+from r2d2.kernels.contrastive import ContrastiveOutput, contrastive_loss, contrastive_loss_ref  # noqa: F401
 from r2d2.kernels.attention import attention, attention_ref  # noqa: F401

@@ -18,50 +18,12 @@ CPU fallback. Fused Triton/CUDA backends never hold them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.distributed as dist
 
+from r2d2.dist import dist_info, gather
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
-
-
-def dist_info(group=None) -> tuple[int, int]:
-    """(rank, world) within ``group``; (0, 1) when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums each rank's gradient for the full tensor and returns the
-    local slice, so cross-rank gradient terms are not lost."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, 0)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        # all_reduce + slice instead of reduce_scatter: gloo has no reduce_scatter.
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
-        return g.chunk(world, 0)[rank], None
-
-
-def gather(x: torch.Tensor, group=None, *, with_grad: bool = True) -> torch.Tensor:
-    """Concatenate ``x`` from every rank of ``group`` along dim 0 (identity when not distributed)."""
-    _, world = dist_info(group)
-    if world == 1:
-        return x
-    if with_grad and x.requires_grad:
-        return _GatherWithGrad.apply(x, group)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous(), group=group)
-    return torch.cat(parts, 0)
 
 
 def hard_targets(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
@@ -109,8 +71,9 @@ def global_ids(image_ids: torch.Tensor | None, b: int, device, group=None) -> to
 
 def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
                          teacher_image_feat=None, teacher_text_feat=None, distill_alpha=0.0,
-                         group=None):
-    """Eager GCPR (+TgD targets) in fp32. Returns the local loss (mean over local rows)."""
+                         group=None, return_negatives=False, seed=None):
+    """Eager GCPR (+TgD targets) in fp32. Returns the local loss (mean over local rows), or a
+    ``ContrastiveOutput`` with sampled hard negatives when ``return_negatives``."""
     rank, world = dist_info(group)
     b = image_feat.shape[0]
     I_all = gather(image_feat, group).float()
@@ -134,7 +97,33 @@ def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
         tgt_t2i = (1 - distill_alpha) * tgt + distill_alpha * soft_t2i
     loss_i2t = -(tgt_i2t * torch.log_softmax(logits_i2t, 1)).sum(1).mean()
     loss_t2i = -(tgt_t2i * torch.log_softmax(logits_t2i, 1)).sum(1).mean()
-    return (loss_i2t + loss_t2i) / 2
+    loss = (loss_i2t + loss_t2i) / 2
+    if not return_negatives:
+        return loss
+    neg_t = sample_negatives_ref(logits_i2t.detach(), local_ids, ids, seed, rank)
+    neg_i = sample_negatives_ref(logits_t2i.detach(), local_ids, ids, seed, rank + 7919 * world)
+    return ContrastiveOutput(loss, neg_t, neg_i)
+
+
+class ContrastiveOutput(NamedTuple):
+    loss: torch.Tensor
+    neg_text_for_image: torch.Tensor   # [b] global text index per local image, -1 if none
+    neg_image_for_text: torch.Tensor   # [b] global image index per local text, -1 if none
+
+
+def sample_negatives_ref(logits, row_ids, col_ids, seed=None, stream=0):
+    """One column per row drawn from softmax(logits) over the columns whose id differs from the
+    row's (Gumbel-max: argmax(logits + Gumbel noise) is an exact softmax sample). -1 when a row has
+    no such column."""
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=logits.device).manual_seed(int(seed) * 1_000_003 + stream)
+    u = torch.rand(logits.shape, device=logits.device, generator=gen, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+    same = row_ids[:, None] == col_ids[None, :]
+    z = (logits.double() + gumbel).masked_fill(same, float("-inf"))
+    idx = z.argmax(1)
+    return torch.where(same.all(1), torch.full_like(idx, -1), idx)
 
 
 SPEC = register_op(OpSpec(
@@ -144,12 +133,17 @@ SPEC = register_op(OpSpec(
 
 
 def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teacher_image_feat=None,
-                     teacher_text_feat=None, distill_alpha=0.0, group=None, backend="auto"):
-    """GCPR loss over features gathered from every rank of ``group``; see the module docstring."""
+                     teacher_text_feat=None, distill_alpha=0.0, group=None, backend="auto",
+                     return_negatives=False, seed=None):
+    """GCPR loss over features gathered from every rank of ``group``; see the module docstring.
+
+    With ``return_negatives`` it returns ``ContrastiveOutput(loss, neg_text_for_image,
+    neg_image_for_text)``: for FGR, one hard negative per local row sampled from the softmax of
+    the (scaled) global similarity with same-id columns excluded; ``seed`` makes it reproducible."""
     _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
            distill_alpha)
     resolve("contrastive", backend, image_feat.device)
     return contrastive_loss_ref(image_feat, text_feat, logit_scale, image_ids=image_ids,
                                 teacher_image_feat=teacher_image_feat,
                                 teacher_text_feat=teacher_text_feat, distill_alpha=distill_alpha,
-                                group=group)
+                                group=group, return_negatives=return_negatives, seed=seed)

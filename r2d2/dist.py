@@ -1,0 +1,53 @@
+"""Small torch.distributed helpers shared by the kernels, the objectives and the engine."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def dist_info(group=None) -> tuple[int, int]:
+    """(rank, world) within ``group``; (0, 1) when not distributed."""
+    if not is_dist():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each rank's gradient for the full tensor and returns the
+    local slice, so the cross-rank gradient terms are not lost."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        # all_reduce + slice rather than reduce_scatter: gloo has no reduce_scatter.
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g.chunk(world, 0)[rank], None
+
+
+def gather(x: torch.Tensor, group=None, *, with_grad: bool = True) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from every rank along dim 0.
+
+    With ``with_grad`` and a tensor that requires grad, backward returns to each rank the sum over
+    ranks of the gradient of its slice. Identity when not distributed."""
+    _, world = dist_info(group)
+    if world == 1:
+        return x
+    if with_grad and x.requires_grad:
+        return _GatherWithGrad.apply(x, group)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous(), group=group)
+    return torch.cat(parts, 0)
