@@ -1,25 +1,209 @@
-"""Distillation KL (placeholder for the foundation op; the full op lands with its kernels)."""
+"""Distillation KL: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last dim.
+
+For logits ``[..., C]`` (rows = every leading position), with ``a = student/T``, ``b = teacher/T``,
+``q = softmax(a)``, ``p = softmax(b)``::
+
+    row_loss[r] = T^2 * sum_j p_j (log p_j - log q_j)
+                = T^2 * (sum_j p_j (b_j - a_j) + lse(a) - lse(b))
+    d row_loss[r] / d student[r, j] = T * (q_j - p_j)
+
+The ``T^2`` factor keeps gradient magnitudes independent of T (Hinton et al., 2015). The teacher
+is a constant: it receives no gradient (its logits come from the EMA teacher under no_grad).
+
+Backends (see dispatch.py): ``eager`` is ``distill_kl_ref`` (fp32 math, the spec and test oracle);
+``triton`` (distill_kl_triton.py), ``cuda`` and ``cpp`` (r2d2._C, csrc/distill_kl/) run one fused
+pass per row with online max/sum for both distributions, and, when the student needs a gradient, a
+second sweep that writes ``grad_scale * T * (q - p)`` in the student's dtype during the forward;
+backward is then a single scale by grad_output (the Liger-Kernel recipe). Memory: the fused
+backends keep one student-sized gradient between forward and backward instead of eager's fp32
+log-probabilities of both inputs.
+
+Limits: student and teacher must share shape, dtype (float16/bfloat16/float32/float64) and device.
+The loss is float32 (float64 for float64 inputs). A teacher logit of -inf (a masked class) is a
+zero-probability class; a student logit of -inf where the teacher has mass gives +inf, as it should.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
+from r2d2 import _ext
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
 
+REDUCTIONS = ("batchmean", "sum", "none")
+"""batchmean: mean over rows (the paper's loss); sum: sum over rows; none: per-row values shaped
+like the leading dims ``student_logits.shape[:-1]``."""
 
-def distill_kl_ref(student_logits, teacher_logits, temperature=1.0, reduction="batchmean"):
-    t = temperature
-    s = torch.log_softmax(student_logits.float() / t, -1)
-    p = torch.softmax(teacher_logits.detach().float() / t, -1)
-    kl = (p * (torch.log(p.clamp_min(1e-30)) - s)).sum(-1) * t * t
-    kl = kl.reshape(-1)
-    return kl.mean() if reduction == "batchmean" else kl
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+EXT_OP = "distill_kl_fwd"
 
-
-SPEC = register_op(OpSpec(name="distill_kl", backends=("eager",)))
+# (student [R, C], teacher [R, C], temperature, grad_scale, need_grad) -> (row_loss [R], grad)
+FwdFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
-def distill_kl(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean",
-               backend="auto"):
-    resolve("distill_kl", backend, student_logits.device)
-    return distill_kl_ref(student_logits, teacher_logits, temperature, reduction)
+def _reduce(row_loss: torch.Tensor, reduction: str, lead_shape: torch.Size) -> torch.Tensor:
+    if reduction == "batchmean":
+        return row_loss.mean()
+    if reduction == "sum":
+        return row_loss.sum()
+    return row_loss.reshape(lead_shape)
+
+
+def distill_kl_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   temperature: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
+    """Plain-PyTorch reference in fp32 (fp64 for float64 inputs): the spec and the test oracle.
+
+    Both distributions go through log_softmax, so logits of +-1e4 stay finite; classes the teacher
+    gives zero probability contribute exactly 0 (``p log p -> 0``), not ``0 * -inf = NaN``.
+    """
+    cdt = torch.promote_types(student_logits.dtype, torch.float32)
+    t = float(temperature)
+    log_q = torch.log_softmax(student_logits.to(cdt) / t, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.detach().to(cdt) / t, dim=-1)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=cdt,
+                                                                 device=student_logits.device))
+    row_loss = terms.sum(-1) * (t * t)
+    return _reduce(row_loss.reshape(-1), reduction, student_logits.shape[:-1])
+
+
+def _validate(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+              reduction: str) -> None:
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise TypeError(f"distill_kl: student_logits and teacher_logits must be tensors, got "
+                        f"{type(student).__name__} and {type(teacher).__name__}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"distill_kl: student_logits shape {tuple(student.shape)} must equal "
+                         f"teacher_logits shape {tuple(teacher.shape)}")
+    if student.dim() < 1 or student.shape[-1] == 0:
+        raise ValueError(f"distill_kl: logits need a non-empty last (class) dimension, got shape "
+                         f"{tuple(student.shape)}")
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"distill_kl: {name} dtype {x.dtype} is not supported; expected one of "
+                            f"{[str(d) for d in _DTYPES]}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"distill_kl: teacher_logits dtype {teacher.dtype} must equal "
+                        f"student_logits dtype {student.dtype}")
+    if student.device != teacher.device:
+        raise ValueError(f"distill_kl: student_logits is on {student.device} but teacher_logits is "
+                         f"on {teacher.device}; both must be on one device")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"distill_kl: temperature must be a finite number > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"distill_kl: reduction={reduction!r}; expected one of {REDUCTIONS}")
+
+
+def _fwd_ext(student, teacher, temperature, grad_scale, need_grad):
+    return torch.ops.r2d2.distill_kl_fwd(student, teacher, temperature, grad_scale, need_grad)
+
+
+def _fwd_triton(student, teacher, temperature, grad_scale, need_grad):
+    from r2d2.kernels import distill_kl_triton  # imports triton: only when this backend runs
+
+    return distill_kl_triton.fwd(student, teacher, temperature, grad_scale, need_grad)
+
+
+_FWD: dict[str, FwdFn] = {"triton": _fwd_triton, "cuda": _fwd_ext, "cpp": _fwd_ext}
+
+
+class _DistillKLFunction(torch.autograd.Function):
+    """Shared by triton/cuda/cpp: the forward already wrote d loss / d student (times
+    ``1/rows`` for batchmean), so backward only scales it by grad_output."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, reduction, lead_shape, fwd):
+        grad_scale = 1.0 / student.shape[0] if reduction == "batchmean" else 1.0
+        row_loss, grad = fwd(student, teacher, temperature, grad_scale, True)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        return _reduce(row_loss, reduction, lead_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            # Per-row scale in fp32, one rounding to the student's dtype.
+            g = (grad.to(grad_out.dtype) * grad_out.reshape(-1, 1)).to(grad.dtype)
+        else:
+            # A 0-dim operand does not promote: computed in fp32 opmath, stored in grad's dtype.
+            # Out of place, so a retained graph can run backward again.
+            g = grad * grad_out
+        return g, None, None, None, None, None
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+               temperature: float = 1.0, reduction: str = "batchmean",
+               backend: str = "auto") -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last dim of ``[..., C]``.
+
+    Args:
+        student_logits: ``[..., C]`` float16/bfloat16/float32/float64; receives the gradient.
+        teacher_logits: same shape, dtype and device; treated as a constant (no gradient flows to
+            it, whether or not it requires grad).
+        temperature: softmax temperature T > 0 for both distributions.
+        reduction: ``"batchmean"`` (mean over rows), ``"sum"``, or ``"none"`` (per-row values shaped
+            ``student_logits.shape[:-1]``).
+        backend: ``"auto" | "eager" | "triton" | "cuda" | "cpp"`` (see ``r2d2.kernels.dispatch``).
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or per-row values for ``"none"``.
+    """
+    _validate(student_logits, teacher_logits, temperature, reduction)
+    chosen = resolve("distill_kl", backend, student_logits.device)
+    if chosen == "eager":
+        return distill_kl_ref(student_logits, teacher_logits, temperature, reduction)
+    fwd = _FWD[chosen]
+    temperature = float(temperature)
+    lead_shape = student_logits.shape[:-1]
+    cols = student_logits.shape[-1]
+    student = student_logits.reshape(-1, cols)
+    teacher = teacher_logits.detach().reshape(-1, cols)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return _DistillKLFunction.apply(student, teacher, temperature, reduction, lead_shape, fwd)
+    row_loss, _ = fwd(student, teacher, temperature, 1.0, False)  # no gradient sweep
+    return _reduce(row_loss, reduction, lead_shape)
+
+
+class DistillKLLoss(torch.nn.Module):
+    """Module form of :func:`distill_kl` (``forward(student_logits, teacher_logits)``)."""
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return distill_kl(student_logits, teacher_logits, temperature=self.temperature,
+                          reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+def _register_fakes() -> None:
+    """Shape/dtype functions for the compiled ops so torch.compile (FakeTensor) can trace them."""
+    if not _ext.has_op(EXT_OP):
+        return
+
+    @torch.library.register_fake("r2d2::distill_kl_fwd")
+    def _fwd_fake(student, teacher, temperature, grad_scale=1.0, need_grad=True):
+        rows = student.numel() // student.shape[-1]
+        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        row_loss = student.new_empty((rows,), dtype=loss_dtype)
+        grad = student.new_empty(student.shape) if need_grad else student.new_empty((0,))
+        return row_loss, grad
+
+    @torch.library.register_fake("r2d2::distill_kl_fwd_out")
+    def _fwd_out_fake(student, teacher, temperature, grad_scale, row_loss, grad):
+        return None
+
+
+_register_fakes()
+
+SPEC = register_op(OpSpec(name="distill_kl", backends=("eager", "triton", "cuda", "cpp"),
+                          ext_op=EXT_OP))
