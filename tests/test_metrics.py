@@ -117,3 +117,15 @@ def test_binary_and_topk_accuracy():
     assert acc == {"top1": pytest.approx(100 / 3), "top2": pytest.approx(100.0)}
     with pytest.raises(ValueError, match="out of range"):
         topk_accuracy(logits, [3, 0, 0])
+
+
+def test_separate_t2i_matrix_and_multi_image_texts():
+    sim_i2t = np.array([[0.9, 0.1], [0.2, 0.8]])   # i2t perfect
+    sim_t2i = np.array([[0.1, 0.9], [0.7, 0.3]])   # t2i: both texts pick the wrong image
+    m = retrieval_metrics(sim_i2t, [[0], [1]], [0, 1], ks=(1,), sim_t2i=sim_t2i)
+    assert m == {"i2t_r1": 100.0, "t2i_r1": 0.0, "mean_recall": 50.0}
+    # the same t2i matrix, but text 0 is also a correct description of image 1 -> hit
+    m = retrieval_metrics(sim_i2t, [[0], [1, 0]], [[0, 1], 1], ks=(1,), sim_t2i=sim_t2i)
+    assert m["t2i_r1"] == 50.0
+    with pytest.raises(ValueError, match="sim_t2i has shape"):
+        retrieval_metrics(sim_i2t, [[0], [1]], [0, 1], sim_t2i=np.zeros((3, 2)))

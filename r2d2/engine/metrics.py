@@ -68,31 +68,52 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[int, f
     return {k: float(100.0 * np.mean(ranks < k)) for k in ks}
 
 
+def _targets(entries: Sequence[Any], name: str) -> list[list[int]]:
+    """Normalise ``int | list[int]`` entries to lists of ints."""
+    out = []
+    for j, t in enumerate(entries):
+        if isinstance(t, (int, np.integer)):
+            out.append([int(t)])
+        elif hasattr(t, "__len__"):
+            out.append([int(v) for v in t])
+        else:
+            raise TypeError(f"{name}[{j}]: expected an int or a list of ints, got {type(t).__name__}")
+    return out
+
+
 def retrieval_metrics(
     sim_i2t: Any,
     img2txt: Sequence[Sequence[int]],
-    txt2img: Sequence[int],
+    txt2img: Sequence[int] | Sequence[Sequence[int]],
     ks: Sequence[int] = RECALL_KS,
+    sim_t2i: Any | None = None,
 ) -> dict[str, float]:
     """Recall@k both ways and their mean, in percent.
 
     Args:
         sim_i2t: ``[n_img, n_txt]`` scores, higher is more similar.
         img2txt: ``img2txt[i]`` the text indices that describe image ``i`` (at least one).
-        txt2img: ``txt2img[j]`` the image index of text ``j``.
+        txt2img: ``txt2img[j]`` the image index of text ``j`` (or a list of indices when a text
+            describes several images, as a MUGE query does; any of them counts as a hit).
         ks: the cut-offs; the default (1, 5, 10) gives the keys ``i2t_r1 ... t2i_r10``.
+        sim_t2i: optional ``[n_txt, n_img]`` scores for the text-to-image direction. Two-stage
+            re-ranking produces a different matrix per direction (each re-ranks its own query
+            rows); by default ``sim_i2t.T`` is used.
 
     Returns ``{"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"}``;
     ``mean_recall`` is the mean of all six (the paper's MR).
     """
     sim = _as_array(sim_i2t, "sim_i2t", 2)
     n_img, n_txt = sim.shape
+    sim_t = sim.T if sim_t2i is None else _as_array(sim_t2i, "sim_t2i", 2)
+    if sim_t.shape != (n_txt, n_img):
+        raise ValueError(f"sim_t2i has shape {sim_t.shape}, expected {(n_txt, n_img)}")
     if len(img2txt) != n_img:
         raise ValueError(f"img2txt has {len(img2txt)} entries but sim_i2t has {n_img} image rows")
     if len(txt2img) != n_txt:
         raise ValueError(f"txt2img has {len(txt2img)} entries but sim_i2t has {n_txt} text columns")
     i2t = recall_at_k(ranks_of_targets(sim, img2txt), ks)
-    t2i = recall_at_k(ranks_of_targets(sim.T, [[int(i)] for i in txt2img]), ks)
+    t2i = recall_at_k(ranks_of_targets(sim_t, _targets(txt2img, "txt2img")), ks)
     out = {f"i2t_r{k}": v for k, v in i2t.items()}
     out.update({f"t2i_r{k}": v for k, v in t2i.items()})
     out["mean_recall"] = float(np.mean(list(i2t.values()) + list(t2i.values())))
@@ -106,8 +127,7 @@ def t2i_metrics(sim_t2i: Any, txt2img: Sequence[Sequence[int]] | Sequence[int],
     sim = _as_array(sim_t2i, "sim_t2i", 2)
     if len(txt2img) != sim.shape[0]:
         raise ValueError(f"txt2img has {len(txt2img)} entries but sim_t2i has {sim.shape[0]} rows")
-    targets = [[int(t)] if np.isscalar(t) else list(t) for t in txt2img]
-    rec = recall_at_k(ranks_of_targets(sim, targets), ks)
+    rec = recall_at_k(ranks_of_targets(sim, _targets(txt2img, "txt2img")), ks)
     out = {f"t2i_r{k}": v for k, v in rec.items()}
     out["mean_recall"] = float(np.mean(list(rec.values())))
     return out
