@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(1024)
   if (threadIdx.x == 0) row_loss[row] = st.row_loss(t_sq);
   if (grad == nullptr) return;
 
-  const acc_t lse_a = st.lse_a();
-  const acc_t lse_b = st.lse_b();
+  const acc_t log_za = acc_log(st.z_a);
+  const acc_t log_zb = acc_log(st.z_b);
   P* g = reinterpret_cast<P*>(grad + row * cols);
   for (int64_t k = threadIdx.x; k < npack; k += blockDim.x) {
     const P ps = s[k];
@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(1024)
     P out;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const acc_t q = acc_exp(to_acc(ps.v[i]) * inv_t - lse_a);
-      const acc_t p = acc_exp(to_acc(pt.v[i]) * inv_t - lse_b);
+      const acc_t q = st.q(to_acc(ps.v[i]) * inv_t, log_za);
+      const acc_t p = st.p(to_acc(pt.v[i]) * inv_t, log_zb);
       from_acc(&out.v[i], coef * (q - p));
     }
     g[k] = out;

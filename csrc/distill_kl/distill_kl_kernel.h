@@ -7,13 +7,18 @@
 //   grad[r, j]  = grad_scale * T * (q_j - p_j)          (d row_loss / d student, times grad_scale)
 //
 // One streaming pass keeps, for both distributions, a running max m and a sum of exponentials z
-// relative to it, plus w = sum_j exp(b_j - m_b) (b_j - a_j) relative to the teacher's max. States
-// of disjoint column sets merge exactly (rescale each by exp(m_old - m_new)), which is what lets
-// GPU threads stream their own columns and then reduce across the block. A second sweep, once
-// lse(a) and lse(b) are known, writes the gradient.
+// relative to it, plus
+//   w = sum_j exp(b_j - m_b) * ((b_j - m_b) - (a_j - m_a)),   so   KL = w / z_b + log z_a - log z_b.
+// The differences are taken against the running maxima, not as b_j - a_j: with logits offset by
+// ~1e4, b_j - a_j rounds at ulp(1e4) ~ 1e-3 and the KL (a small difference of large numbers)
+// would be lost; shifted, every term is O(logit range) and exact to fp32 precision. When a max
+// moves, w is corrected by z_b times the shift. States of disjoint column sets merge exactly,
+// which lets GPU threads stream their own columns and then reduce across the block. A second
+// sweep, once lse(a) and lse(b) are known, writes the gradient.
 //
 // Masked logits: a teacher logit of -inf has p_j = 0 and contributes nothing (not 0 * inf = NaN);
-// a student logit of -inf where p_j > 0 gives +inf, which is the true KL.
+// a student logit of -inf where p_j > 0 gives +inf, which is the true KL. (Hence a state with
+// z_b > 0 and m_a = -inf already has w = +inf, and its student shift can be skipped.)
 #pragma once
 
 #include <cmath>
@@ -44,7 +49,7 @@ template <typename acc_t>
 struct State {
   acc_t m_a, z_a;  // student: running max of a, sum exp(a - m_a)
   acc_t m_b, z_b;  // teacher: running max of b, sum exp(b - m_b)
-  acc_t w;         // sum exp(b - m_b) * (b - a)
+  acc_t w;         // sum exp(b - m_b) * ((b - m_b) - (a - m_a))
 
   R2D2_HD static State empty() {
     const acc_t ninf = neg_inf<acc_t>();
@@ -52,24 +57,29 @@ struct State {
   }
 
   // Add one column. Branchy on purpose: one exp per distribution per element (the branch that
-  // raises the max rescales the old sum instead of exponentiating the new element).
+  // raises a max rescales the old sum instead of exponentiating the new element).
   R2D2_HD void push(acc_t a, acc_t b) {
     const acc_t ninf = neg_inf<acc_t>();
     if (a > m_a) {
-      z_a = z_a * acc_exp(m_a - a) + acc_t(1);  // exp(-inf) = 0 on the first element
+      if (z_b > acc_t(0) && m_a != ninf) w += z_b * (a - m_a);  // old terms' a-shift
+      z_a = z_a * acc_exp(m_a - a) + acc_t(1);                   // exp(-inf) = 0 at the start
       m_a = a;
     } else if (a != ninf) {
       z_a += acc_exp(a - m_a);
     }
+    if (b == ninf) return;  // p_j = 0
+    // m_a >= a here whenever a is finite; a = -inf under teacher mass makes the KL +inf.
+    const acc_t da = a == ninf ? ninf : a - m_a;
     if (b > m_b) {
       const acc_t s = acc_exp(m_b - b);
+      w = s > acc_t(0) ? s * (w - z_b * (b - m_b)) : acc_t(0);  // z_b = 0 at the start
       z_b = z_b * s + acc_t(1);
-      w = w * s + (b - a);
       m_b = b;
-    } else if (b != ninf) {
+      w -= da;  // this column's term: (b - m_b) - da = -da
+    } else {
       const acc_t e = acc_exp(b - m_b);
       z_b += e;
-      if (e > acc_t(0)) w += e * (b - a);  // underflowed p_j contributes 0, even if a = -inf
+      if (e > acc_t(0)) w += e * ((b - m_b) - da);  // underflowed p_j contributes 0
     }
   }
 
@@ -77,29 +87,38 @@ struct State {
   R2D2_HD void merge(const State& o) {
     const acc_t ninf = neg_inf<acc_t>();
     const acc_t ma = m_a > o.m_a ? m_a : o.m_a;
-    if (ma != ninf) {
-      z_a = (m_a == ninf ? acc_t(0) : z_a * acc_exp(m_a - ma)) +
-            (o.m_a == ninf ? acc_t(0) : o.z_a * acc_exp(o.m_a - ma));
-      m_a = ma;
-    }
     const acc_t mb = m_b > o.m_b ? m_b : o.m_b;
-    if (mb != ninf) {
-      const acc_t s = m_b == ninf ? acc_t(0) : acc_exp(m_b - mb);
-      const acc_t so = o.m_b == ninf ? acc_t(0) : acc_exp(o.m_b - mb);
-      // A side with z == 0 contributes nothing; skip it so 0 * (w = anything) never forms NaN.
-      z_b = (s > acc_t(0) ? z_b * s : acc_t(0)) + (so > acc_t(0) ? o.z_b * so : acc_t(0));
-      w = (s > acc_t(0) ? w * s : acc_t(0)) + (so > acc_t(0) ? o.w * so : acc_t(0));
-      m_b = mb;
+    acc_t za = acc_t(0), zb = acc_t(0), ww = acc_t(0);
+    if (ma != ninf) {
+      za = (m_a == ninf ? acc_t(0) : z_a * acc_exp(m_a - ma)) +
+           (o.m_a == ninf ? acc_t(0) : o.z_a * acc_exp(o.m_a - ma));
     }
+    // Each side's terms move from its own maxima to (ma, mb); a side without teacher mass adds
+    // nothing, and an underflowed one adds 0 (never 0 * inf).
+    const State* sides[2] = {this, &o};
+    for (const State* x : sides) {
+      if (!(x->z_b > acc_t(0))) continue;
+      const acc_t s = acc_exp(x->m_b - mb);
+      if (!(s > acc_t(0))) continue;
+      const acc_t shift = x->m_a == ninf ? acc_t(0) : (x->m_b - mb) - (x->m_a - ma);
+      zb += s * x->z_b;
+      ww += s * (x->w + x->z_b * shift);
+    }
+    m_a = ma;
+    z_a = za;
+    m_b = mb;
+    z_b = zb;
+    w = ww;
   }
 
-  R2D2_HD acc_t lse_a() const { return m_a + acc_log(z_a); }
-  R2D2_HD acc_t lse_b() const { return m_b + acc_log(z_b); }
+  // softmax_j = exp((x_j - m) - log z): x_j - m is exact, whereas x_j - (m + log z) would round
+  // log z away at the logits' magnitude (ulp(1e4) ~ 1e-3).
+  R2D2_HD acc_t q(acc_t a, acc_t log_za) const { return acc_exp((a - m_a) - log_za); }
+  R2D2_HD acc_t p(acc_t b, acc_t log_zb) const { return acc_exp((b - m_b) - log_zb); }
 
-  // T^2 * KL(p || q). The max difference is kept apart from the log-ratio of the sums so that
-  // large common offsets of the logits cancel before they meet the small terms.
+  // T^2 * KL(p || q).
   R2D2_HD acc_t row_loss(acc_t t_sq) const {
-    return t_sq * (w / z_b + (m_a - m_b) + acc_log(z_a) - acc_log(z_b));
+    return t_sq * (w / z_b + acc_log(z_a) - acc_log(z_b));
   }
 };
 

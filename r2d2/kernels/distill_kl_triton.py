@@ -4,8 +4,11 @@ One program handles ``BLOCK_R`` rows (several when rows are short, one when they
 streams them in ``BLOCK_C`` column tiles:
 
   sweep 1   online max / sum-exp for the student ``a = s/T`` and the teacher ``b = t/T``, plus
-            ``w = sum_j exp(b_j - m_b) (b_j - a_j)``; then
-            ``row_loss = T^2 * (w / z_b + (m_a - m_b) + log z_a - log z_b)``
+            ``w = sum_j exp(b_j - m_b) ((b_j - m_b) - (a_j - m_a))``; then
+            ``row_loss = T^2 * (w / z_b + log z_a - log z_b)``. The differences are taken against
+            the running maxima (corrected when they move) so that a large common offset of the
+            logits cancels exactly instead of rounding at its own magnitude (see the CUDA header
+            csrc/distill_kl/distill_kl_kernel.h for the derivation).
   sweep 2   (only when the student needs a gradient) ``grad = grad_scale * T * (softmax(a) - softmax(b))``
             written in the student's dtype, so backward is one scale by grad_output.
 
@@ -62,41 +65,49 @@ def _distill_kl_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         col = c0 + cols
         cm = col < C
-        # Padding columns: b = -inf (p = 0) and a = 0 for b - a, -inf for the student's stats, so
-        # that b - a is -inf there rather than NaN.
-        a0 = tl.load(s_ptr + base + col, mask=cm, other=0.0).to(ACC) * inv_t
+        a = tl.load(s_ptr + base + col, mask=cm, other=ninf).to(ACC) * inv_t
         b = tl.load(t_ptr + base + col, mask=cm, other=ninf).to(ACC) * inv_t
-        a = tl.where(cm, a0, ninf)
-        # Rescale to the new running max; a max that is still -inf (nothing seen yet) is shifted
-        # by 0 instead so that exp(-inf - -inf) never forms a NaN.
+        # New running maxima; one that is still -inf (nothing seen) shifts by 0 instead, so that
+        # exp(-inf - -inf) never forms a NaN.
         m_a_new = tl.maximum(m_a, tl.max(a, axis=1))
         sh_a = tl.where(m_a_new == ninf, 0.0, m_a_new)
-        z_a = z_a * tl.exp(m_a - sh_a) + tl.sum(tl.exp(a - sh_a[:, None]), axis=1)
-        m_a = m_a_new
-
         m_b_new = tl.maximum(m_b, tl.max(b, axis=1))
         sh_b = tl.where(m_b_new == ninf, 0.0, m_b_new)
-        alpha = tl.exp(m_b - sh_b)
-        e = tl.exp(b - sh_b[:, None])
-        # p_j = 0 contributes 0 even where b - a is -inf (or NaN for a class masked in both): the
-        # limit p log p -> 0.
-        d = e * tl.where(e > 0, b - a0, 0.0)
-        z_b = z_b * alpha + tl.sum(e, axis=1)
-        w = tl.where(alpha > 0, w * alpha, 0.0) + tl.sum(d, axis=1)
+        # Old maxima; -inf (nothing seen: z = 0, w = 0, or w = +inf already) maps to the new one
+        # so that the corrections below are exactly 0 rather than inf * 0.
+        o_a = tl.where(m_a == ninf, sh_a, m_a)
+        o_b = tl.where(m_b == ninf, sh_b, m_b)
+
+        z_a = z_a * tl.exp(o_a - sh_a) + tl.sum(tl.exp(a - sh_a[:, None]), axis=1)
+
+        # w's old terms (b - m_b) - (a - m_a) move to the new maxima, then get rescaled.
+        alpha = tl.exp(o_b - sh_b)
+        w = tl.where(alpha > 0, alpha * (w + z_b * ((o_b - sh_b) - (o_a - sh_a))), 0.0)
+        z_b = z_b * alpha
+        db = b - sh_b[:, None]
+        e = tl.exp(db)
+        # Zero-probability classes (teacher -inf, padding included) add exactly 0: the limit
+        # p log p -> 0, not 0 * inf. A student -inf under teacher mass adds +inf (the true KL).
+        da = tl.where(b == ninf, 0.0, a - sh_a[:, None])
+        w += tl.sum(e * tl.where(e > 0, db - da, 0.0), axis=1)
+        z_b += tl.sum(e, axis=1)
+        m_a = m_a_new
         m_b = m_b_new
 
-    loss = t_sq * (w / z_b + (m_a - m_b) + tl.log(z_a) - tl.log(z_b))
+    loss = t_sq * (w / z_b + tl.log(z_a) - tl.log(z_b))
     tl.store(loss_ptr + rows, loss, mask=row_ok)
 
     if NEED_GRAD:
-        lse_a = (m_a + tl.log(z_a))[:, None]
-        lse_b = (m_b + tl.log(z_b))[:, None]
+        # softmax = exp((x - m) - log z): x - m is exact, whereas x - (m + log z) would round
+        # log z away at the logits' magnitude (ulp(1e4) ~ 1e-3).
+        m_a2, lz_a = m_a[:, None], tl.log(z_a)[:, None]
+        m_b2, lz_b = m_b[:, None], tl.log(z_b)[:, None]
         for c0 in range(0, C, BLOCK_C):
             col = c0 + cols
             cm = col < C
             a = tl.load(s_ptr + base + col, mask=cm, other=ninf).to(ACC) * inv_t
             b = tl.load(t_ptr + base + col, mask=cm, other=ninf).to(ACC) * inv_t
-            g = coef * (tl.exp(a - lse_a) - tl.exp(b - lse_b))
+            g = coef * (tl.exp((a - m_a2) - lz_a) - tl.exp((b - m_b2) - lz_b))
             tl.store(grad_ptr + base + col, g.to(grad_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & cm)
 

@@ -1,0 +1,388 @@
+"""distill_kl: every backend that can run here against the fp32 reference, values and student
+gradients; the compiled op's contract (opcheck, fake, errors); GPU cases marked ``gpu``.
+
+Tolerances: the kernels read the same low-precision inputs the reference upcasts, so losses agree
+to fp32 accumulation-order error in every input dtype; gradients are rounded once to the student's
+dtype by both, so they agree to about one unit in the last place of that dtype (plus a few
+subnormal steps for fp16, where the per-element gradients of wide rows are tiny).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r2d2 import _ext
+from r2d2.kernels import BackendUnavailable, distill_kl, distill_kl_ref
+from r2d2.kernels.dispatch import why_unavailable
+from r2d2.kernels.distill_kl import DistillKLLoss
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_OP = _ext.has_op("distill_kl_fwd")
+
+# dtype -> (loss rtol, grad rtol, grad atol as a fraction of max|grad|, grad atol absolute)
+TOL = {
+    torch.float32: (2e-5, 1e-4, 1e-6, 0.0),
+    torch.float64: (1e-10, 1e-9, 1e-12, 0.0),
+    torch.float16: (2e-5, 2e-3, 1e-4, 2.4e-7),  # 2.4e-7: four fp16 subnormal steps
+    torch.bfloat16: (2e-5, 1.6e-2, 1e-4, 0.0),  # 2 bf16 ulps
+}
+GPU_TOL = {  # nvcc --use_fast_math exp/log: a few fp32 ulps more on the loss
+    torch.float32: (1e-4, 1e-3, 1e-5, 0.0),
+    torch.float16: (1e-4, 2e-3, 1e-4, 2.4e-7),
+    torch.bfloat16: (1e-4, 1.6e-2, 1e-4, 0.0),
+}
+
+
+def _need(backend: str, device: str = "cpu") -> None:
+    why = why_unavailable("distill_kl", backend, device)
+    if why is not None:
+        pytest.skip(why)
+
+
+def _logits(shape, dtype, device="cpu", scale=3.0):
+    # Scale 3 gives peaked, non-trivial distributions; fresh random values per call.
+    return (torch.randn(shape, device=device) * scale).to(dtype)
+
+
+def _ref_grad(student, teacher, temperature, reduction="batchmean", grad_out=None):
+    s = student.detach().clone().requires_grad_(True)
+    out = distill_kl_ref(s, teacher, temperature, reduction)
+    out.backward(grad_out if grad_out is not None else torch.ones_like(out))
+    return out.detach(), s.grad
+
+
+def _run(backend, student, teacher, temperature, reduction="batchmean", grad_out=None):
+    s = student.detach().clone().requires_grad_(True)
+    out = distill_kl(s, teacher, temperature=temperature, reduction=reduction, backend=backend)
+    out.backward(grad_out if grad_out is not None else torch.ones_like(out))
+    return out.detach(), s.grad
+
+
+def _assert_matches(out, grad, ref_out, ref_grad, dtype, temperature, tol=TOL):
+    loss_rtol, grad_rtol, grad_arel, grad_aabs = tol[dtype]
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(out, ref_out, rtol=loss_rtol, atol=loss_rtol * temperature ** 2)
+    assert grad.dtype == dtype and grad.shape == ref_grad.shape
+    gmax = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=grad_rtol,
+                               atol=grad_arel * gmax + grad_aabs)
+
+
+SHAPES = [(1, 1), (37, 1), (3, 7), (37, 7), (1, 1000), (37, 1000), (3, 32768), (2, 3, 7),
+          (5, 1, 257)]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(backend, shape, temperature, dtype):
+    _need(backend)
+    s, t = _logits(shape, dtype), _logits(shape, dtype)
+    out, grad = _run(backend, s, t, temperature)
+    _assert_matches(out, grad, *_ref_grad(s, t, temperature), dtype, temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_eager_backend_is_the_reference(dtype):
+    s, t = _logits((7, 63), dtype), _logits((7, 63), dtype)
+    out, grad = _run("eager", s, t, 2.0)
+    ref_out, ref_grad = _ref_grad(s, t, 2.0)
+    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+    # ...and the reference is the definition: T^2 * mean_rows sum p (log p - log q), in float64.
+    p = torch.softmax(t.double() / 2.0, -1)
+    log_q = torch.log_softmax(s.double() / 2.0, -1)
+    expect = 4.0 * (p * (p.log() - log_q)).sum(-1).mean()
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_reductions_and_leading_dims(backend, reduction):
+    _need(backend)
+    shape = (2, 3, 257)
+    s, t = _logits(shape, torch.float32), _logits(shape, torch.float32)
+    # A random upstream gradient checks the per-row scaling of "none".
+    g = torch.rand(2, 3) + 0.5 if reduction == "none" else torch.tensor(1.7)
+    out, grad = _run(backend, s, t, 2.0, reduction, grad_out=g)
+    ref_out, ref_grad = _ref_grad(s, t, 2.0, reduction, grad_out=g)
+    assert out.shape == ((2, 3) if reduction == "none" else ())
+    _assert_matches(out, grad, ref_out, ref_grad, torch.float32, 2.0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_wide_rows_100k(backend):
+    _need(backend)
+    s, t = _logits((3, 100000), torch.float32), _logits((3, 100000), torch.float32)
+    out, grad = _run(backend, s, t, 1.0)
+    _assert_matches(out, grad, *_ref_grad(s, t, 1.0), torch.float32, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_extreme_logits(backend, dtype):
+    """+-1e4 logits (fp16 can hold them): near one-hot distributions, huge KL, finite values."""
+    _need(backend)
+    shape = (37, 257)
+    s = ((torch.rand(shape) * 2 - 1) * 1e4).to(dtype)
+    t = ((torch.rand(shape) * 2 - 1) * 1e4).to(dtype)
+    # fp32 resolves logits near 1e4 only to ulp(1e4) ~ 1e-3, so any fp32 computation (the
+    # reference included) knows exp(a - lse) to ~1e-3 relative: gradients get that tolerance.
+    tol = {dtype: (TOL[dtype][0], 2e-3, 2e-3, TOL[dtype][3])}
+    for temperature in (1.0, 4.0):
+        out, grad = _run(backend, s, t, temperature, "none")
+        ref_out, ref_grad = _ref_grad(s, t, temperature, "none")
+        assert ref_out.min() > 1.0  # the test means something: the distributions differ a lot
+        _assert_matches(out, grad, ref_out, ref_grad, dtype, temperature, tol)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_equal_distributions_with_huge_offset(backend):
+    """Student = teacher + 1e4: same distribution, KL = 0 up to the inputs' own rounding."""
+    _need(backend)
+    t = _logits((3, 1000), torch.float32)
+    s = t + 1e4
+    out, grad = _run(backend, s, t, 1.0, "none")
+    # Rounding s to fp32 at 1e4 perturbs each logit by up to 5e-4 (half an ulp), so the true KL
+    # is ~1e-7 and the gradient ~1e-4: both must come out at that scale, not at ulp(1e4).
+    truth, truth_grad = _ref_grad(s.double(), t.double(), 1.0, "none")
+    assert (out.double() - truth).abs().max() < 1e-6
+    assert truth_grad.abs().max() > 1e-5
+    torch.testing.assert_close(grad.double(), truth_grad, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_masked_teacher_classes(backend):
+    """Teacher logits of -inf are zero-probability classes: they add 0, never NaN."""
+    _need(backend)
+    s, t = _logits((5, 300), torch.float32), _logits((5, 300), torch.float32)
+    t[:, 17:130] = float("-inf")
+    t[2, :299] = float("-inf")  # one row with a single class left
+    s[4, 200:] = float("-inf")  # masked in the student where the teacher has no mass too
+    t[4, 200:] = float("-inf")
+    out, grad = _run(backend, s, t, 2.0, "none")
+    ref_out, ref_grad = _ref_grad(s, t, 2.0, "none")
+    assert torch.isfinite(ref_out).all()
+    _assert_matches(out, grad, ref_out, ref_grad, torch.float32, 2.0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_student_minus_inf_where_teacher_has_mass_is_inf(backend):
+    _need(backend)
+    s, t = _logits((2, 9), torch.float32), _logits((2, 9), torch.float32)
+    s[0, 3] = float("-inf")
+    out = distill_kl(s, t, reduction="none", backend=backend)
+    assert out[0] == float("inf") and torch.isfinite(out[1])
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_teacher_gets_no_gradient(backend):
+    _need(backend)
+    s = _logits((3, 7), torch.float32).requires_grad_(True)
+    t = _logits((3, 7), torch.float32).requires_grad_(True)
+    distill_kl(s, t, temperature=2.0, backend=backend).backward()
+    assert t.grad is None
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_noncontiguous_and_no_grad(backend):
+    _need(backend)
+    s = _logits((63, 9), torch.float32).t()  # [9, 63], non-contiguous
+    t = _logits((9, 63), torch.float32)
+    ref = distill_kl_ref(s, t, 2.0, "none")
+    with torch.no_grad():
+        out = distill_kl(s, t, temperature=2.0, reduction="none", backend=backend)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=1e-5)
+    out, grad = _run(backend, s, t, 2.0)
+    _assert_matches(out, grad, *_ref_grad(s, t, 2.0), torch.float32, 2.0)
+
+
+def test_module_and_backward_twice():
+    s = _logits((4, 33), torch.float32).requires_grad_(True)
+    t = _logits((4, 33), torch.float32)
+    loss = DistillKLLoss(temperature=2.0)(s, t)
+    loss.backward(retain_graph=True)
+    g1 = s.grad.clone()
+    loss.backward()  # the saved gradient must not have been scaled in place
+    torch.testing.assert_close(s.grad, 2 * g1)
+    torch.testing.assert_close(g1, _ref_grad(s, t, 2.0)[1], rtol=1e-4, atol=1e-7)
+
+
+# ---- poisoned output buffers: an element the kernel does not write stays NaN and fails ----
+
+def _poisoned_launch(backend, s, t, temperature, grad_scale):
+    rows = s.numel() // s.shape[-1]
+    loss_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    row_loss = torch.full((rows,), float("nan"), dtype=loss_dtype, device=s.device)
+    grad = torch.full(s.shape, float("nan"), dtype=s.dtype, device=s.device)
+    if backend == "triton":
+        from r2d2.kernels import distill_kl_triton
+
+        distill_kl_triton.launch(s, t, temperature, grad_scale, row_loss, grad)
+    else:
+        torch.ops.r2d2.distill_kl_fwd_out(s, t, temperature, grad_scale, row_loss, grad)
+    return row_loss, grad
+
+
+def _check_poisoned(backend, shape, dtype, device, tol):
+    s, t = _logits(shape, dtype, device), _logits(shape, dtype, device)
+    rows = shape[0]
+    row_loss, grad = _poisoned_launch(backend, s, t, 2.0, 1.0 / rows)
+    ref_out, ref_grad = _ref_grad(s, t, 2.0, "none", grad_out=torch.full((rows,), 1.0 / rows,
+                                                                          device=device))
+    _assert_matches(row_loss, grad, ref_out, ref_grad, dtype, 2.0, tol)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 7), (3, 1000), (65, 33)], ids=str)
+def test_every_output_element_written(backend, shape):
+    _need(backend)
+    _check_poisoned(backend, shape, torch.float32, "cpu", TOL)
+
+
+# ---- float64 gradcheck and the compiled op's contract ----
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_gradcheck_float64(backend, reduction):
+    _need(backend)
+    s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: distill_kl(x, t, temperature=2.0, reduction=reduction, backend=backend), (s,))
+
+
+@pytest.mark.skipif(not HAS_OP, reason="r2d2._C with distill_kl_fwd is not built")
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_opcheck_cpp(need_grad):
+    s, t = torch.randn(5, 33), torch.randn(5, 33)
+    torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd.default, (s, t, 2.0, 0.2, need_grad))
+    s16, t16 = s.half().reshape(5, 3, 11), t.half().reshape(5, 3, 11)
+    torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd.default, (s16, t16, 1.0, 1.0, need_grad))
+
+
+@pytest.mark.skipif(not HAS_OP, reason="r2d2._C with distill_kl_fwd is not built")
+def test_opcheck_cpp_out_variant():
+    s, t = torch.randn(5, 33), torch.randn(5, 33)
+    torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd_out.default,
+                          (s, t, 2.0, 0.2, torch.empty(5), torch.empty(5, 33)))
+
+
+@pytest.mark.skipif(not HAS_OP, reason="r2d2._C with distill_kl_fwd is not built")
+def test_torch_compile_traces_the_op():
+    fn = torch.compile(lambda a, b: distill_kl(a, b, temperature=2.0, backend="cpp"),
+                       backend="aot_eager", fullgraph=True)
+    s = torch.randn(5, 33, requires_grad=True)
+    t = torch.randn(5, 33)
+    out = fn(s, t)
+    out.backward()
+    ref_out, ref_grad = _ref_grad(s, t, 2.0)
+    torch.testing.assert_close(out, ref_out, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+# ---- clear errors ----
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_errors_name_the_argument(backend):
+    _need(backend)
+    s = torch.randn(3, 7)
+    with pytest.raises(ValueError, match=r"student_logits shape \(3, 7\).*teacher_logits shape \(3, 8\)"):
+        distill_kl(s, torch.randn(3, 8), backend=backend)
+    with pytest.raises(TypeError, match="student_logits dtype torch.int64"):
+        distill_kl(torch.ones(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long),
+                   backend=backend)
+    with pytest.raises(TypeError, match="teacher_logits dtype torch.float16 must equal"):
+        distill_kl(s, s.half(), backend=backend)
+    with pytest.raises(ValueError, match="student_logits is on cpu but teacher_logits is on meta"):
+        distill_kl(s, torch.empty(3, 7, device="meta"), backend=backend)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+        distill_kl(s, s, temperature=0, backend=backend)
+    with pytest.raises(ValueError, match="reduction='mean'"):
+        distill_kl(s, s, reduction="mean", backend=backend)
+    with pytest.raises(ValueError, match="non-empty last"):
+        distill_kl(torch.randn(3, 0), torch.randn(3, 0), backend=backend)
+
+
+@pytest.mark.skipif(not HAS_OP, reason="r2d2._C with distill_kl_fwd is not built")
+def test_compiled_op_checks_its_arguments():
+    """The C++ boundary checks too (for callers of torch.ops.r2d2.distill_kl_fwd)."""
+    op = torch.ops.r2d2.distill_kl_fwd
+    with pytest.raises(RuntimeError, match=r"student_logits shape \[3, 7\] must equal teacher_logits shape \[3, 8\]"):
+        op(torch.randn(3, 7), torch.randn(3, 8), 1.0)
+    with pytest.raises(RuntimeError, match="student_logits dtype Long is not supported"):
+        op(torch.ones(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long), 1.0)
+    with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
+        op(torch.randn(3, 7), torch.randn(3, 7), -1.0)
+    with pytest.raises(RuntimeError, match="row_loss must be a contiguous Float tensor of 3"):
+        torch.ops.r2d2.distill_kl_fwd_out(torch.randn(3, 7), torch.randn(3, 7), 1.0, 1.0,
+                                          torch.empty(4), torch.empty(3, 7))
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    s = torch.randn(3, 7)
+    with pytest.raises(BackendUnavailable, match="backend='cuda' needs CUDA tensors"):
+        distill_kl(s, s, backend="cuda")
+
+
+# ---- GPU: cuda and triton in every dtype (run on the lent GPU machine) ----
+
+GPU_SHAPES = [(1, 1), (37, 7), (3, 1000), (257, 4096), (3, 32768), (2, 100000), (7, 1001)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_gpu_matches_reference(backend, shape, dtype):
+    _need(backend, "cuda")
+    s, t = _logits(shape, dtype, "cuda"), _logits(shape, dtype, "cuda")
+    out, grad = _run(backend, s, t, 2.0)
+    _assert_matches(out, grad, *_ref_grad(s, t, 2.0), dtype, 2.0, GPU_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (37, 7), (65, 4096), (3, 100000)], ids=str)
+def test_gpu_every_output_element_written(backend, shape, dtype):
+    _need(backend, "cuda")
+    _check_poisoned(backend, shape, dtype, "cuda", GPU_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_extreme_logits_and_reductions(backend, dtype):
+    _need(backend, "cuda")
+    shape = (4, 9, 1000)
+    s = ((torch.rand(shape, device="cuda") * 2 - 1) * 1e4).to(dtype)
+    t = ((torch.rand(shape, device="cuda") * 2 - 1) * 1e4).to(dtype)
+    tol = {dtype: (GPU_TOL[dtype][0], max(GPU_TOL[dtype][1], 2e-3), 2e-3, GPU_TOL[dtype][3])}
+    for reduction in ("batchmean", "sum", "none"):
+        out, grad = _run(backend, s, t, 4.0, reduction)
+        _assert_matches(out, grad, *_ref_grad(s, t, 4.0, reduction), dtype, 4.0, tol)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_misaligned_rows_use_the_scalar_path():
+    """A row start that is not 16-byte aligned must not take the vector-load path."""
+    _need("cuda", "cuda")
+    buf = torch.randn(2, 7 * 64 + 1, device="cuda").half()
+    s = buf[0, 1:].view(7, 64)  # contiguous, data pointer offset by one element
+    t = buf[1, 1:].view(7, 64)
+    assert s.is_contiguous() and s.data_ptr() % 16 != 0
+    out, grad = _run("cuda", s, t, 1.0)
+    _assert_matches(out, grad, *_ref_grad(s, t, 1.0), torch.float16, 1.0, GPU_TOL)
+
+
+@pytest.mark.gpu
+def test_gpu_gradcheck_cuda_float64():
+    _need("cuda", "cuda")
+    s = torch.randn(3, 7, dtype=torch.float64, device="cuda", requires_grad=True)
+    t = torch.randn(3, 7, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradcheck(lambda x: distill_kl(x, t, temperature=2.0, backend="cuda"),
+                                    (s,))
