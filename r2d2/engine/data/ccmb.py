@@ -1,0 +1,304 @@
+"""Readers for the CCMB downstream sets and the public Chinese benchmarks.
+
+Every reader returns a :class:`ReadResult`: the usable records, how many samples were skipped and
+why (``missing_image``, ``empty_text``). A malformed line is not a sample but a broken file, so it
+raises ``ValueError("<file>:<line>: <what is wrong>")`` instead of being skipped.
+
+Layouts (the released ones; where a release is ambiguous the assumption is stated):
+
+``icr`` / ``iqr``  CCMB retrieval, official names ``{long,short}_itr_<split>.json``: JSON lines
+    ``{"image_path": ..., "text": ...}``. As in the official reader, the image is looked up under
+    ``image_root`` by its base name (``image_root/<image_path>`` is tried first so a mirrored tree
+    also works); ``image_id`` is the base name without extension.
+``icm`` / ``iqm``  CCMB matching, ``{long,short}_itm_<split>.json``: the same plus ``"label"`` (0/1).
+``flickr30k_cna`` / ``flickr30k_cn``  lines ``<image_id>#<n><TAB><caption>``; the image is
+    ``<image_id>.jpg``. The key may carry extra ``#`` fields or a ``.jpg`` suffix
+    (``1000092795.jpg#zhb#0``, the Flickr-CN style) and may be separated by a space instead of a TAB.
+``coco_cn``  ``path`` is the split's id list (``coco-cn_test.txt``: one ``COCO_val2014_...`` id per
+    line); the captions file (default ``imageid.human-written-caption.txt`` next to it, lines
+    ``<image_id>#<n><TAB><caption>``) gives the Chinese sentences. Images are
+    ``image_root/<id>.jpg`` or, in the COCO tree, ``image_root/<train2014|val2014>/<id>.jpg``.
+``muge``  ``<split>_queries.jsonl`` lines ``{"query_id", "query_text", "item_ids": [...]}``; one
+    record per (query, item) pair, image ``image_root/<item_id>.jpg``. The release ships images as
+    base64 in ``<split>_imgs.tsv``; :func:`unpack_base64_tsv` writes them out as files once.
+``zeroshot``  an ImageFolder tree ``root/<class>/*.jpg`` or a list file ``<path><TAB><label>`` with
+    a class-names file (one name per line, label = 0-based line number, or the name itself).
+    ``text`` holds the class name and ``label`` the class index.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from r2d2.engine.data.records import ReadResult, Record
+
+FORMATS = ("icr", "iqr", "icm", "iqm", "flickr30k_cna", "flickr30k_cn", "coco_cn", "muge", "zeroshot")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+
+
+class _Collector:
+    """Accumulates records; skips (and counts) samples with no text or no image file."""
+
+    def __init__(self, check_images: bool) -> None:
+        self.records: list[Record] = []
+        self.reasons: Counter = Counter()
+        self.check_images = check_images
+
+    def add(self, image: str | None, text: str, image_id: str, label: int | None = None) -> None:
+        if not text or not text.strip():
+            self.reasons["empty_text"] += 1
+            return
+        if image is None or (self.check_images and not os.path.isfile(image)):
+            self.reasons["missing_image"] += 1
+            return
+        self.records.append(Record(image=image, text=text.strip(), image_id=image_id, label=label))
+
+    def result(self) -> ReadResult:
+        return ReadResult(records=self.records, skipped=sum(self.reasons.values()), reasons=self.reasons)
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped line) for non-blank lines; a clear error if unreadable."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if line:
+                yield n, line
+
+
+def _json_line(path: str, n: int, line: str, required: tuple[str, ...]) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ValueError(f"{path}:{n}: missing field(s) {missing}; has {sorted(obj)}")
+    return obj
+
+
+def _root(path: str, image_root: str | None) -> str:
+    return image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+
+
+def _find_image(root: str, rel: str) -> str | None:
+    """``root/rel`` if it exists, else ``root/basename(rel)`` (the official readers keep only the
+    base name of ``image_path``), else None."""
+    for cand in (os.path.join(root, rel), os.path.join(root, os.path.basename(rel))):
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def _parse_label(path: str, n: int, value) -> int:
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return int(value.strip())
+    raise ValueError(f"{path}:{n}: label must be 0 or 1, got {value!r}")
+
+
+def read_jsonl_pairs(path: str, image_root: str | None = None, with_label: bool = False,
+                     check_images: bool = True) -> ReadResult:
+    """ICR/IQR (``with_label=False``) and ICM/IQM (``with_label=True``) JSON lines."""
+    root = _root(path, image_root)
+    out = _Collector(check_images)
+    required = ("image_path", "text", "label") if with_label else ("image_path", "text")
+    for n, line in _lines(path):
+        obj = _json_line(path, n, line, required)
+        rel = str(obj["image_path"])
+        if not rel:
+            raise ValueError(f"{path}:{n}: empty image_path")
+        label = _parse_label(path, n, obj["label"]) if with_label else None
+        image = _find_image(root, rel) if check_images else os.path.join(root, os.path.basename(rel))
+        text = obj["text"] if isinstance(obj["text"], str) else ""
+        out.add(image, text, Path(rel).stem, label)
+    return out.result()
+
+
+def _split_keyed_caption(path: str, n: int, line: str) -> tuple[str, str]:
+    """``<image_id>#...<TAB|space><caption>`` -> (image_id, caption)."""
+    if "\t" in line:
+        key, _, caption = line.partition("\t")
+    else:
+        key, _, caption = line.partition(" ")
+    key = key.strip()
+    if "#" not in key:
+        raise ValueError(f"{path}:{n}: expected '<image_id>#<n><TAB><caption>', got {line[:60]!r}")
+    image_id = key.split("#", 1)[0]
+    if not image_id:
+        raise ValueError(f"{path}:{n}: empty image id in {key!r}")
+    if image_id.lower().endswith(IMAGE_EXTS):
+        image_id = os.path.splitext(image_id)[0]
+    return image_id, caption.strip()
+
+
+def read_flickr_tsv(path: str, image_root: str | None = None, check_images: bool = True) -> ReadResult:
+    """Flickr30k-CNA / Flickr30k-CN caption lines; image ``<image_root>/<image_id>.jpg``."""
+    root = _root(path, image_root)
+    out = _Collector(check_images)
+    for n, line in _lines(path):
+        image_id, caption = _split_keyed_caption(path, n, line)
+        out.add(os.path.join(root, f"{image_id}.jpg"), caption, image_id)
+    return out.result()
+
+
+def _coco_image(root: str, image_id: str) -> str | None:
+    cands = [os.path.join(root, f"{image_id}.jpg")]
+    parts = image_id.split("_")  # COCO_val2014_000000290951 -> val2014/
+    if len(parts) >= 3:
+        cands.append(os.path.join(root, parts[1], f"{image_id}.jpg"))
+    return next((c for c in cands if os.path.isfile(c)), None)
+
+
+def read_coco_cn(path: str, image_root: str | None = None, captions: str | None = None,
+                 check_images: bool = True) -> ReadResult:
+    """COCO-CN: split id list ``path`` + captions file (see the module docstring)."""
+    root = _root(path, image_root)
+    captions = captions or os.path.join(os.path.dirname(os.path.abspath(path)),
+                                        "imageid.human-written-caption.txt")
+    ids: list[str] = []
+    for n, line in _lines(path):
+        if len(line.split()) != 1:
+            raise ValueError(f"{path}:{n}: expected one image id per line, got {line[:60]!r}")
+        ids.append(line)
+    by_image: dict[str, list[str]] = {}
+    for n, line in _lines(captions):
+        image_id, caption = _split_keyed_caption(captions, n, line)
+        by_image.setdefault(image_id, []).append(caption)
+    out = _Collector(check_images)
+    for image_id in ids:
+        if image_id not in by_image:
+            out.reasons["no_caption"] += 1
+            continue
+        image = _coco_image(root, image_id) if check_images else os.path.join(root, f"{image_id}.jpg")
+        for caption in by_image[image_id]:
+            out.add(image, caption, image_id)
+    return out.result()
+
+
+def read_muge(path: str, image_root: str | None = None, check_images: bool = True) -> ReadResult:
+    """MUGE queries: one record per (query, correct item); all records of a query share its text."""
+    root = _root(path, image_root)
+    out = _Collector(check_images)
+    for n, line in _lines(path):
+        obj = _json_line(path, n, line, ("query_id", "query_text", "item_ids"))
+        items = obj["item_ids"]
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{path}:{n}: item_ids must be a non-empty list, got {items!r}")
+        for item in items:
+            out.add(os.path.join(root, f"{item}.jpg"), str(obj["query_text"]), str(item))
+    return out.result()
+
+
+def unpack_base64_tsv(tsv: str, out_dir: str) -> tuple[int, Counter]:
+    """Write MUGE's ``<image_id><TAB><base64>`` lines as ``out_dir/<image_id>.jpg``.
+
+    Returns (files written, Counter of skip reasons); existing files are kept (re-runs are cheap)."""
+    os.makedirs(out_dir, exist_ok=True)
+    written, reasons = 0, Counter()
+    for n, line in _lines(tsv):
+        image_id, sep, payload = line.partition("\t")
+        if not sep or not image_id:
+            raise ValueError(f"{tsv}:{n}: expected '<image_id><TAB><base64>'")
+        dst = os.path.join(out_dir, f"{image_id}.jpg")
+        if os.path.exists(dst):
+            continue
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            reasons["bad_base64"] += 1
+            continue
+        with open(dst, "wb") as f:
+            f.write(data)
+        written += 1
+    return written, reasons
+
+
+def read_classnames(path: str) -> list[str]:
+    names = [line for _, line in _lines(path)]
+    if len(set(names)) != len(names):
+        dup = sorted(k for k, v in Counter(names).items() if v > 1)
+        raise ValueError(f"{path}: duplicate class names {dup[:5]}")
+    if not names:
+        raise ValueError(f"{path}: no class names")
+    return names
+
+
+def read_zeroshot(path: str, image_root: str | None = None, classnames: str | None = None,
+                  check_images: bool = True) -> tuple[ReadResult, list[str]]:
+    """Zero-shot classification set -> (records with ``label`` = class index, class names).
+
+    ``path`` a directory: ImageFolder layout, classes are the sorted sub-directory names unless
+    ``classnames`` gives the (Chinese) display names, one per sub-directory in sorted order.
+    ``path`` a file: ``<image path><TAB><label>`` lines, ``classnames`` required."""
+    out = _Collector(check_images)
+    if os.path.isdir(path):
+        dirs = sorted(d.name for d in os.scandir(path) if d.is_dir())
+        if not dirs:
+            raise ValueError(f"{path}: no class sub-directories")
+        names = read_classnames(classnames) if classnames else dirs
+        if len(names) != len(dirs):
+            raise ValueError(f"{classnames}: {len(names)} class names for {len(dirs)} class folders")
+        for label, d in enumerate(dirs):
+            for f in sorted(os.listdir(os.path.join(path, d))):
+                if f.lower().endswith(IMAGE_EXTS):
+                    out.add(os.path.join(path, d, f), names[label], f"{d}/{f}", label)
+        return out.result(), names
+    if classnames is None:
+        raise ValueError("zeroshot list file needs a class-names file (classnames=...)")
+    names = read_classnames(classnames)
+    index = {name: i for i, name in enumerate(names)}
+    root = _root(path, image_root)
+    for n, line in _lines(path):
+        rel, sep, lab = line.rpartition("\t")
+        if not sep or not rel:
+            raise ValueError(f"{path}:{n}: expected '<image path><TAB><label>', got {line[:60]!r}")
+        lab = lab.strip()
+        if lab.lstrip("-").isdigit():
+            label = int(lab)
+            if not 0 <= label < len(names):
+                raise ValueError(f"{path}:{n}: label {label} out of range [0, {len(names)})")
+        elif lab in index:
+            label = index[lab]
+        else:
+            raise ValueError(f"{path}:{n}: unknown class {lab!r} (not in {classnames})")
+        out.add(os.path.join(root, rel), names[label], rel, label)
+    return out.result(), names
+
+
+def read_ccmb(format: str, path: str, image_root: str | None = None, *, check_images: bool = True,
+              **options) -> ReadResult:
+    """Read one downstream annotation file (see the module docstring for each ``format``).
+
+    ``options``: ``captions=`` for ``coco_cn``, ``classnames=`` for ``zeroshot``. ``check_images``
+    False skips the per-sample file check (for huge sets on slow storage; missing files then fail
+    at load time instead of being counted here)."""
+    fmt = format.lower()
+    allowed = {"coco_cn": {"captions"}, "zeroshot": {"classnames"}}.get(fmt, set())
+    unknown = set(options) - allowed
+    if unknown:
+        raise TypeError(f"read_ccmb({fmt!r}): unexpected option(s) {sorted(unknown)}")
+    if fmt in ("icr", "iqr"):
+        return read_jsonl_pairs(path, image_root, with_label=False, check_images=check_images)
+    if fmt in ("icm", "iqm"):
+        return read_jsonl_pairs(path, image_root, with_label=True, check_images=check_images)
+    if fmt in ("flickr30k_cna", "flickr30k_cn"):
+        return read_flickr_tsv(path, image_root, check_images=check_images)
+    if fmt == "coco_cn":
+        return read_coco_cn(path, image_root, check_images=check_images, **options)
+    if fmt == "muge":
+        return read_muge(path, image_root, check_images=check_images)
+    if fmt == "zeroshot":
+        return read_zeroshot(path, image_root, check_images=check_images, **options)[0]
+    raise ValueError(f"unknown CCMB format {format!r}; expected one of {FORMATS}")
