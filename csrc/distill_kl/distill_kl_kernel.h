@@ -8,7 +8,7 @@
 //
 // One streaming pass keeps, for both distributions, a running max m and a sum of exponentials z
 // relative to it, plus
-//   w = sum_j exp(b_j - m_b) * ((b_j - m_b) - (a_j - m_a)),   so   KL = w / z_b + log z_a - log z_b.
+//   w = sum_j exp(b_j - m_b) * ((b_j - m_b) - (a_j - m_a)),  so  KL = w / z_b + log z_a - log z_b.
 // The differences are taken against the running maxima, not as b_j - a_j: with logits offset by
 // ~1e4, b_j - a_j rounds at ulp(1e4) ~ 1e-3 and the KL (a small difference of large numbers)
 // would be lost; shifted, every term is O(logit range) and exact to fp32 precision. When a max

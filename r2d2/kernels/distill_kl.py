@@ -26,6 +26,7 @@ zero-probability class; a student logit of -inf where the teacher has mass gives
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -41,7 +42,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 EXT_OP = "distill_kl_fwd"
 
 # (student [R, C], teacher [R, C], temperature, grad_scale, need_grad) -> (row_loss [R], grad)
-FwdFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool], tuple[torch.Tensor, torch.Tensor]]
+FwdFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool],
+                 tuple[torch.Tensor, torch.Tensor]]
 
 
 def _reduce(row_loss: torch.Tensor, reduction: str, lead_shape: torch.Size) -> torch.Tensor:
@@ -91,9 +93,10 @@ def _validate(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     if student.device != teacher.device:
         raise ValueError(f"distill_kl: student_logits is on {student.device} but teacher_logits is "
                          f"on {teacher.device}; both must be on one device")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
             math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"distill_kl: temperature must be a finite number > 0, got {temperature!r}")
+        raise ValueError(
+            f"distill_kl: temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"distill_kl: reduction={reduction!r}; expected one of {REDUCTIONS}")
 
@@ -117,7 +120,7 @@ class _DistillKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, temperature, reduction, lead_shape, fwd):
-        grad_scale = 1.0 / student.shape[0] if reduction == "batchmean" else 1.0
+        grad_scale = 1.0 / max(student.shape[0], 1) if reduction == "batchmean" else 1.0
         row_loss, grad = fwd(student, teacher, temperature, grad_scale, True)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
@@ -182,7 +185,8 @@ class DistillKLLoss(torch.nn.Module):
                           reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
 
 
 def _register_fakes() -> None:

@@ -9,7 +9,8 @@ streams them in ``BLOCK_C`` column tiles:
             the running maxima (corrected when they move) so that a large common offset of the
             logits cancels exactly instead of rounding at its own magnitude (see the CUDA header
             csrc/distill_kl/distill_kl_kernel.h for the derivation).
-  sweep 2   (only when the student needs a gradient) ``grad = grad_scale * T * (softmax(a) - softmax(b))``
+  sweep 2   (only when the student needs a gradient)
+            ``grad = grad_scale * T * (softmax(a) - softmax(b))``
             written in the student's dtype, so backward is one scale by grad_output.
 
 Budget per element: sweep 1 reads s and t, sweep 2 reads them again (L2-resident for rows of a
