@@ -128,3 +128,153 @@ def test_rerank_distributed_matches_single_process(tmp_path, world):
         expect = [-(-(4 * (shard_rows(n_rows, r, world)[1] - shard_rows(n_rows, r, world)[0])) // 3)
                   for r in range(world)]
         assert calls == expect
+
+
+# ---------------------------------------------------------------- task evaluators on a stub model
+from dataclasses import dataclass  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from r2d2.engine.tasks.matching import MatchingObjective, evaluate_matching  # noqa: E402
+from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evaluate_retrieval  # noqa: E402
+from r2d2.engine.tasks.zeroshot import class_embeddings, evaluate_zeroshot  # noqa: E402
+
+
+@dataclass
+class Rec:  # duck-types r2d2.engine.data.records.Record
+    image: str
+    text: str
+    image_id: str
+    label: int | None = None
+
+
+class StubModel(torch.nn.Module):
+    """Images are tensors whose first pixel holds an image number, texts token ids whose first
+    token is a text number; embeddings and ITM logits are looked up in tables."""
+
+    def __init__(self, img_emb, txt_emb, itm_logit):
+        super().__init__()
+        self.img_emb = torch.nn.Parameter(img_emb)
+        self.txt_emb = torch.nn.Parameter(txt_emb)
+        self.itm = torch.nn.Parameter(itm_logit)  # [n_img, n_txt] logit of "match"
+
+    def encode_image(self, images):
+        return F.normalize(self.img_emb[images[:, 0, 0, 0].long()], dim=-1)
+
+    def encode_text(self, ids, mask):
+        return F.normalize(self.txt_emb[ids[:, 0]], dim=-1)
+
+    def itm_logits(self, images, ids, mask):
+        z = self.itm[images[:, 0, 0, 0].long(), ids[:, 0]]
+        logits = torch.stack([-z / 2, z / 2], -1)
+        return logits, logits * 0.5
+
+    def itm_score(self, images, ids, mask):
+        lt, li = self.itm_logits(images, ids, mask)
+        return (lt.softmax(-1)[:, 1] + li.softmax(-1)[:, 1]) / 2
+
+
+def _load_image(path):  # "img/<n>.jpg" -> a 3x2x2 tensor holding n
+    return torch.full((3, 2, 2), float(int(os.path.basename(path).split(".")[0])))
+
+
+def _tokenizer(texts_in_order):
+    index = {t: i for i, t in enumerate(texts_in_order)}
+
+    def tokenize(texts):
+        ids = torch.tensor([[index[t], 0, 0] for t in texts])
+        return ids, torch.ones_like(ids)
+    return tokenize
+
+
+def _caption_set(n_img, per_img):
+    recs = [Rec(f"img/{i}.jpg", f"图{i}的第{c}句", str(i)) for i in range(n_img) for c in range(per_img)]
+    return recs, RetrievalSet.from_records(recs)
+
+
+def test_retrieval_set_from_records_groups_duplicates():
+    recs = [Rec("a.jpg", "猫", "a"), Rec("a.jpg", "小猫", "a"), Rec("b.jpg", "猫", "b"),
+            Rec("c.jpg", "狗", "c"), Rec("a.jpg", "猫", "a")]
+    rs = RetrievalSet.from_records(recs)
+    assert rs.images == ["a.jpg", "b.jpg", "c.jpg"] and rs.texts == ["猫", "小猫", "狗"]
+    assert rs.img2txt == [[0, 1], [0], [2]] and rs.txt2img == [[0, 1], [0], [2]]
+    with pytest.raises(ValueError, match="no records"):
+        RetrievalSet.from_records([])
+
+
+def test_evaluate_retrieval_prerank_and_oracle_rerank():
+    n_img, per = 12, 2
+    recs, rs = _caption_set(n_img, per)
+    g = torch.Generator().manual_seed(5)
+    img_emb = torch.randn(n_img, 8, generator=g)
+    owner = torch.tensor([i for i in range(n_img) for _ in range(per)])
+    txt_emb = img_emb[owner] + 1.5 * torch.randn(n_img * per, 8, generator=g)  # noisy dual encoder
+    itm = torch.where(owner[None, :] == torch.arange(n_img)[:, None], 8.0, -8.0)  # oracle cross encoder
+    model = StubModel(img_emb, txt_emb, itm)
+    res = evaluate_retrieval(model, rs, _tokenizer(rs.texts), _load_image, RetrievalEvalConfig(k=10, batch_size=5, pair_batch=9))
+    sim = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).t()
+    assert res.pre_rank == pytest.approx(retrieval_metrics(sim, rs.img2txt, rs.txt2img))
+    # with an oracle ITM, R@1 after re-ranking = R@10 before (the right item was in the top 10)
+    assert res.two_stage["i2t_r1"] == pytest.approx(res.pre_rank["i2t_r10"])
+    assert res.two_stage["t2i_r1"] == pytest.approx(res.pre_rank["t2i_r10"])
+    # the noise was strong enough that re-ranking has work to do
+    assert res.pre_rank["i2t_r1"] < res.pre_rank["i2t_r10"] and res.pre_rank["t2i_r1"] < res.pre_rank["t2i_r10"]
+    only = evaluate_retrieval(model, rs, _tokenizer(rs.texts), _load_image, RetrievalEvalConfig(rerank=False))
+    assert only.two_stage is None and only.pre_rank == res.pre_rank
+
+
+def test_matching_objective_hand_case_and_grad():
+    itm = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    model = StubModel(torch.randn(2, 4), torch.randn(2, 4), itm.clone())
+    obj = MatchingObjective(model)
+    batch = {"images": torch.stack([_load_image("0.jpg"), _load_image("1.jpg"), _load_image("1.jpg")]),
+             "input_ids": torch.tensor([[0], [0], [1]]), "attention_mask": torch.ones(3, 1, dtype=torch.long),
+             "labels": torch.tensor([1, 0, 1])}
+    out = obj(batch)
+    z = torch.tensor([2.0, 0.5, 3.0])
+    lab = torch.tensor([1, 0, 1])
+    ti = F.cross_entropy(torch.stack([-z / 2, z / 2], -1), lab)
+    it = F.cross_entropy(torch.stack([-z / 4, z / 4], -1), lab)
+    assert out["loss"].item() == pytest.approx(((ti + it) / 2).item(), rel=1e-6)
+    assert out["itm_loss"].item() == pytest.approx(out["loss"].item())
+    out["loss"].backward()
+    assert model.itm.grad[0, 1] == 0 and model.itm.grad[0, 0] < 0 and model.itm.grad[1, 0] > 0
+    with pytest.raises(ValueError, match="0/1"):
+        obj({**batch, "labels": torch.tensor([1, 2, 0])})
+    with pytest.raises(KeyError, match="labels"):
+        obj({k: v for k, v in batch.items() if k != "labels"})
+
+
+def test_evaluate_matching_auc_accuracy():
+    itm = torch.tensor([[3.0, -2.0, 0.1], [-0.2, 4.0, -3.0]])
+    model = StubModel(torch.randn(2, 4), torch.randn(3, 4), itm)
+    texts = ["t0", "t1", "t2"]
+    recs = [Rec("img/0.jpg", "t0", "0", 1), Rec("img/0.jpg", "t1", "0", 0), Rec("img/0.jpg", "t2", "0", 0),
+            Rec("img/1.jpg", "t1", "1", 1), Rec("img/1.jpg", "t0", "1", 1), Rec("img/1.jpg", "t2", "1", 0)]
+    res = evaluate_matching(model, recs, _tokenizer(texts), _load_image, batch_size=4)
+    # logits 3, -2, 0.1 | 4, -0.2, -3 with labels 1,0,0 | 1,1,0: positives {3, 4, -0.2},
+    # negatives {-2, 0.1, -3}; pairs won: 3 -> 3, 4 -> 3, -0.2 -> 2 of 3 -> AUC 8/9
+    assert res.auc == pytest.approx(8 / 9)
+    # score > 0.5 iff logit > 0: predictions 1,0,1 | 1,0,0 vs labels 1,0,0 | 1,1,0 -> 4/6
+    assert res.accuracy == pytest.approx(400 / 6)
+    with pytest.raises(ValueError, match="0/1 label"):
+        evaluate_matching(model, [Rec("img/0.jpg", "t0", "0")], _tokenizer(texts), _load_image)
+
+
+def test_zeroshot_prompt_ensemble_and_accuracy():
+    classes = ["猫", "狗", "鸟"]
+    templates = ("一张{}的照片", "{}")
+    prompts = [t.format(c) for c in classes for t in templates]
+    g = torch.Generator().manual_seed(0)
+    txt_emb = torch.randn(len(prompts), 6, generator=g)
+    cls = F.normalize(F.normalize(txt_emb, dim=-1).view(3, 2, 6).mean(1), dim=-1)
+    # image i sits exactly on class (i % 3)'s averaged embedding except image 3 on class 2's
+    img_emb = cls[[0, 1, 2, 2]]
+    model = StubModel(img_emb, txt_emb, torch.zeros(4, 6))
+    tok = _tokenizer(prompts)
+    assert torch.allclose(class_embeddings(model, classes, templates, tok), cls, atol=1e-6)
+    recs = [Rec(f"img/{i}.jpg", classes[lab], str(i), lab) for i, lab in enumerate([0, 1, 2, 0])]
+    res = evaluate_zeroshot(model, recs, classes, tok, _load_image, templates, batch_size=3)
+    assert res.top1 == pytest.approx(75.0) and res.top5 == 100.0
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate_zeroshot(model, recs, classes, tok, _load_image, ("没有占位符",))
