@@ -299,6 +299,26 @@ def test_torch_compile_traces_the_op():
     torch.testing.assert_close(s.grad, ref_grad, rtol=1e-4, atol=1e-7)
 
 
+def test_cuda_reduction_order_on_host(tmp_path):
+    """The CUDA kernel's merge order (strided per-thread states, empty threads, warp butterflies,
+    cross-warp merge) replayed on the host with the kernel's own State, vs float64."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "block_reduce"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(root / "csrc"),
+                    str(root / "tests/cpp/distill_kl_block_reduce.cc"), "-o", str(exe)],
+                   check=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+    assert "144 cases, 0 mismatches" in run.stdout
+
+
 # ---- clear errors ----
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
