@@ -106,6 +106,11 @@ class RetrievalResult:
     n_texts: int
     k: int
     sim_i2t: torch.Tensor = field(repr=False)
+    """pre-rank similarity [n_img, n_txt]"""
+    scores_i2t: torch.Tensor | None = field(default=None, repr=False)
+    """two-stage scores, image rows [n_img, n_txt] (None without re-ranking)"""
+    scores_t2i: torch.Tensor | None = field(default=None, repr=False)
+    """two-stage scores, text rows [n_txt, n_img]"""
 
     def to_dict(self) -> dict:
         return {"n_images": self.n_images, "n_texts": self.n_texts, "k": self.k,
@@ -186,11 +191,12 @@ def evaluate_retrieval(model, rset: RetrievalSet, tokenize: Tokenize, load_image
         len(rset.texts), cfg.batch_size, group)
     sim = img_emb @ txt_emb.t()
     pre = retrieval_metrics(sim.cpu(), rset.img2txt, rset.txt2img)
-    two = None
+    two = s_i2t = s_t2i = None
     if cfg.rerank:
         scorer = CrossEncoderScorer(model, images, input_ids, attention_mask)
         s_i2t = rerank(sim, scorer, cfg.k, "i2t", cfg.pair_batch, group, cfg.progress)
         s_t2i = rerank(sim, scorer, cfg.k, "t2i", cfg.pair_batch, group, cfg.progress)
         two = retrieval_metrics(s_i2t.cpu(), rset.img2txt, rset.txt2img, sim_t2i=s_t2i.cpu())
     model.train(was_training)
-    return RetrievalResult(pre, two, len(rset.images), len(rset.texts), cfg.k, sim.cpu())
+    return RetrievalResult(pre, two, len(rset.images), len(rset.texts), cfg.k, sim.cpu(),
+                           None if s_i2t is None else s_i2t.cpu(), None if s_t2i is None else s_t2i.cpu())

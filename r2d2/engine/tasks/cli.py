@@ -1,0 +1,328 @@
+"""``r2d2 eval retrieval|matching|zeroshot --config CFG --checkpoint DIR [--out DIR] [--a.b=v ...]``
+
+Reads the evaluation split named by the config, loads the model from ``--checkpoint`` (a
+``save_pretrained`` directory), evaluates, and writes into the run folder (``--out``, default the
+config's ``out``):
+
+    eval_<task>.json    the metrics, the resolved config, the reader's skip counts
+    eval_<task>.md      a Markdown table of the metrics
+    recall_at_k.png     retrieval only: recall@k curves, pre-rank vs pre-rank + rank
+
+Under ``torchrun`` every rank evaluates its shard (embeddings and cross-encoder scoring); rank 0
+writes the files. Config schema: :class:`EvalConfig`; overrides ``--section.field=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import yaml
+
+from r2d2.dist import dist_info, is_dist
+from r2d2.engine.data.ccmb import FORMATS, read_ccmb, read_zeroshot
+from r2d2.engine.metrics import ranks_of_targets
+from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evaluate_retrieval
+from r2d2.engine.tasks.zeroshot import DEFAULT_TEMPLATES, check_templates
+
+TASKS = ("retrieval", "matching", "zeroshot")
+
+
+@dataclass
+class EvalDataConfig:
+    """Which split to evaluate and how to read it (see ``r2d2.engine.data.ccmb``)."""
+
+    format: str = "icr"
+    """one of r2d2.engine.data.ccmb.FORMATS"""
+    path: str = ""
+    """annotation file (or class-folder root for zeroshot)"""
+    image_root: str | None = None
+    """image folder; default: the annotation file's folder"""
+    captions: str | None = None
+    """coco_cn: the captions file (default imageid.human-written-caption.txt beside path)"""
+    classnames: str | None = None
+    """zeroshot: class-names file, one per line"""
+    limit: int | None = None
+    """evaluate only the first N records (quick checks)"""
+    vocab: str | None = None
+    """tokenizer vocab.txt; default: the checkpoint's, else the project's built-in vocabulary"""
+    max_text_len: int = 64
+    """tokens per text (the paper's 64)"""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format must be one of {FORMATS}, got {self.format!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"data.limit must be >= 1, got {self.limit}")
+        if self.max_text_len < 2:
+            raise ValueError(f"data.max_text_len must be >= 2, got {self.max_text_len}")
+
+
+@dataclass
+class MatchingEvalConfig:
+    batch_size: int = 64
+    """pairs per cross-encoder call"""
+    threshold: float = 0.5
+    """accuracy threshold on (p_ti + p_it) / 2"""
+
+
+@dataclass
+class ZeroShotEvalConfig:
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    """Chinese prompt templates, each with one {} for the class name"""
+    batch_size: int = 64
+    """images per encoder call"""
+
+    def __post_init__(self) -> None:
+        check_templates(self.templates)
+
+
+@dataclass
+class EvalConfig:
+    task: str = "retrieval"
+    """retrieval | matching | zeroshot (the subcommand overrides it)"""
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+    matching: MatchingEvalConfig = field(default_factory=MatchingEvalConfig)
+    zeroshot: ZeroShotEvalConfig = field(default_factory=ZeroShotEvalConfig)
+    out: str = "runs/eval"
+    """run folder for the JSON, Markdown and plot"""
+    device: str = "auto"
+    """auto (cuda if available, per local rank) | cpu | cuda | cuda:N"""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+
+
+def _build(cls, values: dict, where: str):
+    """Dataclass ``cls`` from a dict, recursing into dataclass fields; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown field(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value or {}, f"{where}.{name}".strip("."))
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a wrong type reaching a comparison in __post_init__
+        raise ValueError(f"{where or 'config'}: {e}") from None
+
+
+def _set_override(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--{dotted}: {k} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)  # YAML typing: 64 -> int, null -> None, [a, b] -> list
+
+
+def load_eval_config(path: str | None, overrides: list[str], task: str) -> EvalConfig:
+    tree: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--config: no such file {path}")
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f) or {}
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"override {item!r} must look like --section.field=value")
+        key, _, raw = item[2:].partition("=")
+        _set_override(tree, key, raw)
+    tree["task"] = task
+    return _build(EvalConfig, tree, "")
+
+
+# --------------------------------------------------------------------------- model-side adapters
+def _device(spec: str) -> torch.device:
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_model(checkpoint: str, device: torch.device):
+    from r2d2.engine.model import R2D2Model
+
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--checkpoint: {checkpoint} is not a save_pretrained directory")
+    return R2D2Model.from_pretrained(checkpoint).to(device).eval()
+
+
+def make_tokenize(model, cfg: EvalDataConfig, checkpoint: str):
+    from r2d2.engine.tokenizer import build_tokenizer
+
+    vocab = cfg.vocab
+    if vocab is None and os.path.isfile(os.path.join(checkpoint, "vocab.txt")):
+        vocab = os.path.join(checkpoint, "vocab.txt")
+    tok = build_tokenizer(vocab)
+    max_len = cfg.max_text_len
+
+    def tokenize(texts):
+        enc = tok.encode_batch(list(texts))
+        ids = torch.zeros(len(texts), max_len, dtype=torch.long)
+        mask = torch.zeros(len(texts), max_len, dtype=torch.long)
+        for i, e in enumerate(enc):
+            n = min(len(e.ids), max_len)
+            ids[i, :n] = torch.tensor(e.ids[:n])
+            mask[i, :n] = 1
+        return ids, mask
+
+    return tokenize
+
+
+def make_load_image(model):
+    from PIL import Image
+
+    from r2d2.engine.data.transforms import eval_transform
+
+    size = getattr(getattr(model, "config", None), "image_size", 224)
+    tf = eval_transform(size)
+
+    def load(path: str) -> torch.Tensor:
+        with Image.open(path) as im:
+            return tf(im.convert("RGB"))
+
+    return load
+
+
+# --------------------------------------------------------------------------------- reporting
+def recall_curve(scores: torch.Tensor, targets, max_k: int) -> np.ndarray:
+    ranks = ranks_of_targets(scores.numpy(), targets)
+    return np.array([100.0 * np.mean(ranks < k) for k in range(1, max_k + 1)])
+
+
+def plot_recall(curves: dict[str, np.ndarray], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, y in curves.items():
+        ax.plot(np.arange(1, len(y) + 1), y, label=label, linestyle="--" if "pre-rank only" in label else "-")
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(task: str, metrics: dict) -> str:
+    if task == "retrieval":
+        keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"]
+        head = "| stage | " + " | ".join(keys) + " |"
+        rows = [head, "|" + "---|" * (len(keys) + 1)]
+        for stage in ("pre_rank", "pre_rank+rank"):
+            if metrics.get(stage):
+                rows.append(f"| {stage} | " + " | ".join(f"{metrics[stage][k]:.2f}" for k in keys) + " |")
+        return "\n".join(rows) + f"\n\n{metrics['n_images']} images, {metrics['n_texts']} texts, re-rank k = {metrics['k']}\n"
+    keys = ["auc", "accuracy"] if task == "matching" else ["top1", "top5"]
+    fmt = {"auc": "{:.4f}"}
+    rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+            "| " + " | ".join(fmt.get(k, "{:.2f}").format(metrics[k]) for k in keys) + " |"]
+    return "\n".join(rows) + "\n"
+
+
+# ------------------------------------------------------------------------------------- main
+def run(cfg: EvalConfig, checkpoint: str) -> dict:
+    d = cfg.data
+    device = _device(cfg.device)
+    model = load_model(checkpoint, device)
+    tokenize = make_tokenize(model, d, checkpoint)
+    load_image = make_load_image(model)
+    classnames = None
+    if cfg.task == "zeroshot":
+        read, classnames = read_zeroshot(d.path, d.image_root, d.classnames)
+    else:
+        opts = {"captions": d.captions} if d.format == "coco_cn" and d.captions else {}
+        read = read_ccmb(d.format, d.path, d.image_root, **opts)
+    records = read.records[: d.limit] if d.limit else read.records
+    if not records:
+        raise ValueError(f"{d.path}: no usable records (skipped {read.skipped}: {dict(read.reasons)})")
+    report: dict = {"task": cfg.task, "checkpoint": checkpoint, "data": dataclasses.asdict(d),
+                    "skipped": read.skipped, "skip_reasons": dict(read.reasons)}
+    curves = None
+    if cfg.task == "retrieval":
+        rset = RetrievalSet.from_records(records)
+        res = evaluate_retrieval(model, rset, tokenize, load_image, cfg.retrieval)
+        metrics = res.to_dict()
+        report["config"] = dataclasses.asdict(cfg.retrieval)
+        max_k = min(50, len(rset.texts), len(rset.images))
+        curves = {"i2t pre-rank only": recall_curve(res.sim_i2t, rset.img2txt, max_k),
+                  "t2i pre-rank only": recall_curve(res.sim_i2t.t(), rset.txt2img, max_k)}
+        if res.scores_i2t is not None:
+            curves["i2t pre-rank + rank"] = recall_curve(res.scores_i2t, rset.img2txt, max_k)
+            curves["t2i pre-rank + rank"] = recall_curve(res.scores_t2i, rset.txt2img, max_k)
+    elif cfg.task == "matching":
+        from r2d2.engine.tasks.matching import evaluate_matching
+
+        metrics = evaluate_matching(model, records, tokenize, load_image, cfg.matching.batch_size,
+                                    cfg.matching.threshold).to_dict()
+        report["config"] = dataclasses.asdict(cfg.matching)
+    else:
+        from r2d2.engine.tasks.zeroshot import evaluate_zeroshot
+
+        metrics = evaluate_zeroshot(model, records, classnames, tokenize, load_image,
+                                    cfg.zeroshot.templates, cfg.zeroshot.batch_size).to_dict()
+        report["config"] = dataclasses.asdict(cfg.zeroshot)
+    report["metrics"] = metrics
+    if dist_info()[0] == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, f"eval_{cfg.task}.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, ensure_ascii=False, indent=2)
+        with open(os.path.join(cfg.out, f"eval_{cfg.task}.md"), "w", encoding="utf-8") as f:
+            f.write(f"# {cfg.task}: {d.format} {os.path.basename(d.path)}\n\n" + markdown_table(cfg.task, metrics))
+        if curves:
+            plot_recall(curves, os.path.join(cfg.out, "recall_at_k.png"), f"{d.format}: recall@k")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="r2d2 eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--config", help="YAML eval config (configs/eval_*.yaml)")
+    p.add_argument("--checkpoint", required=True, help="model directory written by save_pretrained")
+    p.add_argument("--out", help="run folder (overrides the config's out)")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg = load_eval_config(args.config, rest, args.task)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        p.error(str(e))
+    if args.out:
+        cfg.out = args.out
+    if os.environ.get("WORLD_SIZE", "1") != "1" and not is_dist():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    report = run(cfg, args.checkpoint)
+    if dist_info()[0] == 0:
+        print(markdown_table(cfg.task, report["metrics"]), end="")
+        print(f"wrote {cfg.out}/eval_{cfg.task}.json" + (f" (skipped {report['skipped']}: "
+              f"{report['skip_reasons']})" if report["skipped"] else ""))
+    if is_dist():
+        torch.distributed.destroy_process_group()
+    return 0
