@@ -35,8 +35,8 @@ from r2d2 import _ext
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
 
 REDUCTIONS = ("batchmean", "sum", "none")
-"""batchmean: mean over rows (the paper's loss); sum: sum over rows; none: per-row values shaped
-like the leading dims ``student_logits.shape[:-1]``."""
+"""batchmean: mean over rows (what torch's KLDivLoss calls batchmean for 2-D inputs); sum: sum
+over rows; none: per-row values shaped like the leading dims ``student_logits.shape[:-1]``."""
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 EXT_OP = "distill_kl_fwd"
