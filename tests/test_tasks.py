@@ -278,3 +278,51 @@ def test_zeroshot_prompt_ensemble_and_accuracy():
     assert res.top1 == pytest.approx(75.0) and res.top5 == 100.0
     with pytest.raises(ValueError, match="exactly one"):
         evaluate_zeroshot(model, recs, classes, tok, _load_image, ("没有占位符",))
+
+
+def test_eval_cli_writes_json_markdown_plot(tmp_path, monkeypatch):
+    import json as _json
+
+    import r2d2.engine.tasks.cli as cli
+
+    n_img = 6
+    for i in range(n_img):  # the reader checks the files exist
+        (tmp_path / f"{i}.jpg").write_bytes(b"x")
+    lines = [f"{i}#{c}\t图{i}的第{c}句" for i in range(n_img) for c in range(2)]
+    (tmp_path / "test.txt").write_text("\n".join(lines + ["99#0\t缺图"]) + "\n", encoding="utf-8")
+    texts = [line.split("\t")[1] for line in lines]
+    g = torch.Generator().manual_seed(1)
+    img_emb = torch.randn(n_img, 8, generator=g)
+    owner = torch.arange(2 * n_img) // 2
+    model = StubModel(img_emb, img_emb[owner] + torch.randn(2 * n_img, 8, generator=g),
+                      torch.where(owner[None] == torch.arange(n_img)[:, None], 5.0, -5.0))
+    monkeypatch.setattr(cli, "load_model", lambda ckpt, device: model)
+    monkeypatch.setattr(cli, "make_tokenize", lambda m, d, ckpt: _tokenizer(texts))
+    monkeypatch.setattr(cli, "make_load_image", lambda m: _load_image)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"data:\n  format: flickr30k_cna\n  path: {tmp_path / 'test.txt'}\nretrieval:\n  k: 4\n")
+    out = tmp_path / "run"
+    rc = cli.main(["retrieval", "--config", str(cfg), "--checkpoint", str(tmp_path),
+                   "--out", str(out), "--retrieval.pair_batch=5"])
+    assert rc == 0
+    rep = _json.loads((out / "eval_retrieval.json").read_text(encoding="utf-8"))
+    assert rep["skipped"] == 1 and rep["skip_reasons"] == {"missing_image": 1}
+    assert rep["config"]["k"] == 4 and rep["config"]["pair_batch"] == 5
+    m = rep["metrics"]
+    assert m["n_images"] == n_img and m["n_texts"] == 2 * n_img
+    assert m["pre_rank+rank"]["mean_recall"] >= m["pre_rank"]["mean_recall"]
+    md = (out / "eval_retrieval.md").read_text(encoding="utf-8")
+    assert "| pre_rank+rank |" in md and f"{m['pre_rank']['i2t_r1']:.2f}" in md
+    png = (out / "recall_at_k.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_eval_cli_rejects_bad_config(tmp_path, capsys):
+    import r2d2.engine.tasks.cli as cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["retrieval", "--checkpoint", str(tmp_path), "--retrieval.k=0"])
+    assert "RetrievalEvalConfig.k must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["retrieval", "--checkpoint", str(tmp_path), "--data.nope=1"])
+    assert "unknown field(s) ['nope']" in capsys.readouterr().err
