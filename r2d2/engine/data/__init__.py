@@ -1,0 +1,1 @@
+"""Data: readers (jsonl, tsv, webdataset, CCMB), the synthetic default, transforms and collate."""
