@@ -1,0 +1,412 @@
+"""Typed run configuration: one dataclass per section, YAML presets, ``--section.field=value``.
+
+A run is described by :class:`RunConfig` with the sections ``model``, ``loss``, ``data``,
+``optim``, ``kernels``, ``train``, ``distributed`` and ``logging``. A YAML file gives any subset of
+them (``base: other.yaml`` inherits another file first, relative to this one); command-line
+overrides ``--section.field=value`` (or ``--section.field value``) come last, their values parsed as
+YAML (``64`` -> int, ``null`` -> None, ``[0.9, 0.98]`` -> list). Every field is validated in
+``__post_init__``; an error names the field and what it accepts. The resolved config is written
+to ``<out>/config.yaml`` so a run folder says exactly what ran.
+
+``model`` and ``loss`` wrap the model package's own configs (``ModelConfig``, ``LossConfig``):
+``model.preset`` picks a preset and every other key overrides one of its fields, checked against
+the real dataclass when the model package is importable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from r2d2.kernels.dispatch import KernelConfig
+
+FORMATS = ("synthetic", "jsonl", "tsv", "webdataset")
+"""Data formats read here; ``ccmb_<name>`` formats go to ``r2d2.engine.data.ccmb``."""
+TASKS = ("pretrain", "retrieval", "matching")
+PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names it and what is allowed."""
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}={value!r} is not allowed; expected one of {allowed}")
+
+
+def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        ok = v >= 0 if allow_zero else v > 0
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok:
+            raise ConfigError(f"{section}.{n}={v!r} must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+@dataclass
+class ModelSection:
+    """Which model to build: a preset of ``r2d2.engine.model.model_preset`` plus field overrides."""
+
+    preset: str = "tiny"
+    """model preset name: tiny, base, large, prd2, prd2-tiny"""
+    overrides: dict = field(default_factory=dict)
+    """ModelConfig fields to change from the preset (YAML: any key of ``model:`` but ``preset``)"""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"model.overrides must be a mapping, got {type(self.overrides).__name__}")
+        try:
+            from r2d2.engine.model import ModelConfig, model_preset
+        except ImportError:  # model package not importable: validated when the model is built
+            return
+        try:
+            model_preset(self.preset)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"model.preset={self.preset!r}: {e}") from None
+        known = {f.name for f in fields(ModelConfig)}
+        bad = sorted(set(self.overrides) - known)
+        if bad:
+            raise ConfigError(f"model.{bad[0]} is not a ModelConfig field; fields: {sorted(known)}")
+
+    def build_config(self):
+        from r2d2.engine.model import ModelConfig, model_preset
+
+        base = model_preset(self.preset).to_dict()
+        base.update(self.overrides)
+        return ModelConfig.from_dict(base)
+
+
+@dataclass
+class LossSection:
+    """Fields passed to ``r2d2.engine.losses.LossConfig`` (pre-training objective weights etc.)."""
+
+    overrides: dict = field(default_factory=dict)
+    """LossConfig fields (YAML: the keys of ``loss:``); empty = the LossConfig defaults"""
+
+    def __post_init__(self) -> None:
+        try:
+            from r2d2.engine.losses import LossConfig
+        except ImportError:
+            return
+        known = {f.name for f in fields(LossConfig)}
+        bad = sorted(set(self.overrides) - known)
+        if bad:
+            raise ConfigError(f"loss.{bad[0]} is not a LossConfig field; fields: {sorted(known)}")
+
+    def build_config(self):
+        from r2d2.engine.losses import LossConfig
+
+        return LossConfig(**self.overrides)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they become batches."""
+
+    format: str = "synthetic"
+    """synthetic | jsonl | tsv | webdataset | ccmb_<name> (icr, iqr, icm, iqm, flickr30k_cn, ...)"""
+    path: str | None = None
+    """annotation file (jsonl/tsv/ccmb) or shard pattern ``dir/shard-{000..009}.tar`` (webdataset)"""
+    image_root: str | None = None
+    """directory image paths are relative to (default: the annotation file's directory)"""
+    eval_path: str | None = None
+    """held-out annotation file for the end-of-run retrieval eval (same format as ``path``)"""
+    batch_size: int = 32
+    """GLOBAL batch per optimizer step (all ranks, all accumulation micro-steps)"""
+    image_size: int | None = None
+    """input resolution; None = the model's image_size"""
+    max_text_len: int = 32
+    """tokens per caption after truncation/padding"""
+    vocab: str | None = None
+    """tokenizer vocab.txt; None = the built-in vocabulary"""
+    num_workers: int = 0
+    """DataLoader worker processes per rank"""
+    augment: bool = True
+    """training augmentation: RandomResizedCrop + horizontal flip (eval: resize + center crop)"""
+    crop_scale: list = field(default_factory=lambda: [0.5, 1.0])
+    """RandomResizedCrop area range"""
+    hflip: bool = False
+    """random horizontal flip (off by default: it swaps left/right words in captions)"""
+    max_skip_rate: float = 0.1
+    """stop with an error when skipped / seen samples passes this (after 100 samples)"""
+    synthetic_size: int = 20000
+    """synthetic: number of training pairs"""
+    synthetic_eval_size: int = 500
+    """synthetic: number of held-out pairs for the end-of-run retrieval eval"""
+    seed: int = 0
+    """data order and augmentation seed (with the epoch and the sample index)"""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS and not self.format.startswith("ccmb_"):
+            raise ConfigError(f"data.format={self.format!r} is not allowed; expected one of "
+                              f"{FORMATS} or ccmb_<name>")
+        if self.format != "synthetic" and not self.path:
+            raise ConfigError(f"data.path is required for data.format={self.format!r}")
+        _positive("data", self, "batch_size", "max_text_len", "synthetic_size", "synthetic_eval_size")
+        _positive("data", self, "num_workers", allow_zero=True)
+        if self.image_size is not None:
+            _positive("data", self, "image_size")
+        if not (0.0 <= self.max_skip_rate <= 1.0):
+            raise ConfigError(f"data.max_skip_rate={self.max_skip_rate} must be in [0, 1]")
+        if (len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ConfigError(f"data.crop_scale={self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay and a warmup + cosine learning-rate schedule."""
+
+    lr: float = 1e-4
+    """peak learning rate"""
+    weight_decay: float = 0.05
+    """applied to weight matrices only (not norms, biases, embeddings, temperatures)"""
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW (beta1, beta2)"""
+    eps: float = 1e-6
+    """AdamW epsilon"""
+    warmup_steps: int = 100
+    """linear warmup from 0 to ``lr``"""
+    min_lr_ratio: float = 0.1
+    """cosine decays to ``lr * min_lr_ratio`` at ``train.max_steps``"""
+    grad_clip: float = 1.0
+    """global gradient-norm clip; 0 = off"""
+    fused: str = "auto"
+    """fused AdamW: auto (on CUDA), true, false"""
+
+    def __post_init__(self) -> None:
+        _positive("optim", self, "lr", "eps")
+        _positive("optim", self, "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        self.fused = str(self.fused).lower()
+        _choice("optim", "fused", self.fused, ("auto", "true", "false"))
+
+
+@dataclass
+class TrainConfig:
+    """The loop: objective, length, precision, checkpoints, failure handling."""
+
+    task: str = "pretrain"
+    """pretrain (R2D2 objectives) | retrieval (fine-tune with the pre-training losses) | matching (ITM)"""
+    max_steps: int = 1000
+    """optimizer steps"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (the global batch is split across them)"""
+    log_every: int = 10
+    """steps between JSONL/TensorBoard rows"""
+    checkpoint_every: int = 500
+    """steps between checkpoints (0 = only at the end and on SIGTERM)"""
+    keep_checkpoints: int = 2
+    """how many step checkpoints to keep (older ones are deleted)"""
+    seed: int = 0
+    """model init and loss randomness seed"""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bitwise reproducible (and resumable) on CPU"""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    activation_checkpointing: bool = False
+    """recompute encoder blocks in backward (passed to the model when it supports it)"""
+    compile: bool = False
+    """torch.compile the model"""
+    max_bad_steps: int = 5
+    """non-finite losses in a row before the run stops (the last good checkpoint is kept)"""
+    init_from: str | None = None
+    """save_pretrained directory or checkpoint to start from (fine-tuning)"""
+    eval_at_end: bool = True
+    """zero-shot retrieval on the held-out split after training (prints R@1/5/10)"""
+    freeze_image_encoder: bool = False
+    """matching fine-tuning: keep the image encoder fixed (the official recipe)"""
+
+    def __post_init__(self) -> None:
+        _choice("train", "task", self.task, TASKS)
+        _choice("train", "precision", self.precision, PRECISIONS)
+        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _positive("train", self, "max_steps", "grad_accum", "log_every", "max_bad_steps", "keep_checkpoints")
+        _positive("train", self, "checkpoint_every", allow_zero=True)
+
+
+@dataclass
+class DistributedConfig:
+    """How processes started by torchrun share the work."""
+
+    strategy: str = "auto"
+    """auto (ddp when WORLD_SIZE > 1) | none | ddp | fsdp (FSDP2 fully_shard, for large)"""
+    backend: str = "auto"
+    """auto (nccl on CUDA, gloo on CPU) | nccl | gloo"""
+    timeout_s: int = 1800
+    """collective timeout"""
+
+    def __post_init__(self) -> None:
+        _choice("distributed", "strategy", self.strategy, STRATEGIES)
+        _choice("distributed", "backend", self.backend, ("auto", "nccl", "gloo"))
+        _positive("distributed", self, "timeout_s")
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports besides the JSONL log (always written on rank 0)."""
+
+    progress: bool = True
+    """tqdm bar with loss and samples/s"""
+    tensorboard: bool = True
+    """TensorBoard scalars under <out>/tb"""
+    plot: bool = True
+    """PNG loss curves <out>/loss.png at the end"""
+    device_name: str | None = None
+    """peak-FLOP/s table key for MFU (default: detected)"""
+
+
+SECTIONS = {"model": ModelSection, "loss": LossSection, "data": DataConfig, "optim": OptimConfig,
+            "kernels": KernelConfig, "train": TrainConfig, "distributed": DistributedConfig,
+            "logging": LoggingConfig}
+WRAPPED = ("model", "loss")  # sections whose free keys are overrides of another package's config
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossSection = field(default_factory=LossSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in SECTIONS:
+            d = dataclasses.asdict(getattr(self, name))
+            if name in WRAPPED:
+                ov = d.pop("overrides")
+                d.update(ov)
+            out[name] = d
+        return out
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, allow_unicode=True, sort_keys=False)
+        os.replace(tmp, path)
+
+
+def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
+    """Check a YAML value against a field annotation (ints are accepted for floats)."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    if value is None and type(None) in options:
+        return None
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for t in options:
+        if t is float and is_num:
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is str and (isinstance(value, str) or is_num or (name == "fused" and isinstance(value, bool))):
+            return str(value).lower() if isinstance(value, bool) else str(value)
+        if t in (list, dict) and isinstance(value, t):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    raise ConfigError(f"{section}.{name}={value!r} has the wrong type; expected {names}")
+
+
+def build_section(section: str, values: dict) -> Any:
+    cls = SECTIONS[section]
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {section!r} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    if section in WRAPPED:
+        values = dict(values)
+        kw = {k: values.pop(k) for k in list(values) if k in hints and k != "overrides"}
+        kw["overrides"] = {**values.pop("overrides", {}), **values}
+        return cls(**kw)
+    known = [f.name for f in fields(cls)]
+    kw = {}
+    for k, v in values.items():
+        if k not in known:
+            raise ConfigError(f"{section}.{k} is not a field of {section}; fields: {known}")
+        kw[k] = _coerce(section, k, hints[k], v)
+    try:
+        return cls(**kw)
+    except ConfigError:
+        raise
+    except ValueError as e:  # KernelConfig raises ValueError naming the field already
+        raise ConfigError(str(e)) from None
+
+
+def _merge(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def load_yaml_tree(path: str) -> dict:
+    """A YAML config with its ``base:`` chain merged in (base first)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no such file {path}")
+    with open(path, encoding="utf-8") as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base:
+        return _merge(load_yaml_tree(os.path.join(os.path.dirname(path), base)), tree)
+    return tree
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--train.max_steps=5', '--data.path', 'x.jsonl']`` -> nested dict of YAML-parsed values."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {a!r}; overrides look like --section.field=value "
+                              f"with section one of {list(SECTIONS)}")
+        if "=" in a:
+            key, raw = a[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{a} needs a value")
+            key, raw = a[2:], args[i + 1]
+            i += 1
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"--{key}: unknown section {section!r}; sections: {list(SECTIONS)}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        tree.setdefault(section, {})[name] = value
+        i += 1
+    return tree
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + overrides -> validated RunConfig."""
+    tree = load_yaml_tree(path) if path else {}
+    _merge(tree, parse_overrides(overrides or []))
+    unknown = sorted(set(tree) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; sections: {list(SECTIONS)}")
+    return RunConfig(**{name: build_section(name, tree.get(name, {}) or {}) for name in SECTIONS})
