@@ -1,0 +1,374 @@
+"""Attention, Triton kernels and launchers (the math, the contract and the dispatch live in
+attention.py).
+
+Forward (one program = ``BLOCK_M`` queries of one (batch, head)), FlashAttention-2 style::
+
+    for each K/V tile j (BLOCK_N keys):
+        skip it when none of its keys is attended (key_padding_mask all False or past Lk)
+        s   = (q k_j^T) * scale * log2(e)           masked keys -> -inf
+        m'  = max(m, rowmax s);  p = exp2(s - m');  l = l * exp2(m - m') + rowsum p
+        acc = acc * exp2(m - m') + dropout(p) v_j
+    o = acc / l  (0 where l == 0: every key masked);  lse2 = m + log2 l (+inf where l == 0)
+
+Backward recomputes p from the saved ``lse2`` (no [Lq, Lk] matrix is ever stored)::
+
+    delta = rowsum(dO * O)                       (preprocess kernel)
+    dp    = dO v^T, dropped/rescaled like p;  ds = p * (dp - delta)
+    dv    = sum_i dropout(p)^T dO;  dk = scale * ds^T q;  dq = scale * ds k
+
+dk/dv and dq are two kernels (one looping over query tiles per key tile, one over key tiles per
+query tile) rather than one kernel with fp32 atomics on dq: at R2D2's lengths (<= 577) the second
+q k^T recompute is cheap, the results are deterministic, and no zero-initialised fp32 dq buffer
+plus a cast pass is needed.
+
+Budget: forward reads q, k, v once per query tile (K/V are re-read Lq / BLOCK_M times, from L2 at
+these sizes) and writes o and a 4-byte LSE per row; backward reads q, k, v, o, dO and writes dq,
+dk, dv. FLOPs: 4 B H Lq Lk D forward, 10 B H Lq Lk D backward (2.5x), minus skipped tiles.
+
+Dropout: a keep mask drawn with Philox (``tl.rand(seed, offset)``), the offset of element
+(bh, i, j) being ``bh * Lq * Lk + i * Lk + j`` (mod 2^32), so the backward (and
+``dropout_keep_mask``) regenerate exactly the forward's mask. Kept probabilities are scaled by
+1 / (1 - p); the softmax normaliser ``l`` uses the undropped ``p``.
+
+Limits: q/k/v any strides (unit stride in D is fastest), D <= 256 (padded to a power of two with
+masked loads, so D = 80 works), fp16/bf16/fp32 (fp32 uses IEEE dots on GPU, not TF32). On CPU
+tensors only under ``TRITON_INTERPRET=1``, where autotuning is reduced to one config.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from r2d2.kernels.dispatch import triton_interpret
+
+LOG2E = 1.4426950408889634
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    """Block configs autotuned per (Lq, Lk, D); a single small one under the interpreter, where
+    every config would be run (slowly) on the CPU."""
+    if triton_interpret():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    if kind == "fwd":
+        shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)]
+    elif kind == "dkdv":  # BLOCK_N keys held per program, BLOCK_M queries streamed
+        shapes = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
+    else:  # dq: BLOCK_M queries held, BLOCK_N keys streamed
+        shapes = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+@triton.jit
+def _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p):
+    # [BLOCK_M, BLOCK_N] bool: True where the probability is kept. uint32 offsets wrap mod 2^32.
+    off = offset + (bh * Lq + rows[:, None]) * Lk + cols[None, :]
+    return tl.rand(seed, off.to(tl.uint32)) >= dropout_p
+
+
+@triton.jit
+def _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK: tl.constexpr):
+    # [BLOCK_N] bool: key exists and is attended.
+    ok = cols < Lk
+    if HAS_MASK:
+        mv = tl.load(mask_ptr + b * stride_mb + cols * stride_mk, mask=ok, other=0)
+        ok = ok & (mv != 0)
+    return ok
+
+
+@triton.autotune(configs=_configs("fwd"), key=["Lq", "Lk", "D"])
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr,  # [B, H, Lq, D], [B, H, Lk, D] x2, any strides
+    mask_ptr,  # [B, Lk] uint8 (1 = attend); unused unless HAS_MASK
+    o_ptr,  # [B, H, Lq, D] out, q's dtype
+    lse_ptr,  # [B*H, Lq] fp32 out: log2-domain logsumexp of the scaled scores
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    stride_mb, stride_mk,
+    H, Lq, Lk, D, qk_scale,  # qk_scale = scale * log2(e)
+    dropout_p, seed, offset,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcol = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    d_ok = dcol < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    # A finite floor (not -inf) for the running max keeps exp2(m - m') = 1, not NaN, for rows that
+    # have seen only masked keys so far.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    for n0 in range(0, Lk, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
+        # Padding tiles (the tail of short captions) cost one mask load and no math.
+        if tl.max(kok.to(tl.int32), axis=0) > 0:
+            kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * skn + dcol[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * svn + dcol[None, :] * svd, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(kok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:
+                keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
+                p = tl.where(keep, p * inv_keep, 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(o_ptr + b * sob + h * soh + rows[:, None] * som + dcol[None, :] * sod,
+             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
+    tl.store(lse_ptr + bh * Lq + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    o_ptr, do_ptr,  # [B, H, Lq, D] each, any strides
+    delta_ptr,  # [B*H, Lq] fp32 out: rowsum(dO * O)
+    sob, soh, som, sod, sdb, sdh, sdm, sdd,
+    H, Lq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcol = tl.arange(0, BLOCK_D)
+    msk = (rows < Lq)[:, None] & (dcol < D)[None, :]
+    o = tl.load(o_ptr + b * sob + h * soh + rows[:, None] * som + dcol[None, :] * sod, mask=msk,
+                other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd, mask=msk,
+                 other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
+
+
+@triton.autotune(configs=_configs("dkdv"), key=["Lq", "Lk", "D"])
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, L*, D], any strides (do: like q)
+    mask_ptr,  # [B, Lk] uint8
+    lse_ptr, delta_ptr,  # [B*H, Lq] fp32
+    dk_ptr, dv_ptr,  # [B, H, Lk, D] contiguous out
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    stride_mb, stride_mk,
+    H, Lq, Lk, D, scale, qk_scale,
+    dropout_p, seed, offset,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dcol = tl.arange(0, BLOCK_D)
+    d_ok = dcol < D
+    kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
+    kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Masked keys get exactly zero gradient; a tile of only masked keys does no math at all.
+    if tl.max(kok.to(tl.int32), axis=0) > 0:
+        k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
+                    mask=kv_mask, other=0.0)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        for m0 in range(0, Lq, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < Lq
+            qm = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd,
+                        mask=qm, other=0.0)
+            do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd,
+                         mask=qm, other=0.0)
+            # +inf LSE (absent or fully masked rows) makes p exactly 0.
+            lse = tl.load(lse_ptr + bh * Lq + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.where(kok[None, :], tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
+                pd = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                pd = p
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    out_off = bh * Lk * D + cols[:, None] * D + dcol[None, :]
+    tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_configs("dq"), key=["Lq", "Lk", "D"])
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,
+    mask_ptr,
+    lse_ptr, delta_ptr,
+    dq_ptr,  # [B, H, Lq, D] contiguous out
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    stride_mb, stride_mk,
+    H, Lq, Lk, D, scale, qk_scale,
+    dropout_p, seed, offset,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcol = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    d_ok = dcol < D
+    qm = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd, mask=qm,
+                other=0.0)
+    do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd, mask=qm,
+                 other=0.0)
+    lse = tl.load(lse_ptr + bh * Lq + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    for n0 in range(0, Lk, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
+        if tl.max(kok.to(tl.int32), axis=0) > 0:
+            kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.where(kok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(dq_ptr + bh * Lq * D + rows[:, None] * D + dcol[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=qm)
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, Lq, Lk, dropout_p, seed, offset,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # out [B*H, Lq, Lk] uint8: the forward's keep mask, for tests and debugging.
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for n0 in range(0, Lk, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
+        tl.store(out_ptr + bh * Lq * Lk + rows[:, None] * Lk + cols[None, :], keep.to(tl.uint8),
+                 mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _mask_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor):
+    if key_padding_mask is None:
+        return q, 0, 0, False  # any valid pointer; never read
+    m = key_padding_mask.view(torch.uint8)  # bool -> uint8 without a copy (same element size)
+    return m, m.stride(0), m.stride(1), True
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_dropout_range(B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> None:
+    if dropout_p > 0.0 and B * H * Lq * Lk >= 2**32:
+        raise ValueError(f"attention (triton): dropout draws one Philox offset per score and needs "
+                         f"B*H*Lq*Lk < 2^32, got {B * H * Lq * Lk}")
+
+
+def fwd(q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=None):
+    """Forward: returns (o [B,H,Lq,D] in q's dtype, lse2 [B*H, Lq] fp32). ``out`` may be given
+    (tests pass a poisoned buffer) and must be a contiguous [B,H,Lq,D] tensor like q."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if q.dtype not in _TL_DTYPES:
+        raise TypeError(f"attention (triton): dtype {q.dtype} unsupported; expected fp16/bf16/fp32")
+    if D > 256:
+        raise ValueError(f"attention (triton): head dim D={D} > 256 is not supported")
+    _check_dropout_range(B, H, Lq, Lk, dropout_p)
+    o = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype) if out is None else out
+    lse = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    m, smb, smk, has_mask = _mask_args(key_padding_mask, q)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smk,
+        H, Lq, Lk, D, scale * LOG2E, float(dropout_p), int(seed), int(offset),
+        HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=_block_d(D),
+        PRECISION=_precision(q.dtype))
+    return o, lse
+
+
+def bwd(do, q, k, v, o, lse, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0,
+        dq=None, dk=None, dv=None):
+    """Backward: returns (dq, dk, dv), contiguous, in q's dtype. Buffers may be given (poisoned
+    ones in tests); they must be contiguous and shaped like q, k, v."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype) if dq is None else dq
+    dk = torch.empty((B, H, Lk, D), device=q.device, dtype=q.dtype) if dk is None else dk
+    dv = torch.empty((B, H, Lk, D), device=q.device, dtype=q.dtype) if dv is None else dv
+    if B * H == 0 or D == 0:
+        return dq, dk, dv
+    if Lq == 0 or Lk == 0:  # no score at all: every gradient is zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
+    BLOCK_D = _block_d(D)
+    bm = 16 if triton_interpret() else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(Lq, bm), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, Lq, D, BLOCK_M=bm, BLOCK_D=BLOCK_D)
+    m, smb, smk, has_mask = _mask_args(key_padding_mask, q)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smk,
+              H, Lq, Lk, D, float(scale), scale * LOG2E, float(dropout_p), int(seed), int(offset))
+    kw = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D,
+              PRECISION=_precision(q.dtype))
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
+        q, k, v, do, m, lse, delta, dk, dv, *common, **kw)
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, m, lse, delta, dq, *common, **kw)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, offset, device) -> torch.Tensor:
+    """The bool keep mask [B, H, Lq, Lk] the kernels draw for (seed, offset)."""
+    _check_dropout_range(B, H, Lq, Lk, dropout_p)
+    out = torch.empty((B * H, Lq, Lk), device=device, dtype=torch.uint8)
+    if out.numel():
+        _keep_mask_kernel[(triton.cdiv(Lq, 16), B * H)](
+            out, Lq, Lk, float(dropout_p), int(seed), int(offset), BLOCK_M=16, BLOCK_N=16)
+    return out.view(B, H, Lq, Lk).bool()

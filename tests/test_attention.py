@@ -1,0 +1,354 @@
+"""Attention: every backend against the fp32 reference, outputs and all three gradients.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest) in fp32; sizes are small
+because the interpreter is slow. bf16/fp16 cases and the CUDA kernels run only on a GPU machine,
+with flash-attention's rule: kernel error <= 2 x (error of plain PyTorch in the same precision vs
+the fp32 reference) + atol.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from r2d2.kernels import BackendUnavailable, attention, attention_ref
+from r2d2.kernels.dispatch import auto_backend, triton_importable
+
+import r2d2.kernels.attention as attn_mod
+
+HAS_CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not triton_importable(), reason="triton not installed")
+FP32_TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _inputs(B, H, Lq, Lk, D, *, dtype=torch.float32, device="cpu", mask="random", layout="bhld"):
+    """Fresh random q/k/v (never zeros) and a key padding mask.
+
+    mask: None | "random" (keys dropped at random, the last batch row fully padded when B > 1)
+    | "lengths" (prefix-valid like padded captions, one row fully padded when B > 1).
+    layout "blhd" returns [B, H, L, D] views of [B, L, H, D] storage (what a model's head split
+    gives without a copy).
+    """
+    def make(L):
+        if layout == "blhd":
+            x = torch.randn(B, L, H, D, device=device).transpose(1, 2)
+        else:
+            x = torch.randn(B, H, L, D, device=device)
+        return x.to(dtype).requires_grad_()
+
+    q, k, v = make(Lq), make(Lk), make(Lk)
+    m = None
+    if mask == "random":
+        m = torch.rand(B, Lk, device=device) > 0.35
+        m[:, 0] = True  # every row but the last attends to something
+        if B > 1:
+            m[-1] = False
+    elif mask == "lengths":
+        lens = torch.randint(1, Lk + 1, (B,), device=device)
+        m = torch.arange(Lk, device=device)[None, :] < lens[:, None]
+        if B > 1:
+            m[0] = False
+    return q, k, v, m
+
+
+def _grads(out, do, *xs):
+    return torch.autograd.grad(out, xs, do)
+
+
+def _check_against_ref(q, k, v, m, backend, scale=None, tol=FP32_TOL):
+    out = attention(q, k, v, key_padding_mask=m, scale=scale, backend=backend)
+    ref = attention_ref(q, k, v, m, scale=scale)
+    do = torch.randn_like(ref)
+    got = _grads(out, do, q, k, v)
+    want = _grads(ref, do, q, k, v)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, ref, **tol)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, **tol, msg=lambda s, n=name: f"d{n}: {s}")
+    return out, got
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU, fp32)
+
+TRITON_CASES = [  # (B, H, Lq, Lk, D, mask)
+    (2, 2, 1, 7, 32, "random"),
+    (2, 1, 7, 63, 64, "random"),
+    (2, 2, 63, 7, 80, "lengths"),
+    (3, 1, 17, 33, 32, None),
+    (2, 1, 64, 64, 64, "lengths"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,H,Lq,Lk,D,mask", TRITON_CASES)
+def test_triton_fp32_matches_ref(B, H, Lq, Lk, D, mask):
+    q, k, v, m = _inputs(B, H, Lq, Lk, D, mask=mask)
+    _check_against_ref(q, k, v, m, "triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("Lq,Lk", [(197, 23), (23, 197)])
+def test_triton_fp32_long_side(Lq, Lk):
+    # A ViT-length side (197 = 196 patches + CLS), kept to one batch row, one head, D = 32.
+    q, k, v, m = _inputs(2, 1, Lq, Lk, 32, mask="random")
+    _check_against_ref(q, k, v, m, "triton")
+
+
+@pytest.mark.slow
+@needs_triton
+@pytest.mark.parametrize("Lq,Lk,D", [(257, 257, 64), (64, 257, 80), (577, 64, 128)])
+def test_triton_fp32_r2d2_lengths_slow(Lq, Lk, D):
+    q, k, v, m = _inputs(2, 1, Lq, Lk, D, mask="lengths")
+    _check_against_ref(q, k, v, m, "triton")
+
+
+@needs_triton
+def test_triton_strided_inputs_and_scale():
+    q, k, v, m = _inputs(2, 3, 9, 21, 32, mask="random", layout="blhd")
+    assert not q.is_contiguous()
+    _check_against_ref(q, k, v, m, "triton", scale=0.37)
+
+
+@needs_triton
+def test_triton_fully_masked_rows_are_zero_with_zero_grads():
+    q, k, v, m = _inputs(3, 2, 7, 19, 32, mask="random")
+    m[1] = False
+    out = attention(q, k, v, key_padding_mask=m, backend="triton")
+    dq, dk, dv = _grads(out, torch.randn_like(out), q, k, v)
+    for b in (1, 2):  # row 2 (the last) is fully padded by _inputs too
+        assert torch.equal(out[b], torch.zeros_like(out[b]))
+        assert torch.equal(dq[b], torch.zeros_like(dq[b]))
+        assert torch.equal(dk[b], torch.zeros_like(dk[b]))
+        assert torch.equal(dv[b], torch.zeros_like(dv[b]))
+    # Masked keys of a live row get exactly zero dk/dv; live rows have real gradients.
+    dead = ~m[0]
+    assert dead.any() and torch.equal(dk[0][:, dead], torch.zeros_like(dk[0][:, dead]))
+    assert dq[0].abs().sum() > 0 and dv[0][:, m[0]].abs().sum() > 0
+
+
+@needs_triton
+def test_triton_writes_every_output_element():
+    from r2d2.kernels import attention_triton as at
+
+    q, k, v, m = _inputs(2, 2, 19, 37, 80, mask="random")
+    q, k, v = q.detach(), k.detach(), v.detach()
+    scale = 80 ** -0.5
+    poison = lambda x: torch.full(x.shape, float("nan"))  # noqa: E731
+    o, lse = at.fwd(q, k, v, m, scale, out=poison(q))
+    torch.testing.assert_close(o, attention_ref(q, k, v, m), **FP32_TOL)
+    do = torch.randn_like(o)
+    dq, dk, dv = at.bwd(do, q, k, v, o, lse, m, scale, dq=poison(q), dk=poison(k), dv=poison(v))
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+
+
+@needs_triton
+def test_triton_dropout_keep_fraction_and_exact_backward():
+    from r2d2.kernels import attention_triton as at
+
+    B, H, Lq, Lk, D, p = 2, 2, 23, 45, 32, 0.3
+    q, k, v, m = _inputs(B, H, Lq, Lk, D, mask="random")
+    torch.manual_seed(123)
+    out = attention(q, k, v, key_padding_mask=m, dropout_p=p, backend="triton")
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the draw _fused makes
+    keep = at.dropout_keep_mask(B, H, Lq, Lk, p, seed, 0, q.device)
+    # Statistical: the dropped fraction over B*H*Lq*Lk = 4140 draws is within 5 sigma of p.
+    frac = 1.0 - keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / keep.numel())
+    assert abs(frac - p) < 5 * sigma, (frac, p)
+    # Exact: the kernel's output and gradients equal the reference under the same keep mask.
+    ref = attention_ref(q, k, v, m, dropout_p=p, dropout_mask=keep)
+    do = torch.randn_like(ref)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    for g, w in zip(_grads(out, do, q, k, v), _grads(ref, do, q, k, v)):
+        torch.testing.assert_close(g, w, **FP32_TOL)
+    # A different seed draws a different mask.
+    assert not torch.equal(keep, at.dropout_keep_mask(B, H, Lq, Lk, p, seed + 1, 0, q.device))
+
+
+@needs_triton
+def test_triton_dropout_weight_mass_matches_p():
+    # With v = identity-like one-hot values, out row sums are the kept, rescaled probability mass:
+    # its mean over many rows is 1 (unbiased), and the dropped mass fraction is about p.
+    # q is scaled down so each row's softmax is near uniform: the kept mass then varies little
+    # per row and the mean over 128 rows is within 0.05 of 1 - p with > 5 sigma margin.
+    B, H, Lq, Lk, p = 2, 2, 32, 16, 0.25
+    q = 0.1 * torch.randn(B, H, Lq, 16)
+    k = torch.randn(B, H, Lk, 16)
+    v = torch.eye(Lk, 16).expand(B, H, Lk, 16).contiguous()
+    out = attention(q, k, v, dropout_p=p, backend="triton")
+    mass = out.sum(-1) * (1 - p)  # kept probability mass per row
+    assert abs((1 - mass.mean().item()) - p) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# sdpa, eager, xformers, auto, errors
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,D,mask", [(3, 2, 7, 63, 32, "random"), (2, 2, 1, 7, 80, "lengths"),
+                                              (2, 1, 197, 64, 64, None)])
+def test_sdpa_matches_ref(B, H, Lq, Lk, D, mask):
+    q, k, v, m = _inputs(B, H, Lq, Lk, D, mask=mask)
+    out, (dq, dk, dv) = _check_against_ref(q, k, v, m, "sdpa", scale=0.2,
+                                           tol=dict(atol=1e-5, rtol=1e-5))
+    if m is not None:
+        dead = ~m.any(-1)
+        assert dead.any() or B == 1
+        assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+        assert torch.equal(dk[dead], torch.zeros_like(dk[dead]))
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_dropout_torch_backends_unbiased_and_zero_rows(backend):
+    # v = 1 makes each output element the kept probability mass / (1 - p): mean 1 (unbiased).
+    # q is scaled down so softmax rows are near uniform: per-row std ~0.26, the mean over 128
+    # rows has std ~0.023, so 0.12 is a > 5 sigma bound.
+    _, k, _, m = _inputs(2, 2, 64, 24, 8, mask="random")
+    q = 0.1 * torch.randn(2, 2, 64, 8)
+    v = torch.ones(2, 2, 24, 8)
+    out = attention(q, k, v, key_padding_mask=m, dropout_p=0.5, backend=backend)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # fully masked row stays zero
+    assert abs(out[0].mean().item() - 1.0) < 0.12
+    assert (out[0] - 1.0).abs().max() > 0.05  # something was dropped
+
+
+def test_auto_on_cpu_is_sdpa_not_interpreter():
+    assert auto_backend("attention", "cpu") == "sdpa"
+
+
+def test_xformers_unavailable_is_clear():
+    q, k, v, m = _inputs(1, 1, 3, 5, 8)
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed: its unavailable path cannot be reached")
+    except ImportError:
+        pass
+    with pytest.raises(BackendUnavailable, match="xformers"):
+        attention(q, k, v, key_padding_mask=m, backend="xformers")
+
+
+def test_cuda_backend_on_cpu_is_clear():
+    q, k, v, m = _inputs(1, 1, 3, 5, 8)
+    with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+        attention(q, k, v, key_padding_mask=m, backend="cuda")
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda q, k, v, m: (q[0], k, v, m), ValueError, r"\[B, H, L, D\]"),
+    (lambda q, k, v, m: (q, k[:, :1], v[:, :1], None), ValueError, "k and v must be"),
+    (lambda q, k, v, m: (q, k, v[..., :4], m), ValueError, "k and v must be"),
+    (lambda q, k, v, m: (q, k.double(), v, m), TypeError, "one floating dtype"),
+    (lambda q, k, v, m: (q, k, v, m.int()), TypeError, "key_padding_mask must be bool"),
+    (lambda q, k, v, m: (q, k, v, m[:, :3]), ValueError, r"key_padding_mask must be \[B=2, Lk=5\]"),
+    (lambda q, k, v, m: (q, k, v, m.to("meta")), ValueError, "key_padding_mask on meta"),
+    (lambda q, k, v, m: (q, k.to("meta"), v.to("meta"), m), ValueError, "different devices"),
+])
+def test_bad_input_errors(make, exc, match):
+    args = make(*_inputs(2, 2, 3, 5, 8))
+    with pytest.raises(exc, match=match):
+        attention(*args[:3], key_padding_mask=args[3], backend="eager")
+
+
+@pytest.mark.parametrize("kw,match", [(dict(dropout_p=1.0), "dropout_p"), (dict(dropout_p=-0.1), "dropout_p"),
+                                      (dict(scale=float("nan")), "scale"),
+                                      (dict(backend="nope"), "unknown backend")])
+def test_bad_argument_errors(kw, match):
+    q, k, v, m = _inputs(1, 1, 3, 5, 8)
+    with pytest.raises((ValueError, BackendUnavailable), match=match):
+        attention(q, k, v, key_padding_mask=m, **kw)
+
+
+@needs_triton
+def test_triton_rejects_float64():
+    q, k, v, m = _inputs(1, 1, 3, 5, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        attention(q, k, v, key_padding_mask=m, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: low precision with flash-attention's error rule, the CUDA kernels, auto's measurement
+
+GPU_CASES = [(4, 3, 64, 64, 64, "lengths"), (2, 4, 197, 197, 64, None), (2, 2, 257, 257, 80, "random"),
+             (3, 2, 64, 257, 64, "random"), (3, 2, 257, 64, 128, "lengths"), (2, 2, 1, 7, 32, "random"),
+             (2, 2, 577, 577, 64, "lengths")]
+
+
+def _fa_rule(backend, B, H, Lq, Lk, D, mask, dtype, dropout_p=0.0):
+    q, k, v, m = _inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=mask)
+    out = attention(q, k, v, key_padding_mask=m, backend=backend)
+    ref32 = attention_ref(q.float(), k.float(), v.float(), m)  # fp32 oracle
+    low = attention_ref(q, k, v, m)  # same math, inputs/outputs rounded to dtype
+    lowpt = _plain_low_precision(q, k, v, m)  # plain PyTorch computed in dtype
+    do = torch.randn_like(out)
+    got = _grads(out, do, q, k, v)
+    want = _grads(ref32, do.float(), q, k, v)
+    base = _grads(lowpt, do, q, k, v)
+    assert torch.isfinite(out).all() and low.dtype == dtype
+    assert (out.float() - ref32).abs().max() <= 2 * (lowpt.float() - ref32).abs().max() + 1e-3
+    for name, g, w, b in zip("qkv", got, want, base):
+        err = (g.float() - w.float()).abs().max()
+        bound = 2 * (b.float() - w.float()).abs().max() + 1e-3
+        assert err <= bound, f"d{name}: {err} > {bound}"
+
+
+def _plain_low_precision(q, k, v, m):
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if m is not None:
+        s = s.masked_fill(~m[:, None, None, :], torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1)
+    if m is not None:
+        p = p * m.any(-1).to(p.dtype)[:, None, None, None]
+    return p @ v
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Lq,Lk,D,mask", GPU_CASES)
+def test_gpu_low_precision_flash_rule(backend, dtype, B, H, Lq, Lk, D, mask):
+    _fa_rule(backend, B, H, Lq, Lk, D, mask, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "sdpa"])
+def test_gpu_fp32_matches_ref(backend):
+    q, k, v, m = _inputs(3, 2, 65, 129, 64, device="cuda", mask="random")
+    _check_against_ref(q, k, v, m, backend, tol=dict(atol=1e-4, rtol=1e-4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_dropout_is_reproduced_by_backward(backend):
+    # Finite-difference-free consistency: with a fixed torch seed the forward is deterministic,
+    # and the analytic gradient matches the gradient of that same deterministic function's
+    # linearisation in v (out is linear in v, so d<out, do>/dv must reproduce out exactly).
+    q, k, v, m = _inputs(2, 2, 33, 70, 64, device="cuda", mask="random")
+    torch.manual_seed(7)
+    out = attention(q, k, v, key_padding_mask=m, dropout_p=0.2, backend=backend)
+    torch.manual_seed(7)
+    out2 = attention(q, k, v, key_padding_mask=m, dropout_p=0.2, backend=backend)
+    assert torch.equal(out, out2)
+    do = torch.randn_like(out)
+    (dv,) = torch.autograd.grad(out, (v,), do)
+    # <out, do> = <P_drop v, do> = <v, P_drop^T do> = <v, dv>
+    torch.testing.assert_close((out * do).sum(), (v * dv).sum(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_measures_and_picks_a_runnable_backend():
+    attn_mod.auto_timings_clear()
+    pick = auto_backend("attention", "cuda")
+    assert pick in ("cuda", "triton", "xformers", "sdpa")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_ext_opcheck():
+    if not hasattr(torch.ops.r2d2, "attention_fwd"):
+        pytest.fail("r2d2._C has no attention_fwd: rebuild the extension with CUDA")
+    q, k, v, m = _inputs(2, 2, 7, 19, 64, dtype=torch.float16, device="cuda", mask="random")
+    args = (q.detach(), k.detach(), v.detach(), m, 0.125, 0.0, 0, 0)
+    torch.library.opcheck(torch.ops.r2d2.attention_fwd.default, args)
