@@ -1,0 +1,105 @@
+"""Annotation readers for the formats users have, each returning a :class:`ReadResult`.
+
+``jsonl``  one JSON object per line: ``image_path`` or ``image``, ``text`` or ``caption``, optional
+           ``image_id`` (default: the image file name) and ``label``.
+``tsv``    ``<image_id>\\t<caption>`` per line; the image is ``image_root/<image_id>`` (``.jpg`` is
+           appended when ``image_id`` has no extension).
+``ccmb_*`` the CCMB / public-benchmark layouts, read by ``r2d2.engine.data.ccmb.read_ccmb``.
+
+A line that cannot be parsed, an empty caption or an image file that does not exist is skipped and
+counted by reason (``malformed_line``, ``empty_text``, ``missing_image``); corrupt image bytes are
+found when the image is decoded (``r2d2.engine.data.loader``). WebDataset shards are streamed, not
+read up front: see ``r2d2.engine.data.loader.webdataset_stream``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+from r2d2.engine.data.records import ReadResult, Record
+
+
+def _open_lines(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.path: annotation file not found: {path}")
+    return open(path, encoding="utf-8-sig")  # -sig: tolerate a BOM
+
+
+class _Acc:
+    def __init__(self, check_images: bool) -> None:
+        self.records: list[Record] = []
+        self.reasons: Counter = Counter()
+        self.check_images = check_images
+
+    def add(self, image: str, text, image_id: str, label=None) -> None:
+        if not isinstance(text, str) or not text.strip():
+            self.reasons["empty_text"] += 1
+        elif self.check_images and not os.path.isfile(image):
+            self.reasons["missing_image"] += 1
+        else:
+            self.records.append(Record(image=image, text=text.strip(), image_id=str(image_id), label=label))
+
+    def result(self) -> ReadResult:
+        return ReadResult(self.records, sum(self.reasons.values()), self.reasons)
+
+
+def _root(path: str, image_root: str | None) -> str:
+    return image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+
+
+def read_jsonl(path: str, image_root: str | None = None, check_images: bool = True) -> ReadResult:
+    root = _root(path, image_root)
+    acc = _Acc(check_images)
+    with _open_lines(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                image = obj.get("image_path", obj.get("image"))
+                text = obj.get("text", obj.get("caption"))
+                if not isinstance(image, str) or not image:
+                    raise ValueError("no image_path/image")
+                label = obj.get("label")
+                label = None if label is None else int(label)
+            except (ValueError, AttributeError, TypeError):
+                acc.reasons["malformed_line"] += 1
+                continue
+            full = image if os.path.isabs(image) else os.path.join(root, image)
+            image_id = obj.get("image_id", os.path.basename(image))
+            acc.add(full, text, image_id, label)
+    return acc.result()
+
+
+def read_tsv(path: str, image_root: str | None = None, check_images: bool = True) -> ReadResult:
+    root = _root(path, image_root)
+    acc = _Acc(check_images)
+    with _open_lines(path) as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            image_id, sep, text = line.partition("\t")
+            if not sep or not image_id.strip():
+                acc.reasons["malformed_line"] += 1
+                continue
+            name = image_id.strip()
+            if not os.path.splitext(name)[1]:
+                name += ".jpg"
+            acc.add(os.path.join(root, name), text, image_id.strip())
+    return acc.result()
+
+
+def read_records(format: str, path: str, image_root: str | None = None) -> ReadResult:
+    """Dispatch on ``data.format`` (``synthetic`` and ``webdataset`` are handled by the loader)."""
+    if format == "jsonl":
+        return read_jsonl(path, image_root)
+    if format == "tsv":
+        return read_tsv(path, image_root)
+    if format.startswith("ccmb_"):
+        from r2d2.engine.data import ccmb  # lazy: owned and evolved separately
+
+        return ccmb.read_ccmb(format[len("ccmb_"):], path, image_root)
+    raise ValueError(f"data.format={format!r} has no file reader; expected jsonl, tsv or ccmb_<name>")
