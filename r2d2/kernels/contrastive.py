@@ -100,8 +100,9 @@ def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
     loss = (loss_i2t + loss_t2i) / 2
     if not return_negatives:
         return loss
-    neg_t = sample_negatives_ref(logits_i2t.detach(), local_ids, ids, seed, rank)
-    neg_i = sample_negatives_ref(logits_t2i.detach(), local_ids, ids, seed, rank + 7919 * world)
+    seed = _resolve_seed(seed)
+    neg_t = sample_negatives_ref(logits_i2t.detach(), local_ids, ids, seed, 0, rank * b)
+    neg_i = sample_negatives_ref(logits_t2i.detach(), local_ids, ids, seed, 1, rank * b)
     return ContrastiveOutput(loss, neg_t, neg_i)
 
 
@@ -111,39 +112,118 @@ class ContrastiveOutput(NamedTuple):
     neg_image_for_text: torch.Tensor   # [b] global image index per local text, -1 if none
 
 
-def sample_negatives_ref(logits, row_ids, col_ids, seed=None, stream=0):
+# Counter-based noise: a 32-bit integer hash of (key, global row, global column), so that the
+# fused kernels (which draw it tile by tile, on any rank, in any ring order) and this reference
+# draw the very same numbers. The kernels' twin is _gumbel_tl in contrastive_triton.py.
+_M1, _M2, _GOLD, _U32 = 0x7FEB352D, 0x846CA68B, 0x9E3779B9, 0xFFFFFFFF  # lowbias32 multipliers
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 tensors holding uint32 values, without int64 overflow."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _U32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _M2)
+    return x ^ (x >> 16)
+
+
+def seed_key(seed: int, stream: int) -> int:
+    """The 32-bit hash key of a user seed and a stream (0: i2t negatives, 1: t2i negatives)."""
+    k = torch.tensor([(int(seed) * 0x9E37 + int(stream) * 0x85EB + 0x632BE5AB) & _U32])
+    key = int(_mix32(_mix32(k))[0])
+    # Triton turns an int argument equal to 1 into a compile-time constant; keep keys off it.
+    return 3 if key == 1 else key
+
+
+def gumbel_noise(key: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``[len(rows), len(cols)]`` (fp32) for global row / column indices. The
+    uniform has 24 random bits (u = (h + 1/2) / 2^24), the only departure from an exact sample."""
+    r = rows.to(torch.int64)[:, None] & _U32
+    c = cols.to(torch.int64)[None, :] & _U32
+    a = _mix32(r ^ key)
+    h = _mix32((a + _mul32(c, _GOLD)) & _U32)
+    u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+    return -torch.log(-torch.log(u))
+
+
+def _resolve_seed(seed) -> int:
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    return int(seed)
+
+
+def sample_negatives_ref(logits, row_ids, col_ids, seed=None, stream=0, row_offset=0):
     """One column per row drawn from softmax(logits) over the columns whose id differs from the
-    row's (Gumbel-max: argmax(logits + Gumbel noise) is an exact softmax sample). -1 when a row has
-    no such column."""
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=logits.device).manual_seed(int(seed) * 1_000_003 + stream)
-    u = torch.rand(logits.shape, device=logits.device, generator=gen, dtype=torch.float64)
-    gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+    row's (Gumbel-max: argmax(logits + Gumbel noise) is a softmax sample). -1 when a row has no
+    such column. The noise of (row, column) depends only on (seed, stream, row_offset + row,
+    column), so the fused backends draw the same sample."""
+    key = seed_key(_resolve_seed(seed), stream)
+    dev = logits.device
+    rows = torch.arange(logits.shape[0], device=dev) + row_offset
+    gumbel = gumbel_noise(key, rows, torch.arange(logits.shape[1], device=dev))
     same = row_ids[:, None] == col_ids[None, :]
-    z = (logits.double() + gumbel).masked_fill(same, float("-inf"))
+    z = (logits.float() + gumbel).masked_fill(same, float("-inf"))
     idx = z.argmax(1)
     return torch.where(same.all(1), torch.full_like(idx, -1), idx)
 
 
 SPEC = register_op(OpSpec(
     name="contrastive",
-    backends=("eager",),
+    backends=("eager", "triton"),
 ))
+
+MODES = ("gather", "ring")
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teacher_image_feat=None,
                      teacher_text_feat=None, distill_alpha=0.0, group=None, backend="auto",
-                     return_negatives=False, seed=None):
+                     return_negatives=False, seed=None, mode="gather"):
     """GCPR loss over features gathered from every rank of ``group``; see the module docstring.
 
     With ``return_negatives`` it returns ``ContrastiveOutput(loss, neg_text_for_image,
     neg_image_for_text)``: for FGR, one hard negative per local row sampled from the softmax of
-    the (scaled) global similarity with same-id columns excluded; ``seed`` makes it reproducible."""
+    the (scaled) global similarity with same-id columns excluded; ``seed`` makes it reproducible
+    (the same seed gives the same negatives on every backend).
+
+    ``mode`` (fused backends, several ranks): ``"gather"`` all-gathers the features, ``"ring"``
+    passes them round a ring of isend/irecv with O(b d) memory; both are exact. The eager backend
+    always gathers."""
     _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
            distill_alpha)
-    resolve("contrastive", backend, image_feat.device)
-    return contrastive_loss_ref(image_feat, text_feat, logit_scale, image_ids=image_ids,
-                                teacher_image_feat=teacher_image_feat,
-                                teacher_text_feat=teacher_text_feat, distill_alpha=distill_alpha,
-                                group=group, return_negatives=return_negatives, seed=seed)
+    if mode not in MODES:
+        raise ValueError(f"contrastive_loss: mode must be one of {MODES}, got {mode!r}")
+    picked = resolve("contrastive", backend, image_feat.device)
+    if picked == "eager":
+        return contrastive_loss_ref(image_feat, text_feat, logit_scale, image_ids=image_ids,
+                                    teacher_image_feat=teacher_image_feat,
+                                    teacher_text_feat=teacher_text_feat,
+                                    distill_alpha=distill_alpha, group=group,
+                                    return_negatives=return_negatives, seed=seed)
+    if image_feat.dtype not in _FUSED_DTYPES:
+        raise TypeError(f"contrastive_loss: backend={picked!r} takes float16, bfloat16 or float32 "
+                        f"features, got {image_feat.dtype} (use backend='eager')")
+    from r2d2.kernels import contrastive_dist
+
+    if picked == "triton":
+        from r2d2.kernels import contrastive_triton as kern
+    else:  # pragma: no cover - resolve() only returns registered backends
+        raise AssertionError(picked)
+    keys = (0, 0)
+    if return_negatives:
+        seed = _resolve_seed(seed)
+        keys = (seed_key(seed, 0), seed_key(seed, 1))
+    loss, neg_t, neg_i = contrastive_dist.fused_contrastive(
+        kern, image_feat, text_feat, logit_scale, image_ids=image_ids,
+        teacher_image_feat=teacher_image_feat, teacher_text_feat=teacher_text_feat,
+        distill_alpha=float(distill_alpha), group=group, keys=keys, neg=return_negatives,
+        mode=mode, tiles=kern.Tiles())
+    if not return_negatives:
+        return loss
+    return ContrastiveOutput(loss, neg_t, neg_i)
