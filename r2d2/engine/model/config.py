@@ -1,0 +1,208 @@
+"""Typed model configs (dict/YAML round-trippable) and the named presets.
+
+    cfg = model_preset("tiny"); ModelConfig.from_dict(cfg.to_dict()) == cfg
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+def _check_positive(owner: str, obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{owner}.{n}={v!r}: expected a positive int")
+
+
+def _check_prob(owner: str, obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"{owner}.{n}={v!r}: expected a probability in [0, 1)")
+
+
+def _from_dict(cls, d: dict, owner: str):
+    if not isinstance(d, dict):
+        raise TypeError(f"{owner}: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ValueError(f"{owner}: unknown field {bad[0]!r}; fields: {sorted(known)}")
+    return cls(**d)
+
+
+@dataclass
+class VisionConfig:
+    """CLIP-style ViT: patch conv, class token, learned positions, ln_pre, pre-LN blocks."""
+
+    image_size: int = 224
+    """input resolution (square), pixels"""
+    patch_size: int = 16
+    """patch side, pixels; image_size must be a multiple"""
+    width: int = 768
+    """token width"""
+    layers: int = 12
+    """number of transformer blocks"""
+    heads: int = 12
+    """attention heads; width must be a multiple"""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / width"""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon (CLIP uses 1e-5)"""
+    dropout: float = 0.0
+    """attention-probability dropout (CLIP: 0)"""
+
+    def __post_init__(self) -> None:
+        _check_positive("vision", self, "image_size", "patch_size", "width", "layers", "heads")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision.image_size={self.image_size} must be a multiple of "
+                             f"vision.patch_size={self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"vision.width={self.width} must be a multiple of vision.heads={self.heads}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"vision.mlp_ratio={self.mlp_ratio}: expected > 0")
+        _check_prob("vision", self, "dropout")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    """BERT / RoBERTa-wwm text encoder (post-LN, GELU); also sets the cross encoders' width."""
+
+    vocab_size: int = 21128
+    """token vocabulary (RoBERTa-wwm-ext Chinese: 21128)"""
+    width: int = 768
+    """hidden size"""
+    layers: int = 12
+    """number of BERT layers"""
+    heads: int = 12
+    """attention heads; width must be a multiple"""
+    intermediate: int = 3072
+    """feed-forward hidden size"""
+    max_positions: int = 512
+    """position-embedding table size (BERT: 512); texts are at most this long"""
+    type_vocab_size: int = 2
+    """token-type (segment) embeddings"""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT uses 1e-12)"""
+    dropout: float = 0.1
+    """hidden and attention-probability dropout (BERT: 0.1)"""
+    pad_id: int = 0
+    """padding token id ([PAD])"""
+
+    def __post_init__(self) -> None:
+        _check_positive("text", self, "vocab_size", "width", "layers", "heads", "intermediate",
+                        "max_positions", "type_vocab_size")
+        if self.width % self.heads:
+            raise ValueError(f"text.width={self.width} must be a multiple of text.heads={self.heads}")
+        _check_prob("text", self, "dropout")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"text.pad_id={self.pad_id}: expected an id in [0, {self.vocab_size})")
+
+
+@dataclass
+class ModelConfig:
+    """The whole R2D2 model: dual encoders, two cross encoders, projections, temperature."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """image encoder"""
+    text: TextConfig = field(default_factory=TextConfig)
+    """text encoder (the cross encoders use its width, heads, intermediate, eps, dropout)"""
+    cross_layers: int = 6
+    """layers of each cross encoder; 0 = dual encoders only (PRD2: no FGR/MLM/ITM)"""
+    embed_dim: int = 768
+    """shared embedding size of the projections"""
+    temperature_init: float = 0.07
+    """initial contrastive temperature (logit scale = 1 / temperature)"""
+    temperature_min: float = 0.001
+    """lower clamp of the learned temperature"""
+    temperature_max: float = 0.5
+    """upper clamp of the learned temperature"""
+    max_text_len: int = 64
+    """default tokenizer max length for texts given as strings"""
+    mlm_head: bool = True
+    """build the MLM head on the text-image cross encoder (needs cross_layers > 0)"""
+    tie_mlm_embeddings: bool = True
+    """MLM decoder weight shares the text word embeddings (BERT)"""
+    activation_checkpointing: bool = False
+    """recompute each transformer block in backward (torch.utils.checkpoint, non-reentrant)"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = _from_dict(VisionConfig, self.vision, "vision")
+        if isinstance(self.text, dict):
+            self.text = _from_dict(TextConfig, self.text, "text")
+        if not isinstance(self.vision, VisionConfig) or not isinstance(self.text, TextConfig):
+            raise TypeError("ModelConfig: vision/text must be VisionConfig/TextConfig or dicts")
+        if not isinstance(self.cross_layers, int) or self.cross_layers < 0:
+            raise ValueError(f"cross_layers={self.cross_layers!r}: expected an int >= 0")
+        _check_positive("model", self, "embed_dim", "max_text_len")
+        if not 0 < self.temperature_min <= self.temperature_init <= self.temperature_max:
+            raise ValueError("expected 0 < temperature_min <= temperature_init <= temperature_max; "
+                             f"got {self.temperature_min}, {self.temperature_init}, {self.temperature_max}")
+        if self.max_text_len > self.text.max_positions:
+            raise ValueError(f"max_text_len={self.max_text_len} exceeds text.max_positions="
+                             f"{self.text.max_positions}")
+        if self.mlm_head and self.cross_layers == 0:
+            # PRD2-style configs simply have no MLM head.
+            self.mlm_head = False
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def has_cross(self) -> bool:
+        return self.cross_layers > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        for k, sub in (("vision", VisionConfig), ("text", TextConfig)):
+            if isinstance(d.get(k), dict):
+                d[k] = _from_dict(sub, d[k], k)
+        return _from_dict(cls, d, "model")
+
+
+_VIT_B16 = dict(image_size=224, patch_size=16, width=768, layers=12, heads=12)
+_VIT_L14 = dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16)
+_ROBERTA_BASE = dict(vocab_size=21128, width=768, layers=12, heads=12, intermediate=3072)
+_ROBERTA_LARGE = dict(vocab_size=21128, width=1024, layers=24, heads=16, intermediate=4096)
+# The tiny text vocab is the project's generated offline vocab (r2d2.engine.tokenizer).
+_TINY_VISION = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4)
+
+
+def _tiny_text() -> dict:
+    from r2d2.engine.tokenizer import default_vocab_size
+
+    return dict(vocab_size=default_vocab_size(), width=64, layers=2, heads=4, intermediate=256,
+                max_positions=64, dropout=0.0)
+
+
+def model_preset(name: str) -> ModelConfig:
+    """``tiny`` (CPU minutes), ``base`` (ViT-B/16 + RoBERTa-wwm base), ``large`` (ViT-L/14 +
+    RoBERTa-wwm large), ``prd2`` (base dual encoders only), ``prd2-tiny``."""
+    if name == "tiny":
+        return ModelConfig(vision=VisionConfig(**_TINY_VISION), text=TextConfig(**_tiny_text()),
+                           cross_layers=1, embed_dim=64, max_text_len=32)
+    if name == "prd2-tiny":
+        return ModelConfig(vision=VisionConfig(**_TINY_VISION), text=TextConfig(**_tiny_text()),
+                           cross_layers=0, embed_dim=64, max_text_len=32)
+    if name == "base":
+        return ModelConfig(vision=VisionConfig(**_VIT_B16), text=TextConfig(**_ROBERTA_BASE))
+    if name == "large":
+        return ModelConfig(vision=VisionConfig(**_VIT_L14), text=TextConfig(**_ROBERTA_LARGE))
+    if name == "prd2":
+        return ModelConfig(vision=VisionConfig(**_VIT_B16), text=TextConfig(**_ROBERTA_BASE),
+                           cross_layers=0)
+    raise ValueError(f"model preset {name!r}: expected one of {PRESETS}")
+
+
+PRESETS = ("tiny", "base", "large", "prd2", "prd2-tiny")
