@@ -68,6 +68,8 @@ class ModelSection:
             return
         try:
             model_preset(self.preset)
+        except ImportError:  # a half-installed model package: the build reports it
+            return
         except (KeyError, ValueError) as e:
             raise ConfigError(f"model.preset={self.preset!r}: {e}") from None
         known = {f.name for f in fields(ModelConfig)}
@@ -78,8 +80,7 @@ class ModelSection:
     def build_config(self):
         from r2d2.engine.model import ModelConfig, model_preset
 
-        base = model_preset(self.preset).to_dict()
-        base.update(self.overrides)
+        base = _merge(model_preset(self.preset).to_dict(), _nested(self.overrides))
         return ModelConfig.from_dict(base)
 
 
@@ -246,6 +247,8 @@ class DistributedConfig:
     """auto (nccl on CUDA, gloo on CPU) | nccl | gloo"""
     timeout_s: int = 1800
     """collective timeout"""
+    find_unused_parameters: bool = False
+    """DDP: tolerate parameters that get no gradient in a step (e.g. a frozen or unused head)"""
 
     def __post_init__(self) -> None:
         _choice("distributed", "strategy", self.strategy, STRATEGIES)
@@ -351,6 +354,11 @@ def build_section(section: str, values: dict) -> Any:
         raise ConfigError(str(e)) from None
 
 
+def _nested(d: dict) -> dict:
+    """Deep copy of a mapping (so merging into a preset never aliases the config's own dicts)."""
+    return {k: _nested(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
 def _merge(dst: dict, src: dict) -> dict:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
@@ -397,7 +405,11 @@ def parse_overrides(args: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        tree.setdefault(section, {})[name] = value
+        node = tree.setdefault(section, {})
+        *parents, leaf = name.split(".")  # --model.vision.layers=2 -> {"vision": {"layers": 2}}
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
         i += 1
     return tree
 

@@ -1,0 +1,158 @@
+"""``r2d2 pretrain`` and ``r2d2 finetune``: parse, build the Trainer, fit, export, evaluate.
+
+    r2d2 pretrain --config configs/tiny.yaml --out runs/demo [--resume] [--section.field=value ...]
+    torchrun --nproc_per_node=8 -m r2d2 pretrain --config configs/base.yaml --out runs/base
+
+The run folder gets ``config.yaml`` (the resolved config), ``log.jsonl``, ``tb/``, ``loss.png``,
+``checkpoints/`` and, at the end, ``model/`` (``save_pretrained``, what ``r2d2 eval`` loads) and
+``eval.json`` (zero-shot retrieval on the held-out split, also printed as R@1/5/10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from r2d2.engine.config import ConfigError, RunConfig, load_config
+
+
+def _parser(cmd: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"r2d2 {cmd}",
+        description=f"R2D2 {cmd}. Any config field can be overridden as --section.field=value "
+                    "(sections: model, loss, data, optim, kernels, train, distributed, logging), "
+                    "e.g. --train.max_steps=100 --train.log_every=5 --train.checkpoint_every=50.")
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); fields not given keep their defaults")
+    p.add_argument("--out", required=True, help="run folder (created; holds logs, checkpoints, model)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the newest checkpoint in --out")
+    return p
+
+
+def parse(cmd: str, argv: list[str]) -> tuple[RunConfig, argparse.Namespace]:
+    args, rest = _parser(cmd).parse_known_args(argv)
+    cfg = load_config(args.config, rest)
+    if cmd == "pretrain" and cfg.train.task != "pretrain":
+        raise ConfigError(f"r2d2 pretrain runs train.task=pretrain, the config says {cfg.train.task!r} "
+                          "(use r2d2 finetune)")
+    if cmd == "finetune" and cfg.train.task == "pretrain":
+        raise ConfigError("r2d2 finetune needs train.task=retrieval or matching, the config says 'pretrain'")
+    return cfg, args
+
+
+def pretrain(argv: list[str]) -> int:
+    return _main("pretrain", argv)
+
+
+def finetune(argv: list[str]) -> int:
+    return _main("finetune", argv)
+
+
+def _main(cmd: str, argv: list[str]) -> int:
+    try:
+        cfg, args = parse(cmd, argv)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"r2d2 {cmd}: {e}", file=sys.stderr)
+        return 2
+    from r2d2.dist import dist_info, is_dist
+    from r2d2.engine.trainer import Trainer, TrainingError
+
+    out = args.out
+    latest = os.path.join(out, "checkpoints", "latest")
+    if not args.resume and os.path.exists(latest):
+        print(f"r2d2 {cmd}: {out} already holds a run (checkpoints/latest); pass --resume to continue "
+              "it or choose another --out", file=sys.stderr)
+        return 2
+    if args.resume and not os.path.exists(latest):
+        print(f"r2d2 {cmd}: --resume but {latest} does not exist", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(cfg, out, resume=args.resume)
+        rank, _ = dist_info()
+        if rank == 0:
+            os.makedirs(out, exist_ok=True)
+            cfg.save(os.path.join(out, "config.yaml"))
+        result = trainer.fit()
+        if not result.stopped_by_signal:
+            export(trainer, os.path.join(out, "model"))
+            if cfg.train.eval_at_end:
+                evaluate_heldout(trainer, out)
+    except TrainingError as e:
+        print(f"r2d2 {cmd}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if is_dist():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def export(trainer, path: str) -> None:
+    """``save_pretrained`` of the student model (rank 0), plus the tokenizer vocabulary."""
+    from r2d2.dist import dist_info
+
+    rank, _ = dist_info()
+    model = trainer.model
+    if trainer.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return
+        from r2d2.engine.model import R2D2Model
+
+        plain = R2D2Model(model.config)
+        plain.load_state_dict(sd)
+        model = plain
+    if rank != 0 or not hasattr(model, "save_pretrained"):
+        return
+    model.save_pretrained(path)
+    vocab = getattr(trainer.tokenizer, "vocab_path", None) or trainer.cfg.data.vocab
+    if vocab and os.path.isfile(vocab):
+        import shutil
+
+        shutil.copyfile(vocab, os.path.join(path, "vocab.txt"))
+    elif trainer.tokenizer is not None and hasattr(trainer.tokenizer, "save_vocab"):
+        trainer.tokenizer.save_vocab(os.path.join(path, "vocab.txt"))
+
+
+def evaluate_heldout(trainer, out: str) -> dict | None:
+    """Zero-shot (dual-encoder) retrieval on the held-out split; prints R@1/5/10, writes eval.json."""
+    import torch
+
+    from r2d2.dist import dist_info
+    from r2d2.engine.data.loader import eval_records
+    from r2d2.engine.data.synthetic import open_image
+    from r2d2.engine.data.transforms import eval_transform
+    from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evaluate_retrieval
+
+    records = eval_records(trainer.cfg.data)
+    if not records or not hasattr(trainer.model, "encode_image"):
+        return None
+    rset = RetrievalSet.from_records(records)
+    tf = eval_transform(trainer.image_size)
+    canvas = max(64, trainer.image_size)
+
+    def load(key: str) -> torch.Tensor:
+        return tf(open_image(key, canvas))
+
+    res = evaluate_retrieval(trainer.model, rset, trainer.tokenize, load,
+                             RetrievalEvalConfig(rerank=False, image_cache_dtype="float32"))
+    m = res.pre_rank
+    report = {"split": "held-out", "n_images": res.n_images, "n_texts": res.n_texts,
+              "chance_r1_i2t": 100.0 * sum(len(t) for t in rset.img2txt) / len(rset.img2txt) / res.n_texts,
+              "chance_r1_t2i": 100.0 * sum(len(i) for i in rset.txt2img) / len(rset.txt2img) / res.n_images,
+              **m}
+    rank, _ = dist_info()
+    if rank == 0:
+        with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"zero-shot retrieval on {res.n_images} held-out images / {res.n_texts} texts "
+              f"(chance R@1 ~ {report['chance_r1_i2t']:.1f}% i2t, {report['chance_r1_t2i']:.1f}% t2i):")
+        print(f"  image->text  R@1 {m['i2t_r1']:.1f}  R@5 {m['i2t_r5']:.1f}  R@10 {m['i2t_r10']:.1f}")
+        print(f"  text->image  R@1 {m['t2i_r1']:.1f}  R@5 {m['t2i_r5']:.1f}  R@10 {m['t2i_r10']:.1f}")
+        print(f"  mean recall {m['mean_recall']:.1f}", flush=True)
+    return report

@@ -1,0 +1,403 @@
+"""The training loop. Components are built by small functions (one job each) and applied to a
+plain model in the torchtitan order: activation checkpointing -> compile -> FSDP2 / DDP.
+
+Per optimizer step: ``grad_accum`` micro-batches are fetched first, the usable sample counts are
+summed over micro-batches and ranks (one all-reduce), and micro-batch ``i`` of ``n_i`` samples
+backpropagates ``loss_i * n_i * world / N`` so the gradient is that of the mean over all ``N``
+samples of the step whatever the accumulation, the world size or the skipped samples (DDP divides
+by ``world``). Then: non-finite check (skip the step, count it; ``train.max_bad_steps`` in a row
+stops the run) -> clip -> AdamW -> schedule -> EMA teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from r2d2.dist import dist_info, is_dist
+from r2d2.engine.checkpoint import Checkpointer, TrainState
+from r2d2.engine.config import RunConfig
+from r2d2.engine.observability import Observer, peak_memory_gb
+
+NO_DECAY_HINTS = ("bias", "norm", "embed", "temp", "logit_scale", "pos_", "cls_token", "ln_")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many bad steps, too many skipped samples)."""
+
+
+# ---------------------------------------------------------------------------- set-up helpers
+def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
+    """Join the torchrun group when WORLD_SIZE > 1; returns (rank, world, device)."""
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and cfg.distributed.strategy != "none" and not is_dist():
+        backend = cfg.distributed.backend
+        if backend == "auto":
+            backend = "nccl" if want_cuda else "gloo"
+        if want_cuda:
+            torch.cuda.set_device(local)
+        import datetime
+
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
+    rank, world = dist_info()
+    return rank, world, device
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only; not on norms, biases, embeddings, temperatures."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        low = name.lower()
+        (no_decay if p.ndim < 2 or any(h in low for h in NO_DECAY_HINTS) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda" if cfg.fused == "auto" else cfg.fused == "true"
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             eps=cfg.eps, fused=fused or None)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(opt, cfg, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each transformer block in backward; returns how many blocks were wrapped.
+    A model offering ``set_activation_checkpointing(bool)`` does it itself."""
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(True)
+        return -1
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing as apply_ac)
+
+    blocks = [m for m in model.modules() if _is_block(m)]
+    apply_ac(model, check_fn=_is_block)
+    return len(blocks)
+
+
+def _is_block(m: nn.Module) -> bool:
+    name = type(m).__name__
+    return name.endswith(("Block", "Layer")) and any(isinstance(c, nn.Linear) for c in m.modules())
+
+
+def shard_fsdp(objective: nn.Module, device: torch.device) -> None:
+    """FSDP2: ``fully_shard`` each transformer block (student and teacher alike, so the EMA update
+    sees matching shards), then the whole objective."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for m in list(objective.modules()):
+        if _is_block(m):
+            fully_shard(m, **kw)
+    fully_shard(objective, **kw)
+
+
+def build_objective(cfg: RunConfig) -> nn.Module:
+    """The model wrapped in the objective of ``train.task`` (imports are lazy on purpose: the
+    model, losses and tasks packages are separate components)."""
+    from r2d2.engine.model import R2D2Model
+
+    model = R2D2Model(cfg.model.build_config(), kernels=cfg.kernels)
+    if cfg.train.init_from:
+        load_init(model, cfg.train.init_from)
+    if cfg.train.task in ("pretrain", "retrieval"):
+        from r2d2.engine.losses import R2D2ForPretraining
+
+        return R2D2ForPretraining(model, cfg.loss.build_config())
+    from r2d2.engine.tasks.matching import MatchingObjective
+
+    return MatchingObjective(model, freeze_image_encoder=cfg.train.freeze_image_encoder)
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """Weights to start from: a ``save_pretrained`` directory or a training checkpoint."""
+    if os.path.isfile(os.path.join(path, "config.json")) and hasattr(type(model), "from_pretrained"):
+        src = type(model).from_pretrained(path)
+        model.load_state_dict(src.state_dict())
+        return
+    from r2d2.engine.checkpoint import load_weights
+
+    sd = load_weights(path)
+    sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or len(missing) == len(list(model.state_dict())):
+        raise ValueError(f"train.init_from={path}: weights do not fit the model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+# ---------------------------------------------------------------------------- the loop
+@dataclass
+class FitResult:
+    step: int
+    last_loss: float
+    log_path: str
+    checkpoint: str | None
+    stopped_by_signal: bool = False
+
+
+class Trainer:
+    """``Trainer(cfg, out).fit()``. ``objective`` / ``tokenize`` may be injected (tests use toys);
+    otherwise they come from ``train.task`` and the model's tokenizer."""
+
+    def __init__(self, cfg: RunConfig, out: str, resume: bool = False, objective: nn.Module | None = None,
+                 tokenize=None, image_size: int | None = None, flops_per_sample: float | None = None) -> None:
+        self.cfg, self.out, self.resume = cfg, out, resume
+        self.rank, self.world, self.device = init_distributed(cfg)
+        t = cfg.train
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(t.seed)  # same initial weights on every rank
+        self.objective = objective if objective is not None else build_objective(cfg)
+        self.model = getattr(self.objective, "model", self.objective)
+        self.image_size = image_size or cfg.data.image_size or getattr(getattr(self.model, "config", None),
+                                                                        "image_size", 224)
+        self.tokenize, self.tokenizer = tokenize, None
+        if self.tokenize is None:
+            from r2d2.engine.data.loader import Tokenize
+            from r2d2.engine.tokenizer import build_tokenizer
+
+            self.tokenizer = build_tokenizer(cfg.data.vocab, max_length=cfg.data.max_text_len)
+            self.tokenize = Tokenize(self.tokenizer, cfg.data.max_text_len)
+        self.flops_per_sample = flops_per_sample if flops_per_sample is not None else self._flops()
+        self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.strategy = cfg.distributed.strategy
+        if self.strategy == "auto":
+            self.strategy = "ddp" if self.world > 1 else "none"
+        if self.world > 1 and self.strategy == "none":
+            raise TrainingError("WORLD_SIZE > 1 but distributed.strategy=none")
+        self.objective.to(self.device)
+        self._wrap()
+        self.optimizer = build_optimizer(self.objective, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
+        self.ckpt = Checkpointer(out, t.keep_checkpoints, fsdp=self.strategy == "fsdp")
+        self.state = TrainState()
+        self._stop = False
+        self._bad_in_a_row = 0
+
+    def _flops(self) -> float:
+        try:
+            from r2d2.engine.flops import r2d2_flops_per_sample, shape_from_config
+
+            teacher = getattr(self.objective, "teacher", None) is not None
+            shape = shape_from_config(self.model.config, self.cfg.data.max_text_len, self.image_size, teacher)
+            return r2d2_flops_per_sample(shape)
+        except (AttributeError, ImportError, TypeError):
+            return float("nan")  # unknown architecture: TFLOP/s and MFU are reported as null
+
+    def _wrap(self) -> None:
+        t = self.cfg.train
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if t.compile:
+            self.model.compile()
+        if self.strategy == "fsdp":
+            shard_fsdp(self.objective, self.device)
+            self.wrapped = self.objective
+        elif self.strategy == "ddp":
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=ids, find_unused_parameters=self.cfg.distributed.find_unused_parameters)
+        else:
+            self.wrapped = self.objective
+
+    # ---------------------------------------------------------------- signals
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = True
+
+    def _should_stop(self) -> bool:
+        if not is_dist():
+            return self._stop
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self._coll_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
+    def _coll_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if not is_dist():
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._coll_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    # ---------------------------------------------------------------- fit
+    def fit(self) -> FitResult:
+        cfg, t = self.cfg, self.cfg.train
+        if self.resume:
+            path = self.ckpt.latest()
+            if path is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.dir}")
+            self.state, _ = self.ckpt.load(path, self.objective, self.optimizer, self.scheduler)
+        else:
+            torch.manual_seed(t.seed + 1000 * self.rank)  # loss-side randomness differs per rank
+        obs = Observer(self.out, t.max_steps, self.state.step, enabled=self.rank == 0,
+                       progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
+        if self.resume:
+            obs.message(f"resumed from step {self.state.step} ({path})")
+        from r2d2.engine.data.loader import build_train_data
+
+        micro_global = cfg.data.batch_size // t.grad_accum
+        if micro_global * t.grad_accum != cfg.data.batch_size:
+            raise TrainingError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                                f"train.grad_accum={t.grad_accum}")
+        data = build_train_data(cfg.data, self.tokenize, self.image_size, micro_global, self.rank,
+                                self.world, start_micro=self.state.step * t.grad_accum)
+        if data.read_skipped:
+            total = data.read_skipped + (data.num_records or 0)
+            obs.message(f"reader skipped {data.read_skipped} of {total} samples: {dict(data.read_reasons)}")
+            if data.read_skipped / max(1, total) > cfg.data.max_skip_rate:
+                raise TrainingError(f"{data.read_skipped} of {total} samples unusable "
+                                    f"({dict(data.read_reasons)}): skip rate above data.max_skip_rate="
+                                    f"{cfg.data.max_skip_rate}")
+        old = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        from r2d2.engine.flops import device_name, mfu
+
+        dev_name = cfg.logging.device_name or device_name(self.device)
+        it = iter(data.loader)
+        last_ckpt, last_loss, reasons = self.ckpt.latest(), float("nan"), Counter()
+        window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}
+        try:
+            while self.state.step < t.max_steps:
+                micro = [next(it) for _ in range(t.grad_accum)]
+                for b in micro:
+                    reasons.update(b["skip_reasons"])
+                n_local = sum(b["size"] for b in micro)
+                n_all, skipped, tokens = self._all_sum(
+                    [n_local, sum(b["skipped"] for b in micro),
+                     sum(float(b["attention_mask"].sum()) for b in micro if b["size"])])
+                if n_all == 0:
+                    raise TrainingError("every sample of a whole step was skipped: "
+                                        f"{dict(reasons)}")
+                terms = self._forward_backward(micro, n_all)
+                loss = terms["loss"]
+                self.state.samples += int(n_all)
+                self.state.skipped += int(skipped)
+                seen = self.state.samples + self.state.skipped
+                if seen >= 100 and self.state.skipped / seen > cfg.data.max_skip_rate:
+                    raise TrainingError(f"skipped {self.state.skipped} of {seen} samples ({dict(reasons)} "
+                                        f"on rank 0): above data.max_skip_rate={cfg.data.max_skip_rate}")
+                grad_norm = self._clip()
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state.bad_steps += 1
+                    self._bad_in_a_row += 1
+                    obs.message(f"step {self.state.step + 1}: non-finite loss/grad ({loss}, {grad_norm}); "
+                                f"step skipped ({self._bad_in_a_row} in a row)")
+                    if self._bad_in_a_row >= t.max_bad_steps:
+                        raise TrainingError(f"{self._bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
+                                            f"{t.max_bad_steps}); last good checkpoint: {last_ckpt}")
+                else:
+                    self._bad_in_a_row = 0
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if hasattr(self.objective, "ema_update"):
+                        self.objective.ema_update()
+                    last_loss = loss
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                self.state.step += 1
+                window["samples"] += n_all
+                window["tokens"] += tokens
+                dt = time.perf_counter() - window["t"]
+                obs.step(loss, window["samples"] / max(dt, 1e-9))
+                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                    sps = window["samples"] / max(dt, 1e-9)
+                    # the numbers are per process (samples_per_s counts the whole world)
+                    fl = self.flops_per_sample * sps / self.world
+                    row = {"step": self.state.step, "loss": terms["loss"], **terms, "lr": lr, "grad_norm": grad_norm,
+                           "samples_per_s": sps, "tokens_per_s": window["tokens"] / max(dt, 1e-9),
+                           "tflops": fl / 1e12 if math.isfinite(fl) else None,
+                           "mfu": mfu(fl, dev_name, self.precision) if math.isfinite(fl) else None,
+                           "peak_mem_gb": peak_memory_gb(self.device), "skipped": self.state.skipped,
+                           "bad_steps": self.state.bad_steps, "samples": self.state.samples}
+                    obs.log(row)
+                    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}
+                stop = self._should_stop()
+                if stop or (t.checkpoint_every and self.state.step % t.checkpoint_every == 0):
+                    last_ckpt = self.save()
+                if stop:
+                    obs.message(f"SIGTERM: checkpoint written at step {self.state.step}; exiting")
+                    obs.close(plot=False)
+                    return FitResult(self.state.step, last_loss, obs.log_path, last_ckpt, True)
+            if not (t.checkpoint_every and self.state.step % t.checkpoint_every == 0) or last_ckpt is None:
+                last_ckpt = self.save()
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        png = obs.close(plot=cfg.logging.plot)
+        if png:
+            obs.message(f"loss curves: {png}")
+        return FitResult(self.state.step, last_loss, obs.log_path, last_ckpt)
+
+    def _forward_backward(self, micro: list[dict], n_all: float) -> dict[str, float]:
+        """Backward of the step-mean loss over all micro-batches; returns its (global) terms."""
+        sums: dict[str, float] = {}
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" \
+            else contextlib.nullcontext()
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.strategy != "ddp" else self.wrapped.no_sync()
+            if self.strategy == "fsdp" and not last:
+                self.wrapped.set_requires_gradient_sync(False)
+            elif self.strategy == "fsdp":
+                self.wrapped.set_requires_gradient_sync(True)
+            batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+            with sync:
+                with amp:
+                    out = self.wrapped(batch)
+                weight = b["size"] * self.world / n_all
+                (out["loss"] * weight).backward()
+            for k, v in out.items():
+                if k == "loss" or k.endswith("_loss"):
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * b["size"]
+        keys = sorted(sums)
+        totals = self._all_sum([sums[k] for k in keys])
+        return {k: v / n_all for k, v in zip(keys, totals)}
+
+    def _clip(self) -> float:
+        params = [p for p in self.objective.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2 DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def save(self) -> str:
+        return self.ckpt.save(self.objective, self.optimizer, self.scheduler, self.state,
+                              extra={"config": self.cfg.to_dict(), "data_position": self.state.step
+                                     * self.cfg.train.grad_accum})
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
