@@ -268,7 +268,7 @@ class Tiles:
 
     def resolved(self, d: int, device: torch.device) -> "Tiles":
         small = device.type == "cpu" or triton_interpret()
-        dflt = 16 if small else 64
+        dflt = 32 if small else 64
         bk = self.block_k or min(triton.next_power_of_2(max(d, 16)), 32 if small else 64)
         bd = self.block_d or min(triton.next_power_of_2(max(d, 16)), 64 if small else 128)
         return Tiles(self.block_r or dflt, self.block_c or dflt, bk, bd, self.num_warps)
