@@ -1,0 +1,382 @@
+"""R2D2 pre-training objectives: GCPR, FGR, MLM, TgD (EMA teacher targets), FgD (masked-input
+feature distillation); ``R2D2ForPretraining(model, LossConfig(...))(batch)`` returns every term.
+
+Per rank, local batch b, global batch B (gathered over ``group``), embeddings normalised:
+
+  gcpr_loss   r2d2.kernels.contrastive_loss(I, T, 1/temp, image_ids, teacher feats, alpha): the
+              multi-positive soft-target CE of i2t and t2i over the global batch; with TgD the
+              targets are (1 - alpha) * hard + alpha * softmax(teacher similarity * s).
+  fgr_loss    ITM through both cross encoders on 3b pairs: b positives, b (image, hard-negative
+              text), b (hard-negative image, text); negatives come from the same contrastive pass
+              (sampled from softmax of the global similarity, same id excluded). Weighted CE with
+              class weights [neg, pos] = [1, 2] (official code), the two heads averaged. With TgD
+              this hard term is scaled by (1 - alpha) and
+  tgd_fgr_loss = alpha * KL(teacher ITM probs || student ITM probs) (r2d2.kernels.distill_kl),
+              both heads averaged: since KL = soft-CE - H(teacher), (1 - alpha) CE(hard) + alpha KL
+              has the gradient of the soft-target CE with targets (1 - alpha) hard + alpha p_teacher
+              (the class weights stay on the hard part only).
+  mlm_loss    BERT MLM (15 %, 80/10/10) through the text-image cross encoder attending to the image.
+  fgd_loss    the student encodes masked inputs (image patches zeroed, text tokens -> [MASK]); its
+              encoder token states (or global embeddings, ``fgd_features``) are pulled to the
+              teacher's states of the full inputs: mean over valid tokens of 1 - cos.
+  loss        = sum of weight * term over the terms switched on.
+
+Hard negatives on other ranks (``fgr_negatives="global"``) need their token states: the image
+and text token states and masks are all-gathered with gradients, which costs per rank
+world * b * ((1 + N) * Wv + L * Wt) activations (base, b=32, world=8: ~0.9 GB fp32 incl. the
+graph) and one all-gather; ``"local"`` samples negatives among the local batch only (no gather).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from r2d2 import kernels as K
+from r2d2.dist import dist_info, gather
+from r2d2.engine.model import R2D2Model
+
+TERMS = ("gcpr", "fgr", "mlm", "tgd", "fgd")
+
+
+@dataclass
+class LossConfig:
+    """Which objectives run and how; the paper's ablation rows are one flag each:
+    pre-ranking only (fgr=False, mlm=False, tgd=False, fgd=False), + ranking (fgr=True),
+    + TgD (tgd=True), + FgD (fgd=True)."""
+
+    gcpr: bool = True
+    """global contrastive pre-ranking (ITC over the gathered global batch)"""
+    fgr: bool = True
+    """fine-grained ranking: ITM with hard negatives through both cross encoders"""
+    mlm: bool = True
+    """masked language modelling on the text-image cross encoder"""
+    tgd: bool = True
+    """target-guided distillation: EMA-teacher soft targets for GCPR and FGR"""
+    fgd: bool = True
+    """feature-guided distillation: masked-input student states pulled to the teacher's"""
+    gcpr_weight: float = 1.0
+    """weight of gcpr_loss in the total"""
+    fgr_weight: float = 1.0
+    """weight of fgr_loss in the total"""
+    mlm_weight: float = 1.0
+    """weight of mlm_loss in the total"""
+    tgd_weight: float = 1.0
+    """weight of tgd_fgr_loss (the FGR distillation term; GCPR's TgD lives inside gcpr_loss)"""
+    fgd_weight: float = 1.0
+    """weight of fgd_loss in the total"""
+    distill_alpha: float = 0.4
+    """TgD mixing: target = (1 - alpha) * hard + alpha * teacher"""
+    ema_momentum: float = 0.995
+    """teacher <- m * teacher + (1 - m) * student after each optimizer step"""
+    fgr_class_weights: list = field(default_factory=lambda: [1.0, 2.0])
+    """ITM cross-entropy class weights [negative, positive] (official: [1, 2])"""
+    fgr_negatives: str = "global"
+    """'global': hard negatives from the whole gathered batch (gathers token states with grad);
+    'local': from this rank's batch only"""
+    mlm_probability: float = 0.15
+    """fraction of real (non-special) text tokens chosen for MLM"""
+    mlm_mask_frac: float = 0.8
+    """of the chosen tokens, fraction replaced by [MASK]"""
+    mlm_random_frac: float = 0.1
+    """of the chosen tokens, fraction replaced by a random token (the rest stay unchanged)"""
+    fgd_image_mask_ratio: float = 0.25
+    """fraction of image patches zeroed in the FgD student view"""
+    fgd_text_mask_ratio: float = 0.15
+    """fraction of real text tokens replaced by [MASK] in the FgD student view"""
+    fgd_features: str = "tokens"
+    """'tokens': per-token encoder states; 'global': the projected, normalised embeddings"""
+    mask_token_id: int = 4
+    """[MASK] id when the model has no tokenizer attached (project vocab: 4; RoBERTa-wwm: 103)"""
+    special_token_ids: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    """ids never chosen for MLM/FgD masking when no tokenizer is attached (project vocab)"""
+    seed: int = 0
+    """seed of the negative sampling and masking streams (offset by step and rank)"""
+
+    def __post_init__(self) -> None:
+        for n in ("gcpr", "fgr", "mlm", "tgd", "fgd"):
+            if not isinstance(getattr(self, n), bool):
+                raise TypeError(f"loss.{n}={getattr(self, n)!r}: expected a bool")
+        for n in TERMS:
+            w = getattr(self, f"{n}_weight")
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+                raise ValueError(f"loss.{n}_weight={w!r}: expected a number >= 0")
+        for n in ("distill_alpha", "mlm_probability", "mlm_mask_frac", "mlm_random_frac",
+                  "fgd_image_mask_ratio", "fgd_text_mask_ratio"):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"loss.{n}={v!r}: expected a number in [0, 1]")
+        if self.mlm_mask_frac + self.mlm_random_frac > 1.0:
+            raise ValueError("loss.mlm_mask_frac + loss.mlm_random_frac must be <= 1, got "
+                             f"{self.mlm_mask_frac} + {self.mlm_random_frac}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"loss.ema_momentum={self.ema_momentum!r}: expected a number in [0, 1)")
+        cw = list(self.fgr_class_weights)
+        if len(cw) != 2 or any(not isinstance(w, (int, float)) or w <= 0 for w in cw):
+            raise ValueError(f"loss.fgr_class_weights={cw!r}: expected [neg, pos], both > 0")
+        if self.fgr_negatives not in ("global", "local"):
+            raise ValueError(f"loss.fgr_negatives={self.fgr_negatives!r}: expected 'global' or 'local'")
+        if self.fgd_features not in ("tokens", "global"):
+            raise ValueError(f"loss.fgd_features={self.fgd_features!r}: expected 'tokens' or 'global'")
+        if not any(getattr(self, n) for n in ("gcpr", "fgr", "mlm", "fgd")):
+            raise ValueError("loss: every objective is off; switch on at least one of gcpr, fgr, mlm, fgd")
+        if self.fgr and not self.gcpr:
+            raise ValueError("loss.fgr needs loss.gcpr: its hard negatives come from the GCPR similarity")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.tgd or self.fgd
+
+
+# ---------------------------------------------------------------------- pure loss functions
+def weighted_itm_ce(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.cross_entropy(logits, labels, weight=class_weights)`` (sum of w[y] CE / sum of w[y]),
+    with rows where ``valid`` is False left out (pairs whose negative does not exist)."""
+    w = class_weights.to(logits.device, torch.float32)[labels]
+    if valid is not None:
+        w = w * valid.float()
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
+def mask_tokens(input_ids, attention_mask, probability, special_ids, mask_id, vocab_size,
+                mask_frac=0.8, random_frac=0.1, generator=None):
+    """BERT masking: choose each real, non-special token with ``probability``; of those replace
+    ``mask_frac`` by ``mask_id``, ``random_frac`` by a random id, keep the rest. Returns
+    ``(masked_ids, labels)`` with labels -100 where not chosen."""
+    dev = input_ids.device
+    rand = lambda: torch.rand(input_ids.shape, generator=generator, device="cpu").to(dev)  # noqa: E731
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=dev))
+    chosen = eligible & (rand() < probability)
+    u = rand()
+    to_mask = chosen & (u < mask_frac)
+    to_rand = chosen & (u >= mask_frac) & (u < mask_frac + random_frac)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator).to(dev)
+    out = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    out = torch.where(to_rand, random_ids, out)
+    return out, torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+
+
+def cosine_distill(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None):
+    """Mean over valid rows/tokens of ``1 - cos(student, teacher)`` (teacher detached)."""
+    cos = F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1)
+    if valid is None:
+        return (1 - cos).mean()
+    v = valid.float()
+    return ((1 - cos) * v).sum() / v.sum().clamp_min(1.0)
+
+
+def sample_local_negatives(sim, ids, generator=None):
+    """One column per row of the local ``[b, b]`` similarity logits, drawn from its softmax over
+    the columns of another id; -1 when none."""
+    same = ids[:, None] == ids[None, :]
+    p = torch.softmax(sim.detach().float().masked_fill(same, float("-inf")), 1)
+    none = same.all(1)
+    p = torch.where(none[:, None], torch.ones_like(p), p)
+    idx = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(sim.device)
+    return torch.where(none, torch.full_like(idx, -1), idx)
+
+
+# ---------------------------------------------------------------------- the objective module
+class R2D2ForPretraining(nn.Module):
+    """Student ``model`` + EMA ``teacher`` (None when TgD and FgD are off) + every objective.
+
+    Optimise ``obj.model.parameters()`` (the teacher never requires grad); call ``obj.ema_update()``
+    after each optimizer step."""
+
+    def __init__(self, model: R2D2Model, config: LossConfig | None = None, group=None):
+        super().__init__()
+        config = config or LossConfig()
+        if not isinstance(model, R2D2Model):
+            raise TypeError(f"model must be an R2D2Model, got {type(model).__name__}")
+        if not isinstance(config, LossConfig):
+            raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+        if (config.fgr or config.mlm) and not model.config.has_cross:
+            raise ValueError("loss.fgr / loss.mlm need the cross encoders, but the model has "
+                             "cross_layers=0 (prd2): set fgr=False and mlm=False")
+        if config.mlm and model.mlm_head is None:
+            raise ValueError("loss.mlm=True but the model was built with mlm_head=False")
+        self.model, self.config, self.group = model, config, group
+        self.teacher = None
+        if config.needs_teacher:
+            self.teacher = copy.deepcopy(model)
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # deterministic targets: no dropout in the teacher
+        return self
+
+    @property
+    def kernels(self) -> K.KernelConfig:
+        return self.model.kernels
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        """teacher = m * teacher + (1 - m) * student (parameters; buffers copied)."""
+        if self.teacher is None:
+            return
+        m = self.config.ema_momentum
+        t_params = list(self.teacher.parameters())
+        s_params = list(self.model.parameters())
+        torch._foreach_mul_(t_params, m)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
+        for tb, sb in zip(self.teacher.buffers(), self.model.buffers()):
+            tb.copy_(sb)
+
+    def _special(self):
+        tok = self.model.tokenizer
+        if tok is not None and hasattr(tok, "mask_id"):
+            return tok.special_ids, tok.mask_id
+        return self.config.special_token_ids, self.config.mask_token_id
+
+    def _generator(self, stream: int) -> torch.Generator:
+        rank, _ = dist_info(self.group)
+        seed = ((self.config.seed * 1_000_003 + int(self.step)) * 131 + rank) * 17 + stream
+        return torch.Generator().manual_seed(seed)
+
+    def _check_batch(self, batch):
+        for k in ("images", "input_ids", "attention_mask"):
+            if k not in batch:
+                raise KeyError(f"batch lacks {k!r}; expected images, input_ids, attention_mask, image_ids")
+        b = batch["images"].shape[0]
+        if batch["input_ids"].shape[0] != b:
+            raise ValueError(f"batch: {b} images but {batch['input_ids'].shape[0]} texts")
+        ids = batch.get("image_ids")
+        if ids is not None and (ids.dim() != 1 or ids.shape[0] != b or ids.is_floating_point()):
+            raise ValueError(f"batch['image_ids'] must be an integer tensor [b={b}], got "
+                             f"{tuple(ids.shape)} {ids.dtype}")
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        self._check_batch(batch)
+        cfg, model = self.config, self.model
+        images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
+        image_ids = batch.get("image_ids")
+        out: dict[str, torch.Tensor] = {}
+
+        V = model.image_tokens(images)
+        T = model.text_tokens(ids, mask)
+        img_emb, txt_emb = model.image_embed(V), model.text_embed(T)
+        s = model.logit_scale()
+
+        tV = tT = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                tV, tT = self.teacher.image_tokens(images), self.teacher.text_tokens(ids, mask)
+
+        neg_t = neg_i = None
+        if cfg.gcpr:
+            kw = {}
+            if cfg.tgd and cfg.distill_alpha > 0:
+                kw = dict(teacher_image_feat=self.teacher.image_embed(tV).to(img_emb.dtype),
+                          teacher_text_feat=self.teacher.text_embed(tT).to(txt_emb.dtype),
+                          distill_alpha=cfg.distill_alpha)
+            res = K.contrastive_loss(img_emb, txt_emb, s, image_ids=image_ids, group=self.group,
+                                     backend=self.kernels.contrastive, return_negatives=cfg.fgr,
+                                     seed=cfg.seed * 1_000_003 + int(self.step) if cfg.fgr else None,
+                                     **kw)
+            if cfg.fgr:
+                out["gcpr_loss"], neg_t, neg_i = res.loss, res.neg_text_for_image, res.neg_image_for_text
+            else:
+                out["gcpr_loss"] = res
+        if cfg.fgr:
+            out.update(self._fgr(V, T, mask, tV, tT, img_emb, txt_emb, s, image_ids, neg_t, neg_i))
+        if cfg.mlm:
+            out["mlm_loss"] = self._mlm(V, ids, mask)
+        if cfg.fgd:
+            out["fgd_loss"] = self._fgd(images, ids, mask, tV, tT)
+
+        total = 0.0
+        for name, val in out.items():
+            term = "tgd" if name.startswith("tgd") else name.split("_")[0]
+            total = total + getattr(cfg, f"{term}_weight") * val
+        out["loss"] = total
+        if self.training:
+            self.step += 1
+        return out
+
+    # -------------------------------------------------------------- FGR (+ its TgD term)
+    def _fgr(self, V, T, mask, tV, tT, img_emb, txt_emb, s, image_ids, neg_t, neg_i):
+        cfg, model = self.config, self.model
+        b = V.shape[0]
+        rank, world = dist_info(self.group)
+        if cfg.fgr_negatives == "local" and world > 1:
+            ids_l = image_ids if image_ids is not None else torch.arange(b, device=V.device)
+            g = self._generator(1)
+            neg_t = sample_local_negatives(s.detach() * img_emb @ txt_emb.t(), ids_l, g)
+            neg_i = sample_local_negatives(s.detach() * txt_emb @ img_emb.t(), ids_l, g)
+            pool_V, pool_T, pool_m, pool_tV, pool_tT = V, T, mask, tV, tT
+        else:  # global indices; world == 1 makes them local
+            pool_V, pool_T = gather(V, self.group), gather(T, self.group)
+            pool_m = gather(mask, self.group, with_grad=False)
+            pool_tV = gather(tV, self.group, with_grad=False) if tV is not None else None
+            pool_tT = gather(tT, self.group, with_grad=False) if tT is not None else None
+        valid_t, valid_i = neg_t >= 0, neg_i >= 0
+        nt, ni = neg_t.clamp_min(0), neg_i.clamp_min(0)
+
+        def pairs(Vs, Ts, pV, pT):
+            # rows: b positives, b (image, negative text), b (negative image, text)
+            return (torch.cat([Vs, Vs, pV[ni]]), torch.cat([Ts, pT[nt], Ts]),
+                    torch.cat([mask, pool_m[nt], mask]))
+
+        pv, pt, pm = pairs(V, T, pool_V, pool_T)
+        lt, li = model.itm_logits(pv, pt, pm)
+        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(V.device)
+        valid = torch.cat([torch.ones_like(valid_t), valid_t, valid_i])
+        cw = torch.tensor(cfg.fgr_class_weights)
+        hard = (weighted_itm_ce(lt, labels, cw, valid) + weighted_itm_ce(li, labels, cw, valid)) / 2
+        out = {}
+        if cfg.tgd and cfg.distill_alpha > 0:
+            a = cfg.distill_alpha
+            with torch.no_grad():
+                tv, tt, _ = pairs(tV, tT, pool_tV, pool_tT)
+                tlt, tli = self.teacher.itm_logits(tv, tt, pm)
+            keep = valid  # rows without a negative carry no target
+            kl = (K.distill_kl(lt[keep], tlt[keep], backend=self.kernels.distill_kl)
+                  + K.distill_kl(li[keep], tli[keep], backend=self.kernels.distill_kl)) / 2
+            out["fgr_loss"], out["tgd_fgr_loss"] = (1 - a) * hard, a * kl
+        else:
+            out["fgr_loss"] = hard
+        return out
+
+    # -------------------------------------------------------------- MLM
+    def _mlm(self, V, ids, mask):
+        model = self.model
+        special, mask_id = self._special()
+        cfg = self.config
+        masked, labels = mask_tokens(ids, mask, cfg.mlm_probability, special, mask_id,
+                                     model.config.text.vocab_size, cfg.mlm_mask_frac,
+                                     cfg.mlm_random_frac, self._generator(2))
+        Tm = model.text_tokens(masked, mask)
+        X = model.text_image_states(Tm, mask, V)
+        sel = labels != -100
+        if not sel.any():  # nothing drawn (tiny batch): a zero that keeps the graph connected
+            return model.mlm_head(X[:, :1]).sum() * 0.0
+        logits = model.mlm_head(X[sel])
+        return F.cross_entropy(logits.float(), labels[sel])
+
+    # -------------------------------------------------------------- FgD
+    def _fgd(self, images, ids, mask, tV, tT):
+        cfg, model = self.config, self.model
+        special, mask_id = self._special()
+        g = self._generator(3)
+        p = model.config.vision.patch_size
+        B, _, H, W = images.shape
+        drop = torch.rand(B, 1, H // p, W // p, generator=g) < cfg.fgd_image_mask_ratio
+        drop = drop.to(images.device).repeat_interleave(p, 2).repeat_interleave(p, 3)
+        images_m = images.masked_fill(drop, 0.0)  # zero = the mean pixel after normalisation
+        ids_m, _ = mask_tokens(ids, mask, cfg.fgd_text_mask_ratio, special, mask_id,
+                               model.config.text.vocab_size, 1.0, 0.0, g)
+        sV, sT = model.image_tokens(images_m), model.text_tokens(ids_m, mask)
+        if cfg.fgd_features == "global":
+            return (cosine_distill(model.image_embed(sV), self.teacher.image_embed(tV))
+                    + cosine_distill(model.text_embed(sT), self.teacher.text_embed(tT))) / 2
+        return (cosine_distill(sV, tV) + cosine_distill(sT, tT, mask)) / 2
