@@ -1,0 +1,80 @@
+// Attention: plain interface of the CUDA kernels (attention_kernel.cu) used by the torch binding
+// (attention_cuda.cpp). No torch headers: a CPU-only torch cannot compile CUDA translation units
+// that include them.
+//
+// Contract (same as r2d2/kernels/attention.py and the Triton kernels):
+//   q [B, H, Lq, D], k/v [B, H, Lk, D], o [B, H, Lq, D], all contiguous, one dtype;
+//   mask [B, Lk] uint8 (1 = attend) or null; lse [B*H, Lq] fp32 in the log2 domain
+//   (lse2 = log2 sum_j 2^(s_j * scale * log2 e)), +inf for a query that has no attended key
+//   (its output and gradients are zero).
+// Dropout keeps score (bh, i, j) when philox_uniform(seed, offset + (bh*Lq + i)*Lk + j) >= p,
+// the same stream Triton's tl.rand draws (Philox4x32-10, first word, same float mapping), so the
+// CUDA and Triton backends drop the same weights for the same (seed, offset).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+#define R2D2_ATTN_HD __host__ __device__ __forceinline__
+#else
+#define R2D2_ATTN_HD inline
+typedef struct CUstream_st* cudaStream_t;  // only named in the launcher declarations below
+#endif
+
+namespace r2d2 {
+namespace attention {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Largest head dim the kernels take (D is padded to a multiple of 32 up to this in shared memory).
+constexpr int kMaxHeadDim = 128;
+
+R2D2_ATTN_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+// Philox4x32-10 with counter (offset, 0, 0, 0) and key (seed lo, seed hi); returns the first word.
+// Mirrors triton.language.random.randint so both backends share one dropout stream.
+R2D2_ATTN_HD uint32_t philox_first(uint64_t seed, uint32_t offset) {
+  uint32_t c0 = offset, c1 = 0, c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Triton's uint_to_uniform_float: the int32 bit pattern folded onto [0, 2^31), times ~2^-31.
+R2D2_ATTN_HD float philox_uniform(uint64_t seed, uint32_t offset) {
+  int32_t x = static_cast<int32_t>(philox_first(seed, offset));
+  if (x < 0) x = ~x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+struct Problem {
+  int B, H, Lq, Lk, D;
+  float scale;      // multiplier of q.k
+  float dropout_p;  // in [0, 1)
+  uint64_t seed;
+  uint32_t offset;
+};
+
+// Each returns 0 or a cudaError_t value. Pointers are device pointers; mask may be null.
+int attention_fwd_cuda(DType dtype, const void* q, const void* k, const void* v,
+                       const uint8_t* mask, void* o, float* lse, const Problem& pr,
+                       cudaStream_t stream);
+
+// delta [B*H, Lq] fp32 is scratch (rowsum(dO * O)); dq/dk/dv are written in full.
+int attention_bwd_cuda(DType dtype, const void* dout, const void* q, const void* k, const void* v,
+                       const void* o, const float* lse, const uint8_t* mask, float* delta,
+                       void* dq, void* dk, void* dv, const Problem& pr, cudaStream_t stream);
+
+}  // namespace attention
+}  // namespace r2d2
