@@ -1,0 +1,141 @@
+"""Render benchmark JSONL rows as a Markdown table and a matplotlib figure.
+
+    python benchmarks/report.py benchmarks/results/2026-11-25_nvidia-h100-80gb-hbm3.jsonl
+        -> ....md and ....png beside the input (or --out-stem PATH_WITHOUT_SUFFIX)
+
+The Markdown groups rows by (op, shape), names the device in the title and marks CPU-only
+results as such, so a table pasted into the README cannot be mistaken for a GPU figure. The
+figure has one panel per op: speed-up over eager per provider, one group of bars per
+(shape, mode), the eager line at 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+
+def _f(x, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def _mem(row: dict) -> str:
+    b = row.get("peak_mem_bytes")
+    return "" if not b else f"{b / 2**20:.0f}"
+
+
+def _frac(row: dict) -> str:
+    """The fraction of measured peak if known, else of the data sheet; the larger of FLOP/byte."""
+    for f, b, tag in (("frac_measured_flops", "frac_measured_bw", ""),
+                      ("frac_peak_flops", "frac_peak_bw", " (sheet)")):
+        vals = [v for v in (row.get(f), row.get(b)) if v is not None]
+        if vals:
+            return f"{100 * max(vals):.0f}%{tag}"
+    return ""
+
+
+def title(rows: list[dict]) -> str:
+    devices = sorted({r.get("device", "?") for r in rows})
+    cpu = all(r.get("device_type") == "cpu" for r in rows)
+    label = " (CPU run: smoke figures, not GPU results)" if cpu else ""
+    return f"Benchmarks on {', '.join(devices)}{label}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per (op, shape): mode x provider with time, spread, throughput, ratio, memory."""
+    if not rows:
+        return "(no rows)\n"
+    env = rows[0]
+    shas = sorted({str(r.get("git_sha")) for r in rows})
+    lines = [f"# {title(rows)}", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda') or '-'}, "
+             f"driver {env.get('driver') or '-'}, git {', '.join(shas)}, "
+             f"{min(r['timestamp'] for r in rows)} .. {max(r['timestamp'] for r in rows)}", "",
+             "Median of repeated runs (p20-p80 in brackets); `x eager` = eager median / this "
+             "median, measured in the same run; % peak = of the peak measured on the device "
+             "(copy bandwidth, bf16 matmul) or, marked sheet, of the data sheet.", ""]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], harness.shape_str(r["shape"]), str(r.get("dtype") or ""))].append(r)
+    for (op, shape, dtype), rs in groups.items():
+        lines += [f"## {op} — {shape}" + (f" — {dtype}" if dtype else ""), "",
+                  "| mode | provider | median ms [p20-p80] | TFLOP/s | GB/s | % peak | x eager | peak MiB |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in rs:
+            if r.get("max_batch") is not None:  # a capacity row, not a timing
+                lines.append(f"| {r['mode']} | {r['provider']} | max batch {r['max_batch']} | | | | "
+                             f"{_f(r.get('batch_ratio'), '.2f')} | |")
+                continue
+            lines.append(
+                f"| {r['mode']} | {r['provider']} | {r['median_ms']:.4g} "
+                f"[{r['p20_ms']:.4g}-{r['p80_ms']:.4g}] | {_f(r.get('tflops'), '.3g')} | "
+                f"{_f(r.get('gbps'), '.4g')} | {_frac(r)} | {_f(r.get('ratio'), '.2f')} | {_mem(r)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str | Path) -> Path | None:
+    """One panel per op: ratio vs eager per provider, grouped by (shape, mode)."""
+    rows = [r for r in rows if r.get("ratio") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI or the device machine
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    fig, axes = plt.subplots(len(ops), 1, figsize=(10, 3.2 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        rs = [r for r in rows if r["op"] == op]
+        cases = list(dict.fromkeys((harness.shape_str(r["shape"]), r["mode"]) for r in rs))
+        providers = list(dict.fromkeys(r["provider"] for r in rs))
+        width = 0.8 / len(providers)
+        for i, p in enumerate(providers):
+            by_case = {(harness.shape_str(r["shape"]), r["mode"]): r["ratio"]
+                       for r in rs if r["provider"] == p}
+            xs = [j + i * width for j, c in enumerate(cases) if c in by_case]
+            ax.bar(xs, [by_case[c] for c in cases if c in by_case], width, label=p)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"{s}\n{m}" for s, m in cases], fontsize=7)
+        ax.set_ylabel("speed-up vs eager")
+        ax.set_title(op)
+        ax.legend(fontsize=7)
+    fig.suptitle(title(rows), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render(jsonl: list[str | Path], out_stem: str | Path | None = None) -> tuple[Path, Path | None]:
+    """Write <stem>.md and <stem>.png from the rows of ``jsonl``; returns their paths."""
+    rows = harness.read_rows(jsonl)
+    stem = Path(out_stem) if out_stem else Path(jsonl[0]).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    md = stem.with_suffix(".md")
+    md.write_text(markdown(rows))
+    return md, plot(rows, stem.with_suffix(".png"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("jsonl", nargs="+", help="result files (rows of harness.make_row)")
+    ap.add_argument("--out-stem", default=None, help="output path without suffix "
+                                                     "(default: the first input's)")
+    args = ap.parse_args(argv)
+    md, png = render(args.jsonl, args.out_stem)
+    print(f"wrote {md}" + (f" and {png}" if png else " (no ratios to plot)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
