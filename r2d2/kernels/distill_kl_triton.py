@@ -130,6 +130,13 @@ def launch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, gra
     student = student.contiguous()
     teacher = teacher.contiguous()
     rows, cols = student.shape
+    if row_loss.numel() != rows or not row_loss.is_contiguous():
+        raise ValueError(f"distill_kl (triton): row_loss must be a contiguous tensor of {rows} "
+                         f"elements, got shape {tuple(row_loss.shape)}")
+    if grad is not None and (grad.shape != student.shape or grad.dtype != student.dtype
+                             or not grad.is_contiguous()):
+        raise ValueError(f"distill_kl (triton): grad must be a contiguous {student.dtype} tensor "
+                         f"of shape {tuple(student.shape)}, got {grad.dtype} {tuple(grad.shape)}")
     if rows == 0:
         return
     block_r, block_c, warps = _blocks(cols)
