@@ -71,7 +71,7 @@ class ViTBlock(Checkpointable):
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, kernels, dropout=dropout)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        hidden = int(width * mlp_ratio)
+        hidden = round(width * mlp_ratio)
         self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), QuickGELU(), nn.Linear(hidden, width)
 
     def forward(self, x, mask=None):

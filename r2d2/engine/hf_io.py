@@ -1,0 +1,302 @@
+"""Checkpoint loaders: Hugging Face BERT / CLIP vision directories and the official R2D2 release.
+
+Key layouts mapped onto ours (see r2d2/engine/model):
+    HF BERT   embeddings.{word,position,token_type}_embeddings, embeddings.LayerNorm,
+              encoder.layer.N.{attention.self.{query,key,value}, attention.output.{dense,LayerNorm},
+              crossattention.*, intermediate.dense, output.{dense,LayerNorm}}   (optional "bert.")
+    HF CLIP   vision_model.embeddings.{class_embedding, patch_embedding, position_embedding},
+              vision_model.pre_layrnorm, vision_model.encoder.layers.N.{self_attn.{q,k,v,out}_proj,
+              layer_norm1, mlp.fc1, mlp.fc2, layer_norm2}; post_layernorm is unused (R2D2 reads
+              the states before it)
+    official  visual_encoder.* (HF CLIPVisionModel), text_encoder.* (HF BertModel),
+              text_joint_layer.* / img_joint_layer.* (BERT with cross-attention, 6 layers),
+              img_joint_proj, vision_proj, text_proj, itm_head, itm_head_i, temp, mlm_head.*
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from r2d2.engine.model.bert import TextEncoder
+from r2d2.engine.model.config import ModelConfig, TextConfig, VisionConfig
+from r2d2.engine.model.vit import VisionTransformer
+
+log = logging.getLogger("r2d2.hf_io")
+
+_BERT_LAYER = [
+    (r"attention\.self\.(query|key|value)\.", r"attn.\1."),
+    (r"attention\.output\.dense\.", "attn.out."),
+    (r"attention\.output\.LayerNorm\.", "attn_ln."),
+    (r"crossattention\.self\.(query|key|value)\.", r"cross.\1."),
+    (r"crossattention\.output\.dense\.", "cross.out."),
+    (r"crossattention\.output\.LayerNorm\.", "cross_ln."),
+    (r"intermediate\.dense\.", "fc1."),
+    (r"output\.dense\.", "fc2."),
+    (r"output\.LayerNorm\.", "mlp_ln."),
+]
+_BERT_EMBED = {
+    "embeddings.word_embeddings.weight": "word_embed.weight",
+    "embeddings.position_embeddings.weight": "pos_embed.weight",
+    "embeddings.token_type_embeddings.weight": "type_embed.weight",
+    "embeddings.LayerNorm.weight": "embed_ln.weight",
+    "embeddings.LayerNorm.bias": "embed_ln.bias",
+}
+_CLIP_LAYER = [
+    (r"self_attn\.q_proj\.", "attn.query."),
+    (r"self_attn\.k_proj\.", "attn.key."),
+    (r"self_attn\.v_proj\.", "attn.value."),
+    (r"self_attn\.out_proj\.", "attn.out."),
+    (r"layer_norm1\.", "ln_1."),
+    (r"layer_norm2\.", "ln_2."),
+    (r"mlp\.fc1\.", "fc1."),
+    (r"mlp\.fc2\.", "fc2."),
+]
+_CLIP_EMBED = {
+    "embeddings.class_embedding": "cls_token",
+    "embeddings.patch_embedding.weight": "patch_embed.weight",
+    "embeddings.position_embedding.weight": "pos_embed.weight",
+    "pre_layrnorm.weight": "ln_pre.weight",
+    "pre_layrnorm.bias": "ln_pre.bias",
+}
+# Present in the source layouts but unused by design (R2D2 reads pre-post-LN states, no pooler).
+_UNUSED = re.compile(r"(^|\.)(pooler|post_layernorm|position_ids|embeddings\.position_ids)(\.|$)")
+
+
+def _sub_layer(rest: str, rules) -> str | None:
+    for pat, rep in rules:
+        m = re.match(pat, rest)
+        if m:
+            return m.expand(rep) + rest[m.end():]
+    return None
+
+
+def bert_key(k: str, prefix: str = "layers") -> str | None:
+    """HF BERT key -> our TextEncoder/CrossEncoder key; None when it has no counterpart."""
+    k = k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+        "LayerNorm.beta", "LayerNorm.bias")
+    if k in _BERT_EMBED:
+        return _BERT_EMBED[k]
+    m = re.match(r"encoder\.layer\.(\d+)\.(.*)$", k)
+    if m:
+        tail = _sub_layer(m.group(2), _BERT_LAYER)
+        return None if tail is None else f"{prefix}.{m.group(1)}.{tail}"
+    return None
+
+
+def clip_vision_key(k: str) -> str | None:
+    """HF CLIP vision key -> our VisionTransformer key; None when it has no counterpart."""
+    k = k.removeprefix("vision_model.")
+    if k in _CLIP_EMBED:
+        return _CLIP_EMBED[k]
+    m = re.match(r"encoder\.layers\.(\d+)\.(.*)$", k)
+    if m:
+        tail = _sub_layer(m.group(2), _CLIP_LAYER)
+        return None if tail is None else f"blocks.{m.group(1)}.{tail}"
+    return None
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did: our keys left at init, source keys not used."""
+
+    missing: list = field(default_factory=list)
+    """parameters of ours that the checkpoint did not provide"""
+    unexpected: list = field(default_factory=list)
+    """checkpoint keys with no counterpart in our model"""
+    unused: list = field(default_factory=list)
+    """checkpoint keys skipped by design (pooler, post_layernorm, position_ids, joint embeddings)"""
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """A state dict from a dict, a file (.safetensors / torch pickle) or a HF directory
+    (model.safetensors or pytorch_model.bin); unwraps {"model": ...} / {"state_dict": ...}."""
+    if isinstance(path, dict):
+        sd = path
+    else:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            for name in ("model.safetensors", "pytorch_model.bin"):
+                if os.path.isfile(os.path.join(path, name)):
+                    path = os.path.join(path, name)
+                    break
+            else:
+                raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    for wrap in ("model", "state_dict", "module"):
+        if isinstance(sd.get(wrap), dict):
+            sd = sd[wrap]
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_config(path: str) -> dict:
+    p = os.path.join(path, "config.json")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    with open(p) as f:
+        return json.load(f)
+
+
+def _assign(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: LoadReport) -> None:
+    """Copy mapped tensors into ``module`` with shape checks; missing keys go to ``report``."""
+    own = module.state_dict()
+    for k, v in mapped.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif own[k].shape != v.shape:
+            raise ValueError(f"checkpoint tensor for {k} has shape {tuple(v.shape)}, our model "
+                             f"expects {tuple(own[k].shape)} (wrong config?)")
+    module.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+    # Tied parameters appear under several names; one loaded name covers all.
+    loaded = {id(dict(module.named_parameters(remove_duplicate=False)).get(k)) for k in mapped}
+    for k, p in module.named_parameters(remove_duplicate=False):
+        if k not in mapped and id(p) not in loaded:
+            report.missing.append(k)
+
+
+def _map(sd, fn, report: LoadReport) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        ours = fn(k)
+        if ours is not None:
+            out[ours] = v
+        elif _UNUSED.search(k):
+            report.unused.append(k)
+        else:
+            report.unexpected.append(k)
+    return out
+
+
+def _finish(module, report: LoadReport, strict: bool, what: str):
+    if report.missing or report.unexpected:
+        msg = f"{what}: missing {report.missing}, unexpected {report.unexpected}"
+        if strict:
+            raise ValueError(msg)
+        log.warning(msg)
+    module.load_report = report
+    return module
+
+
+def from_hf_bert(path: str, kernels=None, strict: bool = True) -> TextEncoder:
+    """Our ``TextEncoder`` from a HF ``BertModel`` directory; ``enc(input_ids, attention_mask)``
+    equals HF's ``last_hidden_state``."""
+    c = _load_config(path)
+    if c.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{path}: hidden_act={c['hidden_act']!r}; only 'gelu' (BERT) is supported")
+    if c.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{path}: only absolute position embeddings are supported")
+    tc = TextConfig(vocab_size=c["vocab_size"], width=c["hidden_size"], layers=c["num_hidden_layers"],
+                    heads=c["num_attention_heads"], intermediate=c["intermediate_size"],
+                    max_positions=c["max_position_embeddings"], type_vocab_size=c.get("type_vocab_size", 2),
+                    layer_norm_eps=c.get("layer_norm_eps", 1e-12), dropout=c.get("hidden_dropout_prob", 0.1),
+                    pad_id=c.get("pad_token_id") or 0)
+    enc = TextEncoder(tc, kernels)
+    report = LoadReport()
+    _assign(enc, _map(read_state_dict(path), bert_key, report), report)
+    return _finish(enc, report, strict, f"from_hf_bert({path})")
+
+
+def from_hf_clip_vision(path: str, kernels=None, strict: bool = True) -> VisionTransformer:
+    """Our ``VisionTransformer`` from a HF ``CLIPVisionModel`` (or full ``CLIPModel``) directory;
+    ``vit(pixel_values)`` equals HF's ``last_hidden_state``."""
+    c = _load_config(path)
+    c = c.get("vision_config", c)
+    act = c.get("hidden_act", "quick_gelu")
+    if act != "quick_gelu":
+        raise ValueError(f"{path}: hidden_act={act!r}; only 'quick_gelu' (CLIP) is supported")
+    vc = VisionConfig(image_size=c.get("image_size", 224), patch_size=c.get("patch_size", 32),
+                      width=c.get("hidden_size", 768), layers=c.get("num_hidden_layers", 12),
+                      heads=c.get("num_attention_heads", 12),
+                      mlp_ratio=c.get("intermediate_size", 3072) / c.get("hidden_size", 768),
+                      layer_norm_eps=c.get("layer_norm_eps", 1e-5), dropout=c.get("attention_dropout", 0.0))
+    vit = VisionTransformer(vc, kernels)
+    sd = {k: v for k, v in read_state_dict(path).items() if not k.startswith("text_model.")}
+    report = LoadReport()
+    _assign(vit, _map(sd, clip_vision_key, report), report)
+    return _finish(vit, report, strict, f"from_hf_clip_vision({path})")
+
+
+# ---------------------------------------------------------------------- official R2D2
+_OFFICIAL_PLAIN = {
+    "img_joint_proj.": "image_cross_proj.", "vision_proj.": "vision_proj.", "text_proj.": "text_proj.",
+    "itm_head.": "itm_head.", "itm_head_i.": "itm_head_i.",
+    "mlm_head.predictions.transform.dense.": "mlm_head.dense.",
+    "mlm_head.predictions.transform.LayerNorm.": "mlm_head.ln.",
+    "mlm_head.predictions.decoder.": "mlm_head.decoder.",
+}
+
+
+def official_key(k: str) -> str | None:
+    """Official R2D2 key -> our R2D2Model key; None when it has no counterpart."""
+    if k == "temp":
+        return "temp"
+    if k == "mlm_head.predictions.bias":
+        return "mlm_head.decoder.bias"
+    for src, dst in _OFFICIAL_PLAIN.items():
+        if k.startswith(src):
+            return dst + k[len(src):]
+    if k.startswith("visual_encoder."):
+        t = clip_vision_key(k[len("visual_encoder."):])
+        return None if t is None else "visual." + t
+    if k.startswith("text_encoder."):
+        t = bert_key(k[len("text_encoder."):])
+        return None if t is None else "text." + t
+    for src, dst in (("text_joint_layer.", "text_cross."), ("img_joint_layer.", "image_cross.")):
+        if k.startswith(src) and not k.startswith(src + "embeddings."):
+            t = bert_key(k[len(src):])
+            return None if t is None else dst + t
+    return None
+
+
+def _count(sd, pattern: str) -> int:
+    idx = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_official_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
+    """A ModelConfig from an official checkpoint's shapes (heads = width / 64, as in ViT and BERT)."""
+    v, t = "visual_encoder.vision_model.", "text_encoder."
+    try:
+        width = sd[v + "embeddings.class_embedding"].numel()
+        patch = sd[v + "embeddings.patch_embedding.weight"].shape[-1]
+        npos = sd[v + "embeddings.position_embedding.weight"].shape[0]
+        vocab, tw = sd[t + "embeddings.word_embeddings.weight"].shape
+        inter = sd[t + "encoder.layer.0.intermediate.dense.weight"].shape[0]
+        v_inter = sd[v + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+        embed = sd["vision_proj.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not an official R2D2 checkpoint: key {e} missing") from None
+    vc = VisionConfig(image_size=math.isqrt(npos - 1) * patch, patch_size=patch, width=width,
+                      layers=_count(sd, re.escape(v) + r"encoder\.layers\.(\d+)\."),
+                      heads=max(1, width // 64), mlp_ratio=v_inter / width)
+    tc = TextConfig(vocab_size=vocab, width=tw, layers=_count(sd, r"text_encoder\.encoder\.layer\.(\d+)\."),
+                    heads=max(1, tw // 64), intermediate=inter,
+                    max_positions=sd[t + "embeddings.position_embeddings.weight"].shape[0],
+                    type_vocab_size=sd[t + "embeddings.token_type_embeddings.weight"].shape[0])
+    has_mlm = any(k.startswith("mlm_head.") for k in sd)
+    return ModelConfig(vision=vc, text=tc, embed_dim=embed, max_text_len=min(64, tc.max_positions),
+                       cross_layers=_count(sd, r"text_joint_layer\.encoder\.layer\.(\d+)\."),
+                       mlm_head=has_mlm, tie_mlm_embeddings=False)
+
+
+def load_official(cls, path, config: ModelConfig | None = None, kernels=None, strict: bool = False):
+    """Build ``cls`` (R2D2Model) from an official R2D2 checkpoint; ``model.load_report`` lists
+    missing / unexpected / unused keys (``strict`` raises on missing or unexpected)."""
+    sd = read_state_dict(path)
+    model = cls(config or infer_official_config(sd), kernels)
+    report = LoadReport()
+    _assign(model, _map(sd, official_key, report), report)
+    return _finish(model, report, strict, "from_official")
