@@ -22,12 +22,16 @@ if TINC=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join(c.incl
   CUDA_INC="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")/include"
   [ -d /usr/local/cuda/include ] && CUDA_INC=/usr/local/cuda/include
   PYINC=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  # The CPU wheel ships c10/cuda headers but not the generated cuda_cmake_macros.h; an empty stub
+  # lets bindings include c10/cuda/CUDAStream.h, CUDAGuard.h and ATen/cuda/CUDAContext.h.
+  mkdir -p "$OUT/stub/c10/cuda/impl"
+  echo '#pragma once' > "$OUT/stub/c10/cuda/impl/cuda_cmake_macros.h"
   m=0
   while IFS= read -r -d '' f; do
     echo "[g++ -fsyntax-only] $f"
     # shellcheck disable=SC2086
     g++ -std=c++17 -fsyntax-only -DR2D2_WITH_CUDA=1 -DUSE_C10D_GLOO -DTORCH_EXTENSION_NAME=_C \
-      $(for i in $TINC; do echo -I "$i"; done) -I "$CUDA_INC" -I "$PYINC" -I "$ROOT/csrc" "$f"
+      $(for i in $TINC; do echo -I "$i"; done) -I "$CUDA_INC" -I "$OUT/stub" -I "$PYINC" -I "$ROOT/csrc" "$f"
     m=$((m + 1))
   done < <(find "$ROOT/csrc" -name '*_cuda.cpp' -print0 | sort -z)
   echo "[g++] syntax-checked $m CUDA binding files"
