@@ -1,0 +1,102 @@
+"""``r2d2 bench [kernels|step|scaling|all] [--quick]``: run the benchmark scripts, then the report.
+
+The scripts live in the repository's ``benchmarks/`` directory, not in the installed package
+(they are measurement tools with their own harness, not library code), so this command needs a
+checkout: it looks in ``$R2D2_BENCHMARKS_DIR``, next to the package (an editable install or a
+run from the checkout), then ``./benchmarks``. Each script runs in its own process so that one
+failing or unavailable benchmark does not lose the others' rows; all rows go to one JSONL file,
+rendered at the end by ``benchmarks/report.py`` into ``.md`` and ``.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KERNEL_SCRIPTS = ("bench_distill_kl.py", "bench_contrastive.py", "bench_attention.py")
+SUITES = {
+    "kernels": KERNEL_SCRIPTS,
+    "step": ("bench_step.py",),
+    "scaling": ("bench_scaling.py",),
+}
+SUITES["all"] = SUITES["kernels"] + SUITES["step"] + SUITES["scaling"]
+
+
+def find_benchmarks_dir() -> Path:
+    """The checkout's ``benchmarks/`` (with ``harness.py``); FileNotFoundError saying where it looked."""
+    import r2d2
+
+    candidates = []
+    if os.environ.get("R2D2_BENCHMARKS_DIR"):
+        candidates.append(Path(os.environ["R2D2_BENCHMARKS_DIR"]))
+    candidates += [Path(r2d2.__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
+    for c in candidates:
+        if (c / "harness.py").is_file():
+            return c
+    raise FileNotFoundError(
+        "r2d2 bench needs the repository's benchmarks/ directory (it is not part of the installed "
+        "package); looked in: " + ", ".join(str(c) for c in candidates)
+        + ". Run from a checkout of r2d2-engine or set R2D2_BENCHMARKS_DIR.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="r2d2 bench", description=__doc__.splitlines()[0])
+    ap.add_argument("suite", nargs="?", default="all", choices=sorted(SUITES),
+                    help="kernels: the per-op scripts; step: the training step; scaling: 1..N "
+                         "processes and the communication model; all: every one (default)")
+    ap.add_argument("--quick", action="store_true", help="small sizes; a CPU run takes minutes")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda when available")
+    ap.add_argument("--out", default=None, help="JSONL for every script's rows "
+                                                "(default benchmarks/results/<date>_<device>.jsonl)")
+    ap.add_argument("--no-report", action="store_true", help="skip rendering .md/.png")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        bench_dir = find_benchmarks_dir()
+    except FileNotFoundError as e:
+        print(f"r2d2 bench: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.out:
+        out = Path(args.out)
+    else:
+        sys.path.insert(0, str(bench_dir))
+        import harness
+
+        out = harness.default_out_path(device)
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("TRITON_INTERPRET", "1")  # CPU triton paths run only in the interpreter
+    # the scripts import r2d2: make the checkout importable without an install
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(bench_dir.parent), env.get("PYTHONPATH")]))
+    failed, ran = [], []
+    for script in SUITES[args.suite]:
+        path = bench_dir / script
+        if not path.is_file():
+            print(f"[skip] {script}: not in {bench_dir}", file=sys.stderr)
+            continue
+        cmd = [sys.executable, str(path), "--device", device, "--out", str(out)]
+        cmd += ["--quick"] if args.quick else []
+        print(f"\n=== {script} ({device}{', quick' if args.quick else ''}) ===", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, env=env, cwd=bench_dir.parent)
+        print(f"=== {script}: exit {rc} in {time.perf_counter() - t0:.0f} s ===", flush=True)
+        (failed if rc else ran).append(script)
+    if ran and out.is_file() and not args.no_report:
+        rc = subprocess.call([sys.executable, str(bench_dir / "report.py"), str(out)], env=env)
+        failed += ["report.py"] if rc else []
+    print(f"\nrows: {out}" + ("  (CPU figures: smoke only, not GPU results)" if device == "cpu" else ""))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
