@@ -61,7 +61,7 @@ _CLIP_LAYER = [
 _CLIP_EMBED = {
     "embeddings.class_embedding": "cls_token",
     "embeddings.patch_embedding.weight": "patch_embed.weight",
-    "embeddings.position_embedding.weight": "pos_embed.weight",
+    "embeddings.position_embedding.weight": "pos_embed",
     "pre_layrnorm.weight": "ln_pre.weight",
     "pre_layrnorm.bias": "ln_pre.bias",
 }
