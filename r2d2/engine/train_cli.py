@@ -109,14 +109,9 @@ def export(trainer, path: str) -> None:
         model = plain
     if rank != 0 or not hasattr(model, "save_pretrained"):
         return
+    if getattr(model, "tokenizer", None) is None and trainer.tokenizer is not None:
+        model.tokenizer = trainer.tokenizer  # so save_pretrained writes vocab.txt next to the weights
     model.save_pretrained(path)
-    vocab = getattr(trainer.tokenizer, "vocab_path", None) or trainer.cfg.data.vocab
-    if vocab and os.path.isfile(vocab):
-        import shutil
-
-        shutil.copyfile(vocab, os.path.join(path, "vocab.txt"))
-    elif trainer.tokenizer is not None and hasattr(trainer.tokenizer, "save_vocab"):
-        trainer.tokenizer.save_vocab(os.path.join(path, "vocab.txt"))
 
 
 def evaluate_heldout(trainer, out: str) -> dict | None:

@@ -134,7 +134,7 @@ class Tokenize:
         self.tok, self.max_len = tok, max_len
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self.tok, "encode_batch"):
+        if not callable(self.tok):  # a bare tokenizers.Tokenizer
             rows = [e.ids for e in self.tok.encode_batch(list(texts))]
         else:
             out = self.tok(list(texts))

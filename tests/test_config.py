@@ -1,0 +1,107 @@
+"""Config parsing: presets, overrides, inheritance, validation errors, the saved resolved config."""
+
+import glob
+import os
+import random
+
+import pytest
+import yaml
+
+from r2d2.engine.config import ConfigError, RunConfig, load_config, parse_overrides
+from r2d2.engine.train_cli import parse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
+def test_every_preset_loads_and_builds_its_model_config(path):
+    cfg = load_config(path)
+    mc = cfg.model.build_config()
+    assert mc.embed_dim > 0
+    assert cfg.data.batch_size % cfg.train.grad_accum == 0
+
+
+def test_presets_exist():
+    names = {os.path.basename(p) for p in PRESETS}
+    assert {"tiny.yaml", "base.yaml", "large.yaml", "prd2.yaml", "finetune_tiny.yaml"} <= names
+
+
+def test_overrides_are_typed_and_nested():
+    steps, lr = random.randint(1, 10**6), random.uniform(1e-6, 1e-2)
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [
+        f"--train.max_steps={steps}", "--optim.lr", f"{lr:e}", "--optim.betas=[0.8, 0.9]",
+        "--train.deterministic=true", "--data.vocab=null", "--model.vision.layers=3",
+        "--model.embed_dim=48", "--kernels.attention=eager"])
+    assert cfg.train.max_steps == steps and isinstance(cfg.train.max_steps, int)
+    assert cfg.optim.lr == pytest.approx(lr, rel=1e-6) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.train.deterministic is True and cfg.data.vocab is None
+    mc = cfg.model.build_config()
+    assert mc.vision.layers == 3 and mc.embed_dim == 48
+    assert mc.vision.width == load_config(os.path.join(ROOT, "configs", "tiny.yaml")).model.build_config().vision.width
+    assert cfg.kernels.attention == "eager"
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "parent.yaml").write_text("train: {max_steps: 7, log_every: 3}\noptim: {lr: 0.5}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain: {max_steps: 9}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.train.max_steps, cfg.train.log_every, cfg.optim.lr) == (9, 3, 0.5)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--train.task=foo"], "train.task='foo' is not allowed; expected one of ('pretrain', 'retrieval', 'matching')"),
+    (["--train.nope=1"], "train.nope is not a field of train; fields: ['task', 'max_steps'"),
+    (["--bogus.x=1"], "unknown section 'bogus'"),
+    (["--train.max_steps=abc"], "train.max_steps='abc' has the wrong type; expected int"),
+    (["--train.max_steps=0"], "train.max_steps=0 must be a positive number"),
+    (["--kernels.attention=fastest"], "kernels.attention='fastest' is not a backend"),
+    (["--data.format=jsonl"], "data.path is required for data.format='jsonl'"),
+    (["--data.format=parquet", "--data.path=x"], "data.format='parquet' is not allowed"),
+    (["--data.max_skip_rate=1.5"], "data.max_skip_rate=1.5 must be in [0, 1]"),
+    (["--distributed.strategy=zero3"], "distributed.strategy='zero3' is not allowed; expected one of"),
+    (["--optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers"),
+    (["--model.not_a_field=3"], "model.not_a_field is not a ModelConfig field"),
+    (["--model.preset=huge"], "model.preset='huge'"),
+    (["positional"], "unrecognised argument 'positional'"),
+    (["--train.max_steps"], "--train.max_steps needs a value"),
+])
+def test_errors_name_the_field_and_what_is_allowed(args, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, args)
+    assert needle in str(e.value)
+
+
+def test_missing_config_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    seed = random.randint(0, 10**6)
+    cfg = load_config(os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
+                      [f"--train.seed={seed}", "--model.text.layers=1"])
+    path = str(tmp_path / "config.yaml")
+    cfg.save(path)
+    again = load_config(path)
+    assert again == cfg
+    assert yaml.safe_load(open(path))["train"]["seed"] == seed
+
+
+def test_cli_checks_task_against_command():
+    with pytest.raises(ConfigError, match="use r2d2 finetune"):
+        parse("pretrain", ["--out", "x", "--train.task=retrieval"])
+    with pytest.raises(ConfigError, match="needs train.task=retrieval or matching"):
+        parse("finetune", ["--out", "x"])
+    cfg, args = parse("finetune", ["--out", "x", "--train.task=matching", "--resume"])
+    assert args.resume and cfg.train.task == "matching"
+
+
+def test_parse_overrides_space_and_equals_forms():
+    tree = parse_overrides(["--train.max_steps", "5", "--data.path=a b.jsonl"])
+    assert tree == {"train": {"max_steps": 5}, "data": {"path": "a b.jsonl"}}
+
+
+def test_default_runconfig_is_valid():
+    assert isinstance(RunConfig().to_dict()["train"], dict)

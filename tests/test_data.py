@@ -1,0 +1,219 @@
+"""Readers on files the tests write (good, corrupt, missing, empty), the synthetic set, transforms,
+the resumable sharded sampler, the collate's skip accounting and the webdataset stream."""
+
+import io
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from r2d2.engine.data import synthetic
+from r2d2.engine.data.loader import (Collate, PairDataset, ResumableBatchSampler, Skipped, Tokenize,
+                                     build_train_data, webdataset_stream)
+from r2d2.engine.data.readers import read_jsonl, read_records, read_tsv
+from r2d2.engine.data.records import ReadResult, Record
+from r2d2.engine.data.transforms import (CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform,
+                                         random_resized_crop_box)
+from r2d2.engine.config import DataConfig
+from r2d2.engine.tokenizer import build_tokenizer
+
+TOK = Tokenize(build_tokenizer(None, 16), 16)
+
+
+def _rand_image(rng: np.random.Generator, w=None, h=None) -> Image.Image:
+    w = w or int(rng.integers(8, 40))
+    h = h or int(rng.integers(8, 40))
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A folder with good images, a corrupt one (random bytes), a truncated JPEG, and names of
+    missing ones."""
+    rng = np.random.default_rng(random.randrange(2**32))
+    names = []
+    for i in range(5):
+        name = f"img{i}.{'png' if i % 2 else 'jpg'}"
+        _rand_image(rng).save(tmp_path / name)
+        names.append(name)
+    (tmp_path / "corrupt.jpg").write_bytes(rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
+    buf = io.BytesIO()
+    _rand_image(rng, 32, 32).save(buf, format="JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    return tmp_path, names
+
+
+def test_record_types():
+    r = ReadResult([Record("a.jpg", "x", "a")], 2, {"empty_text": 2})
+    assert r.total == 3 and r.skip_rate == pytest.approx(2 / 3)
+    m = r.merge(ReadResult([], 1, {"missing_image": 1}))
+    assert m.skipped == 3 and m.reasons == {"empty_text": 2, "missing_image": 1}
+
+
+def test_jsonl_reader_counts_bad_lines(files):
+    root, names = files
+    lines = [json.dumps({"image_path": n, "text": f"图片{i}", "image_id": f"id{i}"}) for i, n in enumerate(names)]
+    lines += [json.dumps({"image": "corrupt.jpg", "caption": "坏的"}),
+              json.dumps({"image": "truncated.jpg", "caption": "截断"}),
+              json.dumps({"image_path": "missing.jpg", "text": "不存在"}),
+              json.dumps({"image_path": names[0], "text": "   "}),
+              json.dumps({"image_path": names[1]}),
+              "{not json", json.dumps({"text": "no image"}), ""]
+    (root / "ann.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    res = read_jsonl(str(root / "ann.jsonl"))
+    assert len(res.records) == 7
+    assert res.reasons == {"missing_image": 1, "empty_text": 2, "malformed_line": 2}
+    assert res.skipped == 5
+    assert res.records[0].image == str(root / names[0]) and res.records[0].image_id == "id0"
+    assert res.records[5].image_id == "corrupt.jpg"  # default id: the file name
+    # decoding finds the corrupt and truncated images: skipped with a reason, never raised
+    ds = PairDataset(res.records, EvalTransform(16))
+    items = [ds[(0, i)] for i in range(len(ds))]
+    assert [x.reason for x in items if isinstance(x, Skipped)] == ["corrupt_image", "corrupt_image"]
+    batch = Collate(TOK)(items)
+    assert batch["size"] == 5 and batch["skipped"] == 2 and batch["images"].shape == (5, 3, 16, 16)
+    assert batch["skip_reasons"] == {"corrupt_image": 2}
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (5, 16)
+    assert batch["image_ids"].dtype == torch.long
+
+
+def test_tsv_reader(files):
+    root, names = files
+    stem = [os.path.splitext(n)[0] if n.endswith(".jpg") else n for n in names]
+    text = "\n".join([f"{s}\t描述{i}" for i, s in enumerate(stem)] +
+                     ["gone\t不存在的图", f"{stem[0]}\t", "no tab here", "\tno id"]) + "\n"
+    (root / "ann.tsv").write_text(text, encoding="utf-8")
+    res = read_tsv(str(root / "ann.tsv"))
+    assert len(res.records) == len(names)
+    assert res.reasons == {"missing_image": 1, "empty_text": 1, "malformed_line": 2}
+    assert all(os.path.isfile(r.image) for r in res.records)
+
+
+def test_missing_annotation_file_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="annotation file not found"):
+        read_jsonl(str(tmp_path / "none.jsonl"))
+    with pytest.raises(ValueError, match="no file reader"):
+        read_records("parquet", "x")
+
+
+def test_ccmb_formats_dispatch_to_the_ccmb_reader(files):
+    root, names = files
+    (root / "icr.json").write_text("\n".join(json.dumps({"image_path": n, "text": "文本"}) for n in names))
+    res = read_records("ccmb_icr", str(root / "icr.json"), str(root))
+    assert len(res.records) == len(names)
+
+
+def test_synthetic_is_deterministic_and_split():
+    seed = random.randrange(10**6)
+    a = synthetic.read_synthetic(50, "train", seed)
+    b = synthetic.read_synthetic(50, "train", seed)
+    assert a.records == b.records
+    ev = synthetic.read_synthetic(50, "eval", seed)
+    assert not {r.image for r in a.records} & {r.image for r in ev.records}
+    i = random.randrange(50)
+    x = np.asarray(synthetic.open_image(a.records[i].image, 48))
+    y = np.asarray(synthetic.open_image(b.records[i].image, 48))
+    assert np.array_equal(x, y) and x.shape == (48, 48, 3)
+    other = synthetic.read_synthetic(50, "train", seed + 1)
+    assert [r.text for r in other.records] != [r.text for r in a.records]
+
+
+def test_synthetic_image_matches_its_caption():
+    seed = random.randrange(10**6)
+    for i in range(20):
+        a = synthetic.attributes(seed, "train", i)
+        cap = synthetic.caption(a)
+        assert cap.startswith(synthetic.COLOURS[a["bg"]][0] + "背景上有")
+        assert synthetic.SHAPES[a["shape"]] in cap and synthetic.COUNTS[a["count"] - 1] in cap
+        px = np.asarray(synthetic.render(a, 60)).reshape(-1, 3)
+        colours = {tuple(c) for c in px}
+        assert tuple(synthetic.COLOURS[a["bg"]][1]) in colours
+        assert tuple(synthetic.COLOURS[a["fg"]][1]) in colours
+        fg_fraction = np.mean(np.all(px == synthetic.COLOURS[a["fg"]][1], axis=1))
+        assert 0.01 < fg_fraction < 0.6
+
+
+def test_eval_transform_normalises_with_clip_statistics():
+    c = tuple(random.randrange(256) for _ in range(3))
+    img = Image.new("RGB", (random.randint(20, 50), random.randint(20, 50)), c)
+    x = EvalTransform(16)(img)
+    want = (torch.tensor(c) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert x.shape == (3, 16, 16)
+    torch.testing.assert_close(x.mean((1, 2)), want, atol=1e-4, rtol=0)
+
+
+def test_random_resized_crop_stays_inside_and_is_seeded():
+    rng = random.Random(random.randrange(10**6))
+    for _ in range(200):
+        w, h = rng.randint(1, 300), rng.randint(1, 300)
+        l, t, r, b = random_resized_crop_box(w, h, (0.08, 1.0), rng)
+        assert 0 <= l < r <= w and 0 <= t < b <= h
+    img = _rand_image(np.random.default_rng(1), 40, 30)
+    tf = TrainTransform(16, (0.3, 1.0), hflip=True)
+    assert torch.equal(tf(img, random.Random(5)), tf(img, random.Random(5)))
+
+
+def test_sampler_shards_resume_and_covers_epochs():
+    n, micro, world = random.randint(20, 60), 8, 2
+    seed = random.randrange(1000)
+    single = iter(ResumableBatchSampler(n, micro, seed=seed))
+    batches = [next(single) for _ in range(3 * n // micro + 2)]
+    ranks = [iter(ResumableBatchSampler(n, micro, r, world, seed)) for r in range(world)]
+    for b in batches[:5]:
+        assert sum((next(it) for it in ranks), []) == b  # ranks split each global micro-batch
+    resumed = iter(ResumableBatchSampler(n, micro, seed=seed, start=3))
+    assert [next(resumed) for _ in range(4)] == batches[3:7]
+    flat = sum(batches, [])
+    first_epoch = [i for e, i in flat if e == 0]
+    assert sorted(first_epoch) == list(range(n))  # a permutation: every sample once per epoch
+    with pytest.raises(ValueError, match="not divisible by the world size"):
+        ResumableBatchSampler(n, 7, 0, 2)
+
+
+def test_build_train_data_synthetic_batches():
+    cfg = DataConfig(batch_size=8, synthetic_size=40, seed=random.randrange(1000))
+    data = build_train_data(cfg, TOK, 24, 8)
+    b = next(iter(data.loader))
+    assert b["images"].shape == (8, 3, 24, 24) and b["size"] == 8 and b["skipped"] == 0
+    assert data.num_records == 40
+
+
+def test_webdataset_stream_skips_and_counts(tmp_path):
+    import webdataset as wds
+
+    rng = np.random.default_rng(random.randrange(2**32))
+    keys = []
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"shard-{s}.tar")) as w:
+            for i in range(6):
+                buf = io.BytesIO()
+                _rand_image(rng).save(buf, format="JPEG")
+                key = f"s{s}_{i:03d}"
+                sample = {"__key__": key, "jpg": buf.getvalue(), "txt": f"样本{s}{i}"}
+                if i == 1:
+                    sample["jpg"] = b"not a jpeg"
+                if i == 2:
+                    sample["txt"] = " "
+                if i == 3:
+                    sample = {"__key__": key, "json": json.dumps({"caption": "只有文字"}).encode()}
+                w.write(sample)
+                keys.append(key)
+    urls = str(tmp_path / "shard-{0..1}.tar")
+    stream = iter(webdataset_stream(urls, EvalTransform(16)))
+    items = [next(stream) for _ in range(12)]
+    reasons = sorted(x.reason for x in items if isinstance(x, Skipped))
+    assert reasons == sorted(["corrupt_image", "empty_text", "missing_image"] * 2)
+    good = [x for x in items if not isinstance(x, Skipped)]
+    assert len(good) == 6 and all(x["image"].shape == (3, 16, 16) for x in good)
+    # two DataLoader workers split the shards: every sample once, none twice
+    cfg = DataConfig(format="webdataset", path=urls, batch_size=3, num_workers=2)
+    it = iter(build_train_data(cfg, TOK, 16, 3).loader)
+    seen = []
+    for _ in range(4):
+        b = next(it)
+        seen += [t for t in b.get("texts", [])] + ["skip"] * b["skipped"]
+    assert len(seen) == 12 and seen.count("skip") == 6 and len(set(seen) - {"skip"}) == 6
