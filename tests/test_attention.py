@@ -383,3 +383,12 @@ def test_cuda_dropout_stream_equals_triton_on_host(tmp_path):
         tri = at.dropout_keep_mask(B, H, Lq, Lk, p, seed, offset, "cpu")
         assert 0.2 < 1 - host.float().mean().item() < 0.4
         assert torch.equal(host, tri)
+
+
+@needs_triton
+def test_triton_inference_path_without_grad():
+    q, k, v, m = _inputs(2, 2, 7, 19, 32, mask="lengths")
+    with torch.no_grad():
+        out = attention(q, k, v, key_padding_mask=m, backend="triton")
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, attention_ref(q, k, v, m).detach(), **FP32_TOL)

@@ -181,8 +181,10 @@ def _fused(backend, q, k, v, key_padding_mask, dropout_p, scale):
         # Drawn from torch's CPU generator, so torch.manual_seed makes the mask reproducible.
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    return _FusedAttention.apply(q, k, v, mask, scale, float(dropout_p), seed, offset,
-                                 _FNS[backend]())
+    fns = _FNS[backend]()
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return fns[0](q, k, v, mask, scale, float(dropout_p), seed, offset)[0]  # nothing saved
+    return _FusedAttention.apply(q, k, v, mask, scale, float(dropout_p), seed, offset, fns)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""Benchmark attention at R2D2's shapes: every provider that runs on the device, in one run.
+
+GPU (bf16, D = 64, batch 256, H in {12, 16}):
+  text self     64 x 64, key padding ~40% (caption lengths uniform in [13, 64])
+  image self    197 x 197 and 257 x 257, no mask
+  cross t->i    64 x 257 (text queries, image keys), no mask
+  cross i->t    257 x 64 (image queries, text keys), key padding ~40%
+Providers: eager, sdpa (torch's own pick) and each SDPA backend forced through
+torch.nn.attention.sdpa_kernel (flash / efficient / math; one that refuses the case, e.g. flash
+with a mask, is reported and skipped), xformers when installed, ours triton and cuda.
+CPU (--device cpu, fp32, tiny shapes): eager vs sdpa vs triton under TRITON_INTERPRET=1. The
+interpreter is a correctness tool; its times say nothing about GPU speed. Never read CPU rows as
+GPU results.
+
+FLOPs count only unmasked work, the same for every provider of a case: with v_b valid keys and
+u_b useful queries of batch row b (valid queries for padded self-attention, all queries
+otherwise), fwd = 4 H D sum_b u_b v_b (two matmuls); fwd+bwd = 3.5 x fwd (five more matmuls in
+backward). Columns: "x eager" from the harness, plus "x best sdpa" printed below the table and
+stored as ``ratio_best_sdpa`` (best SDPA backend's median / row's median, > 1 = faster).
+
+    python benchmarks/bench_attention.py [--quick] [--device cuda|cpu] [--out PATH | --no-out]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # the Triton interpreter must be chosen before triton imports
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from benchmarks import harness  # noqa: E402
+from r2d2.kernels import attention  # noqa: E402
+from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
+
+MODES = ("fwd", "fwd+bwd")
+FWD_BWD_FLOP_FACTOR = 3.5
+
+
+def cases(device: str, quick: bool) -> tuple[list[dict], torch.dtype]:
+    """Shapes as dicts: name, B, H, Lq, Lk, D, qmask ('self' | None), kmask (bool)."""
+    if device == "cuda":
+        B, D = (64, 64) if quick else (256, 64)
+        heads = (12,) if quick else (12, 16)
+        base = [dict(name="text_self", Lq=64, Lk=64, kmask=True, qmask=True),
+                dict(name="image_self", Lq=197, Lk=197, kmask=False, qmask=False),
+                dict(name="image_self", Lq=257, Lk=257, kmask=False, qmask=False),
+                dict(name="cross_t2i", Lq=64, Lk=257, kmask=False, qmask=False),
+                dict(name="cross_i2t", Lq=257, Lk=64, kmask=True, qmask=False)]
+        return [dict(c, B=B, H=h, D=D) for h in heads for c in base], torch.bfloat16
+    # The interpreter runs a 32 x 32 fwd+bwd in about a second: --quick keeps one case.
+    base = [dict(name="text_self", Lq=32, Lk=32, kmask=True, qmask=True)]
+    if not quick:
+        base.append(dict(name="cross_i2t", Lq=37, Lk=64, kmask=True, qmask=False))
+    return [dict(c, B=2, H=2, D=32) for c in base], torch.float32
+
+
+def providers(device: str) -> list[tuple[str, str, object]]:
+    """(label, attention backend, sdpa_kernel backend or None)."""
+    out = [("eager", "eager", None), ("sdpa", "sdpa", None)]
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        out += [("sdpa-flash", "sdpa", SDPBackend.FLASH_ATTENTION),
+                ("sdpa-efficient", "sdpa", SDPBackend.EFFICIENT_ATTENTION),
+                ("sdpa-math", "sdpa", SDPBackend.MATH),
+                ("xformers", "xformers", None), ("cuda", "cuda", None)]
+    out.append(("triton", "triton", None))
+    return out
+
+
+def make_inputs(c: dict, dtype: torch.dtype, device: str):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, H, D = c["B"], c["H"], c["D"]
+    q = torch.randn(B, H, c["Lq"], D, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(B, H, c["Lk"], D, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, c["Lk"], D, generator=g).to(device, dtype).requires_grad_()
+    mask = None
+    valid_k = torch.full((B,), c["Lk"])
+    if c["kmask"]:
+        # ~40% padding: lengths uniform in [0.2 L, L] average 0.6 L (13..64 for L = 64).
+        valid_k = torch.randint(int(0.2 * c["Lk"]), c["Lk"] + 1, (B,), generator=g)
+        mask = (torch.arange(c["Lk"])[None, :] < valid_k[:, None]).to(device)
+    useful_q = valid_k if c["qmask"] else torch.full((B,), c["Lq"])
+    fwd_flops = 4.0 * H * D * float((useful_q * valid_k).sum())
+    return q, k, v, mask, fwd_flops
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    shape_list, dtype = cases(device, quick)
+    rows: list[dict] = []
+    for c in shape_list:
+        q, k, v, mask, fwd_flops = make_inputs(c, dtype, device)
+        shape = {k_: c[k_] for k_ in ("name", "B", "H", "Lq", "Lk", "D")}
+        shape["padded"] = c["kmask"]
+        for label, backend, sdp in providers(device):
+            why = why_unavailable("attention", backend, device)
+            if why is not None:
+                print(f"[skip] {shape_str(shape)} {label}: {why}", file=sys.stderr)
+                continue
+
+            def fwd(backend=backend, sdp=sdp):
+                if sdp is None:
+                    return attention(q, k, v, key_padding_mask=mask, backend=backend)
+                from torch.nn.attention import sdpa_kernel
+
+                with sdpa_kernel(sdp):
+                    return attention(q, k, v, key_padding_mask=mask, backend=backend)
+
+            try:  # an SDPA backend that refuses the case (flash + mask) raises here
+                fwd().sum().backward()
+            except RuntimeError as e:
+                print(f"[skip] {shape_str(shape)} {label}: {str(e).splitlines()[0][:120]}",
+                      file=sys.stderr)
+                continue
+            finally:
+                q.grad = k.grad = v.grad = None
+            for mode, (fn, grad_to_none) in harness.modes(fwd, [q, k, v], which=MODES).items():
+                timing = harness.measure(fn, device=device, grad_to_none=grad_to_none)
+                peak = harness.peak_memory_bytes(fn, device) if mode == "fwd+bwd" else None
+                q.grad = k.grad = v.grad = None
+                flops = fwd_flops * (FWD_BWD_FLOP_FACTOR if mode == "fwd+bwd" else 1.0)
+                rows.append(harness.make_row(
+                    op="attention", provider=label, mode=mode, shape=shape, timing=timing,
+                    flops=flops, peak_mem=peak, device=device,
+                    dtype=str(dtype).removeprefix("torch.")))
+    harness.add_ratios(rows, baseline="eager")
+    add_best_sdpa_ratio(rows)
+    return rows
+
+
+def shape_str(shape: dict) -> str:
+    return harness.shape_str(shape)
+
+
+def add_best_sdpa_ratio(rows: list[dict]) -> None:
+    """``ratio_best_sdpa``: fastest SDPA row's median / this row's median, per (shape, mode)."""
+    best: dict[tuple, float] = {}
+    for r in rows:
+        if r["provider"].startswith("sdpa"):
+            key = (harness.shape_str(r["shape"]), r["mode"])
+            best[key] = min(best.get(key, float("inf")), r["median_ms"])
+    for r in rows:
+        b = best.get((harness.shape_str(r["shape"]), r["mode"]))
+        r["ratio_best_sdpa"] = b / r["median_ms"] if b and r["median_ms"] > 0 else None
+
+
+def print_summary(rows: list[dict]) -> None:
+    ours = [r for r in rows if r["provider"] in ("triton", "cuda", "xformers")]
+    if not ours:
+        return
+    print("\nours vs the best SDPA backend and vs eager (median ratios, > 1 = faster):")
+    for r in ours:
+        print(f"  {harness.shape_str(r['shape']):<52} {r['mode']:<8} {r['provider']:<8} "
+              f"x best sdpa {r['ratio_best_sdpa'] or float('nan'):.2f}   "
+              f"x eager {r.get('ratio') or float('nan'):.2f}   "
+              f"{(r.get('tflops') or 0):.1f} TFLOP/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser(__doc__.splitlines()[0]).parse_args(argv)
+    rows = run(args.device, args.quick)
+    harness.print_table(rows)
+    print_summary(rows)
+    if args.out:
+        print(f"rows appended to {harness.write_rows(rows, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
