@@ -275,7 +275,7 @@ class R2D2ForPretraining(nn.Module):
         neg_t = neg_i = None
         if cfg.gcpr:
             kw = {}
-            if cfg.tgd and cfg.distill_alpha > 0:
+            if cfg.tgd:
                 kw = dict(teacher_image_feat=self.teacher.image_embed(tV).to(img_emb.dtype),
                           teacher_text_feat=self.teacher.text_embed(tT).to(txt_emb.dtype),
                           distill_alpha=cfg.distill_alpha)
@@ -334,7 +334,7 @@ class R2D2ForPretraining(nn.Module):
         cw = torch.tensor(cfg.fgr_class_weights)
         hard = (weighted_itm_ce(lt, labels, cw, valid) + weighted_itm_ce(li, labels, cw, valid)) / 2
         out = {}
-        if cfg.tgd and cfg.distill_alpha > 0:
+        if cfg.tgd:
             a = cfg.distill_alpha
             with torch.no_grad():
                 tv, tt, _ = pairs(tV, tT, pool_tV, pool_tT)
