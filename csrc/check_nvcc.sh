@@ -18,6 +18,7 @@ done < <(find "$ROOT/csrc" -name '*.cu' -print0 | sort -z)
 echo "[nvcc] compiled $n .cu files"
 
 PY="${PYTHON:-python3}"
+[ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python"
 if TINC=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join(c.include_paths()))" 2>/dev/null); then
   CUDA_INC="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")/include"
   [ -d /usr/local/cuda/include ] && CUDA_INC=/usr/local/cuda/include
@@ -30,7 +31,7 @@ if TINC=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join(c.incl
   while IFS= read -r -d '' f; do
     echo "[g++ -fsyntax-only] $f"
     # shellcheck disable=SC2086
-    g++ -std=c++17 -fsyntax-only -DR2D2_WITH_CUDA=1 -DUSE_C10D_GLOO -DTORCH_EXTENSION_NAME=_C \
+    g++ -std=c++17 -fsyntax-only -Wno-c++20-extensions -DR2D2_WITH_CUDA=1 -DUSE_C10D_GLOO -DTORCH_EXTENSION_NAME=_C \
       $(for i in $TINC; do echo -I "$i"; done) -I "$CUDA_INC" -I "$OUT/stub" -I "$PYINC" -I "$ROOT/csrc" "$f"
     m=$((m + 1))
   done < <(find "$ROOT/csrc" -name '*_cuda.cpp' -print0 | sort -z)
