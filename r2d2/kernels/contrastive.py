@@ -175,7 +175,8 @@ def sample_negatives_ref(logits, row_ids, col_ids, seed=None, stream=0, row_offs
 
 SPEC = register_op(OpSpec(
     name="contrastive",
-    backends=("eager", "triton"),
+    backends=("eager", "triton", "cuda"),
+    ext_op="contrastive_fwd_block",
 ))
 
 MODES = ("gather", "ring")
@@ -213,8 +214,8 @@ def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teac
 
     if picked == "triton":
         from r2d2.kernels import contrastive_triton as kern
-    else:  # pragma: no cover - resolve() only returns registered backends
-        raise AssertionError(picked)
+    else:
+        from r2d2.kernels import contrastive_cuda as kern
     keys = (0, 0)
     if return_negatives:
         seed = _resolve_seed(seed)

@@ -21,10 +21,49 @@ row term plus the sum over ranks of the column term for this rank's slice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from r2d2.dist import dist_info, gather
+
+
+@dataclass
+class RowState:
+    """Per-row streaming state of one direction, fp32 ``[b]`` (int64 ``gi``); the fields are
+    described in contrastive_triton.py and csrc/contrastive/contrastive_kernel.h."""
+
+    m: torch.Tensor
+    l: torch.Tensor
+    hs: torch.Tensor
+    cnt: torch.Tensor
+    tm: torch.Tensor
+    tl: torch.Tensor
+    tw: torch.Tensor
+    gv: torch.Tensor
+    gi: torch.Tensor
+
+    @classmethod
+    def empty(cls, b: int, device) -> "RowState":
+        f = dict(device=device, dtype=torch.float32)
+        ninf = float("-inf")
+        return cls(torch.full((b,), ninf, **f), torch.zeros(b, **f), torch.zeros(b, **f),
+                   torch.zeros(b, **f), torch.full((b,), ninf, **f), torch.zeros(b, **f),
+                   torch.zeros(b, **f), torch.full((b,), ninf, **f),
+                   torch.full((b,), -1, device=device, dtype=torch.int64))
+
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.l)
+
+    def tlse(self) -> torch.Tensor:
+        return self.tm + torch.log(self.tl)
+
+    def row_loss(self, alpha: float) -> torch.Tensor:
+        ce = self.lse() - (1.0 - alpha) * self.hs / self.cnt.clamp_min(1.0)
+        if alpha > 0:
+            ce = ce - alpha * self.tw / self.tl
+        return ce
 
 
 def _state_outputs(st_i, st_t, alpha):

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from r2d2.kernels.contrastive_dist import RowState  # noqa: F401  (part of the kernel API)
 from r2d2.kernels.dispatch import triton_interpret
 
 
@@ -272,42 +273,6 @@ class Tiles:
         bk = self.block_k or min(triton.next_power_of_2(max(d, 16)), 32 if small else 64)
         bd = self.block_d or min(triton.next_power_of_2(max(d, 16)), 64 if small else 128)
         return Tiles(self.block_r or dflt, self.block_c or dflt, bk, bd, self.num_warps)
-
-
-@dataclass
-class RowState:
-    """Per-row streaming state of one direction (see the module docstring); fp32 ``[b]``."""
-
-    m: torch.Tensor
-    l: torch.Tensor
-    hs: torch.Tensor
-    cnt: torch.Tensor
-    tm: torch.Tensor
-    tl: torch.Tensor
-    tw: torch.Tensor
-    gv: torch.Tensor
-    gi: torch.Tensor
-
-    @classmethod
-    def empty(cls, b: int, device) -> "RowState":
-        f = dict(device=device, dtype=torch.float32)
-        ninf = float("-inf")
-        return cls(torch.full((b,), ninf, **f), torch.zeros(b, **f), torch.zeros(b, **f),
-                   torch.zeros(b, **f), torch.full((b,), ninf, **f), torch.zeros(b, **f),
-                   torch.zeros(b, **f), torch.full((b,), ninf, **f),
-                   torch.full((b,), -1, device=device, dtype=torch.int64))
-
-    def lse(self) -> torch.Tensor:
-        return self.m + torch.log(self.l)
-
-    def tlse(self) -> torch.Tensor:
-        return self.tm + torch.log(self.tl)
-
-    def row_loss(self, alpha: float) -> torch.Tensor:
-        ce = self.lse() - (1.0 - alpha) * self.hs / self.cnt.clamp_min(1.0)
-        if alpha > 0:
-            ce = ce - alpha * self.tw / self.tl
-        return ce
 
 
 def _prec(x: torch.Tensor) -> str:
