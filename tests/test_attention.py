@@ -8,6 +8,7 @@ the fp32 reference) + atol.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -16,7 +17,8 @@ import torch
 from r2d2.kernels import BackendUnavailable, attention, attention_ref
 from r2d2.kernels.dispatch import auto_backend, triton_importable
 
-import r2d2.kernels.attention as attn_mod
+# The module, not the function r2d2.kernels.attention that shadows it as a package attribute.
+attn_mod = importlib.import_module("r2d2.kernels.attention")
 
 HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="triton not installed")
@@ -392,3 +394,57 @@ def test_triton_inference_path_without_grad():
         out = attention(q, k, v, key_padding_mask=m, backend="triton")
     assert out.grad_fn is None
     torch.testing.assert_close(out, attention_ref(q, k, v, m).detach(), **FP32_TOL)
+
+
+def test_auto_picks_the_fastest_measured_backend(monkeypatch):
+    # The selection logic, with the measurement stubbed: what runs on a GPU is measured there.
+    fake_ms = {"cuda": 3.0, "triton": 1.5, "xformers": 2.0, "sdpa": 2.5}
+    monkeypatch.setattr(attn_mod, "_time_backend", lambda b, device: fake_ms[b])
+    monkeypatch.setattr(attn_mod, "why_unavailable", lambda op, b, device: None)
+    monkeypatch.delenv("R2D2_ATTENTION_AUTO", raising=False)
+    attn_mod.auto_timings_clear()
+    try:
+        assert attn_mod._auto_pick_cached("cuda:0") == "triton"
+        fake_ms["triton"] = 9.0  # cached per device: no re-measurement until cleared
+        assert attn_mod._auto_pick_cached("cuda:0") == "triton"
+        attn_mod.auto_timings_clear()
+        assert attn_mod._auto_pick_cached("cuda:0") == "xformers"
+
+        def boom(b, device):
+            if b == "xformers":
+                raise RuntimeError("no kernel")
+            return fake_ms[b]
+
+        monkeypatch.setattr(attn_mod, "_time_backend", boom)  # a failing backend is not picked
+        attn_mod.auto_timings_clear()
+        assert attn_mod._auto_pick_cached("cuda:0") == "sdpa"
+        monkeypatch.setenv("R2D2_ATTENTION_AUTO", "eager")
+        attn_mod.auto_timings_clear()
+        assert attn_mod._auto_pick_cached("cuda:0") == "eager"
+        monkeypatch.setenv("R2D2_ATTENTION_AUTO", "fast")
+        attn_mod.auto_timings_clear()
+        with pytest.raises(ValueError, match="R2D2_ATTENTION_AUTO='fast'"):
+            attn_mod._auto_pick_cached("cuda:0")
+    finally:
+        attn_mod.auto_timings_clear()
+
+
+@pytest.mark.gpu
+def test_gpu_xformers_matches_ref():
+    pytest.importorskip("xformers", reason="xformers not installed on this GPU machine")
+    q, k, v, m = _inputs(3, 2, 65, 129, 64, dtype=torch.float16, device="cuda", mask="random")
+    out = attention(q, k, v, key_padding_mask=m, backend="xformers")
+    torch.testing.assert_close(out.float(), attention_ref(q.float(), k.float(), v.float(), m),
+                               atol=2e-3, rtol=2e-3)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # the fully padded batch row
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_bwd_opcheck():
+    if not hasattr(torch.ops.r2d2, "attention_bwd"):
+        pytest.fail("r2d2._C has no attention_bwd: rebuild the extension with CUDA")
+    q, k, v, m = _inputs(2, 2, 7, 19, 64, dtype=torch.float16, device="cuda", mask="random")
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = torch.ops.r2d2.attention_fwd(q, k, v, m, 0.125, 0.0, 0, 0)
+    args = (torch.randn_like(o), q, k, v, o, lse, m, 0.125, 0.0, 0, 0)
+    torch.library.opcheck(torch.ops.r2d2.attention_bwd.default, args)

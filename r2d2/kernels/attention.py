@@ -215,11 +215,21 @@ def _time_backend(backend: str, device: torch.device, iters: int = 10) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def _device_label(device: torch.device) -> str:
+    try:
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    except (RuntimeError, AssertionError, AttributeError):
+        return str(device)
+
+
 @functools.lru_cache(maxsize=None)
 def _auto_pick_cached(device_key: str) -> str | None:
     device = torch.device(device_key)
     env = os.environ.get("R2D2_ATTENTION_AUTO")
     if env:
+        if env not in SPEC.backends:
+            raise ValueError(f"R2D2_ATTENTION_AUTO={env!r} is not an attention backend; expected "
+                             f"one of {SPEC.backends}")
         return env
     timings = {}
     for b in _AUTO_CANDIDATES:
@@ -232,9 +242,9 @@ def _auto_pick_cached(device_key: str) -> str | None:
     if not timings:
         return None
     pick = min(timings, key=timings.get)
-    log.info("r2d2.kernels: attention auto on %s (%s) measured fwd+bwd ms %s at %s bf16 -> %r",
-             device, torch.cuda.get_device_name(device),
-             {b: round(t, 3) for b, t in timings.items()}, _AUTO_SHAPE, pick)
+    log.info("r2d2.kernels: attention auto on %s measured fwd+bwd ms %s at %s bf16 -> %r",
+             _device_label(device), {b: round(t, 3) for b, t in timings.items()}, _AUTO_SHAPE,
+             pick)
     return pick
 
 
