@@ -65,8 +65,10 @@ _CLIP_EMBED = {
     "pre_layrnorm.weight": "ln_pre.weight",
     "pre_layrnorm.bias": "ln_pre.bias",
 }
-# Present in the source layouts but unused by design (R2D2 reads pre-post-LN states, no pooler).
-_UNUSED = re.compile(r"(^|\.)(pooler|post_layernorm|position_ids|embeddings\.position_ids)(\.|$)")
+# Present in the source layouts but unused by design: R2D2 reads the ViT states before
+# post_layernorm, uses no pooler, and its joint layers take states, not token embeddings.
+_UNUSED = re.compile(r"(^|\.)(pooler|post_layernorm|position_ids)(\.|$)"
+                     r"|^(text_joint_layer|img_joint_layer)\.embeddings\.")
 
 
 def _sub_layer(rest: str, rules) -> str | None:

@@ -1,0 +1,240 @@
+"""Checkpoint loaders on checkpoints the tests write: HF BERT / CLIP vision directories (with and
+without ``transformers``) and the official R2D2 release layout."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from r2d2.engine import R2D2Model, from_hf_bert, from_hf_clip_vision
+from r2d2.engine.hf_io import infer_official_config
+from r2d2.engine.model import ModelConfig, TextConfig, VisionConfig
+
+try:
+    import transformers
+except ImportError:  # optional: only the cross-check against the original models needs it
+    transformers = None
+needs_tf = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# The source layouts, written out here independently of hf_io's mapping tables.
+def bert_layer_names(i, cross=False):
+    p = f"encoder.layer.{i}."
+    names = {f"layers.{i}.attn.{x}.{wb}": f"{p}attention.self.{x}.{wb}"
+             for x in ("query", "key", "value") for wb in ("weight", "bias")}
+    for wb in ("weight", "bias"):
+        names.update({
+            f"layers.{i}.attn.out.{wb}": f"{p}attention.output.dense.{wb}",
+            f"layers.{i}.attn_ln.{wb}": f"{p}attention.output.LayerNorm.{wb}",
+            f"layers.{i}.fc1.{wb}": f"{p}intermediate.dense.{wb}",
+            f"layers.{i}.fc2.{wb}": f"{p}output.dense.{wb}",
+            f"layers.{i}.mlp_ln.{wb}": f"{p}output.LayerNorm.{wb}",
+        })
+        if cross:
+            names.update({f"layers.{i}.cross.{x}.{wb}": f"{p}crossattention.self.{x}.{wb}"
+                          for x in ("query", "key", "value")})
+            names[f"layers.{i}.cross.out.{wb}"] = f"{p}crossattention.output.dense.{wb}"
+            names[f"layers.{i}.cross_ln.{wb}"] = f"{p}crossattention.output.LayerNorm.{wb}"
+    return names
+
+
+def bert_names(layers):
+    names = {"word_embed.weight": "embeddings.word_embeddings.weight",
+             "pos_embed.weight": "embeddings.position_embeddings.weight",
+             "type_embed.weight": "embeddings.token_type_embeddings.weight",
+             "embed_ln.weight": "embeddings.LayerNorm.weight", "embed_ln.bias": "embeddings.LayerNorm.bias"}
+    for i in range(layers):
+        names.update(bert_layer_names(i))
+    return names
+
+
+def clip_names(layers):
+    names = {"cls_token": "vision_model.embeddings.class_embedding",
+             "patch_embed.weight": "vision_model.embeddings.patch_embedding.weight",
+             "pos_embed": "vision_model.embeddings.position_embedding.weight",
+             "ln_pre.weight": "vision_model.pre_layrnorm.weight", "ln_pre.bias": "vision_model.pre_layrnorm.bias"}
+    for i in range(layers):
+        p = f"vision_model.encoder.layers.{i}."
+        for wb in ("weight", "bias"):
+            for ours, theirs in (("attn.query", "self_attn.q_proj"), ("attn.key", "self_attn.k_proj"),
+                                 ("attn.value", "self_attn.v_proj"), ("attn.out", "self_attn.out_proj"),
+                                 ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("fc1", "mlp.fc1"),
+                                 ("fc2", "mlp.fc2")):
+                names[f"blocks.{i}.{ours}.{wb}"] = p + f"{theirs}.{wb}"
+    return names
+
+
+BERT_CFG = dict(vocab_size=91, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=40, max_position_embeddings=24, type_vocab_size=2,
+                layer_norm_eps=1e-12, hidden_act="gelu", hidden_dropout_prob=0.0, pad_token_id=0)
+CLIP_CFG = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                image_size=30, patch_size=6, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+
+
+def write_dir(path, config, sd, fmt):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path / "model.safetensors"))
+    else:
+        torch.save(sd, str(path / "pytorch_model.bin"))
+    return str(path)
+
+
+def random_sd(names, shapes):
+    return {theirs: torch.randn(shapes[ours]) for ours, theirs in names.items()}
+
+
+# ---------------------------------------------------------------------- without transformers
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_bert_mapping_loads_every_key(tmp_path, fmt):
+    names = bert_names(2)
+    shapes = {"word_embed.weight": (91, 32), "pos_embed.weight": (24, 32), "type_embed.weight": (2, 32)}
+    for k in names:
+        if k not in shapes:
+            shapes[k] = (40, 32) if "fc1.weight" in k else (32, 40) if "fc2.weight" in k else \
+                (40,) if "fc1.bias" in k else (32, 32) if k.endswith("weight") and ("attn." in k) else (32,)
+    sd = random_sd(names, shapes)
+    sd["pooler.dense.weight"] = torch.randn(32, 32)
+    enc = from_hf_bert(write_dir(tmp_path / fmt, BERT_CFG, sd, fmt))
+    own = enc.state_dict()
+    assert set(own) == set(names)
+    for ours, theirs in names.items():
+        assert torch.equal(own[ours], sd[theirs]), ours
+    r = enc.load_report
+    assert r.missing == [] and r.unexpected == [] and r.unused == ["pooler.dense.weight"]
+
+
+def test_clip_mapping_loads_every_key(tmp_path):
+    names = clip_names(2)
+    shapes = {"cls_token": (32,), "patch_embed.weight": (32, 3, 6, 6), "pos_embed": (26, 32)}
+    for k in names:
+        if k not in shapes:
+            shapes[k] = (40, 32) if "fc1.weight" in k else (32, 40) if "fc2.weight" in k else \
+                (40,) if "fc1.bias" in k else (32, 32) if "attn." in k and k.endswith("weight") else (32,)
+    sd = random_sd(names, shapes)
+    sd["vision_model.post_layernorm.weight"] = torch.randn(32)
+    vit = from_hf_clip_vision(write_dir(tmp_path, {"vision_config": CLIP_CFG}, sd, "safetensors"))
+    own = vit.state_dict()
+    assert set(own) == set(names)
+    for ours, theirs in names.items():
+        assert torch.equal(own[ours], sd[theirs]), ours
+    assert vit.load_report.unused == ["vision_model.post_layernorm.weight"]
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_hf_bert(str(tmp_path))
+    sd = {"embeddings.word_embeddings.weight": torch.randn(91, 32)}
+    d = write_dir(tmp_path / "partial", BERT_CFG, sd, "bin")
+    with pytest.raises(ValueError, match="missing"):
+        from_hf_bert(d)
+    assert from_hf_bert(d, strict=False).load_report.missing
+    d = write_dir(tmp_path / "act", {**BERT_CFG, "hidden_act": "relu"}, sd, "bin")
+    with pytest.raises(ValueError, match="hidden_act"):
+        from_hf_bert(d)
+    d = write_dir(tmp_path / "shape", BERT_CFG, {"embeddings.word_embeddings.weight": torch.randn(90, 32)}, "bin")
+    with pytest.raises(ValueError, match="word_embed.weight"):
+        from_hf_bert(d)
+
+
+# ---------------------------------------------------------------------- with transformers
+@needs_tf
+def test_hf_bert_last_hidden_state_matches(tmp_path):
+    hf = transformers.BertModel(transformers.BertConfig(**BERT_CFG)).eval()
+    hf.save_pretrained(str(tmp_path))
+    enc = from_hf_bert(str(tmp_path)).eval()
+    ids = torch.randint(1, 91, (3, 13))
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, 6:] = 0
+    ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    ours = enc(ids, mask)
+    keep = mask.bool()   # HF's padded positions carry junk states; the real tokens must match
+    torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=1e-4)
+
+
+@needs_tf
+def test_hf_clip_vision_last_hidden_state_matches(tmp_path):
+    hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_CFG)).eval()
+    hf.save_pretrained(str(tmp_path))
+    vit = from_hf_clip_vision(str(tmp_path)).eval()
+    x = torch.randn(2, 3, 30, 30)
+    torch.testing.assert_close(vit(x), hf(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- official R2D2 layout
+def official_cfg():
+    return ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=64, layers=2, heads=1),
+                       text=TextConfig(vocab_size=53, width=64, layers=2, heads=1, intermediate=80,
+                                       max_positions=16, dropout=0.0),
+                       cross_layers=2, embed_dim=24, max_text_len=16, tie_mlm_embeddings=False)
+
+
+def official_names(cfg):
+    names = {f"visual.{k}": f"visual_encoder.{v}" for k, v in clip_names(cfg.vision.layers).items()}
+    names.update({f"text.{k}": f"text_encoder.{v}" for k, v in bert_names(cfg.text.layers).items()})
+    for i in range(cfg.cross_layers):
+        names.update({f"text_cross.{k}": f"text_joint_layer.{v}" for k, v in bert_layer_names(i, True).items()})
+        names.update({f"image_cross.{k}": f"img_joint_layer.{v}" for k, v in bert_layer_names(i, True).items()})
+    for ours, theirs in (("image_cross_proj", "img_joint_proj"), ("vision_proj", "vision_proj"),
+                         ("text_proj", "text_proj"), ("itm_head", "itm_head"), ("itm_head_i", "itm_head_i"),
+                         ("mlm_head.dense", "mlm_head.predictions.transform.dense"),
+                         ("mlm_head.ln", "mlm_head.predictions.transform.LayerNorm")):
+        names[f"{ours}.weight"], names[f"{ours}.bias"] = f"{theirs}.weight", f"{theirs}.bias"
+    names["mlm_head.decoder.weight"] = "mlm_head.predictions.decoder.weight"
+    names["mlm_head.decoder.bias"] = "mlm_head.predictions.bias"
+    names["temp"] = "temp"
+    return names
+
+
+def test_from_official_maps_every_key(tmp_path):
+    cfg = official_cfg()
+    shapes = {k: v.shape for k, v in R2D2Model(cfg).state_dict().items()}
+    names = official_names(cfg)
+    assert set(names) == set(shapes)          # the test's layout covers our whole model
+    sd = {theirs: torch.randn(shapes[ours]) for ours, theirs in names.items()}
+    sd["temp"] = torch.tensor(0.05)
+    extra = {"text_encoder.pooler.dense.weight": torch.randn(64, 64),
+             "visual_encoder.vision_model.post_layernorm.weight": torch.randn(64),
+             "text_joint_layer.embeddings.word_embeddings.weight": torch.randn(53, 64),
+             "text_encoder.embeddings.position_ids": torch.arange(16)[None],
+             "queue_something": torch.randn(3)}
+    path = tmp_path / "r2d2_official.pth"
+    torch.save({"model": {"module." + k: v for k, v in {**sd, **extra}.items()}}, str(path))
+
+    m = R2D2Model.from_official(str(path), config=cfg)
+    own = m.state_dict()
+    for ours, theirs in names.items():
+        assert torch.equal(own[ours], sd[theirs]), ours
+    r = m.load_report
+    assert r.missing == [] and r.unexpected == ["queue_something"]
+    assert sorted(r.unused) == sorted(k for k in extra if k != "queue_something")
+    assert m.logit_scale().item() == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="queue_something"):
+        R2D2Model.from_official(str(path), config=cfg, strict=True)
+
+    # without a config the shapes decide (heads = width / 64)
+    inferred = infer_official_config({k: v for k, v in sd.items()})
+    # the release's BERT dropout (0.1) is not in the weights; everything else is
+    assert inferred == dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dropout=0.1))
+    m2 = R2D2Model.from_official(sd)
+    assert torch.equal(m2.itm_head_i.weight, sd["itm_head_i.weight"])
+
+    del sd["itm_head.bias"]
+    assert R2D2Model.from_official(sd, config=cfg).load_report.missing == ["itm_head.bias"]
+
+
+def test_from_official_rejects_other_checkpoints():
+    with pytest.raises(ValueError, match="not an official R2D2 checkpoint"):
+        R2D2Model.from_official({"foo.weight": torch.randn(2)})
