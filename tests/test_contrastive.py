@@ -235,7 +235,7 @@ def test_gpu_matches_reference(backend, dtype, b, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_negatives_and_ring_state(backend):
+def test_gpu_negatives(backend):
     """Negatives equal the reference's (fp32, so the logits agree to ~1e-6 and the Gumbel-max
     argmax with them) and never share the row's id; no-teacher path too."""
     _gpu_backend(backend)

@@ -177,6 +177,9 @@ SPEC = register_op(OpSpec(
     name="contrastive",
     backends=("eager", "triton", "cuda"),
     ext_op="contrastive_fwd_block",
+    # The CUDA kernels are the straightforward CUDA-core version (no tensor cores); the Triton
+    # ones use tensor-core dots, so auto prefers Triton on a GPU.
+    auto_cuda=("triton", "cuda", "eager"),
 ))
 
 MODES = ("gather", "ring")
