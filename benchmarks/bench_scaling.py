@@ -1,0 +1,235 @@
+"""Data-parallel scaling of the pre-training step, measured on 1..N processes, and a model of the
+communication volume per step for 8..512 GPUs.
+
+Measured (weak scaling, fixed local batch): N processes each run the full step of bench_step.py
+(DDP over the objective; the losses gather over the process group), gloo on CPU processes, NCCL
+on GPUs (one process per visible GPU). Efficiency(N) = samples/s(N) / (N * samples/s(1)).
+On CPU every process gets cpu_count // max(N) threads in every run, so N = 1 is not handed the
+whole machine; CPU figures only show the plumbing and gloo's overhead, not GPU scaling.
+
+Model (bytes *sent* per rank per step; a ring all-gather of a per-rank block s sends (N-1) s, a
+ring all-reduce of a tensor of total size S sends 2 (N-1)/N S; what the code in r2d2/ does):
+
+  GCPR gather, fwd  all-gather of image, text features (fp32, with grad), teacher image, text
+                    features and int64 ids:            (N-1) b (4 d 4 + 8)
+  GCPR gather, bwd  all-reduce of the [B, d] column gradients of image and text
+                    (r2d2.dist.gather: gloo lacks reduce_scatter): 2 * 2 (N-1) b d 4
+  GCPR ring         fwd: the (image, text, teacher image, teacher text, ids) block passes N-1 hops;
+                    bwd: the block and its two fp32 column-gradient accumulators pass N hops:
+                    (N-1) b (16 d + 8) + N b (16 d + 8 + 8 d)
+  FGR global        all-gather of the student image and text token states (with grad), the teacher's
+                    (without) and the masks, then the all-reduce of the student ones' gradients:
+                    (N-1) b (2 t + L m) + 2 (N-1) b t,   t = ((1+P) Wv + L Wt) x bytes per element
+  FGR local         negatives from the local batch: 0
+  DDP gradients     ring all-reduce of the fp32 gradients of the P_model parameters:
+                    2 (N-1)/N P_model 4
+
+with b the local batch, B = N b, d the embedding width, L text tokens, 1+P image tokens. Time at
+a given bandwidth is bytes / bandwidth and ignores latency and overlap with compute.
+
+    python benchmarks/bench_scaling.py [--quick] [--procs 1 2] [--model-only] [--write-docs]
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- comm-model:begin (bench_scaling.py --write-docs) -->", "<!-- comm-model:end -->"
+WORLDS = (8, 16, 32, 64, 128, 256, 512)
+
+
+# ----------------------------------------------------------------------------------------------
+# the communication model
+
+
+def param_count(preset: str) -> int:
+    """Trainable parameters of the student, counted on the meta device (nothing allocated)."""
+    from r2d2.engine.model import R2D2Model, model_preset
+
+    with torch.device("meta"):
+        model = R2D2Model(model_preset(preset))
+    # the tied MLM decoder shares the word embeddings: parameters() yields it once
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def comm_bytes(n: int, *, b: int, d: int, L: int, img_tokens: int, wv: int, wt: int,
+               params: int, tok_bytes: int = 4, mask_bytes: int = 8) -> dict[str, float]:
+    """Bytes each rank sends per step, by term (see the module docstring for the formulas)."""
+    t = (img_tokens * wv + L * wt) * tok_bytes
+    return {
+        "gcpr_gather": (n - 1) * b * (4 * d * 4 + 8) + 2 * 2 * (n - 1) * b * d * 4,
+        "gcpr_ring": (n - 1) * b * (16 * d + 8) + n * b * (16 * d + 8 + 8 * d),
+        "fgr_global": (n - 1) * b * (2 * t + L * mask_bytes) + 2 * (n - 1) * b * t,
+        "ddp_grads": 2 * (n - 1) / n * params * 4,
+    }
+
+
+def gathered_memory(n: int, *, b: int, d: int, L: int, img_tokens: int, wv: int, wt: int,
+                    tok_bytes: int = 4) -> dict[str, float]:
+    """Extra bytes each rank holds for the gathered tensors (activations only)."""
+    B = n * b
+    return {"gcpr_gather": 4 * B * d * 4, "gcpr_ring": 2 * b * (4 * d * 4 + 8),
+            "fgr_global": 2 * B * (img_tokens * wv + L * wt) * tok_bytes}
+
+
+def comm_table(preset: str = "base", b: int = 64, worlds=WORLDS, link_gbs: float = 50.0) -> str:
+    """The Markdown table of the model for ``preset`` at local batch ``b``."""
+    from r2d2.engine.model import model_preset
+
+    cfg = model_preset(preset)
+    dims = dict(b=b, d=cfg.embed_dim, L=cfg.max_text_len, img_tokens=cfg.vision.num_patches + 1,
+                wv=cfg.vision.width, wt=cfg.text.width)
+    params = param_count(preset)
+    gib = 2**30
+    lines = [
+        f"Preset `{preset}`: b = {b} per GPU, d = {dims['d']}, L = {dims['L']}, "
+        f"1+P = {dims['img_tokens']}, Wv = {dims['wv']}, Wt = {dims['wt']}, "
+        f"{params / 1e6:.1f} M trainable parameters; token states fp32 (the residual stream under "
+        f"bf16 autocast). GiB sent per rank per step; ms at {link_gbs:g} GB/s per GPU "
+        f"(a 400 Gb/s NIC); memory = extra GiB held per rank for gathered tensors.", "",
+        "| GPUs | global batch | GCPR gather | GCPR ring | FGR global | DDP grads | total (gather, FGR global) "
+        "| ms @ link | total (ring, FGR local) | ms @ link | mem GCPR gather | mem GCPR ring | mem FGR global |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in worlds:
+        c = comm_bytes(n, params=params, **dims)
+        m = gathered_memory(n, **dims)
+        heavy = c["gcpr_gather"] + c["fgr_global"] + c["ddp_grads"]
+        light = c["gcpr_ring"] + c["ddp_grads"]
+        lines.append(
+            f"| {n} | {n * b} | {c['gcpr_gather'] / gib:.3f} | {c['gcpr_ring'] / gib:.3f} | "
+            f"{c['fgr_global'] / gib:.2f} | {c['ddp_grads'] / gib:.2f} | {heavy / gib:.2f} | "
+            f"{heavy / (link_gbs * 1e9) * 1e3:.0f} | {light / gib:.2f} | "
+            f"{light / (link_gbs * 1e9) * 1e3:.0f} | {m['gcpr_gather'] / gib:.3f} | "
+            f"{m['gcpr_ring'] / gib:.4f} | {m['fgr_global'] / gib:.1f} |")
+    return "\n".join(lines)
+
+
+def write_docs(table: str, path: Path = DOCS) -> None:
+    """Replace the text between the markers of docs/benchmarks.md with ``table``."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} lacks the markers {BEGIN!r} ... {END!r}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the measured 1..N run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, device: str, preset: str, batch: int, steps: int,
+            threads: int, result_path: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from bench_step import Step, synthetic_batch
+
+    torch.set_num_threads(threads)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
+    dev = f"cuda:{rank}" if cuda else "cpu"
+    step = Step(preset, "ours", dev)
+    # every parameter is used by the default LossConfig, so the trainer's default applies
+    step.forward = DDP(step.objective, device_ids=[rank] if cuda else None)
+    data = synthetic_batch(step.cfg, batch, dev, seed=rank)
+    data["image_ids"] = data["image_ids"] + rank * batch  # globally unique ids
+    for _ in range(2):
+        step.run(data)
+    dist.barrier()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step.run(data)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(elapsed.to(dev), op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    if rank == 0:
+        Path(result_path).write_text(str(float(elapsed) / steps))
+    dist.destroy_process_group()
+
+
+def measure_world(world: int, device: str, preset: str, batch: int, steps: int, threads: int) -> float:
+    """Seconds per step (median-free: the mean of ``steps`` steps of the slowest rank)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "t")
+        mp.spawn(_worker, args=(world, _free_port(), device, preset, batch, steps, threads, out),
+                 nprocs=world, join=True)
+        return float(Path(out).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = harness.parser(__doc__.splitlines()[0])
+    ap.add_argument("--procs", type=int, nargs="+", default=None,
+                    help="process counts (default: 1 2 on CPU; 1 2 4 .. #GPUs on CUDA)")
+    ap.add_argument("--preset", default=None, help="model for the measured run (default tiny on "
+                                                   "CPU/--quick, base on CUDA)")
+    ap.add_argument("--batch", type=int, default=None, help="local batch of the measured run")
+    ap.add_argument("--model-preset", default="base", help="preset of the communication model")
+    ap.add_argument("--model-batch", type=int, default=64, help="local batch of the model")
+    ap.add_argument("--model-only", action="store_true", help="print the model; measure nothing")
+    ap.add_argument("--write-docs", action="store_true",
+                    help="write the model table into docs/benchmarks.md")
+    args = ap.parse_args(argv)
+
+    table = comm_table(args.model_preset, args.model_batch)
+    print("communication model, bytes sent per rank per step:\n" + table + "\n")
+    if args.write_docs:
+        write_docs(table)
+        print(f"wrote the table into {DOCS}")
+    if args.model_only:
+        return 0
+
+    cuda = args.device == "cuda"
+    ngpu = torch.cuda.device_count() if cuda else 0
+    procs = args.procs or ([p for p in (1, 2, 4, 8) if p <= ngpu] if cuda else [1, 2])
+    preset = args.preset or ("tiny" if args.quick or not cuda else "base")
+    batch = args.batch or (4 if not cuda else 32)
+    steps = 3 if args.quick else 10
+    threads = max(1, (os.cpu_count() or 1) // max(procs)) if not cuda else 1
+    rows, base = [], None
+    for n in procs:
+        sec = measure_world(n, args.device, preset, batch, steps, threads)
+        sps = n * batch / sec
+        base = base or (sps if n == procs[0] else None)
+        eff = sps / (n / procs[0] * base) if base else None
+        rows.append(harness.make_row(
+            op="scaling", provider=f"ddp-{'nccl' if cuda else 'gloo'}", mode="fwd+bwd+opt",
+            shape={"preset": preset, "local_batch": batch, "procs": n},
+            timing=harness.Timing(sec * 1e3, sec * 1e3, sec * 1e3), device=args.device,
+            samples_per_s=sps, efficiency=eff, threads_per_proc=None if cuda else threads,
+            timing_note=f"mean of {steps} steps of the slowest rank"))
+        print(f"procs {n}: {sec * 1e3:.1f} ms/step, {sps:.1f} samples/s, efficiency "
+              f"{'-' if eff is None else format(eff, '.2f')}" + ("  [CPU]" if not cuda else ""))
+    if args.out:
+        print(f"rows appended to {harness.write_rows(rows, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
