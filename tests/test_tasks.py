@@ -149,29 +149,47 @@ class Rec:  # duck-types r2d2.engine.data.records.Record
 
 
 class StubModel(torch.nn.Module):
-    """Images are tensors whose first pixel holds an image number, texts token ids whose first
-    token is a text number; embeddings and ITM logits are looked up in tables."""
+    """The token-level API of R2D2Model on lookup tables: an image is a tensor whose first pixel
+    holds its number, a text a row of token ids whose first id is its number; "token states"
+    carry those numbers, embeddings and ITM logits are looked up."""
 
     def __init__(self, img_emb, txt_emb, itm_logit):
         super().__init__()
         self.img_emb = torch.nn.Parameter(img_emb)
         self.txt_emb = torch.nn.Parameter(txt_emb)
         self.itm = torch.nn.Parameter(itm_logit)  # [n_img, n_txt] logit of "match"
+        self.visual = torch.nn.Identity()
+        self.config = type("Cfg", (), {"has_cross": True, "image_size": 2})()
+
+    @property
+    def device(self):
+        return self.itm.device
+
+    def _text_inputs(self, ids, mask):
+        return ids, mask
+
+    def image_tokens(self, images):
+        return images[:, 0, 0, :1, None]                      # [B, 1, 1]
+
+    def text_tokens(self, ids, mask=None):
+        return ids[:, :1, None].float()                        # [B, 1, 1]
+
+    def image_embed(self, tokens):
+        return F.normalize(self.img_emb[tokens[:, 0, 0].long()], dim=-1)
+
+    def text_embed(self, tokens):
+        return F.normalize(self.txt_emb[tokens[:, 0, 0].long()], dim=-1)
 
     def encode_image(self, images):
-        return F.normalize(self.img_emb[images[:, 0, 0, 0].long()], dim=-1)
+        return self.image_embed(self.image_tokens(images))
 
     def encode_text(self, ids, mask):
-        return F.normalize(self.txt_emb[ids[:, 0]], dim=-1)
+        return self.text_embed(self.text_tokens(ids, mask))
 
-    def itm_logits(self, images, ids, mask):
-        z = self.itm[images[:, 0, 0, 0].long(), ids[:, 0]]
+    def itm_logits(self, image_tokens, text_tokens, text_mask):
+        z = self.itm[image_tokens[:, 0, 0].long(), text_tokens[:, 0, 0].long()]
         logits = torch.stack([-z / 2, z / 2], -1)
         return logits, logits * 0.5
-
-    def itm_score(self, images, ids, mask):
-        lt, li = self.itm_logits(images, ids, mask)
-        return (lt.softmax(-1)[:, 1] + li.softmax(-1)[:, 1]) / 2
 
 
 def _load_image(path):  # "img/<n>.jpg" -> a 3x2x2 tensor holding n

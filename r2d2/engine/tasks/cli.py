@@ -53,15 +53,15 @@ class EvalDataConfig:
     """evaluate only the first N records (quick checks)"""
     vocab: str | None = None
     """tokenizer vocab.txt; default: the checkpoint's, else the project's built-in vocabulary"""
-    max_text_len: int = 64
-    """tokens per text (the paper's 64)"""
+    max_text_len: int | None = None
+    """tokens per text; default: the model's max_text_len (what it was trained with)"""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"data.format must be one of {FORMATS}, got {self.format!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.limit must be >= 1, got {self.limit}")
-        if self.max_text_len < 2:
+        if self.max_text_len is not None and self.max_text_len < 2:
             raise ValueError(f"data.max_text_len must be >= 2, got {self.max_text_len}")
 
 
@@ -167,40 +167,26 @@ def load_model(checkpoint: str, device: torch.device):
 
 
 def make_tokenize(model, cfg: EvalDataConfig, checkpoint: str):
+    """``texts -> (input_ids, attention_mask)`` padded to ``data.max_text_len``: the checkpoint's
+    vocabulary (loaded by from_pretrained) unless ``data.vocab`` names another, else the built-in
+    one, exactly as the trainer tokenises."""
+    from r2d2.engine.data.loader import Tokenize
     from r2d2.engine.tokenizer import build_tokenizer
 
-    vocab = cfg.vocab
-    if vocab is None and os.path.isfile(os.path.join(checkpoint, "vocab.txt")):
-        vocab = os.path.join(checkpoint, "vocab.txt")
-    tok = build_tokenizer(vocab)
-    max_len = cfg.max_text_len
-
-    def tokenize(texts):
-        enc = tok.encode_batch(list(texts))
-        ids = torch.zeros(len(texts), max_len, dtype=torch.long)
-        mask = torch.zeros(len(texts), max_len, dtype=torch.long)
-        for i, e in enumerate(enc):
-            n = min(len(e.ids), max_len)
-            ids[i, :n] = torch.tensor(e.ids[:n])
-            mask[i, :n] = 1
-        return ids, mask
-
-    return tokenize
+    max_len = cfg.max_text_len or getattr(getattr(model, "config", None), "max_text_len", 64)
+    tok = getattr(model, "tokenizer", None)
+    if cfg.vocab is not None or tok is None:
+        tok = build_tokenizer(cfg.vocab, max_length=max_len)
+    return Tokenize(tok, max_len)
 
 
 def make_load_image(model):
-    from PIL import Image
-
+    """``path -> [3, S, S]`` with the engine's eval transform at the model's resolution."""
+    from r2d2.engine.data.synthetic import open_image
     from r2d2.engine.data.transforms import eval_transform
 
-    size = getattr(getattr(model, "config", None), "image_size", 224)
-    tf = eval_transform(size)
-
-    def load(path: str) -> torch.Tensor:
-        with Image.open(path) as im:
-            return tf(im.convert("RGB"))
-
-    return load
+    tf = eval_transform(getattr(getattr(model, "config", None), "image_size", 224))
+    return lambda path: tf(open_image(path))
 
 
 # --------------------------------------------------------------------------------- reporting

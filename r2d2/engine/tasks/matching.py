@@ -27,12 +27,11 @@ BATCH_KEYS = ("images", "input_ids", "attention_mask", "labels")
 
 def itm_logits(model, images: torch.Tensor, input_ids: torch.Tensor,
                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text-image head logits [N, 2], image-text head logits [N, 2]) of ``model``."""
-    fn = getattr(model, "itm_logits", None)
-    if fn is None:
-        raise TypeError(f"{type(model).__name__} has no itm_logits(images, input_ids, attention_mask); "
-                        "matching needs both ITM heads (a PRD2 model has none)")
-    return fn(images, input_ids, attention_mask)
+    """(text-image head logits [N, 2], image-text head logits [N, 2]) of row-wise pairs."""
+    if not hasattr(model, "itm_logits"):
+        raise TypeError(f"{type(model).__name__} has no ITM heads; matching needs the cross encoders")
+    return model.itm_logits(model.image_tokens(images), model.text_tokens(input_ids, attention_mask),
+                            attention_mask)
 
 
 class MatchingObjective(nn.Module):
@@ -51,9 +50,9 @@ class MatchingObjective(nn.Module):
         self.register_buffer("class_weights", None if class_weights is None
                              else torch.tensor(class_weights, dtype=torch.float32), persistent=False)
         if freeze_image_encoder:
-            enc = getattr(model, "image_encoder", None) or getattr(model, "visual_encoder", None)
+            enc = getattr(model, "visual", None)
             if enc is None:
-                raise TypeError(f"{type(model).__name__} has no image_encoder to freeze")
+                raise TypeError(f"{type(model).__name__} has no image encoder (.visual) to freeze")
             enc.requires_grad_(False)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -64,7 +63,8 @@ class MatchingObjective(nn.Module):
         if labels.numel() != batch["input_ids"].shape[0]:
             raise ValueError(f"labels has {labels.numel()} entries for a batch of {batch['input_ids'].shape[0]}")
         if ((labels != 0) & (labels != 1)).any():
-            raise ValueError(f"labels must be 0/1, got {labels.unique().tolist()}")
+            raise ValueError(f"labels must be 0/1 (every sample of a matching set needs one), "
+                             f"got {labels.unique().tolist()}")
         lt, li = itm_logits(self.model, batch["images"], batch["input_ids"], batch["attention_mask"])
         w = self.class_weights
         loss_ti = F.cross_entropy(lt.float(), labels, weight=w)

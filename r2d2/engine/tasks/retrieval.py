@@ -8,8 +8,9 @@
    report the metrics again.
 
 The cross encoders need every image of the set (a text query's top k can be any image), so each
-rank keeps all preprocessed images in memory (fp16 by default: 3 x 224 x 224 x 2 bytes = 0.3 MB
-per image, 1.5 GB for Flickr30k's 5k-image test split); only the scoring is sharded.
+rank keeps all preprocessed images (3 x 224 x 224 x 4 bytes = 0.6 MB per image in fp32) and,
+through ``inference.retrieve``, the token states of every image and text on the device (ViT-L:
+257 x 1024 floats = 1 MB per image); only the cross-encoder scoring is sharded.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ class RetrievalEvalConfig:
     """(image, text) pairs per cross-encoder call"""
     rerank: bool = True
     """run the cross-encoder stage (False: pre-rank metrics only, as for a PRD2 model)"""
-    image_cache_dtype: str = "float16"
-    """dtype of the in-memory preprocessed images kept for the cross encoders"""
+    image_cache_dtype: str = "float32"
+    """dtype of the in-memory preprocessed images (the model's input dtype; bfloat16 for a bf16
+    model halves the memory)"""
     progress: bool = False
     """show tqdm bars on rank 0"""
 
@@ -144,27 +146,6 @@ def sharded_encode(fn: Callable[[int, int], torch.Tensor], n: int, batch_size: i
     return gather(local.contiguous(), group, with_grad=False)[:n]
 
 
-class CrossEncoderScorer:
-    """The :class:`~r2d2.engine.tasks.rerank.PairScorer` backed by ``model.itm_score``
-    (both ITM heads' match probabilities averaged) on cached images and tokenised texts."""
-
-    def __init__(self, model, images: torch.Tensor, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> None:
-        self.model, self.images = model, images
-        self.input_ids, self.attention_mask = input_ids, attention_mask
-        self.device = _model_device(model)
-
-    @torch.no_grad()
-    def __call__(self, img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-        img_idx, txt_idx = img_idx.cpu(), txt_idx.cpu()
-        # An i2t row repeats one image k times: run each distinct image through the cache once.
-        uniq, inverse = torch.unique(img_idx, return_inverse=True)
-        imgs = self.images[uniq].to(self.device, torch.float32)[inverse.to(self.device)]
-        ids = self.input_ids[txt_idx].to(self.device)
-        mask = self.attention_mask[txt_idx].to(self.device)
-        return self.model.itm_score(imgs, ids, mask).float()
-
-
 def load_images(paths: Sequence[str], load_image: LoadImage, dtype: torch.dtype,
                 workers: int = 4) -> torch.Tensor:
     """Decode and preprocess ``paths`` into one ``[N, 3, H, W]`` tensor. Threads, because Pillow
@@ -176,32 +157,35 @@ def load_images(paths: Sequence[str], load_image: LoadImage, dtype: torch.dtype,
 @torch.no_grad()
 def evaluate_retrieval(model, rset: RetrievalSet, tokenize: Tokenize, load_image: LoadImage,
                        cfg: RetrievalEvalConfig | None = None, group=None) -> RetrievalResult:
-    """Pre-rank and (unless ``cfg.rerank`` is False) pre-rank + rank metrics of ``model``.
+    """Pre-rank and (unless ``cfg.rerank`` is False or the model has no cross encoders)
+    pre-rank + rank metrics of an ``R2D2Model``-like ``model``.
 
-    ``model`` needs ``encode_image(images) -> [N, E]``, ``encode_text(ids, mask) -> [N, E]``
-    (both L2-normalised) and, for re-ranking, ``itm_score(images, ids, mask) -> [N]``."""
+    The two-stage path is ``r2d2.engine.inference.retrieve`` (token states cached once per image
+    and text, the re-ranking sharded over ranks by ``rerank``); the pre-rank-only path embeds with
+    ``encode_image`` / ``encode_text``, each rank a shard."""
     cfg = cfg or RetrievalEvalConfig()
     was_training = model.training
     model.eval()
-    device = _model_device(model)
-    cache_dtype = getattr(torch, cfg.image_cache_dtype)
-    images = load_images(rset.images, load_image, cache_dtype)            # [n_img, 3, H, W]
-    input_ids, attention_mask = tokenize(rset.texts)
+    try:
+        device = _model_device(model)
+        images = load_images(rset.images, load_image, getattr(torch, cfg.image_cache_dtype))
+        input_ids, attention_mask = tokenize(rset.texts)
+        two = s_i2t = s_t2i = None
+        if cfg.rerank and getattr(getattr(model, "config", None), "has_cross", False):
+            from r2d2.engine.inference import retrieve
 
-    img_emb = sharded_encode(
-        lambda s, e: model.encode_image(images[s:e].to(device, torch.float32)).float(),
-        len(rset.images), cfg.batch_size, group)
-    txt_emb = sharded_encode(
-        lambda s, e: model.encode_text(input_ids[s:e].to(device), attention_mask[s:e].to(device)).float(),
-        len(rset.texts), cfg.batch_size, group)
-    sim = img_emb @ txt_emb.t()
-    pre = retrieval_metrics(sim.cpu(), rset.img2txt, rset.txt2img)
-    two = s_i2t = s_t2i = None
-    if cfg.rerank:
-        scorer = CrossEncoderScorer(model, images, input_ids, attention_mask)
-        s_i2t = rerank(sim, scorer, cfg.k, "i2t", cfg.pair_batch, group, cfg.progress)
-        s_t2i = rerank(sim, scorer, cfg.k, "t2i", cfg.pair_batch, group, cfg.progress)
-        two = retrieval_metrics(s_i2t.cpu(), rset.img2txt, rset.txt2img, sim_t2i=s_t2i.cpu())
-    model.train(was_training)
-    return RetrievalResult(pre, two, len(rset.images), len(rset.texts), cfg.k, sim.cpu(),
-                           None if s_i2t is None else s_i2t.cpu(), None if s_t2i is None else s_t2i.cpu())
+            out = retrieve(model, images, input_ids, attention_mask, top_k=cfg.k,
+                           batch_size=cfg.batch_size, pair_batch=cfg.pair_batch, group=group)
+            sim, s_i2t, s_t2i = out["sim_i2t"].float().cpu(), out["i2t"].cpu(), out["t2i"].cpu()
+            two = retrieval_metrics(s_i2t, rset.img2txt, rset.txt2img, sim_t2i=s_t2i)
+        else:
+            img_emb = sharded_encode(lambda s, e: model.encode_image(images[s:e].to(device)).float(),
+                                     len(rset.images), cfg.batch_size, group)
+            txt_emb = sharded_encode(
+                lambda s, e: model.encode_text(input_ids[s:e].to(device), attention_mask[s:e].to(device)).float(),
+                len(rset.texts), cfg.batch_size, group)
+            sim = (img_emb @ txt_emb.t()).cpu()
+        pre = retrieval_metrics(sim, rset.img2txt, rset.txt2img)
+    finally:
+        model.train(was_training)
+    return RetrievalResult(pre, two, len(rset.images), len(rset.texts), cfg.k, sim, s_i2t, s_t2i)
