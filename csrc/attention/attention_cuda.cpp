@@ -78,7 +78,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, double scale, dou
   TORCH_CHECK(q.size(0) * q.size(1) <= kIntMax && q.size(2) <= kIntMax && k.size(2) <= kIntMax,
               "attention (cuda): B*H, Lq and Lk must each fit in int32, got ", q.sizes(), " and ",
               k.sizes());
-  TORCH_CHECK(dropout_p == 0.0 || q.size(0) * q.size(1) * q.size(2) * k.size(2) < (int64_t{1} << 32),
+  TORCH_CHECK(dropout_p == 0.0 ||
+                  q.size(0) * q.size(1) * q.size(2) * k.size(2) < (int64_t{1} << 32),
               "attention (cuda): dropout draws one Philox offset per score and needs "
               "B*H*Lq*Lk < 2^32");
   return Problem{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)),

@@ -422,7 +422,9 @@ __global__ void __launch_bounds__(32 * WARPS)
   __syncthreads();
   for (int i = threadIdx.x; i < C::kRows * D; i += C::kThreads) {
     const int r = i / D, d = i % D, row = m0 + r;
-    if (row < Lq) dq[qoff + static_cast<size_t>(row) * D + d] = from_f<T>(dQ[r * C::kLdO + d] * pr.scale);
+    if (row < Lq) {
+      dq[qoff + static_cast<size_t>(row) * D + d] = from_f<T>(dQ[r * C::kLdO + d] * pr.scale);
+    }
   }
 }
 

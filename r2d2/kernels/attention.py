@@ -55,7 +55,8 @@ def _check(q, k, v, key_padding_mask):
         raise TypeError(f"attention: q, k, v must share one floating dtype; got {q.dtype}, "
                         f"{k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, "
+                         f"{v.device}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"attention: key_padding_mask must be a bool tensor or None, got "
@@ -67,7 +68,8 @@ def _check(q, k, v, key_padding_mask):
             raise ValueError(f"attention: key_padding_mask must be [B={B}, Lk={k.shape[2]}], got "
                              f"{tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
-            raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, q on {q.device}")
+            raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, q on "
+                             f"{q.device}")
 
 
 def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generator=None,
