@@ -166,7 +166,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a) {
         const float corr = expf(tm[w] - tm_new);
         const float p0 = expf(t[0] - tm_new), p1 = expf(t[1] - tm_new);
         tls[w] = tls[w] * corr + warp_sum(p0 + p1);
-        tw[w] = tw[w] * corr + warp_sum((valid[0] ? p0 * x[0] : 0.f) + (valid[1] ? p1 * x[1] : 0.f));
+        const float pw = (valid[0] ? p0 * x[0] : 0.f) + (valid[1] ? p1 * x[1] : 0.f);
+        tw[w] = tw[w] * corr + warp_sum(pw);
         tm[w] = tm_new;
       }
       if (a.neg) {

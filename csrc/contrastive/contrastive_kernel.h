@@ -16,8 +16,8 @@
 //
 // Design: straightforward and exact first. Tiles of 16 x 64 logits live in shared memory; the
 // similarity is built from 64-wide feature chunks staged (converted to fp32) in shared memory and
-// multiplied on CUDA cores with fp32 accumulation. No tensor cores (a bonus not yet taken), so the
-// Triton backend is the fast one on the GPU; this is the C++ reference of the same streaming design.
+// multiplied on CUDA cores with fp32 accumulation. No tensor cores (a bonus not yet taken), so
+// the Triton backend is the fast one on the GPU; this is the CUDA twin of the same design.
 #pragma once
 
 #include <cstdint>

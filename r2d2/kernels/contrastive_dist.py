@@ -112,7 +112,8 @@ class FusedGather(torch.autograd.Function):
     def backward(ctx, g_loss, _g1, _g2):
         c = ctx.c
         k = c.kern
-        img_l, txt_l, img_all, txt_all, s, lse_i, tlse_i, ic_i, lse_t, tlse_t, ic_t = ctx.saved_tensors
+        (img_l, txt_l, img_all, txt_all, s,
+         lse_i, tlse_i, ic_i, lse_t, tlse_t, ic_t) = ctx.saved_tensors
         b, d = img_l.shape
         g = (g_loss.detach().float() / (2 * b)).reshape(1).contiguous()
         f32 = dict(device=img_l.device, dtype=torch.float32)

@@ -15,18 +15,22 @@ One *direction* (i2t or t2i) is "local rows ``Q [b, d]`` against columns ``K [n,
             blocks (ring mode) and get the same result as one call over all of them. Then
               CE_r = LSE_r - (1 - alpha) HS_r / CNT_r - alpha TW_r / TL_r      (sum_c target = 1)
   backward  recomputes tiles: dlogit = g (softmax - target) with g = grad / (2 b);
-              rows kernel  dQ[:, chunk] += s * dlogit @ K[:, chunk]   and  ds += sum dlogit * sim
-              cols kernel  dK[:, chunk] += s * dlogit^T @ Q[:, chunk]
-            grid (block, d-chunk): each program recomputes the full-d similarity of its tiles so
-            that the accumulator is ``[BLOCK, BLOCK_D]`` however large d is.
+              rows kernel  dQ += s * dlogit @ K    and  ds += sum dlogit * sim   (program: rows)
+              cols kernel  dK += s * dlogit^T @ Q                             (program: columns)
+            each tile's similarity is computed once; with d <= BLOCK_D the gradient accumulator
+            stays in registers, otherwise every tile adds into the program's own fp32 rows of
+            dQ / dK chunk by chunk (L2-resident read-modify-write, no atomics), so a large d
+            costs memory traffic rather than recomputation.
 
 Both directions are separate calls with the roles swapped (as Inf-CL does); with one process the
 t2i row statistics are the column statistics of the i2t tiles, which a fused kernel could reuse
 (not done: it would need cross-program column reductions).
 
 Memory beyond inputs and gradients: the state, O(b) per direction, and fp32 gradient
-accumulators. FLOPs: forward 2 b n d per direction (x2 with a teacher); backward recomputes the
-similarity once per d-chunk and kernel.
+accumulators. FLOPs: forward 2 b n d per direction (x2 with a teacher); backward, per direction,
+the similarity (x2 with a teacher) once in each of the two kernels, plus 2 x 2 b n d.
+dlogit is rounded to the feature dtype before its dots (as flash-attention does with P), so
+fp16/bf16 gradients carry that rounding; fp32 is exact to summation order.
 
 The Gumbel noise is counter-based, a function of (seed key, global row, global column) only,
 (``contrastive.gumbel_noise`` computes the same numbers in torch for the eager reference), so the
@@ -116,7 +120,8 @@ def _fwd_kernel(
     for c0 in range(0, n, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < n
-        logit = s * _sim_tile(q_ptr, k_ptr, rows, cols, rmask, cmask, D, BLOCK_R, BLOCK_C, BLOCK_K, PREC)
+        logit = s * _sim_tile(q_ptr, k_ptr, rows, cols, rmask, cmask, D, BLOCK_R, BLOCK_C,
+                              BLOCK_K, PREC)
         logit = tl.where(cmask[None, :], logit, ninf)
         # Every tile has >= 1 real column, so m_new is finite and no exp(-inf + inf) is formed.
         m_new = tl.maximum(m, tl.max(logit, 1))
@@ -127,7 +132,8 @@ def _fwd_kernel(
         hs += tl.sum(tl.where(same, logit, 0.0), 1)
         cnt += tl.sum(same.to(tl.float32), 1)
         if HAS_TEACHER:
-            tlog = s * _sim_tile(tq_ptr, tk_ptr, rows, cols, rmask, cmask, D, BLOCK_R, BLOCK_C, BLOCK_K, PREC)
+            tlog = s * _sim_tile(tq_ptr, tk_ptr, rows, cols, rmask, cmask, D, BLOCK_R, BLOCK_C,
+                                 BLOCK_K, PREC)
             tlog = tl.where(cmask[None, :], tlog, ninf)
             tm_new = tl.maximum(tm, tl.max(tlog, 1))
             corr = tl.exp(tm - tm_new)
@@ -167,10 +173,46 @@ def _dlogit_tile(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, rid, ci
     same = (rid[:, None] == cid[None, :]) & valid
     tgt = tl.where(same, inv_cnt[:, None], 0.0)
     if HAS_TEACHER:
-        tsim = _sim_tile(tq_ptr, tk_ptr, rows, cols, rmask, cmask, D, BLOCK_R, BLOCK_C, BLOCK_K, PREC)
+        tsim = _sim_tile(tq_ptr, tk_ptr, rows, cols, rmask, cmask, D, BLOCK_R, BLOCK_C, BLOCK_K,
+                         PREC)
         soft = tl.where(valid, tl.exp(s * tsim - tlse[:, None]), 0.0)
         tgt = (1.0 - alpha) * tgt + alpha * soft
     return g * (p - tgt), sim
+
+
+@triton.jit
+def _accumulate(out_ptr, idx, imask, a, b_ptr, bidx, bmask, s, acc, D,
+                SINGLE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """out[idx] += s * a @ B[bidx] over the feature dim. SINGLE (D <= BLOCK_D): into the
+    register accumulator ``acc`` (stored once by the caller). Otherwise chunk by chunk into the
+    fp32 output in global memory: rows of ``out`` belong to this program alone, so the
+    read-modify-write needs no atomics, and the similarity is not recomputed per chunk."""
+    a = a.to(b_ptr.dtype.element_ty)
+    if SINGLE:
+        dd = tl.arange(0, BLOCK_D)
+        bt = tl.load(b_ptr + bidx[:, None].to(tl.int64) * D + dd[None, :],
+                     mask=bmask[:, None] & (dd < D)[None, :], other=0.0)
+        acc = tl.dot(a, bt, acc, input_precision=PREC)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = (dd < D)[None, :]
+            bt = tl.load(b_ptr + bidx[:, None].to(tl.int64) * D + dd[None, :],
+                         mask=bmask[:, None] & dmask, other=0.0)
+            part = tl.dot(a, bt, input_precision=PREC)
+            off = idx[:, None].to(tl.int64) * D + dd[None, :]
+            om = imask[:, None] & dmask
+            tl.store(out_ptr + off, tl.load(out_ptr + off, mask=om, other=0.0) + s * part,
+                     mask=om)
+    return acc
+
+
+@triton.jit
+def _store_acc(out_ptr, idx, imask, s, acc, D, BLOCK_D: tl.constexpr):
+    dd = tl.arange(0, BLOCK_D)
+    off = idx[:, None].to(tl.int64) * D + dd[None, :]
+    om = imask[:, None] & (dd < D)[None, :]
+    tl.store(out_ptr + off, tl.load(out_ptr + off, mask=om, other=0.0) + s * acc, mask=om)
 
 
 @triton.jit
@@ -178,17 +220,14 @@ def _bwd_rows_kernel(
     q_ptr, k_ptr, tq_ptr, tk_ptr, rid_ptr, cid_ptr, s_ptr, g_ptr,
     lse_ptr, tlse_ptr, icnt_ptr,     # [b] fp32 per-row statistics of the forward
     dq_ptr,                          # [b, D] fp32, accumulated (+=)
-    ds_ptr,                          # [num row blocks] fp32, accumulated (+=) by d-chunk 0
+    ds_ptr,                          # [num row blocks] fp32, accumulated (+=)
     b, n, D, alpha,
-    HAS_TEACHER: tl.constexpr, PREC: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pd = tl.program_id(1)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < b
-    dd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dd < D
     s = tl.load(s_ptr).to(tl.float32)
     g = tl.load(g_ptr).to(tl.float32)
     rid = tl.load(rid_ptr + rows, mask=rmask, other=-1)
@@ -205,14 +244,11 @@ def _bwd_rows_kernel(
                                lse, tlse, icnt, s, g, alpha, D, HAS_TEACHER, BLOCK_R, BLOCK_C,
                                BLOCK_K, PREC)
         ds += tl.sum(dl * sim, 1)
-        k = tl.load(k_ptr + cols[:, None].to(tl.int64) * D + dd[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = tl.dot(dl.to(k.dtype), k, acc, input_precision=PREC)
-    off = rows[:, None].to(tl.int64) * D + dd[None, :]
-    om = rmask[:, None] & dmask[None, :]
-    tl.store(dq_ptr + off, tl.load(dq_ptr + off, mask=om, other=0.0) + s * acc, mask=om)
-    if pd == 0:
-        tl.store(ds_ptr + pid, tl.load(ds_ptr + pid) + tl.sum(ds, 0))
+        acc = _accumulate(dq_ptr, rows, rmask, dl, k_ptr, cols, cmask, s, acc, D, SINGLE,
+                          BLOCK_D, PREC)
+    if SINGLE:
+        _store_acc(dq_ptr, rows, rmask, s, acc, D, BLOCK_D)
+    tl.store(ds_ptr + pid, tl.load(ds_ptr + pid) + tl.sum(ds, 0))
 
 
 @triton.jit
@@ -221,15 +257,12 @@ def _bwd_cols_kernel(
     lse_ptr, tlse_ptr, icnt_ptr,
     dk_ptr,                          # [n, D] fp32, accumulated (+=)
     b, n, D, alpha,
-    HAS_TEACHER: tl.constexpr, PREC: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pd = tl.program_id(1)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < n
-    dd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dd < D
     s = tl.load(s_ptr).to(tl.float32)
     g = tl.load(g_ptr).to(tl.float32)
     cid = tl.load(cid_ptr + cols, mask=cmask, other=-2)
@@ -244,12 +277,10 @@ def _bwd_cols_kernel(
         dl, sim = _dlogit_tile(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, rid, cid,
                                lse, tlse, icnt, s, g, alpha, D, HAS_TEACHER, BLOCK_R, BLOCK_C,
                                BLOCK_K, PREC)
-        q = tl.load(q_ptr + rows[:, None].to(tl.int64) * D + dd[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dl.to(q.dtype)), q, acc, input_precision=PREC)
-    off = cols[:, None].to(tl.int64) * D + dd[None, :]
-    om = cmask[:, None] & dmask[None, :]
-    tl.store(dk_ptr + off, tl.load(dk_ptr + off, mask=om, other=0.0) + s * acc, mask=om)
+        acc = _accumulate(dk_ptr, cols, cmask, tl.trans(dl), q_ptr, rows, rmask, s, acc, D,
+                          SINGLE, BLOCK_D, PREC)
+    if SINGLE:
+        _store_acc(dk_ptr, cols, cmask, s, acc, D, BLOCK_D)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -303,15 +334,15 @@ def backward_block(q, k, tq, tk, rid, cid, s, g, lse, tlse, icnt, alpha: float, 
     t = tiles.resolved(d, q.device)
     teacher = tq is not None
     tq_, tk_ = (tq, tk) if teacher else (q, k)
-    common = dict(HAS_TEACHER=teacher, PREC=_prec(q), BLOCK_R=t.block_r, BLOCK_C=t.block_c,
-                  BLOCK_K=t.block_k, BLOCK_D=t.block_d, num_warps=t.num_warps)
-    nd = triton.cdiv(d, t.block_d)
+    common = dict(HAS_TEACHER=teacher, PREC=_prec(q), SINGLE=d <= t.block_d, BLOCK_R=t.block_r,
+                  BLOCK_C=t.block_c, BLOCK_K=t.block_k, BLOCK_D=t.block_d,
+                  num_warps=t.num_warps)
     if dq is not None:
-        _bwd_rows_kernel[(triton.cdiv(b, t.block_r), nd)](
+        _bwd_rows_kernel[(triton.cdiv(b, t.block_r),)](
             q, k, tq_, tk_, rid, cid, s, g, lse, tlse, icnt, dq, ds, b, n, d, float(alpha),
             **common)
     if dk is not None:
-        _bwd_cols_kernel[(triton.cdiv(n, t.block_c), nd)](
+        _bwd_cols_kernel[(triton.cdiv(n, t.block_c),)](
             q, k, tq_, tk_, rid, cid, s, g, lse, tlse, icnt, dk, b, n, d, float(alpha),
             **common)
 
