@@ -19,13 +19,14 @@ pytestmark = pytest.mark.distributed
 WORLD, B_LOCAL = 2, 3
 
 
-def build(fgr: bool):
+def build(fgr: bool, negatives: str = "global"):
     torch.manual_seed(0)
     cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
                       text=TextConfig(vocab_size=61, width=32, layers=1, heads=2, intermediate=48,
                                       max_positions=16, dropout=0.0),
                       cross_layers=1, embed_dim=16, max_text_len=16)
-    loss = LossConfig(gcpr=True, fgr=fgr, mlm=False, tgd=True, fgd=False, distill_alpha=0.4)
+    loss = LossConfig(gcpr=True, fgr=fgr, mlm=False, tgd=True, fgd=False, distill_alpha=0.4,
+                      fgr_negatives=negatives)
     obj = R2D2ForPretraining(R2D2Model(cfg), loss)
     with torch.no_grad():  # a teacher that differs from the student, identically on every rank
         for p in obj.teacher.parameters():
@@ -82,6 +83,13 @@ def _worker(rank, init_file, out_dir):
             v /= WORLD
         torch.save({"g": g, "neg_t": seen[0].neg_text_for_image, "neg_i": seen[0].neg_image_for_text,
                     "loss": out["loss"].detach()}, os.path.join(out_dir, f"fgr{rank}.pt"))
+
+        # Local negatives: no token-state gather, still a finite loss and gradients.
+        obj = build(fgr=True, negatives="local")
+        out = obj(local)
+        out["loss"].backward()
+        ok = all(torch.isfinite(v).all() for v in grads(obj).values()) and out["fgr_loss"].item() > 0
+        torch.save(ok, os.path.join(out_dir, f"local{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -136,3 +144,7 @@ def test_fgr_global_negatives_gradients_equal_single_process(runs, monkeypatch):
         assert set(r["g"]) == set(g_ref)
         for k, v in g_ref.items():
             torch.testing.assert_close(r["g"][k], v, atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_fgr_local_negatives_run(runs):
+    assert all(torch.load(runs / f"local{r}.pt") for r in range(WORLD))

@@ -233,3 +233,44 @@ def test_tiny_preset_is_small():
     n = sum(p.numel() for p in m.parameters())
     assert n < 3_000_000
     assert dataclasses.asdict(m.config)["vision"]["image_size"] == 32
+
+
+# ---------------------------------------------------------------------- retrieval
+def test_retrieve_reranks_only_the_top_k():
+    from r2d2.engine import retrieve
+
+    m = R2D2Model(small_cfg()).eval()
+    imgs = torch.randn(5, 3, 24, 24)
+    ids, mask = text_batch(7)
+    out = retrieve(m, imgs, ids, mask, top_k=3, batch_size=2)
+    sim = m.encode_image(imgs) @ m.encode_text(ids, mask).t()
+    torch.testing.assert_close(out["sim_i2t"], sim)
+    assert out["i2t"].shape == (5, 7) and out["t2i"].shape == (7, 5)
+    assert out["i2t_indices"].shape == out["pre_i2t"].shape == (5, 3)
+    assert out["t2i_indices"].shape == out["pre_t2i"].shape == (7, 3)
+    for i in range(5):
+        top = set(out["pre_i2t"][i].tolist())
+        assert top == set(torch.topk(sim[i], 3).indices.tolist())
+        assert set(out["i2t_indices"][i].tolist()) == top       # re-ranking permutes the top k
+        for j in range(7):
+            if j in top:   # (p_ti + p_it) / 2 + cosine
+                p = m.itm_score(imgs[i:i + 1], ids[j:j + 1], mask[j:j + 1])
+                assert out["i2t"][i, j].item() == pytest.approx((p + sim[i, j]).item(), abs=1e-5)
+            else:
+                assert out["i2t"][i, j].item() == pytest.approx(sim[i, j].item() - 2.0, abs=1e-6)
+    for j in range(7):
+        assert set(out["t2i_indices"][j].tolist()) == set(torch.topk(sim[:, j], 3).indices.tolist())
+    with pytest.raises(ValueError, match="top_k"):
+        retrieve(m, imgs, ids, mask, top_k=0)
+
+
+def test_retrieve_with_strings_and_prd2():
+    from r2d2.engine import retrieve
+
+    tok = build_tokenizer(max_length=12)
+    cfg = model_preset("prd2-tiny")
+    m = R2D2Model(cfg, tokenizer=tok)
+    out = retrieve(m, torch.randn(3, 3, 32, 32), ["猫", "狗", "鸟", "鱼"], top_k=2)
+    assert m.training    # retrieve restores the mode it found
+    torch.testing.assert_close(out["i2t"], out["sim_i2t"])
+    assert out["i2t_indices"].shape == (3, 2)

@@ -22,9 +22,11 @@ Per rank, local batch b, global batch B (gathered over ``group``), embeddings no
   loss        = sum of weight * term over the terms switched on.
 
 Hard negatives on other ranks (``fgr_negatives="global"``) need their token states: the image
-and text token states and masks are all-gathered with gradients, which costs per rank
-world * b * ((1 + N) * Wv + L * Wt) activations (base, b=32, world=8: ~0.9 GB fp32 incl. the
-graph) and one all-gather; ``"local"`` samples negatives among the local batch only (no gather).
+and text token states and masks are all-gathered with gradients. Per rank that holds
+world * b * ((1 + N) * Wv + L * Wt) extra activations (base, 224 px, L = 64, b = 32, world = 8:
+256 * (197 + 64) * 768 * 4 B ~ 205 MB fp32; the same again for the teacher under TgD, without a
+graph) and costs one all-gather forward and one all-reduce backward. ``"local"`` samples the
+negatives among the rank's own batch (no gather; a second, b x b, similarity pass).
 """
 
 from __future__ import annotations
