@@ -93,7 +93,9 @@ class FusedGather(torch.autograd.Function):
     def forward(ctx, img_l, txt_l, img_all, txt_all, scale, c: _Ctx):
         k = c.kern
         b = img_l.shape[0]
-        s = scale.detach().float().reshape(1).contiguous()
+        # The scale may live elsewhere (e.g. a CPU scalar); the kernels read it on the device.
+        s = scale.detach().float().reshape(1).to(img_l.device).contiguous()
+        ctx.scale_device = scale.device
         st_i = k.RowState.empty(b, img_l.device)
         st_t = k.RowState.empty(b, img_l.device)
         teacher = c.tI_l is not None
@@ -126,7 +128,7 @@ class FusedGather(torch.autograd.Function):
                          ic_i, c.alpha, dq=d_img_l, dk=d_txt_all, ds=ds_i, tiles=c.tiles)
         k.backward_block(txt_l, img_all, c.tT_l, c.tI_all, c.ids_l, c.ids_all, s, g, lse_t, tlse_t,
                          ic_t, c.alpha, dq=d_txt_l, dk=d_img_all, ds=ds_t, tiles=c.tiles)
-        ds = ds_i.sum() + ds_t.sum()
+        ds = (ds_i.sum() + ds_t.sum()).to(ctx.scale_device)
         return (d_img_l.to(img_l.dtype), d_txt_l.to(txt_l.dtype), d_img_all.to(img_all.dtype),
                 d_txt_all.to(txt_all.dtype), ds, None)
 
@@ -161,7 +163,9 @@ class FusedRing(torch.autograd.Function):
     def forward(ctx, img_l, txt_l, scale, c: _Ctx):
         k = c.kern
         b = img_l.shape[0]
-        s = scale.detach().float().reshape(1).contiguous()
+        # The scale may live elsewhere (e.g. a CPU scalar); the kernels read it on the device.
+        s = scale.detach().float().reshape(1).to(img_l.device).contiguous()
+        ctx.scale_device = scale.device
         st_i = k.RowState.empty(b, img_l.device)
         st_t = k.RowState.empty(b, img_l.device)
         teacher = c.tI_l is not None
@@ -220,7 +224,7 @@ class FusedRing(torch.autograd.Function):
                 blk = nxt_blk
         d_img += acc[0]
         d_txt += acc[1]
-        ds = ds_i.sum() + ds_t.sum()
+        ds = (ds_i.sum() + ds_t.sum()).to(ctx.scale_device)
         return d_img.to(img_l.dtype), d_txt.to(txt_l.dtype), ds, None
 
 
