@@ -110,7 +110,15 @@ class Step:
 
         self.cfg = model_preset(preset)
         self.device = torch.device(device)
-        model = R2D2Model(self.cfg, _kernels(config, eager_attention))
+        kernels = _kernels(config, eager_attention)
+        # what each op will run (auto resolved now: attention's auto measures on its first CUDA
+        # call, which must not happen inside torch.compile tracing)
+        from r2d2.kernels.dispatch import resolve
+
+        self.kernel_picks = {op: resolve(op, getattr(kernels, op), self.device)
+                             for op in ("attention", "contrastive", "distill_kl")}
+        self.eager_attention = eager_attention
+        model = R2D2Model(self.cfg, kernels)
         model.set_activation_checkpointing(checkpointing)
         apex = _apex() if config == "apex" else None
         if apex:
@@ -180,10 +188,11 @@ def largest_batch(step: Step, start: int = 16, cap: int = 4096, granularity: int
 
 def _step_row(step: Step, preset: str, config: str, batch: int, text_len: int, quick: bool) -> dict:
     data = synthetic_batch(step.cfg, batch, step.device, text_len)
-    for _ in range(2 if quick else 3):  # compile, optimizer-state allocation, autotuning
+    for _ in range(1 if quick else 3):  # compile, optimizer-state allocation, autotuning
         step.run(data)
-    rep = 200 if quick else 1000  # ms of timed steps after warm-up
-    timing = harness.measure(lambda: step.run(data), device=step.device, rep=rep, warmup=10 if quick else None)
+    timing = harness.measure(lambda: step.run(data), device=step.device, rep=100 if quick else 1000,
+                             warmup=0 if quick else None, flush_l2=False,
+                             min_blocks=3 if quick else None)
     peak = None
     if step.device.type == "cuda":
         torch.cuda.synchronize()
@@ -197,7 +206,8 @@ def _step_row(step: Step, preset: str, config: str, batch: int, text_len: int, q
         shape={"preset": preset, "batch": batch, "text_len": text_len,
                "image_size": step.cfg.vision.image_size},
         timing=timing, flops=fps * batch if fps else None, peak_mem=peak, device=step.device,
-        dtype=step.dtype, samples_per_s=batch / (timing.median_ms / 1e3))
+        dtype=step.dtype, samples_per_s=batch / (timing.median_ms / 1e3),
+        kernels=step.kernel_picks, eager_attention=step.eager_attention)
     row["mfu"] = row["frac_peak_flops"]  # MFU = achieved model FLOP/s over the data-sheet peak
     return row
 
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-max-batch", action="store_true", help="skip the checkpointed max-batch search")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
+    harness.measured_peaks(args.device)  # before any model fills the GPU
     presets = args.preset or (["tiny"] if args.quick or not cuda else ["base", "large"])
     rows = []
     for preset in presets:

@@ -120,13 +120,18 @@ def _is_cuda(device: str | torch.device) -> bool:
 
 
 def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: float | None = None,
-            rep: float | None = None, grad_to_none: Sequence[torch.Tensor] | None = None) -> Timing:
+            rep: float | None = None, grad_to_none: Sequence[torch.Tensor] | None = None,
+            flush_l2: bool = True, min_blocks: int | None = None) -> Timing:
     """Median and 20/80 percentiles of ``fn()`` in milliseconds.
 
     ``warmup`` and ``rep`` are time budgets in ms (do_bench's meaning on both devices);
     ``grad_to_none`` tensors get ``.grad = None`` before every rep so backward never accumulates.
+    ``flush_l2=False`` on CUDA times with torch.utils.benchmark (which synchronizes the device)
+    instead of do_bench: for a whole training step, whose working set dwarfs L2 anyway, and whose
+    largest batch leaves no room for do_bench's 256 MB flush buffer. ``min_blocks``: fewest timed
+    blocks on that path (default MIN_BLOCKS).
     """
-    if _is_cuda(device):
+    if _is_cuda(device) and flush_l2:
         from triton.testing import do_bench
 
         q = do_bench(fn, warmup=warmup or 25, rep=rep or 100, grad_to_none=grad_to_none,
@@ -155,7 +160,7 @@ def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: flo
     times = list(m.times)
     # A slow fn gets one or two blocks in the budget; quantiles of those mean nothing, so top up
     # to MIN_BLOCKS blocks of the same size (a slow fn is also a noisy one on a shared CPU).
-    while len(times) < MIN_BLOCKS:
+    while len(times) < (min_blocks or MIN_BLOCKS):
         times += timer.timeit(m.number_per_run).times
     times_ms = sorted(t * 1e3 for t in times)
     return Timing(statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8))
@@ -315,23 +320,34 @@ def peak_tflops(name: str, dtype: str | None) -> float | None:
     return _peak(name, _DTYPE_CLASS.get(str(dtype).removeprefix("torch."), "bf16"))
 
 
-@functools.lru_cache(maxsize=None)
 def measured_peaks(device: str | torch.device) -> dict:
     """Copy bandwidth (GB/s, read + write) and bf16 matmul TFLOP/s measured on this GPU; {} on CPU.
 
     Done once per process, about a second, so fraction-of-peak is against what this card does
-    today (clocks, power cap), not only what its data sheet promises.
+    today (clocks, power cap), not only what its data sheet promises. Call it before filling the
+    GPU (it needs ~2.3 GB); if it cannot allocate, the measured fractions stay None.
     """
+    return _measured_peaks(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_peaks(device: str) -> dict:
     if not _is_cuda(device):
         return {}
-    src = torch.randn(1 << 28, device=device)  # 1 GiB: far larger than any L2
-    dst = torch.empty_like(src)
-    copy_ms = measure(lambda: dst.copy_(src), device=device).median_ms
-    del src, dst
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    mm_ms = measure(lambda: a @ b, device=device).median_ms
+    try:
+        src = torch.randn(1 << 28, device=device)  # 1 GiB: far larger than any L2
+        dst = torch.empty_like(src)
+        copy_ms = measure(lambda: dst.copy_(src), device=device).median_ms
+        del src, dst
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        mm_ms = measure(lambda: a @ b, device=device).median_ms
+        del a, b
+    except torch.cuda.OutOfMemoryError:
+        return {}
+    finally:
+        torch.cuda.empty_cache()
     return {"gbps": 2 * (1 << 28) * 4 / copy_ms / 1e6, "bf16_tflops": 2 * n**3 / mm_ms / 1e9}
 
 

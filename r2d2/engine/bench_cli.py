@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if device == "cpu":
         env.setdefault("TRITON_INTERPRET", "1")  # CPU triton paths run only in the interpreter
+        if args.quick:
+            # one thread per process: on a shared CI CPU, OpenMP threads spinning at barriers
+            # against other jobs made the step 10-30x slower and its spread meaningless
+            env.setdefault("OMP_NUM_THREADS", "1")
     # the scripts import r2d2: make the checkout importable without an install
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(bench_dir.parent), env.get("PYTHONPATH")]))
     failed, ran = [], []
