@@ -344,3 +344,26 @@ def test_eval_cli_rejects_bad_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["retrieval", "--checkpoint", str(tmp_path), "--data.nope=1"])
     assert "unknown field(s) ['nope']" in capsys.readouterr().err
+
+
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.startswith("eval_")))
+def test_eval_configs_parse(name):
+    from r2d2.engine.tasks.cli import load_eval_config
+
+    task = {"icm": "matching", "iqm": "matching", "zeroshot": "zeroshot"}.get(name[5:-5], "retrieval")
+    cfg = load_eval_config(os.path.join(CONFIGS, name), [], task)
+    assert cfg.data.path and cfg.out.endswith(name[5:-5])
+    if name == "eval_flickr30k_cna.yaml":
+        assert cfg.retrieval.k == 128  # the official Flickr30k-CNA setting
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.startswith("finetune_ccmb_")))
+def test_finetune_configs_parse(name):
+    from r2d2.engine.config import load_config
+
+    cfg = load_config(os.path.join(CONFIGS, name), [])
+    assert cfg.data.format == "ccmb_" + name[len("finetune_ccmb_"):-5]
+    assert cfg.train.task == ("matching" if cfg.data.format in ("ccmb_icm", "ccmb_iqm") else "retrieval")
