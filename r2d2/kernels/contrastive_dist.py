@@ -11,8 +11,9 @@ column blocks come from:
           rank its slice. Extra memory: the gathered features, 2 B d (+2 B d with a teacher).
   ring    the (image, text, ids, teacher) block of each rank travels round the ring with
           isend/irecv; the transfer of the next block is posted before the current block is
-          computed, so they overlap. Backward sends the blocks round again together with their
-          fp32 column-gradient accumulators, which arrive back at their owner after W hops.
+          computed, so they overlap. Backward sends the blocks round again, and their fp32
+          column-gradient accumulators one hop behind (each rank computes its contribution while
+          the block's accumulator is in flight, then adds it); they reach their owner after W hops.
           Extra memory: two blocks in flight, O(b d), independent of the world size.
 
 Both give exactly the gradients of the eager reference: the local-feature gradient is the local
@@ -204,24 +205,34 @@ class FusedRing(torch.autograd.Function):
         ds_i = k.ds_buffer(b, d, img_l.device, c.tiles)
         ds_t = k.ds_buffer(b, d, img_l.device, c.tiles)
         blk = [img_l.detach(), txt_l.detach(), c.ids_l] + ([c.tI_l, c.tT_l] if teacher else [])
-        # Column-gradient accumulators of the block in hand; they travel with it.
-        acc = [torch.zeros(b, d, **f32), torch.zeros(b, d, **f32)]
+        # Column gradients of the block in hand travel with it, one hop behind: this rank's
+        # contribution is computed into a fresh buffer while the accumulator of the same block
+        # (the sum of the previous ranks' contributions) is still in flight, then added. After W
+        # hops every accumulator is back with its owner.
+        acc_reqs, acc_in = [], None
         for j in range(c.world):
             reqs = []
-            if j < c.world - 1:
+            if j < c.world - 1:   # prefetch the next block while this one is computed
                 nxt_blk, reqs = _post_shift(blk, c.group, c.rank, c.world)
             I, T, ids = blk[0], blk[1], blk[2]
             tI, tT = (blk[3], blk[4]) if teacher else (None, None)
+            part = [torch.zeros(b, d, **f32), torch.zeros(b, d, **f32)]
             k.backward_block(img_l, T, c.tI_l, tT, c.ids_l, ids, s, g, lse_i, tlse_i, ic_i,
-                             c.alpha, dq=d_img, dk=acc[1], ds=ds_i, tiles=c.tiles)
+                             c.alpha, dq=d_img, dk=part[1], ds=ds_i, tiles=c.tiles)
             k.backward_block(txt_l, I, c.tT_l, tI, c.ids_l, ids, s, g, lse_t, tlse_t, ic_t,
-                             c.alpha, dq=d_txt, dk=acc[0], ds=ds_t, tiles=c.tiles)
+                             c.alpha, dq=d_txt, dk=part[0], ds=ds_t, tiles=c.tiles)
+            _wait(acc_reqs)
+            if acc_in is not None:
+                part[0] += acc_in[0]
+                part[1] += acc_in[1]
+            acc_in, acc_reqs = part, []
+            if c.world > 1:
+                acc_in, acc_reqs = _post_shift(part, c.group, c.rank, c.world)
             _wait(reqs)
-            if c.world > 1:  # after W hops each accumulator is back with its owner
-                acc, areqs = _post_shift(acc, c.group, c.rank, c.world)
-                _wait(areqs)
             if reqs:
                 blk = nxt_blk
+        _wait(acc_reqs)
+        acc = acc_in
         d_img += acc[0]
         d_txt += acc[1]
         ds = (ds_i.sum() + ds_t.sum()).to(ctx.scale_device)
