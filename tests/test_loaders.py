@@ -229,6 +229,9 @@ def test_from_official_maps_every_key(tmp_path):
     # the release's BERT dropout (0.1) is not in the weights; everything else is
     assert inferred == dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dropout=0.1))
     m2 = R2D2Model.from_official(sd)
+    bare = {k.replace("visual_encoder.vision_model.", "visual_encoder."): v for k, v in sd.items()}
+    assert infer_official_config(bare) == inferred
+    assert R2D2Model.from_official(bare, config=cfg).load_report.missing == []
     assert torch.equal(m2.itm_head_i.weight, sd["itm_head_i.weight"])
 
     del sd["itm_head.bias"]

@@ -270,7 +270,10 @@ def _count(sd, pattern: str) -> int:
 
 def infer_official_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
     """A ModelConfig from an official checkpoint's shapes (heads = width / 64, as in ViT and BERT)."""
-    v, t = "visual_encoder.vision_model.", "text_encoder."
+    # CLIPVisionModel's keys carry "vision_model."; accept a bare vision transformer too.
+    v = "visual_encoder.vision_model." if any(k.startswith("visual_encoder.vision_model.") for k in sd) \
+        else "visual_encoder."
+    t = "text_encoder."
     try:
         width = sd[v + "embeddings.class_embedding"].numel()
         patch = sd[v + "embeddings.patch_embedding.weight"].shape[-1]
