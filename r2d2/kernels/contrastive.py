@@ -13,7 +13,13 @@ its slice), so after DDP averages gradients over ranks they equal the gradient o
 computed in one process over the concatenated global batch (equal b on every rank).
 
 The eager reference below materialises ``[b, B]`` logits; it is the spec, the test oracle and the
-CPU fallback. Fused Triton/CUDA backends never hold them.
+CPU fallback. The fused backends never hold them (O(b + B) extra memory; ``[b, d]`` per block in
+ring mode):
+  triton   contrastive_triton.py: streaming tiles, online LSE, tensor-core dots (auto on a GPU)
+  cuda     csrc/contrastive/ via contrastive_cuda.py: the same design on CUDA cores
+Both plug into contrastive_dist.py, which owns the autograd and the ``gather`` / ``ring`` modes.
+Hard negatives (FGR) come from the same forward pass by streaming Gumbel-max over a counter-based
+noise (``gumbel_noise``), so every backend, world size and mode draws the same negatives.
 """
 
 from __future__ import annotations
