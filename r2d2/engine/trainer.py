@@ -186,6 +186,8 @@ class Trainer:
 
             self.tokenizer = build_tokenizer(cfg.data.vocab, max_length=cfg.data.max_text_len)
             self.tokenize = Tokenize(self.tokenizer, cfg.data.max_text_len)
+            if getattr(self.model, "tokenizer", "absent") is None:
+                self.model.tokenizer = self.tokenizer  # the losses read [MASK] / special ids from it
         self.flops_per_sample = flops_per_sample if flops_per_sample is not None else self._flops()
         self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.strategy = cfg.distributed.strategy

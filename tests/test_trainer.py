@@ -1,0 +1,235 @@
+"""The training loop on small objectives: accumulation equivalence (with uneven micro-batches),
+non-finite steps, skip-rate errors, SIGTERM, the log/plot/TensorBoard outputs, the schedule and
+weight-decay groups, the analytic FLOPs; and the tiny R2D2 run's loss falling."""
+
+import json
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from r2d2.engine.config import load_config
+from r2d2.engine.data.loader import Tokenize
+from r2d2.engine.flops import (cross_layer_flops, layer_flops, mfu, peak_tflops, r2d2_flops_per_sample,
+                               shape_from_config)
+from r2d2.engine.observability import read_log
+from r2d2.engine.tokenizer import build_tokenizer
+from r2d2.engine.trainer import Trainer, TrainingError, lr_factor, param_groups
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
+         "--train.eval_at_end=false"]
+
+
+class PerSample(nn.Module):
+    """A per-sample-mean regression objective: its full-batch gradient equals the properly
+    weighted sum of any split into micro-batches, so accumulation can be checked exactly."""
+
+    def __init__(self, size=8):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.img = nn.Linear(3 * size * size, 4)
+        self.model.txt = nn.Embedding(30000, 4)
+        self.model.norm = nn.LayerNorm(4)
+        self.calls = 0
+        self.poison: set[int] = set()
+        self.sigterm_at: int | None = None
+
+    def forward(self, b):
+        self.calls += 1
+        if self.sigterm_at == self.calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        a = self.model.norm(self.model.img(b["images"].flatten(1)))
+        t = (self.model.txt(b["input_ids"] % 30000) * b["attention_mask"][..., None]).sum(1)
+        per = ((a * t).sum(-1) - 1.0) ** 2
+        loss = per.mean()
+        if self.calls in self.poison:
+            loss = loss * float("nan")
+        return {"loss": loss, "fit_loss": loss}
+
+
+TOK = Tokenize(build_tokenizer(None, 12), 12)
+
+
+def _trainer(out, args, objective=None, resume=False):
+    cfg = load_config(None, QUIET + args)
+    torch.manual_seed(0)
+    obj = objective or PerSample()
+    return Trainer(cfg, str(out), resume=resume, objective=obj, tokenize=TOK, image_size=8,
+                   flops_per_sample=1e6), obj
+
+
+def _jsonl(tmp_path, n, corrupt=(), missing=()):
+    rng = np.random.default_rng(random.randrange(2**32))
+    lines = []
+    for i in range(n):
+        name = f"{i}.png"
+        if i in corrupt:
+            (tmp_path / name).write_bytes(b"\x89PNG garbage")
+        elif i not in missing:
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / name)
+        lines.append(json.dumps({"image": name, "text": f"第{i}张图"}))
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    return str(tmp_path / "a.jsonl")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warm = random.randint(50, 500), random.randint(1, 40)
+    assert lr_factor(0, warm, total, 0.1) == pytest.approx(1 / warm)
+    assert lr_factor(warm - 1, warm, total, 0.1) == pytest.approx(1.0)
+    assert lr_factor(total, warm, total, 0.1) == pytest.approx(0.1)
+    mid = (warm + total) // 2
+    assert 0.1 < lr_factor(mid, warm, total, 0.1) < 1.0
+    assert all(lr_factor(s, warm, total, 0.1) >= lr_factor(s + 1, warm, total, 0.1) for s in range(warm, total))
+
+
+def test_weight_decay_groups():
+    from r2d2.engine.model import R2D2Model, model_preset
+
+    m = R2D2Model(model_preset("tiny"))
+    decay, no_decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "temp" in nd and "text.word_embed.weight" in nd
+    assert all(names[id(p)].endswith(".weight") and p.ndim == 2 for p in decay["params"])
+    assert not any("norm" in names[id(p)] or "ln" in names[id(p)].split(".")[-2] for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_grad_accumulation_equals_one_big_batch_with_uneven_micro_batches(tmp_path):
+    # corrupt images make the micro-batches uneven: a mean of micro-batch means would be wrong
+    path = _jsonl(tmp_path, 24, corrupt={1, 2, 3, 9})
+    common = ["--data.format=jsonl", f"--data.path={path}", "--data.batch_size=8", "--train.max_steps=3",
+              "--data.max_skip_rate=0.5", "--optim.warmup_steps=0", "--optim.lr=0.05", "--train.checkpoint_every=0"]
+    params = {}
+    for accum in (1, 4):
+        tr, obj = _trainer(tmp_path / f"acc{accum}", common + [f"--train.grad_accum={accum}"])
+        tr.fit()
+        params[accum] = [p.detach().clone() for p in obj.parameters()]
+        assert tr.state.skipped == 4 and tr.state.samples == 20
+    for a, b in zip(params[1], params[4]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_last_good_checkpoint(tmp_path):
+    obj = PerSample()
+    obj.poison = {3}
+    args = ["--train.max_steps=6", "--train.log_every=1", "--train.checkpoint_every=2", "--data.batch_size=4",
+            "--data.synthetic_size=64"]
+    tr, _ = _trainer(tmp_path / "a", args, obj)
+    tr.fit()
+    rows = read_log(str(tmp_path / "a" / "log.jsonl"))
+    assert [r["bad_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    assert rows[2]["loss"] is None  # NaN is logged as null (valid JSON)
+    obj = PerSample()
+    obj.poison = set(range(5, 100))
+    tr, _ = _trainer(tmp_path / "b", args + ["--train.max_bad_steps=2", "--train.max_steps=20"], obj)
+    before = [p.detach().clone() for p in obj.parameters()]
+    with pytest.raises(TrainingError, match=r"2 non-finite steps in a row .*step_000004\.pt"):
+        tr.fit()
+    assert os.path.isfile(tmp_path / "b" / "checkpoints" / "step_000004.pt")
+    assert not any(torch.equal(a, b) for a, b in zip(before, obj.parameters()) if a.numel() > 4)
+
+
+def test_skip_rate_threshold(tmp_path):
+    path = _jsonl(tmp_path, 40, corrupt=set(range(0, 40, 3)))  # a third corrupt
+    args = ["--data.format=jsonl", f"--data.path={path}", "--data.batch_size=20", "--train.max_steps=50",
+            "--data.max_skip_rate=0.2"]
+    tr, _ = _trainer(tmp_path / "a", args)
+    with pytest.raises(TrainingError, match=r"corrupt_image.*max_skip_rate=0\.2"):
+        tr.fit()
+    (tmp_path / "m").mkdir()
+    path = _jsonl(tmp_path / "m", 40, missing=set(range(0, 40, 2)))  # half missing: caught by the reader
+    tr, _ = _trainer(tmp_path / "b", args[:1] + [f"--data.path={path}"] + args[2:])
+    with pytest.raises(TrainingError, match=r"20 of 40 samples unusable.*missing_image"):
+        tr.fit()
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
+    obj = PerSample()
+    obj.sigterm_at = 3
+    args = ["--train.max_steps=6", "--train.checkpoint_every=0", "--data.batch_size=4", "--train.log_every=1"]
+    tr, _ = _trainer(tmp_path, args, obj)
+    res = tr.fit()
+    assert res.stopped_by_signal and res.step == 3
+    assert open(tmp_path / "checkpoints" / "latest").read().strip() == "step_000003.pt"
+    tr, _ = _trainer(tmp_path, args, resume=True)
+    res = tr.fit()
+    assert res.step == 6 and not res.stopped_by_signal
+    assert [r["step"] for r in read_log(str(tmp_path / "log.jsonl"))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_log_rows_plot_and_tensorboard(tmp_path):
+    cfg = load_config(None, ["--train.max_steps=4", "--train.log_every=2", "--data.batch_size=4",
+                             "--logging.progress=false", "--train.eval_at_end=false"])
+    torch.manual_seed(0)
+    res = Trainer(cfg, str(tmp_path), objective=PerSample(), tokenize=TOK, image_size=8,
+                  flops_per_sample=2e6).fit()
+    rows = read_log(res.log_path)
+    assert [r["step"] for r in rows] == [2, 4]
+    need = {"step", "loss", "fit_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops",
+            "mfu", "peak_mem_gb", "skipped", "bad_steps"}
+    assert need <= set(rows[0])
+    assert rows[0]["tflops"] == pytest.approx(2e6 * rows[0]["samples_per_s"] / 1e12)
+    assert os.path.getsize(tmp_path / "loss.png") > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+def test_peak_table_and_mfu():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert peak_tflops("cpu") is None and mfu(1e12, "cpu") is None
+    assert mfu(494.5e12, "NVIDIA H200") == pytest.approx(0.5)
+
+
+def test_analytic_flops_match_the_flop_counter():
+    """The analytic dual-encoder forward count vs torch's FlopCounterMode on the real tiny model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from r2d2.engine.model import R2D2Model, model_preset
+
+    cfg = model_preset("tiny")
+    m = R2D2Model(cfg).eval()
+    L = random.randint(8, 30)
+    s = shape_from_config(cfg, L)
+    with FlopCounterMode(display=False) as fc:
+        m.encode_image(torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size))
+    img = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        m.encode_text(torch.randint(5, 100, (1, L)), torch.ones(1, L, dtype=torch.long))
+    txt = fc.get_total_flops()
+    want_img = s.image_layers * layer_flops(s.image_tokens, s.image_width, s.image_mlp_ratio)
+    want_txt = s.text_layers * layer_flops(s.text_tokens, s.text_width, s.text_mlp_ratio)
+    assert img == pytest.approx(want_img, rel=0.15)  # the patch conv and projections are extra
+    assert txt == pytest.approx(want_txt, rel=0.15)
+    assert cross_layer_flops(L, 64, 17, 64) > layer_flops(L, 64)
+    big = shape_from_config(model_preset("base"), 32)
+    assert 1e11 < r2d2_flops_per_sample(big) < 1e13  # ViT-B/16 + BERT-base with cross encoders
+
+
+def test_tiny_r2d2_run_loss_falls(tmp_path):
+    from r2d2.engine.train_cli import pretrain
+
+    rc = pretrain(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(tmp_path),
+                   "--train.max_steps=24", "--train.log_every=1", "--data.batch_size=16",
+                   "--optim.warmup_steps=3", "--train.checkpoint_every=12", "--logging.progress=false",
+                   "--logging.tensorboard=false", "--data.synthetic_eval_size=32"])
+    assert rc == 0
+    rows = read_log(str(tmp_path / "log.jsonl"))
+    assert len(rows) == 24
+    first = np.mean([r["loss"] for r in rows[:4]])
+    last = np.mean([r["loss"] for r in rows[-4:]])
+    assert last < first - 0.5, (first, last)
+    terms = {k for k in rows[0] if k.endswith("_loss")}
+    assert {"gcpr_loss", "fgr_loss", "mlm_loss"} <= terms
+    assert rows[-1]["tflops"] > 0
+    assert os.path.isfile(tmp_path / "config.yaml") and os.path.isfile(tmp_path / "loss.png")
+    assert os.path.isfile(tmp_path / "model" / "config.json") and os.path.isfile(tmp_path / "model" / "vocab.txt")
+    ev = json.load(open(tmp_path / "eval.json"))
+    assert ev["n_images"] == 32 and 0 <= ev["i2t_r1"] <= 100
