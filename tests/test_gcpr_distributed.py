@@ -19,6 +19,15 @@ pytestmark = pytest.mark.distributed
 WORLD, B_LOCAL = 2, 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two shared cores: intra-op threads only spin against the other processes at these sizes.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def build(fgr: bool, negatives: str = "global"):
     torch.manual_seed(0)
     cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),

@@ -148,6 +148,9 @@ def test_bad_inputs_name_the_argument():
         m.encode_text(["无分词器"])
     with pytest.raises(ValueError, match="pairs rows"):
         m.itm_score(torch.randn(2, 3, 24, 24), ids, mask)
+    m.tokenizer = build_tokenizer()   # 21185 tokens for a 97-token embedding table
+    with pytest.raises(ValueError, match="text.vocab_size=97"):
+        m.encode_text(["猫"])
 
 
 def test_strings_with_an_attached_tokenizer():

@@ -237,6 +237,7 @@ class R2D2ForPretraining(nn.Module):
     def _special(self):
         tok = self.model.tokenizer
         if tok is not None and hasattr(tok, "mask_id"):
+            self.model.check_tokenizer()
             return tok.special_ids, tok.mask_id
         return self.config.special_token_ids, self.config.mask_token_id
 

@@ -101,10 +101,18 @@ class R2D2Model(nn.Module):
     def text_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(tokens[:, 0]).float(), dim=-1)
 
+    def check_tokenizer(self) -> None:
+        """The attached tokenizer must not produce ids beyond the embedding table."""
+        n = getattr(self.tokenizer, "vocab_size", None)
+        if n is not None and n > self.config.text.vocab_size:
+            raise ValueError(f"the attached tokenizer has {n} tokens but text.vocab_size="
+                             f"{self.config.text.vocab_size}; use a matching vocab or model config")
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
             raise ValueError("texts given as strings need a tokenizer: set model.tokenizer = "
                              "r2d2.engine.tokenizer.build_tokenizer(...) or pass input_ids")
+        self.check_tokenizer()
         enc = self.tokenizer(list(texts))
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
