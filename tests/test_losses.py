@@ -310,7 +310,7 @@ def test_mlm_matches_hand_computation():
     batch = make_batch()
     cfg = obj.config
     masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], 0.5, cfg.special_token_ids,
-                                 cfg.mask_token_id, 61, 0.8, 0.1, obj._generator(2))
+                                 cfg.mask_token_id, 61, 0.8, 0.1, obj._generator(2))  # step 0
     out = obj(batch)
     assert (labels != -100).sum() > 3
     mask = batch["attention_mask"]

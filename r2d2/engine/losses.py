@@ -209,7 +209,10 @@ class R2D2ForPretraining(nn.Module):
             self.teacher = copy.deepcopy(model)
             self.teacher.requires_grad_(False)
             self.teacher.eval()
+        # Steps taken in training mode; saved with the objective so a resumed run draws the
+        # same negatives and masks.
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=True)
+        self._step = 0
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -243,7 +246,7 @@ class R2D2ForPretraining(nn.Module):
 
     def _generator(self, stream: int) -> torch.Generator:
         rank, _ = dist_info(self.group)
-        seed = ((self.config.seed * 1_000_003 + int(self.step)) * 131 + rank) * 17 + stream
+        seed = ((self.config.seed * 1_000_003 + self._step) * 131 + rank) * 17 + stream
         return torch.Generator().manual_seed(seed)
 
     def _check_batch(self, batch):
@@ -264,6 +267,7 @@ class R2D2ForPretraining(nn.Module):
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
         image_ids = batch.get("image_ids")
         out: dict[str, torch.Tensor] = {}
+        self._step = int(self.step)  # one host read per step; seeds the sampling streams
 
         V = model.image_tokens(images)
         T = model.text_tokens(ids, mask)
@@ -284,7 +288,7 @@ class R2D2ForPretraining(nn.Module):
                           distill_alpha=cfg.distill_alpha)
             res = K.contrastive_loss(img_emb, txt_emb, s, image_ids=image_ids, group=self.group,
                                      backend=self.kernels.contrastive, return_negatives=cfg.fgr,
-                                     seed=cfg.seed * 1_000_003 + int(self.step) if cfg.fgr else None,
+                                     seed=cfg.seed * 1_000_003 + self._step if cfg.fgr else None,
                                      **kw)
             if cfg.fgr:
                 out["gcpr_loss"], neg_t, neg_i = res.loss, res.neg_text_for_image, res.neg_image_for_text
