@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         base = base or (sps if n == procs[0] else None)
         eff = sps / (n / procs[0] * base) if base else None
         rows.append(harness.make_row(
-            op="scaling", provider=f"ddp-{'nccl' if cuda else 'gloo'}", mode="fwd+bwd+opt",
-            shape={"preset": preset, "local_batch": batch, "procs": n},
+            op="scaling", provider=f"ddp-{'nccl' if cuda else 'gloo'} x{n}", mode="fwd+bwd+opt",
+            shape={"preset": preset, "local_batch": batch}, procs=n,
             timing=harness.Timing(sec * 1e3, sec * 1e3, sec * 1e3), device=args.device,
             samples_per_s=sps, efficiency=eff, threads_per_proc=None if cuda else threads,
             timing_note=f"mean of {steps} steps of the slowest rank"))

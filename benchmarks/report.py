@@ -40,6 +40,20 @@ def _frac(row: dict) -> str:
     return ""
 
 
+def _notes(row: dict) -> str:
+    """Per-op extras: step throughput and MFU, scaling efficiency, the kernels auto picked."""
+    out = []
+    if row.get("samples_per_s") is not None:
+        out.append(f"{row['samples_per_s']:.1f} samples/s")
+    if row.get("mfu") is not None:
+        out.append(f"MFU {100 * row['mfu']:.1f}%")
+    if row.get("efficiency") is not None:
+        out.append(f"efficiency {row['efficiency']:.2f}")
+    if row.get("kernels"):
+        out.append(" ".join(f"{k}={v}" for k, v in row["kernels"].items()))
+    return "; ".join(out)
+
+
 def title(rows: list[dict]) -> str:
     devices = sorted({r.get("device", "?") for r in rows})
     cpu = all(r.get("device_type") == "cpu" for r in rows)
@@ -65,17 +79,18 @@ def markdown(rows: list[dict]) -> str:
         groups[(r["op"], harness.shape_str(r["shape"]), str(r.get("dtype") or ""))].append(r)
     for (op, shape, dtype), rs in groups.items():
         lines += [f"## {op} — {shape}" + (f" — {dtype}" if dtype else ""), "",
-                  "| mode | provider | median ms [p20-p80] | TFLOP/s | GB/s | % peak | x eager | peak MiB |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+                  "| mode | provider | median ms [p20-p80] | TFLOP/s | GB/s | % peak | x eager | peak MiB | notes |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for r in rs:
             if r.get("max_batch") is not None:  # a capacity row, not a timing
                 lines.append(f"| {r['mode']} | {r['provider']} | max batch {r['max_batch']} | | | | "
-                             f"{_f(r.get('batch_ratio'), '.2f')} | |")
+                             f"{_f(r.get('batch_ratio'), '.2f')} | | batch vs eager |")
                 continue
             lines.append(
                 f"| {r['mode']} | {r['provider']} | {r['median_ms']:.4g} "
                 f"[{r['p20_ms']:.4g}-{r['p80_ms']:.4g}] | {_f(r.get('tflops'), '.3g')} | "
-                f"{_f(r.get('gbps'), '.4g')} | {_frac(r)} | {_f(r.get('ratio'), '.2f')} | {_mem(r)} |")
+                f"{_f(r.get('gbps'), '.4g')} | {_frac(r)} | {_f(r.get('ratio'), '.2f')} | {_mem(r)} | "
+                f"{_notes(r)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -89,23 +104,33 @@ def plot(rows: list[dict], path: str | Path) -> Path | None:
 
     matplotlib.use("Agg")  # no display on CI or the device machine
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker used below)
 
     ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(len(ops), 1, figsize=(10, 3.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         rs = [r for r in rows if r["op"] == op]
         cases = list(dict.fromkeys((harness.shape_str(r["shape"]), r["mode"]) for r in rs))
-        providers = list(dict.fromkeys(r["provider"] for r in rs))
-        width = 0.8 / len(providers)
+        # the baseline is the line at 1, not a bar
+        providers = list(dict.fromkeys(r["provider"] for r in rs if r["provider"] != r.get("baseline")))
+        width = 0.8 / max(len(providers), 1)
         for i, p in enumerate(providers):
             by_case = {(harness.shape_str(r["shape"]), r["mode"]): r["ratio"]
                        for r in rs if r["provider"] == p}
             xs = [j + i * width for j, c in enumerate(cases) if c in by_case]
-            ax.bar(xs, [by_case[c] for c in cases if c in by_case], width, label=p)
+            vals = [by_case[c] for c in cases if c in by_case]
+            # bars grow from the eager line: up = faster, down = slower
+            bars = ax.bar(xs, [v - 1 for v in vals], width, bottom=1.0, label=p)
+            ax.bar_label(bars, labels=[f"{v:.2f}x" for v in vals], fontsize=6)
         ax.axhline(1.0, color="k", lw=0.8)
+        # log axis: a 0.1x and a 10x are equally far from eager, and one outlier cannot flatten
+        # every other bar
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
         ax.set_xticklabels([f"{s}\n{m}" for s, m in cases], fontsize=7)
-        ax.set_ylabel("speed-up vs eager")
+        ax.set_ylabel("speed-up vs eager (log)")
         ax.set_title(op)
         ax.legend(fontsize=7)
     fig.suptitle(title(rows), fontsize=9)
