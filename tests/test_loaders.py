@@ -241,3 +241,28 @@ def test_from_official_maps_every_key(tmp_path):
 def test_from_official_rejects_other_checkpoints():
     with pytest.raises(ValueError, match="not an official R2D2 checkpoint"):
         R2D2Model.from_official({"foo.weight": torch.randn(2)})
+
+
+@needs_tf
+@pytest.mark.parametrize("preset", ["base", "large"])
+def test_preset_encoders_have_the_original_parameter_counts(preset):
+    """Built on the meta device (no memory): our ViT / text encoder of each preset have exactly
+    the parameters of HF's CLIPVisionModel (less post_layernorm) / BertModel (less the pooler)."""
+    from r2d2.engine.model import model_preset
+
+    cfg = model_preset(preset)
+    v, t = cfg.vision, cfg.text
+    with torch.device("meta"):
+        ours = R2D2Model(cfg)
+        hf_v = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.layers,
+            num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size))
+        hf_t = transformers.BertModel(transformers.BertConfig(
+            vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers,
+            num_attention_heads=t.heads, intermediate_size=t.intermediate), add_pooling_layer=False)
+
+    def count(m, skip=""):
+        return sum(p.numel() for n, p in m.named_parameters() if not (skip and skip in n))
+
+    assert count(ours.visual) == count(hf_v, "post_layernorm")
+    assert count(ours.text) == count(hf_t)
