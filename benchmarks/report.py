@@ -12,7 +12,6 @@ figure has one panel per op: speed-up over eager per provider, one group of bars
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
