@@ -32,6 +32,7 @@ a given bandwidth is bytes / bandwidth and ignores latency and overlap with comp
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -68,7 +69,7 @@ def comm_bytes(n: int, *, b: int, d: int, L: int, img_tokens: int, wv: int, wt: 
     t = (img_tokens * wv + L * wt) * tok_bytes
     return {
         "gcpr_gather": (n - 1) * b * (4 * d * 4 + 8) + 2 * 2 * (n - 1) * b * d * 4,
-        "gcpr_ring": (n - 1) * b * (16 * d + 8) + n * b * (16 * d + 8 + 8 * d),
+        "gcpr_ring": 0 if n == 1 else (n - 1) * b * (16 * d + 8) + n * b * (16 * d + 8 + 8 * d),
         "fgr_global": (n - 1) * b * (2 * t + L * mask_bytes) + 2 * (n - 1) * b * t,
         "ddp_grads": 2 * (n - 1) / n * params * 4,
     }
@@ -156,22 +157,26 @@ def _worker(rank: int, world: int, port: int, device: str, preset: str, batch: i
     for _ in range(2):
         step.run(data)
     dist.barrier()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    times = []
+    for _ in range(steps):  # each step timed alone, so the spread is reported, not only a mean
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         step.run(data)
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-    dist.all_reduce(elapsed.to(dev), op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    # on the device NCCL needs; reduced in place: per step, the slowest rank sets the pace
+    elapsed = torch.tensor(times, dtype=torch.float64, device=dev)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     if rank == 0:
-        Path(result_path).write_text(str(float(elapsed) / steps))
+        Path(result_path).write_text(json.dumps(elapsed.cpu().tolist()))
     dist.destroy_process_group()
 
 
-def measure_world(world: int, device: str, preset: str, batch: int, steps: int, threads: int) -> float:
-    """Seconds per step (median-free: the mean of ``steps`` steps of the slowest rank)."""
+def measure_world(world: int, device: str, preset: str, batch: int, steps: int,
+                  threads: int) -> harness.Timing:
+    """Step time in ms over ``steps`` steps, each the slowest rank's."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -180,7 +185,9 @@ def measure_world(world: int, device: str, preset: str, batch: int, steps: int, 
         out = os.path.join(tmp, "t")
         mp.spawn(_worker, args=(world, _free_port(), device, preset, batch, steps, threads, out),
                  nprocs=world, join=True)
-        return float(Path(out).read_text())
+        ms = sorted(1e3 * t for t in json.loads(Path(out).read_text()))
+    return harness.Timing(harness._quantile(ms, 0.5), harness._quantile(ms, 0.2),
+                          harness._quantile(ms, 0.8))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,20 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     procs = args.procs or ([p for p in (1, 2, 4, 8) if p <= ngpu] if cuda else [1, 2])
     preset = args.preset or ("tiny" if args.quick or not cuda else "base")
     batch = args.batch or (4 if not cuda else 32)
-    steps = 3 if args.quick else 10
+    steps = 5 if args.quick else 20
     threads = max(1, (os.cpu_count() or 1) // max(procs)) if not cuda else 1
     rows, base = [], None
     for n in procs:
-        sec = measure_world(n, args.device, preset, batch, steps, threads)
+        timing = measure_world(n, args.device, preset, batch, steps, threads)
+        sec = timing.median_ms / 1e3
         sps = n * batch / sec
         base = base or (sps if n == procs[0] else None)
         eff = sps / (n / procs[0] * base) if base else None
         rows.append(harness.make_row(
             op="scaling", provider=f"ddp-{'nccl' if cuda else 'gloo'} x{n}", mode="fwd+bwd+opt",
             shape={"preset": preset, "local_batch": batch}, procs=n,
-            timing=harness.Timing(sec * 1e3, sec * 1e3, sec * 1e3), device=args.device,
+            timing=timing, device=args.device,
             samples_per_s=sps, efficiency=eff, threads_per_proc=None if cuda else threads,
-            timing_note=f"mean of {steps} steps of the slowest rank"))
+            timing_note=f"{steps} steps, each timed on the slowest rank"))
         print(f"procs {n}: {sec * 1e3:.1f} ms/step, {sps:.1f} samples/s, efficiency "
               f"{'-' if eff is None else format(eff, '.2f')}" + ("  [CPU]" if not cuda else ""))
     if args.out:

@@ -165,3 +165,28 @@ def test_cli_step_quick_real(tmp_path):
     rows = [r for r in harness.read_rows([out]) if r["op"] == "train_step"]
     assert {r["provider"] for r in rows} >= {"eager", "ours"}
     assert all(r["samples_per_s"] > 0 and r["device_type"] == "cpu" for r in rows)
+
+
+def test_comm_model_formulas():
+    import bench_scaling as bs
+
+    dims = dict(b=4, d=8, L=5, img_tokens=10, wv=6, wt=6, params=1000)
+    one = bs.comm_bytes(1, **dims)
+    assert all(v == 0 for v in one.values())  # one rank sends nothing
+    c8, c16 = bs.comm_bytes(8, **dims), bs.comm_bytes(16, **dims)
+    # all-gather terms grow with N - 1; the DDP all-reduce tends to 2 x 4 bytes x params
+    assert c16["gcpr_gather"] / c8["gcpr_gather"] == pytest.approx(15 / 7)
+    assert c16["fgr_global"] / c8["fgr_global"] == pytest.approx(15 / 7)
+    assert c8["ddp_grads"] == pytest.approx(2 * 7 / 8 * 1000 * 4)
+    t = (10 * 6 + 5 * 6) * 4
+    assert c8["fgr_global"] == 7 * 4 * (2 * t + 5 * 8) + 2 * 7 * 4 * t
+
+
+def test_docs_table_is_the_scripts_output():
+    """docs/benchmarks.md carries the model's table as bench_scaling.py computes it."""
+    import bench_scaling as bs
+
+    text = bs.DOCS.read_text()
+    body = text.split(bs.BEGIN, 1)[1].split(bs.END, 1)[0].strip()
+    assert body == bs.comm_table().strip(), (
+        "docs/benchmarks.md is stale: run python benchmarks/bench_scaling.py --model-only --write-docs")
