@@ -147,7 +147,10 @@ class Step:
 
     def close(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+        compiled = self.forward is not self.objective
         del self.opt, self.objective, self.forward
+        if compiled:  # dynamo's caches hold the module (and its GPU memory) otherwise
+            torch._dynamo.reset()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
