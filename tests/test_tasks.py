@@ -367,3 +367,30 @@ def test_finetune_configs_parse(name):
     cfg = load_config(os.path.join(CONFIGS, name), [])
     assert cfg.data.format == "ccmb_" + name[len("finetune_ccmb_"):-5]
     assert cfg.train.task == ("matching" if cfg.data.format in ("ccmb_icm", "ccmb_iqm") else "retrieval")
+
+
+@pytest.mark.slow
+def test_finetune_then_two_stage_at_least_as_good_as_prerank(tmp_path):
+    """End to end on the engine: retrieval fine-tuning (GCPR + FGR) of the tiny preset on the
+    synthetic set with the Trainer, then two-stage evaluation of held-out pairs."""
+    from r2d2.engine.config import load_config
+    from r2d2.engine.data.loader import eval_records
+    from r2d2.engine.data.synthetic import open_image
+    from r2d2.engine.data.transforms import eval_transform
+    from r2d2.engine.trainer import Trainer
+
+    cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"), [
+        "--train.task=retrieval", "--train.max_steps=300", "--data.batch_size=32",
+        "--loss.mlm=false", "--loss.tgd=false", "--loss.fgd=false", "--loss.fgr_weight=4.0",
+        "--optim.lr=2e-3", "--optim.warmup_steps=10", "--data.synthetic_eval_size=64",
+        "--train.checkpoint_every=0", "--train.log_every=20", "--logging.progress=false",
+        "--logging.tensorboard=false", "--logging.plot=false"])
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    trainer.fit()
+    rs = RetrievalSet.from_records(eval_records(cfg.data))
+    tf = eval_transform(trainer.image_size)
+    res = evaluate_retrieval(trainer.model, rs, trainer.tokenize, lambda key: tf(open_image(key, 64)),
+                             RetrievalEvalConfig(k=8))
+    chance_r1 = 100.0 / res.n_images
+    assert res.pre_rank["t2i_r1"] > 3 * chance_r1, res.pre_rank  # the dual encoders learned
+    assert res.two_stage["mean_recall"] >= res.pre_rank["mean_recall"], (res.pre_rank, res.two_stage)
