@@ -247,8 +247,10 @@ class DistributedConfig:
     """auto (nccl on CUDA, gloo on CPU) | nccl | gloo"""
     timeout_s: int = 1800
     """collective timeout"""
-    find_unused_parameters: bool = False
-    """DDP: tolerate parameters that get no gradient in a step (e.g. a frozen or unused head)"""
+    find_unused_parameters: bool = True
+    """DDP: tolerate parameters that get no gradient in a step (a head whose objective is switched
+    off, e.g. loss.mlm=false); costs one autograd-graph walk per step, so presets running the full
+    objective set it false"""
 
     def __post_init__(self) -> None:
         _choice("distributed", "strategy", self.strategy, STRATEGIES)
