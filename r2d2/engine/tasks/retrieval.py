@@ -24,7 +24,7 @@ import torch
 
 from r2d2.dist import dist_info, gather
 from r2d2.engine.metrics import retrieval_metrics
-from r2d2.engine.tasks.rerank import rerank, shard_rows
+from r2d2.engine.tasks.rerank import shard_rows
 
 # (texts) -> (input_ids [N, L] long, attention_mask [N, L])
 Tokenize = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
