@@ -1,7 +1,9 @@
 """Image-text retrieval evaluation with R2D2's two stages (pre-ranking + ranking).
 
-1. Embed every image and text with the dual encoders (batched; each rank embeds a shard and the
-   embeddings are all-gathered), ``sim = image_emb @ text_emb.T``.
+1. Embed every image and text with the dual encoders (batched), ``sim = image_emb @ text_emb.T``.
+   Pre-rank only: each rank embeds a shard and the embeddings are all-gathered. With re-ranking,
+   ``inference.retrieve`` encodes everything on every rank, since every rank's cross-encoder
+   shard needs arbitrary images' and texts' token states.
 2. Pre-rank metrics: ``retrieval_metrics(sim)``.
 3. Re-rank the top ``k`` of every query row in both directions with the cross encoders
    (``r2d2.engine.tasks.rerank``, sharded over ranks), score = (p_ti + p_it) / 2 + cosine, and
