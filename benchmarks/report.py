@@ -48,6 +48,10 @@ def _notes(row: dict) -> str:
         out.append(f"MFU {100 * row['mfu']:.1f}%")
     if row.get("efficiency") is not None:
         out.append(f"efficiency {row['efficiency']:.2f}")
+    if row.get("graph_breaks") is not None:
+        out.append(f"{row['graph_breaks']} graph breaks")
+    if row.get("graphs_compiled_while_timed"):
+        out.append(f"recompiled {row['graphs_compiled_while_timed']}x while timed")
     if row.get("kernels"):
         out.append(" ".join(f"{k}={v}" for k, v in row["kernels"].items()))
     return "; ".join(out)
