@@ -49,7 +49,7 @@ def _notes(row: dict) -> str:
     if row.get("efficiency") is not None:
         out.append(f"efficiency {row['efficiency']:.2f}")
     if row.get("graph_breaks") is not None:
-        out.append(f"{row['graph_breaks']} graph breaks")
+        out.append(f"{row['graph_breaks']} graph-break events while compiling")
     if row.get("graphs_compiled_while_timed"):
         out.append(f"recompiled {row['graphs_compiled_while_timed']}x while timed")
     if row.get("kernels"):
