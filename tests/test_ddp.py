@@ -16,7 +16,8 @@ STEPS = 6
 COMMON = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--train.max_steps={STEPS}",
           "--train.log_every=1", "--train.checkpoint_every=0", "--data.batch_size=16",
           "--data.synthetic_size=256", "--logging.progress=false", "--logging.tensorboard=false",
-          "--logging.plot=false", "--train.eval_at_end=false", "--distributed.backend=gloo"]
+          "--logging.plot=false", "--train.eval_at_end=false", "--distributed.backend=gloo",
+          "--data.synthetic_eval_size=16"]
 
 
 def _run(cmd, out, extra):
@@ -27,17 +28,16 @@ def _run(cmd, out, extra):
     return read_log(os.path.join(out, "log.jsonl"))
 
 
-def _pair(tmp_path, extra):
-    one = _run([sys.executable, "-m", "r2d2"], tmp_path / "one", extra)
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "r2d2"], tmp_path / "two", extra)
-    return one, two
+DETERMINISTIC = ["--loss.mlm=false", "--loss.fgd=false"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "r2d2"]
 
 
-@pytest.mark.distributed
-def test_two_process_ddp_matches_one_process_deterministic_terms(tmp_path):
-    # GCPR (+ TgD targets) and FGR use no per-rank randomness: the curves agree to float noise.
-    one, two = _pair(tmp_path, ["--loss.mlm=false", "--loss.fgd=false"])
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return _run([sys.executable, "-m", "r2d2"], tmp_path_factory.mktemp("one"), DETERMINISTIC)
+
+
+def _check_same_curve(one, two):
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     for key in ("loss", "gcpr_loss"):
         a, b = np.array([r[key] for r in one]), np.array([r[key] for r in two])
@@ -47,9 +47,23 @@ def test_two_process_ddp_matches_one_process_deterministic_terms(tmp_path):
 
 
 @pytest.mark.distributed
+def test_two_process_ddp_matches_one_process_deterministic_terms(tmp_path, one_process):
+    # GCPR (+ TgD targets) and FGR use no per-rank randomness: the curves agree to float noise.
+    _check_same_curve(one_process, _run(TORCHRUN, tmp_path, DETERMINISTIC))
+
+
+@pytest.mark.distributed
+def test_two_process_fsdp2_matches_one_process(tmp_path, one_process):
+    two = _run(TORCHRUN, tmp_path, DETERMINISTIC + ["--distributed.strategy=fsdp"])
+    _check_same_curve(one_process, two)
+    assert os.path.isfile(tmp_path / "model" / "model.safetensors")  # gathered from the shards
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_two_process_ddp_full_objective_curve_within_tolerance(tmp_path):
     # MLM / FgD masks are drawn per rank, so the full loss agrees only statistically.
-    one, two = _pair(tmp_path, [])
+    one = _run([sys.executable, "-m", "r2d2"], tmp_path / "one", [])
+    two = _run(TORCHRUN, tmp_path / "two", [])
     a, b = np.array([r["loss"] for r in one]), np.array([r["loss"] for r in two])
     np.testing.assert_allclose(b, a, rtol=0.05)

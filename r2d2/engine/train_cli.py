@@ -76,9 +76,10 @@ def _main(cmd: str, argv: list[str]) -> int:
             cfg.save(os.path.join(out, "config.yaml"))
         result = trainer.fit()
         if not result.stopped_by_signal:
-            export(trainer, os.path.join(out, "model"))
+            model = plain_model(trainer)
+            export(model, trainer, os.path.join(out, "model"))
             if cfg.train.eval_at_end:
-                evaluate_heldout(trainer, out)
+                evaluate_heldout(trainer, out, model)
     except TrainingError as e:
         print(f"r2d2 {cmd}: {e}", file=sys.stderr)
         return 1
@@ -90,23 +91,26 @@ def _main(cmd: str, argv: list[str]) -> int:
     return 0
 
 
-def export(trainer, path: str) -> None:
-    """``save_pretrained`` of the student model (rank 0), plus the tokenizer vocabulary."""
+def plain_model(trainer):
+    """The student model with ordinary (unsharded) parameters on every rank: FSDP2's sharded
+    parameters are gathered into a fresh copy; otherwise the trained model itself."""
+    if trainer.strategy != "fsdp":
+        return trainer.model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from r2d2.engine.model import R2D2Model
+
+    sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
+    plain = R2D2Model(trainer.model.config, kernels=trainer.cfg.kernels)
+    plain.load_state_dict({k: v.detach().cpu() for k, v in sd.items()})
+    return plain.to(trainer.device)
+
+
+def export(model, trainer, path: str) -> None:
+    """``save_pretrained`` of the student model (rank 0), with the tokenizer vocabulary."""
     from r2d2.dist import dist_info
 
     rank, _ = dist_info()
-    model = trainer.model
-    if trainer.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank != 0:
-            return
-        from r2d2.engine.model import R2D2Model
-
-        plain = R2D2Model(model.config)
-        plain.load_state_dict(sd)
-        model = plain
     if rank != 0 or not hasattr(model, "save_pretrained"):
         return
     if getattr(model, "tokenizer", None) is None and trainer.tokenizer is not None:
@@ -114,7 +118,7 @@ def export(trainer, path: str) -> None:
     model.save_pretrained(path)
 
 
-def evaluate_heldout(trainer, out: str) -> dict | None:
+def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     """Zero-shot (dual-encoder) retrieval on the held-out split; prints R@1/5/10, writes eval.json."""
     import torch
 
@@ -124,8 +128,9 @@ def evaluate_heldout(trainer, out: str) -> dict | None:
     from r2d2.engine.data.transforms import eval_transform
     from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evaluate_retrieval
 
+    model = trainer.model if model is None else model
     records = eval_records(trainer.cfg.data)
-    if not records or not hasattr(trainer.model, "encode_image"):
+    if not records or not hasattr(model, "encode_image"):
         return None
     rset = RetrievalSet.from_records(records)
     tf = eval_transform(trainer.image_size)
@@ -134,7 +139,7 @@ def evaluate_heldout(trainer, out: str) -> dict | None:
     def load(key: str) -> torch.Tensor:
         return tf(open_image(key, canvas))
 
-    res = evaluate_retrieval(trainer.model, rset, trainer.tokenize, load,
+    res = evaluate_retrieval(model, rset, trainer.tokenize, load,
                              RetrievalEvalConfig(rerank=False, image_cache_dtype="float32"))
     m = res.pre_rank
     report = {"split": "held-out", "n_images": res.n_images, "n_texts": res.n_texts,

@@ -106,18 +106,21 @@ def _is_block(m: nn.Module) -> bool:
     return name.endswith(("Block", "Layer")) and any(isinstance(c, nn.Linear) for c in m.modules())
 
 
-def shard_fsdp(objective: nn.Module, device: torch.device) -> None:
+def shard_fsdp(objective: nn.Module, device: torch.device) -> list[nn.Parameter]:
     """FSDP2: ``fully_shard`` each transformer block (student and teacher alike, so the EMA update
-    sees matching shards), then the whole objective."""
+    sees matching shards), then the whole objective. fully_shard cannot shard 0-d parameters (the
+    temperature): they stay replicated and are returned, for the trainer to average their
+    gradients itself."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else None
-    kw = {"mp_policy": mp} if mp is not None else {}
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    scalars = [p for p in objective.parameters() if p.ndim == 0]
     for m in list(objective.modules()):
         if _is_block(m):
-            fully_shard(m, **kw)
-    fully_shard(objective, **kw)
+            fully_shard(m, mp_policy=mp)
+    fully_shard(objective, mp_policy=mp, ignored_params=set(scalars) or None)
+    return [p for p in scalars if p.requires_grad]
 
 
 def build_objective(cfg: RunConfig) -> nn.Module:
@@ -220,8 +223,9 @@ class Trainer:
             apply_activation_checkpointing(self.model)
         if t.compile:
             self.model.compile()
+        self.replicated: list[nn.Parameter] = []
         if self.strategy == "fsdp":
-            shard_fsdp(self.objective, self.device)
+            self.replicated = shard_fsdp(self.objective, self.device)
             self.wrapped = self.objective
         elif self.strategy == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -381,6 +385,10 @@ class Trainer:
             for k, v in out.items():
                 if k == "loss" or k.endswith("_loss"):
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * b["size"]
+        for p in self.replicated:  # FSDP-ignored parameters: average their gradients like DDP
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
         keys = sorted(sums)
         totals = self._all_sum([sums[k] for k in keys])
         return {k: v / n_all for k, v in zip(keys, totals)}
