@@ -238,3 +238,37 @@ def test_tiny_r2d2_run_loss_falls(tmp_path):
     assert os.path.isfile(tmp_path / "model" / "config.json") and os.path.isfile(tmp_path / "model" / "vocab.txt")
     ev = json.load(open(tmp_path / "eval.json"))
     assert ev["n_images"] == 32 and 0 <= ev["i2t_r1"] <= 100
+
+
+def _cli_losses(tmp_path, name, *extra):
+    from r2d2.engine.train_cli import pretrain
+
+    out = tmp_path / name
+    rc = pretrain(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(out),
+                   "--train.max_steps=3", "--train.log_every=1", "--data.batch_size=8",
+                   "--train.deterministic=true", "--train.checkpoint_every=0", *QUIET, *extra])
+    assert rc == 0
+    return [r["loss"] for r in read_log(str(out / "log.jsonl"))]
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    plain = _cli_losses(tmp_path, "plain")
+    ac = _cli_losses(tmp_path, "ac", "--train.activation_checkpointing=true")
+    np.testing.assert_allclose(ac, plain, rtol=1e-5)
+
+
+def test_matching_finetune_on_labelled_jsonl(tmp_path):
+    from r2d2.engine.train_cli import finetune
+
+    rng = np.random.default_rng(random.randrange(2**32))
+    lines = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+        lines.append(json.dumps({"image": f"{i}.jpg", "text": f"第{i}张图", "label": i % 2}))
+    (tmp_path / "itm.jsonl").write_text("\n".join(lines))
+    rc = finetune(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
+                   "--train.task=matching", "--data.format=jsonl", f"--data.path={tmp_path / 'itm.jsonl'}",
+                   "--data.batch_size=4", "--train.max_steps=3", "--train.log_every=1", *QUIET])
+    assert rc == 0
+    rows = read_log(str(tmp_path / "run" / "log.jsonl"))
+    assert len(rows) == 3 and all(r["itm_loss"] == r["loss"] and r["loss"] > 0 for r in rows)
