@@ -272,3 +272,11 @@ def test_matching_finetune_on_labelled_jsonl(tmp_path):
     assert rc == 0
     rows = read_log(str(tmp_path / "run" / "log.jsonl"))
     assert len(rows) == 3 and all(r["itm_loss"] == r["loss"] and r["loss"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_losses(tmp_path):
+    # about 2 minutes of inductor compilation on a CPU
+    plain = _cli_losses(tmp_path, "plain")
+    compiled = _cli_losses(tmp_path, "compiled", "--train.compile=true")
+    np.testing.assert_allclose(compiled, plain, rtol=1e-4)

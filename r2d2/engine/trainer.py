@@ -106,6 +106,17 @@ def _is_block(m: nn.Module) -> bool:
     return name.endswith(("Block", "Layer")) and any(isinstance(c, nn.Linear) for c in m.modules())
 
 
+def _outermost_blocks(module: nn.Module) -> list[nn.Module]:
+    found: list[nn.Module] = []
+    inner: set[int] = set()
+    for m in module.modules():
+        if id(m) in inner or not _is_block(m):
+            continue
+        found.append(m)
+        inner.update(id(c) for c in m.modules())
+    return found
+
+
 def shard_fsdp(objective: nn.Module, device: torch.device) -> list[nn.Parameter]:
     """FSDP2: ``fully_shard`` each transformer block (student and teacher alike, so the EMA update
     sees matching shards), then the whole objective. fully_shard cannot shard 0-d parameters (the
@@ -222,7 +233,10 @@ class Trainer:
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if t.compile:
-            self.model.compile()
+            # per transformer block, as torchtitan does: the objective calls the encoders' parts
+            # directly (not model.forward), and small graphs compile fast and reuse across blocks
+            for block in _outermost_blocks(self.model):  # the student (the teacher runs no_grad once)
+                block.compile()
         self.replicated: list[nn.Parameter] = []
         if self.strategy == "fsdp":
             self.replicated = shard_fsdp(self.objective, self.device)
@@ -370,6 +384,12 @@ class Trainer:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" \
             else contextlib.nullcontext()
         for i, b in enumerate(micro):
+            if b["size"] == 0:  # every sample of this micro-batch was skipped
+                if self.world > 1:
+                    raise TrainingError(f"rank {self.rank}: a whole micro-batch was unusable "
+                                        f"({dict(b['skip_reasons'])}); ranks cannot skip a backward "
+                                        "without desynchronising the gradient all-reduce")
+                continue
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or self.strategy != "ddp" else self.wrapped.no_sync()
             if self.strategy == "fsdp" and not last:
