@@ -130,6 +130,12 @@ class ModelConfig:
     """MLM decoder weight shares the text word embeddings (BERT)"""
     activation_checkpointing: bool = False
     """recompute each transformer block in backward (torch.utils.checkpoint, non-reentrant)"""
+    initializer_range: float = 0.02
+    """std of the normal init of every linear and embedding weight (HF BERT's name). BERT's 0.02
+    suits width 768: a residual branch's two projections scale its input by about
+    (std * sqrt(width))^2, ~0.3 at width 768 but ~0.03 at width 64, where the cross encoders then
+    start blind to the other modality and ITM sits at ln 2 for hundreds of steps. The tiny preset
+    therefore uses 0.02 * sqrt(768 / 64), the same relative scale as BERT-base."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -141,6 +147,8 @@ class ModelConfig:
         if not isinstance(self.cross_layers, int) or self.cross_layers < 0:
             raise ValueError(f"cross_layers={self.cross_layers!r}: expected an int >= 0")
         _check_positive("model", self, "embed_dim", "max_text_len")
+        if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
+            raise ValueError(f"initializer_range={self.initializer_range!r}: expected a number > 0")
         if not 0 < self.temperature_min <= self.temperature_init <= self.temperature_max:
             raise ValueError("expected 0 < temperature_min <= temperature_init <= temperature_max; "
                              f"got {self.temperature_min}, {self.temperature_init}, {self.temperature_max}")
@@ -179,6 +187,10 @@ _ROBERTA_LARGE = dict(vocab_size=21128, width=1024, layers=24, heads=16, interme
 _TINY_VISION = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4)
 
 
+# BERT's init std scaled to width 64 (see ModelConfig.initializer_range).
+_TINY_INIT = 0.02 * (768 / 64) ** 0.5
+
+
 def _tiny_text() -> dict:
     from r2d2.engine.tokenizer import default_vocab_size
 
@@ -191,10 +203,10 @@ def model_preset(name: str) -> ModelConfig:
     RoBERTa-wwm large), ``prd2`` (base dual encoders only), ``prd2-tiny``."""
     if name == "tiny":
         return ModelConfig(vision=VisionConfig(**_TINY_VISION), text=TextConfig(**_tiny_text()),
-                           cross_layers=1, embed_dim=64, max_text_len=32)
+                           cross_layers=1, embed_dim=64, max_text_len=32, initializer_range=_TINY_INIT)
     if name == "prd2-tiny":
         return ModelConfig(vision=VisionConfig(**_TINY_VISION), text=TextConfig(**_tiny_text()),
-                           cross_layers=0, embed_dim=64, max_text_len=32)
+                           cross_layers=0, embed_dim=64, max_text_len=32, initializer_range=_TINY_INIT)
     if name == "base":
         return ModelConfig(vision=VisionConfig(**_VIT_B16), text=TextConfig(**_ROBERTA_BASE))
     if name == "large":

@@ -56,7 +56,7 @@ class R2D2Model(nn.Module):
                 self.mlm_head = MLMHead(tc)
                 if config.tie_mlm_embeddings:
                     self.mlm_head.decoder.weight = self.text.word_embed.weight
-        self.apply(_init_weights)
+        self.apply(lambda m: _init_weights(m, config.initializer_range))
         self.set_activation_checkpointing(config.activation_checkpointing)
 
     # ------------------------------------------------------------------ plumbing
@@ -206,10 +206,10 @@ class R2D2Model(nn.Module):
         return load_official(cls, path, config=config, kernels=kernels, strict=strict)
 
 
-def _init_weights(m: nn.Module) -> None:
-    # BERT's init (normal 0.02, zero bias, LN = identity); CLIP's class/position init is in the ViT.
+def _init_weights(m: nn.Module, std: float = 0.02) -> None:
+    # BERT's init (normal std, zero bias, LN = identity); CLIP's class/position init is in the ViT.
     if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(m.weight, std=std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
