@@ -15,17 +15,8 @@ import r2d2.kernels as K
 from r2d2.engine.losses import LossConfig, R2D2ForPretraining
 from r2d2.engine.model import ModelConfig, R2D2Model, TextConfig, VisionConfig
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 WORLD, B_LOCAL = 2, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads only spin against the other processes at these sizes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def build(fgr: bool, negatives: str = "global"):

@@ -18,12 +18,7 @@ except ImportError:  # optional: only the cross-check against the original model
 needs_tf = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # The source layouts, written out here independently of hf_io's mapping tables.

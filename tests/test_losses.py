@@ -14,12 +14,7 @@ from r2d2.engine.model import ModelConfig, R2D2Model, TextConfig, VisionConfig
 OFF = dict(gcpr=True, fgr=False, mlm=False, tgd=False, fgd=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(seed=0, cross_layers=1) -> R2D2Model:

@@ -11,13 +11,7 @@ from r2d2.engine.model import PRESETS, ModelConfig, R2D2Model, TextConfig, Visio
 from r2d2.engine.tokenizer import build_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads only spin against the other processes at these sizes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**kw) -> ModelConfig:
