@@ -185,6 +185,10 @@ def sample_local_negatives(sim, ids, generator=None):
 
 
 # ---------------------------------------------------------------------- the objective module
+def _sync_host_step(module: "R2D2ForPretraining", incompatible_keys) -> None:
+    module._step = int(module.step)  # once per load (resume), not once per step
+
+
 class R2D2ForPretraining(nn.Module):
     """Student ``model`` + EMA ``teacher`` (None when TgD and FgD are off) + every objective.
 
@@ -210,9 +214,12 @@ class R2D2ForPretraining(nn.Module):
             self.teacher.requires_grad_(False)
             self.teacher.eval()
         # Steps taken in training mode; saved with the objective so a resumed run draws the
-        # same negatives and masks.
+        # same negatives and masks. ``_step`` is its host copy: reading the buffer every step
+        # would be a GPU->CPU sync (and a torch.compile graph break) per step, so the copy is
+        # advanced beside it and refreshed only when a state dict is loaded.
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=True)
         self._step = 0
+        self.register_load_state_dict_post_hook(_sync_host_step)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -267,7 +274,6 @@ class R2D2ForPretraining(nn.Module):
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
         image_ids = batch.get("image_ids")
         out: dict[str, torch.Tensor] = {}
-        self._step = int(self.step)  # one host read per step; seeds the sampling streams
 
         V = model.image_tokens(images)
         T = model.text_tokens(ids, mask)
@@ -308,6 +314,7 @@ class R2D2ForPretraining(nn.Module):
         out["loss"] = total
         if self.training:
             self.step += 1
+            self._step += 1
         return out
 
     # -------------------------------------------------------------- FGR (+ its TgD term)
