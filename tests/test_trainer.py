@@ -228,7 +228,7 @@ def test_tiny_r2d2_run_loss_falls(tmp_path):
     assert len(rows) == 24
     first = np.mean([r["loss"] for r in rows[:4]])
     last = np.mean([r["loss"] for r in rows[-4:]])
-    assert last < first - 0.1, (first, last)  # observed: about 4.30 -> 4.13 (step noise ~0.02)
+    assert last < first - 0.1, (first, last)  # observed: about 4.35 -> 3.92 (step noise ~0.02)
     mlm = [r["mlm_loss"] for r in rows]
     assert np.mean(mlm[-4:]) < np.mean(mlm[:4]) - 0.5
     terms = {k for k in rows[0] if k.endswith("_loss")}
@@ -238,6 +238,7 @@ def test_tiny_r2d2_run_loss_falls(tmp_path):
     assert os.path.isfile(tmp_path / "model" / "config.json") and os.path.isfile(tmp_path / "model" / "vocab.txt")
     ev = json.load(open(tmp_path / "eval.json"))
     assert ev["n_images"] == 32 and 0 <= ev["i2t_r1"] <= 100
+    assert ev["rerank_k"] == 16 and 0 <= ev["pre_rank+rank"]["mean_recall"] <= 100  # tiny has cross encoders
 
 
 def _cli_losses(tmp_path, name, *extra):

@@ -226,6 +226,9 @@ class TrainConfig:
     """save_pretrained directory or checkpoint to start from (fine-tuning)"""
     eval_at_end: bool = True
     """zero-shot retrieval on the held-out split after training (prints R@1/5/10)"""
+    eval_rerank_k: int = 16
+    """with cross encoders, that end-of-run evaluation also re-ranks each query's top k with ITM
+    and reports pre-rank + rank beside pre-rank (0 = pre-rank only)"""
     freeze_image_encoder: bool = False
     """matching fine-tuning: keep the image encoder fixed (the official recipe)"""
 
@@ -234,7 +237,7 @@ class TrainConfig:
         _choice("train", "precision", self.precision, PRECISIONS)
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
         _positive("train", self, "max_steps", "grad_accum", "log_every", "max_bad_steps", "keep_checkpoints")
-        _positive("train", self, "checkpoint_every", allow_zero=True)
+        _positive("train", self, "checkpoint_every", "eval_rerank_k", allow_zero=True)
 
 
 @dataclass

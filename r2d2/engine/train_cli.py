@@ -5,7 +5,8 @@
 
 The run folder gets ``config.yaml`` (the resolved config), ``log.jsonl``, ``tb/``, ``loss.png``,
 ``checkpoints/`` and, at the end, ``model/`` (``save_pretrained``, what ``r2d2 eval`` loads) and
-``eval.json`` (zero-shot retrieval on the held-out split, also printed as R@1/5/10).
+``eval.json`` (zero-shot retrieval on the held-out split, also printed as R@1/5/10: pre-rank,
+and pre-rank + ITM re-rank of the top ``train.eval_rerank_k`` when the model has cross encoders).
 """
 
 from __future__ import annotations
@@ -139,20 +140,31 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     def load(key: str) -> torch.Tensor:
         return tf(open_image(key, canvas))
 
+    k = trainer.cfg.train.eval_rerank_k
+    rerank = k > 0 and getattr(getattr(model, "config", None), "has_cross", False)
     res = evaluate_retrieval(model, rset, trainer.tokenize, load,
-                             RetrievalEvalConfig(rerank=False, image_cache_dtype="float32"))
+                             RetrievalEvalConfig(k=max(k, 1), rerank=rerank, image_cache_dtype="float32"))
     m = res.pre_rank
     report = {"split": "held-out", "n_images": res.n_images, "n_texts": res.n_texts,
               "chance_r1_i2t": 100.0 * sum(len(t) for t in rset.img2txt) / len(rset.img2txt) / res.n_texts,
               "chance_r1_t2i": 100.0 * sum(len(i) for i in rset.txt2img) / len(rset.txt2img) / res.n_images,
               **m}
+    if res.two_stage is not None:
+        report["rerank_k"] = k
+        report["pre_rank+rank"] = res.two_stage
     rank, _ = dist_info()
     if rank == 0:
         with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         print(f"zero-shot retrieval on {res.n_images} held-out images / {res.n_texts} texts "
               f"(chance R@1 ~ {report['chance_r1_i2t']:.1f}% i2t, {report['chance_r1_t2i']:.1f}% t2i):")
-        print(f"  image->text  R@1 {m['i2t_r1']:.1f}  R@5 {m['i2t_r5']:.1f}  R@10 {m['i2t_r10']:.1f}")
-        print(f"  text->image  R@1 {m['t2i_r1']:.1f}  R@5 {m['t2i_r5']:.1f}  R@10 {m['t2i_r10']:.1f}")
-        print(f"  mean recall {m['mean_recall']:.1f}", flush=True)
+        rows = [("pre-rank", m)]
+        if res.two_stage is not None:
+            rows.append((f"pre-rank + ITM re-rank of the top {k}", res.two_stage))
+        for title, r in rows:
+            if len(rows) > 1:
+                print(f"  {title}:")
+            print(f"  image->text  R@1 {r['i2t_r1']:.1f}  R@5 {r['i2t_r5']:.1f}  R@10 {r['i2t_r10']:.1f}")
+            print(f"  text->image  R@1 {r['t2i_r1']:.1f}  R@5 {r['t2i_r5']:.1f}  R@10 {r['t2i_r10']:.1f}")
+            print(f"  mean recall {r['mean_recall']:.1f}", flush=True)
     return report
