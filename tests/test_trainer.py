@@ -281,3 +281,23 @@ def test_torch_compile_gives_the_same_losses(tmp_path):
     plain = _cli_losses(tmp_path, "plain")
     compiled = _cli_losses(tmp_path, "compiled", "--train.compile=true")
     np.testing.assert_allclose(compiled, plain, rtol=1e-4)
+
+
+def test_retrieval_finetune_can_freeze_the_image_encoder(tmp_path):
+    # The official retrieval recipe keeps the ViT fixed: it must not move, get grads or optimizer
+    # state, while the projections, text and cross encoders train.
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), QUIET + [
+        "--train.task=retrieval", "--train.freeze_image_encoder=true", "--train.max_steps=3",
+        "--data.batch_size=8", "--optim.warmup_steps=0", "--train.checkpoint_every=0",
+        "--loss.mlm=false", "--loss.tgd=false", "--loss.fgd=false"])
+    tr = Trainer(cfg, str(tmp_path / "run"))
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.fit()
+    after = dict(tr.model.named_parameters())
+    vit = [n for n in before if n.startswith("visual.")]
+    assert vit and all(not after[n].requires_grad and after[n].grad is None for n in vit)
+    assert all(torch.equal(before[n], after[n]) for n in vit)
+    moved = [n for n in ("vision_proj.weight", "text_proj.weight", "itm_head.weight")
+             if not torch.equal(before[n], after[n])]
+    assert moved == ["vision_proj.weight", "text_proj.weight", "itm_head.weight"]
+    assert not any(p is after[n] for n in vit for g in tr.optimizer.param_groups for p in g["params"])

@@ -230,7 +230,8 @@ class TrainConfig:
     """with cross encoders, that end-of-run evaluation also re-ranks each query's top k with ITM
     and reports pre-rank + rank beside pre-rank (0 = pre-rank only)"""
     freeze_image_encoder: bool = False
-    """matching fine-tuning: keep the image encoder fixed (the official recipe)"""
+    """keep the ViT fixed (the official retrieval and matching fine-tuning recipes); the
+    projections, text encoder and cross encoders still train"""
 
     def __post_init__(self) -> None:
         _choice("train", "task", self.task, TASKS)

@@ -145,6 +145,10 @@ def build_objective(cfg: RunConfig) -> nn.Module:
     if cfg.train.task in ("pretrain", "retrieval"):
         from r2d2.engine.losses import R2D2ForPretraining
 
+        if cfg.train.freeze_image_encoder:
+            # The official retrieval fine-tuning: the ViT is fixed (no graph, no optimizer state);
+            # vision_proj, the text encoder and the cross encoders train.
+            model.visual.requires_grad_(False)
         return R2D2ForPretraining(model, cfg.loss.build_config())
     from r2d2.engine.tasks.matching import MatchingObjective
 
