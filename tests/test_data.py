@@ -217,3 +217,54 @@ def test_webdataset_stream_skips_and_counts(tmp_path):
         b = next(it)
         seen += [t for t in b.get("texts", [])] + ["skip"] * b["skipped"]
     assert len(seen) == 12 and seen.count("skip") == 6 and len(set(seen) - {"skip"}) == 6
+
+
+def _photo(seed=0, size=40):
+    rng = np.random.default_rng(seed)
+    # smooth gradients plus noise: every op (equalize, posterize, solarize...) has something to change
+    y, x = np.mgrid[0:size, 0:size]
+    # within 40..200, so autocontrast and equalize have range to stretch
+    base = 40 + np.stack([x * 120 / size, y * 120 / size, (x + y) * 60 / size], -1)
+    arr = np.clip(base + rng.normal(0, 10, base.shape), 40, 200).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def test_randaugment_each_op_changes_the_image_and_keeps_its_size():
+    from r2d2.engine.data.randaugment import OPS, RandAugment
+
+    img = _photo()
+    for name in OPS:
+        out = RandAugment(1, 9, p=1.0, ops=(name,))(img, random.Random(3))
+        assert out.size == img.size and out.mode == "RGB", name
+        changed = not np.array_equal(np.asarray(out), np.asarray(img))
+        assert changed == (name != "identity"), name
+
+
+def test_randaugment_is_a_function_of_the_rng_and_n0_is_identity():
+    from r2d2.engine.data.randaugment import RandAugment
+
+    img, ra = _photo(1), RandAugment(2, 5)
+    a = [np.asarray(ra(img, random.Random(s))) for s in range(12)]
+    b = [np.asarray(ra(img, random.Random(s))) for s in range(12)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len({x.tobytes() for x in a}) > 6  # different seeds, different augmentations
+    assert np.array_equal(np.asarray(RandAugment(0, 5)(img, random.Random(0))), np.asarray(img))
+    tf = TrainTransform(16, (0.5, 1.0), randaugment=(2, 5))
+    x = tf(img, random.Random(0))
+    assert x.shape == (3, 16, 16) and torch.equal(x, tf(img, random.Random(0)))
+
+
+@pytest.mark.parametrize("kw, match", [(dict(n=-1), "n=-1"), (dict(m=11), "m=11"), (dict(p=2), "p=2"),
+                                       (dict(ops=("blur",)), "blur")])
+def test_randaugment_bad_arguments_name_themselves(kw, match):
+    from r2d2.engine.data.randaugment import RandAugment
+
+    with pytest.raises(ValueError, match=match):
+        RandAugment(**kw)
+
+
+def test_randaugment_config_is_validated():
+    assert DataConfig(randaugment=[2, 5]).randaugment == [2, 5]
+    for bad in ([2], [2.5, 5], [2, 12], "2,5"):
+        with pytest.raises(Exception, match="data.randaugment"):
+            DataConfig(randaugment=bad)

@@ -135,6 +135,9 @@ class DataConfig:
     """RandomResizedCrop area range"""
     hflip: bool = False
     """random horizontal flip (off by default: it swaps left/right words in captions)"""
+    randaugment: list | None = None
+    """[n, m]: RandAugment with n ops at magnitude m (0-10) after the crop (the official retrieval
+    fine-tuning: [2, 5]); null = off"""
     max_skip_rate: float = 0.1
     """stop with an error when skipped / seen samples passes this (after 100 samples)"""
     synthetic_size: int = 20000
@@ -158,6 +161,13 @@ class DataConfig:
             raise ConfigError(f"data.max_skip_rate={self.max_skip_rate} must be in [0, 1]")
         if (len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"data.crop_scale={self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
+        if self.randaugment is not None:
+            ra = self.randaugment
+            if (not isinstance(ra, (list, tuple)) or len(ra) != 2 or not isinstance(ra[0], int)
+                    or isinstance(ra[0], bool) or ra[0] < 0 or not isinstance(ra[1], (int, float))
+                    or not 0 <= ra[1] <= 10):
+                raise ConfigError(f"data.randaugment={ra!r} must be [n, m] with an int n >= 0 and "
+                                  "a magnitude 0 <= m <= 10, or null")
 
 
 @dataclass

@@ -216,7 +216,8 @@ def build_train_data(cfg, tokenize: Tokenize, image_size: int, micro_global: int
     from r2d2.engine.data.synthetic import read_synthetic
     from r2d2.engine.data.transforms import build_transform
 
-    tf = build_transform(image_size, train=True, augment=cfg.augment, scale=cfg.crop_scale, hflip=cfg.hflip)
+    tf = build_transform(image_size, train=True, augment=cfg.augment, scale=cfg.crop_scale, hflip=cfg.hflip,
+                         randaugment=tuple(cfg.randaugment) if cfg.randaugment else None)
     collate = Collate(tokenize)
     common = dict(num_workers=cfg.num_workers, collate_fn=collate, persistent_workers=cfg.num_workers > 0,
                   pin_memory=torch.cuda.is_available())

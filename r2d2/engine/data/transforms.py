@@ -1,6 +1,7 @@
 """Image preprocessing with Pillow and torch only (no torchvision).
 
-Training: RandomResizedCrop (area ``scale``, aspect 3/4..4/3, bicubic) + optional horizontal flip.
+Training: RandomResizedCrop (area ``scale``, aspect 3/4..4/3, bicubic) + optional horizontal flip
++ optional RandAugment(n, m) (``randaugment.py``).
 Eval: resize the short side to ``size`` + center crop. Both end with CLIP mean/std normalisation.
 Randomness comes from an explicit ``random.Random`` so that a sample's augmentation is a function of
 (seed, epoch, index) alone: identical across worker counts, ranks and resumed runs.
@@ -67,10 +68,16 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 class TrainTransform:
-    """RandomResizedCrop + optional flip + normalise; call as ``tf(img, rng)``."""
+    """RandomResizedCrop + optional flip + optional RandAugment + normalise; ``tf(img, rng)``."""
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 1.0), hflip: bool = False) -> None:
+    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 1.0), hflip: bool = False,
+                 randaugment: tuple[int, float] | None = None) -> None:
         self.size, self.scale, self.hflip = size, tuple(scale), hflip
+        self.randaugment = None
+        if randaugment is not None:
+            from r2d2.engine.data.randaugment import RandAugment
+
+            self.randaugment = RandAugment(*randaugment)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         img = img.convert("RGB")
@@ -78,6 +85,8 @@ class TrainTransform:
         img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            img = self.randaugment(img, rng)
         return normalize(to_tensor(img))
 
 
@@ -96,5 +105,6 @@ def eval_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
     return EvalTransform(size)
 
 
-def build_transform(size: int, train: bool, augment: bool = True, scale=(0.5, 1.0), hflip: bool = False):
-    return TrainTransform(size, scale, hflip) if (train and augment) else EvalTransform(size)
+def build_transform(size: int, train: bool, augment: bool = True, scale=(0.5, 1.0), hflip: bool = False,
+                    randaugment: tuple[int, float] | None = None):
+    return TrainTransform(size, scale, hflip, randaugment) if (train and augment) else EvalTransform(size)
