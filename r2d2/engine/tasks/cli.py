@@ -33,6 +33,7 @@ from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evalu
 from r2d2.engine.tasks.zeroshot import DEFAULT_TEMPLATES, check_templates
 
 TASKS = ("retrieval", "matching", "zeroshot")
+EVAL_FORMATS = FORMATS + ("synthetic",)
 
 
 @dataclass
@@ -40,7 +41,8 @@ class EvalDataConfig:
     """Which split to evaluate and how to read it (see ``r2d2.engine.data.ccmb``)."""
 
     format: str = "icr"
-    """one of r2d2.engine.data.ccmb.FORMATS"""
+    """one of r2d2.engine.data.ccmb.FORMATS, or synthetic (the embedded set's held-out split,
+    no files: retrieval, and matching against mismatched captions)"""
     path: str = ""
     """annotation file (or class-folder root for zeroshot)"""
     image_root: str | None = None
@@ -55,10 +57,16 @@ class EvalDataConfig:
     """tokenizer vocab.txt; default: the checkpoint's, else the project's built-in vocabulary"""
     max_text_len: int | None = None
     """tokens per text; default: the model's max_text_len (what it was trained with)"""
+    synthetic_size: int = 200
+    """synthetic: held-out pairs (the pre-training run's data.synthetic_eval_size)"""
+    seed: int = 0
+    """synthetic: the data seed of the pre-training run"""
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"data.format must be one of {FORMATS}, got {self.format!r}")
+        if self.format not in EVAL_FORMATS:
+            raise ValueError(f"data.format must be one of {EVAL_FORMATS}, got {self.format!r}")
+        if self.synthetic_size < 2:
+            raise ValueError(f"data.synthetic_size must be >= 2, got {self.synthetic_size}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.limit must be >= 1, got {self.limit}")
         if self.max_text_len is not None and self.max_text_len < 2:
@@ -189,6 +197,29 @@ def make_load_image(model):
     return lambda path: tf(open_image(path))
 
 
+def synthetic_eval_set(task: str, size: int, seed: int):
+    """The embedded set's held-out split as an evaluation set: the pairs themselves for
+    retrieval; for matching, each pair (label 1) plus the image with the next caption that
+    differs from its own (label 0)."""
+    from r2d2.engine.data.records import ReadResult, Record
+    from r2d2.engine.data.synthetic import read_synthetic
+
+    if task == "zeroshot":
+        raise ValueError("data.format=synthetic serves retrieval and matching; zeroshot needs an "
+                         "image folder or list file (data.path) and class names")
+    recs = read_synthetic(size, "eval", seed).records
+    if task == "retrieval":
+        return ReadResult(records=recs)
+    out = []
+    for i, r in enumerate(recs):
+        neg = next((recs[(i + j) % len(recs)].text for j in range(1, len(recs))
+                    if recs[(i + j) % len(recs)].text != r.text), None)
+        out.append(Record(r.image, r.text, r.image_id, 1))
+        if neg is not None:
+            out.append(Record(r.image, neg, r.image_id, 0))
+    return ReadResult(records=out)
+
+
 # --------------------------------------------------------------------------------- reporting
 def recall_curve(scores: torch.Tensor, targets, max_k: int) -> np.ndarray:
     ranks = ranks_of_targets(scores.numpy(), targets)
@@ -239,7 +270,9 @@ def run(cfg: EvalConfig, checkpoint: str) -> dict:
     tokenize = make_tokenize(model, d, checkpoint)
     load_image = make_load_image(model)
     classnames = None
-    if cfg.task == "zeroshot":
+    if d.format == "synthetic":
+        read = synthetic_eval_set(cfg.task, d.synthetic_size, d.seed)
+    elif cfg.task == "zeroshot":
         read, classnames = read_zeroshot(d.path, d.image_root, d.classnames)
     else:
         opts = {"captions": d.captions} if d.format == "coco_cn" and d.captions else {}
