@@ -25,7 +25,11 @@ __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// The counter-based noise of r2d2.kernels.contrastive.gumbel_noise (lowbias32 hash).
+// The counter-based noise of r2d2.kernels.contrastive.gumbel_noise (lowbias32 hash). The two
+// logs are taken in double and rounded to float each, as an accurate logf would: setup.py builds
+// with --use_fast_math, which turns logf into __logf (absolute error ~2^-21 near 1), and u near 1
+// (-log u down to 2^-25) is exactly where the largest, argmax-deciding Gumbel values come from;
+// there __logf can be off by orders of magnitude, or give 0 / a positive value (noise +inf / NaN).
 __device__ __forceinline__ uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
@@ -39,7 +43,8 @@ __device__ __forceinline__ float gumbel(uint32_t key, int64_t row, int64_t col) 
   const uint32_t a = mix32(static_cast<uint32_t>(row) ^ key);
   const uint32_t h = mix32(a + static_cast<uint32_t>(col) * 0x9E3779B9u);
   const float u = (static_cast<float>(h >> 8) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
-  return -logf(-logf(u));
+  const float e = static_cast<float>(-log(static_cast<double>(u)));
+  return static_cast<float>(-log(static_cast<double>(e)));
 }
 
 // acc[i] = A[a0 + r] . B[b0 + c] over the full feature dim, for idx = tid + i * kThreads,
@@ -339,7 +344,8 @@ int launch_fwd(const FwdArgs& a, cudaStream_t stream) {
 
 template <typename T>
 int launch_bwd(const BwdArgs& a, cudaStream_t stream) {
-  if (a.b == 0 || a.n == 0) return 0;
+  // D == 0: nothing to add (sim = 0, so ds gets 0 too), and a 0-sized grid.y would not launch.
+  if (a.b == 0 || a.n == 0 || a.D == 0) return 0;
   const unsigned nd = static_cast<unsigned>(cdiv(a.D, kChunk));
   if (a.dq != nullptr) {
     bwd_rows_kernel<T><<<dim3(cdiv(a.b, kTileRows), nd), kThreads, 0, stream>>>(a);
