@@ -39,6 +39,17 @@ def test_presets_round_trip_through_dict_and_yaml(name):
     assert cfg.has_cross == (not name.startswith("prd2"))
 
 
+def test_released_vit_l_preset_pairs_vit_l_with_the_base_text_encoder():
+    rel, base, large = model_preset("large-released"), model_preset("base"), model_preset("large")
+    assert rel.vision == large.vision and rel.text == base.text
+    assert (rel.cross_layers, rel.embed_dim, rel.mlm_head) == (6, 768, False)
+    with torch.device("meta"):
+        m = R2D2Model(rel)
+    assert m.text_cross.layers[0].attn.query.weight.shape == (768, 768)       # cross hidden 768
+    assert m.text_cross.layers[0].cross.key.weight.shape == (768, 1024)      # keys: ViT-L tokens
+    assert m.image_cross_proj.weight.shape == (768, 1024) and m.mlm_head is None
+
+
 def test_preset_shapes_match_the_paper():
     base, large = model_preset("base"), model_preset("large")
     assert (base.vision.width, base.vision.layers, base.vision.patch_size) == (768, 12, 16)
@@ -115,17 +126,16 @@ def test_padded_text_tokens_change_nothing():
     torch.testing.assert_close(T[1:2, :4], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_vit_keep_mask_hides_masked_patches():
+def test_vit_keep_drops_the_other_patches():
     m = R2D2Model(small_cfg()).eval()
     imgs = torch.randn(2, 3, 24, 24)
-    keep = torch.ones(2, 9, dtype=torch.bool)
-    keep[0, 4] = keep[1, 0] = False
+    keep = torch.tensor([[0, 1, 2, 3, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])   # 4 / 0 dropped
     imgs2 = imgs.clone()
     imgs2[0, :, 8:16, 8:16] = torch.randn(3, 8, 8)   # patch 4 of image 0
     imgs2[1, :, 0:8, 0:8] = torch.randn(3, 8, 8)     # patch 0 of image 1
     a, b = m.image_tokens(imgs, keep), m.image_tokens(imgs2, keep)
-    vis = torch.cat([torch.ones(2, 1, dtype=torch.bool), keep], 1)
-    torch.testing.assert_close(a[vis], b[vis])
+    assert a.shape == (2, 1 + 8, 32)
+    torch.testing.assert_close(a, b)                  # the dropped pixels are never seen
     assert not torch.allclose(m.image_tokens(imgs)[0, 0], m.image_tokens(imgs2)[0, 0])
 
 
@@ -196,6 +206,15 @@ def test_activation_checkpointing_keeps_outputs_and_grads():
     assert len(g0) == len(g1) > 50
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b)
+
+
+def test_clamp_temperature_in_place():
+    m = R2D2Model(small_cfg())
+    for start, expect in ((1e-5, 0.001), (0.9, 0.5), (0.2, 0.2)):
+        with torch.no_grad():
+            m.temp.fill_(start)
+        m.clamp_temperature_()
+        assert m.temp.item() == pytest.approx(expect) and m.temp.requires_grad and m.temp.grad is None
 
 
 def test_temperature_is_clamped():

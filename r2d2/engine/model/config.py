@@ -199,8 +199,19 @@ def _tiny_text() -> dict:
 
 
 def model_preset(name: str) -> ModelConfig:
-    """``tiny`` (CPU minutes), ``base`` (ViT-B/16 + RoBERTa-wwm base), ``large`` (ViT-L/14 +
-    RoBERTa-wwm large), ``prd2`` (base dual encoders only), ``prd2-tiny``."""
+    """A named model:
+
+    ``tiny``            trains on a CPU in minutes (the project's offline vocab, width 64)
+    ``prd2-tiny``       ``tiny`` without cross encoders
+    ``base``            ViT-B/16 + RoBERTa-wwm-ext base, cross encoders 6 x 768 (the paper's base)
+    ``large``           ViT-L/14 + RoBERTa-wwm-ext large (1024 x 24), cross encoders 6 x 1024: a
+                        pre-training configuration of our own; the authors released no such model
+    ``large-released``  the released ViT-L/14 model: ViT-L/14 + the *base* RoBERTa-wwm-ext text
+                        encoder, cross encoders 6 x 768, embeddings 768, and no MLM head (the
+                        release has none), so ``R2D2Model.from_official(path, config=...)`` maps
+                        every key and a converted release loads into it strictly (fine-tuning)
+    ``prd2``            ``base`` dual encoders only (the released PRD2 variant: GCPR + TgD)
+    """
     if name == "tiny":
         return ModelConfig(vision=VisionConfig(**_TINY_VISION), text=TextConfig(**_tiny_text()),
                            cross_layers=1, embed_dim=64, max_text_len=32, initializer_range=_TINY_INIT)
@@ -211,10 +222,13 @@ def model_preset(name: str) -> ModelConfig:
         return ModelConfig(vision=VisionConfig(**_VIT_B16), text=TextConfig(**_ROBERTA_BASE))
     if name == "large":
         return ModelConfig(vision=VisionConfig(**_VIT_L14), text=TextConfig(**_ROBERTA_LARGE))
+    if name == "large-released":
+        return ModelConfig(vision=VisionConfig(**_VIT_L14), text=TextConfig(**_ROBERTA_BASE),
+                           mlm_head=False)
     if name == "prd2":
         return ModelConfig(vision=VisionConfig(**_VIT_B16), text=TextConfig(**_ROBERTA_BASE),
                            cross_layers=0)
     raise ValueError(f"model preset {name!r}: expected one of {PRESETS}")
 
 
-PRESETS = ("tiny", "base", "large", "prd2", "prd2-tiny")
+PRESETS = ("tiny", "base", "large", "large-released", "prd2", "prd2-tiny")

@@ -6,7 +6,7 @@
     text-image    X = text_cross(T | V)             queries: text states, keys: image tokens
     image-text    Y = image_cross(image_cross_proj(V) | T)   queries: projected image tokens
     ITM           itm_head(X[:, 0]), itm_head_i(Y[:, 0])   2-way logits each; score = mean of p(match)
-    temperature   t = temp.clamp(min, max), logit scale = 1 / t
+    temperature   t = temp.clamp(min, max), logit scale = 1 / t (the objective also clamps temp in place)
 
 Parameter names follow the official release where that costs nothing; ``hf_io`` maps the official
 (``visual_encoder.*``, ``text_encoder.*``, ``text_joint_layer.*``, ...) and HF layouts onto them.
@@ -82,13 +82,25 @@ class R2D2Model(nn.Module):
         """1 / temperature, the temperature clamped to [temperature_min, temperature_max]."""
         return 1.0 / self.temp.clamp(self.config.temperature_min, self.config.temperature_max)
 
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Clamp the ``temp`` parameter itself into [temperature_min, temperature_max] (ALBEF's
+        ``temp.clamp_``). The clamp inside ``logit_scale`` alone has zero gradient outside the
+        range, so an optimizer step that overshoots a bound would leave ``temp`` there for good
+        while AdamW's momentum keeps pushing it; clamping the value first keeps the gradient
+        alive (clamp's gradient passes at the bounds). The pre-training objective calls this at
+        the start of every forward. In place and identical on every rank (the temperature is
+        replicated under DDP and left unsharded by FSDP2), so the ranks stay in step."""
+        self.temp.clamp_(self.config.temperature_min, self.config.temperature_max)
+
     def _require_cross(self, what: str) -> None:
         if not self.config.has_cross:
             raise RuntimeError(f"{what} needs the cross encoders; this model has cross_layers=0 (PRD2)")
 
     # ------------------------------------------------------------------ encoders
     def image_tokens(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """ViT token states ``[B, 1+N, Wv]``."""
+        """ViT token states ``[B, 1+N, Wv]``; with ``keep`` (visible patch indices ``[B, K]``, FgD's
+        masked student view) only the class token and those patches: ``[B, 1+K, Wv]``."""
         return self.visual(images, keep)
 
     def text_tokens(self, input_ids, attention_mask=None) -> torch.Tensor:
