@@ -168,6 +168,47 @@ def test_hf_clip_vision_last_hidden_state_matches(tmp_path):
     torch.testing.assert_close(vit(x), hf(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-4)
 
 
+@needs_tf
+@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForPreTraining"])
+def test_hf_bert_accepts_a_save_with_heads(tmp_path, head):
+    """hfl/chinese-roberta-wwm-ext is such a save (keys bert.*, cls.*): strict by default, the
+    heads are reported as unused and the encoder matches the original."""
+    hf = getattr(transformers, head)(transformers.BertConfig(**BERT_CFG)).eval()
+    hf.save_pretrained(str(tmp_path))
+    enc = from_hf_bert(str(tmp_path)).eval()
+    r = enc.load_report
+    assert r.missing == [] and r.unexpected == []
+    assert any(k.startswith("cls.predictions.") for k in r.unused)
+    assert any(k.startswith("cls.seq_relationship.") for k in r.unused) == (head == "BertForPreTraining")
+    assert all(k.startswith(("cls.", "bert.pooler.")) for k in r.unused)
+    ids = torch.randint(1, 91, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[2, 5:] = 0
+    ref = hf.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    torch.testing.assert_close(enc(ids, mask)[keep], ref[keep], atol=1e-5, rtol=1e-4)
+
+
+@needs_tf
+def test_hf_clip_vision_accepts_a_full_clip_model(tmp_path):
+    text = dict(vocab_size=50, hidden_size=24, intermediate_size=30, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=CLIP_CFG,
+                                                        projection_dim=16)).eval()
+    hf.save_pretrained(str(tmp_path))
+    vit = from_hf_clip_vision(str(tmp_path)).eval()
+    r = vit.load_report
+    assert r.missing == [] and r.unexpected == []
+    for k in ("logit_scale", "text_projection.weight", "visual_projection.weight",
+              "vision_model.post_layernorm.weight"):
+        assert k in r.unused
+    assert any(k.startswith("text_model.") for k in r.unused)
+    x = torch.randn(2, 3, 30, 30)
+    # last_hidden_state is before post_layernorm, which R2D2 reads
+    torch.testing.assert_close(vit(x), hf.vision_model(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------- official R2D2 layout
 def official_cfg():
     return ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=64, layers=2, heads=1),
@@ -231,6 +272,46 @@ def test_from_official_maps_every_key(tmp_path):
 
     del sd["itm_head.bias"]
     assert R2D2Model.from_official(sd, config=cfg).load_report.missing == ["itm_head.bias"]
+
+
+def test_from_official_with_a_tied_config_loads_the_shared_tensor_once():
+    """Our tied model has one tensor for text.word_embed and mlm_head.decoder: the two official
+    keys must agree, and only one is loaded (the other is reported as unused)."""
+    cfg = dataclasses.replace(official_cfg(), tie_mlm_embeddings=True)
+    model = R2D2Model(cfg)
+    assert model.mlm_head.decoder.weight is model.text.word_embed.weight
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    names = official_names(cfg)
+    sd = {theirs: torch.randn(shapes[ours]) for ours, theirs in names.items()}
+    emb = "text_encoder.embeddings.word_embeddings.weight"
+    dec = "mlm_head.predictions.decoder.weight"
+    sd[dec] = sd[emb].clone()
+    m = R2D2Model.from_official(sd, config=cfg)
+    assert torch.equal(m.text.word_embed.weight, sd[emb])
+    assert m.mlm_head.decoder.weight is m.text.word_embed.weight
+    assert m.load_report.missing == [] and m.load_report.unexpected == [] and dec in m.load_report.unused
+    # an untied checkpoint cannot go into a tied model: a clear error, not a silent overwrite
+    sd[dec] = sd[emb] + 0.5
+    with pytest.raises(ValueError, match=rf"{emb} and {dec} differ.*tie_mlm_embeddings=False"):
+        R2D2Model.from_official(sd, config=cfg)
+    untied = R2D2Model.from_official(sd, config=official_cfg())
+    assert torch.equal(untied.text.word_embed.weight, sd[emb])
+    assert torch.equal(untied.mlm_head.decoder.weight, sd[dec])
+
+
+def test_release_layout_fits_the_large_released_preset():
+    """The released ViT-L model's keys and shapes (built on the meta device: no memory) map onto
+    every parameter of model_preset("large-released"), and the inferred config is that preset."""
+    from r2d2.engine.hf_io import official_key
+    from r2d2.engine.model import model_preset
+
+    cfg = model_preset("large-released")
+    with torch.device("meta"):
+        ours = R2D2Model(cfg).state_dict()
+    names = {o: t for o, t in official_names(cfg).items() if not o.startswith("mlm_head.")}
+    assert {official_key(t) for t in names.values()} == set(ours)
+    sd = {t: torch.empty(ours[o].shape, device="meta") for o, t in names.items()}
+    assert infer_official_config(sd) == dataclasses.replace(cfg, tie_mlm_embeddings=False)
 
 
 def test_from_official_rejects_other_checkpoints():

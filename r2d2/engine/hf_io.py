@@ -8,9 +8,14 @@ Key layouts mapped onto ours (see r2d2/engine/model):
               vision_model.pre_layrnorm, vision_model.encoder.layers.N.{self_attn.{q,k,v,out}_proj,
               layer_norm1, mlp.fc1, mlp.fc2, layer_norm2}; post_layernorm is unused (R2D2 reads
               the states before it)
+    unused    whatever a standard save carries beyond the encoder: BERT pooler, cls.predictions.*
+              (BertForMaskedLM), cls.seq_relationship.* (BertForPreTraining); a CLIPModel's
+              text_model.*, text_projection, visual_projection, logit_scale
     official  visual_encoder.* (HF CLIPVisionModel), text_encoder.* (HF BertModel),
               text_joint_layer.* / img_joint_layer.* (BERT with cross-attention, 6 layers),
-              img_joint_proj, vision_proj, text_proj, itm_head, itm_head_i, temp, mlm_head.*
+              img_joint_proj, vision_proj, text_proj, itm_head, itm_head_i, temp, mlm_head.*;
+              with a tied config the MLM decoder weight must equal the word embeddings and is
+              loaded once
 """
 
 from __future__ import annotations
@@ -65,10 +70,17 @@ _CLIP_EMBED = {
     "pre_layrnorm.weight": "ln_pre.weight",
     "pre_layrnorm.bias": "ln_pre.bias",
 }
-# Present in the source layouts but unused by design: R2D2 reads the ViT states before
-# post_layernorm, uses no pooler, and its joint layers take states, not token embeddings.
-_UNUSED = re.compile(r"(^|\.)(pooler|post_layernorm|position_ids)(\.|$)"
-                     r"|^(text_joint_layer|img_joint_layer)\.embeddings\.")
+# Present in the source layouts but unused by design, per loader: R2D2 reads the ViT states
+# before post_layernorm and the [CLS] state without a pooler; the standard HF directories also
+# carry the heads of the model they were saved from (BertForMaskedLM / BertForPreTraining:
+# cls.predictions.*, cls.seq_relationship.*; a full CLIPModel: the text tower, both projections
+# and logit_scale), which have no counterpart in an encoder. The official joint layers take
+# states, not token embeddings.
+_UNUSED_BERT = re.compile(r"(^|\.)(pooler|position_ids)(\.|$)|^cls\.")
+_UNUSED_CLIP = re.compile(r"(^|\.)(post_layernorm|position_ids)(\.|$)"
+                          r"|^(text_model|text_projection|visual_projection)\.|^logit_scale$")
+_UNUSED_OFFICIAL = re.compile(r"(^|\.)(pooler|post_layernorm|position_ids)(\.|$)"
+                              r"|^(text_joint_layer|img_joint_layer)\.embeddings\.")
 
 
 def _sub_layer(rest: str, rules) -> str | None:
@@ -113,7 +125,9 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     """checkpoint keys with no counterpart in our model"""
     unused: list = field(default_factory=list)
-    """checkpoint keys skipped by design (pooler, post_layernorm, position_ids, joint embeddings)"""
+    """checkpoint keys skipped by design: pooler, post_layernorm, position_ids, the heads of a
+    BertForMaskedLM / BertForPreTraining save, a CLIPModel's text tower / projections /
+    logit_scale, the official joint layers' embeddings, a tied duplicate"""
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
@@ -152,34 +166,61 @@ def _load_config(path: str) -> dict:
         return json.load(f)
 
 
-def _assign(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: LoadReport) -> None:
-    """Copy mapped tensors into ``module`` with shape checks; missing keys go to ``report``."""
+def _assign(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: LoadReport,
+            sources: dict[str, str] | None = None) -> None:
+    """Copy mapped tensors into ``module`` with shape checks; missing keys go to ``report``.
+
+    Tied parameters appear under several of our names (the MLM decoder and the word
+    embeddings); when the checkpoint provides more than one of them, the tensors must be equal
+    (otherwise the checkpoint is untied and loading one would silently drop the other) and only
+    the first is loaded, the others listed as unused."""
+    sources = sources or {}
     own = module.state_dict()
     for k, v in mapped.items():
         if k not in own:
-            report.unexpected.append(k)
+            report.unexpected.append(sources.get(k, k))
         elif own[k].shape != v.shape:
             raise ValueError(f"checkpoint tensor for {k} has shape {tuple(v.shape)}, our model "
                              f"expects {tuple(own[k].shape)} (wrong config?)")
-    module.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
-    # Tied parameters appear under several names; one loaded name covers all.
-    loaded = {id(dict(module.named_parameters(remove_duplicate=False)).get(k)) for k in mapped}
+    params = dict(module.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}
+    load = {}
+    for k, v in mapped.items():
+        if k not in own:
+            continue
+        p = params.get(k)
+        if p is not None and id(p) in first:
+            k0 = first[id(p)]
+            if not torch.equal(mapped[k0].to(v.dtype), v):
+                diff = (mapped[k0].double() - v.double()).abs().max().item()
+                raise ValueError(
+                    f"{sources.get(k0, k0)} and {sources.get(k, k)} differ (max |diff| = {diff:.3g}) "
+                    f"but our model ties {k0} and {k} into one tensor: the checkpoint is untied; "
+                    "build the model with tie_mlm_embeddings=False (as the inferred config does)")
+            report.unused.append(sources.get(k, k))
+            continue
+        if p is not None:
+            first[id(p)] = k
+        load[k] = v
+    module.load_state_dict(load, strict=False)
+    loaded = {id(params.get(k)) for k in mapped}
     for k, p in module.named_parameters(remove_duplicate=False):
         if k not in mapped and id(p) not in loaded:
             report.missing.append(k)
 
 
-def _map(sd, fn, report: LoadReport) -> dict[str, torch.Tensor]:
-    out = {}
+def _map(sd, fn, unused: re.Pattern, report: LoadReport) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Checkpoint keys -> ours; returns (our key -> tensor, our key -> checkpoint key)."""
+    out, sources = {}, {}
     for k, v in sd.items():
         ours = fn(k)
         if ours is not None:
-            out[ours] = v
-        elif _UNUSED.search(k):
+            out[ours], sources[ours] = v, k
+        elif unused.search(k):
             report.unused.append(k)
         else:
             report.unexpected.append(k)
-    return out
+    return out, sources
 
 
 def _finish(module, report: LoadReport, strict: bool, what: str):
@@ -193,8 +234,11 @@ def _finish(module, report: LoadReport, strict: bool, what: str):
 
 
 def from_hf_bert(path: str, kernels=None, strict: bool = True) -> TextEncoder:
-    """Our ``TextEncoder`` from a HF ``BertModel`` directory; ``enc(input_ids, attention_mask)``
-    equals HF's ``last_hidden_state``."""
+    """Our ``TextEncoder`` from a HF ``BertModel`` directory, or a ``BertForMaskedLM`` /
+    ``BertForPreTraining`` save (the layout of ``hfl/chinese-roberta-wwm-ext``: keys under
+    ``bert.``, heads ``cls.*`` listed in ``load_report.unused``); ``enc(input_ids,
+    attention_mask)`` equals HF's ``last_hidden_state``. ``strict`` raises on missing or
+    unexpected keys (never on the unused heads)."""
     c = _load_config(path)
     if c.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{path}: hidden_act={c['hidden_act']!r}; only 'gelu' (BERT) is supported")
@@ -207,13 +251,16 @@ def from_hf_bert(path: str, kernels=None, strict: bool = True) -> TextEncoder:
                     pad_id=c.get("pad_token_id") or 0)
     enc = TextEncoder(tc, kernels)
     report = LoadReport()
-    _assign(enc, _map(read_state_dict(path), bert_key, report), report)
+    mapped, sources = _map(read_state_dict(path), bert_key, _UNUSED_BERT, report)
+    _assign(enc, mapped, report, sources)
     return _finish(enc, report, strict, f"from_hf_bert({path})")
 
 
 def from_hf_clip_vision(path: str, kernels=None, strict: bool = True) -> VisionTransformer:
-    """Our ``VisionTransformer`` from a HF ``CLIPVisionModel`` (or full ``CLIPModel``) directory;
-    ``vit(pixel_values)`` equals HF's ``last_hidden_state``."""
+    """Our ``VisionTransformer`` from a HF ``CLIPVisionModel`` or full ``CLIPModel`` directory
+    (the text tower, ``text_projection``, ``visual_projection`` and ``logit_scale`` are listed in
+    ``load_report.unused``); ``vit(pixel_values)`` equals HF's ``last_hidden_state``. ``strict``
+    raises on missing or unexpected keys."""
     c = _load_config(path)
     c = c.get("vision_config", c)
     act = c.get("hidden_act", "quick_gelu")
@@ -225,9 +272,9 @@ def from_hf_clip_vision(path: str, kernels=None, strict: bool = True) -> VisionT
                       mlp_ratio=c.get("intermediate_size", 3072) / c.get("hidden_size", 768),
                       layer_norm_eps=c.get("layer_norm_eps", 1e-5), dropout=c.get("attention_dropout", 0.0))
     vit = VisionTransformer(vc, kernels)
-    sd = {k: v for k, v in read_state_dict(path).items() if not k.startswith("text_model.")}
     report = LoadReport()
-    _assign(vit, _map(sd, clip_vision_key, report), report)
+    mapped, sources = _map(read_state_dict(path), clip_vision_key, _UNUSED_CLIP, report)
+    _assign(vit, mapped, report, sources)
     return _finish(vit, report, strict, f"from_hf_clip_vision({path})")
 
 
@@ -303,5 +350,6 @@ def load_official(cls, path, config: ModelConfig | None = None, kernels=None, st
     sd = read_state_dict(path)
     model = cls(config or infer_official_config(sd), kernels)
     report = LoadReport()
-    _assign(model, _map(sd, official_key, report), report)
+    mapped, sources = _map(sd, official_key, _UNUSED_OFFICIAL, report)
+    _assign(model, mapped, report, sources)
     return _finish(model, report, strict, "from_official")
