@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import r2d2.kernels as K
 from r2d2.engine.losses import (LossConfig, R2D2ForPretraining, cosine_distill, mask_tokens,
-                                sample_local_negatives, weighted_itm_ce)
+                                sample_local_negatives, weighted_itm_ce, weighted_itm_kl)
 from r2d2.engine.model import ModelConfig, R2D2Model, TextConfig, VisionConfig
 
 OFF = dict(gcpr=True, fgr=False, mlm=False, tgd=False, fgd=False)
@@ -65,6 +65,7 @@ def hand_gcpr(I, T, s, ids, tI=None, tT=None, alpha=0.0):
     (dict(fgr_weight=-1), "fgr_weight"),
     (dict(fgr_class_weights=[1.0]), "fgr_class_weights"),
     (dict(fgr_negatives="ring"), "fgr_negatives"),
+    (dict(gcpr_mode="allgather"), "gcpr_mode"),
     (dict(mlm_mask_frac=0.95, mlm_random_frac=0.1), "mlm_mask_frac"),
     (dict(fgd_features="pixels"), "fgd_features"),
     (dict(gcpr=False, fgr=True), "needs loss.gcpr"),
@@ -213,29 +214,74 @@ def test_fgr_matches_hand_computation(monkeypatch, ids):
         assert len(pairs) == 5   # no negative exists: only the positives count
 
 
-def test_fgr_tgd_is_alpha_kl_to_teacher_itm(monkeypatch):
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_fgr_tgd_is_the_class_weighted_soft_target_ce(monkeypatch, alpha):
+    """fgr_loss + tgd_fgr_loss = sum_r w_r CE((1 - a) onehot(y_r) + a p_teacher_r, student_r) /
+    sum_r w_r - a * (the same weighted mean of the teacher's entropy), per head, heads averaged,
+    w = [1, 2][y]: its value and its gradient, pair by pair, at a = 0 (the hard loss) and 0.4."""
     m = small_model().eval()
     seen = _capture_negatives(monkeypatch)
-    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgr": True, "tgd": True}, distill_alpha=0.4)).eval()
-    perturb(obj.teacher)
+    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgr": True, "tgd": True}, distill_alpha=alpha)).eval()
+    perturb(obj.teacher, 1.0)
+    with torch.no_grad():          # a teacher whose ITM probabilities differ clearly
+        obj.teacher.itm_head.bias.add_(torch.tensor([0.8, -0.8]))
+        obj.teacher.itm_head_i.bias.add_(torch.tensor([-0.6, 0.6]))
     batch = make_batch()
     out = obj(batch)
     nt, ni = seen[-1].neg_text_for_image, seen[-1].neg_image_for_text
-    hard, pairs = hand_fgr(m, batch, nt, ni)
-    assert out["fgr_loss"].item() == pytest.approx(0.6 * hard, rel=1e-4)
-    x = (batch["images"], batch["input_ids"], batch["attention_mask"])
-    kl = 0.0
+    got = out["fgr_loss"] + out["tgd_fgr_loss"]
+    m.zero_grad()
+    got.backward()
+    g_obj = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    imgs, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+    V, T = m.image_tokens(imgs), m.text_tokens(ids, mask)
+    with torch.no_grad():
+        tV, tT = obj.teacher.image_tokens(imgs), obj.teacher.text_tokens(ids, mask)
+    pairs = [(i, i, 1) for i in range(5)] + [(i, int(nt[i]), 0) for i in range(5)] + \
+        [(int(ni[j]), j, 0) for j in range(5)]
+    soft_ce, entropy, kl_terms = 0.0, 0.0, 0.0
     for head in (0, 1):
-        tot = 0.0
-        for vi, ti, _ in pairs:
-            args = [(x[0][vi:vi + 1],), (x[1][ti:ti + 1], x[2][ti:ti + 1])]
-            s = m.itm_logits(m.image_tokens(*args[0]), m.text_tokens(*args[1]), args[1][1])[head][0]
-            t = obj.teacher.itm_logits(obj.teacher.image_tokens(*args[0]), obj.teacher.text_tokens(*args[1]),
-                                       args[1][1])[head][0]
-            pt = t.double().softmax(-1)
-            tot += (pt * (pt.log() - s.double().log_softmax(-1))).sum().item()
-        kl += tot / len(pairs) / 2
-    assert out["tgd_fgr_loss"].item() == pytest.approx(0.4 * kl, rel=1e-4, abs=1e-7)
+        num, ent, kl, den = 0.0, 0.0, 0.0, 0.0
+        for vi, ti, y in pairs:
+            st = m.itm_logits(V[vi:vi + 1], T[ti:ti + 1], mask[ti:ti + 1])[head][0].double()
+            with torch.no_grad():
+                te = obj.teacher.itm_logits(tV[vi:vi + 1], tT[ti:ti + 1], mask[ti:ti + 1])[head][0].double()
+            pt = te.softmax(-1)
+            q = (1 - alpha) * F.one_hot(torch.tensor(y), 2).double() + alpha * pt
+            w = (1.0, 2.0)[y]
+            num = num + w * -(q * st.log_softmax(-1)).sum()
+            ent += w * -(pt * pt.log()).sum().item()
+            kl += w * (pt * (pt.log() - st.log_softmax(-1))).sum().item()
+            den += w
+        soft_ce = soft_ce + num / den / 2
+        entropy += ent / den / 2
+        kl_terms += kl / den / 2
+    assert got.item() == pytest.approx(soft_ce.item() - alpha * entropy, rel=1e-5)
+    assert out["tgd_fgr_loss"].item() == pytest.approx(alpha * kl_terms, rel=1e-5, abs=1e-8)
+    if alpha:
+        assert out["tgd_fgr_loss"].item() > 1e-2        # the teacher is far enough to matter
+    else:
+        assert out["tgd_fgr_loss"].item() == 0.0
+    m.zero_grad()
+    soft_ce.backward()
+    g_hand = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+    assert set(g_hand) == set(g_obj) and len(g_hand) > 10
+    for k, v in g_hand.items():
+        torch.testing.assert_close(g_obj[k], v.to(g_obj[k].dtype), atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_weighted_itm_kl_hand_case():
+    s = torch.tensor([[0.2, 1.0], [1.5, -0.5], [0.0, 0.3]])
+    t = torch.tensor([[1.0, -1.0], [0.5, 0.5], [-2.0, 1.0]])
+    labels = torch.tensor([1, 0, 0])
+    w = torch.tensor([1.0, 2.0])
+    kl = [(t[i].softmax(0) * (t[i].log_softmax(0) - s[i].log_softmax(0))).sum().item() for i in range(3)]
+    assert weighted_itm_kl(s, t, labels, w, backend="eager").item() == pytest.approx(
+        (2 * kl[0] + kl[1] + kl[2]) / 4, rel=1e-6)
+    valid = torch.tensor([True, False, True])
+    assert weighted_itm_kl(s, t, labels, w, valid, backend="eager").item() == pytest.approx(
+        (2 * kl[0] + kl[2]) / 3, rel=1e-6)
 
 
 def test_fgr_never_samples_a_positive(monkeypatch):
@@ -341,11 +387,123 @@ def test_fgd_is_zero_without_masking_and_trains_only_the_student():
     assert all(p.grad is None and not p.requires_grad for p in obj.teacher.parameters())
 
 
+def fgd_model(seed=0) -> R2D2Model:
+    """8 x 8 = 64 patches of 4 px, so that mask ratios are visible."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vision=VisionConfig(image_size=32, patch_size=4, width=32, layers=2, heads=2),
+                      text=TextConfig(vocab_size=61, width=32, layers=1, heads=2, intermediate=48,
+                                      max_positions=40, dropout=0.0),
+                      cross_layers=1, embed_dim=16, max_text_len=40)
+    return R2D2Model(cfg)
+
+
+def fgd_batch(b=6, L=40):
+    ids = torch.randint(5, 61, (b, L))
+    ids[:, 0] = 2                                   # [CLS]
+    mask = torch.ones(b, L, dtype=torch.long)
+    for r, n in enumerate((40, 31, 40, 12, 25, 40)[:b]):
+        ids[r, n - 1] = 3                           # [SEP]
+        mask[r, n:] = 0
+    return dict(images=torch.randn(b, 3, 32, 32), input_ids=ids, attention_mask=mask,
+                image_ids=torch.arange(b))
+
+
+def one_minus_cos(a, b):
+    a, b = a.double(), b.double()
+    return 1 - (a * b).sum() / (a.square().sum().sqrt() * b.square().sum().sqrt())
+
+
+def test_fgd_masked_view_by_hand():
+    """Which patches (and so which pixels) and which tokens the FgD student sees, and the loss."""
+    m = fgd_model()
+    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgd": True}, fgd_image_mask_ratio=0.25,
+                                           fgd_text_mask_ratio=0.5)).eval()  # eval: the step stays 0
+    perturb(obj.teacher)
+    batch = fgd_batch()
+    imgs, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+    keep, ids_m = obj.fgd_view(imgs, ids, mask)
+
+    # image: exactly 64 - round(0.25 * 64) = 48 distinct patches kept per image, in patch order
+    assert keep.shape == (6, 48) and keep.dtype == torch.long
+    for r in range(6):
+        assert keep[r].tolist() == sorted(set(keep[r].tolist())) and 0 <= keep[r].min() <= keep[r].max() < 64
+    assert len({tuple(k.tolist()) for k in keep}) == 6          # a fresh draw per image
+    # patch k covers pixels [4 (k // 8), +4) x [4 (k % 8), +4): noise there changes nothing the
+    # student computes when k is dropped, and changes the state of patch k when it is kept
+    sV = m.image_tokens(imgs, keep)
+    assert sV.shape == (6, 1 + 48, 32)
+    dropped = [sorted(set(range(64)) - set(keep[r].tolist())) for r in range(6)]
+    noisy = imgs.clone()
+    for r in range(6):
+        for k in dropped[r]:
+            noisy[r, :, 4 * (k // 8):4 * (k // 8) + 4, 4 * (k % 8):4 * (k % 8) + 4] = torch.randn(3, 4, 4)
+    torch.testing.assert_close(m.image_tokens(noisy, keep), sV)
+    k = int(keep[0, 5])
+    poked = imgs.clone()
+    poked[0, :, 4 * (k // 8):4 * (k // 8) + 4, 4 * (k % 8):4 * (k % 8) + 4] += 1.0
+    assert not torch.allclose(m.image_tokens(poked, keep)[0, 1 + 5], sV[0, 1 + 5])
+
+    # text: only real, non-special tokens change, and only to [MASK]; about half of them
+    changed = ids_m != ids
+    assert (ids_m[changed] == 4).all()
+    assert not changed[mask == 0].any() and not changed[:, 0].any() and not (changed & (ids == 3)).any()
+    real = (mask == 1) & (ids != 2) & (ids != 3)
+    assert 0.35 < changed.sum().item() / real.sum().item() < 0.65
+
+    # the loss, token by token: image rows = class token + the kept patches at their positions
+    out = obj(batch)
+    sT = m.text_tokens(ids_m, mask)
+    with torch.no_grad():
+        tV, tT = obj.teacher.image_tokens(imgs), obj.teacher.text_tokens(ids, mask)
+    img_terms = [one_minus_cos(sV[r, 0], tV[r, 0]).item() for r in range(6)]
+    img_terms += [one_minus_cos(sV[r, 1 + j], tV[r, 1 + int(keep[r, j])]).item()
+                  for r in range(6) for j in range(48)]
+    txt_terms = [one_minus_cos(sT[r, c], tT[r, c]).item() for r in range(6) for c in range(40) if mask[r, c]]
+    expect = (sum(img_terms) / len(img_terms) + sum(txt_terms) / len(txt_terms)) / 2
+    assert out["fgd_loss"].item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_vit_drops_exactly_the_patches_attention_masking_would_hide():
+    """Dropping tokens (the cheap path FgD takes) gives the kept tokens the states they get in
+    the full sequence when the dropped ones are masked out of attention as keys."""
+    m = fgd_model().eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    keep = torch.stack([torch.randperm(64)[:40].sort().values for _ in range(3)])
+    vis = torch.zeros(3, 64, dtype=torch.bool).scatter_(1, keep, True)
+    x = m.visual.ln_pre(m.visual.embed(imgs))
+    key_mask = torch.cat([torch.ones(3, 1, dtype=torch.bool), vis], 1)
+    for blk in m.visual.blocks:
+        x = blk(x, key_mask)
+    rows = torch.cat([torch.zeros(3, 1, dtype=torch.long), 1 + keep], 1)
+    torch.testing.assert_close(m.image_tokens(imgs, keep), x.gather(1, rows[..., None].expand(-1, -1, 32)),
+                               atol=1e-5, rtol=1e-5)
+    all_idx = torch.arange(64).expand(3, 64)
+    torch.testing.assert_close(m.image_tokens(imgs, all_idx), m.image_tokens(imgs))
+    for bad, match in ((vis, "integer tensor"), (keep[:2], "B=3"), (keep + 30, r"\[0, 64\)")):
+        with pytest.raises(ValueError, match=match):
+            m.image_tokens(imgs, bad)
+
+
 def test_fgd_global_features():
-    obj = R2D2ForPretraining(small_model(), LossConfig(**{**OFF, "fgd": True}, fgd_features="global",
-                                                       fgd_image_mask_ratio=0.5))
-    v = obj(make_batch())["fgd_loss"]
-    assert 0 < v.item() < 2
+    m = fgd_model()
+    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgd": True}, fgd_features="global",
+                                           fgd_image_mask_ratio=0.5)).eval()
+    perturb(obj.teacher)
+    batch = fgd_batch()
+    imgs, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+    keep, ids_m = obj.fgd_view(imgs, ids, mask)
+    assert keep.shape == (6, 32)
+    v = obj(batch)["fgd_loss"].item()
+    t = obj.teacher
+    with torch.no_grad():
+        s_img = m.vision_proj(m.image_tokens(imgs, keep)[:, 0])
+        s_txt = m.text_proj(m.text_tokens(ids_m, mask)[:, 0])
+        t_img = t.vision_proj(t.image_tokens(imgs)[:, 0])
+        t_txt = t.text_proj(t.text_tokens(ids, mask)[:, 0])
+    img = sum(one_minus_cos(s_img[r], t_img[r]).item() for r in range(6)) / 6
+    txt = sum(one_minus_cos(s_txt[r], t_txt[r]).item() for r in range(6)) / 6
+    assert v == pytest.approx((img + txt) / 2, rel=1e-5)
+    assert img > 1e-3
 
 
 # ---------------------------------------------------------------------- EMA teacher
@@ -386,3 +544,40 @@ def test_step_counter_survives_a_state_dict_round_trip():
         torch.testing.assert_close(lb[k], la[k], msg=k)
     a.eval()(batch)
     assert a._step == int(a.step) == 4  # eval forwards do not count
+
+
+# ---------------------------------------------------------------------- temperature and GCPR mode
+@pytest.mark.parametrize("start, bound", [(0.0009, 0.001), (-0.2, 0.001), (0.7, 0.5)])
+def test_temperature_pushed_out_of_range_is_clamped_and_keeps_its_gradient(start, bound):
+    """An optimizer step that overshoots a bound (AdamW's momentum does) must not strand temp
+    where logit_scale()'s clamp has zero gradient: the objective clamps the value first."""
+    m = small_model(cross_layers=0)
+    obj = R2D2ForPretraining(m, LossConfig(**OFF))
+    batch = make_batch()
+    with torch.no_grad():
+        m.temp.fill_(start)                # an overshoot
+    out = obj(batch)
+    assert m.temp.item() == pytest.approx(bound, rel=1e-6)   # back in range, in place
+    assert m.logit_scale().item() == pytest.approx(1 / bound, rel=1e-5)
+    out["loss"].backward()
+    assert m.temp.grad is not None and m.temp.grad.abs().item() > 0   # the parameter is alive
+    with torch.no_grad():
+        m.temp.fill_(0.1)
+    obj(batch)
+    assert m.temp.item() == pytest.approx(0.1)   # inside the range nothing changes
+
+
+@pytest.mark.parametrize("mode", ["gather", "ring"])
+def test_gcpr_mode_reaches_the_kernel(monkeypatch, mode):
+    calls = []
+    real = K.contrastive_loss
+
+    def spy(*a, **kw):
+        calls.append(kw.get("mode"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(K, "contrastive_loss", spy)
+    obj = R2D2ForPretraining(small_model(), LossConfig(**{**OFF, "fgr": True}, gcpr_mode=mode))
+    obj(make_batch())
+    assert calls == [mode]
+    assert LossConfig().gcpr_mode == "gather"

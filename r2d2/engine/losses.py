@@ -3,30 +3,49 @@ feature distillation); ``R2D2ForPretraining(model, LossConfig(...))(batch)`` ret
 
 Per rank, local batch b, global batch B (gathered over ``group``), embeddings normalised:
 
-  gcpr_loss   r2d2.kernels.contrastive_loss(I, T, 1/temp, image_ids, teacher feats, alpha): the
-              multi-positive soft-target CE of i2t and t2i over the global batch; with TgD the
-              targets are (1 - alpha) * hard + alpha * softmax(teacher similarity * s).
-  fgr_loss    ITM through both cross encoders on 3b pairs: b positives, b (image, hard-negative
-              text), b (hard-negative image, text); negatives come from the same contrastive pass
-              (sampled from softmax of the global similarity, same id excluded). Weighted CE with
-              class weights [neg, pos] = [1, 2] (official code), the two heads averaged. With TgD
-              this hard term is scaled by (1 - alpha) and
-  tgd_fgr_loss = alpha * KL(teacher ITM probs || student ITM probs) (r2d2.kernels.distill_kl),
-              both heads averaged: since KL = soft-CE - H(teacher), (1 - alpha) CE(hard) + alpha KL
-              has the gradient of the soft-target CE with targets (1 - alpha) hard + alpha p_teacher
-              (the class weights stay on the hard part only).
+  gcpr_loss   r2d2.kernels.contrastive_loss(I, T, 1/temp, image_ids, teacher feats, alpha,
+              mode=gcpr_mode): the multi-positive soft-target CE of i2t and t2i over the global
+              batch; with TgD the targets are (1 - alpha) * hard + alpha * softmax(teacher
+              similarity * s).
+  fgr_loss    ITM through both cross encoders on 3b pairs r: b positives (y_r = 1), b (image,
+              hard-negative text), b (hard-negative image, text) (y_r = 0); negatives come from
+              the same contrastive pass (sampled from softmax of the global similarity, same id
+              excluded); a pair whose negative does not exist has weight 0. Per head, with the
+              class weights w_r = [1, 2][y_r] of the official code (times that validity):
+                  CE_w = sum_r w_r CE(onehot(y_r), student_r) / sum_r w_r
+              fgr_loss = the two heads' mean of CE_w, times (1 - alpha) with TgD.
+  tgd_fgr_loss (TgD) alpha * the two heads' mean of
+                  KL_w = sum_r w_r KL(p_teacher_r || p_student_r) / sum_r w_r
+              (r2d2.kernels.distill_kl per row, the same weights). Since KL = soft-CE - H(teacher),
+              fgr_loss + tgd_fgr_loss = sum_r w_r CE(q_r, student_r) / sum_r w_r - alpha * (a
+              teacher-only constant), q_r = (1 - alpha) onehot(y_r) + alpha p_teacher_r: exactly
+              the gradient of the class-weighted soft-target CE with the mixed targets (with
+              tgd_weight = 1), and the hard-only loss at alpha = 0.
   mlm_loss    BERT MLM (15 %, 80/10/10) through the text-image cross encoder attending to the image.
-  fgd_loss    the student encodes masked inputs (image patches zeroed, text tokens -> [MASK]); its
-              encoder token states (or global embeddings, ``fgd_features``) are pulled to the
-              teacher's states of the full inputs: mean over valid tokens of 1 - cos.
+  fgd_loss    the student encodes a masked view: exactly round(fgd_image_mask_ratio * N) patches
+              per image are dropped before the ViT blocks (MAE-style, ``keep`` indices: the
+              student never sees them and pays only for the rest), and each real text token is
+              replaced by [MASK] with probability fgd_text_mask_ratio. Its token states are pulled
+              to the teacher's states of the full inputs at the same positions, 1 - cos averaged
+              over the image's class token + kept patches and over the caption's valid tokens
+              (masked ones included), the two modalities averaged; ``fgd_features="global"``: the
+              projected, normalised embeddings (class token / [CLS]) instead.
   loss        = sum of weight * term over the terms switched on.
 
-Hard negatives on other ranks (``fgr_negatives="global"``) need their token states: the image
-and text token states and masks are all-gathered with gradients. Per rank that holds
-world * b * ((1 + N) * Wv + L * Wt) extra activations (base, 224 px, L = 64, b = 32, world = 8:
-256 * (197 + 64) * 768 * 4 B ~ 205 MB fp32; the same again for the teacher under TgD, without a
-graph) and costs one all-gather forward and one all-reduce backward. ``"local"`` samples the
-negatives among the rank's own batch (no gather; a second, b x b, similarity pass).
+Every forward first clamps the temperature parameter in place into its range (ALBEF's
+``temp.clamp_``; see ``R2D2Model.clamp_temperature_``), so it can never sit beyond a bound where
+``logit_scale()``'s clamp would zero its gradient.
+
+Distributed: the GCPR gathers need the same b on every rank, and global hard negatives
+(``fgr_negatives="global"``) also gather the text token states, which need the same text length
+L. Each step one all-gather of (b, L) (two ints) checks this on every rank, so a mismatch is the
+same clear error everywhere instead of a hang or a corrupt gather. Global negatives on other
+ranks need their token states: the image and text token states and masks are all-gathered with
+gradients. Per rank that holds world * b * ((1 + N) * Wv + L * Wt) extra activations (base,
+224 px, L = 64, b = 32, world = 8: 256 * (197 + 64) * 768 * 4 B ~ 205 MB fp32; the same again for
+the teacher under TgD, without a graph) and costs one all-gather forward and one all-reduce
+backward. ``"local"`` samples the negatives among the rank's own batch (no gather; a second,
+b x b, similarity pass).
 """
 
 from __future__ import annotations
@@ -35,21 +54,37 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from r2d2 import kernels as K
 from r2d2.dist import dist_info, gather
 from r2d2.engine.model import R2D2Model
+from r2d2.engine.model.vit import select_tokens
 
 TERMS = ("gcpr", "fgr", "mlm", "tgd", "fgd")
+GCPR_MODES = ("gather", "ring")  # r2d2.kernels.contrastive_loss(mode=...)
 
 
 @dataclass
 class LossConfig:
-    """Which objectives run and how; the paper's ablation rows are one flag each:
-    pre-ranking only (fgr=False, mlm=False, tgd=False, fgd=False), + ranking (fgr=True),
-    + TgD (tgd=True), + FgD (fgd=True)."""
+    """Which objectives run and how. The defaults are the full objective of the framework
+    figure: GCPR + FGR + MLM + TgD + FgD.
+
+    The paper's ablation ladder (pre-ranking only -> + ranking -> + TgD -> + FgD) never names
+    MLM, although its full model trains it. Our reading: MLM trains the text-image cross
+    encoder, so it arrives with the cross encoders, in the "+ ranking" row; the last row is
+    then the full objective. Each row adds one switch (configs/ablation_*.yaml, on ``tiny``):
+
+      row                 gcpr  fgr   mlm   tgd   fgd   config
+      pre-ranking only    on    off   off   off   off   ablation_1_pre_ranking.yaml (prd2-tiny)
+      + ranking (+ MLM)   on    on    on    off   off   ablation_2_ranking.yaml
+      + TgD               on    on    on    on    off   ablation_3_tgd.yaml
+      + FgD (full)        on    on    on    on    on    ablation_4_fgd.yaml (= the defaults)
+
+    For "+ ranking" without MLM set ``mlm=False`` as well. PRD2 (dual encoders only) is
+    ``fgr=False, mlm=False, tgd=True, fgd=False`` (GCPR + TgD; configs/prd2.yaml)."""
 
     gcpr: bool = True
     """global contrastive pre-ranking (ITC over the gathered global batch)"""
@@ -77,9 +112,14 @@ class LossConfig:
     """teacher <- m * teacher + (1 - m) * student after each optimizer step"""
     fgr_class_weights: list = field(default_factory=lambda: [1.0, 2.0])
     """ITM cross-entropy class weights [negative, positive] (official: [1, 2])"""
+    gcpr_mode: str = "gather"
+    """how the fused GCPR backends (r2d2.kernels.contrastive_loss ``mode``) see the other ranks'
+    features: 'gather' all-gathers them, 'ring' passes them round a ring of isend/irecv with
+    O(b d) memory; both are exact, and the eager backend always gathers"""
     fgr_negatives: str = "global"
-    """'global': hard negatives from the whole gathered batch (gathers token states with grad);
-    'local': from this rank's batch only"""
+    """'global': hard negatives from the whole gathered batch (gathers token states with grad;
+    every rank must then have the same b and text length L, checked each step); 'local': from
+    this rank's batch only"""
     mlm_probability: float = 0.15
     """fraction of real (non-special) text tokens chosen for MLM"""
     mlm_mask_frac: float = 0.8
@@ -87,9 +127,11 @@ class LossConfig:
     mlm_random_frac: float = 0.1
     """of the chosen tokens, fraction replaced by a random token (the rest stay unchanged)"""
     fgd_image_mask_ratio: float = 0.25
-    """fraction of image patches zeroed in the FgD student view"""
+    """fraction of image patches dropped from the FgD student's input: exactly
+    round(ratio * N) per image, chosen uniformly (MAE-style: they never enter the ViT blocks)"""
     fgd_text_mask_ratio: float = 0.15
-    """fraction of real text tokens replaced by [MASK] in the FgD student view"""
+    """probability that a real (non-special) text token is replaced by [MASK] in the FgD
+    student view"""
     fgd_features: str = "tokens"
     """'tokens': per-token encoder states; 'global': the projected, normalised embeddings"""
     mask_token_id: int = 4
@@ -120,6 +162,8 @@ class LossConfig:
         cw = list(self.fgr_class_weights)
         if len(cw) != 2 or any(not isinstance(w, (int, float)) or w <= 0 for w in cw):
             raise ValueError(f"loss.fgr_class_weights={cw!r}: expected [neg, pos], both > 0")
+        if self.gcpr_mode not in GCPR_MODES:
+            raise ValueError(f"loss.gcpr_mode={self.gcpr_mode!r}: expected one of {GCPR_MODES}")
         if self.fgr_negatives not in ("global", "local"):
             raise ValueError(f"loss.fgr_negatives={self.fgr_negatives!r}: expected 'global' or 'local'")
         if self.fgd_features not in ("tokens", "global"):
@@ -144,6 +188,20 @@ def weighted_itm_ce(logits: torch.Tensor, labels: torch.Tensor, class_weights: t
         w = w * valid.float()
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
+def weighted_itm_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                    class_weights: torch.Tensor, valid: torch.Tensor | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """``sum_r w[y_r] KL(softmax(teacher_r) || softmax(student_r)) / sum_r w[y_r]``: the
+    per-row KL (``r2d2.kernels.distill_kl``) with ``weighted_itm_ce``'s weights, so that
+    ``(1 - a) * weighted_itm_ce + a * weighted_itm_kl`` has the gradient of the weighted CE with
+    soft targets ``(1 - a) onehot(y) + a p_teacher``. Rows where ``valid`` is False count 0."""
+    w = class_weights.to(student_logits.device, torch.float32)[labels]
+    if valid is not None:
+        w = w * valid.float()
+    kl = K.distill_kl(student_logits, teacher_logits, reduction="none", backend=backend)
+    return (w * kl.float()).sum() / w.sum().clamp_min(1e-12)
 
 
 def mask_tokens(input_ids, attention_mask, probability, special_ids, mask_id, vocab_size,
@@ -268,11 +326,36 @@ class R2D2ForPretraining(nn.Module):
             raise ValueError(f"batch['image_ids'] must be an integer tensor [b={b}], got "
                              f"{tuple(ids.shape)} {ids.dtype}")
 
+    def _check_ranks_agree(self, b: int, L: int, device: torch.device) -> None:
+        """Same b on every rank (the GCPR gathers) and, with global FGR negatives, the same L
+        (the token-state gathers). Runs on every rank at every step whenever GCPR is on (a
+        config-level condition, identical on all ranks), so it cannot deadlock; every rank sees
+        every shape and raises the same error."""
+        cfg = self.config
+        _, world = dist_info(self.group)
+        if world == 1 or not cfg.gcpr:
+            return
+        dev = device if "nccl" in str(dist.get_backend(self.group)) else torch.device("cpu")
+        mine = torch.tensor([b, L], dtype=torch.long, device=dev)
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=self.group)
+        shapes = [tuple(int(x) for x in p.tolist()) for p in parts]
+        need_L = cfg.fgr and cfg.fgr_negatives == "global"
+        if len({bs for bs, _ in shapes}) > 1 or (need_L and len({n for _, n in shapes}) > 1):
+            what = "b and the text length L" if need_L else "b"
+            why = (" (fgr_negatives='global' gathers the text token states; "
+                   "fgr_negatives='local' lifts the L condition)") if need_L else ""
+            raise ValueError(f"loss: every rank must bring the same {what}{why}; per-rank (b, L): "
+                             f"{shapes}. Give every rank the same batch size and pad texts to a "
+                             "fixed length (data.max_text_len)")
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         self._check_batch(batch)
         cfg, model = self.config, self.model
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"].bool()
         image_ids = batch.get("image_ids")
+        self._check_ranks_agree(ids.shape[0], ids.shape[1], images.device)
+        model.clamp_temperature_()
         out: dict[str, torch.Tensor] = {}
 
         V = model.image_tokens(images)
@@ -293,7 +376,8 @@ class R2D2ForPretraining(nn.Module):
                           teacher_text_feat=self.teacher.text_embed(tT).to(txt_emb.dtype),
                           distill_alpha=cfg.distill_alpha)
             res = K.contrastive_loss(img_emb, txt_emb, s, image_ids=image_ids, group=self.group,
-                                     backend=self.kernels.contrastive, return_negatives=cfg.fgr,
+                                     backend=self.kernels.contrastive, mode=cfg.gcpr_mode,
+                                     return_negatives=cfg.fgr,
                                      seed=cfg.seed * 1_000_003 + self._step if cfg.fgr else None,
                                      **kw)
             if cfg.fgr:
@@ -353,9 +437,9 @@ class R2D2ForPretraining(nn.Module):
             with torch.no_grad():
                 tv, tt, _ = pairs(tV, tT, pool_tV, pool_tT)
                 tlt, tli = self.teacher.itm_logits(tv, tt, pm)
-            keep = valid  # rows without a negative carry no target
-            kl = (K.distill_kl(lt[keep], tlt[keep], backend=self.kernels.distill_kl)
-                  + K.distill_kl(li[keep], tli[keep], backend=self.kernels.distill_kl)) / 2
+            be = self.kernels.distill_kl
+            kl = (weighted_itm_kl(lt, tlt, labels, cw, valid, be)
+                  + weighted_itm_kl(li, tli, labels, cw, valid, be)) / 2
             out["fgr_loss"], out["tgd_fgr_loss"] = (1 - a) * hard, a * kl
         else:
             out["fgr_loss"] = hard
@@ -378,19 +462,29 @@ class R2D2ForPretraining(nn.Module):
         return F.cross_entropy(logits.float(), labels[sel])
 
     # -------------------------------------------------------------- FgD
-    def _fgd(self, images, ids, mask, tV, tT):
+    def fgd_view(self, images, ids, mask):
+        """The FgD student's inputs for this step: ``(keep [B, K] visible patch indices (CPU) or
+        None when nothing is dropped, masked input_ids)``; reproducible from the step and rank."""
         cfg, model = self.config, self.model
         special, mask_id = self._special()
         g = self._generator(3)
-        p = model.config.vision.patch_size
-        B, _, H, W = images.shape
-        drop = torch.rand(B, 1, H // p, W // p, generator=g) < cfg.fgd_image_mask_ratio
-        drop = drop.to(images.device).repeat_interleave(p, 2).repeat_interleave(p, 3)
-        images_m = images.masked_fill(drop, 0.0)  # zero = the mean pixel after normalisation
+        n = model.config.vision.num_patches
+        n_drop = min(n, round(cfg.fgd_image_mask_ratio * n))
+        keep = None
+        if n_drop:
+            order = torch.rand(images.shape[0], n, generator=g).argsort(1)
+            keep = order[:, n_drop:].sort(1).values
         ids_m, _ = mask_tokens(ids, mask, cfg.fgd_text_mask_ratio, special, mask_id,
                                model.config.text.vocab_size, 1.0, 0.0, g)
-        sV, sT = model.image_tokens(images_m), model.text_tokens(ids_m, mask)
-        if cfg.fgd_features == "global":
+        return keep, ids_m
+
+    def _fgd(self, images, ids, mask, tV, tT):
+        model = self.model
+        keep, ids_m = self.fgd_view(images, ids, mask)
+        sV, sT = model.image_tokens(images, keep), model.text_tokens(ids_m, mask)
+        if keep is not None:
+            tV = select_tokens(tV, keep)  # the teacher's states at the positions the student kept
+        if self.config.fgd_features == "global":
             return (cosine_distill(model.image_embed(sV), self.teacher.image_embed(tV))
                     + cosine_distill(model.text_embed(sT), self.teacher.text_embed(tT))) / 2
         return (cosine_distill(sV, tV) + cosine_distill(sT, tT, mask)) / 2
