@@ -1,7 +1,9 @@
 """GCPR through the full model on 2 gloo processes: after DDP-style gradient averaging every
 rank's parameter gradients equal those of one process on the concatenated global batch (with
 image ids repeated across ranks and TgD teacher targets). FGR's global hard negatives reach
-the other rank's samples and backpropagate through the gathered token states."""
+the other rank's samples and backpropagate through the gathered token states. Ranks that
+disagree on (b, L) get the same clear error; the in-place temperature clamp works under DDP and
+FSDP2."""
 
 import os
 
@@ -90,6 +92,43 @@ def _worker(rank, init_file, out_dir):
         out["loss"].backward()
         ok = all(torch.isfinite(v).all() for v in grads(obj).values()) and out["fgr_loss"].item() > 0
         torch.save(ok, os.path.join(out_dir, f"local{rank}.pt"))
+
+        # Ranks that disagree on (b, L): the same clear error on every rank (no hang), after
+        # which the group still works. Local negatives need only the same b.
+        res = {}
+        short_L = {k: (v[:, :6] if k in ("input_ids", "attention_mask") and rank == 1 else v)
+                   for k, v in local.items()}
+        short_b = {k: (v[:2] if rank == 1 else v) for k, v in local.items()}
+        for name, obj, b in (("L", build(fgr=True), short_L), ("b", build(fgr=True), short_b),
+                             ("b_local", build(fgr=True, negatives="local"), short_b)):
+            try:
+                obj(b)
+                res[name] = None
+            except ValueError as e:
+                res[name] = str(e)
+        out = build(fgr=True, negatives="local")(short_L)
+        res["L_local_ok"] = bool(torch.isfinite(out["loss"]))
+        torch.save(res, os.path.join(out_dir, f"shapes{rank}.pt"))
+
+        # The in-place temperature clamp under DDP and FSDP2 (a replicated 0-d parameter there):
+        # an overshoot comes back into range on every rank and keeps a gradient.
+        from r2d2.engine.trainer import shard_fsdp
+
+        temps = {}
+        for strategy in ("ddp", "fsdp"):
+            obj = build(fgr=False)
+            with torch.no_grad():
+                obj.model.temp.fill_(0.0009)
+            if strategy == "ddp":
+                wrapped = torch.nn.parallel.DistributedDataParallel(obj, find_unused_parameters=True)
+            else:
+                replicated = shard_fsdp(obj, torch.device("cpu"))
+                assert any(p is obj.model.temp for p in replicated)
+                wrapped = obj
+            wrapped(local)["loss"].backward()
+            temps[strategy] = (obj.model.temp.detach().clone(), obj.model.temp.grad.clone(),
+                               type(obj.model.temp).__name__)
+        torch.save(temps, os.path.join(out_dir, f"temp{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -148,3 +187,22 @@ def test_fgr_global_negatives_gradients_equal_single_process(runs, monkeypatch):
 
 def test_fgr_local_negatives_run(runs):
     assert all(torch.load(runs / f"local{r}.pt") for r in range(WORLD))
+
+
+def test_ranks_must_agree_on_batch_and_text_length(runs):
+    for r in range(WORLD):
+        res = torch.load(runs / f"shapes{r}.pt")
+        assert "b and the text length L" in res["L"] and "[(3, 7), (3, 6)]" in res["L"]
+        assert "same b" in res["b"] and "[(3, 7), (2, 7)]" in res["b"]
+        assert "same b" in res["b_local"] and "text length" not in res["b_local"]
+        assert res["L_local_ok"]
+
+
+def test_temperature_clamp_under_ddp_and_fsdp2(runs):
+    ranks = [torch.load(runs / f"temp{r}.pt") for r in range(WORLD)]
+    for strategy in ("ddp", "fsdp"):
+        for t, g, kind in (r[strategy] for r in ranks):
+            assert t.item() == pytest.approx(0.001) and g.abs().item() > 0
+            assert kind == "Parameter"          # FSDP2 leaves the 0-d temperature unsharded
+    # DDP averages the gradient: both ranks hold the same value
+    torch.testing.assert_close(ranks[0]["ddp"][1], ranks[1]["ddp"][1])
