@@ -3,22 +3,20 @@
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest) in fp32; sizes are small
 because the interpreter is slow. bf16/fp16 cases and the CUDA kernels run only on a GPU machine,
 with flash-attention's rule: kernel error <= 2 x (error of plain PyTorch in the same precision vs
-the fp32 reference) + atol.
+the fp32 reference) + atol. The padding skip is asserted through the kernels' tile counters and
+NaN/Inf planted in every padded key; dropout against the shared Philox mask replay and
+statistically. ``auto`` is tested in test_attention_auto.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
 
 from r2d2.kernels import BackendUnavailable, attention, attention_ref
-from r2d2.kernels.dispatch import auto_backend, triton_importable
-
-# The module, not the function r2d2.kernels.attention that shadows it as a package attribute.
-attn_mod = importlib.import_module("r2d2.kernels.attention")
+from r2d2.kernels.dispatch import triton_importable
 
 HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="triton not installed")
@@ -53,6 +51,28 @@ def _inputs(B, H, Lq, Lk, D, *, dtype=torch.float32, device="cpu", mask="random"
         if B > 1:
             m[0] = False
     return q, k, v, m
+
+
+def _tile_mask(B, Lk, tile, device="cpu"):
+    """A key mask exercising the padding skip at ``tile`` keys per tile: row 0 attends to its
+    first tile + 5 keys (one partly padded tile, then only fully padded ones), row 1 has random
+    holes and its whole second tile padded, row 2 is fully padded, others random."""
+    m = torch.rand(B, Lk, device=device) > 0.3
+    m[0] = torch.arange(Lk, device=device) < tile + 5
+    m[1, 0], m[1, tile:2 * tile] = True, False
+    if B > 2:
+        m[2] = False
+    return m
+
+
+def _poison(x, m):
+    """A detached copy of k or v ``[B, H, Lk, D]`` whose padded keys (``~m``) hold NaN, +Inf and
+    -Inf in turn: a kernel that reads a padding slot into its math returns non-finite values."""
+    x = x.detach().clone()
+    b, j = (~m).nonzero(as_tuple=True)
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf")], device=x.device)
+    x[b, :, j] = bad[torch.arange(len(b), device=x.device) % 3].to(x.dtype)[:, None, None]
+    return x
 
 
 def _grads(out, do, *xs):
@@ -148,6 +168,45 @@ def test_triton_writes_every_output_element():
 
 
 @needs_triton
+def test_triton_skips_padding_tiles_and_ignores_padding_slots():
+    """Deleting the padding skip, or reading a padded key's K/V into the math, fails here."""
+    from r2d2.kernels import attention_triton as at
+
+    (cfg,) = at._configs("fwd")  # the interpreter's single config
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    B, H, Lq, Lk, D = 3, 2, 21, 3 * bn + 5, 32
+    q, k, v, _ = _inputs(B, H, Lq, Lk, D, mask=None)
+    m = _tile_mask(B, Lk, bn)
+    kp, vp = (_poison(x, m).requires_grad_() for x in (k, v))
+    # NaN/Inf in every padded key (whole padded tiles and the padded keys of partial tiles):
+    # outputs and all gradients as if those slots held clean values.
+    ref = attention_ref(q, k, v, m)
+    out = attention(q, kp, vp, key_padding_mask=m, backend="triton")
+    do = torch.randn_like(ref)
+    got = _grads(out, do, q, kp, vp)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    for name, g, w in zip("qkv", got, _grads(ref, do, q, k, v)):
+        assert torch.isfinite(g).all(), f"d{name} not finite"
+        torch.testing.assert_close(g, w, **FP32_TOL, msg=lambda s_, n=name: f"d{n}: {s_}")
+    # Tiles processed, per (batch, head): only those with an attended key.
+    live = torch.stack([m[:, j:j + bn].any(-1) for j in range(0, Lk, bn)], -1).sum(-1)
+    live = live.to(torch.int32).repeat_interleave(H)
+    n_m = -(-Lq // bm)
+    assert live.tolist()[::H] == [2, 3, 0]  # the mask really has padded tiles to skip
+    count = lambda: torch.zeros(B * H, dtype=torch.int32)  # noqa: E731
+    c_fwd, c_kv, c_q = count(), count(), count()
+    qd, scale = q.detach(), D ** -0.5
+    o, lse = at.fwd(qd, kp.detach(), vp.detach(), m, scale, tile_count=c_fwd)
+    at.bwd(do, qd, kp.detach(), vp.detach(), o, lse, m, scale, tile_count=(c_kv, c_q))
+    assert torch.equal(c_fwd, live * n_m)
+    assert torch.equal(c_kv, live)  # one dK/dV program per key tile
+    assert torch.equal(c_q, live * n_m)
+    c_all = count()  # no mask: every tile is processed
+    at.fwd(qd, k.detach(), v.detach(), None, scale, tile_count=c_all)
+    assert torch.equal(c_all, torch.full_like(c_all, n_m * -(-Lk // bn)))
+
+
+@needs_triton
 def test_triton_dropout_keep_fraction_and_exact_backward():
     from r2d2.kernels import attention_triton as at
 
@@ -188,7 +247,7 @@ def test_triton_dropout_weight_mass_matches_p():
 
 
 # ---------------------------------------------------------------------------------------------
-# sdpa, eager, xformers, auto, errors
+# sdpa, eager, xformers, errors (auto: test_attention_auto.py)
 
 
 @pytest.mark.parametrize("B,H,Lq,Lk,D,mask", [(3, 2, 7, 63, 32, "random"),
@@ -217,10 +276,6 @@ def test_dropout_torch_backends_unbiased_and_zero_rows(backend):
     assert torch.equal(out[1], torch.zeros_like(out[1]))  # fully masked row stays zero
     assert abs(out[0].mean().item() - 1.0) < 0.12
     assert (out[0] - 1.0).abs().max() > 0.05  # something was dropped
-
-
-def test_auto_on_cpu_is_sdpa_not_interpreter():
-    assert auto_backend("attention", "cpu") == "sdpa"
 
 
 def test_xformers_unavailable_is_clear():
@@ -274,7 +329,7 @@ def test_triton_rejects_float64():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: low precision with flash-attention's error rule, the CUDA kernels, auto's measurement
+# GPU: low precision with flash-attention's error rule, dropout, padding, the CUDA kernels
 
 GPU_CASES = [(4, 3, 64, 64, 64, "lengths"), (2, 4, 197, 197, 64, None),
              (2, 2, 257, 257, 80, "random"), (3, 2, 64, 257, 64, "random"),
@@ -282,33 +337,42 @@ GPU_CASES = [(4, 3, 64, 64, 64, "lengths"), (2, 4, 197, 197, 64, None),
              (2, 2, 577, 577, 64, "lengths")]
 
 
-def _fa_rule(backend, B, H, Lq, Lk, D, mask, dtype):
-    q, k, v, m = _inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=mask)
-    out = attention(q, k, v, key_padding_mask=m, backend=backend)
-    # fp32 oracle on fp32 leaves, so its gradients are not rounded to dtype on the way back.
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref32 = attention_ref(q32, k32, v32, m)
-    lowpt = _plain_low_precision(q, k, v, m)  # plain PyTorch computed in dtype
-    do = torch.randn_like(out)
-    got = _grads(out, do, q, k, v)
-    want = _grads(ref32, do.float(), q32, k32, v32)
-    base = _grads(lowpt, do, q, k, v)
-    assert torch.isfinite(out).all()
-    assert (out.float() - ref32).abs().max() <= 2 * (lowpt.float() - ref32).abs().max() + 1e-3
-    for name, g, w, b_ in zip("qkv", got, want, base):
-        err = (g.float() - w).abs().max()
-        bound = 2 * (b_.float() - w).abs().max() + 1e-3
-        assert err <= bound, f"d{name}: {err} > {bound}"
-
-
-def _plain_low_precision(q, k, v, m):
+def _plain_low_precision(q, k, v, m, dropout_p=0.0, keep=None):
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if m is not None:
         s = s.masked_fill(~m[:, None, None, :], torch.finfo(s.dtype).min)
     p = torch.softmax(s, dim=-1)
     if m is not None:
         p = p * m.any(-1).to(p.dtype)[:, None, None, None]
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p)
     return p @ v
+
+
+def _assert_fa_rule(out, got, q, k, v, m, do, dropout_p=0.0, keep=None):
+    """flash-attention's rule for ``out`` and its gradients ``got`` (computed from leaves q, k, v
+    in a low precision, or from poisoned copies of them): each max error against the fp32 oracle
+    is <= 2 x that of plain PyTorch in the same precision on q, k, v, + 1e-3."""
+    # fp32 oracle on fp32 leaves, so its gradients are not rounded to dtype on the way back.
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref32 = attention_ref(q32, k32, v32, m, dropout_p=dropout_p, dropout_mask=keep)
+    lowpt = _plain_low_precision(q, k, v, m, dropout_p, keep)  # plain PyTorch computed in dtype
+    want = _grads(ref32, do.float(), q32, k32, v32)
+    base = _grads(lowpt, do, q, k, v)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref32).abs().max() <= 2 * (lowpt.float() - ref32).abs().max() + 1e-3
+    for name, g, w, b_ in zip("qkv", got, want, base):
+        assert torch.isfinite(g).all(), f"d{name} not finite"
+        err = (g.float() - w).abs().max()
+        bound = 2 * (b_.float() - w).abs().max() + 1e-3
+        assert err <= bound, f"d{name}: {err} > {bound}"
+
+
+def _fa_rule(backend, B, H, Lq, Lk, D, mask, dtype):
+    q, k, v, m = _inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=mask)
+    out = attention(q, k, v, key_padding_mask=m, backend=backend)
+    do = torch.randn_like(out)
+    _assert_fa_rule(out, _grads(out, do, q, k, v), q, k, v, m, do)
 
 
 @pytest.mark.gpu
@@ -328,31 +392,72 @@ def test_gpu_fp32_matches_ref(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_dropout_exact_against_shared_philox_mask(backend):
-    # Both fused backends draw the keep mask from one Philox stream (checked on the host above),
-    # so the Triton mask generator gives the exact mask the CUDA kernels used, too.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_dropout_exact_against_shared_philox_mask(backend, dtype):
+    # Both fused backends draw the keep mask from one Philox stream (checked on the host below),
+    # so the Triton mask generator gives the exact mask the CUDA kernels used, too. fp16/bf16 run
+    # the CUDA kernels' WMMA path (fp32 runs their FMA fallback); D = 64, Lk = 70 spans a full
+    # and a partial 64-key tile.
     from r2d2.kernels import attention_triton as at
 
     B, H, Lq, Lk, D, p = 2, 2, 33, 70, 64, 0.2
-    q, k, v, m = _inputs(B, H, Lq, Lk, D, device="cuda", mask="random")
+    q, k, v, m = _inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask="random")
     torch.manual_seed(7)
     out = attention(q, k, v, key_padding_mask=m, dropout_p=p, backend=backend)
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     keep = at.dropout_keep_mask(B, H, Lq, Lk, p, seed, 0, "cuda")
+    do = torch.randn_like(out)
+    got = _grads(out, do, q, k, v)
+    if dtype != torch.float32:
+        _assert_fa_rule(out, got, q, k, v, m, do, dropout_p=p, keep=keep)
+        return
     ref = attention_ref(q, k, v, m, dropout_p=p, dropout_mask=keep)
-    do = torch.randn_like(ref)
     tol = dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, ref, **tol)
-    for g, w in zip(_grads(out, do, q, k, v), _grads(ref, do, q, k, v)):
+    for g, w in zip(got, _grads(ref, do, q, k, v)):
         torch.testing.assert_close(g, w, **tol)
 
 
 @pytest.mark.gpu
-def test_gpu_auto_measures_and_picks_a_runnable_backend():
-    attn_mod.auto_timings_clear()
-    pick = auto_backend("attention", "cuda")
-    assert pick in ("cuda", "triton", "xformers", "sdpa")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_dropout_rate_and_unbiased(backend, dtype):
+    # v = one-hot keys: out[..., j] = p_ij * keep_ij / (1 - p), zero exactly where the kernel
+    # dropped (i, j) (q is scaled down so every p_ij ~ 1/64 is far from underflow). 131072 draws:
+    # the dropped fraction has sigma 0.0012, so 0.006 is 5 sigma; each row's kept mass has std
+    # ~0.054, the mean over 2048 rows ~0.0012, so 0.01 is > 5 sigma too.
+    B, H, Lq, Lk, p = 4, 4, 128, 64, 0.25
+    q = (0.1 * torch.randn(B, H, Lq, 64, device="cuda")).to(dtype)
+    k = torch.randn(B, H, Lk, 64, device="cuda").to(dtype)
+    v = torch.eye(Lk, 64, device="cuda").expand(B, H, Lk, 64).contiguous().to(dtype)
+    out = attention(q, k, v, dropout_p=p, backend=backend).float()
+    dropped = (out[..., :Lk] == 0).float().mean().item()
+    assert abs(dropped - p) < 0.006, dropped
+    assert abs(out.sum(-1).mean().item() - 1.0) < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_padding_slots_cannot_leak(backend, dtype):
+    # 64-key tiles (CUDA's; Triton's 32/64/128 autotuned ones) fully and partly padded, NaN/Inf in
+    # every padded key of K and V: outputs and gradients as if the padding held clean values.
+    B, H, Lq, Lk, D = 3, 2, 70, 3 * 64 + 5, 64
+    q, k, v, _ = _inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=None)
+    m = _tile_mask(B, Lk, 64, device="cuda")
+    kp, vp = (_poison(x, m).requires_grad_() for x in (k, v))
+    out = attention(q, kp, vp, key_padding_mask=m, backend=backend)
+    do = torch.randn_like(out)
+    got = _grads(out, do, q, kp, vp)
+    if dtype != torch.float32:
+        _assert_fa_rule(out, got, q, k, v, m, do)
+        return
+    ref = attention_ref(q, k, v, m)
+    tol = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    for g, w in zip(got, _grads(ref, do, q, k, v)):
+        torch.testing.assert_close(g, w, **tol)
 
 
 @pytest.mark.gpu
@@ -398,39 +503,6 @@ def test_triton_inference_path_without_grad():
         out = attention(q, k, v, key_padding_mask=m, backend="triton")
     assert out.grad_fn is None
     torch.testing.assert_close(out, attention_ref(q, k, v, m).detach(), **FP32_TOL)
-
-
-def test_auto_picks_the_fastest_measured_backend(monkeypatch):
-    # The selection logic, with the measurement stubbed: what runs on a GPU is measured there.
-    fake_ms = {"cuda": 3.0, "triton": 1.5, "xformers": 2.0, "sdpa": 2.5}
-    monkeypatch.setattr(attn_mod, "_time_backend", lambda b, device: fake_ms[b])
-    monkeypatch.setattr(attn_mod, "why_unavailable", lambda op, b, device: None)
-    monkeypatch.delenv("R2D2_ATTENTION_AUTO", raising=False)
-    attn_mod.auto_timings_clear()
-    try:
-        assert attn_mod._auto_pick_cached("cuda:0") == "triton"
-        fake_ms["triton"] = 9.0  # cached per device: no re-measurement until cleared
-        assert attn_mod._auto_pick_cached("cuda:0") == "triton"
-        attn_mod.auto_timings_clear()
-        assert attn_mod._auto_pick_cached("cuda:0") == "xformers"
-
-        def boom(b, device):
-            if b == "xformers":
-                raise RuntimeError("no kernel")
-            return fake_ms[b]
-
-        monkeypatch.setattr(attn_mod, "_time_backend", boom)  # a failing backend is not picked
-        attn_mod.auto_timings_clear()
-        assert attn_mod._auto_pick_cached("cuda:0") == "sdpa"
-        monkeypatch.setenv("R2D2_ATTENTION_AUTO", "eager")
-        attn_mod.auto_timings_clear()
-        assert attn_mod._auto_pick_cached("cuda:0") == "eager"
-        monkeypatch.setenv("R2D2_ATTENTION_AUTO", "fast")
-        attn_mod.auto_timings_clear()
-        with pytest.raises(ValueError, match="R2D2_ATTENTION_AUTO='fast'"):
-            attn_mod._auto_pick_cached("cuda:0")
-    finally:
-        attn_mod.auto_timings_clear()
 
 
 @pytest.mark.gpu

@@ -13,27 +13,52 @@ Backends (see dispatch.py):
   triton    attention_triton.py: flash-style forward with per-tile padding skip, LSE-recompute
             backward, Philox dropout.
   cuda      csrc/attention: torch.ops.r2d2.attention_fwd / attention_bwd (CUDA builds only).
-  auto      CPU: sdpa (never the Triton interpreter). CUDA: the fastest of the runnable backends
-            measured once per device by a small fwd+bwd micro-benchmark at an R2D2 shape (see
-            ``_auto_pick``), or the backend named by ``R2D2_ATTENTION_AUTO``.
+  auto      CPU (and any non-CUDA device): sdpa, never the Triton interpreter.
+            CUDA: per shape class, the fastest of the runnable candidates (cuda, triton, xformers,
+            sdpa) measured on the first call of the class; see below.
 
-Dropout RNG differs by backend (eager and sdpa use torch's generator, triton its own Philox
-stream seeded from torch's CPU generator); each backend's backward reuses its forward's mask.
+How auto picks on CUDA. A class is (device, dtype, Lq and Lk rounded up to a power of two >= 16,
+D rounded up to a multiple of 32, masked or not, dropout or not, and fwd+bwd when autograd
+records the call (grad enabled, an input requires grad) else fwd only). So padded text 64 x 64,
+image 197 (bucket 256) and 257 (bucket 512), cross 64 x 257 and their training and no-grad
+variants are each measured once per device and process. The first call of a class times every
+candidate on fresh random inputs shaped like that call (its Lq, Lk, D, H, its mask rows and
+dropout p; B cut so B*H*Lq*Lk <= 2^24): 2 untimed warm-up calls, then 3 to 10 timed calls until
+~2 ms is measured, median kept: a few ms per candidate, ~10 ms per class once kernels are
+compiled (Triton's first compile and autotune of a shape, seconds, comes on top, once per
+process). It runs under
+enable_grad and outside inference mode whatever the caller's mode, on new leaves, with the RNG
+state restored afterwards. The result is logged once per class at INFO on the ``r2d2.kernels``
+logger: ``attention auto: <class> -> <backend> (<timings>; at <shape>)``; a candidate that
+raises is logged at WARNING and not picked; if none runs, the call raises (nothing is cached).
+``R2D2_ATTENTION_AUTO=<backend>`` replaces the measurement for every class. ``auto_picks()``
+returns what was picked; ``auto_timings_clear()`` forgets it. ``auto_backend("attention", dev)``
+(``r2d2 doctor``) knows no shape and reports the reference class: R2D2 text self-attention in
+training (B 32, H 12, 64 tokens with ~40% padding, D 64, bf16). Under torch.compile the first
+call of a class is a graph break (the measurement runs eagerly); do not let it happen inside CUDA
+graph capture (it then uses sdpa for that call and measures later).
+
+Dropout RNG differs by backend (eager and sdpa use torch's generator; triton and cuda share one
+Philox stream seeded from torch's CPU generator); each backend's backward reuses its forward's
+mask.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
+import statistics
+import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from r2d2 import _ext
-from r2d2.kernels.dispatch import OpSpec, register_op, resolve, why_unavailable
+from r2d2.kernels.dispatch import (BackendUnavailable, OpSpec, register_op, resolve,
+                                   why_unavailable)
 
 log = logging.getLogger("r2d2.kernels")
 EXT_OP = "attention_fwd"
@@ -190,82 +215,247 @@ def _fused(backend, q, k, v, key_padding_mask, dropout_p, scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# auto: measured, not guessed.
+# auto: measured per shape class, not guessed.
+#
+# The fastest backend depends on the shape (64-token padded text, 197/257-token images, 64 x 257
+# cross-attention differ), on whether autograd records (training wants the fastest fwd+bwd, an
+# eval loop the fastest forward) and on mask and dropout. So a pick is kept per class: the first
+# call of a class times every runnable candidate on fresh inputs shaped like that call, and every
+# later call of the class reuses the winner.
 
 _AUTO_CANDIDATES = ("cuda", "triton", "xformers", "sdpa")
-_AUTO_SHAPE = dict(B=32, H=12, Lq=64, Lk=64, D=64)  # R2D2 text self-attention, 40% padding
+_MEASURED_DEVICE_TYPES = ("cuda",)  # elsewhere auto is sdpa (never the Triton interpreter)
+_AUTO_MAX_SCORES = 1 << 24  # B is cut so that one timed call computes at most this many scores
+_AUTO_WARMUP = 2  # untimed calls per candidate (Triton compiles and autotunes in these)
+_AUTO_REPS = (3, 10)  # timed calls per candidate: at least, at most ...
+_AUTO_BUDGET_MS = 2.0  # ... stopping once this much has been timed
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _time_backend(backend: str, device: torch.device, iters: int = 10) -> float:
-    """Median ms of fwd+bwd at ``_AUTO_SHAPE`` in bf16 (the training dtype)."""
-    s = _AUTO_SHAPE
+@dataclass(frozen=True)
+class AutoPick:
+    """What ``auto`` chose for one shape class, and why."""
+
+    backend: str
+    timings_ms: dict[str, float]  # median ms per candidate that ran
+    failed: dict[str, str]  # candidate -> the error it raised (never picked)
+    unavailable: dict[str, str]  # candidate -> why it cannot run here
+    measured_at: str  # the shape timed, e.g. "B=21 H=12 Lq=257 Lk=257 D=64"
+    source: str  # "measured" or "R2D2_ATTENTION_AUTO"
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """The inputs a measurement times: shaped like the first call of a class."""
+
+    B: int
+    H: int
+    Lq: int
+    Lk: int
+    D: int
+    dtype: torch.dtype
+    device: torch.device
+    mask: torch.Tensor | None  # [B, Lk] bool; a normal tensor (never an inference-mode one)
+    dropout_p: float
+    grad: bool
+
+
+_PICKS: dict[tuple, AutoPick] = {}
+_PICKS_LOCK = threading.RLock()
+
+
+def _bucket(n: int, lo: int = 16) -> int:
+    """Smallest power of two >= n (at least ``lo``): 64 -> 64, 197 -> 256, 257 -> 512."""
+    e = lo
+    while e < n:  # comparisons only, so torch.compile can trace it with symbolic sizes
+        e *= 2
+    return e
+
+
+def _bucket_d(d: int) -> int:
+    """D rounded up to a multiple of 32 (the CUDA kernel's padding): 64 -> 64, 80 -> 96."""
+    e = 32
+    while e < d:
+        e += 32
+    return e
+
+
+def _class_key(device: torch.device, dtype, Lq, Lk, D, masked: bool, dropout: bool,
+               grad: bool) -> tuple:
+    # A plain tuple (not a dataclass) so a compiled caller's lookup traces without a graph break.
+    return (device.type, device.index, dtype, _bucket(Lq), _bucket(Lk), _bucket_d(D), masked,
+            dropout, grad)
+
+
+def _class_str(key: tuple) -> str:
+    dev_type, index, dtype, lq, lk, d, masked, dropout, grad = key
+    dev = dev_type if index is None else f"{dev_type}:{index}"
+    return (f"{dev} {_DTYPE_NAMES.get(dtype, str(dtype))} Lq<={lq} Lk<={lk} D<={d} "
+            f"{'masked' if masked else 'unmasked'}{' dropout' if dropout else ''} "
+            f"{'fwd+bwd' if grad else 'fwd'}")
+
+
+def _reference_probe(device: torch.device) -> _Probe:
+    """R2D2 text self-attention for training: B 32, H 12, 64 tokens, D 64, bf16, caption lengths
+    uniform in [13, 64] (39.8% padding on average)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    shape = (s["B"], s["H"], s["Lq"], s["D"])
-    q, k, v = (torch.randn(shape, generator=g).to(device, torch.bfloat16).requires_grad_()
-               for _ in range(3))
-    lens = torch.randint(s["Lk"] // 3, s["Lk"] + 1, (s["B"],), generator=g)
-    mask = (torch.arange(s["Lk"])[None, :] < lens[:, None]).to(device)
-    do = torch.randn(shape, generator=g).to(device, torch.bfloat16)
-    times = []
-    for i in range(iters + 3):  # 3 warm-up runs (Triton compiles/autotunes here)
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        attention(q, k, v, key_padding_mask=mask, backend=backend).backward(do)
-        torch.cuda.synchronize(device)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
+    lens = torch.randint(13, 65, (32,), generator=g)
+    mask = (torch.arange(64)[None, :] < lens[:, None]).to(device)
+    return _Probe(32, 12, 64, 64, 64, torch.bfloat16, device, mask, 0.0, True)
 
 
-def _device_label(device: torch.device) -> str:
-    try:
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    except (RuntimeError, AssertionError, AttributeError):
-        return str(device)
+def _call_probe(q, k, mask, dropout_p: float, grad: bool) -> _Probe:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    b = max(1, min(B, _AUTO_MAX_SCORES // max(1, H * Lq * Lk)))
+    m = None
+    if mask is not None:  # the caller's padding pattern (tile skipping depends on it)
+        with torch.inference_mode(False):
+            m = mask[:b].clone()  # a normal tensor even when the caller's is an inference one
+    return _Probe(b, H, Lq, Lk, D, q.dtype, q.device, m, float(dropout_p), grad)
 
 
-@functools.lru_cache(maxsize=None)
-def _auto_pick_cached(device_key: str) -> str | None:
-    device = torch.device(device_key)
-    env = os.environ.get("R2D2_ATTENTION_AUTO")
-    if env:
-        if env not in SPEC.backends:
-            raise ValueError(f"R2D2_ATTENTION_AUTO={env!r} is not an attention backend; expected "
-                             f"one of {SPEC.backends}")
-        return env
-    timings = {}
-    for b in _AUTO_CANDIDATES:
-        if why_unavailable("attention", b, device) is not None:
-            continue
-        try:
-            timings[b] = _time_backend(b, device)
-        except Exception as e:  # a backend that fails here is not picked; say why
-            log.warning("r2d2.kernels: attention auto skipped backend=%r on %s: %s", b, device, e)
-    if not timings:
-        return None
-    pick = min(timings, key=timings.get)
-    log.info("r2d2.kernels: attention auto on %s measured fwd+bwd ms %s at %s bf16 -> %r",
-             _device_label(device), {b: round(t, 3) for b, t in timings.items()}, _AUTO_SHAPE,
-             pick)
-    return pick
+def _median_ms(call, device: torch.device) -> float:
+    for _ in range(_AUTO_WARMUP):
+        call()
+    times: list[float] = []
+    while len(times) < _AUTO_REPS[1] and (len(times) < _AUTO_REPS[0] or
+                                          sum(times) < _AUTO_BUDGET_MS):
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                call()
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _time_backend(backend: str, probe: _Probe) -> float:
+    """Median ms of one call of ``backend`` on fresh random inputs shaped like ``probe``: forward
+    and backward if ``probe.grad``, else the forward alone under no_grad.
+
+    Runs under ``inference_mode(False)`` and ``enable_grad`` whatever the caller's mode (the
+    first call of an eval loop must still be able to time a training class), on new leaves (never
+    the caller's tensors), inside ``fork_rng`` so the caller's random stream is not advanced.
+    """
+    dev = probe.device
+    g = torch.Generator(device="cpu").manual_seed(0)
+    with torch.inference_mode(False), torch.random.fork_rng(
+            devices=[dev] if dev.type == "cuda" else []):
+        q, k, v = (torch.randn((probe.B, probe.H, L, probe.D), generator=g)
+                   .to(dev, probe.dtype).requires_grad_(probe.grad)
+                   for L in (probe.Lq, probe.Lk, probe.Lk))
+        do = torch.randn(q.shape, generator=g).to(dev, probe.dtype)
+
+        def call():
+            with torch.enable_grad() if probe.grad else torch.no_grad():
+                out = attention(q, k, v, key_padding_mask=probe.mask, dropout_p=probe.dropout_p,
+                                backend=backend)
+                if probe.grad:
+                    torch.autograd.grad(out, (q, k, v), do)
+
+        return _median_ms(call, dev)
+
+
+@torch.compiler.disable  # under torch.compile: one graph break, the first time a class is seen
+def _measure(key: tuple, q=None, k=None, mask=None, dropout_p: float = 0.0) -> str:
+    """Pick (and remember) the backend for class ``key``; q/k/mask are the first call's (None:
+    the reference class of ``_auto_pick``)."""
+    with _PICKS_LOCK:
+        hit = _PICKS.get(key)
+        if hit is not None:
+            return hit.backend
+        name = _class_str(key)
+        device = torch.device(key[0], key[1])
+        env = os.environ.get("R2D2_ATTENTION_AUTO")
+        if env:
+            if env not in SPEC.backends:
+                raise ValueError(f"R2D2_ATTENTION_AUTO={env!r} is not an attention backend; "
+                                 f"expected one of {SPEC.backends}")
+            why = why_unavailable("attention", env, device)
+            if why is not None:
+                raise BackendUnavailable(f"attention: R2D2_ATTENTION_AUTO={env!r}: {why}")
+            _PICKS[key] = AutoPick(env, {}, {}, {}, "", "R2D2_ATTENTION_AUTO")
+            log.info("attention auto: %s -> %s (R2D2_ATTENTION_AUTO)", name, env)
+            return env
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Timing would sync inside the capture; use sdpa for this call, remember nothing.
+            log.warning("attention auto: %s first seen inside CUDA graph capture: not measured, "
+                        "sdpa used for this call (warm up outside the capture or pass backend=)",
+                        name)
+            return "sdpa"
+        probe = (_reference_probe(device) if q is None else
+                 _call_probe(q, k, mask, dropout_p, grad=key[-1]))
+        timings, failed, unavailable = {}, {}, {}
+        for b in _AUTO_CANDIDATES:
+            why = why_unavailable("attention", b, device)
+            if why is not None:
+                unavailable[b] = why
+                continue
+            try:
+                timings[b] = float(_time_backend(b, probe))
+            except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                failed[b] = f"{type(e).__name__}: {first}"
+                log.warning("attention auto: %s: candidate %r failed and is not picked: %s", name,
+                            b, failed[b])
+        at = f"B={probe.B} H={probe.H} Lq={probe.Lq} Lk={probe.Lk} D={probe.D}"
+        if not timings:
+            raise RuntimeError(
+                f"attention auto: no candidate ran for {name} (at {at}): "
+                + "; ".join(f"{b}: {e}" for b, e in {**failed, **unavailable}.items())
+                + ". Pass backend= explicitly or set R2D2_ATTENTION_AUTO.")
+        pick = min(timings, key=timings.get)
+        _PICKS[key] = AutoPick(pick, timings, failed, unavailable, at, "measured")
+        parts = [f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda x: x[1])]
+        parts += [f"{b} failed" for b in failed]
+        log.info("attention auto: %s -> %s (%s; at %s)", name, pick, ", ".join(parts), at)
+        return pick
+
+
+def _auto_for_call(q, k, v, key_padding_mask, dropout_p: float) -> str:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if B * H * Lq * Lk * D == 0:
+        return "eager"  # nothing to compute, nothing to measure
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = _class_key(q.device, q.dtype, Lq, Lk, D, key_padding_mask is not None, dropout_p > 0.0,
+                     grad)
+    hit = _PICKS.get(key)
+    if hit is not None:
+        return hit.backend
+    return _measure(key, q, k, key_padding_mask, dropout_p)
 
 
 def _auto_pick(device: torch.device) -> str | None:
-    """CPU: sdpa. CUDA: the backend with the lowest measured fwd+bwd time, once per device.
-
-    The measurement runs on the first auto call for a device (a few ms; do not let that first call
-    happen inside CUDA-graph capture or torch.compile tracing: pass an explicit backend there, or
-    set ``R2D2_ATTENTION_AUTO``).
-    """
-    if device.type != "cuda":
+    """dispatch's auto_fn (``auto_backend``, ``describe``, ``r2d2 doctor``), which knows the
+    device only: sdpa off CUDA; on CUDA the pick for the reference class (``_reference_probe``,
+    text self-attention in training), measured on first use. Calls pick per their own class."""
+    if device.type not in _MEASURED_DEVICE_TYPES:
         return "sdpa"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _auto_pick_cached(f"cuda:{index}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = _class_key(device, torch.bfloat16, 64, 64, 64, True, False, True)
+    hit = _PICKS.get(key)
+    return hit.backend if hit is not None else _measure(key)
+
+
+def auto_picks() -> dict[str, AutoPick]:
+    """Every class ``auto`` has picked for so far (class description -> AutoPick)."""
+    with _PICKS_LOCK:
+        return {_class_str(k): p for k, p in _PICKS.items()}
 
 
 def auto_timings_clear() -> None:
-    """Forget the per-device measurements (tests, or after changing R2D2_ATTENTION_AUTO)."""
-    _auto_pick_cached.cache_clear()
+    """Forget every pick (tests, or after changing R2D2_ATTENTION_AUTO)."""
+    with _PICKS_LOCK:
+        _PICKS.clear()
 
 
 SPEC = register_op(OpSpec(
@@ -298,7 +488,10 @@ def attention(q, k, v, *, key_padding_mask=None, dropout_p=0.0, scale=None, back
         raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
-    b = resolve("attention", backend, q.device)
+    if backend == "auto" and q.device.type in _MEASURED_DEVICE_TYPES:
+        b = _auto_for_call(q, k, v, key_padding_mask, dropout_p)
+    else:
+        b = resolve("attention", backend, q.device)
     if b == "sdpa":
         return attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale)
     if b == "xformers":

@@ -5,6 +5,7 @@ Forward (one program = ``BLOCK_M`` queries of one (batch, head)), FlashAttention
 
     for each K/V tile j (BLOCK_N keys):
         skip it when none of its keys is attended (key_padding_mask all False or past Lk)
+        load k_j, v_j with padded keys read as 0 (NaN/Inf in a padding slot cannot leak)
         s   = (q k_j^T) * scale * log2(e)           masked keys -> -inf
         m'  = max(m, rowmax s);  p = exp2(s - m');  l = l * exp2(m - m') + rowsum p
         acc = acc * exp2(m - m') + dropout(p) v_j
@@ -30,6 +31,10 @@ Dropout: a keep mask drawn with Philox (``tl.rand(seed, offset)``), the offset o
 ``dropout_keep_mask``) regenerate exactly the forward's mask. Kept probabilities are scaled by
 1 / (1 - p); the softmax normaliser ``l`` uses the undropped ``p``.
 
+Tests: the launchers take an optional int32 ``tile_count`` per (batch, head) that the kernels
+increment for every K/V tile they process (compiled out otherwise), so the padding skip is
+asserted, not assumed.
+
 Limits: q/k/v any strides (unit stride in D is fastest), D <= 256 (padded to a power of two with
 masked loads, so D = 80 works), fp16/bf16/fp32 (fp32 uses IEEE dots on GPU, not TF32). On CPU
 tensors only under ``TRITON_INTERPRET=1``, where autotuning is reduced to one config.
@@ -48,8 +53,8 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 def _configs(kind: str) -> list[triton.Config]:
-    """Block configs autotuned per (Lq, Lk, D); a single small one under the interpreter, where
-    every config would be run (slowly) on the CPU."""
+    """Block configs autotuned per ``_TUNE_KEY`` (Lq, Lk, D, masked, dropout, dtypes); a single
+    small one under the interpreter, where every config would be run (slowly) on the CPU."""
     if triton_interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     if kind == "fwd":
@@ -60,6 +65,12 @@ def _configs(kind: str) -> list[triton.Config]:
         shapes = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
+
+
+# A padded call skips tiles and a dropout call draws Philox per score: both move the best block
+# shape, so a config tuned on unmasked, dropout-free calls must not be reused for them. (Triton
+# appends the pointer arguments' dtypes to the key itself.)
+_TUNE_KEY = ["Lq", "Lk", "D", "HAS_MASK", "DROPOUT"]
 
 
 @triton.jit
@@ -79,19 +90,21 @@ def _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK: tl.constexpr)
     return ok
 
 
-@triton.autotune(configs=_configs("fwd"), key=["Lq", "Lk", "D"])
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY)
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # [B, H, Lq, D], [B, H, Lk, D] x2, any strides
     mask_ptr,  # [B, Lk] uint8 (1 = attend); unused unless HAS_MASK
     o_ptr,  # [B, H, Lq, D] out, q's dtype
     lse_ptr,  # [B*H, Lq] fp32 out: log2-domain logsumexp of the scaled scores
+    cnt_ptr,  # [B*H] int32 in/out: += key tiles processed (tests); unused unless COUNT_TILES
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     stride_mb, stride_mk,
     H, Lq, Lk, D, qk_scale,  # qk_scale = scale * log2(e)
     dropout_p, seed, offset,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -116,7 +129,11 @@ def _attn_fwd_kernel(
         kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
         # Padding tiles (the tail of short captions) cost one mask load and no math.
         if tl.max(kok.to(tl.int32), axis=0) > 0:
-            kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
+            if COUNT_TILES:
+                tl.atomic_add(cnt_ptr + bh, 1)
+            # Padded keys load as 0: their p is 0, and 0 * (NaN or Inf left in a padded slot of
+            # V) would still be NaN in p @ v.
+            kv_mask = kok[:, None] & d_ok[None, :]
             k = tl.load(k_base + cols[:, None] * skn + dcol[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * svn + dcol[None, :] * svd, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -160,19 +177,21 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptr + bh * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=["Lq", "Lk", "D"])
+@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, L*, D], any strides (do: like q)
     mask_ptr,  # [B, Lk] uint8
     lse_ptr, delta_ptr,  # [B*H, Lq] fp32
     dk_ptr, dv_ptr,  # [B, H, Lk, D] contiguous out
+    cnt_ptr,  # [B*H] int32 in/out: += key tiles processed (tests); unused unless COUNT_TILES
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     stride_mb, stride_mk,
     H, Lq, Lk, D, scale, qk_scale,
     dropout_p, seed, offset,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -187,10 +206,13 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Masked keys get exactly zero gradient; a tile of only masked keys does no math at all.
     if tl.max(kok.to(tl.int32), axis=0) > 0:
+        if COUNT_TILES:
+            tl.atomic_add(cnt_ptr + bh, 1)
+        kv_load = kok[:, None] & d_ok[None, :]  # padded keys as 0: no NaN from padding slots
         k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
-                    mask=kv_mask, other=0.0)
+                    mask=kv_load, other=0.0)
         v = tl.load(v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
-                    mask=kv_mask, other=0.0)
+                    mask=kv_load, other=0.0)
         inv_keep = 1.0 / (1.0 - dropout_p)
         for m0 in range(0, Lq, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
@@ -220,19 +242,21 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("dq"), key=["Lq", "Lk", "D"])
+@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY)
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,
     mask_ptr,
     lse_ptr, delta_ptr,
     dq_ptr,  # [B, H, Lq, D] contiguous out
+    cnt_ptr,  # [B*H] int32 in/out: += key tiles processed (tests); unused unless COUNT_TILES
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     stride_mb, stride_mk,
     H, Lq, Lk, D, scale, qk_scale,
     dropout_p, seed, offset,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -255,7 +279,9 @@ def _attn_bwd_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
         if tl.max(kok.to(tl.int32), axis=0) > 0:
-            kv_mask = (cols < Lk)[:, None] & d_ok[None, :]
+            if COUNT_TILES:
+                tl.atomic_add(cnt_ptr + bh, 1)
+            kv_mask = kok[:, None] & d_ok[None, :]  # padded keys as 0 (see the forward)
             k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
                         mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
@@ -310,9 +336,26 @@ def _check_dropout_range(B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> 
                          f"B*H*Lq*Lk < 2^32, got {B * H * Lq * Lk}")
 
 
-def fwd(q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=None):
+def _counter(tile_count: torch.Tensor | None, BH: int, fallback: torch.Tensor):
+    """(pointer, COUNT_TILES) for a kernel's tile counter: an int32 [B*H] tensor the caller zeroed,
+    or any valid pointer (never read) when not counting."""
+    if tile_count is None:
+        return fallback, False
+    if (tile_count.dtype != torch.int32 or tile_count.shape != (BH,)
+            or not tile_count.is_contiguous()):
+        raise ValueError(f"attention (triton): tile_count must be a contiguous int32 [B*H={BH}] "
+                         f"tensor, got {tile_count.dtype} {tuple(tile_count.shape)}")
+    return tile_count, True
+
+
+def fwd(q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=None,
+        tile_count=None):
     """Forward: returns (o [B,H,Lq,D] in q's dtype, lse2 [B*H, Lq] fp32). ``out`` may be given
-    (tests pass a poisoned buffer) and must be a contiguous [B,H,Lq,D] tensor like q."""
+    (tests pass a poisoned buffer) and must be a contiguous [B,H,Lq,D] tensor like q.
+
+    ``tile_count`` (tests): an int32 [B*H] tensor; each program adds the number of K/V tiles it
+    did not skip, so a test can assert that padding tiles are skipped. On a GPU the autotuner's
+    trial runs add to it too the first time a key is tuned; count on a later call."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if q.dtype not in _TL_DTYPES:
@@ -325,19 +368,22 @@ def fwd(q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=N
     if o.numel() == 0:
         return o, lse
     m, smb, smk, has_mask = _mask_args(key_padding_mask, q)
+    cnt, count = _counter(tile_count, B * H, lse)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd_kernel[grid](
-        q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smk,
+        q, k, v, m, o, lse, cnt, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smk,
         H, Lq, Lk, D, scale * LOG2E, float(dropout_p), int(seed), int(offset),
         HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=_block_d(D),
-        PRECISION=_precision(q.dtype))
+        PRECISION=_precision(q.dtype), COUNT_TILES=count)
     return o, lse
 
 
 def bwd(do, q, k, v, o, lse, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0,
-        dq=None, dk=None, dv=None):
+        dq=None, dk=None, dv=None, tile_count=None):
     """Backward: returns (dq, dk, dv), contiguous, in q's dtype. Buffers may be given (poisoned
-    ones in tests); they must be contiguous and shaped like q, k, v."""
+    ones in tests); they must be contiguous and shaped like q, k, v. ``tile_count`` (tests): a
+    pair of int32 [B*H] tensors counting the key tiles the dK/dV and the dQ kernels processed
+    (see ``fwd``)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype) if dq is None else dq
@@ -357,10 +403,13 @@ def bwd(do, q, k, v, o, lse, key_padding_mask, scale, dropout_p=0.0, seed=0, off
               H, Lq, Lk, D, float(scale), scale * LOG2E, float(dropout_p), int(seed), int(offset))
     kw = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D,
               PRECISION=_precision(q.dtype))
+    cnt_kv, cnt_q = (None, None) if tile_count is None else tile_count
+    cnt, count = _counter(cnt_kv, B * H, delta)
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, m, lse, delta, dk, dv, *common, **kw)
+        q, k, v, do, m, lse, delta, dk, dv, cnt, *common, COUNT_TILES=count, **kw)
+    cnt, count = _counter(cnt_q, B * H, delta)
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, m, lse, delta, dq, *common, **kw)
+        q, k, v, do, m, lse, delta, dq, cnt, *common, COUNT_TILES=count, **kw)
     return dq, dk, dv
 
 

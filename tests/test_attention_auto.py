@@ -1,0 +1,205 @@
+"""attention ``auto``: one pick per shape class, measured on the first call of the class.
+
+On CPU the measuring logic runs on CPU tensors (``_MEASURED_DEVICE_TYPES`` patched to include
+"cpu") with real timings of cheap backends, or with an injected timer and candidate list, so the
+selection, the per-class cache, the no_grad/inference_mode handling, failure reporting and the
+INFO log line are all checked without a GPU. The GPU test checks that every class is really
+measured there, with every runnable candidate running.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from r2d2.kernels import attention, attention_ref
+from r2d2.kernels.dispatch import auto_backend
+
+# The module, not the function r2d2.kernels.attention that shadows it as a package attribute.
+attn_mod = importlib.import_module("r2d2.kernels.attention")
+FP32_TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _inputs(B, H, Lq, Lk, D, *, dtype=torch.float32, device="cpu", mask="random"):
+    """Fresh random leaves and a key mask ("random": last batch row fully padded; "lengths":
+    prefix-valid like padded captions; None)."""
+    q, k, v = (torch.randn(B, H, L, D, device=device).to(dtype).requires_grad_()
+               for L in (Lq, Lk, Lk))
+    m = None
+    if mask == "random":
+        m = torch.rand(B, Lk, device=device) > 0.35
+        m[:, 0] = True
+        m[-1] = False
+    elif mask == "lengths":
+        m = torch.arange(Lk, device=device)[None, :] < torch.randint(1, Lk + 1, (B, 1),
+                                                                      device=device)
+    return q, k, v, m
+
+
+def test_auto_on_cpu_is_sdpa_not_interpreter():
+    assert auto_backend("attention", "cpu") == "sdpa"
+    q, k, v, m = _inputs(2, 2, 7, 9, 8)
+    attention(q, k, v, key_padding_mask=m)
+    assert attn_mod.auto_picks() == {}  # nothing measured off CUDA
+
+
+@pytest.fixture
+def auto_on_cpu(monkeypatch):
+    """auto's CUDA logic (measure per class) on CPU tensors, with no picks before or after."""
+    monkeypatch.setattr(attn_mod, "_MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.delenv("R2D2_ATTENTION_AUTO", raising=False)
+    attn_mod.auto_timings_clear()
+    yield
+    attn_mod.auto_timings_clear()
+
+
+def test_auto_real_timing_works_in_eval_and_inference_mode(auto_on_cpu, monkeypatch):
+    # The old defect: the first auto call of a device came from an eval loop, the fwd+bwd timing
+    # raised under no_grad for every candidate and "none" was cached for good.
+    monkeypatch.setattr(attn_mod, "_AUTO_CANDIDATES", ("eager", "sdpa"))
+    monkeypatch.setattr(attn_mod, "_AUTO_WARMUP", 0)  # CPU bf16 is slow: one timed call each
+    monkeypatch.setattr(attn_mod, "_AUTO_REPS", (1, 1))
+    q, k, v, m = (x.detach() for x in _inputs(2, 2, 7, 19, 32, mask="lengths"))
+    rng = torch.get_rng_state()
+    with torch.inference_mode():
+        ref = attn_mod._auto_pick(torch.device("cpu"))  # the fwd+bwd reference class
+        m = m.clone()  # an inference-mode mask, as an eval loop's would be
+        out = attention(q, k, v, key_padding_mask=m)  # a forward-only class
+    with torch.no_grad():
+        probe = attn_mod._call_probe(q, k, m, 0.1, grad=True)
+        assert attn_mod._time_backend("sdpa", probe) > 0  # dropout + backward under no_grad
+    assert torch.equal(torch.get_rng_state(), rng)  # measuring draws nothing from the caller
+    torch.testing.assert_close(out, attention_ref(q, k, v, m), **FP32_TOL)
+    picks = attn_mod.auto_picks()
+    assert sorted(picks) == ["cpu bf16 Lq<=64 Lk<=64 D<=64 masked fwd+bwd",
+                             "cpu fp32 Lq<=16 Lk<=32 D<=32 masked fwd"]
+    assert picks["cpu bf16 Lq<=64 Lk<=64 D<=64 masked fwd+bwd"].backend == ref
+    for p in picks.values():
+        assert p.failed == {} and set(p.timings_ms) == {"eager", "sdpa"}, p
+        assert p.backend == min(p.timings_ms, key=p.timings_ms.get)
+
+
+def test_auto_picks_the_fastest_injected_candidate_per_class(auto_on_cpu, monkeypatch, caplog):
+    # Stubbed timings (what runs on a GPU is measured there); the picked backend really runs.
+    fake_ms = {(True, True): dict(triton=1.0, sdpa=2.0, eager=3.0),  # (masked, grad)
+               (True, False): dict(triton=2.0, sdpa=3.0, eager=1.0),
+               (False, True): dict(triton=3.0, sdpa=1.0, eager=2.0)}
+    calls = []
+
+    def timer(b, probe):
+        calls.append((b, probe.Lq, probe.grad))
+        return fake_ms[(probe.mask is not None, probe.grad)][b]
+
+    monkeypatch.setattr(attn_mod, "_AUTO_CANDIDATES", ("triton", "sdpa", "eager"))
+    monkeypatch.setattr(attn_mod, "_time_backend", timer)
+    ran = []
+    for name in ("attention_sdpa", "attention_ref", "_fused"):
+        real = getattr(attn_mod, name)
+        monkeypatch.setattr(attn_mod, name, lambda *a, _r=real, _n=name, **kw: (
+            ran.append(_n), _r(*a, **kw))[1])
+    caplog.set_level("INFO", logger="r2d2.kernels")
+    q, k, v, m = _inputs(2, 2, 20, 24, 32, mask="random")
+    cases = [  # (Lq, masked, no_grad) -> backend that must run
+        ((20, True, False), "_fused"), ((30, True, False), "_fused"),  # one class (Lq <= 32)
+        ((20, True, True), "attention_ref"), ((20, False, False), "attention_sdpa"),
+        ((40, True, False), "_fused")]  # Lq <= 64: a new class
+    for (lq, masked, no_grad), want in cases:
+        qq = torch.randn(2, 2, lq, 32, requires_grad=True)
+        ran.clear()
+        with torch.no_grad() if no_grad else torch.enable_grad():
+            out = attention(qq, k, v, key_padding_mask=m if masked else None)
+        assert ran == [want], (lq, masked, no_grad, ran)
+        torch.testing.assert_close(out, attention_ref(qq, k, v, m if masked else None),
+                                   **FP32_TOL)
+    assert [c[1:] for c in calls[::3]] == [(20, True), (20, False), (20, True), (40, True)]
+    picks = attn_mod.auto_picks()
+    assert {n: p.backend for n, p in picks.items()} == {
+        "cpu fp32 Lq<=32 Lk<=32 D<=32 masked fwd+bwd": "triton",
+        "cpu fp32 Lq<=32 Lk<=32 D<=32 masked fwd": "eager",
+        "cpu fp32 Lq<=32 Lk<=32 D<=32 unmasked fwd+bwd": "sdpa",
+        "cpu fp32 Lq<=64 Lk<=32 D<=32 masked fwd+bwd": "triton"}
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention auto")]
+    assert len(logged) == 4  # once per class
+    assert logged[0] == ("attention auto: cpu fp32 Lq<=32 Lk<=32 D<=32 masked fwd+bwd -> triton "
+                         "(triton 1.000 ms, sdpa 2.000 ms, eager 3.000 ms; at B=2 H=2 Lq=20 "
+                         "Lk=24 D=32)")
+
+
+def test_auto_failing_candidate_is_reported_never_cached_as_none(auto_on_cpu, monkeypatch,
+                                                                  caplog):
+    broken = {"sdpa"}
+
+    def timer(b, probe):
+        if b in broken:
+            raise RuntimeError(f"{b} kernel refused")
+        return {"sdpa": 1.0, "eager": 2.0}[b]
+
+    monkeypatch.setattr(attn_mod, "_AUTO_CANDIDATES", ("sdpa", "eager"))
+    monkeypatch.setattr(attn_mod, "_time_backend", timer)
+    q, k, v, m = _inputs(2, 2, 5, 7, 8)
+    caplog.set_level("INFO", logger="r2d2.kernels")
+    attention(q, k, v, key_padding_mask=m)
+    (p,) = attn_mod.auto_picks().values()
+    assert p.backend == "eager" and p.failed == {"sdpa": "RuntimeError: sdpa kernel refused"}
+    warn = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warn) == 1 and "'sdpa' failed" in warn[0].getMessage()
+    assert "sdpa kernel refused" in warn[0].getMessage()
+    broken.add("eager")  # every candidate fails: a clear error, and nothing remembered
+    with pytest.raises(RuntimeError, match="no candidate ran.*sdpa: RuntimeError.*eager: Runt"):
+        attention(q, k, v)
+    assert len(attn_mod.auto_picks()) == 1
+    broken.clear()  # the next call of that class measures again
+    attention(q, k, v)
+    assert len(attn_mod.auto_picks()) == 2
+
+
+def test_auto_env_override_and_bounded_measurement(auto_on_cpu, monkeypatch):
+    monkeypatch.setattr(attn_mod, "_time_backend", lambda b, probe: pytest.fail("measured"))
+    q, k, v, m = _inputs(2, 2, 5, 7, 8)
+    monkeypatch.setenv("R2D2_ATTENTION_AUTO", "eager")
+    attention(q, k, v, key_padding_mask=m)
+    (p,) = attn_mod.auto_picks().values()
+    assert p.backend == "eager" and p.source == "R2D2_ATTENTION_AUTO"
+    monkeypatch.setenv("R2D2_ATTENTION_AUTO", "fast")
+    with pytest.raises(ValueError, match="R2D2_ATTENTION_AUTO='fast'"):
+        attention(q, k, v)  # a new class reads the variable
+    # The timed shape: the caller's Lq/Lk/D/H and mask rows, B cut to a bounded number of scores.
+    qm = torch.empty(256, 12, 257, 64, device="meta")
+    mm = torch.ones(256, 257, dtype=torch.bool)
+    probe = attn_mod._call_probe(qm, qm, mm, 0.0, grad=True)
+    assert (probe.H, probe.Lq, probe.Lk, probe.D) == (12, 257, 257, 64)
+    assert 1 <= probe.B and probe.B * 12 * 257 * 257 <= attn_mod._AUTO_MAX_SCORES
+    assert probe.mask.shape == (probe.B, 257)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_measures_each_class_and_every_candidate_runs():
+    # Passes only if each class was really measured (no fallback), every runnable candidate ran
+    # without error (an eval-mode first call included) and the fastest was kept.
+    from r2d2.kernels.dispatch import why_unavailable
+
+    attn_mod.auto_timings_clear()
+    try:
+        with torch.inference_mode():  # the old defect: a fwd+bwd class first timed in eval
+            ref_pick = auto_backend("attention", "cuda")  # reference class: bf16 64 masked
+        q, k, v, m = _inputs(8, 2, 64, 64, 64, dtype=torch.bfloat16, device="cuda", mask="lengths")
+        with torch.inference_mode():
+            attention(q.detach(), k.detach(), v.detach(), key_padding_mask=m)
+        out = attention(q, k, v, key_padding_mask=m)  # the reference class again: cached
+        out.backward(torch.randn_like(out))
+        qi = torch.randn(2, 2, 257, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        attention(qi, qi, qi).sum().backward()
+        picks = attn_mod.auto_picks()
+        assert len(picks) == 3, list(picks)
+        runnable = {b for b in attn_mod._AUTO_CANDIDATES
+                    if why_unavailable("attention", b, "cuda") is None}
+        assert {"triton", "sdpa"} <= runnable
+        for name, p in picks.items():
+            assert p.source == "measured" and p.failed == {}, (name, p)
+            assert set(p.timings_ms) == runnable, (name, p)
+            assert p.backend == min(p.timings_ms, key=p.timings_ms.get)
+        assert ref_pick in runnable
+    finally:
+        attn_mod.auto_timings_clear()
