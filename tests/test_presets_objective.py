@@ -28,12 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Known defects, reported to the owner of these files (strict: the marker must go once fixed).
 # Matching trains the ITM heads only: vision_proj, text_proj and temp get no gradient, and
 # base.yaml's find_unused_parameters: false then stops DDP at its second step.
-KNOWN = {n: pytest.mark.xfail(strict=True, reason=f"{n} inherits find_unused_parameters: false from "
-                              "base.yaml, but matching leaves vision_proj/text_proj/temp without a "
-                              "gradient: set distributed.find_unused_parameters: true there")
-         for n in ("finetune_ccmb_icm.yaml", "finetune_ccmb_iqm.yaml")}
-TWIN_CASES = [pytest.param(p, marks=KNOWN.get(os.path.basename(p), ()), id=os.path.basename(p))
-              for p in PRESETS]
+TWIN_CASES = [pytest.param(p, id=os.path.basename(p)) for p in PRESETS]
 
 
 def _no_init(cfg):
