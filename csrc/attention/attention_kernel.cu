@@ -4,23 +4,41 @@
 // tiles with an online softmax in the log2 domain, skipping tiles whose keys are all padding, and
 // saves lse2; backward computes delta = rowsum(dO * O), then one kernel per key block for dK/dV
 // (streaming query tiles) and one per query block for dQ (streaming key tiles), no atomics.
+// Padded keys of a processed tile are loaded as zeros, so whatever a padding slot holds (NaN,
+// Inf) cannot reach an output or a gradient.
 //
 // Tiling: a block of WARPS warps owns 16 * WARPS rows (queries in fwd/dq, keys in dkdv); each warp
 // owns 16 of them and runs its matmuls on tensor cores through WMMA 16x16x16 fragments (fp16 and
 // bf16 in, fp32 accumulate; the fp32 build runs the same code with scalar FMA warp matmuls).
 // Operands are staged in shared memory with the head dim padded to DP (a multiple of 32, zero
-// filled, so D = 80 runs as DP = 96). Accumulators (O, dK, dV, dQ) live in shared memory in fp32:
-// WMMA's register layout is opaque, and the forward must rescale O row by row when the running max
-// moves. That costs a load/store of the accumulator tile per streamed tile, which is the main
-// thing a hand-laid mma.sync kernel (accumulators in registers, ldmatrix, cp.async double
-// buffering) would save; this kernel aims at a correct tensor-core baseline, not at peak.
+// filled, so D = 80 runs as DP = 96), loaded with 16-byte vector loads when rows are 16-byte
+// aligned (D a multiple of 8 halves / 4 floats), scalar loads otherwise. The shared-memory opt-in
+// (cudaFuncSetAttribute) is made once per kernel instantiation and device, not per launch.
+//
+// What to expect: a tensor-core baseline meant to be correct, not a peak kernel. It compiles
+// (csrc/check_nvcc.sh) but has not yet run on a GPU: the gpu-marked tests of
+// tests/test_attention.py check it, benchmarks/bench_attention.py times it against SDPA, xformers
+// and the Triton kernels. Given the costs below, expect it behind SDPA's flash/efficient kernels:
+//   * accumulators (O, dK, dV, dQ) live in shared memory in fp32 (WMMA's register layout is
+//     opaque and the forward rescales O row by row when the running max moves), so every
+//     streamed tile loads and stores the accumulator tile once more;
+//   * no cp.async double buffering: each K/V (or Q/dO) tile load is waited for before its math;
+//   * shared memory per block (fp16/bf16, D = 64, 4 warps, 64-row tiles): forward 70.8 KB,
+//     dK/dV 113.8 KB, dQ 96.8 KB, so on an H100 (228 KB per SM) 3, 1 and 2 blocks of 4 warps per
+//     SM; on an A100 (164 KB) 2, 1 and 1. Low occupancy with no overlap of loads and math.
+// The fix for all three is a hand-laid mma.sync kernel (accumulators in registers, ldmatrix,
+// cp.async pipelining, as FlashAttention-2 does); it needs a GPU to be written safely. Until then
+// ``auto`` only picks this backend for a shape class where it measured fastest.
+
 #include "attention/attention_kernel.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 namespace r2d2 {
@@ -122,17 +140,21 @@ struct Bump {
   }
 };
 
+enum Kind : int { kFwd = 0, kDkdv = 1, kDq = 2 };
+
 // One layout for the three main kernels: "own" rows [kRows, DP] (Q / K,V / Q,dO), streamed rows
 // [TILE, DP] x2, fp32 score tiles, one T tile, fp32 accumulators, per-row statistics and
-// per-key validity flags. The forward (BWD = false) needs one own tile, one score tile and one
-// accumulator; the backward kernels need two of each.
-template <typename T, int DP, int WARPS, int TILE, bool BWD>
+// per-key validity flags. The forward needs one own tile, one score tile and one accumulator
+// (O); dK/dV two of each; dQ two own and score tiles but one accumulator. Unused regions take no
+// bytes (shared memory per block is what limits blocks per SM here).
+template <typename T, int DP, int WARPS, int TILE, int KIND>
 struct Layout {
   using C = Cfg<T, DP, WARPS, TILE>;
   size_t own0, own1, str0, str1, s0, s1, p, acc0, acc1, stat0, stat1, kval, bytes;
   __host__ __device__ Layout() {
     Bump b;
-    constexpr int two = BWD ? 1 : 0;
+    constexpr int two = KIND == kFwd ? 0 : 1;
+    constexpr int two_acc = KIND == kDkdv ? 1 : 0;
     own0 = b.take<T>(C::kRows * C::kLdT);
     own1 = b.take<T>(two * C::kRows * C::kLdT);
     str0 = b.take<T>(TILE * C::kLdT);
@@ -141,7 +163,7 @@ struct Layout {
     s1 = b.take<float>(two * C::kRows * C::kLdS);
     p = b.take<T>(C::kRows * C::kLdP);
     acc0 = b.take<float>(C::kRows * C::kLdO);
-    acc1 = b.take<float>(two * C::kRows * C::kLdO);
+    acc1 = b.take<float>(two_acc * C::kRows * C::kLdO);
     stat0 = b.take<float>(TILE > C::kRows ? TILE : C::kRows);
     stat1 = b.take<float>(TILE > C::kRows ? TILE : C::kRows);
     kval = b.take<int>(TILE > C::kRows ? TILE : C::kRows);
@@ -149,12 +171,34 @@ struct Layout {
   }
 };
 
-// rows [r0, r0 + rows) of a contiguous [L, D] matrix into dst [rows, DP] (ld), zero padded.
+// Rows [r0, r0 + rows) of a contiguous [L, D] matrix into dst [rows, DP] (leading dim ld), zero
+// padded. A row whose ok[r] is 0 (a padded key) is zero filled without being read: its p is 0,
+// but 0 * (NaN or Inf left in a padding slot) would still poison p @ V and dS @ K.
+// 16-byte loads (8 halves / 4 floats per thread) when every row start is 16-byte aligned: D a
+// multiple of the vector width and src aligned (a torch allocation is; a sliced view may not
+// be). Otherwise (e.g. D = 33) rows start misaligned and the scalar loop runs instead. dst rows
+// are always aligned: region bases are 128-byte aligned and ld * sizeof(T) is a multiple of 16.
 template <typename T, int DP>
-__device__ void load_rows(T* dst, int ld, const T* src, int r0, int rows, int L, int D) {
+__device__ void load_rows(T* dst, int ld, const T* __restrict__ src, int r0, int rows, int L,
+                          int D, const int* ok = nullptr) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static_assert(DP % kVec == 0, "DP must be a multiple of the 16-byte vector width");
+  if (D % kVec == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+    constexpr int kChunks = DP / kVec;
+    for (int i = threadIdx.x; i < rows * kChunks; i += blockDim.x) {
+      const int r = i / kChunks, c = (i % kChunks) * kVec, g = r0 + r;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: +0 in fp16, bf16 and fp32
+      if (g < L && c < D && (ok == nullptr || ok[r])) {  // c < D implies c + kVec <= D here
+        val = __ldg(reinterpret_cast<const uint4*>(src + static_cast<size_t>(g) * D + c));
+      }
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < rows * DP; i += blockDim.x) {
     const int r = i / DP, c = i % DP, g = r0 + r;
-    dst[r * ld + c] = (g < L && c < D) ? src[static_cast<size_t>(g) * D + c] : from_f<T>(0.0f);
+    const bool in = g < L && c < D && (ok == nullptr || ok[r]);
+    dst[r * ld + c] = in ? src[static_cast<size_t>(g) * D + c] : from_f<T>(0.0f);
   }
 }
 
@@ -176,7 +220,7 @@ __global__ void __launch_bounds__(32 * WARPS)
                const Problem pr) {
   using C = Cfg<T, DP, WARPS, TILE>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const Layout<T, DP, WARPS, TILE, false> L;
+  const Layout<T, DP, WARPS, TILE, kFwd> L;
   T* Qs = reinterpret_cast<T*>(smem + L.own0);
   T* Ks = reinterpret_cast<T*>(smem + L.str0);
   T* Vs = reinterpret_cast<T*>(smem + L.str1);
@@ -212,8 +256,8 @@ __global__ void __launch_bounds__(32 * WARPS)
       any |= kval[j];
     }
     if (!__syncthreads_or(any)) continue;  // a tile of padding only: no loads, no math
-    load_rows<T, DP>(Ks, C::kLdT, kb, n0, TILE, Lk, D);
-    load_rows<T, DP>(Vs, C::kLdT, vb, n0, TILE, Lk, D);
+    load_rows<T, DP>(Ks, C::kLdT, kb, n0, TILE, Lk, D, kval);
+    load_rows<T, DP>(Vs, C::kLdT, vb, n0, TILE, Lk, D, kval);
     __syncthreads();
     WarpMM<T, true>::run(Qs + wr * C::kLdT, C::kLdT, Ks, C::kLdT, S + wr * C::kLdS, C::kLdS, TILE,
                          DP, false);
@@ -280,7 +324,7 @@ __global__ void __launch_bounds__(32 * WARPS)
                 T* __restrict__ dk, T* __restrict__ dv, const Problem pr) {
   using C = Cfg<T, DP, WARPS, TILE>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const Layout<T, DP, WARPS, TILE, true> L;
+  const Layout<T, DP, WARPS, TILE, kDkdv> L;
   T* Ks = reinterpret_cast<T*>(smem + L.own0);
   T* Vs = reinterpret_cast<T*>(smem + L.own1);
   T* Qs = reinterpret_cast<T*>(smem + L.str0);
@@ -306,8 +350,8 @@ __global__ void __launch_bounds__(32 * WARPS)
   for (int i = threadIdx.x; i < C::kRows * C::kLdO; i += C::kThreads) dK[i] = dV[i] = 0.0f;
   // Keys that are all padding get zero gradients without touching q or dO.
   if (__syncthreads_or(any)) {
-    load_rows<T, DP>(Ks, C::kLdT, k + koff, n0, C::kRows, Lk, D);
-    load_rows<T, DP>(Vs, C::kLdT, v + koff, n0, C::kRows, Lk, D);
+    load_rows<T, DP>(Ks, C::kLdT, k + koff, n0, C::kRows, Lk, D, kval);
+    load_rows<T, DP>(Vs, C::kLdT, v + koff, n0, C::kRows, Lk, D, kval);
     const float qk_scale = pr.scale * kLog2e;
     const float inv_keep = 1.0f / (1.0f - pr.dropout_p);
     const bool dropout = pr.dropout_p > 0.0f;
@@ -366,7 +410,7 @@ __global__ void __launch_bounds__(32 * WARPS)
               T* __restrict__ dq, const Problem pr) {
   using C = Cfg<T, DP, WARPS, TILE>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const Layout<T, DP, WARPS, TILE, true> L;
+  const Layout<T, DP, WARPS, TILE, kDq> L;
   T* Qs = reinterpret_cast<T*>(smem + L.own0);
   T* dOs = reinterpret_cast<T*>(smem + L.own1);
   T* Ks = reinterpret_cast<T*>(smem + L.str0);
@@ -402,8 +446,8 @@ __global__ void __launch_bounds__(32 * WARPS)
       any |= kval[j];
     }
     if (!__syncthreads_or(any)) continue;
-    load_rows<T, DP>(Ks, C::kLdT, k + koff, n0, TILE, Lk, D);
-    load_rows<T, DP>(Vs, C::kLdT, v + koff, n0, TILE, Lk, D);
+    load_rows<T, DP>(Ks, C::kLdT, k + koff, n0, TILE, Lk, D, kval);
+    load_rows<T, DP>(Vs, C::kLdT, v + koff, n0, TILE, Lk, D, kval);
     __syncthreads();
     WarpMM<T, true>::run(Qs + wr * C::kLdT, C::kLdT, Ks, C::kLdT, S + wr * C::kLdS, C::kLdS, TILE,
                          DP, false);
@@ -439,19 +483,31 @@ struct Pick {
   static constexpr int kTile = kF32 ? 32 : 64;
 };
 
+// Opting a kernel into > 48 KB of dynamic shared memory is a per-device driver call; it is made
+// once per (kernel instantiation, device), not per launch. Each caller below launches one kernel
+// instantiation with one fixed size, so a per-caller flag array keys it exactly.
+constexpr int kMaxDevices = 64;  // devices past this simply set the attribute on every launch
+
 template <typename Kernel>
-cudaError_t prepare(Kernel kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+cudaError_t prepare(Kernel kernel, size_t bytes, std::atomic<bool> (&ready)[kMaxDevices]) {
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev)) return e;  // the binding's device guard set it
+  const bool known = dev >= 0 && dev < kMaxDevices;
+  if (known && ready[dev].load(std::memory_order_acquire)) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(bytes));
+  if (e == cudaSuccess && known) ready[dev].store(true, std::memory_order_release);
+  return e;  // concurrent first calls may both set it: idempotent
 }
 
 template <typename T, int DP>
 int fwd_t(const void* q, const void* k, const void* v, const uint8_t* mask, void* o, float* lse,
           const Problem& pr, cudaStream_t stream) {
   constexpr int W = Pick<T, DP>::kWarps, TL = Pick<T, DP>::kTile;
-  const Layout<T, DP, W, TL, false> L;
+  const Layout<T, DP, W, TL, kFwd> L;
   auto kern = fwd_kernel<T, DP, W, TL>;
-  if (cudaError_t e = prepare(kern, L.bytes)) return e;
+  static std::atomic<bool> ready[kMaxDevices];  // zero-initialised: static storage
+  if (cudaError_t e = prepare(kern, L.bytes, ready)) return e;
   const dim3 grid(pr.B * pr.H, ceil_div(pr.Lq, 16 * W));
   kern<<<grid, 32 * W, L.bytes, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
                                           static_cast<const T*>(v), mask, static_cast<T*>(o), lse,
@@ -464,7 +520,9 @@ int bwd_t(const void* dout, const void* q, const void* k, const void* v, const v
           const float* lse, const uint8_t* mask, float* delta, void* dq, void* dk, void* dv,
           const Problem& pr, cudaStream_t stream) {
   constexpr int W = Pick<T, DP>::kWarps, TL = Pick<T, DP>::kTile;
-  const Layout<T, DP, W, TL, true> L;
+  const Layout<T, DP, W, TL, kDkdv> L_kv;
+  const Layout<T, DP, W, TL, kDq> L_dq;
+  static std::atomic<bool> ready_kv[kMaxDevices], ready_q[kMaxDevices];
   const T* dO = static_cast<const T*>(dout);
   const T* Q = static_cast<const T*>(q);
   const T* K = static_cast<const T*>(k);
@@ -474,13 +532,13 @@ int bwd_t(const void* dout, const void* q, const void* k, const void* v, const v
       dO, static_cast<const T*>(o), delta, rows, pr.D);
   if (cudaError_t e = cudaGetLastError()) return e;
   auto kdkdv = dkdv_kernel<T, DP, W, TL>;
-  if (cudaError_t e = prepare(kdkdv, L.bytes)) return e;
-  kdkdv<<<dim3(pr.B * pr.H, ceil_div(pr.Lk, 16 * W)), 32 * W, L.bytes, stream>>>(
+  if (cudaError_t e = prepare(kdkdv, L_kv.bytes, ready_kv)) return e;
+  kdkdv<<<dim3(pr.B * pr.H, ceil_div(pr.Lk, 16 * W)), 32 * W, L_kv.bytes, stream>>>(
       dO, Q, K, V, lse, delta, mask, static_cast<T*>(dk), static_cast<T*>(dv), pr);
   if (cudaError_t e = cudaGetLastError()) return e;
   auto kdq = dq_kernel<T, DP, W, TL>;
-  if (cudaError_t e = prepare(kdq, L.bytes)) return e;
-  kdq<<<dim3(pr.B * pr.H, ceil_div(pr.Lq, 16 * W)), 32 * W, L.bytes, stream>>>(
+  if (cudaError_t e = prepare(kdq, L_dq.bytes, ready_q)) return e;
+  kdq<<<dim3(pr.B * pr.H, ceil_div(pr.Lq, 16 * W)), 32 * W, L_dq.bytes, stream>>>(
       dO, Q, K, V, lse, delta, mask, static_cast<T*>(dq), pr);
   return cudaGetLastError();
 }
