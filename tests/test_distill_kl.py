@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from r2d2 import _ext
-from r2d2.kernels import BackendUnavailable, distill_kl, distill_kl_ref
+from r2d2.kernels import BackendUnavailable, DistillKLLoss, distill_kl, distill_kl_ref
 from r2d2.kernels.dispatch import why_unavailable
-from r2d2.kernels.distill_kl import DistillKLLoss
+from r2d2.kernels.distill_kl import saved_grad_dtype
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_OP = _ext.has_op("distill_kl_fwd")
@@ -59,12 +59,12 @@ def _run(backend, student, teacher, temperature, reduction="batchmean", grad_out
     return out.detach(), s.grad
 
 
-def _assert_matches(out, grad, ref_out, ref_grad, dtype, temperature, tol=TOL):
+def _assert_matches(out, grad, ref_out, ref_grad, dtype, temperature, tol=TOL, grad_dtype=None):
     loss_rtol, grad_rtol, grad_arel, grad_aabs = tol[dtype]
     assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(out, ref_out, rtol=loss_rtol, atol=loss_rtol * temperature ** 2)
-    assert grad.dtype == dtype and grad.shape == ref_grad.shape
+    assert grad.dtype == (grad_dtype or dtype) and grad.shape == ref_grad.shape
     gmax = ref_grad.abs().max().item()
     torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=grad_rtol,
                                atol=grad_arel * gmax + grad_aabs)
@@ -224,13 +224,168 @@ def test_module_and_backward_twice():
     torch.testing.assert_close(g1, _ref_grad(s, t, 2.0)[1], rtol=1e-4, atol=1e-7)
 
 
+# ---- loss scaling: the saved gradient must not lose what a GradScaler's scale would keep ----
+
+def _assert_grad_like_eager(grad, ref_grad, s, t, temperature, scale_rows, fp32_ulps=8):
+    """Element-wise, with no tolerance relative to the largest element (which would hide small
+    elements flushed to zero). Allowed: two roundings of the dtype, four of its subnormal steps,
+    and the fp32 error of forming q - p (a few ulps of max(q, p), times the scale) that eager and
+    kernel both carry. ``scale_rows``: each row's d loss / d row_loss."""
+    assert grad.dtype == ref_grad.dtype
+    fi = torch.finfo(grad.dtype)
+    q = torch.softmax(s.double() / temperature, -1)
+    p = torch.softmax(t.double() / temperature, -1)
+    fp32_err = fp32_ulps * torch.finfo(torch.float32).eps * temperature * torch.maximum(q, p) * (
+        scale_rows.double().abs().reshape(-1, 1))
+    bound = 2 * fi.eps * ref_grad.double().abs() + 4 * fi.smallest_normal * fi.eps + fp32_err
+    err = (grad.double() - ref_grad.double()).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{bad.sum().item()} elements off; worst err {err.max().item():.3g}, "
+                           f"e.g. got {grad[bad][:4].tolist()} want {ref_grad[bad][:4].tolist()}")
+    # The same elements are exactly zero (eager underflows only where the scaled value does).
+    zeros, ref_zeros = (grad == 0).sum().item(), (ref_grad == 0).sum().item()
+    assert abs(zeros - ref_zeros) <= 1e-4 * grad.numel(), (zeros, ref_zeros)
+
+
+LOSS_SCALE_CASES = [  # (reduction, upstream): GradScaler's 2^16 on a mean; a scale on a sum
+    ("batchmean", lambda rows: torch.tensor(65536.0)),
+    ("sum", lambda rows: torch.tensor(256.0)),
+    # per row: a large, uneven upstream (a weighted, scaled per-sample loss)
+    ("none", lambda rows: (torch.rand(rows) + 0.5) * (65536.0 / rows)),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LOSS_SCALE_CASES, ids=lambda c: c[0])
+def test_gradient_under_loss_scaling_matches_eager(backend, dtype, case):
+    """Loss * 2^16 (what torch.amp.GradScaler does): eager applies the scale before its single
+    rounding to the student's dtype, so the fused paths must too. An fp16 gradient stored
+    pre-multiplied by 1/rows zeroed 61% of its elements at (4096, 1000); at (512, 1000) it leaves
+    1.5% zero and 74% more than two roundings off, and even an unscaled fp16 store puts 0.7% off
+    (those below fp16's 6e-8). bf16 has fp32's range: a guard that it stays one rounding away."""
+    _need(backend)
+    reduction, upstream = case
+    rows, cols = 512, 1000
+    s, t = _logits((rows, cols), dtype), _logits((rows, cols), dtype)
+    g = upstream(rows)
+    out, grad = _run(backend, s, t, 2.0, reduction, grad_out=g)
+    ref_out, ref_grad = _ref_grad(s, t, 2.0, reduction, grad_out=g)
+    assert torch.isfinite(ref_grad).all() and (ref_grad != 0).float().mean() > 0.99
+    torch.testing.assert_close(out, ref_out, rtol=2e-5, atol=1e-4)
+    scale_rows = g / rows if reduction == "batchmean" else g.expand(rows)
+    _assert_grad_like_eager(grad, ref_grad, s, t, 2.0, scale_rows)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_saved_gradient_dtype(backend):
+    """fp16 saves the gradient in fp32 (fp16's range flushes it), the other dtypes in their own."""
+    _need(backend)
+    fwd = {"cpp": torch.ops.r2d2.distill_kl_fwd if HAS_OP else None}.get(backend)
+    if backend == "triton":
+        from r2d2.kernels import distill_kl_triton
+
+        fwd = distill_kl_triton.fwd
+    for dtype, want in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                        (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        s, t = _logits((3, 7), dtype), _logits((3, 7), dtype)
+        _, grad = fwd(s, t, 2.0, 1.0, True)
+        assert grad.dtype == want == saved_grad_dtype(dtype)
+
+
+# ---- the Triton kernel's one-tile (one read) and streaming (two sweeps) paths ----
+
+def test_triton_one_tile_up_to_16384_columns():
+    _need("triton")
+    from r2d2.kernels import distill_kl_triton as k
+
+    for cols in (1, 7, 1000, 4096, 16384):
+        assert k._blocks(cols)[3], cols
+    for cols in (16385, 32768, 100000):
+        assert not k._blocks(cols)[3], cols
+
+
+@pytest.mark.parametrize("cols", [16384, 16385], ids=["one_tile", "streaming"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_paths_at_the_boundary(cols, dtype):
+    _need("triton")
+    s, t = _logits((3, cols), dtype), _logits((3, cols), dtype)
+    t[1, ::5] = float("-inf")  # masked classes on both paths
+    g = torch.rand(3) + 0.5
+    out, grad = _run("triton", s, t, 2.0, "none", grad_out=g)
+    ref_out, ref_grad = _ref_grad(s, t, 2.0, "none", grad_out=g)
+    _assert_matches(out, grad, ref_out, ref_grad, dtype, 2.0)
+
+
+# ---- temperature: a number or a 0-d tensor ----
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_temperature_as_a_0d_tensor(backend):
+    _need(backend)
+    s, t = _logits((5, 33), torch.float32), _logits((5, 33), torch.float32)
+    want = distill_kl(s, t, temperature=2.0, reduction="none", backend=backend)
+    for temp in (torch.tensor(2.0), torch.tensor(2.0, dtype=torch.float64), torch.tensor(2), 2):
+        got = distill_kl(s, t, temperature=temp, reduction="none", backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert DistillKLLoss(temperature=torch.tensor(2.0), backend=backend)(s, t) == want.mean()
+
+
+def test_temperature_rejections_say_what_is_accepted():
+    s = torch.randn(3, 7)
+    accepted = r"a Python int/float or a 0-d real tensor"
+    with pytest.raises(ValueError, match=accepted + r".*shape \(1,\)"):
+        distill_kl(s, s, temperature=torch.tensor([2.0]))
+    with pytest.raises(ValueError, match=r"temperature is a constant here.*detach\(\)"):
+        distill_kl(s, s, temperature=torch.tensor(2.0, requires_grad=True))
+    for bad in (True, "2", None, float("nan"), float("inf"), -1.0, torch.tensor(0.0)):
+        with pytest.raises(ValueError, match=accepted):
+            distill_kl(s, s, temperature=bad)
+
+
+# ---- the Triton launcher checks its arguments (the kernel would read out of bounds) ----
+
+def test_triton_launcher_validates_its_arguments():
+    _need("triton")
+    from r2d2.kernels import distill_kl_triton as k
+
+    s, t = torch.randn(4, 9), torch.randn(4, 9)
+    loss, grad = torch.empty(4), torch.empty(4, 9)
+    k.launch(s, t, 2.0, 1.0, loss, grad)  # the valid call the cases below break one at a time
+    cases = [
+        ((s, torch.randn(3, 9), 2.0, 1.0, loss, grad), ValueError,
+         r"teacher shape \(3, 9\) must equal student shape \(4, 9\)"),
+        ((s.reshape(2, 2, 9), t.reshape(2, 2, 9), 2.0, 1.0, loss, grad), ValueError,
+         r"student must be 2-D"),
+        ((s, t.double(), 2.0, 1.0, loss, grad), TypeError,
+         "teacher dtype torch.float64 must equal student dtype torch.float32"),
+        ((s.long(), t.long(), 2.0, 1.0, loss, grad), TypeError, "student dtype torch.int64"),
+        ((s, torch.empty(4, 9, device="meta"), 2.0, 1.0, loss, grad), ValueError,
+         "teacher is on meta but student is on cpu"),
+        ((s, t, 2.0, 1.0, torch.empty(4, device="meta"), grad), ValueError, "row_loss is on meta"),
+        ((torch.randn(9, 4).t(), t, 2.0, 1.0, loss, grad), ValueError, "student must be contiguous"),
+        ((s, torch.randn(9, 4).t(), 2.0, 1.0, loss, grad), ValueError, "teacher must be contiguous"),
+        ((s, t, 2.0, 1.0, torch.empty(3), grad), ValueError,
+         r"row_loss must be a contiguous torch.float32 tensor of shape \(4,\)"),
+        ((s, t, 2.0, 1.0, loss, torch.empty(4, 8)), ValueError,
+         r"grad must be a contiguous torch.float32 tensor of shape \(4, 9\)"),
+        ((s, t, 2.0, 1.0, loss, torch.empty(9, 4).t()), ValueError, r"\(non-contiguous\)"),
+        ((s.half(), t.half(), 2.0, 1.0, loss, grad.half()), ValueError,
+         "grad must be a contiguous torch.float32"),  # fp16 saves its gradient in fp32
+        ((s, t, 0.0, 1.0, loss, grad), ValueError, "temperature must be a finite number > 0"),
+        ((s, [1.0], 2.0, 1.0, loss, grad), TypeError, "teacher must be a tensor, got list"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            k.launch(*args)
+
+
 # ---- poisoned output buffers: an element the kernel does not write stays NaN and fails ----
 
 def _poisoned_launch(backend, s, t, temperature, grad_scale):
     rows = s.numel() // s.shape[-1]
     loss_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
     row_loss = torch.full((rows,), float("nan"), dtype=loss_dtype, device=s.device)
-    grad = torch.full(s.shape, float("nan"), dtype=s.dtype, device=s.device)
+    grad = torch.full(s.shape, float("nan"), dtype=saved_grad_dtype(s.dtype), device=s.device)
     if backend == "triton":
         from r2d2.kernels import distill_kl_triton
 
@@ -244,16 +399,19 @@ def _check_poisoned(backend, shape, dtype, device, tol):
     s, t = _logits(shape, dtype, device), _logits(shape, dtype, device)
     rows = shape[0]
     row_loss, grad = _poisoned_launch(backend, s, t, 2.0, 1.0 / rows)
-    ref_out, ref_grad = _ref_grad(s, t, 2.0, "none", grad_out=torch.full((rows,), 1.0 / rows,
-                                                                          device=device))
-    _assert_matches(row_loss, grad, ref_out, ref_grad, dtype, 2.0, tol)
+    ref_out, ref_grad = _ref_grad(s.to(saved_grad_dtype(dtype)), t.to(saved_grad_dtype(dtype)),
+                                  2.0, "none", grad_out=torch.full((rows,), 1.0 / rows,
+                                                                   device=device))
+    _assert_matches(row_loss, grad, ref_out, ref_grad, dtype, 2.0, tol,
+                    grad_dtype=saved_grad_dtype(dtype))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (37, 7), (3, 1000), (65, 33)], ids=str)
-def test_every_output_element_written(backend, shape):
+def test_every_output_element_written(backend, shape, dtype):
     _need(backend)
-    _check_poisoned(backend, shape, torch.float32, "cpu", TOL)
+    _check_poisoned(backend, shape, dtype, "cpu", TOL)
 
 
 # ---- float64 gradcheck and the compiled op's contract ----
@@ -335,7 +493,7 @@ def test_errors_name_the_argument(backend):
         distill_kl(s, s.half(), backend=backend)
     with pytest.raises(ValueError, match="student_logits is on cpu but teacher_logits is on meta"):
         distill_kl(s, torch.empty(3, 7, device="meta"), backend=backend)
-    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0 .*, got 0$"):
         distill_kl(s, s, temperature=0, backend=backend)
     with pytest.raises(ValueError, match="reduction='mean'"):
         distill_kl(s, s, reduction="mean", backend=backend)
@@ -367,7 +525,10 @@ def test_cuda_backend_on_cpu_tensors_says_why():
 
 # ---- GPU: cuda and triton in every dtype (run on the lent GPU machine) ----
 
-GPU_SHAPES = [(1, 1), (37, 7), (3, 1000), (257, 4096), (3, 32768), (2, 100000), (7, 1001)]
+# One-pass / two-pass boundaries: CUDA (bf16 16384 | 16392, fp32 8192 | 16384, unvectorized
+# rows 1001 | 9001), Triton 16384 for every dtype.
+GPU_SHAPES = [(1, 1), (37, 7), (3, 1000), (257, 4096), (3, 32768), (2, 100000), (7, 1001),
+              (2, 8192), (2, 16384), (2, 16392), (3, 9001)]
 
 
 @pytest.mark.gpu
@@ -403,6 +564,25 @@ def test_gpu_extreme_logits_and_reductions(backend, dtype):
     for reduction in ("batchmean", "sum", "none"):
         out, grad = _run(backend, s, t, 4.0, reduction)
         _assert_matches(out, grad, *_ref_grad(s, t, 4.0, reduction), dtype, 4.0, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LOSS_SCALE_CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("cols", [1000, 32768], ids=["one_pass", "two_pass"])
+def test_gpu_gradient_under_loss_scaling_matches_eager(backend, dtype, case, cols):
+    _need(backend, "cuda")
+    reduction, upstream = case
+    rows = 512
+    s, t = _logits((rows, cols), dtype, "cuda"), _logits((rows, cols), dtype, "cuda")
+    g = upstream(rows).cuda()
+    out, grad = _run(backend, s, t, 2.0, reduction, grad_out=g)
+    ref_out, ref_grad = _ref_grad(s, t, 2.0, reduction, grad_out=g)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-3)
+    scale_rows = g / rows if reduction == "batchmean" else g.expand(rows)
+    # fast-math exp carries a few more ulps (GPU_TOL's reasoning)
+    _assert_grad_like_eager(grad, ref_grad, s, t, 2.0, scale_rows, fp32_ulps=32)
 
 
 @pytest.mark.gpu

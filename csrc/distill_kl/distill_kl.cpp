@@ -2,13 +2,16 @@
 // implementation. It runs the same per-row algorithm as the CUDA kernel (State in
 // distill_kl_kernel.h), sequentially within a row and in parallel over rows, so the binding path
 // and the algorithm are both exercised on machines without a GPU. Scalar code: no SIMD exp, so it
-// is a correctness path rather than a fast one.
+// is a correctness path rather than a fast one. Unlike the GPU kernels it always re-reads the row
+// for the gradient: one row (at most a few hundred KB) is still in this core's cache by then.
 #include "distill_kl/distill_kl.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "distill_kl/distill_kl_kernel.h"
 
@@ -18,9 +21,10 @@ namespace {
 
 constexpr int64_t kChunk = 256;
 
-template <typename scalar_t>
+// grad_t: float for Half inputs, scalar_t otherwise (grad_dtype in distill_kl.h says why).
+template <typename scalar_t, typename grad_t>
 void rows_cpu(const scalar_t* student, const scalar_t* teacher, at::opmath_type<scalar_t>* loss,
-              scalar_t* grad, int64_t rows, int64_t cols, double temperature, double grad_scale) {
+              grad_t* grad, int64_t rows, int64_t cols, double temperature, double grad_scale) {
   using acc_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   const acc_t t_sq = static_cast<acc_t>(temperature * temperature);
@@ -47,11 +51,11 @@ void rows_cpu(const scalar_t* student, const scalar_t* teacher, at::opmath_type<
       if (grad == nullptr) continue;
       const acc_t log_za = acc_log(st.z_a);
       const acc_t log_zb = acc_log(st.z_b);
-      scalar_t* g = grad + r * cols;
+      grad_t* g = grad + r * cols;
       for (int64_t j = 0; j < cols; ++j) {
         const acc_t q = st.q(static_cast<acc_t>(s[j]) * inv_t, log_za);
         const acc_t p = st.p(static_cast<acc_t>(t[j]) * inv_t, log_zb);
-        g[j] = static_cast<scalar_t>(coef * (q - p));
+        g[j] = static_cast<grad_t>(coef * (q - p));
       }
     }
   });
@@ -64,10 +68,11 @@ void run_cpu(const at::Tensor& s, const at::Tensor& t, double temperature, doubl
   const int64_t rows = s.numel() / cols;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "distill_kl_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    rows_cpu<scalar_t>(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-                       row_loss.mutable_data_ptr<acc_t>(),
-                       grad ? grad->mutable_data_ptr<scalar_t>() : nullptr, rows, cols,
-                       temperature, grad_scale);
+    using grad_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, float, scalar_t>;
+    rows_cpu<scalar_t, grad_t>(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+                               row_loss.mutable_data_ptr<acc_t>(),
+                               grad ? grad->mutable_data_ptr<grad_t>() : nullptr, rows, cols,
+                               temperature, grad_scale);
   });
 }
 
@@ -88,8 +93,8 @@ void fwd_out_cpu(const at::Tensor& student, const at::Tensor& teacher, double te
 
 TORCH_LIBRARY_FRAGMENT(r2d2, m) {
   // row_loss[r] = T^2 KL(softmax(teacher[r]/T) || softmax(student[r]/T)) over the last dim
-  // (fp32; fp64 for double inputs); grad = grad_scale * d row_loss / d student in the inputs'
-  // dtype (empty when need_grad is false).
+  // (fp32; fp64 for double inputs); grad = grad_scale * d row_loss / d student, float32 for
+  // float16 inputs and the inputs' dtype otherwise (empty when need_grad is false).
   m.def(
       "distill_kl_fwd(Tensor student, Tensor teacher, float temperature, float grad_scale=1.0, "
       "bool need_grad=True) -> (Tensor row_loss, Tensor grad)");

@@ -25,6 +25,14 @@ inline at::ScalarType loss_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The gradient buffer the forward writes: float32 for float16 inputs, the inputs' dtype otherwise.
+// It holds the gradient before any upstream scale (autograd multiplies by grad_output / rows in
+// backward), and fp16's 5-bit exponent would flush its small elements to zero before a loss scale
+// (GradScaler's 2^16) could lift them; bfloat16 has fp32's range, so it keeps the inputs' dtype.
+inline at::ScalarType grad_dtype(at::ScalarType t) {
+  return t == at::kHalf ? at::kFloat : t;
+}
+
 inline void check_inputs(const at::Tensor& student, const at::Tensor& teacher, double temperature) {
   TORCH_CHECK(student.sizes() == teacher.sizes(), "distill_kl: student_logits shape ",
               student.sizes(), " must equal teacher_logits shape ", teacher.sizes());
@@ -54,14 +62,14 @@ inline void check_outputs(const at::Tensor& student, const at::Tensor& row_loss,
               loss_dtype(student.scalar_type()), " tensor of ", rows, " elements, got ",
               row_loss.scalar_type(), " of shape ", row_loss.sizes());
   TORCH_CHECK(grad.sizes() == student.sizes() && grad.is_contiguous() &&
-                  grad.scalar_type() == student.scalar_type(),
-              "distill_kl_fwd_out: grad must be a contiguous ", student.scalar_type(),
+                  grad.scalar_type() == grad_dtype(student.scalar_type()),
+              "distill_kl_fwd_out: grad must be a contiguous ", grad_dtype(student.scalar_type()),
               " tensor of shape ", student.sizes(), ", got ", grad.scalar_type(), " of shape ",
               grad.sizes());
 }
 
-// distill_kl_fwd: returns (row_loss [rows], grad shaped like student, or an empty [0] tensor when
-// need_grad is false, so inference skips the gradient sweep and its write).
+// distill_kl_fwd: returns (row_loss [rows], grad shaped like student in grad_dtype, or an empty [0]
+// tensor when need_grad is false, so inference skips the gradient sweep and its write).
 inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& student, const at::Tensor& teacher,
                                               double temperature, double grad_scale,
                                               bool need_grad, RunFn run) {
@@ -70,7 +78,8 @@ inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& student, const a
   const at::Tensor t = teacher.contiguous();
   const int64_t rows = s.numel() / s.size(-1);
   at::Tensor row_loss = at::empty({rows}, s.options().dtype(loss_dtype(s.scalar_type())));
-  at::Tensor grad = need_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
+  const auto gopt = s.options().dtype(grad_dtype(s.scalar_type()));
+  at::Tensor grad = need_grad ? at::empty(s.sizes(), gopt) : at::empty({0}, gopt);
   run(s, t, temperature, grad_scale, row_loss, need_grad ? &grad : nullptr);
   return {row_loss, grad};
 }

@@ -13,8 +13,9 @@
 // ~1e4, b_j - a_j rounds at ulp(1e4) ~ 1e-3 and the KL (a small difference of large numbers)
 // would be lost; shifted, every term is O(logit range) and exact to fp32 precision. When a max
 // moves, w is corrected by z_b times the shift. States of disjoint column sets merge exactly,
-// which lets GPU threads stream their own columns and then reduce across the block. A second
-// sweep, once lse(a) and lse(b) are known, writes the gradient.
+// which lets GPU threads stream their own columns and then reduce across the block. Once lse(a)
+// and lse(b) are known the gradient is written: from registers for rows that fit the block's
+// registers (one read of the row), by a second sweep over the row for wider ones.
 //
 // Masked logits: a teacher logit of -inf has p_j = 0 and contributes nothing (not 0 * inf = NaN);
 // a student logit of -inf where p_j > 0 gives +inf, which is the true KL. (Hence a state with
@@ -125,8 +126,10 @@ struct State {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // Launch the fused forward on `stream`. student/teacher: [rows, cols] contiguous, element type
-// `dtype`. row_loss: [rows], float (double when dtype is kFloat64). grad: [rows, cols] of `dtype`,
-// or nullptr to skip the gradient sweep. Returns the launch status (cudaGetLastError()).
+// `dtype`. row_loss: [rows], float (double when dtype is kFloat64). grad: [rows, cols] of float
+// when dtype is kFloat16 (its range would flush small gradients before a loss scale is applied)
+// and of `dtype` otherwise, or nullptr to skip the gradient. Returns the launch status
+// (cudaGetLastError()).
 // Defined in distill_kl_kernel.cu; only a CUDA build links it.
 int fwd_cuda(DType dtype, const void* student, const void* teacher, void* row_loss, void* grad,
              int64_t rows, int64_t cols, double temperature, double grad_scale,

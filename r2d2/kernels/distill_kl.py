@@ -11,12 +11,19 @@ The ``T^2`` factor keeps gradient magnitudes independent of T (Hinton et al., 20
 is a constant: it receives no gradient (its logits come from the EMA teacher under no_grad).
 
 Backends (see dispatch.py): ``eager`` is ``distill_kl_ref`` (fp32 math, the spec and test oracle);
-``triton`` (distill_kl_triton.py), ``cuda`` and ``cpp`` (r2d2._C, csrc/distill_kl/) run one fused
-pass per row with online max/sum for both distributions, and, when the student needs a gradient, a
-second sweep that writes ``grad_scale * T * (q - p)`` in the student's dtype during the forward;
-backward is then a single scale by grad_output (the Liger-Kernel recipe). Memory: the fused
-backends keep one student-sized gradient between forward and backward instead of eager's fp32
-log-probabilities of both inputs.
+``triton`` (distill_kl_triton.py), ``cuda`` and ``cpp`` (r2d2._C, csrc/distill_kl/) stream each row
+once with online max/sum for both distributions and, when the student needs a gradient, write
+``d row_loss / d student = T * (q - p)`` during the forward (from registers for rows that fit one
+tile; wider rows are read a second time, see the kernel files). Backward is then one scale by
+``grad_output`` (times ``1/rows`` for batchmean, per row for ``"none"``), computed in fp32 and
+rounded once to the student's dtype (the Liger-Kernel recipe).
+
+The saved gradient carries no upstream scale: a loss scale (GradScaler's 2^16) or ``1/rows`` is
+applied in backward, as eager applies it, so small elements are not flushed before the scale can
+lift them. For the same reason float16 inputs save it in float32 (fp16's 5-bit exponent flushes
+values below 6e-8); bfloat16 has fp32's range and saves it in bfloat16 (``saved_grad_dtype``).
+Memory: the fused backends keep one student-sized gradient between forward and backward instead of
+eager's fp32 log-probabilities of both inputs.
 
 Limits: student and teacher must share shape, dtype (float16/bfloat16/float32/float64) and device.
 The loss is float32 (float64 for float64 inputs). A teacher logit of -inf (a masked class) is a
@@ -46,6 +53,33 @@ FwdFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool],
                  tuple[torch.Tensor, torch.Tensor]]
 
 
+def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradient the fused forwards write (``grad_dtype`` in csrc/distill_kl)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _temperature(value: object) -> float:
+    """``temperature`` as a float: a real number or a 0-d real tensor, finite and > 0.
+
+    A tensor that requires grad is refused rather than silently detached: no gradient flows to the
+    temperature here, so a learnable one would never learn. A CUDA tensor costs one host sync.
+    """
+    accepted = "a Python int/float or a 0-d real tensor (no grad)"
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"distill_kl: temperature must be {accepted}; got a {value.dtype} "
+                             f"tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError("distill_kl: temperature is a constant here (no gradient flows to "
+                             "it); pass temperature.detach() or a float")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"distill_kl: temperature must be a finite number > 0 ({accepted}), "
+                         f"got {value!r}")
+    return float(value)
+
+
 def _reduce(row_loss: torch.Tensor, reduction: str, lead_shape: torch.Size) -> torch.Tensor:
     if reduction == "batchmean":
         return row_loss.mean()
@@ -72,8 +106,7 @@ def distill_kl_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return _reduce(row_loss.reshape(-1), reduction, student_logits.shape[:-1])
 
 
-def _validate(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-              reduction: str) -> None:
+def _validate(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> None:
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError(f"distill_kl: student_logits and teacher_logits must be tensors, got "
                         f"{type(student).__name__} and {type(teacher).__name__}")
@@ -93,10 +126,6 @@ def _validate(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     if student.device != teacher.device:
         raise ValueError(f"distill_kl: student_logits is on {student.device} but teacher_logits is "
                          f"on {teacher.device}; both must be on one device")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"distill_kl: temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"distill_kl: reduction={reduction!r}; expected one of {REDUCTIONS}")
 
@@ -115,32 +144,37 @@ _FWD: dict[str, FwdFn] = {"triton": _fwd_triton, "cuda": _fwd_ext, "cpp": _fwd_e
 
 
 class _DistillKLFunction(torch.autograd.Function):
-    """Shared by triton/cuda/cpp: the forward already wrote d loss / d student (times
-    ``1/rows`` for batchmean), so backward only scales it by grad_output."""
+    """Shared by triton/cuda/cpp: the forward already wrote ``d row_loss / d student``, so
+    backward only scales it by grad_output (and ``1/rows`` for batchmean) in fp32."""
 
     @staticmethod
     def forward(ctx, student, teacher, temperature, reduction, lead_shape, fwd):
-        grad_scale = 1.0 / max(student.shape[0], 1) if reduction == "batchmean" else 1.0
-        row_loss, grad = fwd(student, teacher, temperature, grad_scale, True)
+        row_loss, grad = fwd(student, teacher, temperature, 1.0, True)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
+        ctx.student_dtype = student.dtype
         return _reduce(row_loss, reduction, lead_shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors  # [R, C]: T * (q - p), no upstream scale yet
+        acc = torch.promote_types(grad.dtype, torch.float32)
         if ctx.reduction == "none":
-            # Per-row scale in fp32, one rounding to the student's dtype.
-            g = (grad.to(grad_out.dtype) * grad_out.reshape(-1, 1)).to(grad.dtype)
+            scale = grad_out.reshape(-1, 1).to(acc)  # per row
         else:
-            # A 0-dim operand does not promote: computed in fp32 opmath, stored in grad's dtype.
-            # Out of place, so a retained graph can run backward again.
-            g = grad * grad_out
-        return g, None, None, None, None, None
+            # [1, 1], not 0-d: a 0-d operand would not promote a bfloat16 product to fp32.
+            scale = grad_out.to(acc).reshape(1, 1)
+            if ctx.reduction == "batchmean":
+                scale = scale / max(grad.shape[0], 1)
+        # fp32 product, rounded once into the student's dtype; out of place, so a retained graph
+        # can run backward again.
+        out = torch.empty(grad.shape, dtype=ctx.student_dtype, device=grad.device)
+        return torch.mul(grad, scale, out=out), None, None, None, None, None
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-               temperature: float = 1.0, reduction: str = "batchmean",
+               temperature: float | torch.Tensor = 1.0, reduction: str = "batchmean",
                backend: str = "auto") -> torch.Tensor:
     """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last dim of ``[..., C]``.
 
@@ -148,7 +182,8 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         student_logits: ``[..., C]`` float16/bfloat16/float32/float64; receives the gradient.
         teacher_logits: same shape, dtype and device; treated as a constant (no gradient flows to
             it, whether or not it requires grad).
-        temperature: softmax temperature T > 0 for both distributions.
+        temperature: softmax temperature T > 0 for both distributions: a Python number or a
+            0-d tensor (read once with ``.item()``; it receives no gradient).
         reduction: ``"batchmean"`` (mean over rows), ``"sum"``, or ``"none"`` (per-row values shaped
             ``student_logits.shape[:-1]``).
         backend: ``"auto" | "eager" | "triton" | "cuda" | "cpp"`` (see ``r2d2.kernels.dispatch``).
@@ -156,12 +191,12 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per-row values for ``"none"``.
     """
-    _validate(student_logits, teacher_logits, temperature, reduction)
+    _validate(student_logits, teacher_logits, reduction)
+    temperature = _temperature(temperature)
     chosen = resolve("distill_kl", backend, student_logits.device)
     if chosen == "eager":
         return distill_kl_ref(student_logits, teacher_logits, temperature, reduction)
     fwd = _FWD[chosen]
-    temperature = float(temperature)
     lead_shape = student_logits.shape[:-1]
     cols = student_logits.shape[-1]
     student = student_logits.reshape(-1, cols)
@@ -175,7 +210,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 class DistillKLLoss(torch.nn.Module):
     """Module form of :func:`distill_kl` (``forward(student_logits, teacher_logits)``)."""
 
-    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean",
+    def __init__(self, temperature: float | torch.Tensor = 1.0, reduction: str = "batchmean",
                  backend: str = "auto") -> None:
         super().__init__()
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
@@ -199,7 +234,8 @@ def _register_fakes() -> None:
         rows = student.numel() // student.shape[-1]
         loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         row_loss = student.new_empty((rows,), dtype=loss_dtype)
-        grad = student.new_empty(student.shape) if need_grad else student.new_empty((0,))
+        grad_dtype = saved_grad_dtype(student.dtype)
+        grad = student.new_empty(student.shape if need_grad else (0,), dtype=grad_dtype)
         return row_loss, grad
 
     @torch.library.register_fake("r2d2::distill_kl_fwd_out")
