@@ -6,12 +6,19 @@
     r2d2 eval retrieval|matching|zeroshot --config ... --checkpoint ...
     r2d2 bench [kernels|step|all] [--quick]
 
+Global options (before the command): ``-q``/``--quiet`` shows only warnings, ``-v``/``--verbose``
+adds debug messages; ``R2D2_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR) sets the level when neither
+is given. The default, INFO, shows which backend each kernel op's ``auto`` picked, once per
+(op, device type), on stderr.
+
 Works as ``python -m r2d2 ...`` too, which is what ``torchrun -m r2d2`` calls.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 # subcommand -> (module, function, one-line help); modules are imported only when used, so
@@ -25,14 +32,53 @@ COMMANDS = {
 }
 
 
+LOG_FORMAT = "%(levelname).1s %(name)s: %(message)s"  # e.g. "I r2d2.kernels: distill_kl on ..."
+
+
 def _usage() -> str:
-    lines = ["usage: r2d2 <command> [args]", "", "commands:"]
+    lines = ["usage: r2d2 [-q | -v] <command> [args]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "options:", "  -q, --quiet    warnings and errors only",
+              "  -v, --verbose  debug messages too",
+              "  (or R2D2_LOG_LEVEL=DEBUG|INFO|WARNING|ERROR; default INFO, to stderr)"]
     return "\n".join(lines)
+
+
+def configure_logging(level: int | str | None = None) -> logging.Logger:
+    """Send the ``r2d2`` logger's records at ``level`` (default: ``R2D2_LOG_LEVEL``, else INFO) to
+    stderr, one concise line each. Only the ``r2d2`` logger is touched, never the root logger, and
+    it stops propagating so that a root handler set up elsewhere does not print each line twice.
+    Calling it again only changes the level."""
+    if level is None:
+        level = os.environ.get("R2D2_LOG_LEVEL", "INFO")
+    if isinstance(level, str):
+        name = level.strip().upper()
+        value = logging.getLevelName(name)
+        if not isinstance(value, int):
+            raise ValueError(f"R2D2_LOG_LEVEL={level!r} is not a level; expected DEBUG, INFO, "
+                             "WARNING or ERROR")
+        level = value
+    logger = logging.getLogger("r2d2")
+    logger.setLevel(level)
+    if not any(getattr(h, "_r2d2_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._r2d2_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+    return logger
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    level: int | None = None
+    while argv and argv[0] in ("-q", "--quiet", "-v", "--verbose"):
+        level = logging.WARNING if argv.pop(0) in ("-q", "--quiet") else logging.DEBUG
+    try:
+        configure_logging(level)
+    except ValueError as e:
+        print(f"r2d2: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -14,6 +14,14 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
+def _extension_state(_ext) -> str:
+    """'CPU+CUDA' / 'CPU only', or why it is unavailable: not built, or built but failing to
+    import (e.g. an undefined symbol after a torch upgrade), with the import error."""
+    if not _ext.available():
+        return f"unavailable: {_ext.why_missing()}"
+    return "CPU+CUDA" if _ext.cuda_built() else "CPU only"
+
+
 def report() -> dict:
     import torch
 
@@ -29,7 +37,7 @@ def report() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "triton": _version("triton"),
         "TRITON_INTERPRET": dispatch.triton_interpret(),
-        "r2d2._C": ("CPU+CUDA" if _ext.cuda_built() else "CPU only") if _ext.available() else "not built",
+        "r2d2._C": _extension_state(_ext),
         "xformers": _version("xformers"),
         "apex": _version("apex"),
     }
@@ -41,7 +49,9 @@ def report() -> dict:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    warnings.simplefilter("ignore")  # doctor reports the extension state itself
+    # Doctor reports the extension's state itself (the r2d2._C line, with the import error), so the
+    # fallback warning would only repeat it.
+    warnings.simplefilter("ignore")
     info = report()
     width = max(len(k) for k in info if k != "backends")
     for k, v in info.items():

@@ -9,6 +9,12 @@ Every op is called through one functional entry point with ``backend=``:
   xformers  xformers.ops.memory_efficient_attention (attention only, when installed)
   auto      the best one that can run on the given device; it says once what it picked
 
+``auto`` picks, unless an op overrides it: on CUDA tensors the CUDA extension when built, else
+Triton, else eager; on CPU tensors the C++ kernels of r2d2._C when built, else eager (Triton on CPU
+runs only under the interpreter, for tests). Each pick is logged once per (op, device type) at
+INFO on the ``r2d2.kernels`` logger: the ``r2d2`` command shows it on stderr; a library user sees
+it after configuring logging (``logging.basicConfig(level=logging.INFO)``).
+
 A requested backend that cannot run raises ``BackendUnavailable`` naming why.
 """
 
@@ -99,8 +105,7 @@ def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | 
         if device.type != "cuda":
             return f"backend='cuda' needs CUDA tensors, got {device.type} tensors"
         if not _ext.available():
-            return ("backend='cuda' needs the compiled extension r2d2._C; this install has none "
-                    "(pip install --no-build-isolation -e .)")
+            return f"backend='cuda' needs the compiled extension: {_ext.why_missing()}"
         if not _ext.cuda_built():
             return "backend='cuda' needs the r2d2._C CUDA build; this install has CPU only"
         if spec.ext_op and not _ext.has_op(spec.ext_op):
@@ -110,8 +115,7 @@ def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | 
         if device.type != "cpu":
             return f"backend='cpp' runs on CPU tensors, got {device.type} tensors"
         if not _ext.available():
-            return ("backend='cpp' needs the compiled extension r2d2._C; this install has none "
-                    "(pip install --no-build-isolation -e .)")
+            return f"backend='cpp' needs the compiled extension: {_ext.why_missing()}"
         if spec.ext_op and not _ext.has_op(spec.ext_op):
             return f"r2d2._C has no op {spec.ext_op!r} (rebuild the extension)"
         return None
@@ -126,6 +130,7 @@ def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | 
     return f"unhandled backend {backend!r}"
 
 
+# (op, device type, pick) already logged: once each, not once per call (ops run every step).
 _announced: set[tuple[str, str, str]] = set()
 
 
@@ -152,7 +157,7 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
         key = (op, device.type, pick)
         if key not in _announced:
             _announced.add(key)
-            log.info("r2d2.kernels: %s on %s uses backend=%r (auto)", op, device.type, pick)
+            log.info("%s on %s tensors: backend=%r (auto)", op, device.type, pick)
         return pick
     reason = why_unavailable(op, backend, device)
     if reason is not None:
