@@ -17,6 +17,25 @@ def dist_info(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def reduce_scatter(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``x`` (``[world * n, ...]``, same shape on every rank) over the ranks and return this
+    rank's ``[n, ...]`` slice. NCCL (and any backend but gloo) reduce-scatters; gloo has no
+    reduce-scatter in most torch releases, so it all-reduces a copy and slices it (same result,
+    world times the traffic: gloo runs on CPU test rigs, not at scale)."""
+    rank, world = dist_info(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    if dist.get_backend(group) == "gloo":
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x.chunk(world, 0)[rank]
+    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    rs(out, x, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums each rank's gradient for the full tensor and returns the
     local slice, so the cross-rank gradient terms are not lost."""
@@ -31,11 +50,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous()
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        # all_reduce + slice rather than reduce_scatter: gloo has no reduce_scatter.
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
-        return g.chunk(world, 0)[rank], None
+        return reduce_scatter(g, ctx.group), None
 
 
 def gather(x: torch.Tensor, group=None, *, with_grad: bool = True) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""Distributed GCPR on gloo: W processes (2 and 3) give the loss, gradients and hard negatives of
-one process over the concatenated batch, for the eager backend (all-gather) and the fused Triton
-backend (interpreter on CPU) in both ``gather`` and ``ring`` modes.
+"""Distributed GCPR on gloo, 2 and 3 processes, one spawn per world size:
 
-Gradient property: each rank's local loss is a mean over its b rows, the single-process loss is
-the mean of the rank losses, and the gather's backward sums the column terms over ranks; so the
-local-feature gradient on rank r equals W * (single-process gradient of its slice), and the mean
-over ranks of the logit_scale gradient (what DDP averages) equals the single-process one."""
+  * eager (all-gather, the spec) equals one process over the concatenated batch: mean of the
+    rank losses = the single loss, local-feature gradient on rank r = W x the single-process
+    gradient of its slice (gather's backward sums the column terms over ranks), mean over ranks
+    of the logit_scale gradient (what DDP averages) = the single one, same hard negatives;
+  * the fused Triton backend (interpreter on CPU) in ``gather`` and ``ring`` modes equals the
+    eager distributed run rank by rank: loss, image / text / logit_scale gradients, negatives.
+    The ranks' upstream gradients differ (rank r back-propagates (1 + r / 2) * loss_r), so the
+    fused backward must use every rank's own upstream scalar for the columns that rank owns.
+Both with alpha in {0, 0.4} and ids repeated within and across ranks. The eager checks do not
+need triton."""
 
 import os
 import socket
@@ -23,7 +27,8 @@ pytestmark = pytest.mark.distributed
 
 B_LOCAL, D = 5, 16
 SEED = 7
-CASES = [("eager", "gather"), ("triton", "gather"), ("triton", "ring")]
+ALPHAS = (0.0, 0.4)
+FUSED = [("triton", "gather"), ("triton", "ring")]
 
 
 def _global_batch(world):
@@ -38,14 +43,15 @@ def _global_batch(world):
     return img, txt, t_img, t_txt, ids
 
 
-def _run(img, txt, t_img, t_txt, ids, backend, mode, group=None):
+def _run(img, txt, t_img, t_txt, ids, backend, mode, alpha, weight=1.0, group=None):
     img = img.clone().requires_grad_()
     txt = txt.clone().requires_grad_()
     s = torch.tensor(40.0, requires_grad=True)
-    out = C.contrastive_loss(img, txt, s, image_ids=ids, teacher_image_feat=t_img,
-                             teacher_text_feat=t_txt, distill_alpha=0.4, group=group,
-                             backend=backend, mode=mode, return_negatives=True, seed=SEED)
-    g_img, g_txt, g_s = torch.autograd.grad(out.loss, [img, txt, s])
+    teacher = dict(teacher_image_feat=t_img, teacher_text_feat=t_txt) if alpha > 0 else {}
+    out = C.contrastive_loss(img, txt, s, image_ids=ids, distill_alpha=alpha, group=group,
+                             backend=backend, mode=mode, return_negatives=True, seed=SEED,
+                             **teacher)
+    g_img, g_txt, g_s = torch.autograd.grad(weight * out.loss, [img, txt, s])
     return dict(loss=out.loss.detach(), g_img=g_img, g_txt=g_txt, g_s=g_s,
                 neg_t=out.neg_text_for_image, neg_i=out.neg_image_for_text)
 
@@ -57,12 +63,15 @@ def _worker(rank, world, port, out_dir):
     try:
         img, txt, t_img, t_txt, ids = _global_batch(world)
         sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        local = (img[sl], txt[sl], t_img[sl], t_txt[sl], ids[sl])
+        weight = 1.0 + rank / 2
         res = {}
-        for backend, mode in CASES:
-            if why_unavailable("contrastive", backend, "cpu") is not None:
-                continue
-            res[(backend, mode)] = _run(img[sl], txt[sl], t_img[sl], t_txt[sl], ids[sl], backend,
-                                        mode)
+        for alpha in ALPHAS:
+            res[("eager", "gather", alpha, 1.0)] = _run(*local, "eager", "gather", alpha)
+            res[("eager", "gather", alpha, "w")] = _run(*local, "eager", "gather", alpha, weight)
+            for backend, mode in FUSED:
+                if why_unavailable("contrastive", backend, "cpu") is None:
+                    res[(backend, mode, alpha, "w")] = _run(*local, backend, mode, alpha, weight)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -74,24 +83,50 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_RUNS = {}
+
+
+def _ranks(world, tmp_path_factory):
+    if world not in _RUNS:
+        out = tmp_path_factory.mktemp(f"gcpr{world}")
+        mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+        _RUNS[world] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    return _RUNS[world]
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("world", [2, 3])
-def test_distributed_equals_single_process(world, tmp_path):
+def test_eager_distributed_equals_single_process(world, alpha, tmp_path_factory):
+    ranks = _ranks(world, tmp_path_factory)
+    ref = _run(*_global_batch(world), "eager", "gather", alpha)
+    got = [r[("eager", "gather", alpha, 1.0)] for r in ranks]
+    torch.testing.assert_close(torch.stack([r["loss"] for r in got]).mean(), ref["loss"],
+                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack([r["g_s"] for r in got]).mean(), ref["g_s"],
+                               atol=2e-5, rtol=1e-4)
+    for key in ("g_img", "g_txt"):
+        assert ref[key].abs().max() > 0
+        torch.testing.assert_close(torch.cat([r[key] for r in got]) / world, ref[key],
+                                   atol=2e-5, rtol=1e-4, msg=key)
+    for key in ("neg_t", "neg_i"):
+        assert torch.equal(torch.cat([r[key] for r in got]), ref[key]), key
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("mode", ["gather", "ring"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_fused_distributed_equals_eager_rank_by_rank(world, mode, alpha, tmp_path_factory):
     if why_unavailable("contrastive", "triton", "cpu") is not None:
         pytest.skip("the fused path needs triton (TRITON_INTERPRET=1 on CPU)")
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    ref = _run(*_global_batch(world), "eager", "gather")
-    for case in CASES:
-        assert all(case in r for r in ranks), f"{case} did not run"
-        loss = torch.stack([r[case]["loss"] for r in ranks]).mean()
-        torch.testing.assert_close(loss, ref["loss"], atol=2e-5, rtol=1e-5, msg=str(case))
-        g_s = torch.stack([r[case]["g_s"] for r in ranks]).mean()
-        torch.testing.assert_close(g_s, ref["g_s"], atol=2e-5, rtol=1e-4, msg=f"{case} scale")
-        for key in ("g_img", "g_txt"):
-            got = torch.cat([r[case][key] for r in ranks]) / world
-            assert ref[key].abs().max() > 0
-            torch.testing.assert_close(got, ref[key], atol=2e-5, rtol=1e-4, msg=f"{case} {key}")
+    ranks = _ranks(world, tmp_path_factory)
+    for r, res in enumerate(ranks):
+        ref, got = res[("eager", "gather", alpha, "w")], res[("triton", mode, alpha, "w")]
+        torch.testing.assert_close(got["loss"], ref["loss"], atol=2e-5, rtol=1e-5,
+                                   msg=f"rank {r} loss")
+        for key in ("g_img", "g_txt", "g_s"):
+            assert ref[key].abs().max() > 0, key
+            torch.testing.assert_close(got[key], ref[key], atol=2e-5, rtol=1e-4,
+                                       msg=f"rank {r} {key}")
         # Counter-based noise: the sample depends on (seed, global row, column) only.
         for key in ("neg_t", "neg_i"):
-            got = torch.cat([r[case][key] for r in ranks])
-            assert torch.equal(got, ref[key]), f"{case} {key}"
+            assert torch.equal(got[key], ref[key]), f"rank {r} {key}"

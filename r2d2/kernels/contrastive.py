@@ -6,20 +6,32 @@ Per rank: local L2-normalised features ``I_l, T_l`` ``[b, d]``; gathered over ``
     i2t logits  = s * I_l @ T^T         t2i logits = s * T_l @ I^T                 [b, B]
     hard[r, c]  = [id(r) == id(c)] / #{c : id(c) == id(r)}
     target      = (1 - alpha) * hard + alpha * softmax(s * teacher logits)          (optional)
-    loss        = 1/2 * (mean_r CE(target_i2t[r], logits_i2t[r]) + mean_r CE(target_t2i[r], logits_t2i[r]))
+    loss_r      = 1/2 (mean_r CE(target_i2t[r], logits_i2t[r])
+                       + mean_r CE(target_t2i[r], logits_t2i[r]))
 
 Gathering keeps gradients (backward sums the gathered gradients over ranks and returns each rank
 its slice), so after DDP averages gradients over ranks they equal the gradient of the same loss
 computed in one process over the concatenated global batch (equal b on every rank).
 
-The eager reference below materialises ``[b, B]`` logits; it is the spec, the test oracle and the
-CPU fallback. The fused backends never hold them (O(b + B) extra memory; ``[b, d]`` per block in
-ring mode):
-  triton   contrastive_triton.py: streaming tiles, online LSE, tensor-core dots (auto on a GPU)
-  cuda     csrc/contrastive/ via contrastive_cuda.py: the same design on CUDA cores
-Both plug into contrastive_dist.py, which owns the autograd and the ``gather`` / ``ring`` modes.
+The eager reference ``contrastive_loss_ref`` materialises the ``[b, B]`` logits (and softmax /
+gradient copies); it is the spec, the test oracle and the CPU fallback. The fused backends never
+hold a ``[b, B]`` buffer: they stream tiles of the one similarity ``s I_l T^T`` per rank (the i2t
+rows and the t2i columns of it, both from the same pass; contrastive_dist.py has the state, the
+modes and the exact memory each holds):
+  triton   contrastive_triton.py: tensor-core dots, fp32 accumulation
+  cuda     csrc/contrastive/ via contrastive_cuda.py: the same design on CUDA cores (fp32 math)
+``auto`` on a GPU picks triton first (tensor cores; the CUDA kernels are the plain CUDA-core twin
+and have not been timed on a GPU), then cuda, then eager; on CPU it is eager (the interpreter is
+for tests). Extra memory of the fused path, beyond inputs and gradients: per-row / per-column
+statistics (fp32, ``nf <= 8`` of them per row or column: O(b + B) in gather mode, O(b) per hop in
+ring mode), partial column statistics of a fixed number of programs (capped at 256 MiB by
+default), the gathered text features ``[B, d]`` and their fp32 gradient in gather mode, two
+``[b, d]`` blocks in flight in ring mode. Not O(b + B) overall: the gathered features are O(B d).
+
 Hard negatives (FGR) come from the same forward pass by streaming Gumbel-max over a counter-based
-noise (``gumbel_noise``), so every backend, world size and mode draws the same negatives.
+noise (``gumbel_noise``), so every backend, world size, tiling and mode draws the same negatives.
+The sample is Gumbel-max over a 24-bit uniform evaluated in fp32 (see ``gumbel_noise``): the law
+is the softmax up to that discretisation (tails cut at -2.86 / 17.33) and rounding.
 """
 
 from __future__ import annotations
@@ -56,7 +68,8 @@ def _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, te
         raise ValueError(f"contrastive_loss: image_ids must be [b={image_feat.shape[0]}], got "
                          f"{tuple(image_ids.shape)}")
     if (teacher_image_feat is None) != (teacher_text_feat is None):
-        raise ValueError("contrastive_loss: give both teacher_image_feat and teacher_text_feat or neither")
+        raise ValueError("contrastive_loss: give both teacher_image_feat and teacher_text_feat "
+                         "or neither")
     if teacher_image_feat is not None and (teacher_image_feat.shape != image_feat.shape
                                            or teacher_text_feat.shape != image_feat.shape):
         raise ValueError("contrastive_loss: teacher features must have the student's shape "
@@ -77,25 +90,30 @@ def global_ids(image_ids: torch.Tensor | None, b: int, device, group=None) -> to
 
 def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
                          teacher_image_feat=None, teacher_text_feat=None, distill_alpha=0.0,
-                         group=None, return_negatives=False, seed=None):
-    """Eager GCPR (+TgD targets) in fp32. Returns the local loss (mean over local rows), or a
-    ``ContrastiveOutput`` with sampled hard negatives when ``return_negatives``."""
+                         group=None, return_negatives=False, seed=None,
+                         compute_dtype=torch.float32):
+    """Eager GCPR (+TgD targets), the spec: fp32 by default. Returns the local loss (mean over
+    local rows), or a ``ContrastiveOutput`` with sampled hard negatives when ``return_negatives``.
+
+    ``compute_dtype`` = the features' own low precision gives open_clip's eager computation
+    (logits, softmax and their gradients in that dtype): the baseline of the benchmarks and of
+    the low-precision test tolerances, not a second spec."""
     rank, world = dist_info(group)
     b = image_feat.shape[0]
-    I_all = gather(image_feat, group).float()
-    T_all = gather(text_feat, group).float()
+    I_all = gather(image_feat, group).to(compute_dtype)
+    T_all = gather(text_feat, group).to(compute_dtype)
     ids = global_ids(image_ids, b, image_feat.device, group)
     local_ids = ids[rank * b:(rank + 1) * b]
     I_l, T_l = I_all[rank * b:(rank + 1) * b], T_all[rank * b:(rank + 1) * b]
-    s = logit_scale.float().reshape(())
+    s = logit_scale.to(compute_dtype).reshape(())
     logits_i2t = s * I_l @ T_all.t()
     logits_t2i = s * T_l @ I_all.t()
-    tgt = hard_targets(local_ids, ids)
+    tgt = hard_targets(local_ids, ids).to(compute_dtype)
     tgt_i2t, tgt_t2i = tgt, tgt
     if distill_alpha > 0:
         with torch.no_grad():
-            tI = gather(teacher_image_feat.detach(), group, with_grad=False).float()
-            tT = gather(teacher_text_feat.detach(), group, with_grad=False).float()
+            tI = gather(teacher_image_feat.detach(), group, with_grad=False).to(compute_dtype)
+            tT = gather(teacher_text_feat.detach(), group, with_grad=False).to(compute_dtype)
             sd = s.detach()
             soft_i2t = torch.softmax(sd * tI[rank * b:(rank + 1) * b] @ tT.t(), 1)
             soft_t2i = torch.softmax(sd * tT[rank * b:(rank + 1) * b] @ tI.t(), 1)
@@ -147,15 +165,38 @@ def seed_key(seed: int, stream: int) -> int:
     return 3 if key == 1 else key
 
 
+# -log(u) = 2 atanh(t) = 2 t (1 + t^2/3 + t^4/5 + ...), t = v / (2 - v), v = 1 - u <= 1/2:
+# t <= 1/3, so nine terms reach fp32 precision.
+_ATANH = tuple(1.0 / (2 * i + 1) for i in range(9))
+
+
 def gumbel_noise(key: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise ``[len(rows), len(cols)]`` (fp32) for global row / column indices. The
-    uniform has 24 random bits (u = (h + 1/2) / 2^24), the only departure from an exact sample."""
+    """Gumbel(0, 1) noise ``[len(rows), len(cols)]`` (fp32) for global row / column indices.
+
+    The uniform is u = (k + 1/2) / 2^24 with k the hash's top 24 bits, so u lies strictly inside
+    (0, 1) and the noise is finite for every hash: -2.86 <= g <= 17.33. It is evaluated in fp32
+    from exact inputs: u itself below 1/2 (-log u), v = 1 - u above (-log u by the atanh series,
+    no log of a number near 1). The kernels (contrastive_triton._gumbel_tl, the CUDA
+    gumbel()) run the same steps. Departures from an exact Gumbel sample: the 2^24-point grid of u
+    (so the tails are cut at those bounds) and fp32 rounding of g (about 1e-6)."""
     r = rows.to(torch.int64)[:, None] & _U32
     c = cols.to(torch.int64)[None, :] & _U32
     a = _mix32(r ^ key)
     h = _mix32((a + _mul32(c, _GOLD)) & _U32)
-    u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
-    return -torch.log(-torch.log(u))
+    return gumbel_from_bits(h >> 8)
+
+
+def gumbel_from_bits(k: torch.Tensor) -> torch.Tensor:
+    """The noise of the 24-bit integers ``k`` (int64 in [0, 2^24)); see ``gumbel_noise``."""
+    u = (2 * k + 1).to(torch.float32) * 2.0**-25          # exact where k < 2^23
+    v = (2**25 - 1 - 2 * k).to(torch.float32) * 2.0**-25  # exact where k >= 2^23
+    t = v / (2.0 - v)
+    t2 = t * t
+    p = torch.full_like(t, _ATANH[-1])
+    for coef in reversed(_ATANH[:-1]):
+        p = p * t2 + coef
+    e = torch.where(k >= 2**23, 2.0 * t * p, -torch.log(u))
+    return -torch.log(e)
 
 
 def _resolve_seed(seed) -> int:
@@ -182,9 +223,9 @@ def sample_negatives_ref(logits, row_ids, col_ids, seed=None, stream=0, row_offs
 SPEC = register_op(OpSpec(
     name="contrastive",
     backends=("eager", "triton", "cuda"),
-    ext_op="contrastive_fwd_block",
-    # The CUDA kernels are the straightforward CUDA-core version (no tensor cores); the Triton
-    # ones use tensor-core dots, so auto prefers Triton on a GPU.
+    ext_op="contrastive_fwd",
+    # The Triton kernels use tensor-core dots; the CUDA ones are the plain CUDA-core twin (and
+    # have not been measured on a GPU yet), so auto prefers Triton on a GPU.
     auto_cuda=("triton", "cuda", "eager"),
 ))
 
@@ -200,11 +241,11 @@ def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teac
     With ``return_negatives`` it returns ``ContrastiveOutput(loss, neg_text_for_image,
     neg_image_for_text)``: for FGR, one hard negative per local row sampled from the softmax of
     the (scaled) global similarity with same-id columns excluded; ``seed`` makes it reproducible
-    (the same seed gives the same negatives on every backend).
+    (the same seed gives the same negatives on every backend, world size and mode).
 
-    ``mode`` (fused backends, several ranks): ``"gather"`` all-gathers the features, ``"ring"``
-    passes them round a ring of isend/irecv with O(b d) memory; both are exact. The eager backend
-    always gathers."""
+    ``mode`` (fused backends, several ranks): ``"gather"`` all-gathers the text features,
+    ``"ring"`` passes them round a ring of isend/irecv with O(b d) memory; both are exact. The
+    eager backend always gathers both modalities."""
     _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
            distill_alpha)
     if mode not in MODES:
@@ -224,7 +265,7 @@ def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teac
     if picked == "triton":
         from r2d2.kernels import contrastive_triton as kern
     else:
-        from r2d2.kernels import contrastive_cuda as kern
+        kern = contrastive_cuda
     keys = (0, 0)
     if return_negatives:
         seed = _resolve_seed(seed)
@@ -237,3 +278,8 @@ def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teac
     if not return_negatives:
         return loss
     return ContrastiveOutput(loss, neg_t, neg_i)
+
+
+# Imported last: it registers the fake (shape) functions of the compiled ops, and needs nothing
+# from this module.
+from r2d2.kernels import contrastive_cuda  # noqa: E402

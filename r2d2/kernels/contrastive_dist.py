@@ -1,137 +1,257 @@
-"""Fused GCPR: autograd over the tiled kernels, single process and distributed (gather / ring).
+"""Fused GCPR: streaming state, tile plans, autograd, one process and distributed (gather, ring).
 
-The tiled kernels (contrastive_triton.py; any module with the same ``forward_block`` /
-``backward_block`` / ``RowState`` / ``ds_buffer`` / ``Tiles`` API plugs in) handle "local rows
-against one block of columns" and keep a per-row streaming state. This module decides where the
-column blocks come from:
+A backend module (contrastive_triton.py, contrastive_cuda.py) provides the tiled kernels over one
+similarity ``S = s * Q K^T``: rows ``Q`` = this rank's images ``[b, d]``, columns ``K`` = texts
+``[n, d]`` (all B in gather mode, one rank's block per ring hop). Its API:
 
-  gather  all-gather image/text features (with grad: ``r2d2.dist.gather``), ids and teacher
-          features, then one kernel call per direction over all B columns. Backward returns the
-          column gradients ``[B, d]`` to the gather, whose backward all-reduces them and hands each
-          rank its slice. Extra memory: the gathered features, 2 B d (+2 B d with a teacher).
-  ring    the (image, text, ids, teacher) block of each rank travels round the ring with
-          isend/irecv; the transfer of the next block is posted before the current block is
-          computed, so they overlap. Backward sends the blocks round again, and their fp32
-          column-gradient accumulators one hop behind (each rank computes its contribution while
-          the block's accumulator is in flight, then adds it); they reach their owner after W hops.
-          Extra memory: two blocks in flight, O(b d), independent of the world size.
+  geometry(d, device, tiles)       resolved tile config (block_r, block_c, programs, budget_bytes)
+  launch_fwd(...)                  one pass over the tiles: row partials [nf, C, b] (one slot per
+                                   column split) and column partials [nf, R, n] (one slot per
+                                   row-program; a program read-modify-writes only its own slot)
+  launch_merge(state, part, ...)   state [nf, n] <- merge(state, slots of part [nf, P, n])
+  launch_bwd_rows / launch_bwd_cols  recompute tiles; dI (+ ds of the i2t term) / dT (+ per-column
+                                   ds of the t2i term)
 
-Both give exactly the gradients of the eager reference: the local-feature gradient is the local
-row term plus the sum over ranks of the column term for this rank's slice.
+Streaming state (``State``, fp32 ``[nf, ...]`` + int32 ``gi``): for a row (i2t) or a column (t2i)
+  m, l        online max / sum-exp of the logits              -> LSE = m + log l
+  hs, cnt     sum of the logits over same-id partners, their count (hard targets)
+  tm, tl, tw  teacher online max / sum-exp, sum exp(tlogit - tm) * logit   (with a teacher)
+  gv, gi      max of logit + Gumbel over other-id partners and its global index  (negatives)
+  CE = LSE - (1 - alpha) hs / cnt - alpha tw / tl.
+Merging two states is exact up to rounding: (m, l) and (tm, tl, tw) by the online-softmax
+rescale, hs / cnt by sums, (gv, gi) by max with the lower global index winning ties (the rule of
+torch.argmax in the eager reference), so every tiling, program count, rank count and ring order
+gives the same negatives.
+
+Modes (``loss_r = 1/2 (mean over local images of i2t CE + mean over local texts of t2i CE)``):
+  gather  all-gather the TEXT features (+ ids, teacher texts); images stay local. Column state
+          for all B columns is merged across ranks with all_reduce (MAX, rescale, SUM, MIN for the
+          index): O(B) floats. Backward: dI is complete locally; dT for all B texts (fp32 [B, d])
+          and the per-column ds go to their owners with reduce_scatter.
+  ring    text blocks (T, ids, teacher T) travel the ring (batch_isend_irecv), the next block's
+          transfer posted before the current block is computed; the block's column-state
+          accumulator travels one hop behind and reaches its owner complete after W hops.
+          Backward sends the blocks again with their final column statistics, the dT / ds
+          accumulators one hop behind.
+Upstream gradients: ``dlogit_ij = g_r/(2b) (p_ij - tgt_ij) + g_owner(j)/(2b) (p'_ij - tgt'_ij)``
+with p' / tgt' the column softmax / targets; the W scalars g are all-gathered, so the result is
+the gradient of ``sum_r g_r loss_r`` (what DDP averaging of per-rank losses gives), and each rank's
+``logit_scale`` gradient is exactly ``g_r d loss_r / d s`` (as with the eager reference).
+
+Memory beyond inputs and gradients (fp32 unless said; nf = 4 + 3 teacher + 1 negatives):
+  both    row state nf b; column partials R n (nf + neg) and row partials C b (nf + neg), where
+          R, C are chosen so that each stays under ``budget_bytes`` (default 256 MiB) and the
+          programs are about ``programs`` (a small multiple of the SM count).
+  gather  gathered texts B d (x2 with a teacher; feature dtype), ids B, column state nf B;
+          backward dT partials B d fp32, ds B; dI b d fp32.
+  ring    two text blocks b d in flight (x2 with a teacher), column accumulators nf b in flight;
+          backward dT accumulators 2 b d fp32 in flight.
+  Backward split partials (only when there are fewer owned blocks than ``programs``): at most
+  ``budget_bytes`` each.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from r2d2.dist import dist_info, gather
+from r2d2.dist import dist_info, gather, reduce_scatter
+
+log = logging.getLogger("r2d2.kernels")
+
+_INT32_MAX = 2**31 - 1
+
+# Test hook: when True every buffer a kernel must fully write starts as NaN (index buffers as
+# INT32_MAX), so an unwritten element shows up as a NaN loss / a wrong index.
+POISON = False
+
+
+def _empty(shape, dtype, device):
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else _INT32_MAX
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def nfields(teacher: bool, neg: bool) -> int:
+    return 4 + 3 * teacher + neg
 
 
 @dataclass
-class RowState:
-    """Per-row streaming state of one direction, fp32 ``[b]`` (int64 ``gi``); the fields are
-    described in contrastive_triton.py and csrc/contrastive/contrastive_kernel.h."""
+class State:
+    """Streaming state of a set of rows or columns: ``f`` fp32 ``[nf, *shape]`` (fields m, l, hs,
+    cnt, then tm, tl, tw with a teacher, then gv with negatives) and ``gi`` int32 ``shape`` (or a
+    1-element dummy without negatives)."""
 
-    m: torch.Tensor
-    l: torch.Tensor
-    hs: torch.Tensor
-    cnt: torch.Tensor
-    tm: torch.Tensor
-    tl: torch.Tensor
-    tw: torch.Tensor
-    gv: torch.Tensor
+    f: torch.Tensor
     gi: torch.Tensor
+    teacher: bool
+    neg: bool
 
     @classmethod
-    def empty(cls, b: int, device) -> "RowState":
-        f = dict(device=device, dtype=torch.float32)
-        ninf = float("-inf")
-        return cls(torch.full((b,), ninf, **f), torch.zeros(b, **f), torch.zeros(b, **f),
-                   torch.zeros(b, **f), torch.full((b,), ninf, **f), torch.zeros(b, **f),
-                   torch.zeros(b, **f), torch.full((b,), ninf, **f),
-                   torch.full((b,), -1, device=device, dtype=torch.int64))
+    def empty(cls, shape, teacher: bool, neg: bool, device) -> "State":
+        shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+        f = _empty((nfields(teacher, neg),) + shape, torch.float32, device)
+        gi = _empty(shape if neg else (1,), torch.int32, device)
+        return cls(f, gi, teacher, neg)
 
-    def lse(self) -> torch.Tensor:
-        return self.m + torch.log(self.l)
+    @property
+    def gv_row(self) -> int:
+        return 7 if self.teacher else 4
 
-    def tlse(self) -> torch.Tensor:
-        return self.tm + torch.log(self.tl)
+    def lse(self):
+        return self.f[0] + torch.log(self.f[1])
 
-    def row_loss(self, alpha: float) -> torch.Tensor:
-        ce = self.lse() - (1.0 - alpha) * self.hs / self.cnt.clamp_min(1.0)
-        if alpha > 0:
-            ce = ce - alpha * self.tw / self.tl
+    def tlse(self):
+        return self.f[4] + torch.log(self.f[5])
+
+    def icnt(self):
+        return 1.0 / self.f[3].clamp_min(1.0)
+
+    def ce(self, alpha: float):
+        ce = self.lse() - (1.0 - alpha) * self.f[2] * self.icnt()
+        if self.teacher and alpha > 0:
+            ce = ce - alpha * self.f[6] / self.f[5]
         return ce
 
+    def stats(self) -> torch.Tensor:
+        """fp32 ``[3, n]``: LSE, teacher LSE (0 without a teacher), 1 / count (for backward)."""
+        tlse = self.tlse() if self.teacher else torch.zeros_like(self.f[0])
+        return torch.stack([self.lse(), tlse, self.icnt()]).contiguous()
 
-def _state_outputs(st_i, st_t, alpha):
-    loss = 0.5 * (st_i.row_loss(alpha).mean() + st_t.row_loss(alpha).mean())
-    return loss, st_i.gi.clone(), st_t.gi.clone()
+    def negatives(self, sl=slice(None)) -> torch.Tensor:
+        return self.gi[sl].to(torch.int64)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.f, self.gi] if self.neg else [self.f]
+
+    def with_tensors(self, ts) -> "State":
+        return State(ts[0], ts[1] if self.neg else self.gi, self.teacher, self.neg)
+
+    def slots(self) -> "State":
+        """This state seen as a one-slot partial ``[nf, 1, n]`` (for merging two states)."""
+        return State(self.f.unsqueeze(1), self.gi.unsqueeze(0) if self.neg else self.gi,
+                     self.teacher, self.neg)
 
 
-def _saved_stats(st, teacher: bool):
-    lse = st.lse()
-    tlse = st.tlse() if teacher else torch.zeros_like(lse)
-    return lse, tlse, 1.0 / st.cnt.clamp_min(1.0)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-class _Ctx:
-    """Non-tensor arguments shared by the autograd functions."""
+def fwd_plan(b: int, n: int, geo, teacher: bool, neg: bool) -> tuple[int, int, int]:
+    """(R row-programs, C column splits, column tiles per split) of the forward grid."""
+    nrb, nct = _cdiv(b, geo.block_r), _cdiv(n, geo.block_c)
+    per = 4 * nfields(teacher, neg) + 4 * neg      # bytes per slot and column (gi is int32)
+    R = max(1, min(nrb, geo.programs, geo.budget_bytes // max(1, n * per)))
+    C = max(1, min(nct, _cdiv(geo.programs, R), geo.budget_bytes // max(1, b * per)))
+    tpc = _cdiv(nct, C)
+    return R, _cdiv(nct, tpc), tpc
 
-    def __init__(self, kern, ids_l, ids_all, tI_l, tT_l, tI_all, tT_all, alpha, keys, neg, rank,
-                 world, group, tiles):
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
+
+def bwd_split(owned_blocks: int, stream_tiles: int, out_rows: int, d: int, geo) -> tuple[int, int]:
+    """(splits of the streamed dimension, tiles per split) for a backward kernel whose programs
+    own ``owned_blocks`` blocks: split only when they are fewer than ``programs``, each split
+    then writing its own fp32 gradient partial ``[out_rows, d]`` (``budget_bytes`` in all)."""
+    want = _cdiv(geo.programs, max(1, owned_blocks))
+    split = max(1, min(stream_tiles, want, geo.budget_bytes // max(1, out_rows * d * 4)))
+    tps = _cdiv(stream_tiles, split)
+    return _cdiv(stream_tiles, tps), tps
 
 
-class FusedGather(torch.autograd.Function):
-    """Local rows against all columns already gathered (world 1: the columns are the rows)."""
+def forward_block(kern, tiles, q, k, tq, tk, rid, cid, s, *, row_off: int, col_off: int,
+                  keys: tuple[int, int], neg: bool, rows: State, rows_init: bool, cols: State,
+                  cols_init: bool) -> None:
+    """One pass over the tiles of ``s * q k^T``: merge this block's row and column statistics into
+    ``rows`` ([b]) and ``cols`` ([n]); ``*_init`` overwrite instead of merging."""
+    b, d = q.shape
+    n = k.shape[0]
+    teacher = tq is not None
+    geo = kern.geometry(d, q.device, tiles)
+    R, C, tpc = fwd_plan(b, n, geo, teacher, neg)
+    rpart = State.empty((C, b), teacher, neg, q.device)
+    cpart = State.empty((R, n), teacher, neg, q.device)
+    kern.launch_fwd(q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, keys, neg,
+                    geo)
+    kern.launch_merge(rows, rpart, rows_init, geo)
+    kern.launch_merge(cols, cpart, cols_init, geo)
 
-    @staticmethod
-    def forward(ctx, img_l, txt_l, img_all, txt_all, scale, c: _Ctx):
-        k = c.kern
-        b = img_l.shape[0]
-        # The scale may live elsewhere (e.g. a CPU scalar); the kernels read it on the device.
-        s = scale.detach().float().reshape(1).to(img_l.device).contiguous()
-        ctx.scale_device = scale.device
-        st_i = k.RowState.empty(b, img_l.device)
-        st_t = k.RowState.empty(b, img_l.device)
-        teacher = c.tI_l is not None
-        k.forward_block(st_i, img_l, txt_all, c.tI_l, c.tT_all, c.ids_l, c.ids_all, s,
-                        row_off=c.rank * b, col_off=0, key=c.keys[0], neg=c.neg, tiles=c.tiles)
-        k.forward_block(st_t, txt_l, img_all, c.tT_l, c.tI_all, c.ids_l, c.ids_all, s,
-                        row_off=c.rank * b, col_off=0, key=c.keys[1], neg=c.neg, tiles=c.tiles)
-        loss, neg_t, neg_i = _state_outputs(st_i, st_t, c.alpha)
-        ctx.c = c
-        ctx.save_for_backward(img_l, txt_l, img_all, txt_all, s, *_saved_stats(st_i, teacher),
-                              *_saved_stats(st_t, teacher))
-        ctx.mark_non_differentiable(neg_t, neg_i)
-        return loss, neg_t, neg_i
 
-    @staticmethod
-    def backward(ctx, g_loss, _g1, _g2):
-        c = ctx.c
-        k = c.kern
-        (img_l, txt_l, img_all, txt_all, s,
-         lse_i, tlse_i, ic_i, lse_t, tlse_t, ic_t) = ctx.saved_tensors
-        b, d = img_l.shape
-        g = (g_loss.detach().float() / (2 * b)).reshape(1).contiguous()
-        f32 = dict(device=img_l.device, dtype=torch.float32)
-        d_img_l, d_txt_l = torch.zeros(b, d, **f32), torch.zeros(b, d, **f32)
-        d_img_all = torch.zeros(img_all.shape, **f32)
-        d_txt_all = torch.zeros(txt_all.shape, **f32)
-        ds_i = k.ds_buffer(b, d, img_l.device, c.tiles)
-        ds_t = k.ds_buffer(b, d, img_l.device, c.tiles)
-        k.backward_block(img_l, txt_all, c.tI_l, c.tT_all, c.ids_l, c.ids_all, s, g, lse_i, tlse_i,
-                         ic_i, c.alpha, dq=d_img_l, dk=d_txt_all, ds=ds_i, tiles=c.tiles)
-        k.backward_block(txt_l, img_all, c.tT_l, c.tI_all, c.ids_l, c.ids_all, s, g, lse_t, tlse_t,
-                         ic_t, c.alpha, dq=d_txt_l, dk=d_img_all, ds=ds_t, tiles=c.tiles)
-        ds = (ds_i.sum() + ds_t.sum()).to(ctx.scale_device)
-        return (d_img_l.to(img_l.dtype), d_txt_l.to(txt_l.dtype), d_img_all.to(img_all.dtype),
-                d_txt_all.to(txt_all.dtype), ds, None)
+def backward_block(kern, tiles, q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, *,
+                   dq, dk, ds_col, need_ds: bool) -> torch.Tensor:
+    """Recompute the tiles of ``s * q k^T``; add dI to ``dq`` (fp32 [b, d]), dT to ``dk`` (fp32
+    [n, d]) and the t2i term's per-column ds to ``ds_col`` (fp32 [n]); ``None`` skips one.
+    Returns the i2t term's ds (fp32 0-d). ``coef`` = [a, cn], ``bcoef`` [n]: see the kernels."""
+    b, d = q.shape
+    n = k.shape[0]
+    geo = kern.geometry(d, q.device, tiles)
+    ds_rows = torch.zeros((), dtype=torch.float32, device=q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if dq is not None or need_ds:
+        own, stream = geo.bwd_rows_tile
+        nrb = _cdiv(b, own)
+        split, tps = bwd_split(nrb, _cdiv(n, stream), b, d, geo)
+        part = None
+        if dq is not None:
+            part = dq.unsqueeze(0) if split == 1 else torch.zeros((split, b, d), **f32)
+        ds_part = _empty((nrb * split,), torch.float32, q.device)
+        kern.launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, part,
+                             ds_part, tps, geo)
+        if dq is not None and split > 1:
+            dq += part.sum(0)
+        ds_rows = ds_part.sum()
+    if dk is not None or ds_col is not None:
+        own, stream = geo.bwd_cols_tile
+        split, tps = bwd_split(_cdiv(n, own), _cdiv(b, stream), n, d, geo)
+        part = None
+        if dk is not None:
+            part = dk.unsqueeze(0) if split == 1 else torch.zeros((split, n, d), **f32)
+        dsc = _empty((split, n), torch.float32, q.device)
+        kern.launch_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, part,
+                             dsc, tps, geo)
+        if dk is not None and split > 1:
+            dk += part.sum(0)
+        if ds_col is not None:
+            ds_col += dsc.sum(0)
+    return ds_rows
+
+
+# ------------------------------------------------------------------------------ communication
+def _all_gather_cat(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    return gather(x.detach().contiguous(), group, with_grad=False) if world > 1 else x
+
+
+def allreduce_state(st: State, group) -> None:
+    """Merge a column state held on every rank (each from its own rows) into the complete one,
+    in place: MAX of the maxima, rescale, SUM; the negative's index by MIN over the ranks whose
+    value equals the maximum (the lower-global-index tie rule)."""
+    f = st.f
+    mx_rows = [0] + ([4] if st.teacher else []) + ([st.gv_row] if st.neg else [])
+    mx = f[mx_rows].clone()
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+
+    def factor(old, new):
+        safe = torch.where(new > float("-inf"), new, torch.zeros_like(new))
+        return torch.exp(old - safe)
+
+    f[1] *= factor(f[0], mx[0])
+    sum_rows = [1, 2, 3]
+    if st.teacher:
+        c = factor(f[4], mx[1])
+        f[5] *= c
+        f[6] *= c
+        sum_rows += [5, 6]
+    sums = f[sum_rows].contiguous()
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    f[sum_rows] = sums
+    if st.neg:
+        gv_new = mx[-1]
+        cand = torch.where(f[st.gv_row] == gv_new, st.gi, torch.full_like(st.gi, _INT32_MAX))
+        dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
+        st.gi.copy_(cand)
+    f[mx_rows] = mx
 
 
 def _peers(group, rank, world):
@@ -141,102 +261,203 @@ def _peers(group, rank, world):
     return nxt, prv
 
 
+_BATCH_P2P = True
+
+
 def _post_shift(tensors, group, rank, world):
-    """Send ``tensors`` to the next rank and receive the previous rank's into new buffers.
-    Returns (buffers, requests); wait on the requests before reading the buffers."""
+    """Send ``tensors`` to the next rank and receive the previous rank's into new buffers, as one
+    batch_isend_irecv (so NCCL at world 2, where next == prev, cannot deadlock). Returns
+    (buffers, requests); wait on the requests before reading the buffers or reusing the sent
+    ones."""
+    global _BATCH_P2P
     nxt, prv = _peers(group, rank, world)
-    bufs = [torch.empty_like(t) for t in tensors]
-    # Plain isend/irecv rather than batch_isend_irecv, which not every gloo build coalesces.
-    reqs = [dist.isend(t.contiguous(), nxt, group=group) for t in tensors]
+    send = [t.contiguous() for t in tensors]
+    bufs = [torch.empty_like(t) for t in send]
+    if _BATCH_P2P:
+        ops = [dist.P2POp(dist.isend, t, nxt, group) for t in send]
+        ops += [dist.P2POp(dist.irecv, r, prv, group) for r in bufs]
+        try:
+            return bufs, dist.batch_isend_irecv(ops) + [send]
+        except (RuntimeError, NotImplementedError) as e:   # a backend without batched P2P
+            log.warning("contrastive ring: no batch_isend_irecv (%s); plain isend/irecv", e)
+            _BATCH_P2P = False
+    reqs = [dist.isend(t, nxt, group=group) for t in send]
     reqs += [dist.irecv(r, prv, group=group) for r in bufs]
-    return bufs, reqs
+    return bufs, reqs + [send]
 
 
-def _wait(reqs):
+def _wait(reqs) -> None:
     for r in reqs:
-        r.wait()
+        if not isinstance(r, list):   # the trailing list keeps the sent tensors alive until here
+            r.wait()
 
 
-class FusedRing(torch.autograd.Function):
-    """Local rows against every rank's columns, the column blocks passed round a ring."""
+def _coefs(g: torch.Tensor, group, world: int, b: int, rank: int):
+    """(coef [a, cn], per-owner column coefficients [W]) from the upstream gradients of every
+    rank's loss. The kernels form dlogit / cn = a (p - tgt) + bcoef_j (p' - tgt') (|.| <= 2, so
+    it keeps its precision in fp16 / bf16) and multiply the fp32 accumulators by cn."""
+    g = g.detach().float().reshape(1).contiguous()
+    if world > 1:
+        parts = [torch.empty_like(g) for _ in range(world)]
+        dist.all_gather(parts, g, group=group)
+        g = torch.cat(parts)
+    c = g / (2 * b)
+    cn = c.abs().max()
+    cn = torch.where(cn > 0, cn, torch.ones_like(cn))
+    return torch.stack([c[rank] / cn, cn]).contiguous(), c / cn
+
+
+class _Ctx:
+    """Non-tensor arguments of the autograd functions."""
+
+    def __init__(self, kern, tiles, ids_l, tI_l, tT_l, alpha, keys, neg, rank, world, group):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+
+
+def _scale(scale, device):
+    # The scale may live elsewhere (e.g. a CPU scalar); the kernels read it on the device.
+    return scale.detach().float().reshape(1).to(device).contiguous()
+
+
+class FusedGather(torch.autograd.Function):
+    """Local images against all texts (gathered; world 1: the local ones)."""
 
     @staticmethod
     def forward(ctx, img_l, txt_l, scale, c: _Ctx):
-        k = c.kern
         b = img_l.shape[0]
-        # The scale may live elsewhere (e.g. a CPU scalar); the kernels read it on the device.
-        s = scale.detach().float().reshape(1).to(img_l.device).contiguous()
-        ctx.scale_device = scale.device
-        st_i = k.RowState.empty(b, img_l.device)
-        st_t = k.RowState.empty(b, img_l.device)
+        dev = img_l.device
+        s = _scale(scale, dev)
         teacher = c.tI_l is not None
-        blk = [img_l.detach(), txt_l.detach(), c.ids_l] + ([c.tI_l, c.tT_l] if teacher else [])
-        for j in range(c.world):
-            reqs = []
-            if j < c.world - 1:   # prefetch the next block while this one is computed
-                nxt_blk, reqs = _post_shift(blk, c.group, c.rank, c.world)
-            owner = (c.rank - j) % c.world
-            I, T, ids = blk[0], blk[1], blk[2]
-            tI, tT = (blk[3], blk[4]) if teacher else (None, None)
-            k.forward_block(st_i, img_l, T, c.tI_l, tT, c.ids_l, ids, s, row_off=c.rank * b,
-                            col_off=owner * b, key=c.keys[0], neg=c.neg, tiles=c.tiles)
-            k.forward_block(st_t, txt_l, I, c.tT_l, tI, c.ids_l, ids, s, row_off=c.rank * b,
-                            col_off=owner * b, key=c.keys[1], neg=c.neg, tiles=c.tiles)
-            if reqs:
-                _wait(reqs)
-                blk = nxt_blk
-        loss, neg_t, neg_i = _state_outputs(st_i, st_t, c.alpha)
-        ctx.c = c
-        ctx.save_for_backward(img_l, txt_l, s, *_saved_stats(st_i, teacher),
-                              *_saved_stats(st_t, teacher))
+        T = _all_gather_cat(txt_l, c.group, c.world)
+        ids = _all_gather_cat(c.ids_l, c.group, c.world)
+        tT = _all_gather_cat(c.tT_l, c.group, c.world) if teacher else None
+        rows = State.empty(b, teacher, c.neg, dev)
+        cols = State.empty(T.shape[0], teacher, c.neg, dev)
+        forward_block(c.kern, c.tiles, img_l, T, c.tI_l, tT, c.ids_l, ids, s,
+                      row_off=c.rank * b, col_off=0, keys=c.keys, neg=c.neg, rows=rows,
+                      rows_init=True, cols=cols, cols_init=True)
+        if c.world > 1:
+            allreduce_state(cols, c.group)
+        own = slice(c.rank * b, (c.rank + 1) * b)
+        loss = 0.5 * (rows.ce(c.alpha).mean() + cols.ce(c.alpha)[own].mean())
+        neg_t, neg_i = _negatives(rows, cols, own, c.neg, b, dev)
+        ctx.c, ctx.scale_device = c, scale.device
+        ctx.save_for_backward(img_l, T, tT, ids, s, rows.stats(), cols.stats())
         ctx.mark_non_differentiable(neg_t, neg_i)
         return loss, neg_t, neg_i
 
     @staticmethod
     def backward(ctx, g_loss, _g1, _g2):
         c = ctx.c
-        k = c.kern
-        img_l, txt_l, s, lse_i, tlse_i, ic_i, lse_t, tlse_t, ic_t = ctx.saved_tensors
+        img_l, T, tT, ids, s, rstat, cstat = ctx.saved_tensors
         b, d = img_l.shape
+        B = T.shape[0]
+        coef, bw = _coefs(g_loss, c.group, c.world, b, c.rank)
+        bcoef = bw.repeat_interleave(b).contiguous()
+        need_i, need_t, need_s = ctx.needs_input_grad[:3]
+        f32 = dict(dtype=torch.float32, device=img_l.device)
+        dI = torch.zeros((b, d), **f32) if need_i else None
+        dT = torch.zeros((B, d), **f32) if need_t else None
+        dsc = torch.zeros(B, **f32) if need_s else None
+        ds = backward_block(c.kern, c.tiles, img_l, T, c.tI_l, tT, c.ids_l, ids, s, rstat, cstat,
+                            coef, bcoef, c.alpha, dq=dI, dk=dT, ds_col=dsc, need_ds=need_s)
+        d_txt = d_s = None
+        if need_t:
+            d_txt = (reduce_scatter(dT, c.group) if c.world > 1 else dT).to(T.dtype)
+        if need_s:
+            dsc = reduce_scatter(dsc, c.group) if c.world > 1 else dsc
+            d_s = (ds + dsc.sum()).to(ctx.scale_device)
+        return dI.to(img_l.dtype) if need_i else None, d_txt, d_s, None
+
+
+def _negatives(rows: State, cols: State, own, neg: bool, b: int, dev):
+    if not neg:
+        none = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        return none, none.clone()
+    return rows.negatives(), cols.negatives(own)
+
+
+class FusedRing(torch.autograd.Function):
+    """Local images against every rank's texts, the text blocks passed round a ring."""
+
+    @staticmethod
+    def forward(ctx, img_l, txt_l, scale, c: _Ctx):
+        b = img_l.shape[0]
+        dev = img_l.device
+        s = _scale(scale, dev)
         teacher = c.tI_l is not None
-        g = (g_loss.detach().float() / (2 * b)).reshape(1).contiguous()
-        f32 = dict(device=img_l.device, dtype=torch.float32)
-        d_img, d_txt = torch.zeros(b, d, **f32), torch.zeros(b, d, **f32)
-        ds_i = k.ds_buffer(b, d, img_l.device, c.tiles)
-        ds_t = k.ds_buffer(b, d, img_l.device, c.tiles)
-        blk = [img_l.detach(), txt_l.detach(), c.ids_l] + ([c.tI_l, c.tT_l] if teacher else [])
-        # Column gradients of the block in hand travel with it, one hop behind: this rank's
-        # contribution is computed into a fresh buffer while the accumulator of the same block
-        # (the sum of the previous ranks' contributions) is still in flight, then added. After W
-        # hops every accumulator is back with its owner.
-        acc_reqs, acc_in = [], None
+        rows = State.empty(b, teacher, c.neg, dev)
+        blk = [txt_l.detach(), c.ids_l] + ([c.tT_l] if teacher else [])
+        acc, acc_reqs = None, []
         for j in range(c.world):
             reqs = []
             if j < c.world - 1:   # prefetch the next block while this one is computed
                 nxt_blk, reqs = _post_shift(blk, c.group, c.rank, c.world)
-            I, T, ids = blk[0], blk[1], blk[2]
-            tI, tT = (blk[3], blk[4]) if teacher else (None, None)
-            part = [torch.zeros(b, d, **f32), torch.zeros(b, d, **f32)]
-            k.backward_block(img_l, T, c.tI_l, tT, c.ids_l, ids, s, g, lse_i, tlse_i, ic_i,
-                             c.alpha, dq=d_img, dk=part[1], ds=ds_i, tiles=c.tiles)
-            k.backward_block(txt_l, I, c.tT_l, tI, c.ids_l, ids, s, g, lse_t, tlse_t, ic_t,
-                             c.alpha, dq=d_txt, dk=part[0], ds=ds_t, tiles=c.tiles)
+            owner = (c.rank - j) % c.world
+            part = State.empty(b, teacher, c.neg, dev)
+            forward_block(c.kern, c.tiles, img_l, blk[0], c.tI_l, blk[2] if teacher else None,
+                          c.ids_l, blk[1], s, row_off=c.rank * b, col_off=owner * b,
+                          keys=c.keys, neg=c.neg, rows=rows, rows_init=j == 0, cols=part,
+                          cols_init=True)
+            # The accumulator of this block (the previous ranks' rows) arrives one hop behind.
             _wait(acc_reqs)
-            if acc_in is not None:
-                part[0] += acc_in[0]
-                part[1] += acc_in[1]
-            acc_in, acc_reqs = part, []
-            if c.world > 1:
-                acc_in, acc_reqs = _post_shift(part, c.group, c.rank, c.world)
+            if acc is not None:
+                c.kern.launch_merge(part, acc.slots(), False, c.kern.geometry(
+                    img_l.shape[1], dev, c.tiles))
+            bufs, acc_reqs = _post_shift(part.tensors(), c.group, c.rank, c.world)
+            acc = part.with_tensors(bufs)
+            _wait(reqs)
+            if reqs:
+                blk = nxt_blk
+        _wait(acc_reqs)            # after W hops the accumulator back here is this rank's own
+        cols = acc
+        loss = 0.5 * (rows.ce(c.alpha).mean() + cols.ce(c.alpha).mean())
+        neg_t, neg_i = _negatives(rows, cols, slice(None), c.neg, b, dev)
+        ctx.c, ctx.scale_device = c, scale.device
+        ctx.save_for_backward(img_l, txt_l, s, rows.stats(), cols.stats())
+        ctx.mark_non_differentiable(neg_t, neg_i)
+        return loss, neg_t, neg_i
+
+    @staticmethod
+    def backward(ctx, g_loss, _g1, _g2):
+        c = ctx.c
+        img_l, txt_l, s, rstat, cstat = ctx.saved_tensors
+        b, d = img_l.shape
+        teacher = c.tI_l is not None
+        coef, bw = _coefs(g_loss, c.group, c.world, b, c.rank)
+        need_i, need_t, need_s = ctx.needs_input_grad[:3]
+        f32 = dict(dtype=torch.float32, device=img_l.device)
+        dI = torch.zeros((b, d), **f32) if need_i else None
+        ds = torch.zeros((), **f32)
+        blk = [txt_l.detach(), c.ids_l, cstat] + ([c.tT_l] if teacher else [])
+        acc, acc_reqs = None, []
+        for j in range(c.world):
+            reqs = []
+            if j < c.world - 1:
+                nxt_blk, reqs = _post_shift(blk, c.group, c.rank, c.world)
+            owner = (c.rank - j) % c.world
+            dT = torch.zeros((b, d), **f32) if need_t else None
+            dsc = torch.zeros(b, **f32) if need_s else None
+            bcoef = bw[owner].expand(b).contiguous()
+            ds = ds + backward_block(c.kern, c.tiles, img_l, blk[0], c.tI_l,
+                                     blk[3] if teacher else None, c.ids_l, blk[1], s, rstat,
+                                     blk[2], coef, bcoef, c.alpha, dq=dI, dk=dT, ds_col=dsc,
+                                     need_ds=need_s)
+            part = [t for t in (dT, dsc) if t is not None]
+            _wait(acc_reqs)      # this block's dT / ds accumulator, one hop behind
+            if acc is not None:
+                for p, a in zip(part, acc):
+                    p += a
+            acc, acc_reqs = (_post_shift(part, c.group, c.rank, c.world) if part else ([], []))
             _wait(reqs)
             if reqs:
                 blk = nxt_blk
         _wait(acc_reqs)
-        acc = acc_in
-        d_img += acc[0]
-        d_txt += acc[1]
-        ds = (ds_i.sum() + ds_t.sum()).to(ctx.scale_device)
-        return d_img.to(img_l.dtype), d_txt.to(txt_l.dtype), ds, None
+        it = iter(acc)
+        d_txt = next(it).to(txt_l.dtype) if need_t else None
+        d_s = (ds + next(it).sum()).to(ctx.scale_device) if need_s else None
+        return dI.to(img_l.dtype) if need_i else None, d_txt, d_s, None
 
 
 def fused_contrastive(kern, image_feat, text_feat, logit_scale, *, image_ids, teacher_image_feat,
@@ -244,6 +465,8 @@ def fused_contrastive(kern, image_feat, text_feat, logit_scale, *, image_ids, te
     """(loss, neg_text_for_image, neg_image_for_text) through the tiled kernels of ``kern``."""
     rank, world = dist_info(group)
     b = image_feat.shape[0]
+    if world * b >= _INT32_MAX:
+        raise ValueError(f"contrastive_loss: global batch {world * b} exceeds the int32 indices")
     dev = image_feat.device
     img = image_feat.contiguous()
     txt = text_feat.contiguous()
@@ -254,15 +477,6 @@ def fused_contrastive(kern, image_feat, text_feat, logit_scale, *, image_ids, te
     teacher = distill_alpha > 0
     tI_l = teacher_image_feat.detach().to(img.dtype).contiguous() if teacher else None
     tT_l = teacher_text_feat.detach().to(img.dtype).contiguous() if teacher else None
-    scale = logit_scale.reshape(())
-    if mode == "ring" and world > 1:
-        c = _Ctx(kern, ids_l, None, tI_l, tT_l, None, None, float(distill_alpha), keys, neg,
-                 rank, world, group, tiles)
-        return FusedRing.apply(img, txt, scale, c)
-    img_all, txt_all = gather(img, group), gather(txt, group)
-    ids_all = gather(ids_l, group, with_grad=False)
-    tI_all = gather(tI_l, group, with_grad=False) if teacher else None
-    tT_all = gather(tT_l, group, with_grad=False) if teacher else None
-    c = _Ctx(kern, ids_l, ids_all, tI_l, tT_l, tI_all, tT_all, float(distill_alpha), keys, neg,
-             rank, world, group, tiles)
-    return FusedGather.apply(img, txt, img_all, txt_all, scale, c)
+    c = _Ctx(kern, tiles, ids_l, tI_l, tT_l, float(distill_alpha), keys, neg, rank, world, group)
+    fn = FusedRing if mode == "ring" and world > 1 else FusedGather
+    return fn.apply(img, txt, logit_scale.reshape(()), c)
