@@ -1,28 +1,33 @@
 """Benchmark attention at R2D2's shapes: every provider that runs on the device, in one run.
 
-GPU (bf16, D = 64, batch 256, H in {12, 16}):
-  text self     64 x 64, key padding ~40% (caption lengths uniform in [13, 64])
+GPU (bf16, D = 64, batch 256, H in {12, 16}; --quick: batch 64, H 12):
+  text self     64 x 64, key padding ~40% (caption lengths uniform in [13, 64]: 39.8% expected;
+                the drawn fraction is stored per row as ``key_padding``)
   image self    197 x 197 and 257 x 257, no mask
   cross t->i    64 x 257 (text queries, image keys), no mask
-  cross i->t    257 x 64 (image queries, text keys), key padding ~40%
-Providers: eager, sdpa (torch's own pick) and each SDPA backend forced through
-torch.nn.attention.sdpa_kernel (flash / efficient / math; one that refuses the case, e.g. flash
-with a mask, is reported and skipped), xformers when installed, ours triton and cuda.
+  cross i->t    257 x 64 (image queries, text keys), text key padding ~40%
+Modes: fwd, bwd (backward of one retained forward, the forward not timed) and fwd+bwd.
+Providers: eager; sdpa (torch's own pick) and each SDPA backend forced through
+torch.nn.attention.sdpa_kernel (flash, efficient, cudnn, math; one that refuses the case, e.g.
+flash with a mask, is reported and skipped); xformers when installed; ours triton and cuda; and
+auto (what ``backend="auto"`` picks for the case's class, stored as ``auto_pick``).
 CPU (--device cpu, fp32, tiny shapes): eager vs sdpa vs triton under TRITON_INTERPRET=1. The
 interpreter is a correctness tool; its times say nothing about GPU speed. Never read CPU rows as
-GPU results.
+GPU results, and never write them into benchmarks/results (pass --no-out or --out /tmp/...).
 
 FLOPs count only unmasked work, the same for every provider of a case: with v_b valid keys and
 u_b useful queries of batch row b (valid queries for padded self-attention, all queries
-otherwise), fwd = 4 H D sum_b u_b v_b (two matmuls); fwd+bwd = 3.5 x fwd (five more matmuls in
-backward). Columns: "x eager" from the harness, plus "x best sdpa" printed below the table and
-stored as ``ratio_best_sdpa`` (best SDPA backend's median / row's median, > 1 = faster).
+otherwise), fwd = 4 H D sum_b u_b v_b (two matmuls); bwd = 2.5 x fwd (five matmuls: the score
+recompute, dV, dP, dQ, dK); fwd+bwd = 3.5 x fwd. Columns: "x eager" from the harness, plus
+"x best sdpa" printed below the table and stored as ``ratio_best_sdpa`` (best SDPA backend's
+median / row's median, > 1 = faster).
 
     python benchmarks/bench_attention.py [--quick] [--device cuda|cpu] [--out PATH | --no-out]
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,12 +42,13 @@ from benchmarks import harness  # noqa: E402
 from r2d2.kernels import attention  # noqa: E402
 from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
 
-MODES = ("fwd", "fwd+bwd")
-FWD_BWD_FLOP_FACTOR = 3.5
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+PAD_LO = 0.2  # caption lengths uniform in [ceil(0.2 L), L]: ~40% of the keys are padding
 
 
 def cases(device: str, quick: bool) -> tuple[list[dict], torch.dtype]:
-    """Shapes as dicts: name, B, H, Lq, Lk, D, qmask ('self' | None), kmask (bool)."""
+    """Shapes as dicts: name, B, H, Lq, Lk, D, qmask (queries padded like the keys), kmask."""
     if device == "cuda":
         B, D = (64, 64) if quick else (256, 64)
         heads = (12,) if quick else (12, 16)
@@ -52,10 +58,13 @@ def cases(device: str, quick: bool) -> tuple[list[dict], torch.dtype]:
                 dict(name="cross_t2i", Lq=64, Lk=257, kmask=False, qmask=False),
                 dict(name="cross_i2t", Lq=257, Lk=64, kmask=True, qmask=False)]
         return [dict(c, B=B, H=h, D=D) for h in heads for c in base], torch.bfloat16
-    # The interpreter runs a 32 x 32 fwd+bwd in about a second: --quick keeps one case.
-    base = [dict(name="text_self", Lq=32, Lk=32, kmask=True, qmask=True)]
-    if not quick:
-        base.append(dict(name="cross_i2t", Lq=37, Lk=64, kmask=True, qmask=False))
+    # The interpreter's time grows with programs x tiles (16 x 16 each): --quick keeps one case
+    # of two key tiles and one head.
+    if quick:
+        return [dict(name="text_self", Lq=24, Lk=24, kmask=True, qmask=True, B=2, H=1, D=16)], \
+            torch.float32
+    base = [dict(name="text_self", Lq=32, Lk=32, kmask=True, qmask=True),
+            dict(name="cross_i2t", Lq=37, Lk=64, kmask=True, qmask=False)]
     return [dict(c, B=2, H=2, D=32) for c in base], torch.float32
 
 
@@ -65,40 +74,46 @@ def providers(device: str) -> list[tuple[str, str, object]]:
     if device == "cuda":
         from torch.nn.attention import SDPBackend
 
-        out += [("sdpa-flash", "sdpa", SDPBackend.FLASH_ATTENTION),
-                ("sdpa-efficient", "sdpa", SDPBackend.EFFICIENT_ATTENTION),
-                ("sdpa-math", "sdpa", SDPBackend.MATH),
-                ("xformers", "xformers", None), ("cuda", "cuda", None)]
+        out += [(f"sdpa-{name}", "sdpa", getattr(SDPBackend, member))
+                for name, member in (("flash", "FLASH_ATTENTION"),
+                                     ("efficient", "EFFICIENT_ATTENTION"),
+                                     ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH"))
+                if hasattr(SDPBackend, member)]
+        out += [("xformers", "xformers", None), ("cuda", "cuda", None)]
     out.append(("triton", "triton", None))
+    if device == "cuda":
+        out.append(("auto", "auto", None))
     return out
 
 
 def make_inputs(c: dict, dtype: torch.dtype, device: str):
+    """q, k, v leaves, the key mask (or None), forward FLOPs of the unmasked work, and the
+    fraction of keys that are padding."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    B, H, D = c["B"], c["H"], c["D"]
+    B, H, D, Lk = c["B"], c["H"], c["D"], c["Lk"]
     q = torch.randn(B, H, c["Lq"], D, generator=g).to(device, dtype).requires_grad_()
-    k = torch.randn(B, H, c["Lk"], D, generator=g).to(device, dtype).requires_grad_()
-    v = torch.randn(B, H, c["Lk"], D, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(B, H, Lk, D, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, Lk, D, generator=g).to(device, dtype).requires_grad_()
     mask = None
-    valid_k = torch.full((B,), c["Lk"])
+    valid_k = torch.full((B,), Lk)
     if c["kmask"]:
-        # ~40% padding: lengths uniform in [0.2 L, L] average 0.6 L (13..64 for L = 64).
-        valid_k = torch.randint(int(0.2 * c["Lk"]), c["Lk"] + 1, (B,), generator=g)
-        mask = (torch.arange(c["Lk"])[None, :] < valid_k[:, None]).to(device)
+        lo = math.ceil(PAD_LO * Lk)  # 13 for L = 64
+        valid_k = torch.randint(lo, Lk + 1, (B,), generator=g)
+        mask = (torch.arange(Lk)[None, :] < valid_k[:, None]).to(device)
     useful_q = valid_k if c["qmask"] else torch.full((B,), c["Lq"])
     fwd_flops = 4.0 * H * D * float((useful_q * valid_k).sum())
-    return q, k, v, mask, fwd_flops
+    return q, k, v, mask, fwd_flops, 1.0 - float(valid_k.sum()) / (B * Lk)
 
 
 def run(device: str, quick: bool) -> list[dict]:
     shape_list, dtype = cases(device, quick)
     rows: list[dict] = []
     for c in shape_list:
-        q, k, v, mask, fwd_flops = make_inputs(c, dtype, device)
+        q, k, v, mask, fwd_flops, pad = make_inputs(c, dtype, device)
         shape = {k_: c[k_] for k_ in ("name", "B", "H", "Lq", "Lk", "D")}
         shape["padded"] = c["kmask"]
         for label, backend, sdp in providers(device):
-            why = why_unavailable("attention", backend, device)
+            why = None if backend == "auto" else why_unavailable("attention", backend, device)
             if why is not None:
                 print(f"[skip] {shape_str(shape)} {label}: {why}", file=sys.stderr)
                 continue
@@ -119,18 +134,28 @@ def run(device: str, quick: bool) -> list[dict]:
                 continue
             finally:
                 q.grad = k.grad = v.grad = None
+            extra = {"key_padding": round(pad, 4)}
+            if backend == "auto":
+                extra["auto_pick"] = auto_pick_of(q, k, mask)
             for mode, (fn, grad_to_none) in harness.modes(fwd, [q, k, v], which=MODES).items():
                 timing = harness.measure(fn, device=device, grad_to_none=grad_to_none)
                 peak = harness.peak_memory_bytes(fn, device) if mode == "fwd+bwd" else None
                 q.grad = k.grad = v.grad = None
-                flops = fwd_flops * (FWD_BWD_FLOP_FACTOR if mode == "fwd+bwd" else 1.0)
                 rows.append(harness.make_row(
                     op="attention", provider=label, mode=mode, shape=shape, timing=timing,
-                    flops=flops, peak_mem=peak, device=device,
-                    dtype=str(dtype).removeprefix("torch.")))
+                    flops=fwd_flops * FLOP_FACTOR[mode], peak_mem=peak, device=device,
+                    dtype=str(dtype).removeprefix("torch."), **extra))
     harness.add_ratios(rows, baseline="eager")
     add_best_sdpa_ratio(rows)
     return rows
+
+
+def auto_pick_of(q: torch.Tensor, k: torch.Tensor, mask) -> str | None:
+    """The backend auto chose for this case's training class (measured in the warm-up call)."""
+    from r2d2.kernels.attention import auto_class, auto_picks
+
+    pick = auto_picks().get(auto_class(q, k, mask, grad=True))
+    return pick.backend if pick else None
 
 
 def shape_str(shape: dict) -> str:
@@ -150,15 +175,17 @@ def add_best_sdpa_ratio(rows: list[dict]) -> None:
 
 
 def print_summary(rows: list[dict]) -> None:
-    ours = [r for r in rows if r["provider"] in ("triton", "cuda", "xformers")]
+    ours = [r for r in rows if r["provider"] in ("triton", "cuda", "xformers", "auto")]
     if not ours:
         return
-    print("\nours vs the best SDPA backend and vs eager (median ratios, > 1 = faster):")
+    print("\nours vs the best SDPA backend and vs eager (median ratios, > 1 = faster; TFLOP/s of "
+          "the unmasked work):")
     for r in ours:
+        pick = f" (-> {r['auto_pick']})" if r.get("auto_pick") else ""
         print(f"  {harness.shape_str(r['shape']):<52} {r['mode']:<8} {r['provider']:<8} "
               f"x best sdpa {r['ratio_best_sdpa'] or float('nan'):.2f}   "
               f"x eager {r.get('ratio') or float('nan'):.2f}   "
-              f"{(r.get('tflops') or 0):.1f} TFLOP/s")
+              f"{(r.get('tflops') or 0):.1f} TFLOP/s   pad {r['key_padding']:.1%}{pick}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -446,6 +446,17 @@ def _auto_pick(device: torch.device) -> str | None:
     return hit.backend if hit is not None else _measure(key)
 
 
+def auto_class(q, k, key_padding_mask=None, dropout_p: float = 0.0,
+               grad: bool | None = None) -> str:
+    """The class description ``auto`` files a call with these arguments under (the key of
+    ``auto_picks()``); ``grad=None`` takes it from the current grad mode and q/k's requires_grad
+    (v is taken to be like k)."""
+    if grad is None:
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return _class_str(_class_key(q.device, q.dtype, q.shape[2], k.shape[2], q.shape[3],
+                                 key_padding_mask is not None, dropout_p > 0.0, grad))
+
+
 def auto_picks() -> dict[str, AutoPick]:
     """Every class ``auto`` has picked for so far (class description -> AutoPick)."""
     with _PICKS_LOCK:
