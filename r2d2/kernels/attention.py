@@ -255,7 +255,7 @@ class _Probe:
     D: int
     dtype: torch.dtype
     device: torch.device
-    mask: torch.Tensor | None  # [B, Lk] bool; a normal tensor (never an inference-mode one)
+    mask: torch.Tensor | None  # [B, Lk] bool (the caller's rows; copied before use)
     dropout_p: float
     grad: bool
 
@@ -308,10 +308,7 @@ def _call_probe(q, k, mask, dropout_p: float, grad: bool) -> _Probe:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     b = max(1, min(B, _AUTO_MAX_SCORES // max(1, H * Lq * Lk)))
-    m = None
-    if mask is not None:  # the caller's padding pattern (tile skipping depends on it)
-        with torch.inference_mode(False):
-            m = mask[:b].clone()  # a normal tensor even when the caller's is an inference one
+    m = None if mask is None else mask[:b]  # the caller's padding (tile skipping depends on it)
     return _Probe(b, H, Lq, Lk, D, q.dtype, q.device, m, float(dropout_p), grad)
 
 
@@ -352,10 +349,13 @@ def _time_backend(backend: str, probe: _Probe) -> float:
                    .to(dev, probe.dtype).requires_grad_(probe.grad)
                    for L in (probe.Lq, probe.Lk, probe.Lk))
         do = torch.randn(q.shape, generator=g).to(dev, probe.dtype)
+        # A copy made here is a normal tensor even if the probe's was made in inference mode (the
+        # fused backends save the mask for backward, which an inference tensor refuses).
+        mask = None if probe.mask is None else probe.mask.clone()
 
         def call():
             with torch.enable_grad() if probe.grad else torch.no_grad():
-                out = attention(q, k, v, key_padding_mask=probe.mask, dropout_p=probe.dropout_p,
+                out = attention(q, k, v, key_padding_mask=mask, dropout_p=probe.dropout_p,
                                 backend=backend)
                 if probe.grad:
                     torch.autograd.grad(out, (q, k, v), do)
