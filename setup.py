@@ -11,6 +11,9 @@ Environment switches:
   R2D2_FORCE_CPU=1     build only the CPU part even when torch has CUDA
   MAX_JOBS             parallel compile jobs (read by torch's ninja builder)
   DEBUG=1              -O0 -g builds
+
+``python setup.py --print-nvcc-flags`` prints the nvcc flags of the build (csrc/check_nvcc.sh
+compiles with them).
 """
 
 import glob
@@ -28,14 +31,47 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _nvcc_major(cuda_home: str) -> int | None:
+def _nvcc_major(cuda_home: str) -> int:
+    """CUDA major version of ``cuda_home``'s nvcc; stops the build when it cannot be told, since
+    building CUDA code with an nvcc of unknown version is how a mismatched build slips through."""
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    fix = ("point CUDA_HOME at a working toolkit, or set R2D2_FORCE_CPU=1 (CPU part only) / "
+           "R2D2_SKIP_EXT=1 (no extension)")
     try:
-        out = subprocess.check_output([nvcc, "--version"], text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        out = subprocess.check_output([nvcc, "--version"], text=True, stderr=subprocess.STDOUT)
+    except (OSError, subprocess.CalledProcessError) as e:
+        sys.exit(f"r2d2: cannot run `{nvcc} --version` ({e}); {fix}")
     m = re.search(r"release (\d+)\.", out)
-    return int(m.group(1)) if m else None
+    if m is None:
+        sys.exit(f"r2d2: cannot read the CUDA version from `{nvcc} --version` (no 'release X.Y' "
+                 f"in its output: {out.strip()[:200]!r}); {fix}")
+    return int(m.group(1))
+
+
+def cuda_archs() -> list[str]:
+    """SM versions from R2D2_CUDA_ARCHS ("80;90" by default), dots dropped ("9.0" -> "90")."""
+    archs = os.environ.get("R2D2_CUDA_ARCHS", "80;90")
+    return [a.strip().replace(".", "") for a in archs.split(";") if a.strip()]
+
+
+def nvcc_flags(debug: bool) -> list[str]:
+    """Our nvcc flags for the .cu files (torch's BuildExtension adds COMMON_NVCC_FLAGS, the
+    -D__CUDA_NO_HALF_OPERATORS__ family, in front). csrc/check_nvcc.sh compiles with exactly
+    these plus those, through ``python setup.py --print-nvcc-flags``."""
+    gencode = []
+    for a in cuda_archs():
+        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    opt = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
+    return opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+                  "-DR2D2_WITH_CUDA=1"] + gencode
+
+
+def _print_nvcc_flags() -> None:
+    """One flag per line: what the real build passes nvcc for a .cu file (bar -I and -fPIC)."""
+    from torch.utils import cpp_extension as ce
+
+    for flag in ce.COMMON_NVCC_FLAGS + nvcc_flags(_env_flag("DEBUG")):
+        print(flag)
 
 
 def _ext_modules():
@@ -68,7 +104,7 @@ def _ext_modules():
         else:
             major = _nvcc_major(ce.CUDA_HOME)
             torch_major = int(torch.version.cuda.split(".")[0])
-            if major is not None and major != torch_major:
+            if major != torch_major:
                 sys.exit(
                     f"r2d2: nvcc in {ce.CUDA_HOME} is CUDA {major}.x but torch was built with "
                     f"CUDA {torch.version.cuda}; install a matching toolkit, point CUDA_HOME at "
@@ -77,21 +113,15 @@ def _ext_modules():
 
     include_dirs = [os.path.join(HERE, "csrc")]
     if want_cuda:
-        archs = os.environ.get("R2D2_CUDA_ARCHS", "80;90")
-        gencode = []
-        for a in filter(None, (x.strip() for x in archs.split(";"))):
-            a = a.replace(".", "")
-            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]) + [
-            "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
+        nvcc = nvcc_flags(debug)
         ext = ce.CUDAExtension(
             "r2d2._C",
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
-            define_macros=[("R2D2_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx + ["-DR2D2_WITH_CUDA=1"], "nvcc": nvcc},
         )
-        print(f"r2d2: building r2d2._C with CUDA for sm {archs}", file=sys.stderr)
+        print(f"r2d2: building r2d2._C with CUDA for sm {';'.join(cuda_archs())}",
+              file=sys.stderr)
     else:
         ext = ce.CppExtension(
             "r2d2._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
@@ -100,5 +130,11 @@ def _ext_modules():
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _ext_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# setuptools' build backend runs this file as __main__; tests load it under another name to call
+# the functions above without building.
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--print-nvcc-flags"]:
+        _print_nvcc_flags()
+        sys.exit(0)
+    ext_modules, cmdclass = _ext_modules()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

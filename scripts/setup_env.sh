@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv with torch and r2d2-engine installed in editable mode. Idempotent:
-# a stamp of the build inputs skips the reinstall when nothing changed.
+# torch is installed only when the venv cannot import it, and a stamp of the build inputs skips
+# the package reinstall when nothing changed.
 #   R2D2_VENV   where the venv lives (default: <repo>/.venv)
-#   R2D2_TORCH  the torch requirement (default torch==2.13.0; on a CPU-only machine that is the
-#               CPU wheel, so pip never pulls the multi-GB CUDA packages)
+#   R2D2_TORCH  a torch requirement to install as given, with pip's own settings (e.g.
+#               "torch==2.5.1"). Unset: torch==2.13.0 from, in order,
+#                 1. a wheel already on this machine (pip's find-links), with no index consulted;
+#                 2. on a machine without an NVIDIA GPU (no nvidia-smi), PyTorch's CPU index
+#                    (https://download.pytorch.org/whl/cpu), so pip never pulls the multi-GB
+#                    CUDA packages that PyPI's Linux torch depends on;
+#                 3. on a GPU machine, pip's default index (the CUDA build).
 set -euo pipefail
 # This machine's pip config names optional local indexes that may be absent; drop that noise only.
 quiet_pip() { "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
@@ -17,10 +23,33 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
+
+install_torch() {
+  if [ -n "${R2D2_TORCH:-}" ]; then
+    echo "[setup] installing $TORCH_REQ (R2D2_TORCH)"
+    quiet_pip "$VPY" -m pip install -q "$TORCH_REQ"
+    return
+  fi
+  local log
+  log="$(mktemp)"
+  if "$VPY" -m pip install -q --no-index --no-deps "$TORCH_REQ" >"$log" 2>&1; then
+    echo "[setup] installed $TORCH_REQ from a wheel on this machine"
+    # Its small dependencies (filelock, sympy, ...) from pip's usual sources; torch is satisfied.
+    quiet_pip "$VPY" -m pip install -q "$TORCH_REQ"
+  elif ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "[setup] no NVIDIA GPU (no nvidia-smi): installing $TORCH_REQ, CPU build, from" \
+      "https://download.pytorch.org/whl/cpu"
+    quiet_pip "$VPY" -m pip install -q --index-url https://download.pytorch.org/whl/cpu "$TORCH_REQ"
+  else
+    echo "[setup] installing $TORCH_REQ (CUDA build: this machine has an NVIDIA GPU)"
+    quiet_pip "$VPY" -m pip install -q "$TORCH_REQ"
+  fi
+  rm -f "$log"
+}
+
 # torch first: installing the package with no torch present would resolve the newest CUDA build.
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  echo "[setup] installing $TORCH_REQ"
-  quiet_pip "$VPY" -m pip install -q "$TORCH_REQ"
+  install_torch
 fi
 STAMP="$VENV/.r2d2-stamp"
 want=$(cd "$ROOT" && cat pyproject.toml setup.py $(find csrc -type f | sort) 2>/dev/null | sha1sum | cut -c1-40)
