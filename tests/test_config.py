@@ -68,6 +68,21 @@ def test_base_inheritance(tmp_path):
     (["--model.preset=huge"], "model.preset='huge'"),
     (["positional"], "unrecognised argument 'positional'"),
     (["--train.max_steps"], "--train.max_steps needs a value"),
+    # values the old validation turned into raw tracebacks (TypeError on comparing strings)
+    (["--optim.betas=[a,b]"], "optim.betas=['a', 'b'] must be two numbers in [0, 1)"),
+    (["--optim.betas=[0.9, true]"], "optim.betas=[0.9, True] must be two numbers"),
+    (["--data.crop_scale=[a,b]"], "data.crop_scale=['a', 'b'] must be [lo, hi]"),
+    # nested model fields are checked against the nested dataclasses at config time
+    (["--model.vision.layerz=2"], "model.vision.layerz is not a VisionConfig field; fields: ['dropout'"),
+    (["--model.text.nope=1"], "model.text.nope is not a TextConfig field"),
+    (["--model.vision=3"], "model.vision is a section (VisionConfig)"),
+    (["--model.vision.layers=-1"], "model.vision.layers=-1: expected a positive int"),
+    (["--model.text.dropout=1.5"], "model.text.dropout=1.5"),
+    (["--loss.nope=1"], "loss.nope is not a LossConfig field"),
+    # ccmb_<name> against the downstream reader registry (pair sets only)
+    (["--data.format=ccmb_foo", "--data.path=x"], "data.format='ccmb_foo' is not allowed; expected one of"),
+    (["--data.format=ccmb_zeroshot", "--data.path=x"], "data.format='ccmb_zeroshot' is not allowed"),
+    (["--data.shuffle_buffer=-1"], "data.shuffle_buffer=-1 must be a non-negative number"),
 ])
 def test_errors_name_the_field_and_what_is_allowed(args, needle):
     with pytest.raises(ConfigError) as e:
@@ -107,3 +122,15 @@ def test_parse_overrides_space_and_equals_forms():
 
 def test_default_runconfig_is_valid():
     assert isinstance(RunConfig().to_dict()["train"], dict)
+
+
+def test_ccmb_formats_come_from_the_reader_registry():
+    from r2d2.engine.data import ccmb
+
+    pairs = [f for f in ccmb.FORMATS if f != "zeroshot"]
+    assert pairs and "icr" in pairs
+    for f in pairs:
+        assert load_config(None, [f"--data.format=ccmb_{f}", "--data.path=x"]).data.format == f"ccmb_{f}"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["--data.format=ccmb_nope", "--data.path=x"])
+    assert all(f"ccmb_{f}" in str(e.value) for f in pairs)  # the message lists what is allowed

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from r2d2.engine.data import synthetic
 from r2d2.engine.data.loader import (Collate, PairDataset, ResumableBatchSampler, Skipped, Tokenize,
                                      build_train_data, webdataset_stream)
 from r2d2.engine.data.readers import read_jsonl, read_records, read_tsv
-from r2d2.engine.data.records import ReadResult, Record
+from r2d2.engine.data.records import DataError, ReadResult, Record
 from r2d2.engine.data.transforms import (CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform,
                                          random_resized_crop_box)
 from r2d2.engine.config import DataConfig
@@ -72,13 +73,40 @@ def test_jsonl_reader_counts_bad_lines(files):
     assert res.records[5].image_id == "corrupt.jpg"  # default id: the file name
     # decoding finds the corrupt and truncated images: skipped with a reason, never raised
     ds = PairDataset(res.records, EvalTransform(16))
+    raw = [ds.load(0, i) for i in range(len(ds))]
+    assert [x.reason for x in raw if isinstance(x, Skipped)] == ["corrupt_image", "corrupt_image"]
+    bad = {i for i, x in enumerate(raw) if isinstance(x, Skipped)}
+    assert bad == {5, 6}
+    # ... and replaced by a seeded draw of another record, so the batch stays full
     items = [ds[(0, i)] for i in range(len(ds))]
-    assert [x.reason for x in items if isinstance(x, Skipped)] == ["corrupt_image", "corrupt_image"]
+    assert not any(isinstance(x, Skipped) for x in items)
+    for i, x in enumerate(items):
+        if i in bad:
+            assert x["skips"] and set(x["skips"]) == {"corrupt_image"}
+            assert x["text"] in {r.text for j, r in enumerate(res.records) if j not in bad}
+        else:
+            assert x["skips"] == [] and torch.equal(x["image"], raw[i]["image"]) and x["text"] == raw[i]["text"]
+    again = ds[(0, 5)]  # a pure function of (seed, epoch, index): exact resume needs that
+    assert torch.equal(again["image"], items[5]["image"]) and again["text"] == items[5]["text"]
+    assert ds[(1, 5)]["skips"]  # another epoch draws again (and still counts the failed try)
     batch = Collate(TOK)(items)
-    assert batch["size"] == 5 and batch["skipped"] == 2 and batch["images"].shape == (5, 3, 16, 16)
-    assert batch["skip_reasons"] == {"corrupt_image": 2}
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == (5, 16)
+    n_failed = sum(len(x["skips"]) for x in items)
+    assert batch["size"] == 7 and batch["images"].shape == (7, 3, 16, 16)
+    assert batch["skipped"] == n_failed >= 2 and batch["skip_reasons"] == {"corrupt_image": n_failed}
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (7, 16)
     assert batch["image_ids"].dtype == torch.long
+
+
+def test_a_sample_without_any_decodable_replacement_is_dropped_and_counted(tmp_path):
+    from r2d2.engine.data.loader import REPLACE_TRIES
+
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(b"not an image" * (i + 1))
+    ds = PairDataset([Record(str(tmp_path / f"{i}.jpg"), "文", str(i)) for i in range(3)], EvalTransform(8))
+    x = ds[(0, 1)]
+    assert isinstance(x, Skipped) and x.reasons == ("corrupt_image",) * (REPLACE_TRIES + 1)
+    batch = Collate(TOK)([x, x])
+    assert batch["size"] == 0 and batch["skipped"] == 2 * (REPLACE_TRIES + 1)
 
 
 def test_tsv_reader(files):
@@ -165,8 +193,10 @@ def test_sampler_shards_resume_and_covers_epochs():
     ranks = [iter(ResumableBatchSampler(n, micro, r, world, seed)) for r in range(world)]
     for b in batches[:5]:
         assert sum((next(it) for it in ranks), []) == b  # ranks split each global micro-batch
-    resumed = iter(ResumableBatchSampler(n, micro, seed=seed, start=3))
+    resumed = iter(ResumableBatchSampler(n, micro, seed=seed, start=3 * micro))  # start: in samples
     assert [next(resumed) for _ in range(4)] == batches[3:7]
+    half = iter(ResumableBatchSampler(n, micro // 2, seed=seed, start=3 * micro))  # grad_accum doubled
+    assert next(half) + next(half) == batches[3]
     flat = sum(batches, [])
     first_epoch = [i for e, i in flat if e == 0]
     assert sorted(first_epoch) == list(range(n))  # a permutation: every sample once per epoch
@@ -182,41 +212,143 @@ def test_build_train_data_synthetic_batches():
     assert data.num_records == 40
 
 
-def test_webdataset_stream_skips_and_counts(tmp_path):
+def _shards(tmp_path, n_shards, per_shard, bad=True, seed=None):
+    """Tar shards written with webdataset's TarWriter; with ``bad``, samples 1-3 of each shard are
+    a corrupt jpg, an empty caption and a caption without image."""
     import webdataset as wds
 
-    rng = np.random.default_rng(random.randrange(2**32))
-    keys = []
-    for s in range(2):
+    rng = np.random.default_rng(random.randrange(2**32) if seed is None else seed)
+    for s in range(n_shards):
         with wds.TarWriter(str(tmp_path / f"shard-{s}.tar")) as w:
-            for i in range(6):
+            for i in range(per_shard):
                 buf = io.BytesIO()
                 _rand_image(rng).save(buf, format="JPEG")
                 key = f"s{s}_{i:03d}"
-                sample = {"__key__": key, "jpg": buf.getvalue(), "txt": f"样本{s}{i}"}
-                if i == 1:
+                sample = {"__key__": key, "jpg": buf.getvalue(), "txt": f"样本{s}_{i}"}
+                if bad and i == 1:
                     sample["jpg"] = b"not a jpeg"
-                if i == 2:
+                if bad and i == 2:
                     sample["txt"] = " "
-                if i == 3:
+                if bad and i == 3:
                     sample = {"__key__": key, "json": json.dumps({"caption": "只有文字"}).encode()}
                 w.write(sample)
-                keys.append(key)
-    urls = str(tmp_path / "shard-{0..1}.tar")
-    stream = iter(webdataset_stream(urls, EvalTransform(16)))
+    return str(tmp_path / f"shard-{{0..{n_shards - 1}}}.tar")
+
+
+def _take(loader_or_it, n):
+    it = iter(loader_or_it)
+    return [next(it) for _ in range(n)]
+
+
+def test_webdataset_stream_skips_and_counts(tmp_path):
+    urls = _shards(tmp_path, 2, 6)
+    stream = webdataset_stream(urls, EvalTransform(16))
     items = [next(stream) for _ in range(12)]
     reasons = sorted(x.reason for x in items if isinstance(x, Skipped))
     assert reasons == sorted(["corrupt_image", "empty_text", "missing_image"] * 2)
     good = [x for x in items if not isinstance(x, Skipped)]
     assert len(good) == 6 and all(x["image"].shape == (3, 16, 16) for x in good)
-    # two DataLoader workers split the shards: every sample once, none twice
-    cfg = DataConfig(format="webdataset", path=urls, batch_size=3, num_workers=2)
-    it = iter(build_train_data(cfg, TOK, 16, 3).loader)
+    # two DataLoader workers split the shards; each fills whole batches of good samples
+    cfg = DataConfig(format="webdataset", path=urls, batch_size=3, num_workers=2, shuffle_buffer=0)
+    batches = _take(build_train_data(cfg, TOK, 16, 3).loader, 4)
+    assert all(b["size"] == 3 and b["images"].shape == (3, 3, 16, 16) for b in batches)
+    first = [t for b in batches[:2] for t in b["texts"]]
+    assert sorted(first) == sorted(f"样本{s}_{i}" for s in range(2) for i in (0, 4, 5))
+    assert sum(b["skipped"] for b in batches[:2]) == 6
+    assert sum((b["skip_reasons"] for b in batches[:2]), Counter()) == {
+        "corrupt_image": 2, "empty_text": 2, "missing_image": 2}
+    assert [b["stream_pos"] for b in batches] == [(0, 0, 6), (1, 0, 6), (0, 1, 6), (1, 1, 6)]
+
+
+def test_webdataset_repeats_epochs_and_shuffles_with_a_seed(tmp_path):
+    # the audit case: one 8-sample shard, batch 4 -> a single pass ends after 2 batches
+    urls = _shards(tmp_path, 1, 8, bad=False)
+    cfg = DataConfig(format="webdataset", path=urls, batch_size=4, shuffle_buffer=0)
+    batches = _take(build_train_data(cfg, TOK, 16, 4).loader, 6)
+    keys = [f"样本0_{i}" for i in range(8)]
+    assert [t for b in batches[:2] for t in b["texts"]] == keys
+    assert [t for b in batches[2:4] for t in b["texts"]] == keys  # epoch 1: the same samples again
+    assert [b["stream_pos"][1:] for b in batches] == [(0, 4), (0, 8), (1, 4), (1, 8), (2, 4), (2, 8)]
+    # augmentation differs by epoch (seeded by (seed, epoch, key)), not frozen per key
+    tcfg = DataConfig(format="webdataset", path=urls, batch_size=4, shuffle_buffer=0, crop_scale=[0.2, 0.5])
+    aug = _take(build_train_data(tcfg, TOK, 16, 4).loader, 3)
+    assert not torch.equal(aug[0]["images"], aug[2]["images"])
+    shuffled = DataConfig(format="webdataset", path=urls, batch_size=4, shuffle_buffer=8, seed=3)
+    orders = [[t for b in _take(build_train_data(shuffled, TOK, 16, 4).loader, 4) for t in b["texts"]]
+              for _ in range(2)]
+    assert orders[0] == orders[1]  # same seed, same order
+    assert sorted(orders[0][:8]) == keys and sorted(orders[0][8:]) == keys  # each epoch a permutation
+    assert orders[0][:8] != keys and orders[0][:8] != orders[0][8:]  # shuffled, differently per epoch
+
+
+def test_webdataset_ranks_read_disjoint_shards(tmp_path):
+    from r2d2.engine.data.loader import ShardStream, shard_list
+
+    shards = shard_list(_shards(tmp_path, 4, 5, bad=False))
     seen = []
-    for _ in range(4):
-        b = next(it)
-        seen += [t for t in b.get("texts", [])] + ["skip"] * b["skipped"]
-    assert len(seen) == 12 and seen.count("skip") == 6 and len(set(seen) - {"skip"}) == 6
+    for rank in range(2):
+        st = iter(ShardStream(shards, EvalTransform(8), 5, rank=rank, world=2))
+        seen.append({x["image_id"] for b in (next(st), next(st)) for x in b["items"]})
+    assert len(seen[0]) == len(seen[1]) == 10 and not seen[0] & seen[1]
+    assert {k.split("_")[0] for k in seen[0] | seen[1]} == {"s0", "s1", "s2", "s3"}
+    cfg = DataConfig(format="webdataset", path=str(tmp_path / "shard-{0..3}.tar"), batch_size=4, num_workers=3)
+    with pytest.raises(DataError, match="4 shards for 2 ranks x 3 workers"):
+        build_train_data(cfg, TOK, 8, 4, rank=0, world=2)
+    with pytest.raises(DataError, match="shard files do not exist"):
+        build_train_data(DataConfig(format="webdataset", path=str(tmp_path / "nope-{0..1}.tar")), TOK, 8, 4)
+
+
+def test_webdataset_resume_continues_exactly_without_decoding_consumed_samples(tmp_path, monkeypatch):
+    import r2d2.engine.data.loader as L
+
+    urls = _shards(tmp_path, 2, 7)
+    cfg = DataConfig(format="webdataset", path=urls, batch_size=2, num_workers=2, shuffle_buffer=3,
+                     seed=random.randrange(1000))
+    ref = _take(build_train_data(cfg, TOK, 16, 2).loader, 9)
+    k = 5  # odd: the resumed loader's worker 0 must play the role of the old worker 1
+    cursor = L.DataCursor(cfg.format, True, 1, 2)
+    cursor.advance(ref[:k], 2)
+    assert cursor.batches == k and set(cursor.positions) == {0, 1}
+    resumed = _take(build_train_data(cfg, TOK, 16, 2, stream_state=cursor.rank_state()).loader, len(ref) - k)
+    for a, b in zip(ref[k:], resumed):
+        assert a["texts"] == b["texts"] and torch.equal(a["images"], b["images"]), (a["texts"], b["texts"])
+        assert a["stream_pos"] == b["stream_pos"] and a["skipped"] == b["skipped"]
+    # in one process: the consumed raw samples are skipped before the decode stage
+    decoded = []
+    real = L._decode_wds
+    monkeypatch.setattr(L, "_decode_wds", lambda raw, *a: decoded.append(raw["__key__"]) or real(raw, *a))
+    shards = L.shard_list(urls)
+    one = iter(L.ShardStream(shards, EvalTransform(8), 3, shuffle_buffer=0))
+    first = [next(one) for _ in range(3)]
+    role, epoch, raw = first[1]["pos"]
+    decoded.clear()
+    again = next(iter(L.ShardStream(shards, EvalTransform(8), 3, shuffle_buffer=0, start={role: (epoch, raw)})))
+    assert [x["image_id"] for x in again["items"] if not isinstance(x, Skipped)] == \
+        [x["image_id"] for x in first[2]["items"] if not isinstance(x, Skipped)]
+    # one process reads every shard in order: the decoded keys are exactly the raw samples after
+    # the saved position, none of the consumed ones
+    order = [f"s{s}_{i:03d}" for s in range(2) for i in range(7)]
+    assert epoch == 0 and decoded == (order + order)[raw:raw + len(first[2]["items"])]  # into epoch 1
+
+
+def test_data_position_is_checked_on_resume():
+    from r2d2.engine.data.loader import resume_position
+
+    cfg = DataConfig(batch_size=8)
+    pos = {"format": "synthetic", "kind": "samples", "samples": 40, "world": 1, "workers": 1}
+    assert resume_position(pos, [{}], cfg, 5, {"data": {"batch_size": 8}}, 0, 1) == (40, None, None)
+    with pytest.raises(DataError, match="does not match its step"):
+        resume_position(pos, [{}], cfg, 4, {"data": {"batch_size": 8}}, 0, 1)
+    # the batch size changed on resume: the saved position (not step x batch) is where to go on
+    assert resume_position(pos, [{}], DataConfig(batch_size=16), 5, {"data": {"batch_size": 8}}, 0, 1)[0] == 40
+    with pytest.raises(DataError, match="data.format='synthetic'.*reads 'jsonl'"):
+        resume_position(pos, [{}], DataConfig(format="jsonl", path="x"), 5, None, 0, 1)
+    stream = {"format": "webdataset", "kind": "stream", "samples": 0, "world": 2, "workers": 1}
+    ranks = [{"batches": 3, "positions": {0: [2, 5]}}, {"batches": 3, "positions": {0: [1, 9]}}]
+    wcfg = DataConfig(format="webdataset", path="x")
+    assert resume_position(stream, ranks, wcfg, 3, None, 1, 2) == (0, ranks[1], None)
+    start, st, note = resume_position(stream, ranks, wcfg, 3, None, 0, 1)  # one rank now
+    assert st == {"batches": 0, "positions": {0: [1, 0]}} and "cannot be mapped" in note
 
 
 def _photo(seed=0, size=40):
@@ -268,3 +400,22 @@ def test_randaugment_config_is_validated():
     for bad in ([2], [2.5, 5], [2, 12], "2,5"):
         with pytest.raises(Exception, match="data.randaugment"):
             DataConfig(randaugment=bad)
+
+
+def test_loader_workers_survive_sigterm(tmp_path, monkeypatch):
+    # SLURM signals every process of the job step: a DataLoader worker that died of it would end
+    # the run before the trainer's SIGTERM checkpoint. Each worker here gets SIGTERM while loading.
+    import signal
+
+    import r2d2.engine.data.loader as L
+
+    real = L.open_image
+
+    def signalled(key, canvas):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(key, canvas)
+
+    monkeypatch.setattr(L, "open_image", signalled)
+    cfg = DataConfig(batch_size=4, synthetic_size=40, num_workers=2)
+    batches = _take(build_train_data(cfg, TOK, 16, 4).loader, 4)
+    assert all(b["size"] == 4 for b in batches)

@@ -1,13 +1,18 @@
 """Two gloo processes (``torchrun --nproc_per_node=2 -m r2d2 pretrain``) with global batch B give
 the loss curve of one process with batch B: same samples per step (the sampler splits each global
-batch by rank), GCPR over the gathered batch, gradients averaged by DDP."""
+batch by rank), GCPR over the gathered batch, gradients averaged by DDP. Also with corrupt images
+in a manifest (each rank replaces its bad samples by seeded draws, so the batches stay full and
+equal-sized for GCPR's all-gather, and the skips are summed over ranks) and with gradient
+accumulation (each micro-batch's GCPR gathers over the ranks)."""
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from r2d2.engine.observability import read_log
 
@@ -38,6 +43,7 @@ def one_process(tmp_path_factory):
 
 
 def _check_same_curve(one, two):
+    assert [r["step"] for r in one] == list(range(1, STEPS + 1))
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     for key in ("loss", "gcpr_loss"):
         a, b = np.array([r[key] for r in one]), np.array([r[key] for r in two])
@@ -70,3 +76,60 @@ def test_two_process_ddp_full_objective_curve_within_tolerance(tmp_path):
     two = _run(TORCHRUN, tmp_path / "two", [])
     a, b = np.array([r["loss"] for r in one]), np.array([r["loss"] for r in two])
     np.testing.assert_allclose(b, a, rtol=0.05)
+
+
+@pytest.fixture(scope="module")
+def corrupt_manifest(tmp_path_factory):
+    """64 lines: 6 corrupt images (found when loaded), 2 missing files (found by the reader)."""
+    d = tmp_path_factory.mktemp("manifest")
+    rng = np.random.default_rng(7)
+    lines = []
+    for i in range(64):
+        name = f"{i}.jpg"
+        if i % 10 == 3:
+            (d / name).write_bytes(b"\xff\xd8 truncated")
+        elif i not in (5, 40):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / name)
+        lines.append(json.dumps({"image": name, "text": f"第{i}张图片"}, ensure_ascii=False))
+    (d / "train.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    return ["--data.format=jsonl", f"--data.path={d / 'train.jsonl'}", "--data.max_skip_rate=0.3"]
+
+
+def _expected_decode_skips(extra, steps, batch):
+    """The decode-time skips of the first ``steps`` global batches, from the data stream itself
+    (one process reading the same manifest: the replacement draws do not depend on the rank)."""
+    from r2d2.engine.config import load_config
+    from r2d2.engine.data.loader import Tokenize, build_train_data
+    from r2d2.engine.tokenizer import build_tokenizer
+
+    cfg = load_config(COMMON[1], COMMON[2:] + extra)
+    it = iter(build_train_data(cfg.data, Tokenize(build_tokenizer(None, 16), 16), 32, batch).loader)
+    return [next(it)["skipped"] for _ in range(steps)]
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_with_corrupt_images_completes_and_counts_skips(tmp_path, corrupt_manifest):
+    # The audit's case: one corrupt image made the ranks' batches differ in size and gloo's
+    # all-gather failed ("collective mismatch"; NCCL would hang).
+    two = _run(TORCHRUN, tmp_path / "two", DETERMINISTIC + corrupt_manifest)
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))
+    assert two[-1]["samples"] == STEPS * 16  # every batch full
+    assert all(r["skipped_read"] == 2 for r in two) and two[-1]["skip_reasons"]["missing_image"] == 2
+    want = np.cumsum(_expected_decode_skips(corrupt_manifest, STEPS, 16)).tolist()
+    assert [r["skipped_decode"] for r in two] == want  # summed over both ranks
+    # 6 steps x 16 = 96 positions of a 62-record epoch: every corrupt record was met (and replaced)
+    assert want[-1] >= 6 and two[-1]["skip_reasons"]["corrupt_image"] == want[-1]
+    assert all(r["skipped"] == r["skipped_read"] + r["skipped_decode"] for r in two)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_process_ddp_with_corrupt_images_and_accumulation_matches_one_process(tmp_path, corrupt_manifest):
+    # accumulation 2 on 2 ranks: micro-batches of 8 (4 per rank), GCPR over the gathered 8; the
+    # one-process run with the same accumulation sees the same micro-batches and replacements
+    accum = DETERMINISTIC + corrupt_manifest + ["--train.grad_accum=2"]
+    one = _run([sys.executable, "-m", "r2d2"], tmp_path / "one", accum)
+    two = _run(TORCHRUN, tmp_path / "two", accum)
+    _check_same_curve(one, two)
+    assert [r["skipped_decode"] for r in two] == [r["skipped_decode"] for r in one]
+    assert two[-1]["skipped_decode"] > 0

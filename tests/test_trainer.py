@@ -1,11 +1,13 @@
-"""The training loop on small objectives: accumulation equivalence (with uneven micro-batches),
-non-finite steps, skip-rate errors, SIGTERM, the log/plot/TensorBoard outputs, the schedule and
-weight-decay groups, the analytic FLOPs; and the tiny R2D2 run's loss falling."""
+"""The training loop on small objectives: accumulation equivalence (corrupt samples replaced or dropped),
+non-finite steps, skip-rate errors, SIGTERM, the log/plot/TensorBoard outputs (read back), the
+schedule and weight-decay groups, WebDataset past one pass, ddp/fsdp presets in one process; and the
+tiny R2D2 run's loss falling. (The analytic FLOPs are tests/test_flops.py's.)"""
 
 import json
 import os
 import random
 import signal
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,8 +17,7 @@ from PIL import Image
 
 from r2d2.engine.config import load_config
 from r2d2.engine.data.loader import Tokenize
-from r2d2.engine.flops import (cross_layer_flops, layer_flops, mfu, peak_tflops, r2d2_flops_per_sample,
-                               shape_from_config)
+from r2d2.engine.flops import mfu, peak_tflops
 from r2d2.engine.observability import read_log
 from r2d2.engine.tokenizer import build_tokenizer
 from r2d2.engine.trainer import Trainer, TrainingError, lr_factor, param_groups
@@ -101,20 +102,34 @@ def test_weight_decay_groups():
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
 
 
-def test_grad_accumulation_equals_one_big_batch_with_uneven_micro_batches(tmp_path):
-    # corrupt images make the micro-batches uneven: a mean of micro-batch means would be wrong
+@pytest.mark.parametrize("replace", [True, False], ids=["replaced", "dropped"])
+def test_grad_accumulation_equals_one_big_batch_with_corrupt_samples(tmp_path, monkeypatch, replace):
+    # Corrupt images are replaced by seeded draws (full batches) or, with no replacement draws
+    # allowed, dropped: then the micro-batches are uneven and a mean of micro-batch means would be
+    # wrong. Either way accumulation must give the one-big-batch step.
+    import r2d2.engine.data.loader as L
+
+    if not replace:
+        monkeypatch.setattr(L, "REPLACE_TRIES", 0)
     path = _jsonl(tmp_path, 24, corrupt={1, 2, 3, 9})
     common = ["--data.format=jsonl", f"--data.path={path}", "--data.batch_size=8", "--train.max_steps=3",
               "--data.max_skip_rate=0.5", "--optim.warmup_steps=0", "--optim.lr=0.05", "--train.checkpoint_every=0",
               # eps=1 makes AdamW's step smooth in the gradient (plain Adam's first step is sign(g),
               # which flips on float-rounding noise for near-zero gradients)
               "--optim.eps=1.0"]
-    params = {}
+    params, counts = {}, {}
     for accum in (1, 4):
         tr, obj = _trainer(tmp_path / f"acc{accum}", common + [f"--train.grad_accum={accum}"])
         tr.fit()
         params[accum] = [p.detach().clone() for p in obj.parameters()]
-        assert tr.state.skipped == 4 and tr.state.samples == 20
+        counts[accum] = (tr.state.samples, tr.state.skipped)
+    # 3 steps x 8 = the 24 stream positions; the 4 corrupt ones fail at least once each
+    samples, skipped = counts[1]
+    assert counts[4] == counts[1]
+    if replace:
+        assert samples == 24 and skipped >= 4
+    else:
+        assert (samples, skipped) == (20, 4)
     for a, b in zip(params[1], params[4]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -168,19 +183,82 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
 
 
 def test_log_rows_plot_and_tensorboard(tmp_path):
-    cfg = load_config(None, ["--train.max_steps=4", "--train.log_every=2", "--data.batch_size=4",
-                             "--logging.progress=false", "--train.eval_at_end=false"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from r2d2.engine.data.loader import build_train_data
+
+    # two lines point at missing files (found by the reader) and three images are corrupt (found
+    # when loaded): the log must carry both kinds
+    path = _jsonl(tmp_path, 30, corrupt={4, 11, 17}, missing={0, 25})
+    args = ["--train.max_steps=4", "--train.log_every=2", "--data.batch_size=4", "--logging.progress=false",
+            "--train.eval_at_end=false", "--data.format=jsonl", f"--data.path={path}", "--data.max_skip_rate=0.5"]
+    cfg = load_config(None, args)
     torch.manual_seed(0)
-    res = Trainer(cfg, str(tmp_path), objective=PerSample(), tokenize=TOK, image_size=8,
+    res = Trainer(cfg, str(tmp_path / "run"), objective=PerSample(), tokenize=TOK, image_size=8,
                   flops_per_sample=2e6).fit()
     rows = read_log(res.log_path)
     assert [r["step"] for r in rows] == [2, 4]
     need = {"step", "loss", "fit_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops",
-            "mfu", "peak_mem_gb", "skipped", "bad_steps"}
+            "mfu", "peak_mem_gb", "skipped", "skipped_read", "skipped_decode", "skip_reasons", "bad_steps"}
     assert need <= set(rows[0])
+    # the skip columns against the data stream itself: the same loader, the same first 4 batches
+    stream = iter(build_train_data(cfg.data, TOK, 8, 4).loader)
+    decode = Counter()
+    for step in range(4):
+        decode.update(next(stream)["skip_reasons"])
+        if step % 2 == 1:
+            row = rows[step // 2]
+            assert row["skipped_read"] == 2 and row["skipped_decode"] == sum(decode.values())
+            assert row["skipped"] == row["skipped_read"] + row["skipped_decode"]
+            assert row["skip_reasons"] == {"missing_image": 2, **decode}
+            assert row["samples"] == 4 * (step + 1)
+    assert rows[-1]["skipped_decode"] > 0  # the stream did meet a corrupt image in 16 samples
     assert rows[0]["tflops"] == pytest.approx(2e6 * rows[0]["samples_per_s"] / 1e12)
-    assert os.path.getsize(tmp_path / "loss.png") > 1000
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    assert os.path.getsize(tmp_path / "run" / "loss.png") > 1000
+    # TensorBoard: read the scalars back, every numeric column at every logged step
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("loss", "fit_loss", "lr", "grad_norm", "samples_per_s", "skipped", "skipped_read",
+                "skipped_decode", "skip_reasons/missing_image"):
+        assert f"train/{key}" in tags, (key, sorted(tags))
+    for key in ("loss", "lr", "skipped", "skipped_decode", "grad_norm"):
+        got = [(e.step, e.value) for e in acc.Scalars(f"train/{key}")]
+        assert [s for s, _ in got] == [2, 4]
+        np.testing.assert_allclose([v for _, v in got], [r[key] for r in rows], rtol=1e-6)
+    for reason, n in rows[-1]["skip_reasons"].items():
+        assert acc.Scalars(f"train/skip_reasons/{reason}")[-1].value == n
+
+
+def test_webdataset_runs_past_one_pass(tmp_path):
+    # the audit case: an 8-sample shard, batch 4, 3 steps (one pass ends after 2)
+    import io
+
+    import webdataset as wds
+
+    rng = np.random.default_rng(random.randrange(2**32))
+    with wds.TarWriter(str(tmp_path / "shard-0.tar")) as w:
+        for i in range(8):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            w.write({"__key__": f"k{i}", "jpg": buf.getvalue(), "txt": f"图{i}"})
+    tr, _ = _trainer(tmp_path / "run", ["--data.format=webdataset", f"--data.path={tmp_path / 'shard-0.tar'}",
+                                        "--data.batch_size=4", "--train.max_steps=5", "--train.log_every=1",
+                                        "--train.checkpoint_every=0"])
+    res = tr.fit()
+    assert res.step == 5 and tr.state.samples == 20
+    assert tr.cursor.positions == {0: [2, 4]}  # the fifth batch: epoch 2, 4 samples in
+
+
+def test_ddp_strategy_in_one_process_runs_single_process(tmp_path, capsys, monkeypatch):
+    # base.yaml says ddp: without torchrun it must run as one process, saying so
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for strategy in ("ddp", "fsdp"):
+        tr, _ = _trainer(tmp_path / strategy, [f"--distributed.strategy={strategy}", "--train.max_steps=2",
+                                               "--data.batch_size=4", "--data.synthetic_size=16"])
+        assert tr.strategy == "none" and tr.wrapped is tr.objective
+        assert tr.fit().step == 2
+        assert f"distributed.strategy={strategy} needs several processes (torchrun" in capsys.readouterr().out
 
 
 def test_peak_table_and_mfu():
@@ -189,31 +267,6 @@ def test_peak_table_and_mfu():
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
     assert peak_tflops("cpu") is None and mfu(1e12, "cpu") is None
     assert mfu(494.5e12, "NVIDIA H200") == pytest.approx(0.5)
-
-
-def test_analytic_flops_match_the_flop_counter():
-    """The analytic dual-encoder forward count vs torch's FlopCounterMode on the real tiny model."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from r2d2.engine.model import R2D2Model, model_preset
-
-    cfg = model_preset("tiny")
-    m = R2D2Model(cfg).eval()
-    L = random.randint(8, 30)
-    s = shape_from_config(cfg, L)
-    with FlopCounterMode(display=False) as fc:
-        m.encode_image(torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size))
-    img = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
-        m.encode_text(torch.randint(5, 100, (1, L)), torch.ones(1, L, dtype=torch.long))
-    txt = fc.get_total_flops()
-    want_img = s.image_layers * layer_flops(s.image_tokens, s.image_width, s.image_mlp_ratio)
-    want_txt = s.text_layers * layer_flops(s.text_tokens, s.text_width, s.text_mlp_ratio)
-    assert img == pytest.approx(want_img, rel=0.15)  # the patch conv and projections are extra
-    assert txt == pytest.approx(want_txt, rel=0.15)
-    assert cross_layer_flops(L, 64, 17, 64) > layer_flops(L, 64)
-    big = shape_from_config(model_preset("base"), 32)
-    assert 1e11 < r2d2_flops_per_sample(big) < 1e13  # ViT-B/16 + BERT-base with cross encoders
 
 
 def test_tiny_r2d2_run_loss_falls(tmp_path):

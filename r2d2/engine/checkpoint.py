@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,9 +63,9 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _all_rng_states() -> list:
-    """Every rank's RNG state, in rank order (on every rank)."""
-    mine = rng_state()
+def _all_rank_states(rank_state: dict | None) -> list:
+    """Every rank's ``{"rng": RNG states, "data": its own data position}``, in rank order."""
+    mine = {"rng": rng_state(), "data": rank_state or {}}
     if not is_dist():
         return [mine]
     out = [None] * dist.get_world_size()
@@ -80,7 +80,10 @@ class TrainState:
     step: int = 0
     samples: int = 0
     skipped: int = 0
+    """samples skipped while loading (decode time, all ranks); read-time skips are the reader's"""
     bad_steps: int = 0
+    skip_reasons: dict = field(default_factory=dict)
+    """decode-time skips by reason (all ranks)"""
 
 
 class Checkpointer:
@@ -92,6 +95,11 @@ class Checkpointer:
         self.rank, _ = dist_info()
         if self.rank == 0:
             os.makedirs(self.dir, exist_ok=True)
+            # A writer killed mid-save leaves its temporary file; only rank 0 writes, and it is
+            # not writing now, so any .tmp here is such a leftover (possibly gigabytes).
+            for f in os.listdir(self.dir):
+                if f.endswith(".tmp"):
+                    os.remove(os.path.join(self.dir, f))
 
     # ------------------------------------------------------------------ states
     def _model_and_optim_states(self, objective, optimizer) -> tuple[dict, dict]:
@@ -115,16 +123,19 @@ class Checkpointer:
             optimizer.load_state_dict(optim_sd)
 
     # ------------------------------------------------------------------ save / load
-    def save(self, objective, optimizer, scheduler, state: TrainState, extra: dict | None = None) -> str:
-        """Write ``step_<step>.pt`` and point ``latest`` at it; returns the path (all ranks call)."""
+    def save(self, objective, optimizer, scheduler, state: TrainState, extra: dict | None = None,
+             rank_state: dict | None = None) -> str:
+        """Write ``step_<step>.pt`` and point ``latest`` at it; returns the path (all ranks call).
+        ``rank_state``: this rank's own part of the data position (gathered like the RNG states)."""
         model_sd, optim_sd = self._model_and_optim_states(objective, optimizer)
-        rngs = _all_rng_states()
+        ranks = _all_rank_states(rank_state)
         name = f"step_{state.step:06d}.pt"
         path = os.path.join(self.dir, name)
         if self.rank == 0:
             _atomic_save({"objective": model_sd, "optimizer": optim_sd,
                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                          "state": vars(state).copy(), "rng": rngs, "extra": extra or {}}, path)
+                          "state": vars(state).copy(), "rng": [r["rng"] for r in ranks],
+                          "rank_data": [r["data"] for r in ranks], "extra": extra or {}}, path)
             _atomic_write_text(os.path.join(self.dir, LATEST), name + "\n")
             self._prune(name)
         if is_dist():
@@ -149,9 +160,13 @@ class Checkpointer:
             raise FileNotFoundError(f"{ptr} points at {name}, which does not exist")
         return path
 
-    def load(self, path: str, objective, optimizer=None, scheduler=None) -> tuple[TrainState, dict]:
+    def load(self, path: str, objective, optimizer=None, scheduler=None,
+             restore_rng: bool = True) -> tuple[TrainState, dict]:
         """Restore everything from ``path``; returns (TrainState, extra). RNG states are those of
-        this rank when the world size is unchanged (otherwise rank 0's, with a warning)."""
+        this rank when the world size is unchanged (otherwise rank 0's, with a warning); with
+        ``restore_rng=False`` they are returned as ``extra["rng_state"]`` for the caller to set
+        right before it draws (so nothing in between can consume them). ``extra["rank_data"]``
+        is every rank's saved data position (a list in rank order)."""
         ck = torch.load(path, map_location="cpu", weights_only=False)
         self._load_model_and_optim(objective, optimizer, ck["objective"], ck["optimizer"])
         if scheduler is not None and ck.get("scheduler") is not None:
@@ -163,8 +178,14 @@ class Checkpointer:
 
             warnings.warn(f"checkpoint was written by {len(rngs)} processes, resuming with {world}: "
                           "RNG states cannot be matched per rank, the run continues but not bitwise")
-        set_rng_state(rngs[rank if len(rngs) == world else 0])
-        return TrainState(**ck["state"]), ck.get("extra", {})
+        mine = rngs[rank if len(rngs) == world else 0]
+        extra = dict(ck.get("extra", {}))
+        extra["rank_data"] = ck.get("rank_data", [{} for _ in rngs])
+        if restore_rng:
+            set_rng_state(mine)
+        else:
+            extra["rng_state"] = mine
+        return TrainState(**ck["state"]), extra
 
 
 def load_weights(path: str) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -27,7 +28,8 @@ import yaml
 from r2d2.kernels.dispatch import KernelConfig
 
 FORMATS = ("synthetic", "jsonl", "tsv", "webdataset")
-"""Data formats read here; ``ccmb_<name>`` formats go to ``r2d2.engine.data.ccmb``."""
+"""Data formats read here; ``ccmb_<name>`` formats (``<name>`` in ``r2d2.engine.data.ccmb.FORMATS``)
+go to ``r2d2.engine.data.ccmb``."""
 TASKS = ("pretrain", "retrieval", "matching")
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -42,12 +44,46 @@ def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{section}.{name}={value!r} is not allowed; expected one of {allowed}")
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for n in names:
         v = getattr(obj, n)
-        ok = v >= 0 if allow_zero else v > 0
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok:
+        if not _is_number(v) or not (v >= 0 if allow_zero else v > 0):
             raise ConfigError(f"{section}.{n}={v!r} must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def _numbers(section: str, name: str, value: Any, n: int, what: str) -> None:
+    """``value`` must be a list of ``n`` numbers (checked before any comparison, so
+    ``--optim.betas=[a,b]`` is an error naming the field, not a TypeError)."""
+    if not isinstance(value, (list, tuple)) or len(value) != n or not all(_is_number(v) for v in value):
+        raise ConfigError(f"{section}.{name}={value!r} must be {what}")
+
+
+def _prefixed(section: str, err: Exception) -> str:
+    """``vision.layers=-1: ...`` from the model package -> ``model.vision.layers=-1: ...``."""
+    msg = str(err)
+    if msg.startswith(f"{section}."):
+        return msg
+    return f"{section}.{msg}" if re.match(r"^[A-Za-z_][\w.]*=", msg) else f"{section}: {msg}"
+
+
+def _check_nested(prefix: str, cls: type, values: dict) -> None:
+    """Keys of ``values`` must be fields of the dataclass ``cls``, recursively for fields that are
+    dataclasses themselves (``--model.vision.layerz=2`` is refused at config time)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for k, v in values.items():
+        if k not in known:
+            raise ConfigError(f"{prefix}.{k} is not a {cls.__name__} field; fields: {sorted(known)}")
+        sub = hints.get(k)
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{prefix}.{k} is a section ({sub.__name__}); give its fields, e.g. "
+                                  f"--{prefix}.{k}.{sorted(f.name for f in fields(sub))[0]}=...")
+            _check_nested(f"{prefix}.{k}", sub, v)
 
 
 @dataclass
@@ -72,10 +108,11 @@ class ModelSection:
             return
         except (KeyError, ValueError) as e:
             raise ConfigError(f"model.preset={self.preset!r}: {e}") from None
-        known = {f.name for f in fields(ModelConfig)}
-        bad = sorted(set(self.overrides) - known)
-        if bad:
-            raise ConfigError(f"model.{bad[0]} is not a ModelConfig field; fields: {sorted(known)}")
+        _check_nested("model", ModelConfig, self.overrides)
+        try:  # values: types and ranges the model package checks itself
+            self.build_config()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(_prefixed("model", e)) from None
 
     def build_config(self):
         from r2d2.engine.model import ModelConfig, model_preset
@@ -96,10 +133,11 @@ class LossSection:
             from r2d2.engine.losses import LossConfig
         except ImportError:
             return
-        known = {f.name for f in fields(LossConfig)}
-        bad = sorted(set(self.overrides) - known)
-        if bad:
-            raise ConfigError(f"loss.{bad[0]} is not a LossConfig field; fields: {sorted(known)}")
+        _check_nested("loss", LossConfig, self.overrides)
+        try:
+            self.build_config()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(_prefixed("loss", e)) from None
 
     def build_config(self):
         from r2d2.engine.losses import LossConfig
@@ -138,6 +176,9 @@ class DataConfig:
     randaugment: list | None = None
     """[n, m]: RandAugment with n ops at magnitude m (0-10) after the crop (the official retrieval
     fine-tuning: [2, 5]); null = off"""
+    shuffle_buffer: int = 1000
+    """webdataset: raw samples held in the seeded shuffle buffer (and shard order shuffled per
+    epoch); 0 = read the shards in order"""
     max_skip_rate: float = 0.1
     """stop with an error when skipped / seen samples passes this (after 100 samples)"""
     synthetic_size: int = 20000
@@ -148,18 +189,25 @@ class DataConfig:
     """data order and augmentation seed (with the epoch and the sample index)"""
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS and not self.format.startswith("ccmb_"):
-            raise ConfigError(f"data.format={self.format!r} is not allowed; expected one of "
-                              f"{FORMATS} or ccmb_<name>")
+        from r2d2.engine.data import ccmb  # the downstream reader registry
+
+        # image-text pair sets only: zero-shot classification sets are not training data
+        pairs = getattr(ccmb, "RETRIEVAL_FORMATS", ()) + getattr(ccmb, "MATCHING_FORMATS", ()) \
+            or tuple(f for f in ccmb.FORMATS if f != "zeroshot")
+        allowed = FORMATS + tuple(f"ccmb_{f}" for f in pairs)
+        if self.format not in allowed:
+            raise ConfigError(f"data.format={self.format!r} is not allowed; expected one of {allowed}")
         if self.format != "synthetic" and not self.path:
             raise ConfigError(f"data.path is required for data.format={self.format!r}")
         _positive("data", self, "batch_size", "max_text_len", "synthetic_size", "synthetic_eval_size")
         _positive("data", self, "num_workers", allow_zero=True)
         if self.image_size is not None:
             _positive("data", self, "image_size")
-        if not (0.0 <= self.max_skip_rate <= 1.0):
+        if not _is_number(self.max_skip_rate) or not 0.0 <= self.max_skip_rate <= 1.0:
             raise ConfigError(f"data.max_skip_rate={self.max_skip_rate} must be in [0, 1]")
-        if (len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+        _numbers("data", "crop_scale", self.crop_scale, 2, "[lo, hi] with 0 < lo <= hi <= 1")
+        _positive("data", self, "shuffle_buffer", allow_zero=True)
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale={self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
         if self.randaugment is not None:
             ra = self.randaugment
@@ -194,7 +242,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _positive("optim", self, "lr", "eps")
         _positive("optim", self, "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        _numbers("optim", "betas", self.betas, 2, "two numbers in [0, 1)")
+        if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
@@ -256,7 +305,8 @@ class DistributedConfig:
     """How processes started by torchrun share the work."""
 
     strategy: str = "auto"
-    """auto (ddp when WORLD_SIZE > 1) | none | ddp | fsdp (FSDP2 fully_shard, for large)"""
+    """auto (ddp when WORLD_SIZE > 1) | none | ddp | fsdp (FSDP2 fully_shard, for large); ddp and
+    fsdp in a single process (no torchrun, WORLD_SIZE unset or 1) run as none, with a message"""
     backend: str = "auto"
     """auto (nccl on CUDA, gloo on CPU) | nccl | gloo"""
     timeout_s: int = 1800

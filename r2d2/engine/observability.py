@@ -3,8 +3,11 @@
 Every log row holds ``step`` and ``loss`` (the total) plus each ``*_loss`` term, ``lr``,
 ``grad_norm``, ``samples_per_s``, ``tokens_per_s``, ``tflops`` (achieved, from the analytic count
 in :mod:`r2d2.engine.flops`), ``mfu`` (None on devices without a peak entry), ``peak_mem_gb``,
-``skipped`` (samples skipped so far) and ``bad_steps`` (non-finite steps so far). Only rank 0
-writes. On resume the rows after the resumed step are dropped, so the log reads as one run.
+``skipped`` (samples skipped so far: ``skipped_read``, dropped by the reader when the annotation
+file was read, plus ``skipped_decode``, found while loading, all ranks), ``skip_reasons`` (both
+by reason; TensorBoard gets one scalar per reason) and ``bad_steps`` (non-finite steps so far).
+Only rank 0 writes. On resume the rows after the resumed step are dropped, so the log reads as
+one run.
 """
 
 from __future__ import annotations
@@ -81,7 +84,13 @@ class Observer:
             f.write(json.dumps(clean, ensure_ascii=False) + "\n")
         if self.tb is not None:
             for k, v in clean.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                if k == "step":
+                    continue
+                if isinstance(v, dict):  # e.g. skip_reasons: one scalar per reason
+                    for sub, x in v.items():
+                        if isinstance(x, (int, float)) and not isinstance(x, bool):
+                            self.tb.add_scalar(f"train/{k}/{sub}", x, row["step"])
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
 
     def message(self, text: str) -> None:

@@ -58,6 +58,7 @@ def _main(cmd: str, argv: list[str]) -> int:
         print(f"r2d2 {cmd}: {e}", file=sys.stderr)
         return 2
     from r2d2.dist import dist_info, is_dist
+    from r2d2.engine.data.records import DataError
     from r2d2.engine.trainer import Trainer, TrainingError
 
     out = args.out
@@ -81,7 +82,7 @@ def _main(cmd: str, argv: list[str]) -> int:
             export(model, trainer, os.path.join(out, "model"))
             if cfg.train.eval_at_end:
                 evaluate_heldout(trainer, out, model)
-    except TrainingError as e:
+    except (TrainingError, DataError) as e:  # bad data or a run that cannot go on: one line
         print(f"r2d2 {cmd}: {e}", file=sys.stderr)
         return 1
     finally:

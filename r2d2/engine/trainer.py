@@ -5,8 +5,15 @@ Per optimizer step: ``grad_accum`` micro-batches are fetched first, the usable s
 summed over micro-batches and ranks (one all-reduce), and micro-batch ``i`` of ``n_i`` samples
 backpropagates ``loss_i * n_i * world / N`` so the gradient is that of the mean over all ``N``
 samples of the step whatever the accumulation, the world size or the skipped samples (DDP divides
-by ``world``). Then: non-finite check (skip the step, count it; ``train.max_bad_steps`` in a row
-stops the run) -> clip -> AdamW -> schedule -> EMA teacher.
+by ``world``). The same all-reduce carries each micro-batch's size squared: GCPR all-gathers
+equal shapes, so ranks whose micro-batches differ (possible only when a bad sample found no
+replacement) stop together with a clear error instead of a collective mismatch or a hang. Then:
+non-finite check (skip the step, count it; ``train.max_bad_steps`` in a row stops the run) -> clip
+-> AdamW -> schedule -> EMA teacher.
+
+Resume: the checkpoint's data position is read back and checked (``data.loader.resume_position``),
+and the RNG states are restored last, after the data loader has started, so that nothing between
+the restore and the first forward draws from them.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from r2d2.dist import dist_info, is_dist
-from r2d2.engine.checkpoint import Checkpointer, TrainState
+from r2d2.engine.checkpoint import Checkpointer, TrainState, set_rng_state
 from r2d2.engine.config import RunConfig
 from r2d2.engine.observability import Observer, peak_memory_gb
 
@@ -192,6 +199,13 @@ class Trainer:
         t = cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
+        from r2d2.engine.data.loader import check_data_source
+        from r2d2.engine.data.records import DataError
+
+        try:  # before building a model of hundreds of millions of parameters
+            check_data_source(cfg.data)
+        except DataError as e:
+            raise TrainingError(str(e)) from None
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.objective = objective if objective is not None else build_objective(cfg)
         self.model = getattr(self.objective, "model", self.objective)
@@ -211,6 +225,13 @@ class Trainer:
         self.strategy = cfg.distributed.strategy
         if self.strategy == "auto":
             self.strategy = "ddp" if self.world > 1 else "none"
+        elif self.world == 1 and self.strategy in ("ddp", "fsdp"):
+            # base.yaml / large.yaml name their multi-GPU strategy; started without torchrun
+            # there is no process group to join, so the run is an ordinary single process.
+            print(f"distributed.strategy={self.strategy} needs several processes (torchrun "
+                  "--nproc_per_node=N -m r2d2 ...); WORLD_SIZE is unset or 1, so this run is a single "
+                  "process", flush=True)
+            self.strategy = "none"
         if self.world > 1 and self.strategy == "none":
             raise TrainingError("WORLD_SIZE > 1 but distributed.strategy=none")
         self.objective.to(self.device)
@@ -224,12 +245,20 @@ class Trainer:
 
     def _flops(self) -> float:
         try:
-            from r2d2.engine.flops import r2d2_flops_per_sample, shape_from_config
+            from r2d2.engine import flops
 
+            cfg = self.cfg
+            if cfg.train.task != "matching" and hasattr(flops, "flops_per_sample"):
+                # the run's objective (which terms are on) and its contrastive batch: one
+                # micro-batch over all ranks
+                return flops.flops_per_sample(
+                    self.model.config, cfg.loss.build_config(), text_len=cfg.data.max_text_len,
+                    global_batch=cfg.data.batch_size // cfg.train.grad_accum, image_size=self.image_size,
+                    world=self.world)
             teacher = getattr(self.objective, "teacher", None) is not None
-            shape = shape_from_config(self.model.config, self.cfg.data.max_text_len, self.image_size, teacher)
-            return r2d2_flops_per_sample(shape)
-        except (AttributeError, ImportError, TypeError):
+            shape = flops.shape_from_config(self.model.config, cfg.data.max_text_len, self.image_size, teacher)
+            return flops.r2d2_flops_per_sample(shape)
+        except (AttributeError, ImportError, TypeError, ValueError):
             return float("nan")  # unknown architecture: TFLOP/s and MFU are reported as null
 
     def _wrap(self) -> None:
@@ -275,26 +304,37 @@ class Trainer:
 
     # ---------------------------------------------------------------- fit
     def fit(self) -> FitResult:
+        from r2d2.engine.data.loader import DataCursor, build_train_data, resume_position
+        from r2d2.engine.data.records import SKIP_REASONS, DataError
+
         cfg, t = self.cfg, self.cfg.train
+        extra: dict = {}
         if self.resume:
             path = self.ckpt.latest()
             if path is None:
                 raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.dir}")
-            self.state, _ = self.ckpt.load(path, self.objective, self.optimizer, self.scheduler)
-        else:
-            torch.manual_seed(t.seed + 1000 * self.rank)  # loss-side randomness differs per rank
+            self.state, extra = self.ckpt.load(path, self.objective, self.optimizer, self.scheduler,
+                                               restore_rng=False)
         obs = Observer(self.out, t.max_steps, self.state.step, enabled=self.rank == 0,
                        progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
         if self.resume:
             obs.message(f"resumed from step {self.state.step} ({path})")
-        from r2d2.engine.data.loader import build_train_data
-
         micro_global = cfg.data.batch_size // t.grad_accum
         if micro_global * t.grad_accum != cfg.data.batch_size:
             raise TrainingError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                                 f"train.grad_accum={t.grad_accum}")
-        data = build_train_data(cfg.data, self.tokenize, self.image_size, micro_global, self.rank,
-                                self.world, start_micro=self.state.step * t.grad_accum)
+        try:
+            start, stream_state, note = resume_position(
+                extra.get("data_position"), extra.get("rank_data", []), cfg.data, self.state.step,
+                extra.get("config"), self.rank, self.world) if self.resume else (0, None, None)
+            if note:
+                obs.message(f"--resume: {note}")
+            data = build_train_data(cfg.data, self.tokenize, self.image_size, micro_global, self.rank,
+                                    self.world, start_sample=start, stream_state=stream_state)
+        except DataError as e:
+            raise TrainingError(str(e)) from None
+        self.cursor = DataCursor(cfg.data.format, data.stream, self.world, data.workers, start, stream_state)
+        self.read_skipped, self.read_reasons = data.read_skipped, Counter(data.read_reasons)
         if data.read_skipped:
             total = data.read_skipped + (data.num_records or 0)
             obs.message(f"reader skipped {data.read_skipped} of {total} samples: {dict(data.read_reasons)}")
@@ -307,28 +347,50 @@ class Trainer:
 
         dev_name = cfg.logging.device_name or device_name(self.device)
         it = iter(data.loader)
-        last_ckpt, last_loss, reasons = self.ckpt.latest(), float("nan"), Counter()
+        # The RNG last: nothing between here and the first forward may draw from it, or a resumed
+        # run would not continue the stream of the run it resumes (dropout, MLM masks draw here).
+        if "rng_state" in extra:
+            set_rng_state(extra["rng_state"])
+        else:
+            torch.manual_seed(t.seed + 1000 * self.rank)  # loss-side randomness differs per rank
+        last_ckpt, last_loss = self.ckpt.latest(), float("nan")
+        reasons = Counter(self.state.skip_reasons)
         window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}
+        names = list(SKIP_REASONS) + ["other"]
         try:
             while self.state.step < t.max_steps:
-                micro = [next(it) for _ in range(t.grad_accum)]
+                micro = [_next_batch(it) for _ in range(t.grad_accum)]
+                local = Counter()
                 for b in micro:
-                    reasons.update(b["skip_reasons"])
-                n_local = sum(b["size"] for b in micro)
-                n_all, skipped, tokens = self._all_sum(
-                    [n_local, sum(b["skipped"] for b in micro),
-                     sum(float(b["attention_mask"].sum()) for b in micro if b["size"])])
+                    local.update(b["skip_reasons"])
+                sizes = [b["size"] for b in micro]
+                local["other"] = sum(v for k, v in local.items() if k not in SKIP_REASONS and k != "other")
+                sums = self._all_sum(sizes + [s * s for s in sizes] + [local[k] for k in names] +
+                                     [sum(float(b["attention_mask"].sum()) for b in micro if b["size"])])
+                n_micro, sq = sums[:len(sizes)], sums[len(sizes):2 * len(sizes)]
+                step_reasons = {k: int(v) for k, v in zip(names, sums[2 * len(sizes):-1]) if v}
+                skipped, tokens = sum(step_reasons.values()), sums[-1]
+                n_all = sum(n_micro)
+                if any(abs(q * self.world - n * n) > 0.5 for n, q in zip(n_micro, sq)):
+                    # sum(n^2) * W == (sum n)^2 iff every rank has the same n: GCPR's all-gather
+                    # needs that; say so on every rank instead of a collective mismatch or hang
+                    raise TrainingError(f"micro-batch sizes differ across ranks (rank {self.rank}: {sizes}): "
+                                        f"a sample found no decodable replacement in its draws; skipped so "
+                                        f"far {dict(reasons + Counter(step_reasons))}")
+                reasons.update(step_reasons)
                 if n_all == 0:
                     raise TrainingError("every sample of a whole step was skipped: "
                                         f"{dict(reasons)}")
                 terms = self._forward_backward(micro, n_all)
                 loss = terms["loss"]
+                self.cursor.advance(micro, micro_global)
                 self.state.samples += int(n_all)
                 self.state.skipped += int(skipped)
+                self.state.skip_reasons = dict(reasons)
                 seen = self.state.samples + self.state.skipped
                 if seen >= 100 and self.state.skipped / seen > cfg.data.max_skip_rate:
-                    raise TrainingError(f"skipped {self.state.skipped} of {seen} samples ({dict(reasons)} "
-                                        f"on rank 0): above data.max_skip_rate={cfg.data.max_skip_rate}")
+                    raise TrainingError(f"skipped {self.state.skipped} of {seen} samples while loading "
+                                        f"({dict(reasons)}): above data.max_skip_rate={cfg.data.max_skip_rate}")
                 grad_norm = self._clip()
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -361,7 +423,10 @@ class Trainer:
                            "samples_per_s": sps, "tokens_per_s": window["tokens"] / max(dt, 1e-9),
                            "tflops": fl / 1e12 if math.isfinite(fl) else None,
                            "mfu": mfu(fl, dev_name, self.precision) if math.isfinite(fl) else None,
-                           "peak_mem_gb": peak_memory_gb(self.device), "skipped": self.state.skipped,
+                           "peak_mem_gb": peak_memory_gb(self.device),
+                           "skipped": self.read_skipped + self.state.skipped, "skipped_read": self.read_skipped,
+                           "skipped_decode": self.state.skipped,
+                           "skip_reasons": dict(self.read_reasons + reasons),
                            "bad_steps": self.state.bad_steps, "samples": self.state.samples}
                     obs.log(row)
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}
@@ -427,8 +492,21 @@ class Trainer:
 
     def save(self) -> str:
         return self.ckpt.save(self.objective, self.optimizer, self.scheduler, self.state,
-                              extra={"config": self.cfg.to_dict(), "data_position": self.state.step
-                                     * self.cfg.train.grad_accum})
+                              extra={"config": self.cfg.to_dict(), "data_position": self.cursor.global_state()},
+                              rank_state=self.cursor.rank_state())
+
+
+def _next_batch(it) -> dict:
+    """The next batch; a data error raised in a DataLoader worker arrives with the worker's
+    traceback in its message: keep the one line that says what is wrong."""
+    from r2d2.engine.data.records import DataError
+
+    try:
+        return next(it)
+    except DataError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        last = lines[-1] if lines else str(e)
+        raise TrainingError(last.split("DataError: ", 1)[-1]) from None
 
 
 def _main_thread() -> bool:

@@ -11,6 +11,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+SKIP_REASONS = ("corrupt_image", "missing_image", "empty_text", "malformed_line", "no_caption")
+"""The skip reasons the readers and the loader report; the trainer sums them over ranks in this
+order (anything else is summed as ``other``)."""
+
+
+class DataError(ValueError):
+    """The training data cannot be read at all (no such file, a broken annotation file, no shard):
+    unlike a bad sample, which is skipped and counted, this stops the run with one clear line."""
+
 
 @dataclass
 class Record:
