@@ -9,7 +9,7 @@
 A line that cannot be parsed, an empty caption or an image file that does not exist is skipped and
 counted by reason (``malformed_line``, ``empty_text``, ``missing_image``); corrupt image bytes are
 found when the image is decoded (``r2d2.engine.data.loader``). WebDataset shards are streamed, not
-read up front: see ``r2d2.engine.data.loader.webdataset_stream``.
+read up front: see ``r2d2.engine.data.loader.ShardStream``.
 """
 
 from __future__ import annotations
