@@ -14,7 +14,13 @@ fields and the same method:
     On a CPU both are None: there is no trustworthy peak to divide by.
 
 Rows are plain dicts, one JSON object per line, so ``report.py`` and pytest-benchmark-style
-comparisons can read them without importing torch.
+comparisons can read them without importing torch. A script appends each row the moment it is
+measured (:class:`RowWriter`), so a script killed by a timeout keeps every row it finished; a
+case that fails or is skipped still gets a row (:func:`status_row`: ``status`` "failed" /
+"oom" / "skipped" with the ``error``), so nothing vanishes silently.
+
+``--quick`` (:func:`parser`) also shortens the timing budgets of :func:`measure` for the whole
+process (:data:`QUICK`): fewer, shorter timed blocks, for smoke runs on CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import platform
 import re
 import statistics
 import subprocess
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -58,6 +66,24 @@ PEAK_GBPS: dict[str, float] = {
 
 MIN_BLOCKS = 5  # fewest timed blocks a CPU measurement's quantiles come from
 
+
+@dataclass
+class Budgets:
+    """Default time budgets of :func:`measure` in ms (do_bench's meaning), fewest timed blocks on
+    the torch.utils.benchmark path."""
+
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0           # do_bench's default
+    cpu_rep_ms: float = 200.0
+    min_blocks: int = MIN_BLOCKS
+
+
+DEFAULT = Budgets()
+# --quick: a smoke run. On CPU one warm-up call and three short blocks (a slow provider, such as
+# the Triton interpreter, then costs about five calls instead of seven or more).
+QUICK = Budgets(warmup_ms=0.0, rep_ms=50.0, cpu_rep_ms=50.0, min_blocks=3)
+budgets = DEFAULT  # what measure() uses when a budget is not passed; parser() sets QUICK
+
 _DTYPE_CLASS = {"bfloat16": "bf16", "float16": "bf16", "bf16": "bf16", "fp16": "bf16",
                 "float32": "fp32", "fp32": "fp32"}
 
@@ -74,10 +100,13 @@ class Timing:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Fills ``--out``'s default after parsing, because it names the device chosen by ``--device``."""
+    """Fills ``--out``'s default after parsing, because it names the device chosen by ``--device``,
+    and switches :func:`measure` to the :data:`QUICK` budgets under ``--quick``."""
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        global budgets
         ns = super().parse_args(args, namespace)
+        budgets = QUICK if getattr(ns, "quick", False) else DEFAULT
         if getattr(ns, "out", None) is None and not getattr(ns, "no_out", False):
             ns.out = str(default_out_path(ns.device))
         if getattr(ns, "no_out", False):
@@ -89,7 +118,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     """The flags every bench script shares: --quick, --out, --no-out, --device."""
     ap = _Parser(description=description)
     ap.add_argument("--quick", action="store_true",
-                    help="small shapes and few reps; finishes on a CPU in well under a minute")
+                    help="small shapes and short timing budgets: a smoke run (each script takes "
+                         "seconds to about a minute on two shared CPU cores; docs/benchmarks.md "
+                         "gives the measured times)")
     ap.add_argument("--out", default=None, metavar="PATH",
                     help="JSONL file rows are appended to "
                          "(default benchmarks/results/<date>_<device>.jsonl)")
@@ -124,18 +155,23 @@ def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: flo
             flush_l2: bool = True, min_blocks: int | None = None) -> Timing:
     """Median and 20/80 percentiles of ``fn()`` in milliseconds.
 
-    ``warmup`` and ``rep`` are time budgets in ms (do_bench's meaning on both devices);
-    ``grad_to_none`` tensors get ``.grad = None`` before every rep so backward never accumulates.
-    ``flush_l2=False`` on CUDA times with torch.utils.benchmark (which synchronizes the device)
-    instead of do_bench: for a whole training step, whose working set dwarfs L2 anyway, and whose
-    largest batch leaves no room for do_bench's 256 MB flush buffer. ``min_blocks``: fewest timed
-    blocks on that path (default MIN_BLOCKS).
+    ``warmup`` and ``rep`` are time budgets in ms (do_bench's meaning on both devices; None =
+    the process's :data:`budgets`, 0 = none); ``grad_to_none`` tensors get ``.grad = None``
+    before every rep so backward never accumulates. ``flush_l2=False`` on CUDA times with
+    torch.utils.benchmark (which synchronizes the device around every timed block, so the host
+    clock brackets finished GPU work) instead of do_bench: for a whole training step, whose
+    working set is gigabytes against a 50-60 MB L2 (a flush changes nothing) and whose largest
+    batch leaves no room for do_bench's 256 MB flush buffer (docs/benchmarks.md, "Timing").
+    ``min_blocks``: fewest timed blocks on that path.
     """
+    b = budgets
+    warmup = b.warmup_ms if warmup is None else warmup
     if _is_cuda(device) and flush_l2:
         from triton.testing import do_bench
 
-        q = do_bench(fn, warmup=warmup or 25, rep=rep or 100, grad_to_none=grad_to_none,
-                     quantiles=[0.5, 0.2, 0.8])
+        # do_bench always runs at least one warm-up call, so warmup=0 means "no extra budget"
+        q = do_bench(fn, warmup=warmup, rep=b.rep_ms if rep is None else rep,
+                     grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
         return Timing(float(q[0]), float(q[1]), float(q[2]))
 
     from torch.utils import benchmark
@@ -149,18 +185,19 @@ def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: flo
 
     # CPU warm-up: at least one call, then until the budget is spent (first calls pay allocation
     # and one-off dispatch costs that steady-state training does not).
-    budget_s = (warmup if warmup is not None else 25) / 1e3
-    t0 = _dt.datetime.now()
+    budget_s = warmup / 1e3
+    t0 = time.perf_counter()
     call()
-    while (_dt.datetime.now() - t0).total_seconds() < budget_s:
+    while time.perf_counter() - t0 < budget_s:
         call()
     timer = benchmark.Timer(stmt="call()", globals={"call": call},
                             num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=(rep if rep is not None else 200) / 1e3)
+    default_rep = b.rep_ms if _is_cuda(device) else b.cpu_rep_ms
+    m = timer.blocked_autorange(min_run_time=(default_rep if rep is None else rep) / 1e3)
     times = list(m.times)
     # A slow fn gets one or two blocks in the budget; quantiles of those mean nothing, so top up
-    # to MIN_BLOCKS blocks of the same size (a slow fn is also a noisy one on a shared CPU).
-    while len(times) < (min_blocks or MIN_BLOCKS):
+    # to min_blocks blocks of the same size (a slow fn is also a noisy one on a shared CPU).
+    while len(times) < (min_blocks or b.min_blocks):
         times += timer.timeit(m.number_per_run).times
     times_ms = sorted(t * 1e3 for t in times)
     return Timing(statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8))
@@ -280,6 +317,14 @@ def _cmd(*args: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
+def run_id() -> str:
+    """Which run a row belongs to: ``$R2D2_BENCH_RUN`` (``r2d2 bench`` and gpu_session.sh set one
+    for all their scripts) or one per process. Ratios pair rows of one run only, so a results
+    file that several runs appended to never divides one run's time by another's."""
+    return os.environ.get("R2D2_BENCH_RUN") or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@functools.lru_cache(maxsize=None)
 def environment(device: str | torch.device) -> dict:
     """Fields identifying the run: device, driver, versions, git sha (dirty-marked)."""
     try:
@@ -294,6 +339,7 @@ def environment(device: str | torch.device) -> dict:
     cuda = _is_cuda(device)
     driver = _cmd("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else None
     return {
+        "run_id": run_id(),
         "device": device_name(device),
         "device_type": torch.device(device).type,
         "driver": driver.splitlines()[0] if driver else None,
@@ -351,27 +397,30 @@ def _measured_peaks(device: str) -> dict:
     return {"gbps": 2 * (1 << 28) * 4 / copy_ms / 1e6, "bf16_tflops": 2 * n**3 / mm_ms / 1e9}
 
 
-def make_row(*, op: str, provider: str, mode: str, shape: dict, timing: Timing,
+def make_row(*, op: str, provider: str, mode: str, shape: dict, timing: Timing | None,
              flops: float | None = None, nbytes: float | None = None, peak_mem: int | None = None,
              device: str | torch.device | None = None, **extra) -> dict:
     """One result row: what ran, how long, throughput, fraction of peak, and the environment.
 
     ``device`` defaults to cuda when available; pass it when benchmarking on the CPU of a GPU box.
-    Extra keyword arguments (dtype, batch, notes) are stored as given.
+    ``timing=None`` is a measurement that is not a time (a capacity such as ``max_batch``): the
+    time and throughput fields are None. Extra keyword arguments (dtype, batch, notes) are
+    stored as given.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
-    sec = timing.median_ms / 1e3
-    tflops = flops / sec / 1e12 if flops else None
-    gbps = nbytes / sec / 1e9 if nbytes else None
+    sec = timing.median_ms / 1e3 if timing is not None else None
+    tflops = flops / sec / 1e12 if flops and sec else None
+    gbps = nbytes / sec / 1e9 if nbytes and sec else None
     sheet_flops = peak_tflops(env["device"], extra.get("dtype")) if env["device_type"] == "cuda" else None
     sheet_bw = _lookup(PEAK_GBPS, env["device"]) if env["device_type"] == "cuda" else None
     measured = measured_peaks(device) if (tflops or gbps) else {}
     dtype_class = _DTYPE_CLASS.get(str(extra.get("dtype", "")).removeprefix("torch."))
     row = {
-        "op": op, "provider": provider, "mode": mode, "shape": dict(shape),
-        "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
-        "flops": flops, "bytes": nbytes, "tflops": tflops, "gbps": gbps,
+        "op": op, "provider": provider, "mode": mode, "shape": dict(shape), "status": "ok",
+        "error": None,
+        "median_ms": timing and timing.median_ms, "p20_ms": timing and timing.p20_ms,
+        "p80_ms": timing and timing.p80_ms, "flops": flops, "bytes": nbytes, "tflops": tflops, "gbps": gbps,
         "frac_peak_flops": tflops / sheet_flops if tflops and sheet_flops else None,
         "frac_peak_bw": gbps / sheet_bw if gbps and sheet_bw else None,
         # measured matmul peak only exists for bf16; other dtypes compare to the data sheet only
@@ -386,32 +435,103 @@ def make_row(*, op: str, provider: str, mode: str, shape: dict, timing: Timing,
     return row
 
 
+STATUSES = ("ok", "failed", "oom", "skipped")
+
+
+def status_row(*, op: str, provider: str, mode: str, shape: dict, status: str,
+               error: BaseException | str | None = None, device: str | torch.device | None = None,
+               **extra) -> dict:
+    """A row for a case that produced no timing: ``status`` "failed" (an exception: its type and
+    first line are kept), "oom", or "skipped" (``error`` says why: not importable, refused the
+    case, out of budget). Timing and throughput fields are None; the environment is filled in as
+    for :func:`make_row`, so a reader sees what was attempted where."""
+    if status not in STATUSES or status == "ok":
+        raise ValueError(f"status_row: status must be one of {STATUSES[1:]}, got {status!r}")
+    if isinstance(error, BaseException):
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        error = f"{type(error).__name__}: {first}"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    row = {
+        "op": op, "provider": provider, "mode": mode, "shape": dict(shape), "status": status,
+        "error": error, "median_ms": None, "p20_ms": None, "p80_ms": None, "flops": None,
+        "bytes": None, "tflops": None, "gbps": None, "frac_peak_flops": None,
+        "frac_peak_bw": None, "frac_measured_flops": None, "frac_measured_bw": None,
+        "peak_mem_bytes": None, **environment(device),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    row.update(extra)
+    return row
+
+
 def _key(row: dict) -> tuple:
-    return (row["op"], row["mode"], json.dumps(row["shape"], sort_keys=True),
+    return (row.get("run_id"), row["op"], row["mode"], json.dumps(row["shape"], sort_keys=True),
             str(row.get("dtype")), row.get("device"))
+
+
+def _ratio_fields(r: dict, b: dict | None, baseline: str) -> None:
+    ok = b is not None and r.get("median_ms") and b.get("median_ms")
+    r["baseline"] = baseline if b is not None else None
+    r["ratio"] = b["median_ms"] / r["median_ms"] if ok else None
+    r["mem_ratio"] = (r["peak_mem_bytes"] / b["peak_mem_bytes"]
+                      if b is not None and r.get("peak_mem_bytes") and b.get("peak_mem_bytes") else None)
 
 
 def add_ratios(rows: list[dict], baseline: str = "eager") -> list[dict]:
     """Add ``baseline``, ``ratio`` (baseline median / row median: >1 is faster than baseline) and
-    ``mem_ratio`` (row peak / baseline peak) for rows sharing (op, mode, shape, dtype, device)."""
-    base = {_key(r): r for r in rows if r["provider"] == baseline}
+    ``mem_ratio`` (row peak / baseline peak) for rows sharing (run, op, mode, shape, dtype,
+    device). Rows without a timing (status rows) get None."""
+    base = {_key(r): r for r in rows if r["provider"] == baseline and r.get("median_ms")}
     for r in rows:
-        b = base.get(_key(r))
-        r["baseline"] = baseline if b else None
-        r["ratio"] = b["median_ms"] / r["median_ms"] if b and r["median_ms"] > 0 else None
-        r["mem_ratio"] = (r["peak_mem_bytes"] / b["peak_mem_bytes"]
-                          if b and r.get("peak_mem_bytes") and b.get("peak_mem_bytes") else None)
+        _ratio_fields(r, base.get(_key(r)), baseline)
     return rows
 
 
 def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> Path:
-    """Append rows to a JSONL file (parents created); returns the path."""
+    """Append rows to a JSONL file (parents created), flushed; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for r in rows:
             f.write(json.dumps(r, default=str) + "\n")
+            f.flush()
     return path
+
+
+class RowWriter:
+    """Appends every row to the JSONL file the moment it is measured, so a script that is killed
+    (a phase timeout, an OOM-killer, a crash in a later case) keeps every row it finished.
+
+        sink = harness.RowWriter(args.out)         # args.out None (--no-out): rows kept in memory only
+        sink.add(harness.make_row(...))            # written and flushed now; x eager filled in if
+                                                   # the baseline row of the same case came first
+        sink.add(harness.status_row(..., status="skipped", error="xformers not importable"))
+        harness.print_table(sink.rows)             # at the end, as before
+
+    ``rows`` holds what was added, in order. Ratios are set against the baseline rows already
+    added; ``report.py`` recomputes them from the whole file anyway, so a baseline measured after
+    its comparisons only delays the ratio to the report.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, baseline: str = "eager"):
+        self.path = Path(path) if path is not None else None
+        self.baseline = baseline
+        self.rows: list[dict] = []
+        self._base: dict[tuple, dict] = {}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict) -> dict:
+        if row["provider"] == self.baseline and row.get("median_ms"):
+            self._base[_key(row)] = row
+        _ratio_fields(row, self._base.get(_key(row)), self.baseline)
+        self.rows.append(row)
+        if self.path is not None:
+            write_rows([row], self.path)
+        return row
+
+    def extend(self, rows: Iterable[dict]) -> None:
+        for r in rows:
+            self.add(r)
 
 
 def read_rows(paths: Iterable[str | os.PathLike]) -> list[dict]:
@@ -442,8 +562,14 @@ def print_table(rows: Sequence[dict], file=None) -> None:
     head = ("op", "shape", "mode", "provider", "median ms", "p20", "p80", "TFLOP/s", "GB/s",
             "x eager", "peak MiB")
     table = [head]
+    notes = []
     for r in rows:
         mem = r.get("peak_mem_bytes")
+        if r.get("status", "ok") != "ok":
+            notes.append(f"  [{r['status']}] {r['op']} {shape_str(r['shape'])} {r['mode']} "
+                         f"{r['provider']}: {r.get('error') or ''}")
+            if r.get("median_ms") is None:
+                continue
         table.append((r["op"], shape_str(r["shape"]), r["mode"], r["provider"],
                       _fmt(r["median_ms"], ".4g"), _fmt(r["p20_ms"], ".4g"), _fmt(r["p80_ms"], ".4g"),
                       _fmt(r.get("tflops"), ".3g"), _fmt(r.get("gbps"), ".4g"),
@@ -451,3 +577,20 @@ def print_table(rows: Sequence[dict], file=None) -> None:
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=file)
+    for n in notes:
+        print(n, file=file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/harness.py outpath [--device cuda]``: the default results path (the
+    date and the device slug gpu_session.sh names its files by)."""
+    ap = argparse.ArgumentParser(description="print the default results path for a device")
+    ap.add_argument("what", choices=("outpath", "slug"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    print(default_out_path(args.device) if args.what == "outpath" else device_slug(args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,9 +4,11 @@
         -> ....md and ....png beside the input (or --out-stem PATH_WITHOUT_SUFFIX)
 
 The Markdown groups rows by (op, shape), names the device in the title and marks CPU-only
-results as such, so a table pasted into the README cannot be mistaken for a GPU figure. The
-figure has one panel per op: speed-up over eager per provider, one group of bars per
-(shape, mode), the eager line at 1.
+results as such, so a table pasted into the README cannot be mistaken for a GPU figure; a case
+that failed or was skipped is listed with its reason. Ratios are recomputed from the whole file
+(rows of one run only, see harness.run_id). The figure has one panel per op: speed-up over eager
+per provider, one group of bars per (shape, mode), the eager line at 1, on a log axis labelled at
+a few round ratios.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def _notes(row: dict) -> str:
     return "; ".join(out)
 
 
+def _cell(text) -> str:
+    """Free text made safe for one Markdown table cell."""
+    return "" if text is None else str(text).replace("|", "/").replace("\n", " ")
+
+
 def title(rows: list[dict]) -> str:
     devices = sorted({r.get("device", "?") for r in rows})
     cpu = all(r.get("device_type") == "cpu" for r in rows)
@@ -85,9 +92,15 @@ def markdown(rows: list[dict]) -> str:
                   "| mode | provider | median ms [p20-p80] | TFLOP/s | GB/s | % peak | x eager | peak MiB | notes |",
                   "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for r in rs:
+            if r.get("status", "ok") != "ok":  # attempted, no figure: say why
+                lines.append(f"| {r['mode']} | {r['provider']} | {r['status']} | | | | | | "
+                             f"{_cell(r.get('error'))} |")
+                continue
             if r.get("max_batch") is not None:  # a capacity row, not a timing
+                bound = "" if r.get("search_complete", True) else (
+                    f"search stopped early (fails at {r.get('max_batch_fails')}); ")
                 lines.append(f"| {r['mode']} | {r['provider']} | max batch {r['max_batch']} | | | | "
-                             f"{_f(r.get('batch_ratio'), '.2f')} | | batch vs eager |")
+                             f"{_f(r.get('batch_ratio'), '.2f')} | | {bound}batch vs eager |")
                 continue
             lines.append(
                 f"| {r['mode']} | {r['provider']} | {r['median_ms']:.4g} "
@@ -96,6 +109,35 @@ def markdown(rows: list[dict]) -> str:
                 f"{_notes(r)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+# candidate tick ratios, most telling first: eager's line, decades, then the halves and doubles
+TICK_PRIORITY = (1.0, 10.0, 0.1, 100.0, 0.01, 1000.0, 0.001, 2.0, 0.5, 5.0, 0.2, 20.0, 0.05, 50.0,
+                 0.02, 200.0, 0.005, 500.0, 0.002, 1.5, 3.0, 0.75, 1.25, 0.9, 1.1)
+
+
+def ratio_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
+    """Round ratios inside [lo, hi] for a log axis, 1 first, then by :data:`TICK_PRIORITY`, each
+    kept only if it lies far enough (in log space) from those already kept, at most ``most``.
+    Matplotlib's log locator labels decades only, and its minor labels (all that shows on a
+    range under a decade) print on top of each other."""
+    import math
+
+    span = math.log(hi) - math.log(lo)
+    gap = span / (most + 1)
+    kept: list[float] = []
+    for t in TICK_PRIORITY:
+        if lo <= t <= hi and all(abs(math.log(t / k)) >= gap for k in kept):
+            kept.append(t)
+        if len(kept) == most:
+            break
+    return sorted(kept)
+
+
+def _wrap(text: str, width: int = 24) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def plot(rows: list[dict], path: str | Path) -> Path | None:
@@ -107,32 +149,40 @@ def plot(rows: list[dict], path: str | Path) -> Path | None:
 
     matplotlib.use("Agg")  # no display on CI or the device machine
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker used below)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    fig, axes = plt.subplots(len(ops), 1, figsize=(10, 3.2 * len(ops)), squeeze=False)
+    ncases = max(len({(harness.shape_str(r["shape"]), r["mode"]) for r in rows if r["op"] == op})
+                 for op in ops)
+    fig, axes = plt.subplots(len(ops), 1, figsize=(max(8.0, 1.6 * ncases), 3.4 * len(ops)),
+                             squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         rs = [r for r in rows if r["op"] == op]
         cases = list(dict.fromkeys((harness.shape_str(r["shape"]), r["mode"]) for r in rs))
         # the baseline is the line at 1, not a bar
         providers = list(dict.fromkeys(r["provider"] for r in rs if r["provider"] != r.get("baseline")))
         width = 0.8 / max(len(providers), 1)
+        vals_all = [1.0]
         for i, p in enumerate(providers):
             by_case = {(harness.shape_str(r["shape"]), r["mode"]): r["ratio"]
                        for r in rs if r["provider"] == p}
             xs = [j + i * width for j, c in enumerate(cases) if c in by_case]
             vals = [by_case[c] for c in cases if c in by_case]
+            vals_all += vals
             # bars grow from the eager line: up = faster, down = slower
             bars = ax.bar(xs, [v - 1 for v in vals], width, bottom=1.0, label=p)
-            ax.bar_label(bars, labels=[f"{v:.2f}x" for v in vals], fontsize=6)
+            ax.bar_label(bars, labels=[f"{v:.3g}x" for v in vals], fontsize=6)
         ax.axhline(1.0, color="k", lw=0.8)
         # log axis: a 0.1x and a 10x are equally far from eager, and one outlier cannot flatten
-        # every other bar
+        # every other bar; room above and below for the bar labels
+        lo, hi = min(vals_all) / 1.3, max(vals_all) * 1.3
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.set_ylim(lo, hi)
+        ax.yaxis.set_major_locator(FixedLocator(ratio_ticks(lo, hi)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-        ax.set_xticklabels([f"{s}\n{m}" for s, m in cases], fontsize=7)
+        ax.set_xticklabels([f"{_wrap(s)}\n{m}" for s, m in cases], fontsize=6)
         ax.set_ylabel("speed-up vs eager (log)")
         ax.set_title(op)
         ax.legend(fontsize=7)
@@ -146,7 +196,7 @@ def plot(rows: list[dict], path: str | Path) -> Path | None:
 
 def render(jsonl: list[str | Path], out_stem: str | Path | None = None) -> tuple[Path, Path | None]:
     """Write <stem>.md and <stem>.png from the rows of ``jsonl``; returns their paths."""
-    rows = harness.read_rows(jsonl)
+    rows = harness.add_ratios(harness.read_rows(jsonl), baseline="eager")
     stem = Path(out_stem) if out_stem else Path(jsonl[0]).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     md = stem.with_suffix(".md")

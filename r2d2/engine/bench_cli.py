@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
         out = harness.default_out_path(device)
     env = dict(os.environ)
+    # one run id for every script of this suite: ratios pair rows of the same run only
+    env.setdefault("R2D2_BENCH_RUN", f"bench-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     if device == "cpu":
         env.setdefault("TRITON_INTERPRET", "1")  # CPU triton paths run only in the interpreter
         if args.quick:
