@@ -30,6 +30,25 @@ def test_retrieval_hand_case_multi_caption():
     assert m["mean_recall"] == pytest.approx(75.0)
 
 
+@pytest.mark.parametrize("convert", [
+    lambda x: x,                                   # lists
+    lambda x: torch.tensor(x),                     # torch tensors (txt2img as a LongTensor raised)
+    lambda x: np.asarray(x),                       # numpy arrays
+    lambda x: [torch.tensor(v) for v in x],        # a list of 0-d / 1-d tensors
+])
+def test_ground_truth_as_tensors_arrays_or_lists(convert):
+    sim = np.array([[0.1, 0.9, 0.8, 0.0], [0.7, 0.2, 0.3, 0.1]])
+    ref = retrieval_metrics(sim, [[0, 1], [2, 3]], [0, 0, 1, 1], ks=(1, 2))
+    got = retrieval_metrics(torch.tensor(sim), convert([[0, 1], [2, 3]]), convert([0, 0, 1, 1]), ks=(1, 2))
+    assert got == ref
+    assert t2i_metrics(sim.T, convert([0, 0, 1, 1]), ks=(1,)) == t2i_metrics(sim.T, [0, 0, 1, 1], ks=(1,))
+    assert ranks_of_targets(torch.tensor(sim), convert([[0, 1], [2, 3]])).tolist() == [0, 1]
+    with pytest.raises(TypeError, match="integer indices"):
+        retrieval_metrics(sim, [[0.5, 1], [2, 3]], [0, 0, 1, 1])
+    with pytest.raises(TypeError, match="bool"):
+        retrieval_metrics(sim, [[0, 1], [2, 3]], [True, 0, 1, 1])
+
+
 def test_retrieval_default_keys_and_torch_input():
     sim = torch.eye(12)
     m = retrieval_metrics(sim, [[i] for i in range(12)], list(range(12)))
@@ -98,6 +117,17 @@ def test_auc_matches_pairwise_oracle():
     pos, neg = s[y == 1], s[y == 0]
     oracle = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
     assert auc(torch.tensor(s), torch.tensor(y)) == pytest.approx(oracle)
+
+
+def test_average_ranks_match_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    from r2d2.engine.metrics import _average_ranks
+
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        x = rng.integers(0, 4, size=int(rng.integers(1, 30))).astype(float)  # ties on purpose
+        assert np.array_equal(_average_ranks(x), rankdata(x))
 
 
 def test_auc_bad_input():

@@ -3,7 +3,8 @@
 Conventions (shared by every function here):
 
 * Scores are "higher is better"; inputs may be numpy arrays, torch tensors or nested lists and are
-  converted to float64 numpy arrays (NaN scores are rejected: a NaN has no rank).
+  converted to float64 numpy arrays (NaN scores are rejected: a NaN has no rank). Ground-truth
+  indices (``img2txt``, ``txt2img``, ``targets``) may be lists, integer tensors or arrays.
 * Ties are broken by a stable sort on the negated score, so among equal scores the candidate with
   the LOWER index ranks first. This is deterministic and documented rather than pessimistic; a
   model that outputs constant scores therefore gets the recall of "index order", not zero.
@@ -19,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 RECALL_KS = (1, 5, 10)
 
@@ -44,14 +44,18 @@ def ranks_of_targets(scores: np.ndarray, targets: Sequence[Sequence[int]]) -> np
     """0-based rank of the best-ranked correct candidate of each row (``len(scores)`` rows).
 
     ``targets[r]`` lists the correct column indices of row ``r`` (non-empty)."""
+    scores = _as_array(scores, "scores", 2)
+    targets = _targets(targets, "targets")
     order = _stable_order(scores)
     n_cols = scores.shape[1]
     # position[r, c] = rank of column c in row r
     position = np.empty_like(order)
     np.put_along_axis(position, order, np.arange(n_cols)[None, :].repeat(len(order), 0), axis=1)
     ranks = np.empty(len(order), dtype=np.int64)
+    if len(targets) != len(order):
+        raise ValueError(f"{len(targets)} target rows for {len(order)} score rows")
     for r, cols in enumerate(targets):
-        cols = np.asarray(list(cols), dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
         if cols.size == 0:
             raise ValueError(f"row {r} has no correct candidate")
         if cols.min() < 0 or cols.max() >= n_cols:
@@ -68,13 +72,30 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[int, f
     return {k: float(100.0 * np.mean(ranks < k)) for k in ks}
 
 
-def _targets(entries: Sequence[Any], name: str) -> list[list[int]]:
-    """Normalise ``int | list[int]`` entries to lists of ints."""
+def _plain(x: Any) -> Any:
+    """A torch tensor or numpy array as nested Python lists (ints stay ints); anything else as is."""
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().cpu()
+    return x.tolist() if hasattr(x, "tolist") and not isinstance(x, (list, tuple)) else x
+
+
+def _targets(entries: Any, name: str) -> list[list[int]]:
+    """Normalise ``int | list[int]`` entries (a list, a 1-d or 2-d tensor / array, or a list of
+    those) to lists of ints."""
+    entries = _plain(entries)
+    if isinstance(entries, (int, np.integer)):
+        raise TypeError(f"{name}: expected one entry per row, got a single int")
     out = []
     for j, t in enumerate(entries):
+        t = _plain(t)
+        if isinstance(t, (bool, np.bool_)):
+            raise TypeError(f"{name}[{j}]: expected an int or a list of ints, got a bool")
         if isinstance(t, (int, np.integer)):
             out.append([int(t)])
-        elif hasattr(t, "__len__"):
+        elif hasattr(t, "__iter__") and not isinstance(t, (str, bytes)):
+            t = [_plain(v) for v in t]
+            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in t):
+                raise TypeError(f"{name}[{j}]: expected integer indices, got {t!r}")
             out.append([int(v) for v in t])
         else:
             raise TypeError(f"{name}[{j}]: expected an int or a list of ints, got {type(t).__name__}")
@@ -104,6 +125,7 @@ def retrieval_metrics(
     ``mean_recall`` is the mean of all six (the paper's MR).
     """
     sim = _as_array(sim_i2t, "sim_i2t", 2)
+    img2txt, txt2img = _targets(img2txt, "img2txt"), _targets(txt2img, "txt2img")
     n_img, n_txt = sim.shape
     sim_t = sim.T if sim_t2i is None else _as_array(sim_t2i, "sim_t2i", 2)
     if sim_t.shape != (n_txt, n_img):
@@ -113,7 +135,7 @@ def retrieval_metrics(
     if len(txt2img) != n_txt:
         raise ValueError(f"txt2img has {len(txt2img)} entries but sim_i2t has {n_txt} text columns")
     i2t = recall_at_k(ranks_of_targets(sim, img2txt), ks)
-    t2i = recall_at_k(ranks_of_targets(sim_t, _targets(txt2img, "txt2img")), ks)
+    t2i = recall_at_k(ranks_of_targets(sim_t, txt2img), ks)
     out = {f"i2t_r{k}": v for k, v in i2t.items()}
     out.update({f"t2i_r{k}": v for k, v in t2i.items()})
     out["mean_recall"] = float(np.mean(list(i2t.values()) + list(t2i.values())))
@@ -125,12 +147,25 @@ def t2i_metrics(sim_t2i: Any, txt2img: Sequence[Sequence[int]] | Sequence[int],
     """Text-to-image recall only (MUGE reports this direction; a query may have several correct
     items). ``txt2img[j]`` is an int or a list of correct image indices."""
     sim = _as_array(sim_t2i, "sim_t2i", 2)
+    txt2img = _targets(txt2img, "txt2img")
     if len(txt2img) != sim.shape[0]:
         raise ValueError(f"txt2img has {len(txt2img)} entries but sim_t2i has {sim.shape[0]} rows")
-    rec = recall_at_k(ranks_of_targets(sim, _targets(txt2img, "txt2img")), ks)
+    rec = recall_at_k(ranks_of_targets(sim, txt2img), ks)
     out = {f"t2i_r{k}": v for k, v in rec.items()}
     out["mean_recall"] = float(np.mean(list(rec.values())))
     return out
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with tied values sharing their average rank (``scipy.stats.rankdata``'s
+    default, written out here so importing the metrics does not pull in scipy.stats: seconds)."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])   # tie-group starts, then n
+    avg = (bounds[:-1] + bounds[1:] - 1) / 2.0 + 1.0                  # mean of ranks start+1..end
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(avg, np.diff(bounds))
+    return ranks
 
 
 def auc(scores: Any, labels: Any) -> float:
@@ -148,7 +183,7 @@ def auc(scores: Any, labels: Any) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError("auc is undefined with only one class in labels")
-    r = rankdata(s)  # average ranks, 1-based
+    r = _average_ranks(s)
     u = r[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
