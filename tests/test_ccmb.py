@@ -156,3 +156,88 @@ def test_unknown_format_and_missing_file(tmp_path):
         read_ccmb("icr", str(tmp_path / "absent.json"))
     with pytest.raises(TypeError, match="unexpected option"):
         read_ccmb("icr", str(tmp_path / "x"), classnames="n.txt")
+
+
+def test_text_that_is_null_or_not_a_string_is_counted_by_its_own_reason(tmp_path):
+    _jpg(tmp_path / "a.jpg")
+    ann = _write(tmp_path / "long_itr_val.json", [
+        json.dumps({"image_path": "a.jpg", "text": "猫"}, ensure_ascii=False),
+        json.dumps({"image_path": "a.jpg", "text": None}),       # null: an empty caption
+        json.dumps({"image_path": "a.jpg", "text": 42}),         # a number: a broken sample
+        json.dumps({"image_path": "a.jpg", "text": ["猫"]}, ensure_ascii=False),
+    ])
+    res = read_ccmb("icr", ann)
+    assert [r.text for r in res.records] == ["猫"]
+    assert res.reasons == {"empty_text": 1, "non_string_text": 2} and res.skipped == 3
+    bad = _write(tmp_path / "bad.json", [json.dumps({"image_path": None, "text": "猫"}, ensure_ascii=False)])
+    with pytest.raises(ValueError, match=r"bad\.json:1: image_path must be a non-empty string"):
+        read_ccmb("icr", bad)
+
+
+def _muge_split(tmp_path, pool_ids, files):
+    payload = base64.b64encode(_jpg(tmp_path / "src.jpg")).decode()
+    tsv = _write(tmp_path / "valid_imgs.tsv", [f"{i}\t{payload}" for i in pool_ids])
+    for i in files:
+        _jpg(tmp_path / "imgs" / f"{i}.jpg")
+    q = _write(tmp_path / "valid_queries.jsonl", [
+        json.dumps({"query_id": 1, "query_text": "红色连衣裙", "item_ids": [101, 102]}, ensure_ascii=False),
+        json.dumps({"query_id": 2, "query_text": "运动鞋", "item_ids": [103, 555]}, ensure_ascii=False),
+        json.dumps({"query_id": 3, "query_text": None, "item_ids": [101]}),
+        json.dumps({"query_id": 4, "query_text": 3.5, "item_ids": [101]}),
+    ])
+    return q, tsv
+
+
+def test_muge_gallery_is_the_whole_image_pool(tmp_path):
+    from r2d2.engine.data.ccmb import default_muge_gallery
+
+    # pool 101..106; 104's file is missing; query 2 names 555, which is not in the pool
+    q, tsv = _muge_split(tmp_path, [101, 102, 103, 104, 105, 106], [101, 102, 103, 105, 106])
+    assert default_muge_gallery(q) == tsv and default_muge_gallery(str(tmp_path / "x.jsonl")) is None
+    res = read_ccmb("muge", q, str(tmp_path / "imgs"), gallery=tsv)
+    assert [g[1] for g in res.gallery] == ["101", "102", "103", "105", "106"]  # file order, 104 left out
+    assert res.gallery[0][0] == str(tmp_path / "imgs" / "101.jpg")
+    assert [(r.image_id, r.text) for r in res.records] == [("101", "红色连衣裙"), ("102", "红色连衣裙"), ("103", "运动鞋")]
+    # null query_text is an empty text (never the string "None"); a number has its own reason
+    assert res.reasons == {"missing_gallery_image": 1, "not_in_gallery": 1, "empty_text": 1,
+                           "non_string_text": 1}
+    assert all(r.text != "None" for r in res.records)
+    # a folder as the pool: its image files are the gallery
+    res = read_ccmb("muge", q, str(tmp_path / "imgs"), gallery=str(tmp_path / "imgs"))
+    assert [g[1] for g in res.gallery] == ["101", "102", "103", "105", "106"]
+    assert res.reasons["not_in_gallery"] == 1
+    # no pool asked for (training): no gallery, and nothing scanned
+    assert read_ccmb("muge", q, str(tmp_path / "imgs")).gallery is None
+    with pytest.raises(FileNotFoundError, match="image pool"):
+        read_ccmb("muge", q, str(tmp_path / "imgs"), gallery=str(tmp_path / "absent.tsv"))
+    dup = _write(tmp_path / "dup.tsv", ["101\tAAAA", "101\tAAAA"])
+    with pytest.raises(ValueError, match="duplicate image ids"):
+        read_ccmb("muge", q, str(tmp_path / "imgs"), gallery=dup)
+    broken = _write(tmp_path / "broken.tsv", ["101 no tab here"])
+    with pytest.raises(ValueError, match=r"broken\.tsv:1: expected '<image_id><TAB><base64>'"):
+        read_ccmb("muge", q, str(tmp_path / "imgs"), gallery=broken)
+
+
+def test_zeroshot_counts_non_images_and_rejects_blank_class_lines(tmp_path):
+    root = tmp_path / "cls"
+    _jpg(root / "a" / "1.jpg")
+    _jpg(root / "b" / "1.png")
+    (root / "a" / "Thumbs.db").write_bytes(b"x")
+    res, names = read_zeroshot(str(root))
+    assert len(res.records) == 2 and res.reasons == {"not_image": 1}
+    blank = _write(tmp_path / "names.txt", ["猫", "", "狗"])  # would shift 狗 to label 2
+    with pytest.raises(ValueError, match=r"names\.txt:2: blank class name"):
+        read_zeroshot(str(root), classnames=blank)
+    trailing = tmp_path / "t.txt"
+    trailing.write_text("猫\n狗\n\n\n", encoding="utf-8")
+    assert read_zeroshot(str(root), classnames=str(trailing))[1] == ["猫", "狗"]
+    with pytest.raises(FileNotFoundError, match="class-names file not found"):
+        read_zeroshot(str(root), classnames=str(tmp_path / "none.txt"))
+
+
+def test_format_registry():
+    from r2d2.engine.data import ccmb
+
+    assert ccmb.FORMATS == ccmb.RETRIEVAL_FORMATS + ccmb.MATCHING_FORMATS + ccmb.CLASSIFICATION_FORMATS
+    assert len(set(ccmb.FORMATS)) == len(ccmb.FORMATS)
+    assert set(ccmb.MATCHING_FORMATS) == {"icm", "iqm"} and "muge" in ccmb.RETRIEVAL_FORMATS

@@ -1,7 +1,9 @@
 """Readers for the CCMB downstream sets and the public Chinese benchmarks.
 
 Every reader returns a :class:`ReadResult`: the usable records, how many samples were skipped and
-why (``missing_image``, ``empty_text``). A malformed line is not a sample but a broken file, so it
+why (``missing_image``, ``empty_text`` (blank or null), ``non_string_text`` (a number, list, ...),
+``no_caption`` (COCO-CN), ``not_in_gallery`` / ``missing_gallery_image`` (MUGE), ``not_image``
+(zero-shot folder)). A malformed line is not a sample but a broken file, so it
 raises ``ValueError("<file>:<line>: <what is wrong>")`` instead of being skipped.
 
 Layouts (the released ones; where a release is ambiguous the assumption is stated):
@@ -20,7 +22,12 @@ Layouts (the released ones; where a release is ambiguous the assumption is state
     ``image_root/<id>.jpg`` or, in the COCO tree, ``image_root/<train2014|val2014>/<id>.jpg``.
 ``muge``  ``<split>_queries.jsonl`` lines ``{"query_id", "query_text", "item_ids": [...]}``; one
     record per (query, item) pair, image ``image_root/<item_id>.jpg``. The release ships images as
-    base64 in ``<split>_imgs.tsv``; :func:`unpack_base64_tsv` writes them out as files once.
+    base64 in ``<split>_imgs.tsv``; :func:`unpack_base64_tsv` writes them out as files once. The
+    official protocol ranks every query against the split's whole image pool, so the result
+    (:class:`MugeRead`) also carries ``gallery``: every image of ``gallery=`` (that TSV, or a
+    folder of unpacked images; :func:`default_muge_gallery` finds the TSV beside the queries).
+    Without ``gallery=`` there is no pool (training needs none, and scanning a multi-GB TSV for
+    its ids is not free).
 ``zeroshot``  an ImageFolder tree ``root/<class>/*.jpg`` or a list file ``<path><TAB><label>`` with
     a class-names file (one name per line, label = 0-based line number, or the name itself).
     ``text`` holds the class name and ``label`` the class index.
@@ -36,9 +43,18 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from r2d2.engine.data.records import ReadResult, Record
 
-FORMATS = ("icr", "iqr", "icm", "iqm", "flickr30k_cna", "flickr30k_cn", "coco_cn", "muge", "zeroshot")
+RETRIEVAL_FORMATS = ("icr", "iqr", "flickr30k_cna", "flickr30k_cn", "coco_cn", "muge")
+"""image-text pairs: retrieval evaluation, retrieval fine-tuning"""
+MATCHING_FORMATS = ("icm", "iqm")
+"""labelled pairs (label 1 = match): matching evaluation and fine-tuning"""
+CLASSIFICATION_FORMATS = ("zeroshot",)
+"""images with a class label: zero-shot classification only"""
+FORMATS = RETRIEVAL_FORMATS + MATCHING_FORMATS + CLASSIFICATION_FORMATS
+"""every name :func:`read_ccmb` accepts (``data.format: ccmb_<name>`` in the training config)"""
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 
@@ -50,7 +66,10 @@ class _Collector:
         self.reasons: Counter = Counter()
         self.check_images = check_images
 
-    def add(self, image: str | None, text: str, image_id: str, label: int | None = None) -> None:
+    def add(self, image: str | None, text, image_id: str, label: int | None = None) -> None:
+        if text is not None and not isinstance(text, str):  # a number or list in the JSON: a bad
+            self.reasons["non_string_text"] += 1           # sample, not an empty caption
+            return
         if not text or not text.strip():
             self.reasons["empty_text"] += 1
             return
@@ -116,13 +135,12 @@ def read_jsonl_pairs(path: str, image_root: str | None = None, with_label: bool 
     required = ("image_path", "text", "label") if with_label else ("image_path", "text")
     for n, line in _lines(path):
         obj = _json_line(path, n, line, required)
-        rel = str(obj["image_path"])
-        if not rel:
-            raise ValueError(f"{path}:{n}: empty image_path")
+        rel = obj["image_path"]
+        if not isinstance(rel, str) or not rel.strip():
+            raise ValueError(f"{path}:{n}: image_path must be a non-empty string, got {rel!r}")
         label = _parse_label(path, n, obj["label"]) if with_label else None
         image = _find_image(root, rel) if check_images else os.path.join(root, os.path.basename(rel))
-        text = obj["text"] if isinstance(obj["text"], str) else ""
-        out.add(image, text, Path(rel).stem, label)
+        out.add(image, obj["text"], Path(rel).stem, label)
     return out.result()
 
 
@@ -187,18 +205,88 @@ def read_coco_cn(path: str, image_root: str | None = None, captions: str | None 
     return out.result()
 
 
-def read_muge(path: str, image_root: str | None = None, check_images: bool = True) -> ReadResult:
-    """MUGE queries: one record per (query, correct item); all records of a query share its text."""
+@dataclass
+class MugeRead(ReadResult):
+    """:func:`read_muge`'s result: the (query, item) records plus the split's image pool."""
+
+    gallery: list[tuple[str, str]] | None = None
+    """``(image path, image_id)`` of every image of the split's pool, in file order; None when no
+    pool was given or found (training needs none; the retrieval evaluation does)."""
+    gallery_source: str | None = None
+
+
+def _tsv_ids(tsv: str) -> list[str]:
+    """Image ids of a ``<image_id><TAB><base64>`` file (the payloads are not decoded)."""
+    ids = []
+    for n, line in _lines(tsv):
+        image_id, sep, _ = line.partition("\t")
+        if not sep or not image_id.strip():
+            raise ValueError(f"{tsv}:{n}: expected '<image_id><TAB><base64>'")
+        ids.append(image_id.strip())
+    return ids
+
+
+def default_muge_gallery(path: str) -> str | None:
+    """``<split>_imgs.tsv`` beside ``<split>_queries.jsonl`` if it exists."""
+    name = os.path.basename(path)
+    if "_queries" not in name:
+        return None
+    cand = os.path.join(os.path.dirname(os.path.abspath(path)), name.split("_queries")[0] + "_imgs.tsv")
+    return cand if os.path.isfile(cand) else None
+
+
+def read_muge(path: str, image_root: str | None = None, check_images: bool = True,
+              gallery: str | None = None) -> MugeRead:
+    """MUGE queries: one record per (query, correct item); all records of a query share its text.
+
+    ``gallery``: the split's image pool, ``<split>_imgs.tsv`` (ids read, payloads ignored) or a
+    folder of images (``<id>.<ext>``); None: no pool. With a pool, an item outside it is skipped
+    as ``not_in_gallery``, and a pool image without its file under ``image_root`` is left out of
+    the pool and counted as ``missing_gallery_image``."""
     root = _root(path, image_root)
     out = _Collector(check_images)
+    pool: dict[str, str] | None = None
+    in_pool: set[str] = set()
+    if gallery is not None:
+        if os.path.isdir(gallery):  # the unpacked pool itself: its files are the images
+            files = sorted(f for f in os.listdir(gallery) if f.lower().endswith(IMAGE_EXTS))
+            if not files:
+                raise ValueError(f"MUGE gallery folder {gallery} holds no images")
+            ids = [os.path.splitext(f)[0] for f in files]
+            paths = [os.path.join(gallery, f) for f in files]
+        else:
+            if not os.path.isfile(gallery):
+                raise FileNotFoundError(f"MUGE gallery (the split's image pool) not found: {gallery}")
+            ids = _tsv_ids(gallery)
+            paths = [os.path.join(root, f"{i}.jpg") for i in ids]
+        if len(set(ids)) != len(ids):
+            dup = sorted(k for k, v in Counter(ids).items() if v > 1)
+            raise ValueError(f"{gallery}: duplicate image ids {dup[:5]}")
+        in_pool, pool = set(ids), {}
+        for image_id, image in zip(ids, paths):
+            if check_images and not os.path.isfile(image):
+                out.reasons["missing_gallery_image"] += 1
+                continue
+            pool[image_id] = image
     for n, line in _lines(path):
         obj = _json_line(path, n, line, ("query_id", "query_text", "item_ids"))
         items = obj["item_ids"]
         if not isinstance(items, list) or not items:
             raise ValueError(f"{path}:{n}: item_ids must be a non-empty list, got {items!r}")
         for item in items:
-            out.add(os.path.join(root, f"{item}.jpg"), str(obj["query_text"]), str(item))
-    return out.result()
+            if isinstance(item, (dict, list, bool)) or item is None:
+                raise ValueError(f"{path}:{n}: item ids must be numbers or strings, got {item!r}")
+            item = str(item)
+            if pool is not None and item not in pool:
+                # outside the split's pool, or in it but without its image file
+                out.reasons["not_in_gallery" if item not in in_pool else "missing_image"] += 1
+                continue
+            image = pool[item] if pool is not None else os.path.join(root, f"{item}.jpg")
+            out.add(image, obj["query_text"], item)
+    res = out.result()
+    return MugeRead(res.records, res.skipped, res.reasons,
+                    gallery=None if pool is None else [(p, i) for i, p in pool.items()],
+                    gallery_source=gallery)
 
 
 def unpack_base64_tsv(tsv: str, out_dir: str) -> tuple[int, Counter]:
@@ -226,13 +314,23 @@ def unpack_base64_tsv(tsv: str, out_dir: str) -> tuple[int, Counter]:
 
 
 def read_classnames(path: str) -> list[str]:
-    names = [line for _, line in _lines(path)]
-    if len(set(names)) != len(names):
-        dup = sorted(k for k, v in Counter(names).items() if v > 1)
-        raise ValueError(f"{path}: duplicate class names {dup[:5]}")
-    if not names:
+    """One class name per line; line ``n`` (0-based) is class ``n``, so a blank line inside the
+    file (which would shift every later label) is an error; trailing blank lines are ignored."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class-names file not found: {path}")
+    with open(path, encoding="utf-8-sig") as f:
+        raw = [line.strip() for line in f]
+    while raw and not raw[-1]:
+        raw.pop()
+    if not raw:
         raise ValueError(f"{path}: no class names")
-    return names
+    blank = [n for n, name in enumerate(raw, 1) if not name]
+    if blank:
+        raise ValueError(f"{path}:{blank[0]}: blank class name (line n is class n - 1; remove it)")
+    if len(set(raw)) != len(raw):
+        dup = sorted(k for k, v in Counter(raw).items() if v > 1)
+        raise ValueError(f"{path}: duplicate class names {dup[:5]}")
+    return raw
 
 
 def read_zeroshot(path: str, image_root: str | None = None, classnames: str | None = None,
@@ -252,8 +350,11 @@ def read_zeroshot(path: str, image_root: str | None = None, classnames: str | No
             raise ValueError(f"{classnames}: {len(names)} class names for {len(dirs)} class folders")
         for label, d in enumerate(dirs):
             for f in sorted(os.listdir(os.path.join(path, d))):
+                full = os.path.join(path, d, f)
                 if f.lower().endswith(IMAGE_EXTS):
-                    out.add(os.path.join(path, d, f), names[label], f"{d}/{f}", label)
+                    out.add(full, names[label], f"{d}/{f}", label)
+                elif os.path.isfile(full):  # notes, thumbnails DBs, ...: counted, not read
+                    out.reasons["not_image"] += 1
         return out.result(), names
     if classnames is None:
         raise ValueError("zeroshot list file needs a class-names file (classnames=...)")
@@ -281,11 +382,12 @@ def read_ccmb(format: str, path: str, image_root: str | None = None, *, check_im
               **options) -> ReadResult:
     """Read one downstream annotation file (see the module docstring for each ``format``).
 
-    ``options``: ``captions=`` for ``coco_cn``, ``classnames=`` for ``zeroshot``. ``check_images``
+    ``options``: ``captions=`` for ``coco_cn``, ``gallery=`` for ``muge``, ``classnames=`` for
+    ``zeroshot``. ``check_images``
     False skips the per-sample file check (for huge sets on slow storage; missing files then fail
     at load time instead of being counted here)."""
     fmt = format.lower()
-    allowed = {"coco_cn": {"captions"}, "zeroshot": {"classnames"}}.get(fmt, set())
+    allowed = {"coco_cn": {"captions"}, "muge": {"gallery"}, "zeroshot": {"classnames"}}.get(fmt, set())
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"read_ccmb({fmt!r}): unexpected option(s) {sorted(unknown)}")
@@ -298,7 +400,7 @@ def read_ccmb(format: str, path: str, image_root: str | None = None, *, check_im
     if fmt == "coco_cn":
         return read_coco_cn(path, image_root, check_images=check_images, **options)
     if fmt == "muge":
-        return read_muge(path, image_root, check_images=check_images)
+        return read_muge(path, image_root, check_images=check_images, **options)
     if fmt == "zeroshot":
         return read_zeroshot(path, image_root, check_images=check_images, **options)[0]
     raise ValueError(f"unknown CCMB format {format!r}; expected one of {FORMATS}")
