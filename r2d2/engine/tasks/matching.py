@@ -30,6 +30,9 @@ def itm_logits(model, images: torch.Tensor, input_ids: torch.Tensor,
     """(text-image head logits [N, 2], image-text head logits [N, 2]) of row-wise pairs."""
     if not hasattr(model, "itm_logits"):
         raise TypeError(f"{type(model).__name__} has no ITM heads; matching needs the cross encoders")
+    if not getattr(getattr(model, "config", None), "has_cross", True):
+        raise ValueError("matching needs the cross encoders' ITM heads; this is a dual-encoder "
+                         "model (PRD2, cross_layers=0)")
     return model.itm_logits(model.image_tokens(images), model.text_tokens(input_ids, attention_mask),
                             attention_mask)
 

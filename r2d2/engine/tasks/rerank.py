@@ -12,15 +12,26 @@ any candidate outside the top k, which is > that cosine - 2. So the top k stay a
 matrix usable for recall at any cut-off and makes "re-ranking only permutes the top k" exact.
 
 Cost and distribution: the cross encoders score ``k`` pairs per query row, the dominant cost of
-evaluation. Query rows are split into contiguous shards, one per rank (``ceil(Q / world)`` rows
-each); a rank scores its shard in batches of ``pair_batch`` pairs and the ``[rows, k]`` indices
-and scores are all-gathered (gloo or NCCL), so every rank ends with the full matrix. Works
-unchanged with one process.
+evaluation. Every rank computes the (cheap) top k of every row; the pairs are then split over the
+ranks in one of two ways (``shard``):
+
+``"rows"``        a rank scores the pairs of its contiguous shard of query rows
+                  (``shard_rows(Q, rank, world)``);
+``"candidates"``  a rank scores the pairs whose *candidate* lies in its contiguous shard of
+                  candidates (``shard_rows(C, rank, world)``).
+
+``inference.retrieve`` uses ``rows`` for image-to-text and ``candidates`` for text-to-image, so
+every pair is scored by the rank that encoded (and holds the token states of) its image. A rank
+scores its pairs in batches of ``pair_batch``; the ``[Q, k]`` probabilities, zero where another
+rank scored, are summed over the ranks (one ``all_reduce``; each entry has exactly one non-zero
+term, so the sum is exact), and every rank ends with the full matrix. One process works
+unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -52,6 +63,46 @@ def shard_rows(n_rows: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def encode_shard(fn: Callable[[int, int], torch.Tensor], n: int, batch_size: int,
+                 group=None) -> torch.Tensor:
+    """This rank's rows ``shard_rows(n, rank, world)`` of ``cat(fn(s, e) for batches)``.
+
+    ``fn(start, end)`` returns ``[end - start, ...]``. An empty shard (more ranks than rows) still
+    returns a ``[0, ...]`` tensor of the right trailing shape and dtype (from a one-row probe), so
+    it can take part in :func:`gather_shards`."""
+    if n < 1:
+        raise ValueError("encode_shard: nothing to encode (n = 0)")
+    rank, world = dist_info(group)
+    start, end = shard_rows(n, rank, world)
+    parts = [fn(s, min(s + batch_size, end)) for s in range(start, end, batch_size)]
+    return torch.cat(parts) if parts else fn(0, 1)[:0]
+
+
+def gather_shards(local: torch.Tensor, n: int, group=None) -> torch.Tensor:
+    """``[n, ...]``: every rank's :func:`encode_shard` result, in row order, on every rank.
+
+    Shards are padded to ``ceil(n / world)`` rows for the all-gather (only the last shards are
+    short, so the real rows are the first ``n``)."""
+    _, world = dist_info(group)
+    if world == 1:
+        return local
+    per = math.ceil(n / world)
+    if per - local.shape[0]:
+        local = torch.cat([local, local.new_zeros(per - local.shape[0], *local.shape[1:])])
+    return gather(local.contiguous(), group, with_grad=False)[:n]
+
+
+@torch.no_grad()
+def sharded_encode(fn: Callable[[int, int], torch.Tensor], n: int, batch_size: int,
+                   group=None) -> torch.Tensor:
+    """``cat(fn(s, e) for batches)`` over all ``n`` rows, each rank computing a shard."""
+    return gather_shards(encode_shard(fn, n, batch_size, group), n, group)
+
+
+SHARDS = ("rows", "candidates")
+
+
+@torch.no_grad()
 def rerank(
     sim_i2t: torch.Tensor,
     scorer: PairScorer,
@@ -60,20 +111,29 @@ def rerank(
     pair_batch: int = 256,
     group=None,
     progress: bool = False,
+    shard: str = "rows",
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Two-stage scores for one direction.
 
     Args:
         sim_i2t: ``[n_img, n_txt]`` pre-rank similarity, identical on every rank.
-        scorer: see :class:`PairScorer`; called with index tensors on ``sim_i2t``'s device.
+        scorer: see :class:`PairScorer`; called with global index tensors on ``sim_i2t``'s device.
         k: candidates re-ranked per query (clamped to the number of candidates).
         direction: ``"i2t"`` (rows = images, result ``[n_img, n_txt]``) or ``"t2i"`` (rows =
             texts, result ``[n_txt, n_img]``).
         pair_batch: pairs per scorer call (bounds cross-encoder memory).
         group: process group to shard over (default: the world when distributed).
+        progress: a tqdm bar on rank 0.
+        shard: how the pairs are split over ranks, ``"rows"`` or ``"candidates"`` (module doc).
+        rows: optional query-row indices to re-rank; the other rows are returned as their plain
+            pre-rank scores (used where a direction is measured on a subset only, e.g. the
+            images a MUGE query names).
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+    if shard not in SHARDS:
+        raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
     if sim_i2t.dim() != 2:
         raise ValueError(f"sim_i2t must be [n_img, n_txt], got shape {tuple(sim_i2t.shape)}")
     if k < 1 or pair_batch < 1:
@@ -82,32 +142,44 @@ def rerank(
     n_q, n_c = sim.shape
     k = min(k, n_c)
     rank, world = dist_info(group)
-    start, end = shard_rows(n_q, rank, world)
-    per = math.ceil(n_q / world) if n_q else 0
+    active = torch.ones(n_q, dtype=torch.bool, device=sim.device)
+    if rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.long, device=sim.device).reshape(-1)
+        if rows.numel() and (rows.min() < 0 or rows.max() >= n_q):
+            raise ValueError(f"rows: index out of range [0, {n_q})")
+        active = torch.zeros_like(active)
+        active[rows] = True
 
-    top_val, top_idx = topk_stable(sim[start:end], k)                  # [rows, k]
-    q_idx = torch.arange(start, end, device=sim.device)[:, None].expand(-1, k).reshape(-1)
-    c_idx = top_idx.reshape(-1)
+    top_val, top_idx = topk_stable(sim, k)                               # [n_q, k], every rank
+    if shard == "rows":
+        start, end = shard_rows(n_q, rank, world)
+        mine = torch.zeros_like(active)
+        mine[start:end] = True
+        mine = (mine & active)[:, None].expand(-1, k)
+    else:
+        start, end = shard_rows(n_c, rank, world)
+        mine = active[:, None] & (top_idx >= start) & (top_idx < end)
+    q_idx, slot = mine.nonzero(as_tuple=True)                            # row-major: query by query
+    c_idx = top_idx[q_idx, slot]
     img_idx, txt_idx = (q_idx, c_idx) if direction == "i2t" else (c_idx, q_idx)
-    probs = torch.empty(img_idx.numel(), dtype=torch.float32, device=sim.device)
-    steps = range(0, img_idx.numel(), pair_batch)
+    probs = torch.zeros(n_q, k, dtype=torch.float32, device=sim.device)
+    flat = torch.empty(q_idx.numel(), dtype=torch.float32, device=sim.device)
+    steps = range(0, q_idx.numel(), pair_batch)
     if progress and rank == 0:
         from tqdm import tqdm
 
         steps = tqdm(steps, desc=f"re-rank {direction} (k={k})", unit="batch")
     for s in steps:
         p = scorer(img_idx[s:s + pair_batch], txt_idx[s:s + pair_batch])
-        probs[s:s + pair_batch] = p.detach().float().reshape(-1).to(sim.device)
-    local = probs.view(-1, k) + top_val                                   # [rows, k]
+        flat[s:s + pair_batch] = p.detach().float().reshape(-1).to(sim.device)
+    probs[q_idx, slot] = flat
+    if world > 1:
+        import torch.distributed as dist
 
-    # Pad every shard to `per` rows so all ranks all-gather equal shapes; padded rows are dropped.
-    pad = per - (end - start)
-    if pad:
-        local = torch.cat([local, local.new_zeros(pad, k)])
-        top_idx = torch.cat([top_idx, top_idx.new_zeros(pad, k)])
-    all_scores = gather(local, group, with_grad=False)[:n_q]
-    all_idx = gather(top_idx, group, with_grad=False)[:n_q]
+        dist.all_reduce(probs, op=dist.ReduceOp.SUM, group=group)
 
     out = sim - OUTSIDE_SHIFT
-    out.scatter_(1, all_idx, all_scores)
+    out.scatter_(1, top_idx, probs + top_val)
+    if rows is not None:
+        out[~active] = sim[~active]
     return out
