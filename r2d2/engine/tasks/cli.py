@@ -8,8 +8,11 @@ config's ``out``):
     eval_<task>.md      a Markdown table of the metrics
     recall_at_k.png     retrieval only: recall@k curves, pre-rank vs pre-rank + rank
 
-Under ``torchrun`` every rank evaluates its shard (embeddings and cross-encoder scoring); rank 0
-writes the files. Config schema: :class:`EvalConfig`; overrides ``--section.field=value``.
+Under ``torchrun`` every rank loads and encodes its shard of the images and texts (the embeddings
+are all-gathered) and scores the cross-encoder pairs of its own images; rank 0 writes the files.
+Config schema: :class:`EvalConfig`; overrides ``--section.field=value``. A bad config or input
+(a task the data format cannot serve, a matching run on a PRD2 model, a malformed file) ends
+with one line ``r2d2 eval <task>: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -27,13 +30,23 @@ import torch
 import yaml
 
 from r2d2.dist import dist_info, is_dist
-from r2d2.engine.data.ccmb import FORMATS, read_ccmb, read_zeroshot
+from r2d2.engine.data.ccmb import (CLASSIFICATION_FORMATS, FORMATS, MATCHING_FORMATS, RETRIEVAL_FORMATS,
+                                   read_ccmb, read_zeroshot)
 from r2d2.engine.metrics import ranks_of_targets
 from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evaluate_retrieval
 from r2d2.engine.tasks.zeroshot import DEFAULT_TEMPLATES, check_templates
 
 TASKS = ("retrieval", "matching", "zeroshot")
 EVAL_FORMATS = FORMATS + ("synthetic",)
+# Which data formats each task evaluates. icm / iqm are refused for retrieval: their label-0 pairs
+# are deliberate mismatches, so treating every pair as ground truth would reward wrong matches.
+TASK_FORMATS = {"retrieval": RETRIEVAL_FORMATS + ("synthetic",),
+                "matching": MATCHING_FORMATS + ("synthetic",),
+                "zeroshot": CLASSIFICATION_FORMATS}
+
+
+class EvalError(ValueError):
+    """A user-facing evaluation error (printed as one line by the CLI)."""
 
 
 @dataclass
@@ -49,10 +62,14 @@ class EvalDataConfig:
     """image folder; default: the annotation file's folder"""
     captions: str | None = None
     """coco_cn: the captions file (default imageid.human-written-caption.txt beside path)"""
+    gallery: str | None = None
+    """muge: the split's image pool every query is ranked against, <split>_imgs.tsv (or a folder
+    of the unpacked images); default <split>_imgs.tsv beside path"""
     classnames: str | None = None
     """zeroshot: class-names file, one per line"""
     limit: int | None = None
-    """evaluate only the first N records (quick checks)"""
+    """evaluate only the first N records (quick checks; MUGE: the first N query-item pairs
+    against their own images plus the first N images of the pool)"""
     vocab: str | None = None
     """tokenizer vocab.txt; default: the checkpoint's, else the project's built-in vocabulary"""
     max_text_len: int | None = None
@@ -108,6 +125,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.data.format not in TASK_FORMATS[self.task]:
+            hint = {"icm": " (a matching set: r2d2 eval matching; its retrieval twin is icr)",
+                    "iqm": " (a matching set: r2d2 eval matching; its retrieval twin is iqr)",
+                    "icr": " (no labels: matching needs icm)", "iqr": " (no labels: matching needs iqm)"}
+            raise ValueError(f"data.format={self.data.format!r} cannot be evaluated by "
+                             f"`r2d2 eval {self.task}`{hint.get(self.data.format, '')}; "
+                             f"{self.task} reads {TASK_FORMATS[self.task]}")
 
 
 def _build(cls, values: dict, where: str):
@@ -189,12 +213,15 @@ def make_tokenize(model, cfg: EvalDataConfig, checkpoint: str):
 
 
 def make_load_image(model):
-    """``path -> [3, S, S]`` with the engine's eval transform at the model's resolution."""
+    """``path -> [3, S, S]`` with the engine's eval transform at the model's resolution; synthetic
+    keys render on a ``max(64, S)`` canvas, exactly as the trainer's end-of-run evaluation."""
     from r2d2.engine.data.synthetic import open_image
     from r2d2.engine.data.transforms import eval_transform
 
-    tf = eval_transform(getattr(getattr(model, "config", None), "image_size", 224))
-    return lambda path: tf(open_image(path))
+    size = getattr(getattr(model, "config", None), "image_size", 224)
+    tf = eval_transform(size)
+    canvas = max(64, size)
+    return lambda path: tf(open_image(path, canvas))
 
 
 def synthetic_eval_set(task: str, size: int, seed: int):
@@ -246,7 +273,8 @@ def plot_recall(curves: dict[str, np.ndarray], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def markdown_table(task: str, metrics: dict) -> str:
+def markdown_table(task: str, metrics: dict, notes: list[str] | None = None) -> str:
+    notes = list(notes or [])
     if task == "retrieval":
         keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"]
         head = "| stage | " + " | ".join(keys) + " |"
@@ -254,12 +282,41 @@ def markdown_table(task: str, metrics: dict) -> str:
         for stage in ("pre_rank", "pre_rank+rank"):
             if metrics.get(stage):
                 rows.append(f"| {stage} | " + " | ".join(f"{metrics[stage][k]:.2f}" for k in keys) + " |")
-        return "\n".join(rows) + f"\n\n{metrics['n_images']} images, {metrics['n_texts']} texts, re-rank k = {metrics['k']}\n"
-    keys = ["auc", "accuracy"] if task == "matching" else ["top1", "top5"]
-    fmt = {"auc": "{:.4f}"}
-    rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-            "| " + " | ".join(fmt.get(k, "{:.2f}").format(metrics[k]) for k in keys) + " |"]
-    return "\n".join(rows) + "\n"
+        text = "\n".join(rows) + (f"\n\n{metrics['n_images']} images, {metrics['n_texts']} texts, "
+                                  f"re-rank k = {metrics['k']}; mean_recall = mean of "
+                                  f"{metrics.get('mean_recall_of', 'the six recalls')}\n")
+        notes = list(metrics.get("notes") or []) + notes
+    else:
+        keys = ["auc", "accuracy"] if task == "matching" else ["top1", "top5"]
+        fmt = {"auc": "{:.4f}"}
+        rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                "| " + " | ".join(fmt.get(k, "{:.2f}").format(metrics[k]) for k in keys) + " |"]
+        text = "\n".join(rows) + "\n"
+    return text + "".join(f"\nNote: {n}\n" for n in notes)
+
+
+def _read(cfg: EvalConfig):
+    """(ReadResult, classnames or None, gallery or None) of the configured split."""
+    d = cfg.data
+    if d.format == "synthetic":
+        return synthetic_eval_set(cfg.task, d.synthetic_size, d.seed), None, None
+    if cfg.task == "zeroshot":
+        read, classnames = read_zeroshot(d.path, d.image_root, d.classnames)
+        return read, classnames, None
+    opts = {"captions": d.captions} if d.format == "coco_cn" and d.captions else {}
+    if d.format == "muge":
+        from r2d2.engine.data.ccmb import default_muge_gallery
+
+        opts["gallery"] = d.gallery or default_muge_gallery(d.path)
+    read = read_ccmb(d.format, d.path, d.image_root, **opts)
+    gallery = None
+    if d.format == "muge":
+        gallery = read.gallery
+        if gallery is None:
+            raise EvalError(f"MUGE ranks every query against the split's whole image pool: set "
+                            f"data.gallery to <split>_imgs.tsv (or the unpacked image folder); no "
+                            f"<split>_imgs.tsv beside {d.path}")
+    return read, None, gallery
 
 
 # ------------------------------------------------------------------------------------- main
@@ -267,32 +324,39 @@ def run(cfg: EvalConfig, checkpoint: str) -> dict:
     d = cfg.data
     device = _device(cfg.device)
     model = load_model(checkpoint, device)
+    if cfg.task == "matching" and not getattr(getattr(model, "config", None), "has_cross", True):
+        raise EvalError(f"matching scores pairs with the ITM heads of the cross encoders; {checkpoint} "
+                        "is a dual-encoder model (PRD2, cross_layers=0). Evaluate it with "
+                        "`r2d2 eval retrieval` (pre-rank) or `r2d2 eval zeroshot`")
     tokenize = make_tokenize(model, d, checkpoint)
     load_image = make_load_image(model)
-    classnames = None
-    if d.format == "synthetic":
-        read = synthetic_eval_set(cfg.task, d.synthetic_size, d.seed)
-    elif cfg.task == "zeroshot":
-        read, classnames = read_zeroshot(d.path, d.image_root, d.classnames)
-    else:
-        opts = {"captions": d.captions} if d.format == "coco_cn" and d.captions else {}
-        read = read_ccmb(d.format, d.path, d.image_root, **opts)
+    read, classnames, gallery = _read(cfg)
     records = read.records[: d.limit] if d.limit else read.records
     if not records:
-        raise ValueError(f"{d.path}: no usable records (skipped {read.skipped}: {dict(read.reasons)})")
+        raise EvalError(f"{d.path}: no usable records (skipped {read.skipped}: {dict(read.reasons)})")
+    notes: list[str] = []
+    if gallery is not None and d.limit:
+        named = {r.image_id for r in records}
+        gallery = [g for g in gallery if g[1] in named] + [g for g in gallery[: d.limit] if g[1] not in named]
+        notes.append(f"data.limit={d.limit}: the gallery is cut to {len(gallery)} images, a quick "
+                     "check, not the MUGE protocol (the whole pool)")
     report: dict = {"task": cfg.task, "checkpoint": checkpoint, "data": dataclasses.asdict(d),
                     "skipped": read.skipped, "skip_reasons": dict(read.reasons)}
     curves = None
     if cfg.task == "retrieval":
-        rset = RetrievalSet.from_records(records)
+        rset = RetrievalSet.from_records(records, gallery, protocol="t2i" if d.format == "muge" else "both")
         res = evaluate_retrieval(model, rset, tokenize, load_image, cfg.retrieval)
         metrics = res.to_dict()
+        metrics["notes"] = res.notes + notes
+        notes = []
         report["config"] = dataclasses.asdict(cfg.retrieval)
         max_k = min(50, len(rset.texts), len(rset.images))
-        curves = {"i2t pre-rank only": recall_curve(res.sim_i2t, rset.img2txt, max_k),
+        rows = rset.queried_images
+        i2t_t = [rset.img2txt[i] for i in rows]
+        curves = {"i2t pre-rank only": recall_curve(res.sim_i2t[rows], i2t_t, max_k),
                   "t2i pre-rank only": recall_curve(res.sim_i2t.t(), rset.txt2img, max_k)}
         if res.scores_i2t is not None:
-            curves["i2t pre-rank + rank"] = recall_curve(res.scores_i2t, rset.img2txt, max_k)
+            curves["i2t pre-rank + rank"] = recall_curve(res.scores_i2t[rows], i2t_t, max_k)
             curves["t2i pre-rank + rank"] = recall_curve(res.scores_t2i, rset.txt2img, max_k)
     elif cfg.task == "matching":
         from r2d2.engine.tasks.matching import evaluate_matching
@@ -307,12 +371,14 @@ def run(cfg: EvalConfig, checkpoint: str) -> dict:
                                     cfg.zeroshot.templates, cfg.zeroshot.batch_size).to_dict()
         report["config"] = dataclasses.asdict(cfg.zeroshot)
     report["metrics"] = metrics
+    report["notes"] = list(metrics.get("notes", [])) + notes
     if dist_info()[0] == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, f"eval_{cfg.task}.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=2)
         with open(os.path.join(cfg.out, f"eval_{cfg.task}.md"), "w", encoding="utf-8") as f:
-            f.write(f"# {cfg.task}: {d.format} {os.path.basename(d.path)}\n\n" + markdown_table(cfg.task, metrics))
+            title = os.path.basename(d.path) if d.path else f"held-out split ({d.synthetic_size} pairs)"
+            f.write(f"# {cfg.task}: {d.format} {title}\n\n" + markdown_table(cfg.task, metrics, notes))
         if curves:
             plot_recall(curves, os.path.join(cfg.out, "recall_at_k.png"), f"{d.format}: recall@k")
     return report
@@ -337,9 +403,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.init_process_group(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    report = run(cfg, args.checkpoint)
+    try:
+        report = run(cfg, args.checkpoint)
+    except (ValueError, OSError) as e:  # bad input (EvalError, a reader's file:line error, a missing
+        # or unreadable file): one line, no traceback
+        print(f"r2d2 eval {args.task}: error: {e}", file=sys.stderr)
+        if is_dist():
+            torch.distributed.destroy_process_group()
+        return 2
     if dist_info()[0] == 0:
-        print(markdown_table(cfg.task, report["metrics"]), end="")
+        print(markdown_table(cfg.task, report["metrics"],
+                             None if cfg.task == "retrieval" else report["notes"]), end="")
         print(f"wrote {cfg.out}/eval_{cfg.task}.json" + (f" (skipped {report['skipped']}: "
               f"{report['skip_reasons']})" if report["skipped"] else ""))
     if is_dist():
