@@ -487,7 +487,8 @@ class Tiles:
     """Feature-dim step of the similarity dot products."""
     block_d: int | None = None
     """Feature-dim chunk of a backward program's gradient accumulator."""
-    num_warps: int = 4
+    num_warps: int | None = None
+    """Warps per program (GPU default 8: a 64 x 64 fp32 tile is 16 registers a thread)."""
     programs: int | None = None
     """Target number of programs per kernel (GPU: 4 x SMs; interpreter: 2)."""
     budget_bytes: int = 256 << 20
@@ -510,8 +511,8 @@ class Tiles:
         if progs is None:
             sms = 0 if small else torch.cuda.get_device_properties(device).multi_processor_count
             progs = 2 if small else 4 * sms
-        return Tiles(self.block_r or dflt, self.block_c or dflt, bk, bd, self.num_warps, progs,
-                     self.budget_bytes)
+        return Tiles(self.block_r or dflt, self.block_c or dflt, bk, bd,
+                     self.num_warps or (4 if small else 8), progs, self.budget_bytes)
 
 
 def geometry(d: int, device, tiles: Tiles) -> Tiles:
