@@ -105,17 +105,30 @@ def make_inputs(c: dict, dtype: torch.dtype, device: str):
     return q, k, v, mask, fwd_flops, 1.0 - float(valid_k.sum()) / (B * Lk)
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
+    """Every case x provider x mode; each row is appended to ``out`` as soon as it is measured
+    (a run killed by a time limit keeps its rows), a provider that cannot run or refuses the case
+    gets a "skipped" row (an OOM an "oom" row) saying why."""
     shape_list, dtype = cases(device, quick)
-    rows: list[dict] = []
+    sink = harness.RowWriter(out)
+    dt = str(dtype).removeprefix("torch.")
     for c in shape_list:
         q, k, v, mask, fwd_flops, pad = make_inputs(c, dtype, device)
         shape = {k_: c[k_] for k_ in ("name", "B", "H", "Lq", "Lk", "D")}
         shape["padded"] = c["kmask"]
+        extra = {"key_padding": round(pad, 4), "dtype": dt}
+
+        def no_timing(label, status, error):
+            print(f"[{status}] {shape_str(shape)} {label}: {error}", file=sys.stderr)
+            for mode in MODES:
+                sink.add(harness.status_row(op="attention", provider=label, mode=mode,
+                                            shape=shape, status=status, error=error,
+                                            device=device, **extra))
+
         for label, backend, sdp in providers(device):
             why = None if backend == "auto" else why_unavailable("attention", backend, device)
             if why is not None:
-                print(f"[skip] {shape_str(shape)} {label}: {why}", file=sys.stderr)
+                no_timing(label, "skipped", why)
                 continue
 
             def fwd(backend=backend, sdp=sdp):
@@ -128,25 +141,31 @@ def run(device: str, quick: bool) -> list[dict]:
 
             try:  # an SDPA backend that refuses the case (flash + mask) raises here
                 fwd().sum().backward()
+            except torch.cuda.OutOfMemoryError as e:
+                no_timing(label, "oom", f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
+                continue
             except RuntimeError as e:
-                print(f"[skip] {shape_str(shape)} {label}: {str(e).splitlines()[0][:120]}",
-                      file=sys.stderr)
+                no_timing(label, "skipped", f"refused: {str(e).splitlines()[0][:200]}")
                 continue
             finally:
                 q.grad = k.grad = v.grad = None
-            extra = {"key_padding": round(pad, 4)}
+            row_extra = dict(extra)
             if backend == "auto":
-                extra["auto_pick"] = auto_pick_of(q, k, mask)
+                row_extra["auto_pick"] = auto_pick_of(q, k, mask)
             for mode, (fn, grad_to_none) in harness.modes(fwd, [q, k, v], which=MODES).items():
                 timing = harness.measure(fn, device=device, grad_to_none=grad_to_none)
                 peak = harness.peak_memory_bytes(fn, device) if mode == "fwd+bwd" else None
                 q.grad = k.grad = v.grad = None
-                rows.append(harness.make_row(
+                row = harness.make_row(
                     op="attention", provider=label, mode=mode, shape=shape, timing=timing,
                     flops=fwd_flops * FLOP_FACTOR[mode], peak_mem=peak, device=device,
-                    dtype=str(dtype).removeprefix("torch."), **extra))
-    harness.add_ratios(rows, baseline="eager")
-    add_best_sdpa_ratio(rows)
+                    **row_extra)
+                # SDPA providers come first, so the ratio is final when this row is written.
+                row["ratio_best_sdpa"] = best_sdpa_ratio(row, sink.rows)
+                sink.add(row)
+    rows = sink.rows
+    for r in rows:  # the SDPA rows themselves, now that every SDPA backend of a case is in
+        r["ratio_best_sdpa"] = best_sdpa_ratio(r, rows)
     return rows
 
 
@@ -162,20 +181,19 @@ def shape_str(shape: dict) -> str:
     return harness.shape_str(shape)
 
 
-def add_best_sdpa_ratio(rows: list[dict]) -> None:
-    """``ratio_best_sdpa``: fastest SDPA row's median / this row's median, per (shape, mode)."""
-    best: dict[tuple, float] = {}
-    for r in rows:
-        if r["provider"].startswith("sdpa"):
-            key = (harness.shape_str(r["shape"]), r["mode"])
-            best[key] = min(best.get(key, float("inf")), r["median_ms"])
-    for r in rows:
-        b = best.get((harness.shape_str(r["shape"]), r["mode"]))
-        r["ratio_best_sdpa"] = b / r["median_ms"] if b and r["median_ms"] > 0 else None
+def best_sdpa_ratio(row: dict, rows: list[dict]) -> float | None:
+    """The fastest timed SDPA row of ``row``'s (shape, mode) among ``rows``, divided by ``row``'s
+    median (> 1 = ``row`` is faster)."""
+    key = (harness.shape_str(row["shape"]), row["mode"])
+    best = min((r["median_ms"] for r in rows if r["provider"].startswith("sdpa")
+                and r.get("median_ms") and (harness.shape_str(r["shape"]), r["mode"]) == key),
+               default=None)
+    return best / row["median_ms"] if best and row.get("median_ms") else None
 
 
 def print_summary(rows: list[dict]) -> None:
-    ours = [r for r in rows if r["provider"] in ("triton", "cuda", "xformers", "auto")]
+    ours = [r for r in rows if r["provider"] in ("triton", "cuda", "xformers", "auto")
+            and r.get("median_ms")]
     if not ours:
         return
     print("\nours vs the best SDPA backend and vs eager (median ratios, > 1 = faster; TFLOP/s of "
@@ -190,11 +208,11 @@ def print_summary(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = harness.parser(__doc__.splitlines()[0]).parse_args(argv)
-    rows = run(args.device, args.quick)
+    rows = run(args.device, args.quick, args.out)
     harness.print_table(rows)
     print_summary(rows)
     if args.out:
-        print(f"rows appended to {harness.write_rows(rows, args.out)}")
+        print(f"rows appended to {args.out}")
     return 0
 
 
