@@ -20,8 +20,9 @@ Streaming state (``State``, fp32 ``[nf, ...]`` + int32 ``gi``): for a row (i2t) 
   CE = LSE - (1 - alpha) hs / cnt - alpha tw / tl.
 Merging two states is exact up to rounding: (m, l) and (tm, tl, tw) by the online-softmax
 rescale, hs / cnt by sums, (gv, gi) by max with the lower global index winning ties (the rule of
-torch.argmax in the eager reference), so every tiling, program count, rank count and ring order
-gives the same negatives.
+torch.argmax in the eager reference), so program counts, rank counts and ring orders give the
+same negatives for the same logits (a different tile shape can change a logit in its last bit,
+which flips a negative only at a near-tie).
 
 Modes (``loss_r = 1/2 (mean over local images of i2t CE + mean over local texts of t2i CE)``):
   gather  all-gather the TEXT features (+ ids, teacher texts); images stay local. Column state
@@ -40,14 +41,16 @@ the gradient of ``sum_r g_r loss_r`` (what DDP averaging of per-rank losses give
 
 Memory beyond inputs and gradients (fp32 unless said; nf = 4 + 3 teacher + 1 negatives):
   both    row state nf b; column partials R n (nf + neg) and row partials C b (nf + neg), where
-          R, C are chosen so that each stays under ``budget_bytes`` (default 256 MiB) and the
-          programs are about ``programs`` (a small multiple of the SM count).
+          R, C are chosen so that each stays under ``budget_bytes`` (default 256 MiB; one slot
+          is always allowed) and the programs number about ``programs`` (4 x the SM count).
   gather  gathered texts B d (x2 with a teacher; feature dtype), ids B, column state nf B;
-          backward dT partials B d fp32, ds B; dI b d fp32.
-  ring    two text blocks b d in flight (x2 with a teacher), column accumulators nf b in flight;
-          backward dT accumulators 2 b d fp32 in flight.
-  Backward split partials (only when there are fewer owned blocks than ``programs``): at most
-  ``budget_bytes`` each.
+          backward dT partials B d fp32, per-column ds B; dI b d fp32.
+  ring    text blocks b d: the one in hand and the one arriving (x2 with a teacher); column
+          accumulators nf b: this hop's, the one arriving, the one leaving. Backward: the same
+          blocks (+ their 3 b statistics), dT accumulators b d fp32 (this hop's, arriving,
+          leaving), dI b d fp32.
+  Backward split partials (only when there are fewer owned blocks than ``programs``): split x
+  rows x d fp32, at most ``budget_bytes`` (one split is always allowed).
 """
 
 from __future__ import annotations

@@ -31,9 +31,15 @@ FLOPs per step, in units of 2 b n d (x2 for the similarity terms with a teacher)
   gradient GEMMs. Total 5 (8 with a teacher). The previous two-call design (one kernel call per
   direction, roles swapped) spent 2 (4) forward and 8 (12) backward: 10 (16).
 
+Beyond the GEMMs: the forward takes 2 exponentials per logit (row and column softmax; +2 for
+the teacher) and, with negatives, 2 Gumbel draws (a hash, a division, one or two logs); the
+backward 2 (+2) exponentials per logit per kernel. At d <= 512 these special-function ops are of
+the order of the tensor-core time, so the fused kernels are not purely GEMM-bound there.
+
 fp32 inputs use IEEE fp32 dots (no TF32); fp16 / bf16 use tensor-core dots with fp32
 accumulation. On CPU tensors this runs only under ``TRITON_INTERPRET=1`` (where bf16 tl.dot is
-wrong: test bf16 on a GPU).
+wrong: test bf16 on a GPU). Limits: B < 2^31 (int32 indices); the tile defaults (64 x 64, 8 warps
+on a GPU) are not autotuned and were not timed on a GPU when written.
 """
 
 from __future__ import annotations
