@@ -47,7 +47,8 @@ class OpSpec:
     ext_op: str | None = None          # torch.ops.r2d2.<ext_op> for cuda/cpp
     auto_cuda: tuple[str, ...] = ("cuda", "triton", "eager")
     auto_cpu: tuple[str, ...] = ("cpp", "eager")
-    # Optional override for auto on a device (e.g. attention picks the fastest measured one).
+    # Optional override for auto on a device (attention: the pick of its reference class;
+    # attention() itself picks per shape class, see attention.py).
     auto_fn: Callable[[torch.device], str | None] | None = None
 
 
