@@ -129,7 +129,7 @@ def test_base_on_meta_matches_flop_counter():
     counted, _, _ = _count(cfg, loss, b, device="meta")
     want = _analytic(cfg, loss, b)
     assert want["total"] * b == pytest.approx(counted, rel=REL)
-    assert 1e11 < want["total"] < 1e13  # ViT-B/16 + BERT-base + cross encoders, ~0.5 TFLOP
+    assert 1e11 < want["total"] < 1e13  # ViT-B/16 + BERT-base + cross encoders, ~0.58 TFLOP a sample
 
 
 def test_terms_follow_flags_and_legacy_entry():
