@@ -60,11 +60,13 @@ def cases(device: str, quick: bool) -> tuple[list[tuple[int, int]], torch.dtype,
 
 
 def run(device: str, quick: bool, shapes: list[tuple[int, int]] | None = None,
-        dtype: torch.dtype | None = None) -> list[dict]:
+        dtype: torch.dtype | None = None, sink: harness.RowWriter | None = None) -> list[dict]:
+    """Every (shape, backend, mode) row, each written to ``sink`` as soon as it is measured (a
+    backend that cannot run here leaves a ``skipped`` row saying why)."""
     default_shapes, default_dtype, providers = cases(device, quick)
     shapes = shapes or default_shapes
     dtype = dtype or default_dtype
-    rows: list[dict] = []
+    sink = sink if sink is not None else harness.RowWriter(None)
     for n_rows, n_cols in shapes:
         torch.manual_seed(0)
         student = (torch.randn(n_rows, n_cols, device=device) * 3).to(dtype).requires_grad_(True)
@@ -73,6 +75,10 @@ def run(device: str, quick: bool, shapes: list[tuple[int, int]] | None = None,
             why = why_unavailable("distill_kl", backend, device)
             if why is not None:
                 print(f"[skip] distill_kl backend={backend}: {why}", file=sys.stderr)
+                sink.add(harness.status_row(op="distill_kl", provider=backend, mode="fwd+bwd",
+                                            shape={"rows": n_rows, "cols": n_cols},
+                                            status="skipped", error=why, device=device,
+                                            dtype=str(dtype).removeprefix("torch.")))
                 continue
 
             def fwd(backend=backend):
@@ -82,13 +88,13 @@ def run(device: str, quick: bool, shapes: list[tuple[int, int]] | None = None,
                 timing = harness.measure(fn, device=device, grad_to_none=grad_to_none)
                 peak = harness.peak_memory_bytes(fn, device) if mode == "fwd+bwd" else None
                 student.grad = None
-                rows.append(harness.make_row(
+                sink.add(harness.make_row(
                     op="distill_kl", provider=backend, mode=mode,
                     shape={"rows": n_rows, "cols": n_cols}, timing=timing,
                     nbytes=nbytes(mode, n_rows, n_cols, dtype), peak_mem=peak,
                     device=device, dtype=str(dtype).removeprefix("torch."),
                     temperature=TEMPERATURE))
-    return harness.add_ratios(rows, baseline="eager")
+    return harness.add_ratios(sink.rows, baseline="eager")
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -108,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES),
                     help="input dtype (default: bfloat16 on cuda, float32 on cpu)")
     args = ap.parse_args(argv)
-    rows = run(args.device, args.quick, args.shape, DTYPES.get(args.dtype))
+    sink = harness.RowWriter(args.out)
+    rows = run(args.device, args.quick, args.shape, DTYPES.get(args.dtype), sink=sink)
     harness.print_table(rows)
     if args.out:
-        print(f"rows appended to {harness.write_rows(rows, args.out)}")
+        print(f"rows appended to {args.out} as measured")
     return 0
 
 
