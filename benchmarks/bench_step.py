@@ -301,11 +301,18 @@ def _step_row(step: Step, preset: str, config: str, batch: int, quick: bool,
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     fps = flops_per_sample(step.cfg, step.loss, data)
+    kernels = dict(step.kernel_picks)
+    if config.startswith("ours") and step.device.type == "cuda":
+        # attention's auto picks per shape class (text self, image self, cross; fwd+bwd), during
+        # the warm-up above: record every class's pick, not only the reference class's
+        from r2d2.kernels.attention import auto_picks
+
+        kernels["attention_auto"] = {c: p.backend for c, p in auto_picks().items()}
     row = harness.make_row(
         op="train_step", provider=config, mode="fwd+bwd+opt", shape=_shape(preset, step.cfg, batch),
         timing=timing, flops=fps * batch if fps else None, peak_mem=peak, device=step.device,
         dtype=step.dtype, samples_per_s=batch / (timing.median_ms / 1e3),
-        flops_per_sample=fps, kernels=step.kernel_picks, eager_attention=step.eager_attention,
+        flops_per_sample=fps, kernels=kernels, eager_attention=step.eager_attention,
         graph_breaks=breaks, graphs_compiled_while_timed=recompiled)
     row["mfu"] = row["frac_peak_flops"]  # MFU = achieved model FLOP/s over the data-sheet peak
     return row
