@@ -342,3 +342,34 @@ def test_preset_encoders_have_the_original_parameter_counts(preset):
 
     assert count(ours.visual) == count(hf_v, "post_layernorm")
     assert count(ours.text) == count(hf_t)
+
+
+def test_convert_cli_writes_a_folder_that_loads_back(tmp_path, capsys):
+    """`r2d2 convert official` (what the CCMB fine-tuning presets' init_from expects): every
+    weight arrives, the vocab is attached and checked against the embedding."""
+    from r2d2.engine.convert_cli import main as convert
+
+    cfg = official_cfg()
+    shapes = {k: v.shape for k, v in R2D2Model(cfg).state_dict().items()}
+    sd = {theirs: torch.randn(shapes[ours]) for ours, theirs in official_names(cfg).items()}
+    ckpt = tmp_path / "release.pth"
+    torch.save({"model": sd}, str(ckpt))
+    vocab = tmp_path / "vocab.txt"
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(0x4E00 + i) for i in range(48)]
+    vocab.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    out = tmp_path / "model"
+    assert convert(["official", str(ckpt), str(out), "--vocab", str(vocab)]) == 0
+    assert "missing 0, unexpected 0" in capsys.readouterr().out
+    m = R2D2Model.from_pretrained(str(out))
+    assert m.config == infer_official_config(sd)
+    for ours, theirs in official_names(cfg).items():
+        assert torch.equal(m.state_dict()[ours], sd[theirs]), ours
+    assert m.tokenizer is not None and m.tokenizer.vocab_size == 53
+    # refusals: a non-empty folder, a vocab that does not fit the embedding, a missing file
+    assert convert(["official", str(ckpt), str(out)]) == 1
+    (tmp_path / "small.txt").write_text("\n".join(tokens[:20]) + "\n", encoding="utf-8")
+    assert convert(["official", str(ckpt), str(tmp_path / "m2"), "--vocab",
+                    str(tmp_path / "small.txt")]) == 1
+    assert convert(["official", str(tmp_path / "nope.pth"), str(tmp_path / "m3")]) == 1
+    err = capsys.readouterr().err
+    assert "not empty" in err and "has 20 tokens but" in err and "no such checkpoint" in err

@@ -5,6 +5,7 @@
     r2d2 finetune  --config ... [...]
     r2d2 eval retrieval|matching|zeroshot --config ... --checkpoint ...
     r2d2 bench [kernels|step|all] [--quick]
+    r2d2 convert official CKPT OUT [--preset large-released] [--vocab vocab.txt]
 
 Global options (before the command): ``-q``/``--quiet`` shows only warnings, ``-v``/``--verbose``
 adds debug messages; ``R2D2_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR) sets the level when neither
@@ -29,6 +30,7 @@ COMMANDS = {
     "finetune": ("r2d2.engine.train_cli", "finetune", "fine-tuning on a downstream set"),
     "eval": ("r2d2.engine.tasks.cli", "main", "retrieval / matching / zero-shot evaluation"),
     "bench": ("r2d2.engine.bench_cli", "main", "kernel and training-step benchmarks"),
+    "convert": ("r2d2.engine.convert_cli", "main", "official R2D2 checkpoint -> save_pretrained folder"),
 }
 
 
