@@ -91,7 +91,7 @@ class ModelSection:
     """Which model to build: a preset of ``r2d2.engine.model.model_preset`` plus field overrides."""
 
     preset: str = "tiny"
-    """model preset name: tiny, base, large, prd2, prd2-tiny"""
+    """model preset name: tiny, base, large, large-released, prd2, prd2-tiny"""
     overrides: dict = field(default_factory=dict)
     """ModelConfig fields to change from the preset (YAML: any key of ``model:`` but ``preset``)"""
 
