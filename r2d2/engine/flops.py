@@ -25,7 +25,13 @@ One sample (image + caption; ``L`` text tokens, ``1+P`` image tokens, ``E`` embe
                     them: the image states feed GCPR, FGR and MLM, the text states GCPR and FGR
                     (MLM and FgD re-encode their own masked text)
   gcpr              similarity GEMMs ``[b, d] x [d, B]`` both ways: 4 B E forward, 8 B E backward;
-                    with TgD the teacher's projections and its two similarity GEMMs (4 B E), 1x
+                    with TgD the teacher's projections and its two similarity GEMMs (4 B E), 1x.
+                    This is the loss as defined (and as the eager backend runs it: one logits
+                    matrix per direction). The fused backends get both directions from one
+                    similarity per rank (2 B E forward; 8 B E backward: two recomputes and two
+                    gradient GEMMs; r2d2/kernels/contrastive_dist.py): for them the count is
+                    the work of the definition, not of the kernel, the same numerator for every
+                    configuration, which keeps TFLOP/s and MFU comparable across them
   fgr               3 pairs per sample (the positive, an image with a hard-negative text, a text
                     with a hard-negative image) through both cross encoders, ``image_cross_proj``
                     and both ITM heads, 3x; with TgD the teacher's cross encoders on the same 3
