@@ -10,9 +10,10 @@ config's ``out``):
 
 Under ``torchrun`` every rank loads and encodes its shard of the images and texts (the embeddings
 are all-gathered) and scores the cross-encoder pairs of its own images; rank 0 writes the files.
-Config schema: :class:`EvalConfig`; overrides ``--section.field=value``. A bad config or input
-(a task the data format cannot serve, a matching run on a PRD2 model, a malformed file) ends
-with one line ``r2d2 eval <task>: error: ...`` and exit status 2.
+Config schema: :class:`EvalConfig`; overrides ``--section.field=value``. A bad config (a data
+format the task cannot serve, an unknown field) is an argparse error; bad input (a matching run
+on a PRD2 model, a malformed or missing file) ends with the one line
+``r2d2 eval <task>: error: ...``; both exit with status 2.
 """
 
 from __future__ import annotations
