@@ -47,24 +47,27 @@ def test_finetune_then_two_stage_at_least_as_good_as_prerank(tmp_path):
     Measured with this recipe (train.seed 0 / 1 / 2; one thread, deterministic algorithms;
     2026-12-01, torch 2.13.0 CPU): pre-rank mean recall 67.3 / 63.0 / 68.0, pre-rank + rank
     71.0 / 68.5 / 72.1 (+3.7 / +5.5 / +4.1); i2t R@1 +2.7 / +6.5 / +6.1, t2i R@1 +7.1 / +7.7 /
-    +7.1. The test trains seed 0 and requires a margin of 2.0 mean recall and a gain at R@1 in
-    both directions: about half the smallest measured margin, far above the run-to-run float
-    noise of a different machine or thread count (a query or two: 0.1-0.2).
+    +7.1. Seed 0 with two threads and no deterministic algorithms (another float reduction
+    order for 600 steps, so in effect another model): 67.6 -> 70.1 (+2.5), i2t R@1 +3.8, t2i
+    R@1 +1.8. The test trains seed 0 (the one-thread run reproduces its numbers exactly, three
+    runs) and requires +1.0 mean recall and no loss at R@1 either way: under half the smallest
+    margin measured, so a different machine's float noise cannot flip it.
 
     Why ``model.temperature_min=0.05``: with the learned temperature free, it collapses to about
     0.005 on this toy set, the cosines inside a query's top 8 then differ by about 0.01, so
     ``p + cosine`` is decided by p alone, and the tiny cross encoders rank about as well as the
-    dual encoders do: the two-stage minus pre-rank mean recall measured -0.7 to +1.1 over seeds
-    and recipe variants (600 / 1,200 steps, two cross layers, FGR weight 10, batch 64, a frozen
-    ViT), i.e. noise. The previous version of this test (128 held-out pairs, R@5/R@10 at 100,
+    dual encoders do: the two-stage minus pre-rank mean recall measured -2.4 to +1.1 over seeds,
+    set sizes (128 / 512 / 1,024) and recipe variants (600 / 1,200 steps, two cross layers, FGR
+    weight 10, GCPR weight 0.25, batch 64, a frozen ViT, a 0.02 floor), i.e. no gain. The previous version of this test (128 held-out pairs, R@5/R@10 at 100,
     learned temperature) claimed 89.6 vs 88.2 and t2i R@1 65.2 -> 70.4 at seed 0; on this
     machine the same code (also at the commit that measured it) gives 86.8 vs 87.0 and t2i R@1
     60.0 -> 60.0, and seed 1 gives 89.6 vs 88.9: its margin was one or two queries of
     environment-dependent float noise. With the temperature floored the dual encoders are
-    softer while the cross encoders, trained on hard negatives, are as good as before (ITM alone
-    picks the right image among the top 8 for 43% of the texts either way), so re-ranking helps
-    by a clear margin. Note what this does not show: the two-stage score here does not beat the
-    best pre-ranking this CPU budget reaches with a free temperature (about 72.8 at 1,024)."""
+    softer while the cross encoders, trained on hard negatives, are as good as before (on 512
+    held-out pairs ITM alone picks the right image among a text's top 8 for 43% of the texts
+    either way), so re-ranking helps by a clear margin. Note what this does not show: the
+    two-stage score here does not beat the best pre-ranking this CPU budget reaches with a free
+    temperature (72-75 mean recall at 1,024)."""
     import torch
 
     from r2d2.engine.config import load_config
@@ -97,8 +100,8 @@ def test_finetune_then_two_stage_at_least_as_good_as_prerank(tmp_path):
     # the cross encoders learned shape and count, not colour only (a colour-only ITM: 0.5 here;
     # measured 0.76 at seed 0)
     assert itm.auc > 0.65, itm.to_dict()
-    assert two["mean_recall"] >= pre["mean_recall"] + 2.0, (pre, two)
-    assert two["i2t_r1"] > pre["i2t_r1"] and two["t2i_r1"] > pre["t2i_r1"], (pre, two)
+    assert two["mean_recall"] >= pre["mean_recall"] + 1.0, (pre, two)
+    assert two["i2t_r1"] >= pre["i2t_r1"] and two["t2i_r1"] >= pre["t2i_r1"], (pre, two)
     # re-ranking the top 8 cannot change R@10
     assert two["i2t_r10"] == pre["i2t_r10"] and two["t2i_r10"] == pre["t2i_r10"]
     assert torch.isfinite(res.scores_i2t).all()
