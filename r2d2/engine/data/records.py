@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-SKIP_REASONS = ("corrupt_image", "missing_image", "empty_text", "malformed_line", "no_caption")
+SKIP_REASONS = ("corrupt_image", "missing_image", "empty_text", "non_string_text", "malformed_line",
+                "no_caption", "not_in_gallery", "missing_gallery_image", "not_image")
 """The skip reasons the readers and the loader report; the trainer sums them over ranks in this
 order (anything else is summed as ``other``)."""
 
