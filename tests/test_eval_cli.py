@@ -236,3 +236,30 @@ def test_eval_cli_on_the_synthetic_set_equals_the_runs_eval_json(tmp_path, capsy
     with pytest.raises(SystemExit):  # zeroshot cannot read the synthetic set
         cli.main(["zeroshot", "--config", os.path.join(CONFIGS, "eval_synthetic.yaml"),
                   "--checkpoint", str(run / "model")])
+
+
+def test_a_corrupt_image_is_left_out_and_counted_not_fatal(tmp_path):
+    """A present but undecodable image (truncated JPEG, garbage bytes) drops its pairs with a
+    count instead of stopping the evaluation at its first batch; check_images=false restores the
+    one-line stop."""
+    from r2d2.engine.model import R2D2Model, model_preset
+
+    model_dir = tmp_path / "model"
+    R2D2Model(model_preset("tiny")).save_pretrained(str(model_dir))
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(6):
+        arr = (torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(tmp_path / f"{i}.jpg", quality=90)
+        lines += [json.dumps({"image_path": f"{i}.jpg", "text": f"图{i}"}, ensure_ascii=False)]
+    good = (tmp_path / "0.jpg").read_bytes()
+    (tmp_path / "4.jpg").write_bytes(good[: len(good) // 3])    # truncated
+    (tmp_path / "5.jpg").write_bytes(b"not an image at all")    # garbage
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["retrieval", "--checkpoint", str(model_dir), "--data.format=icr",
+            f"--data.path={tmp_path / 'test.jsonl'}", "--device=cpu"]
+    assert cli.main(args + ["--out", str(tmp_path / "run")]) == 0
+    rep = json.loads((tmp_path / "run" / "eval_retrieval.json").read_text(encoding="utf-8"))
+    assert rep["skipped"] == 2 and rep["skip_reasons"] == {"corrupt_image": 2}
+    assert rep["metrics"]["n_images"] == 4 and rep["metrics"]["n_texts"] == 4
+    assert cli.main(args + ["--out", str(tmp_path / "run2"), "--data.check_images=false"]) == 2

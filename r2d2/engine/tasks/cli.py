@@ -79,6 +79,10 @@ class EvalDataConfig:
     """synthetic: held-out pairs (the pre-training run's data.synthetic_eval_size)"""
     seed: int = 0
     """synthetic: the data seed of the pre-training run"""
+    check_images: bool = True
+    """load every image once before evaluating (each rank its share, threaded): an image that is
+    present but cannot be decoded is left out with its pairs (and from a MUGE pool) and counted
+    as corrupt_image, instead of stopping the run at its first batch"""
 
     def __post_init__(self) -> None:
         if self.format not in EVAL_FORMATS:
@@ -320,6 +324,50 @@ def _read(cfg: EvalConfig):
     return read, None, gallery
 
 
+def undecodable_images(paths: list[str], load_image, threads: int = 8) -> set[str]:
+    """The files among ``paths`` that ``load_image`` (the evaluation's own loader: a full decode
+    and the eval transform) cannot load. Synthetic keys are rendered, never files. Under torchrun
+    each rank loads a strided share and the findings are all-gathered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from r2d2.engine.data.synthetic import PREFIX
+
+    def fails(path: str) -> bool:
+        try:
+            load_image(path)
+            return False
+        except (OSError, ValueError, SyntaxError):  # PIL: unidentified, truncated, bad data
+            return True
+
+    files = sorted({p for p in paths if not p.startswith(PREFIX)})
+    rank, world = dist_info()
+    mine = files[rank::world]
+    with ThreadPoolExecutor(max(1, min(threads, len(mine)))) as pool:
+        bad = [p for p, failed in zip(mine, pool.map(fails, mine)) if failed]
+    if world > 1:
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, bad)
+        bad = [p for part in parts for p in part]
+    return set(bad)
+
+
+def drop_undecodable(read, records: list, gallery, load_image):
+    """``(read, records, gallery)`` without the images that do not decode: the records (pairs)
+    and MUGE pool entries of such an image are left out, each counted in ``read`` as
+    ``corrupt_image``."""
+    bad = undecodable_images([r.image for r in records] + [p for p, _ in gallery or ()], load_image)
+    if not bad:
+        return read, records, gallery
+    kept = [r for r in records if r.image not in bad]
+    n = len(records) - len(kept)
+    if gallery is not None:
+        n += sum(p in bad for p, _ in gallery)
+        gallery = [g for g in gallery if g[0] not in bad]
+    reasons = read.reasons.copy()
+    reasons["corrupt_image"] += n
+    return dataclasses.replace(read, skipped=read.skipped + n, reasons=reasons), kept, gallery
+
+
 # ------------------------------------------------------------------------------------- main
 def run(cfg: EvalConfig, checkpoint: str) -> dict:
     d = cfg.data
@@ -341,6 +389,11 @@ def run(cfg: EvalConfig, checkpoint: str) -> dict:
         gallery = [g for g in gallery if g[1] in named] + [g for g in gallery[: d.limit] if g[1] not in named]
         notes.append(f"data.limit={d.limit}: the gallery is cut to {len(gallery)} images, a quick "
                      "check, not the MUGE protocol (the whole pool)")
+    if d.check_images:
+        read, records, gallery = drop_undecodable(read, records, gallery, load_image)
+        if not records:
+            raise EvalError(f"{d.path}: no record has an image that decodes (skipped "
+                            f"{read.skipped}: {dict(read.reasons)})")
     report: dict = {"task": cfg.task, "checkpoint": checkpoint, "data": dataclasses.asdict(d),
                     "skipped": read.skipped, "skip_reasons": dict(read.reasons)}
     curves = None
