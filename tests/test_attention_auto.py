@@ -208,3 +208,34 @@ def test_gpu_auto_measures_each_class_and_every_candidate_runs():
         assert ref_pick in runnable
     finally:
         attn_mod.auto_timings_clear()
+
+
+def test_auto_first_seen_inside_activation_checkpointing(auto_on_cpu):
+    """The base preset checkpoints every block: the first call of a class comes from inside a
+    non-reentrant checkpoint's forward, whose saved-tensor hooks and recomputation frames must not
+    catch the probe's own backward (every candidate used to fail). Timed on a fresh thread, the
+    pick is made, nothing failed, and values and gradients are the reference's."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v, m = _inputs(2, 2, 17, 23, 32)
+
+    def block(q, k, v):
+        return attention(q, k, v, key_padding_mask=m) * 2
+
+    out = checkpoint(block, q, k, v, use_reentrant=False)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    picks = attn_mod.auto_picks()
+    assert len(picks) == 1
+    (pick,) = picks.values()
+    assert pick.source == "measured" and not pick.failed and pick.backend in pick.timings_ms
+    ref = attention_ref(q, k, v, key_padding_mask=m) * 2
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    for g, r in zip(grads, torch.autograd.grad(ref, (q, k, v), do)):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+
+
+def test_scale_refuses_a_bool():
+    q, k, v, _ = _inputs(1, 1, 5, 5, 8)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        attention(q, k, v, scale=True)

@@ -26,9 +26,11 @@ candidate on fresh random inputs shaped like that call (its Lq, Lk, D, H, its ma
 dropout p; B cut so B*H*Lq*Lk <= 2^24): 2 untimed warm-up calls, then 3 to 10 timed calls until
 ~2 ms is measured, median kept: a few ms per candidate, ~10 ms per class once kernels are
 compiled (Triton's first compile and autotune of a shape, seconds, comes on top, once per
-process). It runs under
-enable_grad and outside inference mode whatever the caller's mode, on new leaves, with the RNG
-state restored afterwards. The result is logged once per class at INFO on the ``r2d2.kernels``
+process). It runs on a
+fresh thread (so a first call inside activation checkpointing, or under no_grad/inference_mode,
+does not leak into the timing), under enable_grad, on new leaves, with the RNG state restored
+afterwards. Each process measures for itself: under DDP two ranks may pick different backends for
+a class (their results agree to rounding; set ``R2D2_ATTENTION_AUTO`` to pin one everywhere). The result is logged once per class at INFO on the ``r2d2.kernels``
 logger: ``attention auto: <class> -> <backend> (<timings>; at <shape>)``; a candidate that
 raises is logged at WARNING and not picked; if none runs, the call raises (nothing is cached).
 ``R2D2_ATTENTION_AUTO=<backend>`` replaces the measurement for every class. ``auto_picks()``
@@ -191,6 +193,7 @@ class _FusedAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward kernels are not differentiable
     def backward(ctx, do):
         q, k, v, o, lse, mask = ctx.saved_tensors
         scale, dropout_p, seed, offset, bwd = ctx.args
@@ -363,6 +366,49 @@ def _time_backend(backend: str, probe: _Probe) -> float:
         return _median_ms(call, dev)
 
 
+def _time_candidates(probe: _Probe, device: torch.device, name: str):
+    timings, failed, unavailable = {}, {}, {}
+    for b in _AUTO_CANDIDATES:
+        why = why_unavailable("attention", b, device)
+        if why is not None:
+            unavailable[b] = why
+            continue
+        try:
+            timings[b] = float(_time_backend(b, probe))
+        except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            failed[b] = f"{type(e).__name__}: {first}"
+            log.warning("attention auto: %s: candidate %r failed and is not picked: %s", name,
+                        b, failed[b])
+    return timings, failed, unavailable
+
+
+def _isolated(fn, *args):
+    """Run ``fn(*args)`` on a fresh thread and return its result (or raise its exception).
+
+    Autograd's per-call context is thread-local: grad mode, inference mode, saved-tensor hooks
+    and activation checkpointing's recomputation frames. The first call of a class often comes
+    from inside a checkpointed block's forward, where the probe's own backward would be taken for
+    the checkpoint's recomputation (every candidate then fails); a fresh thread times the
+    candidates in a clean context whatever the caller is doing."""
+    out: dict = {}
+
+    def run():
+        try:
+            if args[1].type == "cuda":
+                torch.cuda.set_device(args[1])  # the current device is per thread too
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="r2d2-attention-auto", daemon=True)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 @torch.compiler.disable  # under torch.compile: one graph break, the first time a class is seen
 def _measure(key: tuple, q=None, k=None, mask=None, dropout_p: float = 0.0) -> str:
     """Pick (and remember) the backend for class ``key``; q/k/mask are the first call's (None:
@@ -392,19 +438,7 @@ def _measure(key: tuple, q=None, k=None, mask=None, dropout_p: float = 0.0) -> s
             return "sdpa"
         probe = (_reference_probe(device) if q is None else
                  _call_probe(q, k, mask, dropout_p, grad=key[-1]))
-        timings, failed, unavailable = {}, {}, {}
-        for b in _AUTO_CANDIDATES:
-            why = why_unavailable("attention", b, device)
-            if why is not None:
-                unavailable[b] = why
-                continue
-            try:
-                timings[b] = float(_time_backend(b, probe))
-            except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                failed[b] = f"{type(e).__name__}: {first}"
-                log.warning("attention auto: %s: candidate %r failed and is not picked: %s", name,
-                            b, failed[b])
+        timings, failed, unavailable = _isolated(_time_candidates, probe, device, name)
         at = f"B={probe.B} H={probe.H} Lq={probe.Lq} Lk={probe.Lk} D={probe.D}"
         if not timings:
             raise RuntimeError(
@@ -497,7 +531,8 @@ def attention(q, k, v, *, key_padding_mask=None, dropout_p=0.0, scale=None, back
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (
             0.0 <= dropout_p < 1.0):
         raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not (
+            isinstance(scale, (int, float)) and math.isfinite(scale))):
         raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     if backend == "auto" and q.device.type in _MEASURED_DEVICE_TYPES:
         b = _auto_for_call(q, k, v, key_padding_mask, dropout_p)
