@@ -34,8 +34,32 @@ install_torch() {
   log="$(mktemp)"
   if "$VPY" -m pip install -q --no-index --no-deps "$TORCH_REQ" >"$log" 2>&1; then
     echo "[setup] installed $TORCH_REQ from a wheel on this machine"
-    # Its small dependencies (filelock, sympy, ...) from pip's usual sources; torch is satisfied.
-    quiet_pip "$VPY" -m pip install -q "$TORCH_REQ"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      # Its dependencies from pip's usual sources; torch itself is satisfied.
+      quiet_pip "$VPY" -m pip install -q "$TORCH_REQ"
+    else
+      # Its small dependencies (filelock, sympy, ...) only: should the local wheel be a CUDA
+      # build, its nvidia-* runtime packages (GBs) are useless without a GPU and are left out.
+      local deps
+      deps=$("$VPY" - <<'PY'
+from importlib.metadata import requires
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a fresh venv has pip's vendored copy only
+    from pip._vendor.packaging.requirements import Requirement
+out = []
+for r in map(Requirement, requires("torch") or []):
+    if (r.marker is None or r.marker.evaluate({"extra": ""})) and not r.name.startswith(("nvidia-", "cuda-")):
+        out.append(str(r).split(";")[0].strip())
+print("\n".join(out))
+PY
+)
+      local -a dep_list
+      mapfile -t dep_list <<<"$deps"
+      if [ -n "$deps" ]; then
+        quiet_pip "$VPY" -m pip install -q "${dep_list[@]}"
+      fi
+    fi
   elif ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "[setup] no NVIDIA GPU (no nvidia-smi): installing $TORCH_REQ, CPU build, from" \
       "https://download.pytorch.org/whl/cpu"

@@ -197,15 +197,6 @@ def test_check_nvcc_compiles_with_the_builds_flags(setup_py, monkeypatch, capsys
     assert "setup.py --print-nvcc-flags" in script
 
 
-def test_package_data_exists():
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    data = meta["tool"]["setuptools"].get("package-data", {})
-    for pkg, patterns in data.items():
-        for pattern in patterns:
-            assert list((ROOT / pkg.replace(".", "/")).glob(pattern)), (pkg, pattern)
-
-
 # ---- scripts/setup_env.sh: which torch it installs (python and pip faked) ----
 
 FAKE_PYTHON = """#!/bin/bash
@@ -213,12 +204,14 @@ echo "$*" >> "$CALLS"
 case "$*" in
   "-c import torch") exit 1 ;;   # no torch yet
   *"--no-index --no-deps"*) exit "$LOCAL_RC" ;;
+  "-") printf 'filelock>=3\nsympy\n' ;;   # the local wheel's dependencies, nvidia-* filtered
 esac
 exit 0
 """
 
 
-@pytest.mark.parametrize("case", ["local_wheel", "cpu_machine", "gpu_machine", "R2D2_TORCH"])
+@pytest.mark.parametrize("case", ["local_wheel", "local_wheel_gpu", "cpu_machine", "gpu_machine",
+                                  "R2D2_TORCH"])
 def test_setup_env_torch_choice(tmp_path, case):
     venv, bindir, calls = tmp_path / "venv", tmp_path / "bin", tmp_path / "calls.txt"
     (venv / "bin").mkdir(parents=True)
@@ -230,11 +223,11 @@ def test_setup_env_torch_choice(tmp_path, case):
     for tool in ("bash", "cat", "find", "sort", "sha1sum", "cut", "grep", "mktemp", "rm",
                  "dirname"):
         (bindir / tool).symlink_to(shutil.which(tool))
-    if case == "gpu_machine":
+    if case in ("gpu_machine", "local_wheel_gpu"):
         (bindir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
         (bindir / "nvidia-smi").chmod(0o755)
     env = {"PATH": str(bindir), "R2D2_VENV": str(venv), "CALLS": str(calls),
-           "LOCAL_RC": "0" if case == "local_wheel" else "1", "HOME": str(tmp_path)}
+           "LOCAL_RC": "0" if case.startswith("local_wheel") else "1", "HOME": str(tmp_path)}
     if case == "R2D2_TORCH":
         env["R2D2_TORCH"] = "torch==2.5.1"
     # A copy of what the script reads (its stamp hashes csrc/), so edits elsewhere cannot race it.
@@ -248,8 +241,10 @@ def test_setup_env_torch_choice(tmp_path, case):
     assert run.returncode == 0, run.stderr
     pip = [c for c in calls.read_text().splitlines() if c.startswith("-m pip install") and "torch" in c]
     want = {
-        "local_wheel": ["-m pip install -q --no-index --no-deps torch==2.13.0",
-                        "-m pip install -q torch==2.13.0"],
+        # no GPU: the wheel's small dependencies only (a CUDA wheel's nvidia-* would be GBs)
+        "local_wheel": ["-m pip install -q --no-index --no-deps torch==2.13.0"],
+        "local_wheel_gpu": ["-m pip install -q --no-index --no-deps torch==2.13.0",
+                            "-m pip install -q torch==2.13.0"],
         "cpu_machine": ["-m pip install -q --no-index --no-deps torch==2.13.0",
                         "-m pip install -q --index-url https://download.pytorch.org/whl/cpu "
                         "torch==2.13.0"],
@@ -258,6 +253,8 @@ def test_setup_env_torch_choice(tmp_path, case):
         "R2D2_TORCH": ["-m pip install -q torch==2.5.1"],
     }[case]
     assert pip == want, (pip, run.stdout)
+    if case == "local_wheel":
+        assert "-m pip install -q filelock>=3 sympy" in calls.read_text().splitlines()
     if case == "gpu_machine":
         assert "CUDA build" in run.stdout
     # ...then the package itself, once; a second run with the stamp in place installs nothing.

@@ -16,7 +16,9 @@ once with online max/sum for both distributions and, when the student needs a gr
 ``d row_loss / d student = T * (q - p)`` during the forward (from registers for rows that fit one
 tile; wider rows are read a second time, see the kernel files). Backward is then one scale by
 ``grad_output`` (times ``1/rows`` for batchmean, per row for ``"none"``), computed in fp32 and
-rounded once to the student's dtype (the Liger-Kernel recipe).
+rounded to the student's dtype (the Liger-Kernel recipe). The saved gradient is fp32 for fp32 and
+fp16 students (one rounding in all), bf16 for bf16 students (bf16 has fp32's range, so nothing
+underflows; it is rounded when saved and again after the scale: two bf16 roundings).
 
 The saved gradient carries no upstream scale: a loss scale (GradScaler's 2^16) or ``1/rows`` is
 applied in backward, as eager applies it, so small elements are not flushed before the scale can
