@@ -66,3 +66,20 @@ def gather(x: torch.Tensor, group=None, *, with_grad: bool = True) -> torch.Tens
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous(), group=group)
     return torch.cat(parts, 0)
+
+
+def all_equal_rows(n: int, device, group=None, what: str = "tensors") -> None:
+    """Raise the same ValueError on every rank unless every rank of ``group`` passes the same
+    ``n`` (the row count of a tensor about to be all-gathered: gloo aborts the process and NCCL
+    hangs on unequal sizes). One small all_gather; a no-op when not distributed."""
+    _, world = dist_info(group)
+    if world == 1:
+        return
+    dev = torch.device(device) if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+    mine = torch.tensor([n], dtype=torch.long, device=dev)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    sizes = [int(p) for p in parts]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"{what}: every rank must bring the same number of rows; per rank: "
+                         f"{sizes}")

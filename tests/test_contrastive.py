@@ -386,6 +386,27 @@ def test_fused_path_never_allocates_b_by_B():
     assert sizes["triton"] < 2 * b * b, f"a {sizes['triton']}-byte tensor: b x B in 16 bits?"
 
 
+@pytest.mark.parametrize("programs,block_r", [(528, 16), (132 * 4, 64), (2, 16)])
+def test_partial_statistics_stay_linear_in_b_plus_n(programs, block_r):
+    """The forward's per-program partials (R x n column slots, C x b row slots) are capped by
+    MAX_SLOTS, not by the row-block count, so they are O(b + n) and far below one 16-bit b x n
+    matrix at every size (the CUDA plan, with its 16-row blocks, used to reach R = b / 16: more
+    bytes than the logits it avoids at b = B = 4096). The plan needs no GPU to check."""
+    from r2d2.kernels import contrastive_dist
+    from r2d2.kernels.contrastive_cuda import Geometry
+
+    geo = Geometry(programs, 256 << 20, block_r=block_r)
+    per = 4 * contrastive_dist.nfields(True, True) + 4
+    for b, n in [(97, 97), (4096, 4096), (8192, 8192), (1024, 65536), (65536, 65536)]:
+        R, Cs, tpc = contrastive_dist.fwd_plan(b, n, geo, True, True)
+        assert R <= contrastive_dist.MAX_SLOTS and Cs <= contrastive_dist.MAX_SLOTS
+        assert Cs * tpc * geo.block_c >= n  # the splits cover every column
+        partial = (R * n + Cs * b) * per
+        assert partial <= contrastive_dist.MAX_SLOTS * (b + n) * per
+        if b >= 4096:
+            assert partial < 0.3 * 2 * b * n, (b, n, R, Cs, partial)
+
+
 def test_bad_inputs_name_the_argument():
     f = _feats(4, 8)
     s = torch.tensor(10.0)

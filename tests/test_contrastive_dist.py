@@ -72,6 +72,17 @@ def _worker(rank, world, port, out_dir):
             for backend, mode in FUSED:
                 if why_unavailable("contrastive", backend, "cpu") is None:
                     res[(backend, mode, alpha, "w")] = _run(*local, backend, mode, alpha, weight)
+        # Unequal b (rank 0 brings one row fewer): a clear error on every rank, before a gather
+        # of unequal sizes can abort gloo (or hang NCCL).
+        short = tuple(t[1:] if rank == 0 else t for t in local)
+        for backend in ("eager", "triton"):
+            if why_unavailable("contrastive", backend, "cpu") is not None:
+                continue
+            try:
+                _run(*short, backend, "gather", 0.0)
+                res[("unequal", backend)] = None
+            except ValueError as e:
+                res[("unequal", backend)] = str(e)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -130,3 +141,13 @@ def test_fused_distributed_equals_eager_rank_by_rank(world, mode, alpha, tmp_pat
         # Counter-based noise: the sample depends on (seed, global row, column) only.
         for key in ("neg_t", "neg_i"):
             assert torch.equal(got[key], ref[key]), f"rank {r} {key}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_unequal_rows_are_one_clear_error_on_every_rank(world, tmp_path_factory):
+    ranks = _ranks(world, tmp_path_factory)
+    sizes = [B_LOCAL - 1] + [B_LOCAL] * (world - 1)
+    for r, res in enumerate(ranks):
+        for key in [k for k in res if k[0] == "unequal"]:
+            assert res[key] is not None, f"rank {r} {key[1]} accepted unequal b"
+            assert f"same number of rows; per rank: {sizes}" in res[key], res[key]

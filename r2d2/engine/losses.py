@@ -377,7 +377,7 @@ class R2D2ForPretraining(nn.Module):
                           distill_alpha=cfg.distill_alpha)
             res = K.contrastive_loss(img_emb, txt_emb, s, image_ids=image_ids, group=self.group,
                                      backend=self.kernels.contrastive, mode=cfg.gcpr_mode,
-                                     return_negatives=cfg.fgr,
+                                     return_negatives=cfg.fgr, check_ranks=False,  # checked above
                                      seed=cfg.seed * 1_000_003 + self._step if cfg.fgr else None,
                                      **kw)
             if cfg.fgr:

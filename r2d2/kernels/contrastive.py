@@ -24,12 +24,16 @@ modes and the exact memory each holds):
 and have not been timed on a GPU), then cuda, then eager; on CPU it is eager (the interpreter is
 for tests). Extra memory of the fused path, beyond inputs and gradients: per-row / per-column
 statistics (fp32, ``nf <= 8`` of them per row or column: O(b + B) in gather mode, O(b) per hop in
-ring mode), partial column statistics of a fixed number of programs (capped at 256 MiB by
-default), the gathered text features ``[B, d]`` and their fp32 gradient in gather mode, two
-``[b, d]`` blocks in flight in ring mode. Not O(b + B) overall: the gathered features are O(B d).
+ring mode), partial statistics of at most 32 row and 32 column programs
+(``contrastive_dist.MAX_SLOTS``: O(b + B), and under 256 MiB by default), the gathered text
+features ``[B, d]`` and their fp32 gradient in gather mode, two ``[b, d]`` blocks in flight in
+ring mode. Not O(b + B) overall: the gathered features are O(B d).
 
 Hard negatives (FGR) come from the same forward pass by streaming Gumbel-max over a counter-based
-noise (``gumbel_noise``), so every backend, world size, tiling and mode draws the same negatives.
+noise (``gumbel_noise``): every backend, world size, tiling and mode adds the very same noise to
+a logit, so they draw the same negatives up to near-ties that the last bit of a logit decides
+(summation order, tensor-core dots, fast-math logs differ there). With ``seed=None`` each rank
+draws its own seed: the law is right, the draws are not reproducible; the engine passes a seed.
 The sample is Gumbel-max over a 24-bit uniform evaluated in fp32 (see ``gumbel_noise``): the law
 is the softmax up to that discretisation (tails cut at -2.86 / 17.33) and rounding.
 """
@@ -40,7 +44,7 @@ from typing import NamedTuple
 
 import torch
 
-from r2d2.dist import dist_info, gather
+from r2d2.dist import all_equal_rows, dist_info, gather
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
 
 
@@ -235,13 +239,19 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teacher_image_feat=None,
                      teacher_text_feat=None, distill_alpha=0.0, group=None, backend="auto",
-                     return_negatives=False, seed=None, mode="gather"):
+                     return_negatives=False, seed=None, mode="gather", check_ranks=True):
     """GCPR loss over features gathered from every rank of ``group``; see the module docstring.
 
     With ``return_negatives`` it returns ``ContrastiveOutput(loss, neg_text_for_image,
     neg_image_for_text)``: for FGR, one hard negative per local row sampled from the softmax of
     the (scaled) global similarity with same-id columns excluded; ``seed`` makes it reproducible
-    (the same seed gives the same negatives on every backend, world size and mode).
+    (the same seed gives the same negatives on every backend, world size and mode, up to
+    near-ties decided by a logit's last bit).
+
+    Every rank of ``group`` must bring the same ``b``: ``check_ranks`` (default) verifies it with
+    one small all_gather and raises the same ValueError on every rank otherwise (unequal gathers
+    abort gloo and hang NCCL); a caller that has checked already (the engine's objective) passes
+    ``check_ranks=False``.
 
     ``mode`` (fused backends, several ranks): ``"gather"`` all-gathers the text features,
     ``"ring"`` passes them round a ring of isend/irecv with O(b d) memory; both are exact. The
@@ -250,6 +260,8 @@ def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teac
            distill_alpha)
     if mode not in MODES:
         raise ValueError(f"contrastive_loss: mode must be one of {MODES}, got {mode!r}")
+    if check_ranks:
+        all_equal_rows(image_feat.shape[0], image_feat.device, group, "contrastive_loss")
     picked = resolve("contrastive", backend, image_feat.device)
     if picked == "eager":
         return contrastive_loss_ref(image_feat, text_feat, logit_scale, image_ids=image_ids,

@@ -41,8 +41,9 @@ the gradient of ``sum_r g_r loss_r`` (what DDP averaging of per-rank losses give
 
 Memory beyond inputs and gradients (fp32 unless said; nf = 4 + 3 teacher + 1 negatives):
   both    row state nf b; column partials R n (nf + neg) and row partials C b (nf + neg), where
-          R, C are chosen so that each stays under ``budget_bytes`` (default 256 MiB; one slot
-          is always allowed) and the programs number about ``programs`` (4 x the SM count).
+          R, C <= MAX_SLOTS (32) whatever b and n, so both are O(b + n) with a fixed constant;
+          each also stays under ``budget_bytes`` (default 256 MiB; one slot is always allowed),
+          and R x C is about ``programs`` (4 x the SM count) where the caps allow.
   gather  gathered texts B d (x2 with a teacher; feature dtype), ids B, column state nf B;
           backward dT partials B d fp32, per-column ds B; dI b d fp32.
   ring    text blocks b d: the one in hand and the one arriving (x2 with a teacher); column
@@ -144,12 +145,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Partial-statistics slots per direction: the column partials hold R x n entries and the row
+# partials C x b, so a fixed cap keeps them O(b + n) (not growing like b x n with the row count);
+# 32 x 32 = 1024 programs is more than a GPU runs at once (4 x 132 SMs on an H100).
+MAX_SLOTS = 32
+
+
 def fwd_plan(b: int, n: int, geo, teacher: bool, neg: bool) -> tuple[int, int, int]:
     """(R row-programs, C column splits, column tiles per split) of the forward grid."""
     nrb, nct = _cdiv(b, geo.block_r), _cdiv(n, geo.block_c)
     per = 4 * nfields(teacher, neg) + 4 * neg      # bytes per slot and column (gi is int32)
-    R = max(1, min(nrb, geo.programs, geo.budget_bytes // max(1, n * per)))
-    C = max(1, min(nct, _cdiv(geo.programs, R), geo.budget_bytes // max(1, b * per)))
+    R = max(1, min(nrb, geo.programs, MAX_SLOTS, geo.budget_bytes // max(1, n * per)))
+    C = max(1, min(nct, _cdiv(geo.programs, R), MAX_SLOTS,
+                   geo.budget_bytes // max(1, b * per)))
     tpc = _cdiv(nct, C)
     return R, _cdiv(nct, tpc), tpc
 
