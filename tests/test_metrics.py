@@ -159,3 +159,17 @@ def test_separate_t2i_matrix_and_multi_image_texts():
     assert m["t2i_r1"] == 50.0
     with pytest.raises(ValueError, match="sim_t2i has shape"):
         retrieval_metrics(sim_i2t, [[0], [1]], [0, 1], sim_t2i=np.zeros((3, 2)))
+
+
+def test_float64_tensor_scores_keep_their_precision():
+    """A 1e-12 margin between two texts is a real order in float64; a cast to float32 used to
+    make it a tie (then the lower index wins) and give image 0 a miss."""
+    import torch
+
+    from r2d2.engine.metrics import retrieval_metrics
+
+    sim = torch.tensor([[1.0, 1.0 + 1e-12], [0.0, 0.0]], dtype=torch.float64)
+    img2txt, txt2img = [[1], [0]], [1, 0]
+    assert retrieval_metrics(sim, img2txt, txt2img)["i2t_r1"] == 100.0
+    assert retrieval_metrics(sim.numpy(), img2txt, txt2img)["i2t_r1"] == 100.0
+    assert retrieval_metrics(sim.float(), img2txt, txt2img)["i2t_r1"] == 50.0  # the tie in fp32

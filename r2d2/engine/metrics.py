@@ -26,7 +26,9 @@ RECALL_KS = (1, 5, 10)
 
 def _as_array(x: Any, name: str, ndim: int) -> np.ndarray:
     if hasattr(x, "detach"):  # torch.Tensor without importing torch here
-        x = x.detach().float().cpu().numpy()
+        # float64 stays float64 (a cast to float32 would invent ties); bf16/fp16 widen exactly
+        x = x.detach().cpu()
+        x = (x if x.dtype.is_floating_point and x.element_size() == 8 else x.double()).numpy()
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d array, got shape {arr.shape}")
