@@ -83,6 +83,21 @@ def test_base_inheritance(tmp_path):
     (["--data.format=ccmb_foo", "--data.path=x"], "data.format='ccmb_foo' is not allowed; expected one of"),
     (["--data.format=ccmb_zeroshot", "--data.path=x"], "data.format='ccmb_zeroshot' is not allowed"),
     (["--data.shuffle_buffer=-1"], "data.shuffle_buffer=-1 must be a non-negative number"),
+    # loss.* is coerced like the plain sections: the error names the field, not a TypeError
+    (["--loss.ema_momentum=abc"], "loss.ema_momentum='abc' has the wrong type; expected float"),
+    (["--loss.fgr_class_weights=3"], "loss.fgr_class_weights=3 has the wrong type; expected list"),
+    (["--loss.fgr_class_weights=[a, 1]"], "loss.fgr_class_weights=['a', 1] must be [neg, pos]"),
+    (["--loss.gcpr=maybe"], "loss.gcpr='maybe' has the wrong type; expected bool"),
+    (["--loss.mask_token_id=1.5"], "loss.mask_token_id=1.5 has the wrong type; expected int"),
+    (["--loss.special_token_ids=[0, x]"], "loss.special_token_ids=[0, 'x'] must be a list of token ids"),
+    (["--model.text.dropout=abc"], "model.text.dropout='abc' has the wrong type; expected float"),
+    # checks across sections, at config time (exit 2, before a model is built)
+    (["--train.grad_accum=5"], "data.batch_size=32 is not divisible by train.grad_accum=5"),
+    (["--data.max_text_len=1000"], "data.max_text_len=1000 exceeds the model's text.max_positions=64"),
+    (["--model.preset=base", "--data.max_text_len=513"], "text.max_positions=512 (model.preset='base')"),
+    (["--data.format=webdataset", "--data.path=x.tar", "--data.eval_path=held.txt"],
+     "data.eval_path='held.txt' with data.format=webdataset: the held-out set must be a jsonl or tsv"),
+    (["--data.eval_path=held.csv"], "data.eval_path='held.csv' with data.format=synthetic"),
 ])
 def test_errors_name_the_field_and_what_is_allowed(args, needle):
     with pytest.raises(ConfigError) as e:
@@ -134,3 +149,27 @@ def test_ccmb_formats_come_from_the_reader_registry():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["--data.format=ccmb_nope", "--data.path=x"])
     assert all(f"ccmb_{f}" in str(e.value) for f in pairs)  # the message lists what is allowed
+
+
+def test_loss_and_model_overrides_are_typed_like_the_other_sections(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; --optim.lr=1e-3 always worked, loss.* and model.* did not
+    cfg = load_config(None, ["--loss.distill_alpha=1e-3", "--loss.ema_momentum=0", "--loss.fgd_weight=2E-1",
+                             "--loss.fgr_class_weights=[1, 2e0]", "--model.text.layer_norm_eps=1e-6",
+                             "--optim.betas=[0.9, 9.99e-1]"])
+    lc, mc = cfg.loss.build_config(), cfg.model.build_config()
+    assert lc.distill_alpha == 1e-3 and isinstance(lc.distill_alpha, float)
+    assert lc.fgd_weight == 0.2 and lc.fgr_class_weights == [1, 2.0]
+    assert isinstance(cfg.loss.overrides["ema_momentum"], float)  # int 0 -> 0.0, as for optim.*
+    assert mc.text.layer_norm_eps == 1e-6 and cfg.optim.betas == [0.9, 0.999]
+    path = str(tmp_path / "config.yaml")
+    cfg.save(path)
+    assert load_config(path) == cfg  # the coerced values are what is saved
+
+
+def test_cross_section_checks_pass_for_valid_combinations():
+    assert load_config(None, ["--train.grad_accum=4"]).train.grad_accum == 4
+    assert load_config(None, ["--data.max_text_len=64"]).data.max_text_len == 64  # == max_positions
+    cfg = load_config(None, ["--data.format=webdataset", "--data.path=x.tar", "--data.eval_path=held.TSV"])
+    assert cfg.data.eval_path == "held.TSV"
+    # annotation formats read eval_path in their own format, whatever its extension
+    assert load_config(None, ["--data.format=tsv", "--data.path=a", "--data.eval_path=b.txt"]).data.eval_path

@@ -14,7 +14,7 @@ from PIL import Image
 
 from r2d2.engine.data import synthetic
 from r2d2.engine.data.loader import (Collate, PairDataset, ResumableBatchSampler, Skipped, Tokenize,
-                                     build_train_data, webdataset_stream)
+                                     build_train_data, check_data_source, read_eval, webdataset_stream)
 from r2d2.engine.data.readers import read_jsonl, read_records, read_tsv
 from r2d2.engine.data.records import DataError, ReadResult, Record
 from r2d2.engine.data.transforms import (CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform,
@@ -419,3 +419,36 @@ def test_loader_workers_survive_sigterm(tmp_path, monkeypatch):
     cfg = DataConfig(batch_size=4, synthetic_size=40, num_workers=2)
     batches = _take(build_train_data(cfg, TOK, 16, 4).loader, 4)
     assert all(b["size"] == 4 for b in batches)
+
+
+def test_eval_path_is_read_for_every_format_with_its_skips(files):
+    root, names = files
+    (root / "held.jsonl").write_text("\n".join(
+        [json.dumps({"image": n, "text": f"图{i}"}) for i, n in enumerate(names)] +
+        [json.dumps({"image": "gone.jpg", "text": "没有"}), json.dumps({"image": names[0], "text": " "})]))
+    (root / "held.tsv").write_text("img0\t第一张\nimg1.png\t第二张\nnope\t没有\n")
+    shards = _shards(root, 1, 2, bad=False)
+    for fmt, path, extra in [("jsonl", "x.jsonl", {}), ("synthetic", None, {}), ("webdataset", shards, {})]:
+        res = read_eval(DataConfig(format=fmt, path=path, eval_path=str(root / "held.jsonl"), **extra))
+        assert [r.text for r in res.records] == [f"图{i}" for i in range(5)], fmt
+        assert res.reasons == {"missing_image": 1, "empty_text": 1}, fmt
+    # with synthetic / webdataset the manifest's extension picks its reader
+    res = read_eval(DataConfig(format="webdataset", path=shards, eval_path=str(root / "held.tsv")))
+    assert [os.path.basename(r.image) for r in res.records] == ["img0.jpg", "img1.png"]
+    assert res.reasons == {"missing_image": 1}
+    # without eval_path: the synthetic held-out split, or nothing for file formats
+    syn = read_eval(DataConfig(synthetic_eval_size=7))
+    assert len(syn.records) == 7 and syn.records[0].image.startswith(synthetic.PREFIX)
+    assert read_eval(DataConfig(format="jsonl", path="x.jsonl")).records == []
+    with pytest.raises(DataError, match="must be a jsonl or tsv manifest"):
+        read_eval(DataConfig(format="synthetic", eval_path=str(root / "corrupt.jpg")))
+    with pytest.raises(DataError, match=r"data.eval_path \(jsonl\): annotation file not found: .*none.jsonl"):
+        read_eval(DataConfig(format="synthetic", eval_path=str(root / "none.jsonl")))
+
+
+def test_check_data_source_checks_eval_path_only_when_it_is_used(files):
+    root, _ = files
+    cfg = DataConfig(format="synthetic", eval_path=str(root / "none.jsonl"))
+    check_data_source(cfg)  # no end-of-run eval: not needed
+    with pytest.raises(DataError, match=r"data.eval_path='.*none.jsonl': no such file"):
+        check_data_source(cfg, eval_too=True)

@@ -100,3 +100,74 @@ def test_config_errors_are_one_line_exit_2(tmp_path, capsys, args, needle):
     rc = pretrain(["--out", str(tmp_path / "run"), *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def _held_out(tmp_path, n=6, corrupt=1):
+    """A jsonl held-out set: n decodable images (distinct colours), then `corrupt` files that are
+    present but do not decode."""
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (16, 16), (40 * i, 255 - 40 * i, 7 * i)).save(tmp_path / f"h{i}.png")
+        lines.append({"image": f"h{i}.png", "text": f"第{i}张"})
+    for j in range(corrupt):
+        (tmp_path / f"bad{j}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        lines.append({"image": f"bad{j}.jpg", "text": f"坏{j}"})
+    lines.append({"image": "gone.jpg", "text": "没有"})
+    path = tmp_path / "held.jsonl"
+    path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines), encoding="utf-8")
+    return path
+
+
+def test_end_of_run_eval_skips_and_counts_undecodable_images(tmp_path, capsys):
+    held = _held_out(tmp_path)
+    out = tmp_path / "run"
+    rc = pretrain([*TINY[:-1], "--out", str(out), "--train.max_steps=1", "--data.batch_size=8",
+                   "--data.synthetic_size=16", f"--data.eval_path={held}"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err[-2000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["n_images"] == 6 and report["n_texts"] == 6
+    assert report["skip_reasons"] == {"missing_image": 1, "corrupt_image": 1} and report["skipped"] == 2
+    assert "skipped 2 held-out pairs" in cap.out and "corrupt_image" in cap.out
+
+
+def test_end_of_run_eval_without_a_held_out_set_says_why(tmp_path, capsys):
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(tmp_path / "a.png")
+    ann = tmp_path / "train.jsonl"
+    ann.write_text("\n".join(json.dumps({"image": "a.png", "text": f"图{i}"}) for i in range(8)), encoding="utf-8")
+    out = tmp_path / "run"
+    rc = pretrain([*TINY[:-1], "--out", str(out), "--train.max_steps=1", "--data.batch_size=4",
+                   "--data.format=jsonl", f"--data.path={ann}"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err[-2000:]
+    assert "no end-of-run evaluation: data.eval_path is not set" in cap.out
+    assert not (out / "eval.json").exists() and (out / "model").is_dir()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data.vocab={tmp}/none.txt"], "data.vocab='{tmp}/none.txt': no such file"),
+    (["--train.init_from={tmp}/none"], "train.init_from='{tmp}/none': no such file or directory"),
+    (["--train.eval_at_end=true", "--data.eval_path={tmp}/none.jsonl"],
+     "data.eval_path='{tmp}/none.jsonl': no such file"),
+])
+def test_missing_input_files_are_one_line_before_training(tmp_path, capsys, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    rc = pretrain([*TINY, "--out", str(tmp_path / "run"), *args])
+    _one_line_error(capsys, rc, needle.replace("{tmp}", str(tmp_path)))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step
+
+
+def test_init_from_another_preset_is_one_line(tmp_path, capsys):
+    from r2d2.engine.model import R2D2Model, model_preset
+
+    cfg = model_preset("tiny")
+    cfg.text.intermediate = 128  # another shape than tiny's
+    R2D2Model(cfg).save_pretrained(str(tmp_path / "other"))
+    rc = pretrain([*TINY, "--out", str(tmp_path / "run"), f"--train.init_from={tmp_path / 'other'}"])
+    _one_line_error(capsys, rc, "the weights do not fit the model of the config")
+
+
+def test_grad_accum_not_dividing_the_batch_is_a_config_error(tmp_path, capsys):
+    rc = pretrain([*TINY, "--out", str(tmp_path / "run"), "--train.grad_accum=3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "data.batch_size=32 is not divisible by train.grad_accum=3" in err, err

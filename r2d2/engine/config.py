@@ -70,11 +70,15 @@ def _prefixed(section: str, err: Exception) -> str:
     return f"{section}.{msg}" if re.match(r"^[A-Za-z_][\w.]*=", msg) else f"{section}: {msg}"
 
 
-def _check_nested(prefix: str, cls: type, values: dict) -> None:
-    """Keys of ``values`` must be fields of the dataclass ``cls``, recursively for fields that are
-    dataclasses themselves (``--model.vision.layerz=2`` is refused at config time)."""
+def _coerce_nested(prefix: str, cls: type, values: dict) -> dict:
+    """``values`` with every key checked against the fields of the dataclass ``cls`` (recursively
+    for fields that are dataclasses themselves: ``--model.vision.layerz=2`` is refused at config
+    time) and every leaf value coerced to its field's type by :func:`_coerce`, as the plain
+    sections are: ``--loss.distill_alpha=1e-3`` is a float, ``--loss.ema_momentum=abc`` an error
+    naming the field."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    out = {}
     for k, v in values.items():
         if k not in known:
             raise ConfigError(f"{prefix}.{k} is not a {cls.__name__} field; fields: {sorted(known)}")
@@ -83,7 +87,10 @@ def _check_nested(prefix: str, cls: type, values: dict) -> None:
             if not isinstance(v, dict):
                 raise ConfigError(f"{prefix}.{k} is a section ({sub.__name__}); give its fields, e.g. "
                                   f"--{prefix}.{k}.{sorted(f.name for f in fields(sub))[0]}=...")
-            _check_nested(f"{prefix}.{k}", sub, v)
+            out[k] = _coerce_nested(f"{prefix}.{k}", sub, v)
+        else:
+            out[k] = _coerce(prefix, k, sub, v)
+    return out
 
 
 @dataclass
@@ -108,7 +115,7 @@ class ModelSection:
             return
         except (KeyError, ValueError) as e:
             raise ConfigError(f"model.preset={self.preset!r}: {e}") from None
-        _check_nested("model", ModelConfig, self.overrides)
+        self.overrides = _coerce_nested("model", ModelConfig, self.overrides)
         try:  # values: types and ranges the model package checks itself
             self.build_config()
         except (TypeError, ValueError) as e:
@@ -133,7 +140,15 @@ class LossSection:
             from r2d2.engine.losses import LossConfig
         except ImportError:
             return
-        _check_nested("loss", LossConfig, self.overrides)
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"loss.overrides must be a mapping, got {type(self.overrides).__name__}")
+        self.overrides = _coerce_nested("loss", LossConfig, self.overrides)
+        ov = self.overrides
+        if "fgr_class_weights" in ov:  # elements checked here: LossConfig compares them with 0
+            _numbers("loss", "fgr_class_weights", ov["fgr_class_weights"], 2, "[neg, pos], two numbers > 0")
+        ids = ov.get("special_token_ids", [])
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ConfigError(f"loss.special_token_ids={ids!r} must be a list of token ids (ints >= 0)")
         try:
             self.build_config()
         except (TypeError, ValueError) as e:
@@ -156,7 +171,10 @@ class DataConfig:
     image_root: str | None = None
     """directory image paths are relative to (default: the annotation file's directory)"""
     eval_path: str | None = None
-    """held-out annotation file for the end-of-run retrieval eval (same format as ``path``)"""
+    """held-out annotation file for the end-of-run retrieval eval: read in ``format`` (jsonl, tsv,
+    ccmb_*); with synthetic or webdataset, a .jsonl or .tsv manifest (by its extension) instead
+    of the synthetic held-out split / of nothing. Images that do not decode are left out with
+    their pairs and counted in eval.json"""
     batch_size: int = 32
     """GLOBAL batch per optimizer step (all ranks, all accumulation micro-steps)"""
     image_size: int | None = None
@@ -216,6 +234,23 @@ class DataConfig:
                     or not 0 <= ra[1] <= 10):
                 raise ConfigError(f"data.randaugment={ra!r} must be [n, m] with an int n >= 0 and "
                                   "a magnitude 0 <= m <= 10, or null")
+
+
+EVAL_MANIFESTS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv"}
+
+
+def eval_manifest_format(eval_path: str, data_format: str) -> str:
+    """The reader of ``data.eval_path``: ``data.format`` itself for the annotation formats;
+    for ``synthetic`` and ``webdataset``, which have none, a jsonl or tsv manifest named by its
+    extension (held-out tar shards are not read: the evaluation needs random access to images)."""
+    if data_format not in ("synthetic", "webdataset"):
+        return data_format
+    ext = os.path.splitext(str(eval_path))[1].lower()
+    if ext not in EVAL_MANIFESTS:
+        raise ConfigError(f"data.eval_path={eval_path!r} with data.format={data_format}: the held-out set "
+                          f"must be a jsonl or tsv manifest (extension one of {sorted(EVAL_MANIFESTS)}), "
+                          "images relative to data.image_root (default: its folder)")
+    return EVAL_MANIFESTS[ext]
 
 
 @dataclass
@@ -353,6 +388,25 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        """Checks that involve two sections, at config time: before a model is built or a
+        progress bar started, with the config's exit code."""
+        d, t = self.data, self.train
+        if d.batch_size % t.grad_accum:
+            raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by train.grad_accum="
+                              f"{t.grad_accum}: the global batch is split into grad_accum equal "
+                              "micro-batches")
+        try:
+            text = self.model.build_config().text
+        except ImportError:  # model package not importable: the build reports it
+            text = None
+        if text is not None and d.max_text_len > text.max_positions:
+            raise ConfigError(f"data.max_text_len={d.max_text_len} exceeds the model's text.max_positions="
+                              f"{text.max_positions} (model.preset={self.model.preset!r}): lower "
+                              "data.max_text_len or raise model.text.max_positions")
+        if d.eval_path and d.format in ("synthetic", "webdataset"):
+            eval_manifest_format(d.eval_path, d.format)
+
     def to_dict(self) -> dict:
         out = {}
         for name in SECTIONS:
@@ -370,8 +424,13 @@ class RunConfig:
         os.replace(tmp, path)
 
 
+_EXP_FLOAT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+$")
+"""What YAML 1.2 reads as a float but PyYAML (YAML 1.1) leaves a string: ``1e-3``, ``2E5``."""
+
+
 def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
-    """Check a YAML value against a field annotation (ints are accepted for floats)."""
+    """Check a YAML value against a field annotation (ints are accepted for floats; ``1e-3``, a
+    string to YAML 1.1, is a float, also as a list element)."""
     options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
     if value is None and type(None) in options:
         return None
@@ -390,7 +449,9 @@ def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
             return value
         if t is str and (isinstance(value, str) or is_num or (name == "fused" and isinstance(value, bool))):
             return str(value).lower() if isinstance(value, bool) else str(value)
-        if t in (list, dict) and isinstance(value, t):
+        if t is list and isinstance(value, list):
+            return [float(v) if isinstance(v, str) and _EXP_FLOAT.match(v) else v for v in value]
+        if t is dict and isinstance(value, dict):
             return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
     raise ConfigError(f"{section}.{name}={value!r} has the wrong type; expected {names}")

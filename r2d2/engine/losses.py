@@ -84,7 +84,15 @@ class LossConfig:
       + FgD (full)        on    on    on    on    on    ablation_4_fgd.yaml (= the defaults)
 
     For "+ ranking" without MLM set ``mlm=False`` as well. PRD2 (dual encoders only) is
-    ``fgr=False, mlm=False, tgd=True, fgd=False`` (GCPR + TgD; configs/prd2.yaml)."""
+    ``fgr=False, mlm=False, tgd=True, fgd=False`` (GCPR + TgD; configs/prd2.yaml).
+
+    No teacher feature queue: TgD's GCPR soft targets are the teacher's softmax over the
+    *gathered global batch* (B columns, every rank's samples), not over a MoCo/ALBEF-style queue
+    of past features. The paper describes global (all-gathered) contrast, not a queue (a queue
+    appears only in a reading note of the digest), the official release has no pre-training code
+    to settle it, and the global batch is what scales R2D2's negatives: at B = 4096+ the targets
+    already span thousands of columns, all computed by the current teacher, while a queue would
+    add stale columns outside the fused kernel's one pass (and its O(b + B) memory bound)."""
 
     gcpr: bool = True
     """global contrastive pre-ranking (ITC over the gathered global batch)"""

@@ -120,27 +120,64 @@ def export(model, trainer, path: str) -> None:
     model.save_pretrained(path)
 
 
+def no_eval_reason(cfg, model) -> str | None:
+    """Why ``train.eval_at_end`` cannot evaluate this run (one line), or None when it can."""
+    d = cfg.data
+    if not hasattr(model, "encode_image"):
+        return f"the model ({type(model).__name__}) has no encode_image"
+    if d.format != "synthetic" and not d.eval_path:
+        return (f"data.eval_path is not set (data.format={d.format} has no built-in held-out split); "
+                "set it to a held-out annotation file, or --train.eval_at_end=false")
+    return None
+
+
 def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
-    """Zero-shot (dual-encoder) retrieval on the held-out split; prints R@1/5/10, writes eval.json."""
+    """Zero-shot (dual-encoder) retrieval on the held-out split; prints R@1/5/10, writes eval.json.
+
+    Like ``r2d2 eval``, every held-out image is loaded once up front (each rank a share); one that
+    is present but does not decode is left out with its pairs and counted (``corrupt_image``),
+    beside what the reader skipped (missing images, empty captions), in eval.json's ``skipped`` /
+    ``skip_reasons`` and the printed summary. Matching sets' mismatched pairs (label 0) are no
+    retrieval ground truth and are left out too. Returns None (after one printed line saying why)
+    when there is nothing to evaluate."""
     import torch
 
     from r2d2.dist import dist_info
-    from r2d2.engine.data.loader import eval_records
+    from r2d2.engine.data.loader import read_eval
+    from r2d2.engine.data.records import DataError
     from r2d2.engine.data.synthetic import open_image
     from r2d2.engine.data.transforms import eval_transform
+    from r2d2.engine.tasks.cli import undecodable_images
     from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evaluate_retrieval
 
     model = trainer.model if model is None else model
-    records = eval_records(trainer.cfg.data)
-    if not records or not hasattr(model, "encode_image"):
+    rank, _ = dist_info()
+    why = no_eval_reason(trainer.cfg, model)
+    if why is not None:
+        if rank == 0:
+            print(f"no end-of-run evaluation: {why}", flush=True)
         return None
-    rset = RetrievalSet.from_records(records)
+    read = read_eval(trainer.cfg.data)
+    records = [r for r in read.records if r.label != 0]
+    mismatched = len(read.records) - len(records)
     tf = eval_transform(trainer.image_size)
     canvas = max(64, trainer.image_size)
 
     def load(key: str) -> torch.Tensor:
         return tf(open_image(key, canvas))
 
+    bad = undecodable_images([r.image for r in records], load)
+    reasons = read.reasons.copy()
+    if bad:
+        n = len(records)
+        records = [r for r in records if r.image not in bad]
+        reasons["corrupt_image"] += n - len(records)
+    skipped = sum(reasons.values())
+    where = trainer.cfg.data.eval_path or "the synthetic held-out split"
+    if not records:
+        raise DataError(f"end-of-run evaluation: no usable pair in {where} (skipped {skipped}: "
+                        f"{dict(reasons)}); the trained model is in {os.path.join(out, 'model')}")
+    rset = RetrievalSet.from_records(records)
     k = trainer.cfg.train.eval_rerank_k
     rerank = k > 0 and getattr(getattr(model, "config", None), "has_cross", False)
     res = evaluate_retrieval(model, rset, trainer.tokenize, load,
@@ -149,16 +186,19 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     report = {"split": "held-out", "n_images": res.n_images, "n_texts": res.n_texts,
               "chance_r1_i2t": 100.0 * sum(len(t) for t in rset.img2txt) / len(rset.img2txt) / res.n_texts,
               "chance_r1_t2i": 100.0 * sum(len(i) for i in rset.txt2img) / len(rset.txt2img) / res.n_images,
-              **m}
+              **m, "skipped": skipped, "skip_reasons": dict(reasons)}
+    if mismatched:
+        report["mismatched_pairs_left_out"] = mismatched
     if res.two_stage is not None:
         report["rerank_k"] = k
         report["pre_rank+rank"] = res.two_stage
-    rank, _ = dist_info()
     if rank == 0:
         with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         print(f"zero-shot retrieval on {res.n_images} held-out images / {res.n_texts} texts "
               f"(chance R@1 ~ {report['chance_r1_i2t']:.1f}% i2t, {report['chance_r1_t2i']:.1f}% t2i):")
+        if skipped:
+            print(f"  skipped {skipped} held-out pairs of {where}: {dict(reasons)}")
         rows = [("pre-rank", m)]
         if res.two_stage is not None:
             rows.append((f"pre-rank + ITM re-rank of the top {k}", res.two_stage))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import signal
 import time
 from collections import Counter
@@ -148,7 +149,17 @@ def build_objective(cfg: RunConfig) -> nn.Module:
 
     model = R2D2Model(cfg.model.build_config(), kernels=cfg.kernels)
     if cfg.train.init_from:
-        load_init(model, cfg.train.init_from)
+        try:
+            load_init(model, cfg.train.init_from)
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            # unreadable, not a checkpoint, or not weights of this model: one line
+            msg = str(e).strip().splitlines()
+            msg = msg[0] if msg else type(e).__name__
+            if isinstance(e, (EOFError, pickle.UnpicklingError)):
+                msg = f"not a checkpoint file ({msg})"
+            if not msg.startswith("train.init_from="):
+                msg = f"train.init_from={cfg.train.init_from!r}: {msg}"
+            raise TrainingError(msg) from None
     if cfg.train.task in ("pretrain", "retrieval"):
         from r2d2.engine.losses import R2D2ForPretraining
 
@@ -162,20 +173,44 @@ def build_objective(cfg: RunConfig) -> nn.Module:
     return MatchingObjective(model, freeze_image_encoder=cfg.train.freeze_image_encoder)
 
 
-def load_init(model: nn.Module, path: str) -> None:
-    """Weights to start from: a ``save_pretrained`` directory or a training checkpoint."""
-    if os.path.isfile(os.path.join(path, "config.json")) and hasattr(type(model), "from_pretrained"):
-        src = type(model).from_pretrained(path)
-        model.load_state_dict(src.state_dict())
-        return
-    from r2d2.engine.checkpoint import load_weights
+def check_input_files(cfg: RunConfig) -> None:
+    """The files a config names besides the data (``data.vocab``, ``train.init_from``) must exist:
+    checked before the model is built, each a one-line :class:`TrainingError` naming the field.
+    (Not at config time: a saved config is loaded on machines without them, e.g. to compare.)"""
+    v = cfg.data.vocab
+    if v is not None and not os.path.isfile(v):
+        raise TrainingError(f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
+                            "line; null = the built-in vocabulary)")
+    p = cfg.train.init_from
+    if p and not os.path.exists(p):
+        rel = "" if os.path.isabs(p) else f", relative to the current directory {os.getcwd()}"
+        raise TrainingError(f"train.init_from={p!r}: no such file or directory{rel} (expected a "
+                            "save_pretrained folder such as <run>/model, a run folder or a checkpoint "
+                            "file; configs/finetune_tiny.yaml starts from the demo's runs/demo/model: "
+                            "run bash scripts/demo.sh first)")
 
-    sd = load_weights(path)
-    sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or len(missing) == len(list(model.state_dict())):
-        raise ValueError(f"train.init_from={path}: weights do not fit the model "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+def load_init(model: nn.Module, path: str) -> None:
+    """Weights to start from: a ``save_pretrained`` directory or a training checkpoint. Weights
+    that do not fit the model (another preset) are a ValueError naming the first mismatches."""
+    strict = os.path.isfile(os.path.join(path, "config.json")) and hasattr(type(model), "from_pretrained")
+    if strict:  # a whole model: every weight must be there
+        sd = type(model).from_pretrained(path).state_dict()
+    else:
+        from r2d2.engine.checkpoint import load_weights
+
+        sd = load_weights(path)
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+              if k in own and v.shape != own[k].shape]
+    unexpected = [k for k in sd if k not in own]
+    missing = [k for k in own if k not in sd]
+    if shapes or unexpected or len(missing) == len(own) or (strict and missing):
+        raise ValueError(f"train.init_from={path!r}: the weights do not fit the model of the config "
+                         f"(model.preset and overrides): shape mismatches {shapes[:3]}, unexpected "
+                         f"{unexpected[:3]}, missing {len(missing)} of {len(own)} {missing[:3]}")
+    model.load_state_dict(sd, strict=False)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -203,9 +238,13 @@ class Trainer:
         from r2d2.engine.data.records import DataError
 
         try:  # before building a model of hundreds of millions of parameters
-            check_data_source(cfg.data)
+            check_data_source(cfg.data, eval_too=t.eval_at_end)
         except DataError as e:
             raise TrainingError(str(e)) from None
+        check_input_files(cfg)
+        if cfg.data.batch_size % t.grad_accum:  # RunConfig checks it; a config edited by hand
+            raise TrainingError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                                f"train.grad_accum={t.grad_accum}")
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.objective = objective if objective is not None else build_objective(cfg)
         self.model = getattr(self.objective, "model", self.objective)
@@ -216,7 +255,10 @@ class Trainer:
             from r2d2.engine.data.loader import Tokenize
             from r2d2.engine.tokenizer import build_tokenizer
 
-            self.tokenizer = build_tokenizer(cfg.data.vocab, max_length=cfg.data.max_text_len)
+            try:
+                self.tokenizer = build_tokenizer(cfg.data.vocab, max_length=cfg.data.max_text_len)
+            except (OSError, ValueError) as e:  # unreadable or malformed vocab.txt
+                raise TrainingError(f"data.vocab={cfg.data.vocab!r}: {e}") from None
             self.tokenize = Tokenize(self.tokenizer, cfg.data.max_text_len)
             if getattr(self.model, "tokenizer", "absent") is None:
                 self.model.tokenizer = self.tokenizer  # the losses read [MASK] / special ids from it
@@ -320,9 +362,6 @@ class Trainer:
         if self.resume:
             obs.message(f"resumed from step {self.state.step} ({path})")
         micro_global = cfg.data.batch_size // t.grad_accum
-        if micro_global * t.grad_accum != cfg.data.batch_size:
-            raise TrainingError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
-                                f"train.grad_accum={t.grad_accum}")
         try:
             start, stream_state, note = resume_position(
                 extra.get("data_position"), extra.get("rank_data", []), cfg.data, self.state.step,

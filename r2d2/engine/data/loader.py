@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from r2d2.engine.data.records import DataError, Record
+from r2d2.engine.data.records import DataError, ReadResult, Record
 from r2d2.engine.data.synthetic import open_image
 
 REPLACE_TRIES = 16
@@ -353,14 +353,17 @@ def _worker_ignores_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def check_data_source(cfg) -> None:
-    """Fail fast, before a model is built, when ``data.path`` names nothing (one clear line)."""
-    if cfg.format == "synthetic":
-        return
+def check_data_source(cfg, eval_too: bool = False) -> None:
+    """Fail fast, before a model is built, when ``data.path`` names nothing (one clear line);
+    with ``eval_too``, when ``data.eval_path`` names no file either (found only after training
+    otherwise)."""
     if cfg.format == "webdataset":
         shard_list(cfg.path)
-    elif not os.path.isfile(cfg.path):
+    elif cfg.format != "synthetic" and not os.path.isfile(cfg.path):
         raise DataError(f"data.path={cfg.path!r} (data.format={cfg.format}): no such file")
+    if eval_too and cfg.eval_path and not os.path.isfile(cfg.eval_path):
+        raise DataError(f"data.eval_path={cfg.eval_path!r}: no such file (the held-out set of the "
+                        "end-of-run evaluation; or --train.eval_at_end=false)")
 
 
 def build_train_data(cfg, tokenize: Tokenize, image_size: int, micro_global: int, rank: int = 0,
@@ -409,20 +412,32 @@ def build_train_data(cfg, tokenize: Tokenize, image_size: int, micro_global: int
     return TrainData(loader, len(ds), res.skipped, Counter(res.reasons))
 
 
-def eval_records(cfg) -> list[Record]:
-    """Held-out records for the end-of-run retrieval eval: the synthetic eval split, or
-    ``data.eval_path`` read in ``data.format``; empty when there is none."""
+def read_eval(cfg) -> ReadResult:
+    """Held-out records for the end-of-run retrieval eval, with the reader's skip counts:
+    ``data.eval_path`` (read in ``data.format``; for synthetic and webdataset a jsonl or tsv
+    manifest by its extension, ``r2d2.engine.config.eval_manifest_format``), else the synthetic
+    eval split (format synthetic), else nothing (no records)."""
+    from r2d2.engine.config import ConfigError, eval_manifest_format
     from r2d2.engine.data.readers import read_records
     from r2d2.engine.data.synthetic import read_synthetic
 
-    if cfg.format == "synthetic":
-        return read_synthetic(cfg.synthetic_eval_size, "eval", cfg.seed).records
-    if cfg.eval_path and cfg.format != "webdataset":
+    if cfg.eval_path:
         try:
-            return read_records(cfg.format, cfg.eval_path, cfg.image_root).records
-        except (OSError, ValueError) as e:
-            raise DataError(f"data.eval_path ({cfg.format}): {e}") from None
-    return []
+            fmt = eval_manifest_format(cfg.eval_path, cfg.format)
+        except ConfigError as e:  # RunConfig refuses this already; a DataConfig built by hand
+            raise DataError(str(e)) from None
+        try:
+            return read_records(fmt, cfg.eval_path, cfg.image_root)
+        except (OSError, ValueError) as e:  # no such file, a malformed annotation line (ccmb)
+            raise DataError(f"data.eval_path ({fmt}): {e}") from None
+    if cfg.format == "synthetic":
+        return read_synthetic(cfg.synthetic_eval_size, "eval", cfg.seed)
+    return ReadResult([])
+
+
+def eval_records(cfg) -> list[Record]:
+    """The records of :func:`read_eval` (empty when there is no held-out set)."""
+    return read_eval(cfg).records
 
 
 # ------------------------------------------------------------------------------ data position

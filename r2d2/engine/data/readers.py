@@ -23,7 +23,7 @@ from r2d2.engine.data.records import ReadResult, Record
 
 def _open_lines(path: str):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.path: annotation file not found: {path}")
+        raise FileNotFoundError(f"annotation file not found: {path}")
     return open(path, encoding="utf-8-sig")  # -sig: tolerate a BOM
 
 
