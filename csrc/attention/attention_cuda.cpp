@@ -78,6 +78,10 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, double scale, dou
   TORCH_CHECK(q.size(0) * q.size(1) <= kIntMax && q.size(2) <= kIntMax && k.size(2) <= kIntMax,
               "attention (cuda): B*H, Lq and Lk must each fit in int32, got ", q.sizes(), " and ",
               k.sizes());
+  TORCH_CHECK(q.size(2) <= kMaxSeqLen && k.size(2) <= kMaxSeqLen,
+              "attention (cuda): Lq and Lk must each be <= ", kMaxSeqLen,
+              " (one grid row of blocks per 32 rows), got Lq=", q.size(2), ", Lk=", k.size(2),
+              "; use backend='sdpa' or 'triton'");
   TORCH_CHECK(dropout_p == 0.0 ||
                   q.size(0) * q.size(1) * q.size(2) * k.size(2) < (int64_t{1} << 32),
               "attention (cuda): dropout draws one Philox offset per score and needs "
@@ -96,8 +100,13 @@ cudaStream_t current_stream(const at::Tensor& q) {
 }
 
 void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, "attention (cuda): ", what, " launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  const cudaError_t e = static_cast<cudaError_t>(err);
+  TORCH_CHECK(err == 0, "attention (cuda): ", what, " launch failed: ", cudaGetErrorString(e),
+              e == cudaErrorLaunchOutOfResources
+                  ? " (most likely a block needs more shared memory than this GPU allows: the "
+                    "kernels are sized for sm_80/sm_90, up to 116 KB; use backend='triton' or "
+                    "'sdpa')"
+                  : "");
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_op(const at::Tensor& q_in, const at::Tensor& k_in,

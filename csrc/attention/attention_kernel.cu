@@ -474,6 +474,10 @@ __global__ void __launch_bounds__(32 * WARPS)
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Row blocks run along grid.y (at most 65535); the binding rejects L > kMaxSeqLen with a clear
+// message, this is the launchers' own guard.
+bool grid_y_ok(int L, int rows_per_block) { return ceil_div(L, rows_per_block) <= 65535; }
+
 // Block shape per element type: fp16/bf16 use 4 warps (2 for DP > 64, to stay within shared
 // memory) and 64-row streamed tiles; fp32 uses 2 warps and 32-row tiles.
 template <typename T, int DP>
@@ -488,12 +492,20 @@ struct Pick {
 // instantiation with one fixed size, so a per-caller flag array keys it exactly.
 constexpr int kMaxDevices = 64;  // devices past this simply set the attribute on every launch
 
+// A block needing more shared memory than this device's opt-in maximum (e.g. fp16 D = 64 dK/dV,
+// 113.8 KB, on a 99 KB sm_86/sm_89 part: sm_80 code runs there) returns
+// cudaErrorLaunchOutOfResources, which the binding words as such; cudaFuncSetAttribute itself
+// would only say "invalid argument".
 template <typename Kernel>
 cudaError_t prepare(Kernel kernel, size_t bytes, std::atomic<bool> (&ready)[kMaxDevices]) {
   int dev = 0;
   if (cudaError_t e = cudaGetDevice(&dev)) return e;  // the binding's device guard set it
   const bool known = dev >= 0 && dev < kMaxDevices;
   if (known && ready[dev].load(std::memory_order_acquire)) return cudaSuccess;
+  int optin = 0;
+  const cudaDeviceAttr kOptin = cudaDevAttrMaxSharedMemoryPerBlockOptin;
+  if (cudaError_t e = cudaDeviceGetAttribute(&optin, kOptin, dev)) return e;
+  if (bytes > static_cast<size_t>(optin)) return cudaErrorLaunchOutOfResources;
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(bytes));
   if (e == cudaSuccess && known) ready[dev].store(true, std::memory_order_release);
@@ -507,6 +519,7 @@ int fwd_t(const void* q, const void* k, const void* v, const uint8_t* mask, void
   const Layout<T, DP, W, TL, kFwd> L;
   auto kern = fwd_kernel<T, DP, W, TL>;
   static std::atomic<bool> ready[kMaxDevices];  // zero-initialised: static storage
+  if (!grid_y_ok(pr.Lq, 16 * W)) return cudaErrorInvalidConfiguration;
   if (cudaError_t e = prepare(kern, L.bytes, ready)) return e;
   const dim3 grid(pr.B * pr.H, ceil_div(pr.Lq, 16 * W));
   kern<<<grid, 32 * W, L.bytes, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
@@ -527,6 +540,7 @@ int bwd_t(const void* dout, const void* q, const void* k, const void* v, const v
   const T* Q = static_cast<const T*>(q);
   const T* K = static_cast<const T*>(k);
   const T* V = static_cast<const T*>(v);
+  if (!grid_y_ok(pr.Lq, 16 * W) || !grid_y_ok(pr.Lk, 16 * W)) return cudaErrorInvalidConfiguration;
   const int64_t rows = static_cast<int64_t>(pr.B) * pr.H * pr.Lq;
   delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       dO, static_cast<const T*>(o), delta, rows, pr.D);

@@ -29,6 +29,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Largest head dim the kernels take (D is padded to a multiple of 32 up to this in shared memory).
 constexpr int kMaxHeadDim = 128;
+// Longest Lq / Lk the launchers take: blocks of query (or key) rows run along grid.y, which holds
+// at most 65535 blocks, and the smallest block owns 32 rows (2 warps).
+constexpr int kMaxSeqLen = 65535 * 32;
 
 R2D2_ATTN_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
