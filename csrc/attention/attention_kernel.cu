@@ -474,8 +474,7 @@ __global__ void __launch_bounds__(32 * WARPS)
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Row blocks run along grid.y (at most 65535); the binding rejects L > kMaxSeqLen with a clear
-// message, this is the launchers' own guard.
+// Row blocks run along grid.y (<= 65535); the binding rejects L > kMaxSeqLen, this is a backstop.
 bool grid_y_ok(int L, int rows_per_block) { return ceil_div(L, rows_per_block) <= 65535; }
 
 // Block shape per element type: fp16/bf16 use 4 warps (2 for DP > 64, to stay within shared
@@ -491,11 +490,10 @@ struct Pick {
 // once per (kernel instantiation, device), not per launch. Each caller below launches one kernel
 // instantiation with one fixed size, so a per-caller flag array keys it exactly.
 constexpr int kMaxDevices = 64;  // devices past this simply set the attribute on every launch
+constexpr cudaDeviceAttr kOptinAttr = cudaDevAttrMaxSharedMemoryPerBlockOptin;
 
-// A block needing more shared memory than this device's opt-in maximum (e.g. fp16 D = 64 dK/dV,
-// 113.8 KB, on a 99 KB sm_86/sm_89 part: sm_80 code runs there) returns
-// cudaErrorLaunchOutOfResources, which the binding words as such; cudaFuncSetAttribute itself
-// would only say "invalid argument".
+// Over the device's opt-in maximum (fp16 D = 64 dK/dV, 113.8 KB, on a 99 KB sm_86/89 part) the
+// binding words cudaErrorLaunchOutOfResources; cudaFuncSetAttribute would say "invalid argument".
 template <typename Kernel>
 cudaError_t prepare(Kernel kernel, size_t bytes, std::atomic<bool> (&ready)[kMaxDevices]) {
   int dev = 0;
@@ -503,8 +501,7 @@ cudaError_t prepare(Kernel kernel, size_t bytes, std::atomic<bool> (&ready)[kMax
   const bool known = dev >= 0 && dev < kMaxDevices;
   if (known && ready[dev].load(std::memory_order_acquire)) return cudaSuccess;
   int optin = 0;
-  const cudaDeviceAttr kOptin = cudaDevAttrMaxSharedMemoryPerBlockOptin;
-  if (cudaError_t e = cudaDeviceGetAttribute(&optin, kOptin, dev)) return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&optin, kOptinAttr, dev)) return e;
   if (bytes > static_cast<size_t>(optin)) return cudaErrorLaunchOutOfResources;
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(bytes));
