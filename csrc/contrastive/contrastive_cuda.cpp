@@ -14,6 +14,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "contrastive/contrastive_kernel.h"
@@ -73,8 +74,15 @@ void check_teacher(const OptT& tq, const OptT& tk, const at::Tensor& q, int64_t 
 
 void check_common(const at::Tensor& q, const at::Tensor& k, const OptT& tq, const OptT& tk,
                   const at::Tensor& rid, const at::Tensor& cid, const at::Tensor& scale) {
-  const int64_t b = q.size(0), n = k.size(0);
+  // q's device is the reference of every other check, so it is checked on its own first; then
+  // the ranks (size(0) of a 0-d tensor would throw an error that names no argument).
+  TORCH_CHECK(q.is_cuda(), "contrastive (cuda): q must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(q.dim() == 2, "contrastive (cuda): q must be [b, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 2, "contrastive (cuda): k must be [n, D], got ", k.sizes());
+  const int64_t b = q.size(0), n = k.size(0);
+  // The grid plans (and the kernels' "every tile has a real row / column") need both non-empty.
+  TORCH_CHECK(b > 0 && n > 0, "contrastive (cuda): needs at least one row and one column, got b=",
+              b, ", n=", n);
   check_feat(q, "q", q, b);
   check_feat(k, "k", q, n);
   check_teacher(tq, tk, q, n);
@@ -128,7 +136,9 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const OptT& tq, const OptT& t
             scale.const_data_ptr<float>(),
             row_part.mutable_data_ptr<float>(), neg ? row_gi.mutable_data_ptr<int32_t>() : nullptr,
             col_part.mutable_data_ptr<float>(), neg ? col_gi.mutable_data_ptr<int32_t>() : nullptr,
-            b, n, q.size(1), static_cast<int>(R), static_cast<int>(C), static_cast<int>(tpc),
+            b, n, q.size(1), static_cast<int>(R), static_cast<int>(C),
+            // tpc > nct means "all tiles" (C = 1); clamped so the int cast cannot truncate it.
+            static_cast<int>(std::min(tpc, nct)),
             row_off, col_off, static_cast<uint32_t>(key_row), static_cast<uint32_t>(key_col),
             neg};
   const int err = fwd_cuda(kernel_dtype(q), a, stream_of(q));
@@ -191,7 +201,7 @@ void bwd_rows(const at::Tensor& q, const at::Tensor& k, const OptT& tq, const Op
   a.out = dq ? dq->mutable_data_ptr<float>() : nullptr;
   a.ds = ds.mutable_data_ptr<float>();
   a.split = static_cast<int>(split);
-  a.tps = static_cast<int>(tps);
+  a.tps = static_cast<int>(std::min(tps, nct));  // tps > nct: one split of all tiles; no truncation
   const c10::DeviceGuard guard(q.device());
   const int err = bwd_rows_cuda(kernel_dtype(q), a, stream_of(q));
   TORCH_CHECK(err == 0, "contrastive (cuda): backward (rows) launch failed: ",
@@ -215,7 +225,7 @@ void bwd_cols(const at::Tensor& q, const at::Tensor& k, const OptT& tq, const Op
   a.out = dk ? dk->mutable_data_ptr<float>() : nullptr;
   a.ds = dsc.mutable_data_ptr<float>();
   a.split = static_cast<int>(split);
-  a.tps = static_cast<int>(tps);
+  a.tps = static_cast<int>(std::min(tps, nrt));  // as in bwd_rows
   const c10::DeviceGuard guard(q.device());
   const int err = bwd_cols_cuda(kernel_dtype(q), a, stream_of(q));
   TORCH_CHECK(err == 0, "contrastive (cuda): backward (cols) launch failed: ",
