@@ -19,7 +19,8 @@
 //
 // Masked logits: a teacher logit of -inf has p_j = 0 and contributes nothing (not 0 * inf = NaN);
 // a student logit of -inf where p_j > 0 gives +inf, which is the true KL. (Hence a state with
-// z_b > 0 and m_a = -inf already has w = +inf, and its student shift can be skipped.)
+// z_b > 0 and m_a = -inf already has w = +inf, and its student shift can be skipped.) A NaN
+// logit makes its row's loss NaN (merge carries it), as in the Triton kernel.
 #pragma once
 
 #include <cmath>
@@ -89,16 +90,20 @@ struct State {
     const acc_t ninf = neg_inf<acc_t>();
     const acc_t ma = m_a > o.m_a ? m_a : o.m_a;
     const acc_t mb = m_b > o.m_b ? m_b : o.m_b;
-    acc_t za = acc_t(0), zb = acc_t(0), ww = acc_t(0);
-    if (ma != ninf) {
-      za = (m_a == ninf ? acc_t(0) : z_a * acc_exp(m_a - ma)) +
-           (o.m_a == ninf ? acc_t(0) : o.z_a * acc_exp(o.m_a - ma));
-    }
+    // A side whose max is -inf has z = 0 (no column) or z = NaN (only NaN logits: NaN never
+    // raises a max), and adds it as is, so a NaN logit anywhere makes the row's loss NaN.
+    acc_t za = (m_a == ninf ? z_a : z_a * acc_exp(m_a - ma)) +
+               (o.m_a == ninf ? o.z_a : o.z_a * acc_exp(o.m_a - ma));
+    acc_t zb = acc_t(0), ww = acc_t(0);
     // Each side's terms move from its own maxima to (ma, mb); a side without teacher mass adds
-    // nothing, and an underflowed one adds 0 (never 0 * inf).
+    // nothing, and an underflowed one adds 0 (never 0 * inf). z_b is 0, > 0 or NaN (a NaN teacher
+    // logit); the NaN is added, not skipped, so that it reaches the loss.
     const State* sides[2] = {this, &o};
     for (const State* x : sides) {
-      if (!(x->z_b > acc_t(0))) continue;
+      if (!(x->z_b > acc_t(0))) {
+        zb += x->z_b;
+        continue;
+      }
       const acc_t s = acc_exp(x->m_b - mb);
       if (!(s > acc_t(0))) continue;
       const acc_t shift = x->m_a == ninf ? acc_t(0) : (x->m_b - mb) - (x->m_a - ma);
