@@ -7,7 +7,8 @@ runtime to link against.
 
 Environment switches:
   R2D2_SKIP_EXT=1      pure-Python install; every op falls back to Triton/eager
-  R2D2_CUDA_ARCHS      semicolon list of SM versions for the CUDA part (default "80;90")
+  R2D2_CUDA_ARCHS      semicolon list of SM versions for the CUDA part (default "80;90"); the
+                       newest also gets PTX, which newer GPUs JIT-compile
   R2D2_FORCE_CPU=1     build only the CPU part even when torch has CUDA
   MAX_JOBS             parallel compile jobs (read by torch's ninja builder)
   DEBUG=1              -O0 -g builds
@@ -50,17 +51,30 @@ def _nvcc_major(cuda_home: str) -> int:
 
 def cuda_archs() -> list[str]:
     """SM versions from R2D2_CUDA_ARCHS ("80;90" by default), dots dropped ("9.0" -> "90")."""
-    archs = os.environ.get("R2D2_CUDA_ARCHS", "80;90")
-    return [a.strip().replace(".", "") for a in archs.split(";") if a.strip()]
+    raw = os.environ.get("R2D2_CUDA_ARCHS", "80;90")
+    archs = [a.strip().replace(".", "") for a in raw.split(";") if a.strip()]
+    bad = [a for a in archs if not re.fullmatch(r"\d+[a-z]?", a)]
+    if bad:
+        sys.exit(f"r2d2: R2D2_CUDA_ARCHS={raw!r}: {bad} are not SM versions; expected a "
+                 "semicolon list such as \"80;90\" or \"8.0;9.0a\"")
+    return archs
 
 
 def nvcc_flags(debug: bool) -> list[str]:
     """Our nvcc flags for the .cu files (torch's BuildExtension adds COMMON_NVCC_FLAGS, the
     -D__CUDA_NO_HALF_OPERATORS__ family, in front). csrc/check_nvcc.sh compiles with exactly
     these plus those, through ``python setup.py --print-nvcc-flags``."""
+    archs = cuda_archs()
     gencode = []
-    for a in cuda_archs():
+    for a in archs:
         gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    if archs:
+        # PTX of the newest arch too: SASS runs only on its own major version (sm_90 code does not
+        # run on sm_100/sm_120), and without PTX to JIT every launch there fails with "no kernel
+        # image is available". Arch-specific suffixes (90a) are dropped: their PTX does not JIT
+        # forward.
+        top = str(max(int(re.match(r"\d+", a).group()) for a in archs))
+        gencode += ["-gencode", f"arch=compute_{top},code=compute_{top}"]
     opt = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
     return opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
                   "-DR2D2_WITH_CUDA=1"] + gencode
