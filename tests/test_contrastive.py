@@ -483,15 +483,16 @@ def test_gpu_negatives(backend):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_equals_triton_on_plans():
+def test_gpu_cuda_equals_triton_on_plans(monkeypatch):
     """The CUDA kernels on several grids (programs 1 / 5 / default, a tiny budget) against
-    Triton's, fp32: same loss, gradients, negatives."""
+    Triton's, fp32: same loss, gradients, negatives; buffers poisoned (every slot must be written)."""
     _gpu_backend("cuda")
-    from r2d2.kernels import contrastive_cuda as KC, contrastive_triton as KT
+    from r2d2.kernels import contrastive_cuda as KC, contrastive_dist as CD, contrastive_triton as KT
 
     img, txt, s, kw = _inputs(333, 200, ids="repeated", alpha=0.4, scale=30.0, device="cuda")
     base = _fused(img, txt, s, kw, KT.Tiles(), neg=True, seed=2)
     g_base = torch.autograd.grad(base[0], [img, txt, s])
+    monkeypatch.setattr(CD, "POISON", True)
     for tiles in (KC.Tiles(programs=1), KC.Tiles(programs=5), KC.Tiles(),
                   KC.Tiles(budget_bytes=4096)):
         out = _fused(img, txt, s, kw, tiles, neg=True, seed=2, kern=KC)
@@ -530,3 +531,69 @@ def test_gpu_cuda_ops_opcheck():
     dk, dsc = torch.zeros(1, n, d, device=dev), torch.empty(1, n, device=dev)
     torch.library.opcheck(ops.contrastive_bwd_cols.default,
                           (q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bco, 0.4, dk, dsc, 1))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=[needs_triton, pytest.mark.slow]),
+                                     pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_merges_of_blocks_equal_one_pass(backend, monkeypatch):
+    """The merges a ring hop runs (init=False): row states over column blocks, and a column state
+    of one half of the rows merged with the other half's, equal one pass, buffers poisoned. A
+    one-process gather only merges with init=True, so nothing else reaches these paths."""
+    from r2d2.kernels import contrastive_dist as CD
+
+    if backend == "cuda":
+        _gpu_backend("cuda")
+        from r2d2.kernels import contrastive_cuda as K
+        tiles, dev, (b, n, d) = K.Tiles(programs=4), "cuda", (37, 150, 70)
+    else:
+        from r2d2.kernels import contrastive_triton as K
+        tiles, dev, (b, n, d) = _tiles(), DEV, (37, 70, 40)
+    monkeypatch.setattr(CD, "POISON", True)
+    q, k, tq, tk = (_feats(m, d, device=dev) for m in (b, n, b, n))
+    rid, cid = torch.randint(0, 9, (b,), device=dev), torch.randint(0, 9, (n,), device=dev)
+    s = torch.tensor([20.0], device=dev)
+    keys = (C.seed_key(5, 0), C.seed_key(5, 1))
+
+    def state(m):
+        return CD.State.empty(m, True, True, dev)
+
+    def fwd(qq, kk, tqq, tkk, rr, cc, row_off, col_off, rows, rows_init, cols):
+        CD.forward_block(K, tiles, qq.contiguous(), kk.contiguous(), tqq.contiguous(),
+                         tkk.contiguous(), rr.contiguous(), cc.contiguous(), s, row_off=row_off,
+                         col_off=col_off, keys=keys, neg=True, rows=rows, rows_init=rows_init,
+                         cols=cols, cols_init=True)
+
+    rows1, cols1 = state(b), state(n)
+    fwd(q, k, tq, tk, rid, cid, 0, 0, rows1, True, cols1)
+    rows2 = state(b)
+    cuts = (0, 7, n // 2, n)
+    for c0, c1 in zip(cuts[:-1], cuts[1:]):
+        fwd(q, k[c0:c1], tq, tk[c0:c1], rid, cid[c0:c1], 0, c0, rows2, c0 == 0, state(c1 - c0))
+    cols2, other = state(n), state(n)
+    fwd(q[:20], k, tq[:20], tk, rid[:20], cid, 0, 0, state(20), True, cols2)
+    fwd(q[20:], k, tq[20:], tk, rid[20:], cid, 20, 0, state(b - 20), True, other)
+    K.launch_merge(cols2, other.slots(), False, K.geometry(d, q.device, tiles))
+    for got, ref in ((rows2, rows1), (cols2, cols1)):
+        torch.testing.assert_close(got.f, ref.f, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got.gi, ref.gi)
+    logits = 20.0 * q @ k.t()
+    assert torch.equal(rows1.negatives(), C.sample_negatives_ref(logits, rid, cid, seed=5))
+    assert torch.equal(cols1.negatives(),
+                       C.sample_negatives_ref(logits.t(), cid, rid, seed=5, stream=1))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_runs_on_the_current_stream():
+    """A side stream's kernels do not wait for the default stream: a launch on the wrong stream
+    would read img2 before the side stream has written it."""
+    _gpu_backend("cuda")
+    img, txt, s, _ = _inputs(2048, 256, ids="diag", alpha=0.0, scale=14.0, device="cuda")
+    ref = C.contrastive_loss(img, txt, s, backend="cuda").detach()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy before img2 exists
+        img2 = img.detach() * 1.0
+        out = C.contrastive_loss(img2, txt.detach(), s.detach(), backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(out, ref)
