@@ -30,6 +30,8 @@ eager's fp32 log-probabilities of both inputs.
 Limits: student and teacher must share shape, dtype (float16/bfloat16/float32/float64) and device.
 The loss is float32 (float64 for float64 inputs). A teacher logit of -inf (a masked class) is a
 zero-probability class; a student logit of -inf where the teacher has mass gives +inf, as it should.
+A row whose teacher logits are all -inf is not a distribution: the fused backends give NaN (eager
+gives 0 with a NaN gradient). A NaN logit makes its row's loss NaN on every backend.
 """
 
 from __future__ import annotations
