@@ -42,6 +42,8 @@ tensors only under ``TRITON_INTERPRET=1``, where autotuning is reduced to one co
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -63,6 +65,12 @@ def _configs(kind: str) -> list[triton.Config]:
         shapes = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
     else:  # dq: BLOCK_M queries held, BLOCK_N keys streamed
         shapes = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+    # A config whose shared memory exceeds the GPU's is skipped by the autotuner (OutOfResources);
+    # a call fails only if all do. Compiled by triton 3.6, fp32 D = 256 needs 200-416 KB in the
+    # dK/dV configs above and 192-384 KB in the dQ ones (sm_90 allows 227 KB, sm_80 164 KB), so
+    # this small unpipelined one (fp32 D = 256 on sm_80: fwd 96, dK/dV 132, dQ 128 KB) keeps every
+    # D <= 256 compilable.
+    shapes.append((32, 32, 4, 1))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
@@ -71,6 +79,23 @@ def _configs(kind: str) -> list[triton.Config]:
 # shape, so a config tuned on unmasked, dropout-free calls must not be reused for them. (Triton
 # appends the pointer arguments' dtypes to the key itself.)
 _TUNE_KEY = ["Lq", "Lk", "D", "HAS_MASK", "DROPOUT"]
+# The autotuner runs each config several times on the caller's arguments; the outputs are plain
+# writes, but the tile counter accumulates, so it is put back after every trial run (and a count
+# taken on the first call of a key is exact).
+_RESTORE = ["cnt_ptr"]
+
+
+@triton.jit
+def _program(L, H, BLOCK: tl.constexpr):
+    # A 1-D grid of cdiv(L, BLOCK) tiles x B*H, tile index fastest (a (batch, head)'s tiles run
+    # side by side and share its K/V in L2): grid axis 1 would cap B*H at 65535. Returns (tile,
+    # bh, b, h, bh as int64); b, h are int64 too, so base offsets (b * stride_b, bh * L * D) do not
+    # wrap at 2^31 elements.
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(L, BLOCK)
+    bh = pid // n_t
+    bh64 = bh.to(tl.int64)
+    return pid % n_t, bh, bh64 // H, bh64 % H, bh64
 
 
 @triton.jit
@@ -90,7 +115,7 @@ def _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK: tl.constexpr)
     return ok
 
 
-@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY)
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, restore_value=_RESTORE)
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # [B, H, Lq, D], [B, H, Lk, D] x2, any strides
@@ -106,10 +131,7 @@ def _attn_fwd_kernel(
     PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h, bh64 = _program(Lq, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
@@ -152,7 +174,7 @@ def _attn_fwd_kernel(
     tl.store(o_ptr + b * sob + h * soh + rows[:, None] * som + dcol[None, :] * sod,
              o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
-    tl.store(lse_ptr + bh * Lq + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + bh64 * Lq + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -163,10 +185,7 @@ def _attn_bwd_delta_kernel(
     H, Lq, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h, bh64 = _program(Lq, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
     msk = (rows < Lq)[:, None] & (dcol < D)[None, :]
@@ -174,10 +193,10 @@ def _attn_bwd_delta_kernel(
                 other=0.0).to(tl.float32)
     do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd, mask=msk,
                  other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
+    tl.store(delta_ptr + bh64 * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY)
+@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, restore_value=_RESTORE)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, L*, D], any strides (do: like q)
@@ -193,10 +212,7 @@ def _attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_n, bh, b, h, bh64 = _program(Lk, H, BLOCK_N)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < D
@@ -223,8 +239,8 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd,
                          mask=qm, other=0.0)
             # +inf LSE (absent or fully masked rows) makes p exactly 0.
-            lse = tl.load(lse_ptr + bh * Lq + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
+            lse = tl.load(lse_ptr + bh64 * Lq + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + bh64 * Lq + rows, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.where(kok[None, :], tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -237,12 +253,13 @@ def _attn_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    out_off = bh * Lk * D + cols[:, None] * D + dcol[None, :]
-    tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    out_off = cols[:, None] * D + dcol[None, :]  # int32 per element; the int64 base apart
+    tl.store(dk_ptr + bh64 * Lk * D + out_off, (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(dv_ptr + bh64 * Lk * D + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY)
+@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, restore_value=_RESTORE)
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,
@@ -258,10 +275,7 @@ def _attn_bwd_dq_kernel(
     PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h, bh64 = _program(Lq, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
@@ -271,8 +285,8 @@ def _attn_bwd_dq_kernel(
                 other=0.0)
     do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd, mask=qm,
                  other=0.0)
-    lse = tl.load(lse_ptr + bh * Lq + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + bh64 * Lq + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + bh64 * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     inv_keep = 1.0 / (1.0 - dropout_p)
     for n0 in range(0, Lk, BLOCK_N):
@@ -294,7 +308,7 @@ def _attn_bwd_dq_kernel(
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + bh * Lq * D + rows[:, None] * D + dcol[None, :],
+    tl.store(dq_ptr + bh64 * Lq * D + rows[:, None] * D + dcol[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=qm)
 
 
@@ -302,12 +316,12 @@ def _attn_bwd_dq_kernel(
 def _keep_mask_kernel(out_ptr, Lq, Lk, dropout_p, seed, offset,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # out [B*H, Lq, Lk] uint8: the forward's keep mask, for tests and debugging.
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, _b, _h, bh64 = _program(Lq, 1, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for n0 in range(0, Lk, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
-        tl.store(out_ptr + bh * Lq * Lk + rows[:, None] * Lk + cols[None, :], keep.to(tl.uint8),
+        tl.store(out_ptr + bh64 * Lq * Lk + rows[:, None] * Lk + cols[None, :], keep.to(tl.uint8),
                  mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
 
 
@@ -324,6 +338,11 @@ def _mask_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor):
         return q, 0, 0, False  # any valid pointer; never read
     m = key_padding_mask.view(torch.uint8)  # bool -> uint8 without a copy (same element size)
     return m, m.stride(0), m.stride(1), True
+
+
+def _on_device(x: torch.Tensor):
+    # Triton launches on the current CUDA device, not the tensors' one.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -354,8 +373,8 @@ def fwd(q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=N
     (tests pass a poisoned buffer) and must be a contiguous [B,H,Lq,D] tensor like q.
 
     ``tile_count`` (tests): an int32 [B*H] tensor; each program adds the number of K/V tiles it
-    did not skip, so a test can assert that padding tiles are skipped. On a GPU the autotuner's
-    trial runs add to it too the first time a key is tuned; count on a later call."""
+    did not skip, so a test can assert that padding tiles are skipped. The autotuner's trial runs
+    restore it, so the count is the chosen config's (its BLOCK_M/BLOCK_N: ``best_config``)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if q.dtype not in _TL_DTYPES:
@@ -369,12 +388,13 @@ def fwd(q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=N
         return o, lse
     m, smb, smk, has_mask = _mask_args(key_padding_mask, q)
     cnt, count = _counter(tile_count, B * H, lse)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_kernel[grid](
-        q, k, v, m, o, lse, cnt, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smk,
-        H, Lq, Lk, D, scale * LOG2E, float(dropout_p), int(seed), int(offset),
-        HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=_block_d(D),
-        PRECISION=_precision(q.dtype), COUNT_TILES=count)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    with _on_device(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, m, o, lse, cnt, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smk,
+            H, Lq, Lk, D, scale * LOG2E, float(dropout_p), int(seed), int(offset),
+            HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=_block_d(D),
+            PRECISION=_precision(q.dtype), COUNT_TILES=count)
     return o, lse
 
 
@@ -396,20 +416,21 @@ def bwd(do, q, k, v, o, lse, key_padding_mask, scale, dropout_p=0.0, seed=0, off
     delta = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
     BLOCK_D = _block_d(D)
     bm = 16 if triton_interpret() else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(Lq, bm), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, Lq, D, BLOCK_M=bm, BLOCK_D=BLOCK_D)
     m, smb, smk, has_mask = _mask_args(key_padding_mask, q)
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smk,
               H, Lq, Lk, D, float(scale), scale * LOG2E, float(dropout_p), int(seed), int(offset))
     kw = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D,
               PRECISION=_precision(q.dtype))
     cnt_kv, cnt_q = (None, None) if tile_count is None else tile_count
-    cnt, count = _counter(cnt_kv, B * H, delta)
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, m, lse, delta, dk, dv, cnt, *common, COUNT_TILES=count, **kw)
-    cnt, count = _counter(cnt_q, B * H, delta)
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, m, lse, delta, dq, cnt, *common, COUNT_TILES=count, **kw)
+    with _on_device(q):
+        _attn_bwd_delta_kernel[(triton.cdiv(Lq, bm) * B * H,)](
+            o, do, delta, *o.stride(), *do.stride(), H, Lq, D, BLOCK_M=bm, BLOCK_D=BLOCK_D)
+        cnt, count = _counter(cnt_kv, B * H, delta)
+        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
+            q, k, v, do, m, lse, delta, dk, dv, cnt, *common, COUNT_TILES=count, **kw)
+        cnt, count = _counter(cnt_q, B * H, delta)
+        _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
+            q, k, v, do, m, lse, delta, dq, cnt, *common, COUNT_TILES=count, **kw)
     return dq, dk, dv
 
 
@@ -418,6 +439,7 @@ def dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, offset, device) -> torch.Te
     _check_dropout_range(B, H, Lq, Lk, dropout_p)
     out = torch.empty((B * H, Lq, Lk), device=device, dtype=torch.uint8)
     if out.numel():
-        _keep_mask_kernel[(triton.cdiv(Lq, 16), B * H)](
-            out, Lq, Lk, float(dropout_p), int(seed), int(offset), BLOCK_M=16, BLOCK_N=16)
+        with _on_device(out):
+            _keep_mask_kernel[(triton.cdiv(Lq, 16) * B * H,)](
+                out, Lq, Lk, float(dropout_p), int(seed), int(offset), BLOCK_M=16, BLOCK_N=16)
     return out.view(B, H, Lq, Lk).bool()
