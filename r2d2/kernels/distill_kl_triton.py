@@ -17,7 +17,8 @@ Two paths, chosen by the launcher (``_blocks``):
              fp32 values of each input no longer fits one program's registers (a 16384-wide tile
              already takes 16 warps), and holding it in shared memory would cap C at ~227 KB for
              both inputs; the re-read rows are mostly L2 hits. 4 exp per element.
-Accumulation is fp32 (fp64 for float64 inputs).
+Accumulation is fp32 (fp64 for float64 inputs, whose 1/T, T^2 and gradient scale travel as
+fp32 head + tail pairs: a float kernel argument is fp32 on a GPU).
 Limits: inputs must be contiguous ``[R, C]`` on one device (the launcher checks and says which
 argument is wrong); masked teacher logits (-inf) are fine, a row whose teacher logits are all
 -inf is not a distribution and gives NaN.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 
 import torch
 import triton
@@ -50,12 +52,21 @@ def _distill_kl_fwd_kernel(
     inv_t,  # 1 / T
     t_sq,  # T^2
     coef,  # grad_scale * T
+    inv_t_lo,  # fp64 only: the parts of 1 / T, T^2, grad_scale * T below fp32 (see _split)
+    t_sq_lo,
+    coef_lo,
     NEED_GRAD: tl.constexpr,
     ONE_TILE: tl.constexpr,  # C <= BLOCK_C: load once, gradient from registers
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
 ):
+    if ACC == tl.float64:
+        # Float kernel arguments are fp32 on a GPU (the interpreter keeps Python's double): rebuild
+        # the fp64 constants from their fp32 head and tail (~48 bits, far below fp64 tolerances).
+        inv_t = tl.cast(inv_t, ACC) + tl.cast(inv_t_lo, ACC)
+        t_sq = tl.cast(t_sq, ACC) + tl.cast(t_sq_lo, ACC)
+        coef = tl.cast(coef, ACC) + tl.cast(coef_lo, ACC)
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -168,6 +179,20 @@ def _blocks(cols: int) -> tuple[int, int, int, bool]:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _split(x: float) -> tuple[float, float]:
+    """(head, tail): ``head`` is ``x`` rounded to fp32 (what a float kernel argument carries on a
+    GPU), ``tail`` the rest, also fp32; head + tail equals ``x`` to ~2^-48 relative."""
+    head = _fp32(x)
+    return head, (_fp32(x - head) if math.isfinite(head) else 0.0)
+
+
+def _fp32(x: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond fp32's range: what the fp32 argument would hold
+        return math.copysign(math.inf, x)
+
+
 def _check(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
            row_loss: torch.Tensor, grad: torch.Tensor | None) -> None:
     """The launcher's contract, each failure naming the argument (the kernel itself would read or
@@ -223,8 +248,10 @@ def launch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, gra
     block_r, block_c, warps, one_tile = _blocks(cols)
     acc = tl.float64 if student.dtype == torch.float64 else tl.float32
     grid = (triton.cdiv(rows, block_r),)
+    (inv_t, inv_t_lo), (t_sq, t_sq_lo), (coef, coef_lo) = (
+        _split(1.0 / temperature), _split(temperature * temperature), _split(grad_scale * temperature))
     args = (student, teacher, row_loss, grad if grad is not None else row_loss, rows, cols,
-            1.0 / temperature, temperature * temperature, grad_scale * temperature)
+            inv_t, t_sq, coef, inv_t_lo, t_sq_lo, coef_lo)
     # Triton launches on the current device; make it the inputs' device.
     guard = torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext()
     with guard:
