@@ -44,6 +44,7 @@ on a GPU) are not autotuned and were not timed on a GPU when written.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -525,6 +526,11 @@ def geometry(d: int, device, tiles: Tiles) -> Tiles:
     return tiles.resolved(d, torch.device(device))
 
 
+def _on_device(x: torch.Tensor):
+    # Triton launches on the current CUDA device, not the tensors' one.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -540,19 +546,21 @@ def launch_fwd(q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, k
     teacher = tq is not None
     tq_, tk_ = (tq, tk) if teacher else (q, k)
     R, C = cpart.f.shape[1], rpart.f.shape[1]
-    _fwd_kernel[(R, C)](q, k, tq_, tk_, rid, cid, s, rpart.f, rpart.gi, cpart.f, cpart.gi,
-                        b, n, d, tpc, row_off, col_off, keys[0], keys[1],
-                        HAS_TEACHER=teacher, NEG=neg, PREC=_prec(q), BLOCK_R=t.block_r,
-                        BLOCK_C=t.block_c, BLOCK_K=t.block_k, num_warps=t.num_warps)
+    with _on_device(q):
+        _fwd_kernel[(R, C)](q, k, tq_, tk_, rid, cid, s, rpart.f, rpart.gi, cpart.f, cpart.gi,
+                            b, n, d, tpc, row_off, col_off, keys[0], keys[1],
+                            HAS_TEACHER=teacher, NEG=neg, PREC=_prec(q), BLOCK_R=t.block_r,
+                            BLOCK_C=t.block_c, BLOCK_K=t.block_k, num_warps=t.num_warps)
 
 
 def launch_merge(state, part, init: bool, t: Tiles) -> None:
     n = state.f.shape[1]
     P = part.f.shape[1]
     block = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
-    _merge_kernel[(triton.cdiv(n, block),)](state.f, state.gi, part.f, part.gi, n, P, INIT=init,
-                                            HAS_TEACHER=state.teacher, NEG=state.neg,
-                                            BLOCK=block)
+    with _on_device(state.f):
+        _merge_kernel[(triton.cdiv(n, block),)](state.f, state.gi, part.f, part.gi, n, P,
+                                                INIT=init, HAS_TEACHER=state.teacher,
+                                                NEG=state.neg, BLOCK=block)
 
 
 def _bwd_common(q, tq, t: Tiles):
@@ -569,10 +577,11 @@ def launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha,
     nrb = triton.cdiv(b, t.block_r)
     split = ds_part.numel() // nrb
     tq_, tk_ = (tq, tk) if tq is not None else (q, k)
-    _bwd_rows_kernel[(nrb, split)](
-        q, k, tq_, tk_, rid, cid, s, rstat, cstat, coef, bcoef,
-        dq_part if dq_part is not None else ds_part, ds_part, b, n, d, tps, float(alpha),
-        HAS_DQ=dq_part is not None, **_bwd_common(q, tq, t))
+    with _on_device(q):
+        _bwd_rows_kernel[(nrb, split)](
+            q, k, tq_, tk_, rid, cid, s, rstat, cstat, coef, bcoef,
+            dq_part if dq_part is not None else ds_part, ds_part, b, n, d, tps, float(alpha),
+            HAS_DQ=dq_part is not None, **_bwd_common(q, tq, t))
 
 
 def launch_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dk_part,
@@ -581,7 +590,8 @@ def launch_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha,
     n = k.shape[0]
     split = dsc_part.shape[0]
     tq_, tk_ = (tq, tk) if tq is not None else (q, k)
-    _bwd_cols_kernel[(triton.cdiv(n, t.block_c), split)](
-        q, k, tq_, tk_, rid, cid, s, rstat, cstat, coef, bcoef,
-        dk_part if dk_part is not None else dsc_part, dsc_part, b, n, d, tps, float(alpha),
-        HAS_DK=dk_part is not None, **_bwd_common(q, tq, t))
+    with _on_device(q):
+        _bwd_cols_kernel[(triton.cdiv(n, t.block_c), split)](
+            q, k, tq_, tk_, rid, cid, s, rstat, cstat, coef, bcoef,
+            dk_part if dk_part is not None else dsc_part, dsc_part, b, n, d, tps, float(alpha),
+            HAS_DK=dk_part is not None, **_bwd_common(q, tq, t))
