@@ -83,6 +83,9 @@ _TUNE_KEY = ["Lq", "Lk", "D", "HAS_MASK", "DROPOUT"]
 # writes, but the tile counter accumulates, so it is put back after every trial run (and a count
 # taken on the first call of a key is exact).
 _RESTORE = ["cnt_ptr"]
+# cache_results: the pick is kept in Triton's on-disk cache (keyed by GPU arch, kernel source and
+# the tuning key), so a restarted or resumed run reuses the same block shapes (and summation
+# order) instead of re-timing and perhaps picking another on timing noise.
 
 
 @triton.jit
@@ -115,7 +118,8 @@ def _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK: tl.constexpr)
     return ok
 
 
-@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, restore_value=_RESTORE)
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, restore_value=_RESTORE,
+                 cache_results=True)
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # [B, H, Lq, D], [B, H, Lk, D] x2, any strides
@@ -196,7 +200,8 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptr + bh64 * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, restore_value=_RESTORE)
+@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, restore_value=_RESTORE,
+                 cache_results=True)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, L*, D], any strides (do: like q)
@@ -259,7 +264,8 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + bh64 * Lk * D + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, restore_value=_RESTORE)
+@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, restore_value=_RESTORE,
+                 cache_results=True)
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,
