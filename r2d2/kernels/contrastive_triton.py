@@ -229,8 +229,9 @@ def _fwd_kernel(
                 cb = (zcmax > cgv) | ((zcmax == cgv) & (ccand < cgi))
                 tl.store(cp_ptr + GV * cfs + co, tl.where(cb, zcmax, cgv), mask=cmask)
                 tl.store(cgi_ptr + co, tl.where(cb, ccand, cgi), mask=cmask)
-            # The next row block's loads of this slot may run on other threads of the program.
-            tl.debug_barrier()
+        # The next row block's loads of this slot may run on other threads of the program (tiles
+        # of one row block touch disjoint columns: one barrier per row block is enough).
+        tl.debug_barrier()
         ro = pc.to(tl.int64) * b + rows
         tl.store(rp_ptr + ro, m, mask=rmask)
         tl.store(rp_ptr + rfs + ro, l_, mask=rmask)
@@ -423,7 +424,8 @@ def _bwd_rows_kernel(
         if HAS_DQ:
             acc = _accumulate(out, rows, rmask, (A + Bt) * LP, k_ptr, cols, cmask, mult, acc, D,
                               SINGLE, BLOCK_D, PREC)
-            tl.debug_barrier()
+            if not SINGLE:  # the next tile re-reads the rows just written
+                tl.debug_barrier()
     if HAS_DQ:
         if SINGLE:
             _store_acc(out, rows, rmask, mult, acc, D, BLOCK_D)
@@ -473,7 +475,8 @@ def _bwd_cols_kernel(
         if HAS_DK:
             acc = _accumulate(out, cols, cmask, tl.trans((A + Bt) * LP), q_ptr, rows, rmask, mult,
                               acc, D, SINGLE, BLOCK_D, PREC)
-            tl.debug_barrier()
+            if not SINGLE:  # the next tile re-reads the rows just written
+                tl.debug_barrier()
     if HAS_DK:
         if SINGLE:
             _store_acc(out, cols, cmask, mult, acc, D, BLOCK_D)
