@@ -250,7 +250,7 @@ step_compile() {
   bench bench_step.py --preset base "${batch[@]}" --configs eager+compile ours+compile \
     --no-max-batch --rep-ms 1500
 }
-KERNEL_TESTS="tests/test_distill_kl.py tests/test_distill_kl_edges.py tests/test_contrastive.py tests/test_attention.py"
+KERNEL_TESTS="tests/test_distill_kl.py tests/test_distill_kl_edges.py tests/test_contrastive.py tests/test_attention.py tests/test_kernels_gpu_limits.py"
 OPT_IN="step_compile"                       # phases that run only when --phases names them
 PLANNED=0
 export -f env_info build gpu_tests bench step_batch step_compile
