@@ -239,3 +239,69 @@ def test_scale_refuses_a_bool():
     q, k, v, _ = _inputs(1, 1, 5, 5, 8)
     with pytest.raises(ValueError, match="scale must be a finite number"):
         attention(q, k, v, scale=True)
+
+
+def _fake_pick(backend, Lq=64, dtype=torch.float32, masked=True, source="measured"):
+    key = attn_mod._class_key(torch.device("cpu"), dtype, Lq, Lq, 64, masked, False, True)
+    attn_mod._PICKS[key] = attn_mod.AutoPick(backend, {backend: 1.0}, {}, {}, "", source)
+    return attn_mod._class_str(key)
+
+
+def test_picks_travel_through_export_and_load(auto_on_cpu, monkeypatch):
+    a = _fake_pick("eager", Lq=64)
+    b = _fake_pick("sdpa", Lq=256, masked=False)
+    _fake_pick("eager", Lq=512, source="R2D2_ATTENTION_AUTO")  # the environment's, not saved
+    saved = attn_mod.export_picks()
+    assert [(p["lq"], p["backend"]) for p in saved] == [(64, "eager"), (256, "sdpa")]
+    import json
+
+    saved = json.loads(json.dumps(saved))  # what a checkpoint holds
+    saved.append(dict(saved[0], backend="xformers", lq=1024))  # cannot run here (not installed)
+    saved.append(dict(saved[0], device="cuda", lq=2048))  # another device type
+    saved.append({"backend": "eager"})  # a record this version does not read
+    attn_mod.auto_timings_clear()
+    c = _fake_pick("sdpa", Lq=64)  # already picked here: kept
+    assert c == a
+    xformers_ok = attn_mod.why_unavailable("attention", "xformers", "cpu") is None
+    assert attn_mod.load_picks(saved, "cpu") == 1 + xformers_ok
+    picks = attn_mod.auto_picks()
+    assert picks[a].backend == "sdpa" and picks[a].source == "measured"
+    assert picks[b].backend == "sdpa" and picks[b].source == "checkpoint"
+    # a restored pick is what auto runs for that class, with no measurement
+    monkeypatch.setattr(attn_mod, "_time_backend", lambda b, probe: pytest.fail("measured"))
+    q, k, v, _ = _inputs(2, 2, 200, 200, 64, mask=None)
+    assert attn_mod._auto_for_call(q, k, v, None, 0.0) == "sdpa"
+    attn_mod.auto_timings_clear()
+    monkeypatch.setenv("R2D2_ATTENTION_AUTO", "eager")
+    assert attn_mod.load_picks(saved, "cpu") == 0  # the environment decides
+
+
+@pytest.fixture
+def clean_picks(monkeypatch):
+    """No picks before or after; CPU calls stay unmeasured (auto is sdpa there)."""
+    monkeypatch.delenv("R2D2_ATTENTION_AUTO", raising=False)
+    attn_mod.auto_timings_clear()
+    yield
+    attn_mod.auto_timings_clear()
+
+
+def test_resumed_run_takes_the_picks_of_its_checkpoint(clean_picks, tmp_path, capsys):
+    import os
+
+    # CPU training measures nothing: the pick is injected as if a GPU run had measured it
+
+    from r2d2.engine.train_cli import pretrain
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--config", os.path.join(root, "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
+            "--train.checkpoint_every=1", "--data.batch_size=4", "--data.synthetic_size=16",
+            "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
+            "--train.eval_at_end=false"]
+    name = _fake_pick("eager", Lq=1024)  # as if measured during the run
+    assert pretrain([*args, "--train.max_steps=1"]) == 0
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "step_000001.pt", weights_only=False)
+    assert any(p["lq"] == 1024 and p["backend"] == "eager" for p in ck["extra"]["attention_picks"])
+    attn_mod.auto_timings_clear()  # a new process
+    assert pretrain([*args, "--train.max_steps=2", "--resume"]) == 0
+    assert attn_mod.auto_picks()[name].source == "checkpoint"
+    assert "picks taken from the checkpoint" in capsys.readouterr().out

@@ -361,6 +361,13 @@ class Trainer:
                        progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
         if self.resume:
             obs.message(f"resumed from step {self.state.step} ({path})")
+            picks = extra.get("attention_picks")
+            if picks:  # the backends the run trained with, not a new (noisy) measurement
+                from r2d2.kernels.attention import load_picks
+
+                n = load_picks(picks, self.device)
+                if n:
+                    obs.message(f"attention auto: {n} of {len(picks)} picks taken from the checkpoint")
         micro_global = cfg.data.batch_size // t.grad_accum
         try:
             start, stream_state, note = resume_position(
@@ -530,9 +537,12 @@ class Trainer:
         return float(norm)
 
     def save(self) -> str:
+        from r2d2.kernels.attention import export_picks
+
+        extra = {"config": self.cfg.to_dict(), "data_position": self.cursor.global_state(),
+                 "attention_picks": export_picks()}  # rank 0's: every rank takes them on resume
         return self.ckpt.save(self.objective, self.optimizer, self.scheduler, self.state,
-                              extra={"config": self.cfg.to_dict(), "data_position": self.cursor.global_state()},
-                              rank_state=self.cursor.rank_state())
+                              extra=extra, rank_state=self.cursor.rank_state())
 
 
 def _next_batch(it) -> dict:

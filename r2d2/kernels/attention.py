@@ -34,7 +34,9 @@ a class (their results agree to rounding; set ``R2D2_ATTENTION_AUTO`` to pin one
 logger: ``attention auto: <class> -> <backend> (<timings>; at <shape>)``; a candidate that
 raises is logged at WARNING and not picked; if none runs, the call raises (nothing is cached).
 ``R2D2_ATTENTION_AUTO=<backend>`` replaces the measurement for every class. ``auto_picks()``
-returns what was picked; ``auto_timings_clear()`` forgets it. ``auto_backend("attention", dev)``
+returns what was picked; ``auto_timings_clear()`` forgets it; ``export_picks()`` /
+``load_picks()`` carry the picks through a training checkpoint (a resumed run, on every rank,
+keeps the backends the run trained with). ``auto_backend("attention", dev)``
 (``r2d2 doctor``) knows no shape and reports the reference class: R2D2 text self-attention in
 training (B 32, H 12, 64 tokens with ~40% padding, D 64, bf16). Under torch.compile the first
 call of a class is a graph break (the measurement runs eagerly); do not let it happen inside CUDA
@@ -244,7 +246,7 @@ class AutoPick:
     failed: dict[str, str]  # candidate -> the error it raised (never picked)
     unavailable: dict[str, str]  # candidate -> why it cannot run here
     measured_at: str  # the shape timed, e.g. "B=21 H=12 Lq=257 Lk=257 D=64"
-    source: str  # "measured" or "R2D2_ATTENTION_AUTO"
+    source: str  # "measured", "checkpoint" (load_picks) or "R2D2_ATTENTION_AUTO"
 
 
 @dataclass(frozen=True)
@@ -501,6 +503,47 @@ def auto_timings_clear() -> None:
     """Forget every pick (tests, or after changing R2D2_ATTENTION_AUTO)."""
     with _PICKS_LOCK:
         _PICKS.clear()
+
+
+def export_picks() -> list[dict]:
+    """The picks measured (or restored) so far, JSON-able and without the device index: what a
+    training checkpoint stores, so that a resumed run keeps each class on the backend it trained
+    with (the same rounding) instead of re-timing, which can pick another on a noisy measurement.
+    Picks forced by ``R2D2_ATTENTION_AUTO`` are left out: the environment decides them each run."""
+    with _PICKS_LOCK:
+        return [dict(device=k[0], dtype=_DTYPE_NAMES.get(k[2], str(k[2])), lq=k[3], lk=k[4], d=k[5],
+                     masked=k[6], dropout=k[7], grad=k[8], backend=p.backend)
+                for k, p in _PICKS.items() if p.source != "R2D2_ATTENTION_AUTO"]
+
+
+def load_picks(picks: list[dict], device) -> int:
+    """Take the picks of :func:`export_picks` (an earlier run of the same job) for ``device``,
+    this process's device: every rank takes the saved ones, so after a resume all ranks agree.
+    A class already picked here, a pick for another device type or dtype, and a backend that
+    cannot run here are left alone (that class is measured as usual). With
+    ``R2D2_ATTENTION_AUTO`` set nothing is taken. Returns how many picks were taken."""
+    if os.environ.get("R2D2_ATTENTION_AUTO"):
+        return 0
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtypes = {v: k for k, v in _DTYPE_NAMES.items()}
+    taken = 0
+    with _PICKS_LOCK:
+        for p in picks:
+            try:
+                dtype, backend = dtypes[p["dtype"]], p["backend"]
+                key = (device.type, device.index, dtype, int(p["lq"]), int(p["lk"]), int(p["d"]),
+                       bool(p["masked"]), bool(p["dropout"]), bool(p["grad"]))
+            except (KeyError, TypeError, ValueError):
+                continue  # a record this version does not read: measure that class instead
+            if (p.get("device") != device.type or key in _PICKS or backend not in SPEC.backends
+                    or why_unavailable("attention", backend, device) is not None):
+                continue
+            _PICKS[key] = AutoPick(backend, {}, {}, {}, "", "checkpoint")
+            log.info("attention auto: %s -> %s (from the checkpoint)", _class_str(key), backend)
+            taken += 1
+    return taken
 
 
 SPEC = register_op(OpSpec(
