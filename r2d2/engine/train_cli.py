@@ -147,7 +147,7 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     from r2d2.engine.data.records import DataError
     from r2d2.engine.data.synthetic import open_image
     from r2d2.engine.data.transforms import eval_transform
-    from r2d2.engine.tasks.cli import undecodable_images
+    from r2d2.engine.tasks.cli import drop_undecodable
     from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evaluate_retrieval
 
     model = trainer.model if model is None else model
@@ -166,12 +166,8 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     def load(key: str) -> torch.Tensor:
         return tf(open_image(key, canvas))
 
-    bad = undecodable_images([r.image for r in records], load)
-    reasons = read.reasons.copy()
-    if bad:
-        n = len(records)
-        records = [r for r in records if r.image not in bad]
-        reasons["corrupt_image"] += n - len(records)
+    read, records, _ = drop_undecodable(read, records, None, load)
+    reasons = read.reasons
     skipped = sum(reasons.values())
     where = trainer.cfg.data.eval_path or "the synthetic held-out split"
     if not records:
