@@ -173,3 +173,37 @@ def test_cross_section_checks_pass_for_valid_combinations():
     assert cfg.data.eval_path == "held.TSV"
     # annotation formats read eval_path in their own format, whatever its extension
     assert load_config(None, ["--data.format=tsv", "--data.path=a", "--data.eval_path=b.txt"]).data.eval_path
+
+
+TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+@pytest.mark.parametrize("path, fmt", [("data/train.jsonl", "jsonl"), ("ann.JSON", "jsonl"), ("a/b.tsv", "tsv"),
+                                       ("shards/shard-{000..009}.tar", "webdataset"), ("x.tar.gz", "webdataset"),
+                                       ("a.tar::b.tar", "webdataset")])
+def test_data_path_over_a_synthetic_preset_infers_the_format_and_says_so(path, fmt):
+    # issue 17 item 3: --data.path used to be ignored (the run trained on synthetic data)
+    cfg = load_config(TINY_YAML, [f"--data.path={path}"])
+    assert cfg.data.format == fmt and cfg.data.path == path
+    assert cfg.notes == [f"data.format={fmt} (inferred from --data.path={path!r}; the preset {TINY_YAML} "
+                         "says synthetic)"]
+    assert load_config(None, [f"--data.path={path}"]).data.format == fmt  # the default is synthetic too
+    assert load_config(TINY_YAML, []).notes == []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data.format=synthetic", "--data.path=x.jsonl"], "data.path='x.jsonl' with data.format=synthetic, which reads no file"),
+    (["--data.path=dataset/ICR/train.txt"], "the path's name does not tell its format: add --data.format="),
+])
+def test_data_path_with_the_synthetic_format_is_an_error_when_it_cannot_be_inferred(args, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY_YAML, args)
+    assert needle in str(e.value)
+
+
+def test_a_config_file_setting_synthetic_and_a_path_is_an_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  format: synthetic\n  path: train.jsonl\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="with data.format=synthetic, which reads no file"):
+        load_config(str(tmp_path / "c.yaml"))
+    # an explicit format beside the path is taken as given
+    assert load_config(TINY_YAML, ["--data.path=x.txt", "--data.format=ccmb_flickr30k_cna"]).notes == []

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from r2d2.engine.cli import UsageError
 from r2d2.kernels.dispatch import KernelConfig
 
 FORMATS = ("synthetic", "jsonl", "tsv", "webdataset")
@@ -35,8 +36,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
 
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names it and what is allowed."""
+class ConfigError(ValueError, UsageError):
+    """A config value or key is wrong; the message names it and what is allowed (exit status 2)."""
+
+
+class ConfigFileNotFound(FileNotFoundError, UsageError):
+    """``--config`` (or a ``base:`` it names) does not exist (exit status 2)."""
 
 
 def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
@@ -217,6 +222,12 @@ class DataConfig:
             raise ConfigError(f"data.format={self.format!r} is not allowed; expected one of {allowed}")
         if self.format != "synthetic" and not self.path:
             raise ConfigError(f"data.path is required for data.format={self.format!r}")
+        if self.format == "synthetic" and self.path:
+            # the synthetic set reads no file: training on it while the user named data would
+            # be a silently wrong run (load_config infers the format when only the path is given)
+            raise ConfigError(f"data.path={self.path!r} with data.format=synthetic, which reads no file: "
+                              "set data.format to the path's format (jsonl, tsv, webdataset, "
+                              "ccmb_<name>) or drop data.path")
         _positive("data", self, "batch_size", "max_text_len", "synthetic_size", "synthetic_eval_size")
         _positive("data", self, "num_workers", allow_zero=True)
         if self.image_size is not None:
@@ -237,6 +248,18 @@ class DataConfig:
 
 
 EVAL_MANIFESTS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv"}
+
+
+def infer_data_format(path: str) -> str | None:
+    """The training format a ``data.path`` names by its form: ``.jsonl`` / ``.json`` -> jsonl,
+    ``.tsv`` -> tsv, tar shards (``.tar``, ``.tar.gz``, ``.tgz``, brace patterns such as
+    ``dir/shard-{000..009}.tar``, several joined by ``::``) -> webdataset; None when the name does
+    not tell (a ccmb_<name> layout, another extension)."""
+    p = str(path).strip().lower()
+    last = p.split("::")[-1]
+    if last.endswith((".tar", ".tar.gz", ".tgz")):
+        return "webdataset"
+    return EVAL_MANIFESTS.get(os.path.splitext(last)[1])
 
 
 def eval_manifest_format(eval_path: str, data_format: str) -> str:
@@ -428,6 +451,14 @@ _EXP_FLOAT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+$")
 """What YAML 1.2 reads as a float but PyYAML (YAML 1.1) leaves a string: ``1e-3``, ``2E5``."""
 
 
+def _finite(section: str, name: str, v: float) -> float:
+    """Infinite or NaN hyper-parameters are refused: ``--optim.lr=inf`` would make every step
+    non-finite (and its checkpoints worthless) instead of failing here."""
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ConfigError(f"{section}.{name}={v!r} is not a finite number")
+    return v
+
+
 def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
     """Check a YAML value against a field annotation (ints are accepted for floats; ``1e-3``, a
     string to YAML 1.1, is a float, also as a list element)."""
@@ -437,12 +468,13 @@ def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
     is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
     for t in options:
         if t is float and is_num:
-            return float(value)
+            return _finite(section, name, float(value))
         if t is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
-            except ValueError:
-                pass
+                return _finite(section, name, float(value))
+            except ValueError as e:
+                if isinstance(e, ConfigError):
+                    raise
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is bool and isinstance(value, bool):
@@ -450,7 +482,8 @@ def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
         if t is str and (isinstance(value, str) or is_num or (name == "fused" and isinstance(value, bool))):
             return str(value).lower() if isinstance(value, bool) else str(value)
         if t is list and isinstance(value, list):
-            return [float(v) if isinstance(v, str) and _EXP_FLOAT.match(v) else v for v in value]
+            return [_finite(section, name, float(v)) if isinstance(v, str) and _EXP_FLOAT.match(v)
+                    else _finite(section, name, v) if isinstance(v, float) else v for v in value]
         if t is dict and isinstance(value, dict):
             return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
@@ -498,7 +531,7 @@ def _merge(dst: dict, src: dict) -> dict:
 def load_yaml_tree(path: str) -> dict:
     """A YAML config with its ``base:`` chain merged in (base first)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config: no such file {path}")
+        raise ConfigFileNotFound(f"--config: no such file {path}")
     with open(path, encoding="utf-8") as f:
         tree = yaml.safe_load(f) or {}
     if not isinstance(tree, dict):
@@ -541,11 +574,39 @@ def parse_overrides(args: list[str]) -> dict:
     return tree
 
 
+def _infer_format(tree: dict, given: dict, where: str) -> str | None:
+    """``--data.path`` given without ``--data.format`` while the preset's format is synthetic
+    (which reads no file): take the format from the path's form, or refuse when it does not tell.
+    Returns the line that says so (None when nothing was inferred). A config that sets both
+    itself (``data.format=synthetic`` and a ``data.path``) is refused by :class:`DataConfig`."""
+    gd = given.get("data") or {}
+    if not isinstance(gd, dict) or "format" in gd or not gd.get("path"):
+        return None
+    data = tree.get("data") or {}
+    if not isinstance(data, dict) or data.get("format", "synthetic") != "synthetic":
+        return None
+    src = f"the preset {where}" if where else "the default"
+    fmt = infer_data_format(gd["path"])
+    if fmt is None:
+        raise ConfigError(f"--data.path={gd['path']!r}: data.format is synthetic ({src}), which reads no "
+                          "file, and the path's name does not tell its format: add --data.format=jsonl, "
+                          "tsv, webdataset or ccmb_<name>")
+    data["format"] = fmt
+    return f"data.format={fmt} (inferred from --data.path={gd['path']!r}; {src} says synthetic)"
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML file (optional) + overrides -> validated RunConfig."""
+    """YAML file (optional) + overrides -> validated RunConfig. ``--data.path`` given alone on the
+    command line over a synthetic preset sets ``data.format`` from the path (``.jsonl``, ``.tsv``,
+    tar shards; :func:`infer_data_format`); the config then carries that line in ``notes`` for
+    the command to print."""
     tree = load_yaml_tree(path) if path else {}
-    _merge(tree, parse_overrides(overrides or []))
+    given = parse_overrides(overrides or [])
+    _merge(tree, given)
+    note = _infer_format(tree, given, path)
     unknown = sorted(set(tree) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}; sections: {list(SECTIONS)}")
-    return RunConfig(**{name: build_section(name, tree.get(name, {}) or {}) for name in SECTIONS})
+    cfg = RunConfig(**{name: build_section(name, tree.get(name, {}) or {}) for name in SECTIONS})
+    cfg.notes = [note] if note else []
+    return cfg
