@@ -13,14 +13,26 @@ is given. The default, INFO, shows which backend each kernel op's ``auto`` picke
 (op, device type), on stderr.
 
 Works as ``python -m r2d2 ...`` too, which is what ``torchrun -m r2d2`` calls.
+
+Exit status, the same for every command: 0 success; 2 the command cannot run as given (usage,
+an invalid config value, a file or folder the command line or config names that does not exist,
+an ``--out`` that cannot be written), found before any work starts; 1 the run started and
+failed (unreadable or corrupt data, too many bad samples or non-finite steps, a checkpoint that
+does not fit, a full disk). Each is one line on stderr, ``r2d2 <command>: <what is wrong>``;
+``R2D2_DEBUG=1`` adds the traceback. An unexpected exception (a bug) prints its traceback and
+exits 1. Commands raise :class:`UsageError` or :class:`RunError` (or a subclass:
+``ConfigError``, ``DataError``, ...) and :func:`guarded` maps them, so calling a command's
+function directly gives the same status as the ``r2d2`` command.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import sys
+from typing import Callable
 
 # subcommand -> (module, function, one-line help); modules are imported only when used, so
 # `r2d2 doctor` works even where the heavier pieces cannot import.
@@ -32,6 +44,100 @@ COMMANDS = {
     "bench": ("r2d2.engine.bench_cli", "main", "kernel and training-step benchmarks"),
     "convert": ("r2d2.engine.convert_cli", "main", "official R2D2 checkpoint -> save_pretrained folder"),
 }
+
+
+USAGE_EXIT = 2
+"""exit status of a command that cannot run as given (checked before any work starts)"""
+RUN_EXIT = 1
+"""exit status of a run that started and failed"""
+
+
+class UsageError(Exception):
+    """The command cannot run as given: a bad argument or config value, an input the command line
+    or config names that does not exist, an output folder that cannot be written. Exit 2."""
+
+    exit_code = USAGE_EXIT
+
+
+class RunError(Exception):
+    """The run started and cannot go on (bad data, a checkpoint that does not load, ...). Exit 1."""
+
+    exit_code = RUN_EXIT
+
+
+def debug() -> bool:
+    """``R2D2_DEBUG=1``: errors keep their traceback (for bug reports)."""
+    return os.environ.get("R2D2_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def exit_code(e: BaseException) -> int | None:
+    """The status for a *clean* error (one line is enough): 2 for :class:`UsageError`, 1 for
+    :class:`RunError` and for operating-system failures (``OSError``: disk full, permission
+    denied while running; a missing input checked up front is a UsageError); None for anything
+    else, which is a bug and keeps its traceback."""
+    if isinstance(e, UsageError):
+        return USAGE_EXIT
+    if isinstance(e, (RunError, OSError)):
+        return RUN_EXIT
+    return None
+
+
+def report_error(prog: str, e: BaseException) -> int | None:
+    """Print ``prog: message`` (one line) for a clean error and return its status; None if ``e``
+    is not one (the caller re-raises)."""
+    code = exit_code(e)
+    if code is None:
+        return None
+    if debug():
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+    if isinstance(e, OSError) and not isinstance(e, (UsageError, RunError)) and e.strerror:
+        msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    print(f"{prog}: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def guarded(prog: str) -> Callable:
+    """Decorator of a command's ``main(argv) -> int``: clean errors become one line and their
+    exit status (see the module docstring); ``argparse``'s own exit (2) passes through."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return int(fn(argv) or 0)
+            except Exception as e:
+                code = report_error(prog, e)
+                if code is None:
+                    raise
+                return code
+
+        return run
+
+    return wrap
+
+
+def check_out_dir(path: str, flag: str = "--out") -> str:
+    """Create the output folder ``path`` if needed and make sure a file can be written in it,
+    before any work: a :class:`UsageError` (one line) for an existing file, a path under a file,
+    a read-only file system or a folder without write permission. Returns ``path``."""
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if isinstance(e, (FileExistsError, NotADirectoryError)):
+            why = "a part of the path is a file, not a folder"
+        raise UsageError(f"{flag} {path}: cannot write there ({why})") from None
+    return path
 
 
 LOG_FORMAT = "%(levelname).1s %(name)s: %(message)s"  # e.g. "I r2d2.kernels: distill_kl on ..."
@@ -94,7 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r2d2: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[cmd]
-    rc = getattr(importlib.import_module(module), func)(argv[1:])
+    try:
+        rc = getattr(importlib.import_module(module), func)(argv[1:])
+    except KeyboardInterrupt:
+        print(f"r2d2 {cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a command without its own guard: the same rule
+        code = report_error(f"r2d2 {cmd}", e)
+        if code is None:
+            raise
+        return code
     return int(rc or 0)
 
 
