@@ -452,3 +452,58 @@ def test_check_data_source_checks_eval_path_only_when_it_is_used(files):
     check_data_source(cfg)  # no end-of-run eval: not needed
     with pytest.raises(DataError, match=r"data.eval_path='.*none.jsonl': no such file"):
         check_data_source(cfg, eval_too=True)
+
+
+def test_an_invalid_utf8_line_is_a_counted_skip_like_invalid_json(files):
+    # issue 17 item 7: one undecodable line used to refuse the whole file (UnicodeDecodeError)
+    root, names = files
+    good = [json.dumps({"image_path": n, "text": f"图片{i}"}, ensure_ascii=False).encode() for i, n in enumerate(names)]
+    bad = b'{"image_path": "' + names[0].encode() + b'", "text": "\xff\xfe caf\xe9"}'
+    (root / "ann.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(good[:2] + [bad, b"{not json"] + good[2:]) + b"\n")
+    res = read_jsonl(str(root / "ann.jsonl"))
+    assert len(res.records) == len(names) and res.reasons == {"malformed_line": 2}
+    assert [r.text for r in res.records] == [f"图片{i}" for i in range(len(names))]
+    rows = [f"{n}\t图{i}".encode() for i, n in enumerate(names)]
+    (root / "ann.tsv").write_bytes(b"\n".join(rows[:1] + [names[1].encode() + b"\t\xc3\x28"] + rows[2:]) + b"\n")
+    res = read_tsv(str(root / "ann.tsv"))
+    assert len(res.records) == len(names) - 1 and res.reasons == {"malformed_line": 1}
+
+
+def test_ccmb_invalid_utf8_is_a_file_line_error_like_invalid_json(tmp_path):
+    # the ccmb readers refuse a malformed line (file:line); a bad byte is one, named the same way
+    from r2d2.engine.data.ccmb import read_ccmb
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    ok = json.dumps({"image_path": "a.jpg", "text": "一张图"}, ensure_ascii=False).encode()
+    (tmp_path / "icr.json").write_bytes(ok + b"\n" + b'{"image_path": "a.jpg", "text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"icr\.json:2: not valid UTF-8"):
+        read_ccmb("icr", str(tmp_path / "icr.json"))
+
+
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_shard_is_counted_not_silent(tmp_path, caplog):
+    # issue 17 item 6: the samples after the damage are lost; the loss used to show only as a
+    # webdataset warning, with skipped=0
+    from r2d2.engine.data.loader import ShardStream, shard_list
+
+    urls = _shards(tmp_path, 2, 6, bad=False)
+    _truncate(tmp_path / "shard-0.tar")
+    shards = shard_list(urls)
+    with caplog.at_level("WARNING", logger="r2d2.data"):
+        batches = _take(ShardStream(shards, EvalTransform(8), 3), 3)
+    items = [x for b in batches for x in b["items"]]
+    marks = [x for x in items if isinstance(x, Skipped)]
+    assert [m.reason for m in marks] == ["truncated_shard"]
+    good = [x["image_id"] for x in items if not isinstance(x, Skipped)]
+    assert good[:len(good) - 6] == [f"s0_{i:03d}" for i in range(len(good) - 6)] and len(good) < 12
+    assert "shard-0.tar is damaged" in caplog.text
+    col = Collate(TOK)(batches[0] if any(isinstance(x, Skipped) for x in batches[0]["items"]) else batches[1])
+    assert col["skip_reasons"] == {"truncated_shard": 1} and col["skipped"] == 0  # a shard, not a sample
+    # a resumed stream does not count the damage again when the batch holding it was consumed
+    pos = next(b["pos"] for b in batches if any(isinstance(x, Skipped) for x in b["items"]))
+    again = _take(ShardStream(shards, EvalTransform(8), 3, start={pos[0]: pos[1:]}), 1)
+    assert not any(isinstance(x, Skipped) for x in again[0]["items"])

@@ -347,7 +347,7 @@ class Trainer:
     # ---------------------------------------------------------------- fit
     def fit(self) -> FitResult:
         from r2d2.engine.data.loader import DataCursor, build_train_data, resume_position
-        from r2d2.engine.data.records import SKIP_REASONS, DataError
+        from r2d2.engine.data.records import SHARD_EVENTS, SKIP_REASONS, DataError
 
         cfg, t = self.cfg, self.cfg.train
         extra: dict = {}
@@ -415,7 +415,9 @@ class Trainer:
                                      [sum(float(b["attention_mask"].sum()) for b in micro if b["size"])])
                 n_micro, sq = sums[:len(sizes)], sums[len(sizes):2 * len(sizes)]
                 step_reasons = {k: int(v) for k, v in zip(names, sums[2 * len(sizes):-1]) if v}
-                skipped, tokens = sum(step_reasons.values()), sums[-1]
+                # damaged-shard events are no samples: logged as truncated_shards, not skipped
+                skipped = sum(v for k, v in step_reasons.items() if k not in SHARD_EVENTS)
+                tokens = sums[-1]
                 n_all = sum(n_micro)
                 if any(abs(q * self.world - n * n) > 0.5 for n, q in zip(n_micro, sq)):
                     # sum(n^2) * W == (sum n)^2 iff every rank has the same n: GCPR's all-gather
@@ -472,7 +474,9 @@ class Trainer:
                            "peak_mem_gb": peak_memory_gb(self.device),
                            "skipped": self.read_skipped + self.state.skipped, "skipped_read": self.read_skipped,
                            "skipped_decode": self.state.skipped,
-                           "skip_reasons": dict(self.read_reasons + reasons),
+                           "skip_reasons": {k: v for k, v in (self.read_reasons + reasons).items()
+                                            if k not in SHARD_EVENTS},
+                           "truncated_shards": reasons.get("truncated_shard", 0),
                            "bad_steps": self.state.bad_steps, "samples": self.state.samples}
                     obs.log(row)
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}

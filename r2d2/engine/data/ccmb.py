@@ -3,8 +3,9 @@
 Every reader returns a :class:`ReadResult`: the usable records, how many samples were skipped and
 why (``missing_image``, ``empty_text`` (blank or null), ``non_string_text`` (a number, list, ...),
 ``no_caption`` (COCO-CN), ``not_in_gallery`` / ``missing_gallery_image`` (MUGE), ``not_image``
-(zero-shot folder)). A malformed line is not a sample but a broken file, so it
-raises ``ValueError("<file>:<line>: <what is wrong>")`` instead of being skipped.
+(zero-shot folder)). A malformed line (invalid JSON, or bytes that are not UTF-8) is not a sample
+but a broken file, so it raises ``ValueError("<file>:<line>: <what is wrong>")`` instead of being
+skipped (the jsonl and tsv readers of ``r2d2.engine.data.readers`` skip and count such lines).
 
 Layouts (the released ones; where a release is ambiguous the assumption is stated):
 
@@ -86,9 +87,14 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, stripped line) for non-blank lines; a clear error if unreadable."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
-        for n, line in enumerate(f, 1):
-            line = line.strip()
+    with open(path, "rb") as f:  # decoded line by line: a bad byte is named by its line
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM from Windows editors
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:  # malformed like broken JSON: the same error
+                raise ValueError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if line:
                 yield n, line
 

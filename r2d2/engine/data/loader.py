@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from r2d2.engine.data.records import DataError, ReadResult, Record
+from r2d2.engine.data.records import SHARD_EVENTS, DataError, MissingDataError, ReadResult, Record
 from r2d2.engine.data.synthetic import open_image
 
 REPLACE_TRIES = 16
@@ -162,7 +162,9 @@ class Collate:
             else:
                 reasons.update(x.get("skips", ()))
                 good.append(x)
-        batch = {"skipped": sum(reasons.values()), "skip_reasons": reasons, "size": len(good)}
+        # skipped counts samples; damaged-shard events travel in skip_reasons only
+        batch = {"skipped": sum(v for k, v in reasons.items() if k not in SHARD_EVENTS),
+                 "skip_reasons": reasons, "size": len(good)}
         if pos is not None:
             batch["stream_pos"] = tuple(pos)
         if not good:
@@ -245,21 +247,48 @@ def shard_list(urls: str) -> list[str]:
     remote = ("pipe:", "http:", "https:", "gs:", "s3:", "ais:")
     missing = [s for s in shards if not s.startswith(remote) and not os.path.isfile(s)]
     if not shards or missing:
-        raise DataError(f"data.path={urls!r}: {len(missing)} of {len(shards)} shard files do not exist "
+        raise MissingDataError(f"data.path={urls!r}: {len(missing)} of {len(shards)} shard files do not exist "
                         f"(first: {missing[0] if missing else urls})")
     return shards
 
 
-def _raw_epoch(shards: list[str], epoch: int, seed: int, slot: int, slots: int, shuffle_buffer: int):
+def _shard_samples(url: str, damaged: list | None):
+    """Raw samples of one tar shard. A shard that cannot be read to its end (truncated mid-file,
+    garbage inside) gives the samples before the damage; the rest of it is lost. That is logged
+    once per read with the shard's name and, when ``damaged`` is a list, recorded there as
+    ``(url, error)`` after the shard's last good sample, so the stream can count it."""
+    import logging
+
+    import webdataset as wds
+
+    errors: list = []
+
+    def note(exn: Exception) -> bool:  # webdataset calls this for each read error, then goes on
+        errors.append(exn)
+        return True
+
+    yield from wds.tarfile_to_samples(handler=note)(iter([{"url": url}]))
+    if errors:
+        first = " ".join(str(errors[0].args[0] if errors[0].args else errors[0]).split(" @ ")[0].split())
+        logging.getLogger("r2d2.data").warning(
+            "webdataset: shard %s is damaged (%s: %s); the samples after the damage are lost "
+            "(counted as truncated_shards in the log)", url, type(errors[0]).__name__, first)
+        if damaged is not None:
+            damaged.append((url, errors[0]))
+
+
+def _raw_epoch(shards: list[str], epoch: int, seed: int, slot: int, slots: int, shuffle_buffer: int,
+               damaged: list | None = None):
     """Raw (undecoded) samples of this slot's shards in ``epoch``: shard order and the buffer
-    shuffle are seeded by (seed, epoch, slot), so the sequence is reproducible for resuming."""
+    shuffle are seeded by (seed, epoch, slot), so the sequence is reproducible for resuming.
+    Shards that end in damage are appended to ``damaged`` (see :func:`_shard_samples`)."""
     import webdataset as wds
 
     order = list(shards)
     if shuffle_buffer:
         random.Random(f"{seed}:shards:{epoch}").shuffle(order)
     mine = order[slot::slots]
-    src = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": u} for u in mine]))
+    src = (x for u in mine for x in _shard_samples(u, damaged))
     if shuffle_buffer:
         src = wds.shuffle(shuffle_buffer, shuffle_buffer, rng=random.Random(f"{seed}:buf:{epoch}:{slot}"))(src)
     return src
@@ -295,8 +324,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         while True:
             raw_seen = good_in_epoch = 0
             reasons: Counter = Counter()
-            for i, raw in enumerate(_raw_epoch(self.shards, epoch, self.seed, slot, slots, self.shuffle_buffer)):
+            damaged: list = []
+
+            def count_damaged(at: int) -> None:
+                # a damaged shard found while fetching raw sample ``at`` goes into the batch
+                # stream before that sample: one ``truncated_shard`` marker per damaged shard
+                # read. Before the resume point it was counted in a consumed batch already.
+                if damaged and at >= skip:
+                    items.extend(Skipped("truncated_shard") for _ in damaged)
+                    reasons["truncated_shard"] += len(damaged)
+                damaged.clear()
+
+            for i, raw in enumerate(_raw_epoch(self.shards, epoch, self.seed, slot, slots, self.shuffle_buffer,
+                                               damaged)):
                 raw_seen = i + 1
+                count_damaged(i)
                 if i < skip:  # consumed before the checkpoint: not decoded
                     continue
                 item = _decode_wds(raw, self.transform, self.seed, epoch)
@@ -309,6 +351,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if good == self.local_batch:
                     yield {"items": items, "pos": (role, epoch, i + 1)}
                     items, good = [], 0
+            count_damaged(raw_seen)  # a shard whose damage came after its last sample
             if raw_seen == 0:
                 raise DataError(f"webdataset: the shards of rank {self.rank} worker {role} hold no samples")
             if skip == 0 and good_in_epoch == 0:
@@ -360,9 +403,9 @@ def check_data_source(cfg, eval_too: bool = False) -> None:
     if cfg.format == "webdataset":
         shard_list(cfg.path)
     elif cfg.format != "synthetic" and not os.path.isfile(cfg.path):
-        raise DataError(f"data.path={cfg.path!r} (data.format={cfg.format}): no such file")
+        raise MissingDataError(f"data.path={cfg.path!r} (data.format={cfg.format}): no such file")
     if eval_too and cfg.eval_path and not os.path.isfile(cfg.eval_path):
-        raise DataError(f"data.eval_path={cfg.eval_path!r}: no such file (the held-out set of the "
+        raise MissingDataError(f"data.eval_path={cfg.eval_path!r}: no such file (the held-out set of the "
                         "end-of-run evaluation; or --train.eval_at_end=false)")
 
 

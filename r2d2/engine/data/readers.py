@@ -6,8 +6,9 @@
            appended when ``image_id`` has no extension).
 ``ccmb_*`` the CCMB / public-benchmark layouts, read by ``r2d2.engine.data.ccmb.read_ccmb``.
 
-A line that cannot be parsed, an empty caption or an image file that does not exist is skipped and
-counted by reason (``malformed_line``, ``empty_text``, ``missing_image``); corrupt image bytes are
+A line that cannot be parsed (invalid JSON, no TAB, or bytes that are not UTF-8), an empty caption
+or an image file that does not exist is skipped and counted by reason (``malformed_line``,
+``empty_text``, ``missing_image``); the other lines of the file are read as usual. Corrupt image bytes are
 found when the image is decoded (``r2d2.engine.data.loader``). WebDataset shards are streamed, not
 read up front: see ``r2d2.engine.data.loader.ShardStream``.
 """
@@ -21,10 +22,20 @@ from collections import Counter
 from r2d2.engine.data.records import ReadResult, Record
 
 
-def _open_lines(path: str):
+def _lines(path: str, reasons: Counter):
+    """The file's lines as text. Each line is decoded on its own, so a line that is not valid
+    UTF-8 is one ``malformed_line`` skip, like a line of broken JSON, instead of refusing the
+    whole file; a BOM at the start is tolerated."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
-    return open(path, encoding="utf-8-sig")  # -sig: tolerate a BOM
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f):
+            if n == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                reasons["malformed_line"] += 1
 
 
 class _Acc:
@@ -52,43 +63,41 @@ def _root(path: str, image_root: str | None) -> str:
 def read_jsonl(path: str, image_root: str | None = None, check_images: bool = True) -> ReadResult:
     root = _root(path, image_root)
     acc = _Acc(check_images)
-    with _open_lines(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                image = obj.get("image_path", obj.get("image"))
-                text = obj.get("text", obj.get("caption"))
-                if not isinstance(image, str) or not image:
-                    raise ValueError("no image_path/image")
-                label = obj.get("label")
-                label = None if label is None else int(label)
-            except (ValueError, AttributeError, TypeError):
-                acc.reasons["malformed_line"] += 1
-                continue
-            full = image if os.path.isabs(image) else os.path.join(root, image)
-            image_id = obj.get("image_id", os.path.basename(image))
-            acc.add(full, text, image_id, label)
+    for line in _lines(path, acc.reasons):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            image = obj.get("image_path", obj.get("image"))
+            text = obj.get("text", obj.get("caption"))
+            if not isinstance(image, str) or not image:
+                raise ValueError("no image_path/image")
+            label = obj.get("label")
+            label = None if label is None else int(label)
+        except (ValueError, AttributeError, TypeError):
+            acc.reasons["malformed_line"] += 1
+            continue
+        full = image if os.path.isabs(image) else os.path.join(root, image)
+        image_id = obj.get("image_id", os.path.basename(image))
+        acc.add(full, text, image_id, label)
     return acc.result()
 
 
 def read_tsv(path: str, image_root: str | None = None, check_images: bool = True) -> ReadResult:
     root = _root(path, image_root)
     acc = _Acc(check_images)
-    with _open_lines(path) as f:
-        for line in f:
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            image_id, sep, text = line.partition("\t")
-            if not sep or not image_id.strip():
-                acc.reasons["malformed_line"] += 1
-                continue
-            name = image_id.strip()
-            if not os.path.splitext(name)[1]:
-                name += ".jpg"
-            acc.add(os.path.join(root, name), text, image_id.strip())
+    for line in _lines(path, acc.reasons):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        image_id, sep, text = line.partition("\t")
+        if not sep or not image_id.strip():
+            acc.reasons["malformed_line"] += 1
+            continue
+        name = image_id.strip()
+        if not os.path.splitext(name)[1]:
+            name += ".jpg"
+        acc.add(os.path.join(root, name), text, image_id.strip())
     return acc.result()
 
 

@@ -11,15 +11,29 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from r2d2.engine.cli import RunError, UsageError
+
 SKIP_REASONS = ("corrupt_image", "missing_image", "empty_text", "non_string_text", "malformed_line",
-                "no_caption", "not_in_gallery", "missing_gallery_image", "not_image")
+                "no_caption", "not_in_gallery", "missing_gallery_image", "not_image", "truncated_shard")
 """The skip reasons the readers and the loader report; the trainer sums them over ranks in this
 order (anything else is summed as ``other``)."""
 
+SHARD_EVENTS = ("truncated_shard",)
+"""Reasons that count damaged *shards*, not samples: a tar shard that ends mid-file (truncated,
+or damaged so that tar cannot read on) loses every sample after the damage, a number nobody
+can know. They travel with the skip counts (the same per-rank sums) but are no part of
+``skipped`` and ``max_skip_rate``; the log row reports them as ``truncated_shards``."""
 
-class DataError(ValueError):
-    """The training data cannot be read at all (no such file, a broken annotation file, no shard):
-    unlike a bad sample, which is skipped and counted, this stops the run with one clear line."""
+
+class DataError(ValueError, RunError):
+    """The training data cannot be read at all (a broken annotation file, no usable sample, a
+    stream that holds nothing): unlike a bad sample, which is skipped and counted, this stops the
+    run with one clear line (exit status 1)."""
+
+
+class MissingDataError(DataError, UsageError):
+    """A data file or shard the config names does not exist: found before the run starts, a
+    usage error (exit status 2)."""
 
 
 @dataclass
