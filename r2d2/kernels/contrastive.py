@@ -56,6 +56,13 @@ def hard_targets(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
 
 def _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
            distill_alpha):
+    for name, x, optional in (("image_feat", image_feat, False), ("text_feat", text_feat, False),
+                              ("image_ids", image_ids, True),
+                              ("teacher_image_feat", teacher_image_feat, True),
+                              ("teacher_text_feat", teacher_text_feat, True)):
+        if not (isinstance(x, torch.Tensor) or (optional and x is None)):
+            raise TypeError(f"contrastive_loss: {name} must be a tensor{' or None' * optional}, "
+                            f"got {type(x).__name__}")
     if image_feat.dim() != 2 or text_feat.shape != image_feat.shape:
         raise ValueError(f"contrastive_loss: image_feat and text_feat must both be [b, d]; got "
                          f"{tuple(image_feat.shape)} and {tuple(text_feat.shape)}")
@@ -255,13 +262,22 @@ def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teac
 
     ``mode`` (fused backends, several ranks): ``"gather"`` all-gathers the text features,
     ``"ring"`` passes them round a ring of isend/irecv with O(b d) memory; both are exact. The
-    eager backend always gathers both modalities."""
+    eager backend always gathers both modalities.
+
+    Arguments that are not tensors (a list, a NumPy array) raise TypeError naming the argument.
+    An empty batch (``b = 0``) raises ValueError on every backend (the loss is a mean over pairs,
+    softmaxes over no column are undefined); it is checked after the ranks' ``b`` are compared,
+    so every rank raises it together. ``d = 0`` is allowed: every logit is 0 and the loss is
+    ``log B``."""
     _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
            distill_alpha)
     if mode not in MODES:
         raise ValueError(f"contrastive_loss: mode must be one of {MODES}, got {mode!r}")
     if check_ranks:
         all_equal_rows(image_feat.shape[0], image_feat.device, group, "contrastive_loss")
+    if image_feat.shape[0] == 0:
+        raise ValueError("contrastive_loss: image_feat and text_feat have 0 rows (b = 0); the loss "
+                         "is a mean over image-text pairs and needs b >= 1")
     picked = resolve("contrastive", backend, image_feat.device)
     if picked == "eager":
         return contrastive_loss_ref(image_feat, text_feat, logit_scale, image_ids=image_ids,
