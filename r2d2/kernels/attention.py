@@ -6,6 +6,16 @@ q ``[B, H, Lq, D]``, k/v ``[B, H, Lk, D]`` (Lq != Lk allowed), ``key_padding_mas
 bool with True = attend. A query whose keys are all masked returns zeros with zero gradients
 (eager softmax would return NaN; padded rows of a batch must not poison the batch).
 
+Masked keys are never read, on every backend: whatever k and v hold where ``key_padding_mask`` is
+False (NaN, inf, garbage) changes neither the output nor any gradient, and their own gradients are
+exactly zero. The fused kernels load them as zeros; eager, sdpa and xformers zero them first (one
+copy of k and v per masked call), since SDPA would otherwise turn ``NaN + -inf`` into NaN for the
+whole row and ``0 * NaN`` into NaN for every query.
+
+Empty inputs: any of B, H, Lq, D equal to 0 gives an empty ``[B, H, Lq, D]`` output (as torch
+SDPA; the default scale ``1/sqrt(D)`` is not evaluated for D = 0) and empty gradients on every
+backend; Lk = 0 (no key at all) gives zeros, like a fully masked query.
+
 Backends (see dispatch.py):
   eager     ``attention_ref``: fp32 math, the spec and the test oracle.
   sdpa      torch SDPA with a boolean mask (fully masked rows attend everywhere, then are zeroed).
@@ -101,6 +111,21 @@ def _check(q, k, v, key_padding_mask):
                              f"{q.device}")
 
 
+def _default_scale(q) -> float:
+    """``1/sqrt(D)``; 1.0 for D = 0, where the output is empty and the scale is never used."""
+    D = q.shape[-1]
+    return 1.0 / math.sqrt(D) if D > 0 else 1.0
+
+
+def _zero_masked_keys(k, v, key_padding_mask):
+    """k and v with the rows of masked keys set to 0 (their gradients are then exactly 0), so that
+    a NaN or inf there cannot reach a score, an output or a gradient."""
+    if key_padding_mask is None:
+        return k, v
+    drop = ~key_padding_mask[:, None, :, None]
+    return k.masked_fill(drop, 0), v.masked_fill(drop, 0)
+
+
 def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generator=None,
                   dropout_mask=None):
     """Plain-PyTorch attention in fp32; the spec and the test oracle.
@@ -108,7 +133,8 @@ def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, gen
     ``dropout_mask`` (bool ``[B, H, Lq, Lk]``, True = keep) replaces the random draw, so a
     kernel's own dropout mask can be checked exactly.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = _default_scale(q) if scale is None else scale
+    k, v = _zero_masked_keys(k, v, key_padding_mask)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if key_padding_mask is not None:
         m = key_padding_mask[:, None, None, :]
@@ -126,15 +152,19 @@ def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, gen
 
 
 def attention_sdpa(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None):
-    """torch SDPA with the contract's mask semantics (fully masked queries -> zeros)."""
+    """torch SDPA with the contract's mask semantics (fully masked queries -> zeros, masked keys
+    never read)."""
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     valid = key_padding_mask.any(-1)
-    # SDPA returns NaN for a row with no key; let such rows attend everywhere, then zero them
-    # (the product by 0 also zeroes their gradients).
+    # SDPA adds -inf to masked scores (NaN + -inf = NaN) and multiplies masked values by 0
+    # (0 * NaN = NaN): zero the masked keys and values first.
+    k, v = _zero_masked_keys(k, v, key_padding_mask)
+    # SDPA returns NaN for a row with no key; let such rows attend everywhere (to zeros), then
+    # zero them (where(), not a product: their gradients are exactly 0 too).
     m = (key_padding_mask | ~valid[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=dropout_p, scale=scale)
-    return out * valid.to(out.dtype)[:, None, None, None]
+    return torch.where(valid[:, None, None, None], out, out.new_zeros(()))
 
 
 def attention_xformers(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None):
@@ -147,6 +177,8 @@ def attention_xformers(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None
     valid = None
     if key_padding_mask is not None:
         valid = key_padding_mask.any(-1)
+        # -inf bias plus a NaN score is NaN, and 0 * a NaN value is NaN: zero masked keys/values.
+        k, v = _zero_masked_keys(k, v, key_padding_mask)
         keep = key_padding_mask | ~valid[:, None]  # fully masked rows: attend all, zeroed below
         # xformers needs the bias's last dim allocated at a multiple of 8: slice a padded buffer.
         lk_pad = (Lk + 7) // 8 * 8
@@ -157,7 +189,7 @@ def attention_xformers(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p,
         scale=scale).transpose(1, 2)
     if valid is not None:
-        out = out * valid.to(out.dtype)[:, None, None, None]
+        out = torch.where(valid[:, None, None, None], out, out.new_zeros(()))
     return out
 
 
@@ -204,7 +236,7 @@ class _FusedAttention(torch.autograd.Function):
 
 
 def _fused(backend, q, k, v, key_padding_mask, dropout_p, scale):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _default_scale(q) if scale is None else float(scale)
     if q.dtype not in _DTYPES:
         raise TypeError(f"attention (backend={backend!r}): dtype {q.dtype} unsupported; expected "
                         f"one of {[str(d) for d in _DTYPES]}")
@@ -568,7 +600,9 @@ def attention(q, k, v, *, key_padding_mask=None, dropout_p=0.0, scale=None, back
         backend: ``auto | eager | sdpa | xformers | triton | cuda``.
 
     Returns:
-        ``[B, H, Lq, D]`` in q's dtype.
+        ``[B, H, Lq, D]`` in q's dtype. Keys masked out are never read (NaN there is harmless,
+        their gradients are 0); an empty output (B, H, Lq or D = 0) is an empty tensor on every
+        backend (see the module docstring).
     """
     _check(q, k, v, key_padding_mask)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (
@@ -581,6 +615,10 @@ def attention(q, k, v, *, key_padding_mask=None, dropout_p=0.0, scale=None, back
         b = _auto_for_call(q, k, v, key_padding_mask, dropout_p)
     else:
         b = resolve("attention", backend, q.device)
+    if q.numel() == 0:
+        # Nothing to compute (B, H, Lq or D is 0): the same empty result, with empty gradients,
+        # whichever backend was asked for (after checking that it can run here).
+        return attention_ref(q, k, v, key_padding_mask, dropout_p, scale)
     if b == "sdpa":
         return attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale)
     if b == "xformers":
