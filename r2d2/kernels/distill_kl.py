@@ -28,10 +28,22 @@ Memory: the fused backends keep one student-sized gradient between forward and b
 eager's fp32 log-probabilities of both inputs.
 
 Limits: student and teacher must share shape, dtype (float16/bfloat16/float32/float64) and device.
-The loss is float32 (float64 for float64 inputs). A teacher logit of -inf (a masked class) is a
-zero-probability class; a student logit of -inf where the teacher has mass gives +inf, as it should.
-A row whose teacher logits are all -inf is not a distribution: the fused backends give NaN (eager
-gives 0 with a NaN gradient). A NaN logit makes its row's loss NaN on every backend.
+The loss is float32 (float64 for float64 inputs).
+
+Non-finite logits, the same on every backend (eager, triton, cuda, cpp):
+  * A teacher logit of -inf (a masked class) is a zero-probability class; a student logit of -inf
+    where the teacher has mass gives +inf (with a finite gradient), as it should.
+  * A row is NaN (loss and every element of its student gradient) when its teacher has a NaN or a
+    +inf logit, when its teacher logits are all -inf (not a distribution), or when its student
+    has a NaN or a +inf logit or is all -inf. No backend takes the limit for +inf logits: such a
+    row is never given a finite value. Other rows are unaffected (``"none"``); the reductions
+    carry the NaN.
+
+Empty inputs: the class dimension C must be >= 1 (ValueError). Zero rows (a leading dimension of
+0) are a defined empty batch on every backend: ``"none"`` returns an empty tensor shaped
+``student_logits.shape[:-1]``, ``"sum"`` returns 0 (as torch's ``kl_div``), and ``"batchmean"``
+returns 0 too (the sum over ``max(rows, 1)``; torch's ``kl_div`` gives 0/0 = NaN there), so an
+empty batch adds nothing to a loss; the student's gradient is an empty tensor.
 """
 
 from __future__ import annotations
@@ -86,7 +98,8 @@ def _temperature(value: object) -> float:
 
 def _reduce(row_loss: torch.Tensor, reduction: str, lead_shape: torch.Size) -> torch.Tensor:
     if reduction == "batchmean":
-        return row_loss.mean()
+        # No rows: 0 (the sum over max(rows, 1)), not mean()'s 0/0 = NaN.
+        return row_loss.mean() if row_loss.numel() else row_loss.sum()
     if reduction == "sum":
         return row_loss.sum()
     return row_loss.reshape(lead_shape)
@@ -97,23 +110,27 @@ def distill_kl_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """Plain-PyTorch reference in fp32 (fp64 for float64 inputs): the spec and the test oracle.
 
     Both distributions go through log_softmax, so logits of +-1e4 stay finite; classes the teacher
-    gives zero probability contribute exactly 0 (``p log p -> 0``), not ``0 * -inf = NaN``.
+    gives zero probability contribute exactly 0 (``p log p -> 0``), not ``0 * -inf = NaN``. A
+    teacher row that is not a distribution (a NaN or +inf logit, or all -inf) has NaN
+    probabilities; they are kept, so the row's loss and gradient are NaN (module docstring).
     """
     cdt = torch.promote_types(student_logits.dtype, torch.float32)
     t = float(temperature)
     log_q = torch.log_softmax(student_logits.to(cdt) / t, dim=-1)
     log_p = torch.log_softmax(teacher_logits.detach().to(cdt) / t, dim=-1)
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=cdt,
-                                                                 device=student_logits.device))
+    # Only p == 0 is dropped: a NaN p (teacher row with a NaN or +inf logit, or all -inf) must
+    # reach the sum, as it does in the fused kernels.
+    terms = torch.where(p == 0, torch.zeros((), dtype=cdt, device=student_logits.device),
+                        p * (log_p - log_q))
     row_loss = terms.sum(-1) * (t * t)
     return _reduce(row_loss.reshape(-1), reduction, student_logits.shape[:-1])
 
 
 def _validate(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> None:
-    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
-        raise TypeError(f"distill_kl: student_logits and teacher_logits must be tensors, got "
-                        f"{type(student).__name__} and {type(teacher).__name__}")
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"distill_kl: {name} must be a tensor, got {type(x).__name__}")
     if student.shape != teacher.shape:
         raise ValueError(f"distill_kl: student_logits shape {tuple(student.shape)} must equal "
                          f"teacher_logits shape {tuple(teacher.shape)}")
@@ -194,6 +211,9 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per-row values for ``"none"``.
+        A row whose teacher or student is not a distribution (a NaN or +inf logit, or all -inf)
+        is NaN on every backend; zero rows give 0 for ``"sum"`` and ``"batchmean"`` (see the
+        module docstring).
     """
     _validate(student_logits, teacher_logits, reduction)
     temperature = _temperature(temperature)
