@@ -281,3 +281,45 @@ def test_contrastive_non_tensor_argument_is_a_type_error(name):
     with pytest.raises(TypeError, match=f"contrastive_loss: {name} must be a tensor"):
         contrastive_loss(kw.pop("image_feat"), kw.pop("text_feat"), torch.tensor(10.0),
                          distill_alpha=0.5, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same contracts on a GPU (the lent GPU machine): the CUDA kernels and Triton compiled.
+
+
+def _need_gpu(op, backend):
+    why = why_unavailable(op, backend, "cuda")
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["eager", "cuda", "triton"])
+@pytest.mark.parametrize("case", sorted(_BAD_ROWS))
+def test_distill_kl_non_distribution_row_is_nan_gpu(backend, case):
+    _need_gpu("distill_kl", backend)
+    s, t = (x.cuda() for x in _kl_inputs(case, cols=5000))
+    x = s.clone().requires_grad_()
+    out = distill_kl(x, t, reduction="none", backend=backend)
+    out.sum().backward()
+    assert out[1].isnan() and x.grad[1].isnan().all()
+    torch.testing.assert_close(out[[0, 2]], distill_kl_ref(s[[0, 2]], t[[0, 2]], 1.0, "none"),
+                               atol=1e-4, rtol=1e-4)
+    empty = torch.randn(0, 7, device="cuda", requires_grad=True)
+    assert distill_kl(empty, empty.detach(), backend=backend).item() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "triton", "cuda", "xformers"])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_attention_masked_keys_are_never_read_gpu(backend, where):
+    _need_gpu("attention", backend)
+    q, k, v, ck, cv, m = (x.cuda() for x in _attn_case(NAN, where))
+    do = torch.randn(q.shape, device="cuda")
+    got = _attn_run(backend, q, k, v, m, do)
+    want = _attn_run("eager", q, ck, cv, m, do)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), f"{backend}: non-finite {name}"
+        torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)
+    head0 = torch.randn(2, 2, 5, 0, device="cuda", requires_grad=True)
+    assert attention(head0, head0, head0, backend=backend).shape == (2, 2, 5, 0)
