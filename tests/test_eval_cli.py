@@ -125,7 +125,7 @@ def test_eval_cli_prd2_matching_is_one_clear_line_and_retrieval_notes_pre_rank_o
     ckpt = _tiny_checkpoint(tmp_path / "prd2", "prd2-tiny")
     args = ["--checkpoint", ckpt, "--data.format=synthetic", "--data.synthetic_size=12",
             "--data.max_text_len=16", "--out", str(tmp_path / "run")]
-    assert cli.main(["matching", *args]) == 2
+    assert cli.main(["matching", *args]) == 1  # found by loading the model: a run-time failure
     err = capsys.readouterr().err.strip()
     assert err.startswith("r2d2 eval matching: error: matching scores pairs with the ITM heads")
     assert "PRD2" in err and "\n" not in err and "Traceback" not in err
@@ -262,4 +262,21 @@ def test_a_corrupt_image_is_left_out_and_counted_not_fatal(tmp_path):
     rep = json.loads((tmp_path / "run" / "eval_retrieval.json").read_text(encoding="utf-8"))
     assert rep["skipped"] == 2 and rep["skip_reasons"] == {"corrupt_image": 2}
     assert rep["metrics"]["n_images"] == 4 and rep["metrics"]["n_texts"] == 4
-    assert cli.main(args + ["--out", str(tmp_path / "run2"), "--data.check_images=false"]) == 2
+    assert cli.main(args + ["--out", str(tmp_path / "run2"), "--data.check_images=false"]) == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_eval_cli_takes_a_run_folder_like_init_from(tmp_path, capsys):
+    # issue 17 item 14: --checkpoint RUN was refused although train.init_from takes it
+    run = tmp_path / "run"
+    _tiny_checkpoint(run / "model", "tiny")
+    (run / "checkpoints").mkdir()
+    args = ["--data.format=synthetic", "--data.synthetic_size=8", "--data.max_text_len=16", "--device=cpu"]
+    assert cli.main(["retrieval", "--checkpoint", str(run), *args, "--out", str(tmp_path / "e")]) == 0
+    assert f"--checkpoint {run} is a run folder: evaluating its model/ ({run / 'model'})" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "e" / "eval_retrieval.json").read_text(encoding="utf-8"))
+    assert rep["checkpoint"] == str(run / "model")
+    assert cli.main(["retrieval", "--checkpoint", str(tmp_path / "nothing"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"r2d2 eval retrieval: error: --checkpoint {tmp_path / 'nothing'}: no such folder (expected a "
+                   "save_pretrained folder, e.g. <run>/model, or a run folder)")

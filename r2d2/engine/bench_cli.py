@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from r2d2.engine.cli import UsageError, check_out_dir, guarded
+
 KERNEL_SCRIPTS = ("bench_distill_kl.py", "bench_contrastive.py", "bench_attention.py")
 SUITES = {
     "kernels": KERNEL_SCRIPTS,
@@ -57,13 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+@guarded("r2d2 bench")
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 2 when the command cannot run as given (no benchmarks/ directory, an --out
+    that cannot be written), 1 when a script or the report failed, else 0."""
     args = _parser().parse_args(argv)
     try:
         bench_dir = find_benchmarks_dir()
     except FileNotFoundError as e:
-        print(f"r2d2 bench: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
+    if args.out:
+        if Path(args.out).is_dir():
+            raise UsageError(f"--out {args.out}: is a folder; --out names the JSONL file of the rows")
+        check_out_dir(str(Path(args.out).parent), flag=f"--out {args.out}: its folder")
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -72,13 +72,15 @@ def debug() -> bool:
 
 def exit_code(e: BaseException) -> int | None:
     """The status for a *clean* error (one line is enough): 2 for :class:`UsageError`, 1 for
-    :class:`RunError` and for operating-system failures (``OSError``: disk full, permission
-    denied while running; a missing input checked up front is a UsageError); None for anything
-    else, which is a bug and keeps its traceback."""
+    :class:`RunError`, operating-system failures (``OSError``: disk full, permission denied
+    while running; a missing input checked up front is a UsageError) and files that do not
+    unpickle; None for anything else, which is a bug and keeps its traceback."""
+    import pickle
+
     if isinstance(e, UsageError):
         return USAGE_EXIT
-    if isinstance(e, (RunError, OSError)):
-        return RUN_EXIT
+    if isinstance(e, (RunError, OSError, EOFError, pickle.UnpicklingError)):  # a file that is
+        return RUN_EXIT                                                        # not what it should be
     return None
 
 
@@ -92,9 +94,13 @@ def report_error(prog: str, e: BaseException) -> int | None:
         import traceback
 
         traceback.print_exception(e, file=sys.stderr)
-    msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
-    if isinstance(e, OSError) and not isinstance(e, (UsageError, RunError)) and e.strerror:
-        msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    if isinstance(e, (UsageError, RunError)):  # our own messages: one line, whatever they held
+        msg = " ".join(str(e).split())
+    else:  # a library's: its first line (R2D2_DEBUG=1 shows the rest)
+        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        if isinstance(e, OSError) and e.strerror:
+            msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
     print(f"{prog}: {msg}", file=sys.stderr, flush=True)
     return code
 

@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if not os.path.exists(args.checkpoint):
         print(f"r2d2 convert: no such checkpoint {args.checkpoint!r}", file=sys.stderr)
-        return 1
+        return 2  # usage: exit 2, like every r2d2 command (cli.py)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         print(f"r2d2 convert: {args.out!r} is not empty (pass --force to overwrite)",
               file=sys.stderr)
-        return 1
+        return 2  # usage: exit 2, like every r2d2 command (cli.py)
     if args.vocab is not None and not os.path.isfile(args.vocab):
         print(f"r2d2 convert: no such vocab file {args.vocab!r}", file=sys.stderr)
-        return 1
+        return 2  # usage: exit 2, like every r2d2 command (cli.py)
     try:
         config = model_preset(args.preset) if args.preset else None
         model = R2D2Model.from_official(args.checkpoint, config=config, strict=args.strict)

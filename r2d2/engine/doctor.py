@@ -47,7 +47,13 @@ def report() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
     import warnings
+
+    # no options: one given by mistake is a usage error (exit 2), not silently ignored
+    ap = argparse.ArgumentParser(prog="r2d2 doctor",
+                                 description="what this install and machine can run")
+    ap.parse_args([] if argv is None else argv)
 
     # Doctor reports the extension's state itself (the r2d2._C line, with the import error), so the
     # fallback warning would only repeat it.

@@ -5,7 +5,8 @@
 
 The run folder gets ``config.yaml`` (the resolved config), ``log.jsonl``, ``tb/``, ``loss.png``,
 ``checkpoints/`` and, at the end, ``model/`` (``save_pretrained``, what ``r2d2 eval`` loads) and
-``eval.json`` (zero-shot retrieval on the held-out split, also printed as R@1/5/10: pre-rank,
+``eval.json`` (retrieval on the held-out split, headed "zero-shot retrieval" after pretrain and
+"retrieval after <task> fine-tuning" after finetune, also printed as R@1/5/10: pre-rank,
 and pre-rank + ITM re-rank of the top ``train.eval_rerank_k`` when the model has cross encoders).
 """
 
@@ -16,7 +17,8 @@ import json
 import os
 import sys
 
-from r2d2.engine.config import ConfigError, RunConfig, load_config
+from r2d2.engine.cli import UsageError, check_out_dir, guarded
+from r2d2.engine.config import ConfigError, RunConfig, load_config, parse_overrides
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
@@ -40,40 +42,66 @@ def parse(cmd: str, argv: list[str]) -> tuple[RunConfig, argparse.Namespace]:
                           "(use r2d2 finetune)")
     if cmd == "finetune" and cfg.train.task == "pretrain":
         raise ConfigError("r2d2 finetune needs train.task=retrieval or matching, the config says 'pretrain'")
+    args.init_from_given = "init_from" in (parse_overrides(rest).get("train") or {})
     return cfg, args
 
 
+@guarded("r2d2 pretrain")
 def pretrain(argv: list[str]) -> int:
     return _main("pretrain", argv)
 
 
+@guarded("r2d2 finetune")
 def finetune(argv: list[str]) -> int:
     return _main("finetune", argv)
 
 
+def check_inputs(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Everything the command line and config name must exist, and ``--out`` must be writable,
+    before a model is built: each a one-line :class:`UsageError` (exit status 2)."""
+    from r2d2.engine.data.loader import check_data_source
+
+    check_data_source(cfg.data, eval_too=cfg.train.eval_at_end)  # MissingDataError: a UsageError
+    v = cfg.data.vocab
+    if v is not None and not os.path.isfile(v):
+        raise UsageError(f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
+                         "line; null = the built-in vocabulary)")
+    p = cfg.train.init_from
+    if p and not os.path.exists(p):
+        rel = "" if os.path.isabs(p) else f", relative to the current directory {os.getcwd()}"
+        msg = (f"train.init_from={p!r}: no such file or directory{rel} (expected a save_pretrained "
+               "folder such as <run>/model, a run folder or a checkpoint file)")
+        if not args.init_from_given:  # the preset's own default is missing: say how to make it
+            src = f"the preset {args.config}" if args.config else "the config"
+            demo = os.path.normpath(p).replace(os.sep, "/").endswith("runs/demo/model")
+            msg += (f"; {src} starts from it: " + ("run bash scripts/demo.sh first, or " if demo else "")
+                    + "pass --train.init_from=<folder>")
+        raise UsageError(msg)
+    check_out_dir(args.out)
+
+
 def _main(cmd: str, argv: list[str]) -> int:
-    try:
-        cfg, args = parse(cmd, argv)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"r2d2 {cmd}: {e}", file=sys.stderr)
-        return 2
+    cfg, args = parse(cmd, argv)
     from r2d2.dist import dist_info, is_dist
-    from r2d2.engine.data.records import DataError
     from r2d2.engine.trainer import Trainer, TrainingError
 
+    rank, _ = dist_info()
+    if rank == 0:
+        for note in getattr(cfg, "notes", []):
+            print(note, flush=True)
     out = args.out
     latest = os.path.join(out, "checkpoints", "latest")
     if not args.resume and os.path.exists(latest):
-        print(f"r2d2 {cmd}: {out} already holds a run (checkpoints/latest); pass --resume to continue "
-              "it or choose another --out", file=sys.stderr)
-        return 2
+        raise UsageError(f"{out} already holds a run (checkpoints/latest); pass --resume to continue "
+                         "it or choose another --out")
     if args.resume and not os.path.exists(latest):
-        print(f"r2d2 {cmd}: --resume but {latest} does not exist", file=sys.stderr)
-        return 2
+        raise UsageError(f"--resume but {latest} does not exist")
+    check_inputs(cfg, args)
     try:
         trainer = Trainer(cfg, out, resume=args.resume)
-        rank, _ = dist_info()
         if rank == 0:
+            if cfg.train.init_from:
+                print(f"initialised from train.init_from={cfg.train.init_from}", flush=True)
             os.makedirs(out, exist_ok=True)
             cfg.save(os.path.join(out, "config.yaml"))
         result = trainer.fit()
@@ -82,8 +110,8 @@ def _main(cmd: str, argv: list[str]) -> int:
             export(model, trainer, os.path.join(out, "model"))
             if cfg.train.eval_at_end:
                 evaluate_heldout(trainer, out, model)
-    except (TrainingError, DataError) as e:  # bad data or a run that cannot go on: one line
-        print(f"r2d2 {cmd}: {e}", file=sys.stderr)
+    except TrainingError as e:  # a run that cannot go on: one line, exit 1 (DataError: guarded)
+        print(f"r2d2 {cmd}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     finally:
         if is_dist():
@@ -132,7 +160,8 @@ def no_eval_reason(cfg, model) -> str | None:
 
 
 def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
-    """Zero-shot (dual-encoder) retrieval on the held-out split; prints R@1/5/10, writes eval.json.
+    """Dual-encoder retrieval on the held-out split (zero-shot after pretrain); prints R@1/5/10
+    under a heading that says which, writes eval.json.
 
     Like ``r2d2 eval``, every held-out image is loaded once up front (each rank a share); one that
     is present but does not decode is left out with its pairs and counted (``corrupt_image``),
@@ -179,7 +208,12 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     res = evaluate_retrieval(model, rset, trainer.tokenize, load,
                              RetrievalEvalConfig(k=max(k, 1), rerank=rerank, image_cache_dtype="float32"))
     m = res.pre_rank
-    report = {"split": "held-out", "n_images": res.n_images, "n_texts": res.n_texts,
+    task = trainer.cfg.train.task
+    # by what it is: a pre-trained model meets the held-out set zero-shot; a fine-tuned one was
+    # trained for it (retrieval) or next to it (matching: the ITM heads, evaluated here as
+    # dual-encoder retrieval)
+    title = "zero-shot retrieval" if task == "pretrain" else f"retrieval after {task} fine-tuning"
+    report = {"evaluation": title, "split": "held-out", "n_images": res.n_images, "n_texts": res.n_texts,
               "chance_r1_i2t": 100.0 * sum(len(t) for t in rset.img2txt) / len(rset.img2txt) / res.n_texts,
               "chance_r1_t2i": 100.0 * sum(len(i) for i in rset.txt2img) / len(rset.txt2img) / res.n_images,
               **m, "skipped": skipped, "skip_reasons": dict(reasons)}
@@ -191,7 +225,7 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     if rank == 0:
         with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
-        print(f"zero-shot retrieval on {res.n_images} held-out images / {res.n_texts} texts "
+        print(f"{report['evaluation']} on {res.n_images} held-out images / {res.n_texts} texts "
               f"(chance R@1 ~ {report['chance_r1_i2t']:.1f}% i2t, {report['chance_r1_t2i']:.1f}% t2i):")
         if skipped:
             print(f"  skipped {skipped} held-out pairs of {where}: {dict(reasons)}")

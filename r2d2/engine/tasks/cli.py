@@ -10,10 +10,14 @@ config's ``out``):
 
 Under ``torchrun`` every rank loads and encodes its shard of the images and texts (the embeddings
 are all-gathered) and scores the cross-encoder pairs of its own images; rank 0 writes the files.
-Config schema: :class:`EvalConfig`; overrides ``--section.field=value``. A bad config (a data
-format the task cannot serve, an unknown field) is an argparse error; bad input (a matching run
-on a PRD2 model, a malformed or missing file) ends with the one line
-``r2d2 eval <task>: error: ...``; both exit with status 2.
+Config schema: :class:`EvalConfig`; overrides ``--section.field=value``. ``--checkpoint`` takes
+a ``save_pretrained`` folder or a training run folder (its ``model/``, as ``train.init_from``
+does). Exit status, as for every ``r2d2`` command: 2 when the command cannot run as given,
+before anything is loaded (a bad config: a data format the task cannot serve, an unknown
+field (argparse's message); a checkpoint, annotation file, image pool or class-names file that
+does not exist; an ``--out`` that cannot be written), 1 when the evaluation started and failed
+(a matching run on a PRD2 model, a malformed annotation line, no usable record); each is the one
+line ``r2d2 eval <task>: error: ...``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import yaml
 
 from r2d2.dist import dist_info, is_dist
+from r2d2.engine.cli import RunError, UsageError, check_out_dir, debug
 from r2d2.engine.data.ccmb import (CLASSIFICATION_FORMATS, FORMATS, MATCHING_FORMATS, RETRIEVAL_FORMATS,
                                    read_ccmb, read_zeroshot)
 from r2d2.engine.metrics import ranks_of_targets
@@ -46,8 +51,8 @@ TASK_FORMATS = {"retrieval": RETRIEVAL_FORMATS + ("synthetic",),
                 "zeroshot": CLASSIFICATION_FORMATS}
 
 
-class EvalError(ValueError):
-    """A user-facing evaluation error (printed as one line by the CLI)."""
+class EvalError(ValueError, RunError):
+    """A user-facing evaluation error found while evaluating (one line, exit status 1)."""
 
 
 @dataclass
@@ -195,12 +200,50 @@ def _device(spec: str) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_checkpoint(checkpoint: str) -> str:
+    """The ``save_pretrained`` folder ``--checkpoint`` names: the folder itself, or for a
+    training run folder (no ``config.json``, a ``model/`` that has one) its ``model/``, the folder
+    ``train.init_from`` also takes from a run. A :class:`UsageError` when it names no folder."""
+    if not os.path.isdir(checkpoint):
+        raise UsageError(f"--checkpoint {checkpoint}: no such folder (expected a save_pretrained "
+                         "folder, e.g. <run>/model, or a run folder)")
+    inner = os.path.join(checkpoint, "model")
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")) and \
+            os.path.isfile(os.path.join(inner, "config.json")):
+        return inner
+    return checkpoint
+
+
 def load_model(checkpoint: str, device: torch.device):
     from r2d2.engine.model import R2D2Model
 
     if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"--checkpoint: {checkpoint} is not a save_pretrained directory")
+        raise UsageError(f"--checkpoint {checkpoint}: not a save_pretrained folder")
     return R2D2Model.from_pretrained(checkpoint).to(device).eval()
+
+
+def check_inputs(cfg: EvalConfig) -> None:
+    """The files and folders the config names must exist, checked before a model is loaded: a
+    one-line :class:`UsageError` (exit status 2) naming the field."""
+    d = cfg.data
+    if d.format == "synthetic":
+        return
+    if not d.path:
+        raise UsageError(f"data.path is required for data.format={d.format}")
+    named = [("data.path", d.path), ("data.image_root", d.image_root), ("data.vocab", d.vocab),
+             ("data.classnames", d.classnames), ("data.gallery", d.gallery)]
+    if d.format == "coco_cn":
+        named.append(("data.captions", d.captions))
+    for name, path in named:
+        if path and not os.path.exists(path):
+            raise UsageError(f"{name}={path!r}: no such file or folder")
+    if d.format == "muge" and not d.gallery:
+        from r2d2.engine.data.ccmb import default_muge_gallery
+
+        if default_muge_gallery(d.path) is None:
+            raise UsageError(f"MUGE ranks every query against the split's whole image pool: set "
+                             f"data.gallery to <split>_imgs.tsv (or the unpacked image folder); no "
+                             f"<split>_imgs.tsv beside {d.path}")
 
 
 def make_tokenize(model, cfg: EvalDataConfig, checkpoint: str):
@@ -443,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r2d2 eval", description=__doc__.split("\n\n")[0])
     p.add_argument("task", choices=TASKS)
     p.add_argument("--config", help="YAML eval config (configs/eval_*.yaml)")
-    p.add_argument("--checkpoint", required=True, help="model directory written by save_pretrained")
+    p.add_argument("--checkpoint", required=True,
+                   help="model folder written by save_pretrained, or a training run folder (its model/)")
     p.add_argument("--out", help="run folder (overrides the config's out)")
     args, rest = p.parse_known_args(argv)
     try:
@@ -458,13 +502,25 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:
-        report = run(cfg, args.checkpoint)
-    except (ValueError, OSError) as e:  # bad input (EvalError, a reader's file:line error, a missing
-        # or unreadable file): one line, no traceback
-        print(f"r2d2 eval {args.task}: error: {e}", file=sys.stderr)
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        check_inputs(cfg)
+        check_out_dir(cfg.out)
+        if checkpoint != args.checkpoint and dist_info()[0] == 0:
+            print(f"--checkpoint {args.checkpoint} is a run folder: evaluating its model/ ({checkpoint})",
+                  flush=True)
+        report = run(cfg, checkpoint)
+    except (UsageError, ValueError, OSError) as e:
+        # UsageError (and a FileNotFoundError: an input that is not there): 2; bad input found
+        # while evaluating (EvalError, a reader's file:line error, an unreadable file): 1
+        if debug():
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        msg = " ".join(str(e).split())
+        print(f"r2d2 eval {args.task}: error: {msg}", file=sys.stderr)
         if is_dist():
             torch.distributed.destroy_process_group()
-        return 2
+        return 2 if isinstance(e, (UsageError, FileNotFoundError)) else 1
     if dist_info()[0] == 0:
         print(markdown_table(cfg.task, report["metrics"],
                              None if cfg.task == "retrieval" else report["notes"]), end="")
