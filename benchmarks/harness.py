@@ -304,7 +304,8 @@ def device_name(device: str | torch.device = "cpu") -> str:
                 break
     except OSError:
         pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({cpu}, {n} thread{'' if n == 1 else 's'})"
 
 
 @functools.lru_cache(maxsize=None)
