@@ -96,7 +96,7 @@ def test_bench_doctor_convert_and_the_router(tmp_path, capsys):
     assert rc == 2 and "no such checkpoint" in _one_line(err)  # was 1
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     rc, err = _run(capsys, "convert", "official", str(tmp_path / "junk.pth"), str(tmp_path / "out"))
-    assert rc == 1 and _one_line(err).startswith("r2d2 convert: UnpicklingError: ")  # was a traceback
+    assert rc == 1 and _one_line(err).startswith("r2d2 convert: ")  # was a traceback
     assert _run(capsys, "nosuchcommand")[0] == 2
     assert _run(capsys, "--version")[0] == 0
 
