@@ -11,6 +11,12 @@ replacement) stop together with a clear error instead of a collective mismatch o
 non-finite check (skip the step, count it; ``train.max_bad_steps`` in a row stops the run) -> clip
 -> AdamW -> schedule -> EMA teacher.
 
+Checkpoints (``r2d2.engine.checkpoint``) are data, read with ``weights_only=True``. One is written
+only when the state is trusted: not while non-finite steps are in a row (the checkpoint waits for
+the next interval), and never with NaN/Inf in the weights or optimizer state (the run stops,
+naming the last good checkpoint). ``--resume`` takes the newest checkpoint that loads, saying
+which newer ones it skipped and why.
+
 Resume: the checkpoint's data position is read back and checked (``data.loader.resume_position``),
 and the RNG states are restored last, after the data loader has started, so that nothing between
 the restore and the first forward draws from them.
@@ -32,15 +38,18 @@ import torch.distributed as dist
 from torch import nn
 
 from r2d2.dist import dist_info, is_dist
-from r2d2.engine.checkpoint import Checkpointer, TrainState, set_rng_state
+from r2d2.engine.cli import RunError
+from r2d2.engine.checkpoint import (CheckpointError, Checkpointer, NonFiniteStateError, TrainState,
+                                     set_rng_state)
 from r2d2.engine.config import RunConfig
 from r2d2.engine.observability import Observer, peak_memory_gb
 
 NO_DECAY_HINTS = ("bias", "norm", "embed", "temp", "logit_scale", "pos_", "cls_token", "ln_")
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (too many bad steps, too many skipped samples)."""
+class TrainingError(RuntimeError, RunError):
+    """The run cannot go on (too many bad steps, too many skipped samples, a checkpoint that does
+    not load or cannot be written): one line, exit status 1."""
 
 
 # ---------------------------------------------------------------------------- set-up helpers
@@ -195,7 +204,13 @@ def load_init(model: nn.Module, path: str) -> None:
     that do not fit the model (another preset) are a ValueError naming the first mismatches."""
     strict = os.path.isfile(os.path.join(path, "config.json")) and hasattr(type(model), "from_pretrained")
     if strict:  # a whole model: every weight must be there
-        sd = type(model).from_pretrained(path).state_dict()
+        from safetensors import SafetensorError
+
+        try:
+            sd = type(model).from_pretrained(path).state_dict()
+        except SafetensorError as e:  # e.g. a pickle renamed model.safetensors: never unpickled
+            raise ValueError(f"train.init_from={path!r}: model.safetensors is not a safetensors "
+                             f"file ({e})") from None
     else:
         from r2d2.engine.checkpoint import load_weights
 
@@ -351,15 +366,19 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         extra: dict = {}
+        last_ckpt = None  # the newest checkpoint known good: verified when written, or loaded
         if self.resume:
-            path = self.ckpt.latest()
-            if path is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.dir}")
-            self.state, extra = self.ckpt.load(path, self.objective, self.optimizer, self.scheduler,
-                                               restore_rng=False)
+            try:  # the newest that loads; skipped newer ones are reported below
+                path, self.state, extra, notes = self.ckpt.load_newest(
+                    self.objective, self.optimizer, self.scheduler, restore_rng=False)
+            except CheckpointError as e:
+                raise TrainingError(f"--resume: {e}") from None
+            last_ckpt = path
         obs = Observer(self.out, t.max_steps, self.state.step, enabled=self.rank == 0,
                        progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
         if self.resume:
+            for n in notes:
+                obs.message(f"--resume: {n}")
             obs.message(f"resumed from step {self.state.step} ({path})")
             picks = extra.get("attention_picks")
             if picks:  # the backends the run trained with, not a new (noisy) measurement
@@ -399,7 +418,7 @@ class Trainer:
             set_rng_state(extra["rng_state"])
         else:
             torch.manual_seed(t.seed + 1000 * self.rank)  # loss-side randomness differs per rank
-        last_ckpt, last_loss = self.ckpt.latest(), float("nan")
+        last_loss = float("nan")
         reasons = Counter(self.state.skip_reasons)
         window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}
         names = list(SKIP_REASONS) + ["other"]
@@ -448,7 +467,7 @@ class Trainer:
                                 f"step skipped ({self._bad_in_a_row} in a row)")
                     if self._bad_in_a_row >= t.max_bad_steps:
                         raise TrainingError(f"{self._bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
-                                            f"{t.max_bad_steps}); last good checkpoint: {last_ckpt}")
+                                            f"{t.max_bad_steps}); last good checkpoint: {_good(last_ckpt)}")
                 else:
                     self._bad_in_a_row = 0
                     self.optimizer.step()
@@ -482,13 +501,19 @@ class Trainer:
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}
                 stop = self._should_stop()
                 if stop or (t.checkpoint_every and self.state.step % t.checkpoint_every == 0):
-                    last_ckpt = self.save()
+                    if self._bad_in_a_row:  # the state of a non-finite streak is not trusted
+                        obs.message(f"step {self.state.step}: checkpoint not written: {self._bad_in_a_row} "
+                                    f"non-finite step(s) in a row; last good checkpoint: {_good(last_ckpt)}")
+                    else:
+                        last_ckpt = self._save_checked(last_ckpt)
                 if stop:
-                    obs.message(f"SIGTERM: checkpoint written at step {self.state.step}; exiting")
+                    done = "checkpoint written" if last_ckpt and last_ckpt.endswith(
+                        f"step_{self.state.step:06d}.pt") else f"no checkpoint written (last good: {_good(last_ckpt)})"
+                    obs.message(f"SIGTERM: {done} at step {self.state.step}; exiting")
                     obs.close(plot=False)
                     return FitResult(self.state.step, last_loss, obs.log_path, last_ckpt, True)
             if not (t.checkpoint_every and self.state.step % t.checkpoint_every == 0) or last_ckpt is None:
-                last_ckpt = self.save()
+                last_ckpt = self._save_checked(last_ckpt)
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
@@ -540,6 +565,17 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
+    def _save_checked(self, last_ckpt: str | None) -> str:
+        """:meth:`save`, its failures one-line :class:`TrainingError`: NaN/Inf in the weights or the
+        optimizer state (nothing written; the run cannot go on), a write that failed (disk full:
+        the partial file is removed, ``latest`` still names ``last_ckpt``)."""
+        try:
+            return self.save()
+        except NonFiniteStateError as e:
+            raise TrainingError(f"{e}; the run stops, last good checkpoint: {_good(last_ckpt)}") from None
+        except CheckpointError as e:
+            raise TrainingError(f"checkpoint at step {self.state.step}: {e}") from None
+
     def save(self) -> str:
         from r2d2.kernels.attention import export_picks
 
@@ -547,6 +583,10 @@ class Trainer:
                  "attention_picks": export_picks()}  # rank 0's: every rank takes them on resume
         return self.ckpt.save(self.objective, self.optimizer, self.scheduler, self.state,
                               extra=extra, rank_state=self.cursor.rank_state())
+
+
+def _good(path: str | None) -> str:
+    return path if path else "none (no checkpoint was written before)"
 
 
 def _next_batch(it) -> dict:

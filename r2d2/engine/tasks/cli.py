@@ -219,7 +219,13 @@ def load_model(checkpoint: str, device: torch.device):
 
     if not os.path.isdir(checkpoint):
         raise UsageError(f"--checkpoint {checkpoint}: not a save_pretrained folder")
-    return R2D2Model.from_pretrained(checkpoint).to(device).eval()
+    from safetensors import SafetensorError
+
+    try:  # safetensors: data only, never unpickled
+        model = R2D2Model.from_pretrained(checkpoint)
+    except SafetensorError as e:  # e.g. a pickle renamed model.safetensors
+        raise EvalError(f"--checkpoint {checkpoint}: model.safetensors is not a safetensors file ({e})") from None
+    return model.to(device).eval()
 
 
 def check_inputs(cfg: EvalConfig) -> None:
