@@ -353,7 +353,8 @@ def test_convert_cli_writes_a_folder_that_loads_back(tmp_path, capsys):
     shapes = {k: v.shape for k, v in R2D2Model(cfg).state_dict().items()}
     sd = {theirs: torch.randn(shapes[ours]) for ours, theirs in official_names(cfg).items()}
     ckpt = tmp_path / "release.pth"
-    torch.save({"model": sd}, str(ckpt))
+    # the head counts come from the checkpoint's config (shapes cannot tell them)
+    torch.save({"model": sd, "config": {"vision": {"heads": 1}, "text": {"heads": 1}}}, str(ckpt))
     vocab = tmp_path / "vocab.txt"
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(0x4E00 + i) for i in range(48)]
     vocab.write_text("\n".join(tokens) + "\n", encoding="utf-8")
@@ -365,11 +366,12 @@ def test_convert_cli_writes_a_folder_that_loads_back(tmp_path, capsys):
     for ours, theirs in official_names(cfg).items():
         assert torch.equal(m.state_dict()[ours], sd[theirs]), ours
     assert m.tokenizer is not None and m.tokenizer.vocab_size == 53
-    # refusals: a non-empty folder, a vocab that does not fit the embedding, a missing file
-    assert convert(["official", str(ckpt), str(out)]) == 1
+    # refusals: a non-empty folder (usage: 2), a vocab that does not fit the embedding (1), a
+    # missing file (2)
+    assert convert(["official", str(ckpt), str(out)]) == 2
     (tmp_path / "small.txt").write_text("\n".join(tokens[:20]) + "\n", encoding="utf-8")
     assert convert(["official", str(ckpt), str(tmp_path / "m2"), "--vocab",
                     str(tmp_path / "small.txt")]) == 1
-    assert convert(["official", str(tmp_path / "nope.pth"), str(tmp_path / "m3")]) == 1
+    assert convert(["official", str(tmp_path / "nope.pth"), str(tmp_path / "m3")]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "has 20 tokens but" in err and "no such checkpoint" in err

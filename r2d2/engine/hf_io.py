@@ -132,7 +132,19 @@ class LoadReport:
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """A state dict from a dict, a file (.safetensors / torch pickle) or a HF directory
-    (model.safetensors or pytorch_model.bin); unwraps {"model": ...} / {"state_dict": ...}."""
+    (model.safetensors or pytorch_model.bin); unwraps {"model": ...} / {"state_dict": ...}.
+    Files are read as data only (safetensors, or ``torch.load(weights_only=True)``): one that
+    needs a pickled class or function is refused (``UnsafeCheckpointError``, one line), and
+    nothing in it runs."""
+    return read_checkpoint_file(path)[0]
+
+
+def read_checkpoint_file(path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """``(state dict, the checkpoint's own config or None)`` (see :func:`read_state_dict`); the
+    config is a top-level ``"config"`` mapping in the file, or a HF directory's config.json."""
+    from r2d2.engine.checkpoint import CorruptCheckpointError, safe_load
+
+    config = None
     if isinstance(path, dict):
         sd = path
     else:
@@ -146,16 +158,30 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
                 raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        if os.path.basename(path) in ("model.safetensors", "pytorch_model.bin") and \
+                os.path.isfile(os.path.join(os.path.dirname(path), "config.json")):
+            try:
+                config = _load_config(os.path.dirname(path))
+            except (OSError, ValueError):
+                config = None
         if path.endswith(".safetensors"):
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            sd = load_file(path)
+            try:
+                sd = load_file(path)
+            except SafetensorError as e:
+                raise CorruptCheckpointError(f"{path}: not a safetensors file ({e})") from None
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = safe_load(path)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    if isinstance(sd.get("config"), dict):
+        config = sd["config"]
     for wrap in ("model", "state_dict", "module"):
         if isinstance(sd.get(wrap), dict):
             sd = sd[wrap]
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}, config
 
 
 def _load_config(path: str) -> dict:
@@ -315,8 +341,33 @@ def _count(sd, pattern: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def infer_official_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
-    """A ModelConfig from an official checkpoint's shapes (heads = width / 64, as in ViT and BERT)."""
+def official_heads(config: dict | None) -> tuple[int, int] | None:
+    """``(vision heads, text heads)`` from a checkpoint's own config, or None when it does not say
+    both: the weights' shapes cannot tell the head count (a 1024-wide encoder may have 16 heads
+    of 64 or 8 of 128; every tensor has the same shape). Read from r2d2's layout (``vision.heads``,
+    ``text.heads``, also under ``model``) or Hugging Face's (``vision_config`` / ``text_config``
+    ``.num_attention_heads``)."""
+    if not isinstance(config, dict):
+        return None
+    for c in (config, config.get("model"), config.get("model_config")):
+        if not isinstance(c, dict):
+            continue
+        found = []
+        for ours, hf in (("vision", "vision_config"), ("text", "text_config")):
+            a, b = c.get(ours), c.get(hf)
+            n = a.get("heads") if isinstance(a, dict) else None
+            n = n if n is not None else (b.get("num_attention_heads") if isinstance(b, dict) else None)
+            found.append(n)
+        if all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in found):
+            return found[0], found[1]
+    return None
+
+
+def infer_official_config(sd: dict[str, torch.Tensor], heads: tuple[int, int] | None = None) -> ModelConfig:
+    """A ModelConfig from an official checkpoint's shapes. ``heads`` = (vision, text) head counts,
+    which shapes cannot tell: pass them (:func:`official_heads` of the checkpoint's config);
+    without, heads = width / 64 (ViT's and BERT's size), a guess that ``r2d2 convert`` does not
+    make (it requires ``--preset`` or a config that says)."""
     # CLIPVisionModel's keys carry "vision_model."; accept a bare vision transformer too.
     v = "visual_encoder.vision_model." if any(k.startswith("visual_encoder.vision_model.") for k in sd) \
         else "visual_encoder."
@@ -331,11 +382,16 @@ def infer_official_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
         embed = sd["vision_proj.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"not an official R2D2 checkpoint: key {e} missing") from None
+    vh, th = heads if heads is not None else (max(1, width // 64), max(1, tw // 64))
+    for what, w, h in (("vision", width, vh), ("text", tw, th)):
+        if w % h:
+            raise ValueError(f"the checkpoint's config says {h} {what} attention heads, which do not "
+                             f"divide its width {w}")
     vc = VisionConfig(image_size=math.isqrt(npos - 1) * patch, patch_size=patch, width=width,
                       layers=_count(sd, re.escape(v) + r"encoder\.layers\.(\d+)\."),
-                      heads=max(1, width // 64), mlp_ratio=v_inter / width)
+                      heads=vh, mlp_ratio=v_inter / width)
     tc = TextConfig(vocab_size=vocab, width=tw, layers=_count(sd, r"text_encoder\.encoder\.layer\.(\d+)\."),
-                    heads=max(1, tw // 64), intermediate=inter,
+                    heads=th, intermediate=inter,
                     max_positions=sd[t + "embeddings.position_embeddings.weight"].shape[0],
                     type_vocab_size=sd[t + "embeddings.token_type_embeddings.weight"].shape[0])
     has_mlm = any(k.startswith("mlm_head.") for k in sd)
@@ -346,9 +402,11 @@ def infer_official_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
 
 def load_official(cls, path, config: ModelConfig | None = None, kernels=None, strict: bool = False):
     """Build ``cls`` (R2D2Model) from an official R2D2 checkpoint; ``model.load_report`` lists
-    missing / unexpected / unused keys (``strict`` raises on missing or unexpected)."""
-    sd = read_state_dict(path)
-    model = cls(config or infer_official_config(sd), kernels)
+    missing / unexpected / unused keys (``strict`` raises on missing or unexpected). Without
+    ``config`` the shapes decide, the head counts coming from the checkpoint's own config when it
+    has one (:func:`official_heads`), else width / 64."""
+    sd, own = read_checkpoint_file(path)
+    model = cls(config or infer_official_config(sd, official_heads(own)), kernels)
     report = LoadReport()
     mapped, sources = _map(sd, official_key, _UNUSED_OFFICIAL, report)
     _assign(model, mapped, report, sources)
