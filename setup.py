@@ -13,6 +13,11 @@ Environment switches:
   MAX_JOBS             parallel compile jobs (read by torch's ninja builder)
   DEBUG=1              -O0 -g builds
 
+The CUDA toolkit is CUDA_HOME / CUDA_PATH when set; otherwise torch's guess when it has the CUDA
+headers, else where the nvcc on PATH really lives (it may be a wrapper script that execs the
+toolkit's nvcc), else /usr/local/cuda; see find_cuda_home. When none has the headers the build
+stops with one line saying so.
+
 ``python setup.py --print-nvcc-flags`` prints the nvcc flags of the build (csrc/check_nvcc.sh
 compiles with them).
 """
@@ -20,6 +25,7 @@ compiles with them).
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +36,69 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+CUDA_HEADER = "cuda_runtime_api.h"
+DEFAULT_CUDA_HOME = "/usr/local/cuda"  # the conventional root, torch's own last guess
+
+
+def _has_cuda_header(root) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, "include", CUDA_HEADER))
+
+
+def nvcc_toolkit_roots(nvcc: str, timeout: float = 60.0) -> list:
+    """Toolkit roots that the nvcc at path ``nvcc`` belongs to, most direct first: the parent of
+    the bin/ that its resolved path (symlinks followed) sits in, then the TOP that nvcc itself
+    reports under ``--dryrun`` (nothing is compiled). A wrapper script that execs the toolkit's
+    nvcc has no toolkit around it, but the real nvcc's dry run names its own folder."""
+    roots = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:
+        res = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                             stdin=subprocess.DEVNULL)
+        out = res.stdout or ""
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        m = re.match(r"#\$ (TOP|_HERE_)=(.+)$", line.strip())
+        if m:
+            path = m.group(2).strip().strip('"')
+            roots.append(os.path.dirname(path) if m.group(1) == "_HERE_" else path)
+    seen, uniq = set(), []
+    for r in (os.path.realpath(os.path.normpath(r)) for r in roots if r):
+        if r not in seen:
+            seen.add(r)
+            uniq.append(r)
+    return uniq
+
+
+def find_cuda_home(env, torch_guess, nvcc_on_path, default=DEFAULT_CUDA_HOME):
+    """Where the CUDA toolkit to build with is: ``(root, None)``; ``(None, None)`` when there is
+    no sign of a toolkit at all (no guess, no nvcc on PATH, no ``default``: build the CPU part);
+    ``(None, message)``, a one-line reason to stop, when a toolkit is expected but none of the
+    candidates has ``include/cuda_runtime_api.h``.
+
+    env: the environment (CUDA_HOME / CUDA_PATH, used as given when set); torch_guess: torch's
+    ``cpp_extension.CUDA_HOME``; nvcc_on_path: ``shutil.which("nvcc")`` or None."""
+    fix = ("set CUDA_HOME to the CUDA toolkit's root (the folder with bin/nvcc and include/"
+           f"{CUDA_HEADER}), or R2D2_FORCE_CPU=1 (CPU part only) / R2D2_SKIP_EXT=1 (no extension)")
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if env.get(var):
+            if _has_cuda_header(env[var]):
+                return env[var], None
+            return None, f"r2d2: {var}={env[var]} has no include/{CUDA_HEADER}; {fix}"
+    candidates = [torch_guess] if torch_guess else []
+    if nvcc_on_path:
+        candidates += nvcc_toolkit_roots(nvcc_on_path)
+    candidates.append(default)
+    for root in candidates:
+        if _has_cuda_header(root):
+            return root, None
+    if not torch_guess and not nvcc_on_path and not os.path.exists(default):
+        return None, None
+    looked = ", ".join(dict.fromkeys(os.path.normpath(c) for c in candidates))
+    return None, (f"r2d2: torch has CUDA but no CUDA toolkit with include/{CUDA_HEADER} was found "
+                  f"(looked in {looked}); {fix}")
 
 
 def _nvcc_major(cuda_home: str) -> int:
@@ -111,11 +180,21 @@ def _ext_modules():
 
     want_cuda = torch.version.cuda is not None and not _env_flag("R2D2_FORCE_CPU")
     if want_cuda:
-        if ce.CUDA_HOME is None:
+        home, why = find_cuda_home(os.environ, ce.CUDA_HOME, shutil.which("nvcc"))
+        if why:
+            sys.exit(why)
+        if home is None:
             print("r2d2: torch has CUDA but no CUDA toolkit (nvcc) was found; "
                   "building the CPU part only", file=sys.stderr)
             want_cuda = False
         else:
+            if home != ce.CUDA_HOME:
+                print(f"r2d2: using the CUDA toolkit in {home} (torch guessed {ce.CUDA_HOME}, "
+                      f"which has no include/{CUDA_HEADER})", file=sys.stderr)
+                # torch's builder reads the module global (nvcc, include and library paths);
+                # the environment carries it to ninja's subprocesses.
+                ce.CUDA_HOME = home
+                os.environ["CUDA_HOME"] = home
             major = _nvcc_major(ce.CUDA_HOME)
             torch_major = int(torch.version.cuda.split(".")[0])
             if major != torch_major:

@@ -136,6 +136,9 @@ def fake_cuda_home(tmp_path: Path, nvcc_script: str) -> str:
     nvcc = tmp_path / "bin" / "nvcc"
     nvcc.write_text("#!/bin/sh\n" + nvcc_script)
     nvcc.chmod(0o755)
+    # A toolkit root has the CUDA headers; setup.py looks elsewhere for one that does otherwise.
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime_api.h").write_text("/* fake */\n")
     return str(tmp_path)
 
 
