@@ -39,6 +39,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 
 namespace r2d2 {
@@ -474,6 +475,8 @@ __global__ void __launch_bounds__(32 * WARPS)
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+constexpr int kDeltaThreads = 256;  // delta_kernel's block
+
 // Row blocks run along grid.y (<= 65535); the binding rejects L > kMaxSeqLen, this is a backstop.
 bool grid_y_ok(int L, int rows_per_block) { return ceil_div(L, rows_per_block) <= 65535; }
 
@@ -539,7 +542,9 @@ int bwd_t(const void* dout, const void* q, const void* k, const void* v, const v
   const T* V = static_cast<const T*>(v);
   if (!grid_y_ok(pr.Lq, 16 * W) || !grid_y_ok(pr.Lk, 16 * W)) return cudaErrorInvalidConfiguration;
   const int64_t rows = static_cast<int64_t>(pr.B) * pr.H * pr.Lq;
-  delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+  constexpr int kRowsPerBlock = kDeltaThreads / 32;  // one warp per row
+  delta_kernel<T><<<static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                    kDeltaThreads, 0, stream>>>(
       dO, static_cast<const T*>(o), delta, rows, pr.D);
   if (cudaError_t e = cudaGetLastError()) return e;
   auto kdkdv = dkdv_kernel<T, DP, W, TL>;
@@ -577,7 +582,64 @@ int by_dtype(DType dt, F&& f) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
+template <typename T>
+const char* type_name();
+template <>
+const char* type_name<float>() { return "float"; }
+template <>
+const char* type_name<__half>() { return "__half"; }
+template <>
+const char* type_name<__nv_bfloat16>() { return "__nv_bfloat16"; }
+
+struct ConfigSink {
+  LaunchConfig* out;
+  int cap, n;
+  void add(const char* kernel, const char* type, int dp, int w, int tile, int threads,
+           size_t bytes) {
+    if (n < cap) {
+      if (dp > 0) {
+        snprintf(out[n].kernel, sizeof(out[n].kernel), "%s<%s, %d, %d, %d>", kernel, type, dp, w,
+                 tile);
+      } else {
+        snprintf(out[n].kernel, sizeof(out[n].kernel), "%s<%s>", kernel, type);
+      }
+      out[n].threads = threads;
+      out[n].smem_bytes = bytes;
+    }
+    ++n;
+  }
+};
+
+// What fwd_t / bwd_t launch for (T, DP).
+template <typename T, int DP>
+void add_configs(ConfigSink& sink) {
+  constexpr int W = Pick<T, DP>::kWarps, TL = Pick<T, DP>::kTile;
+  const char* t = type_name<T>();
+  sink.add("fwd_kernel", t, DP, W, TL, 32 * W, Layout<T, DP, W, TL, kFwd>().bytes);
+  sink.add("dkdv_kernel", t, DP, W, TL, 32 * W, Layout<T, DP, W, TL, kDkdv>().bytes);
+  sink.add("dq_kernel", t, DP, W, TL, 32 * W, Layout<T, DP, W, TL, kDq>().bytes);
+}
+
 }  // namespace
+
+int attention_launch_configs(LaunchConfig* out, int cap) {
+  ConfigSink sink{out, cap, 0};
+  for (DType dt : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    by_dtype(dt, [&](auto tag) {
+      using T = decltype(tag);
+      sink.add("delta_kernel", type_name<T>(), 0, 0, 0, kDeltaThreads, 0);  // bwd_t's launch
+      // One head dim per padded DP, through the launchers' own dispatch.
+      for (int D : {32, 64, 96, kMaxHeadDim}) {
+        by_head_dim<T>(D, [&](auto dp) {
+          add_configs<T, decltype(dp)::value>(sink);
+          return 0;
+        });
+      }
+      return 0;
+    });
+  }
+  return sink.n;
+}
 
 int attention_fwd_cuda(DType dtype, const void* q, const void* k, const void* v,
                        const uint8_t* mask, void* o, float* lse, const Problem& pr,

@@ -12,6 +12,7 @@
 // CUDA and Triton backends drop the same weights for the same (seed, offset).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -78,6 +79,18 @@ int attention_fwd_cuda(DType dtype, const void* q, const void* k, const void* v,
 int attention_bwd_cuda(DType dtype, const void* dout, const void* q, const void* k, const void* v,
                        const void* o, const float* lse, const uint8_t* mask, float* delta,
                        void* dq, void* dk, void* dv, const Problem& pr, cudaStream_t stream);
+
+// Launch geometry of every kernel instantiation the launchers above can pick (each dtype x padded
+// head dim: forward, delta, dK/dV, dQ), computed by the same templates the launchers use (Pick,
+// Layout), for scripts/check_cuda_resources.py to check against each arch's shared-memory limit.
+// Host only: no CUDA call is made, so it runs on a machine without a GPU.
+struct LaunchConfig {
+  char kernel[64];    // the instantiation as c++filt names it, e.g. "fwd_kernel<__half, 64, 4, 64>"
+  int threads;        // per block
+  size_t smem_bytes;  // dynamic shared memory the launch requests
+};
+// Writes at most cap entries to out; returns how many there are.
+int attention_launch_configs(LaunchConfig* out, int cap);
 
 }  // namespace attention
 }  // namespace r2d2

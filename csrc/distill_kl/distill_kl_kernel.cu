@@ -8,9 +8,10 @@
 //
 // Two variants, chosen per launch:
 //   one pass   rows of at most kOnePassThreads * ITEMS packs (16384 bf16/fp16, 8192 fp32 or
-//              4096 fp64 columns; half that on the unvectorized path, taken when a row is not a
-//              multiple of 16 bytes): each thread keeps its ITEMS packs of both inputs in
-//              registers, so the row is read once and the gradient is written from registers.
+//              2048 fp64 columns; 8192, 4096 and 2048 on the unvectorized path, taken when
+//              a row is not a multiple of 16 bytes): each thread keeps its ITEMS packs of both
+//              inputs in registers, so the row is read once and the gradient is written from
+//              registers.
 //   two pass   wider rows: a row no longer fits the block's registers (512 threads x 128 = 64K
 //              registers, which a 32768-wide row of both inputs would fill alone), so the gradient
 //              sweep reads the row a second time (mostly L2 hits for rows up to a few MB). Caching in
@@ -75,6 +76,13 @@ __device__ __forceinline__ State<acc_t> warp_reduce(State<acc_t> st) {
 }
 
 // Every thread returns the state of the whole row. blockDim.x is a multiple of 32 (launcher).
+// Every warp reduces the per-warp states itself (the same states in the same order, so all get
+// the bits warp 0 alone would), instead of warp 0 reducing and broadcasting through shared
+// memory: the shuffles then run with the whole block converged, so ptxas emits no divergent
+// shuffle subroutine, whose calling convention made it spill registers live across the
+// reduction (fp32 and fp64 one-pass kernels, ptxas -v; scripts/check_cuda_resources.py checks).
+// Called once per kernel: a second call could overwrite per_warp while a slower warp still
+// reads the first call's states.
 template <typename acc_t>
 __device__ State<acc_t> block_reduce(State<acc_t> st) {
   __shared__ State<acc_t> per_warp[32];
@@ -84,13 +92,7 @@ __device__ State<acc_t> block_reduce(State<acc_t> st) {
   st = warp_reduce(st);
   if (lane == 0) per_warp[warp] = st;
   __syncthreads();
-  if (warp == 0) {
-    st = lane < nwarps ? per_warp[lane] : State<acc_t>::empty();
-    st = warp_reduce(st);
-    if (lane == 0) per_warp[0] = st;
-  }
-  __syncthreads();
-  return per_warp[0];
+  return warp_reduce(lane < nwarps ? per_warp[lane] : State<acc_t>::empty());
 }
 
 template <typename T>
@@ -104,11 +106,13 @@ struct GradOf<__half> {
 
 constexpr int kOnePassThreads = 512;
 // Packs each thread holds in registers on the one-pass path: 4 x 16 bytes per input when
-// vectorized, 32 bytes of single elements otherwise (16 half, 8 float, 4 double), which keeps
-// every instantiation under the 128 registers of a 512-thread block without spills (ptxas -v).
+// vectorized (2 x 16 bytes for double: with 4, ptxas 13.0 spilled the first pack of both inputs,
+// 32-72 bytes on sm_80/sm_90, fp64 math needing register pairs), 32 bytes of single elements
+// otherwise (16 half, 8 float, 4 double). Every instantiation compiles without spills
+// (scripts/check_cuda_resources.py checks it for sm_80 and sm_90).
 template <typename scalar_t, int VEC>
 constexpr int one_pass_items() {
-  return VEC > 1 ? 4 : 32 / static_cast<int>(sizeof(scalar_t));
+  return VEC > 1 ? (sizeof(scalar_t) == 8 ? 2 : 4) : 32 / static_cast<int>(sizeof(scalar_t));
 }
 
 // Per-element gradient of one pack, from the row's merged state.
