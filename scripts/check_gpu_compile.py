@@ -462,26 +462,35 @@ def _verdict(row: dict) -> dict:
     return row
 
 
-def run_cases(cases, jobs, progress=True):
-    rows = []
+def _skipped(case: Case) -> dict:
+    """The row of a pruned configuration that is not compiled (the default: some of them take
+    ptxas minutes, and the autotuner never runs them)."""
+    return dict(kernel=case.kernel, config=case.config, dtype=case.dtype, arch=case.arch,
+                num_warps=case.num_warps, num_stages=case.num_stages, uses_dot=case.uses_dot,
+                chosen=False, compiled=None, error="", shared=None, regs=None, stack=None,
+                spill_stores=None, spill_loads=None, spills=None, tensor_cores=None,
+                cuobjdump_regs=None, cuobjdump_stack=None, verdict="pruned",
+                problems="not compiled (--with-pruned compiles it)")
+
+
+def run_cases(cases, jobs, progress=True, with_pruned=False):
     t0 = time.time()
+    skipped = {i: _skipped(c) for i, c in enumerate(cases) if not (c.chosen or with_pruned)}
+    todo = [(i, c) for i, c in enumerate(cases) if i not in skipped]
+    rows = dict(skipped)
     if jobs <= 1:
-        it = (compile_case(c) for c in cases)
-        for i, r in enumerate(it, 1):
-            rows.append(r)
+        for j, (i, c) in enumerate(todo, 1):
+            rows[i] = compile_case(c)
             if progress:
-                _progress(i, len(cases), r, t0)
+                _progress(j, len(todo), rows[i], t0)
     else:
         with ProcessPoolExecutor(jobs) as ex:
-            futs = {ex.submit(compile_case, c): i for i, c in enumerate(cases)}
-            done = [None] * len(cases)
+            futs = {ex.submit(compile_case, c): i for i, c in todo}
             for j, f in enumerate(as_completed(futs), 1):
-                r = f.result()
-                done[futs[f]] = r
+                rows[futs[f]] = f.result()
                 if progress:
-                    _progress(j, len(cases), r, t0)
-            rows = done
-    return rows
+                    _progress(j, len(todo), rows[futs[f]], t0)
+    return [rows[i] for i in range(len(cases))]
 
 
 def _progress(i, n, r, t0):
@@ -505,7 +514,7 @@ def table(rows) -> str:
     lines = []
     for r in rows:
         verdict = r["verdict"] + (f" ({r['problems']})" if r["problems"] else "")
-        if not r["compiled"]:
+        if r["compiled"] is False:
             verdict += f": {r['error']}".replace("|", "/")
         lines.append(f"| {r['kernel']} | {r['config']} | {r['dtype']} | sm_{r['arch']} "
                      f"| {_fmt(r['compiled'])} | {_fmt(r['shared'])} | {_fmt(r['regs'])} "
@@ -575,6 +584,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write-docs", action="store_true",
                     help=f"replace the triton-table block of {DOCS.relative_to(ROOT)}")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--with-pruned", action="store_true",
+                    help="also compile the configurations the autotuner prunes on each arch")
     ap.add_argument("--summary-only", action="store_true",
                     help="print the per-kernel summary, not every row")
     a = ap.parse_args(argv)
@@ -587,7 +598,7 @@ def main(argv=None) -> int:
     cases = all_cases(a.arch, a.kernel, a.quick)
     print(f"check_gpu_compile: {len(cases)} compiles, {a.jobs} processes, {versions()}",
           file=sys.stderr, flush=True)
-    rows = run_cases(cases, a.jobs)
+    rows = run_cases(cases, a.jobs, with_pruned=a.with_pruned)
     elapsed = time.time() - t0
     if not a.summary_only:
         print(table(rows))

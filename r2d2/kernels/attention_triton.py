@@ -75,6 +75,30 @@ def _configs(kind: str) -> list[triton.Config]:
             for m, n, w, s in shapes]
 
 
+def block_d_choices() -> list[int]:
+    """Every BLOCK_D the launchers can pick (D <= 256 padded to a power of two, at least 16)."""
+    return sorted({_block_d(D) for D in range(1, 257)})
+
+
+def prune_configs(configs, kind: str, block_d: int, itemsize: int, arch: int):
+    """The configs of ``configs`` that kernel ``kind`` may run at ``BLOCK_D`` and element size
+    ``itemsize`` on compute capability ``arch`` (major * 10 + minor). Pure: the autotuner's
+    early_config_prune calls it with the GPU's, scripts/check_gpu_compile.py with each arch."""
+    return list(configs)
+
+
+def _early_prune(kind: str):
+    def prune(configs, named_args, **kwargs):
+        q = named_args["q_ptr"]
+        if not q.is_cuda:
+            return configs
+        major, minor = torch.cuda.get_device_capability(q.device)
+        kept = prune_configs(configs, kind, kwargs["BLOCK_D"], q.element_size(),
+                             major * 10 + minor)
+        return kept or configs
+    return prune
+
+
 # A padded call skips tiles and a dropout call draws Philox per score: both move the best block
 # shape, so a config tuned on unmasked, dropout-free calls must not be reused for them. (Triton
 # appends the pointer arguments' dtypes to the key itself.)
@@ -119,6 +143,7 @@ def _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK: tl.constexpr)
 
 
 @triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, restore_value=_RESTORE,
+                 prune_configs_by={"early_config_prune": _early_prune("fwd")},
                  cache_results=True)
 @triton.jit
 def _attn_fwd_kernel(
@@ -207,6 +232,7 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, restore_value=_RESTORE,
+                 prune_configs_by={"early_config_prune": _early_prune("dkdv")},
                  cache_results=True)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -271,6 +297,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, restore_value=_RESTORE,
+                 prune_configs_by={"early_config_prune": _early_prune("dq")},
                  cache_results=True)
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -342,6 +369,10 @@ def _keep_mask_kernel(out_ptr, Lq, Lk, dropout_p, seed, offset,
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
+
+
+DELTA_BLOCK_M = 64
+"""Rows per program of the backward preprocess (delta) kernel on a GPU."""
 
 
 def _block_d(D: int) -> int:
@@ -430,7 +461,7 @@ def bwd(do, q, k, v, o, lse, key_padding_mask, scale, dropout_p=0.0, seed=0, off
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
     BLOCK_D = _block_d(D)
-    bm = 16 if triton_interpret() else 64
+    bm = 16 if triton_interpret() else DELTA_BLOCK_M
     m, smb, smk, has_mask = _mask_args(key_padding_mask, q)
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smk,
               H, Lq, Lk, D, float(scale), scale * LOG2E, float(dropout_p), int(seed), int(offset))

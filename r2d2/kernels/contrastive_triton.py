@@ -514,15 +514,42 @@ class Tiles:
 
     def resolved(self, d: int, device: torch.device) -> "Tiles":
         small = device.type == "cpu" or triton_interpret()
-        dflt = 32 if small else 64
-        bk = self.block_k or min(triton.next_power_of_2(max(d, 16)), 32 if small else 64)
-        bd = self.block_d or min(triton.next_power_of_2(max(d, 16)), 64 if small else 128)
+        dflt = default_tiles(d, small)
         progs = self.programs
         if progs is None:
             sms = 0 if small else torch.cuda.get_device_properties(device).multi_processor_count
             progs = 2 if small else 4 * sms
-        return Tiles(self.block_r or dflt, self.block_c or dflt, bk, bd,
-                     self.num_warps or (4 if small else 8), progs, self.budget_bytes)
+        return Tiles(self.block_r or dflt.block_r, self.block_c or dflt.block_c,
+                     self.block_k or dflt.block_k, self.block_d or dflt.block_d,
+                     self.num_warps or dflt.num_warps, progs, self.budget_bytes)
+
+
+def default_tiles(d: int, small: bool) -> Tiles:
+    """The tile defaults for feature dim ``d`` (``programs`` left unset): ``small`` for the
+    interpreter, else the GPU ones (those scripts/check_gpu_compile.py compiles)."""
+    dflt = 32 if small else 64
+    bk = min(triton.next_power_of_2(max(d, 16)), 32 if small else 64)
+    bd = min(triton.next_power_of_2(max(d, 16)), 64 if small else 128)
+    return Tiles(dflt, dflt, bk, bd, 4 if small else 8)
+
+
+def gpu_tiles(d: int) -> Tiles:
+    return default_tiles(d, small=False)
+
+
+GPU_D_CLASSES = (16, 32, 64, 128, 768)
+"""One feature dim per distinct GPU tile choice of ``default_tiles`` (block_k, block_d, SINGLE):
+d <= 16, <= 32, <= 64, <= 128, and > 128 (chunked gradient; 768 is R2D2's)."""
+NUM_STAGES = 3
+"""Software-pipelining depth of the forward and backward kernels (triton's default)."""
+
+
+def merge_block(n: int) -> int:
+    return 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+
+
+MERGE_N_CLASSES = (16, 32, 64, 128)
+"""One column count per distinct ``merge_block``."""
 
 
 def geometry(d: int, device, tiles: Tiles) -> Tiles:
@@ -553,13 +580,14 @@ def launch_fwd(q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, k
         _fwd_kernel[(R, C)](q, k, tq_, tk_, rid, cid, s, rpart.f, rpart.gi, cpart.f, cpart.gi,
                             b, n, d, tpc, row_off, col_off, keys[0], keys[1],
                             HAS_TEACHER=teacher, NEG=neg, PREC=_prec(q), BLOCK_R=t.block_r,
-                            BLOCK_C=t.block_c, BLOCK_K=t.block_k, num_warps=t.num_warps)
+                            BLOCK_C=t.block_c, BLOCK_K=t.block_k, num_warps=t.num_warps,
+                            num_stages=NUM_STAGES)
 
 
 def launch_merge(state, part, init: bool, t: Tiles) -> None:
     n = state.f.shape[1]
     P = part.f.shape[1]
-    block = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    block = merge_block(n)
     with _on_device(state.f):
         _merge_kernel[(triton.cdiv(n, block),)](state.f, state.gi, part.f, part.gi, n, P,
                                                 INIT=init, HAS_TEACHER=state.teacher,
@@ -570,7 +598,7 @@ def _bwd_common(q, tq, t: Tiles):
     d = q.shape[1]
     return dict(HAS_TEACHER=tq is not None, PREC=_prec(q), SINGLE=d <= t.block_d, LP=_lp(q),
                 BLOCK_R=t.block_r, BLOCK_C=t.block_c, BLOCK_K=t.block_k, BLOCK_D=t.block_d,
-                num_warps=t.num_warps)
+                num_warps=t.num_warps, num_stages=NUM_STAGES)
 
 
 def launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dq_part,

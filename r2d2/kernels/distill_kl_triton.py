@@ -176,6 +176,12 @@ def _blocks(cols: int) -> tuple[int, int, int, bool]:
     return 1, block_c, 8, False
 
 
+GPU_WIDTH_CLASSES = tuple(2 ** i for i in range(15)) + (2 * MAX_ONE_TILE,)
+"""One row width per distinct GPU choice of ``_blocks``: every power of two up to MAX_ONE_TILE
+(one tile each), then the streaming path."""
+NUM_STAGES = 3
+"""Software-pipelining depth (triton's default; the streaming loop's loads are pipelined)."""
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -256,7 +262,8 @@ def launch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, gra
     guard = torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext()
     with guard:
         _distill_kl_fwd_kernel[grid](*args, NEED_GRAD=grad is not None, ONE_TILE=one_tile,
-                                     BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc, num_warps=warps)
+                                     BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc, num_warps=warps,
+                                     num_stages=NUM_STAGES)
 
 
 def fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad_scale: float,
