@@ -131,7 +131,8 @@ def test_ext_modules_builds_cuda_with_the_discovered_toolkit(setup_py, monkeypat
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "usr-local"))
     monkeypatch.setenv("PATH", f"{tmp_path / 'usr-local' / 'bin'}{os.pathsep}{os.environ['PATH']}")
     for var in ("CUDA_HOME", "CUDA_PATH", "R2D2_SKIP_EXT", "R2D2_FORCE_CPU"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # so that monkeypatch restores the environment afterwards:
+        monkeypatch.delenv(var)      # _ext_modules sets CUDA_HOME for torch's builder
     (ext,), cmdclass = setup_py["_ext_modules"]()
     assert Path(cpp_extension.CUDA_HOME) == real.resolve()
     assert Path(os.environ["CUDA_HOME"]) == real.resolve()
