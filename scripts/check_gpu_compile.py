@@ -6,12 +6,14 @@ For each (kernel, configuration, dtype, arch) it records: compiled yes/no (the e
 shared memory per block (the kernel's ``shared`` metadata), registers, stack and spill bytes (the
 ``ptxas -v`` log of the kernel's PTX, with triton's own ptxas and flags; registers and stack are
 cross-checked against ``cuobjdump --dump-resource-usage`` of the cubin) and, for kernels that use
-``tl.dot``, whether the SASS has tensor-core instructions (HMMA on sm_80, HGMMA or HMMA on sm_90).
+``tl.dot``, whether the SASS has tensor-core instructions (HMMA on sm_80, HGMMA or HMMA on sm_90);
+they are required of 16-bit inputs (fp32 inputs use IEEE fp32 dots by design, on the FMA units).
 
 A configuration fails if it does not compile, needs more shared memory than the arch gives a block
 (sm_80 166912 bytes, sm_90 232448), spills registers, or has no tensor-core instruction where
-``tl.dot`` is used. Configurations the launcher provably never picks on an arch (the attention
-autotuner's ``prune_configs_by``) are compiled too and listed as ``pruned``; they do not fail.
+``tl.dot`` is used on fp16 / bf16. Configurations the launcher provably never picks on an arch (the attention
+autotuner's ``prune_configs_by``) are listed as ``pruned`` and compiled only with
+``--with-pruned``; they do not fail.
 
 The configurations come from the kernels' modules (autotune config lists, ``Tiles`` defaults,
 ``_blocks``), never from copies here. Usage::
@@ -34,7 +36,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default; 
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -69,6 +70,7 @@ class Case:
     uses_dot: bool
     chosen: bool = True         # False: the launcher never picks it on this arch (pruned)
     quick: bool = False         # part of the --quick subset
+    extended: bool = False      # only with --all (see _EXTENDED)
 
 
 # ---------------------------------------------------------------------------------- the cases
@@ -95,8 +97,9 @@ def _attention_cases(archs):
                 ty = _TORCH_TO_TT[str(dt).split(".")[1]]
                 for bd in block_ds:
                     D = bd
-                    kept = {id(c) for c in at.prune_configs(tuner.configs, kind, bd,
-                                                            dt.itemsize, arch)}
+                    kept_list = at.prune_configs(tuner.configs, kind, bd, dt.itemsize, arch)
+                    kept = {id(c) for c in kept_list}
+                    first_kept = kept_list[0] if kept_list else None
                     for cfg in tuner.configs:
                         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
                         for has_mask in (False, True):
@@ -134,13 +137,17 @@ def _attention_cases(archs):
                                             f"s{cfg.num_stages}" + (" mask" if has_mask else "")
                                             + (" dropout" if dropout else "")
                                             + (" count" if count else ""))
-                                    quick = (bd in (64, 256) and not count
-                                             and has_mask == dropout
-                                             and dt != torch.bfloat16)
+                                    quick = (cfg is first_kept and not count
+                                             and ((bd == 64 and dt == torch.float16
+                                                   and not has_mask and not dropout)
+                                                  or (bd == 256 and dt == torch.float32
+                                                      and has_mask and dropout)))
+                                    ext = count or has_mask != dropout or dt == torch.bfloat16
                                     cases.append(Case(fn_name, "attention_triton", conf, ty, arch,
                                                       _order(jit, args), ce, cfg.num_warps,
                                                       cfg.num_stages, True,
-                                                      chosen=id(cfg) in kept, quick=quick))
+                                                      chosen=id(cfg) in kept, quick=quick,
+                                                      extended=ext))
             # Preprocess (fixed BLOCK_M) and the test-only keep-mask kernel.
     for arch in archs:
         for dt in dtypes:
@@ -154,7 +161,8 @@ def _attention_cases(archs):
                 cases.append(Case("_attn_bwd_delta_kernel", "attention_triton", f"M{bm} D{bd} w4",
                                   ty, arch, _order(at._attn_bwd_delta_kernel, args),
                                   dict(BLOCK_M=bm, BLOCK_D=bd), 4, 3, False,
-                                  quick=bd == 64 and dt == torch.float16))
+                                  quick=bd == 64 and dt == torch.float16,
+                                  extended=dt == torch.bfloat16))
         cases.append(Case("_keep_mask_kernel", "attention_triton", "M16 N16 w4", "-", arch,
                           _order(at._keep_mask_kernel,
                                  dict(out_ptr="*u8", Lq=Lq, Lk=Lk, dropout_p=0.1, seed=1,
@@ -180,6 +188,7 @@ def _contrastive_cases(archs):
                 prec = "ieee" if dt == torch.float32 else "tf32"
                 tile = f"R{t.block_r} C{t.block_c} K{t.block_k}"
                 quick_d = d == 768 and dt != torch.bfloat16
+                ext = dt == torch.bfloat16 and d != 768
                 for teacher in (False, True):
                     for neg in (False, True):
                         args = dict(x, rp_ptr="*fp32", rgi_ptr="*i32", cp_ptr="*fp32",
@@ -191,7 +200,8 @@ def _contrastive_cases(archs):
                                 + (" neg" if neg else ""))
                         cases.append(Case("_fwd_kernel", "contrastive_triton", conf, ty, arch,
                                           _order(ct._fwd_kernel, args), ce, t.num_warps,
-                                          ct.NUM_STAGES, True, quick=quick_d and teacher == neg))
+                                          ct.NUM_STAGES, True, quick=quick_d and teacher == neg,
+                                          extended=ext))
                     for grad in (False, True):
                         for fn_name, gname, oname in (("_bwd_rows_kernel", "HAS_DQ", "dq_ptr"),
                                                       ("_bwd_cols_kernel", "HAS_DK", "dk_ptr")):
@@ -210,7 +220,7 @@ def _contrastive_cases(archs):
                                     + (" teacher" if teacher else "") + ("" if grad else " no-grad"))
                             cases.append(Case(fn_name, "contrastive_triton", conf, ty, arch,
                                               _order(fn, args), ce, t.num_warps, ct.NUM_STAGES,
-                                              True, quick=quick_d and grad))
+                                              True, quick=quick_d and grad, extended=ext))
         for n_cols in ct.MERGE_N_CLASSES:
             block = ct.merge_block(n_cols)
             for init in (False, True):
@@ -255,8 +265,18 @@ def _distill_cases(archs):
                                       _order(dk._distill_kl_fwd_kernel, args), ce, warps,
                                       dk.NUM_STAGES, False,
                                       quick=grad and dt == torch.float32
-                                      and cols in (768, dk.MAX_ONE_TILE, 2 * dk.MAX_ONE_TILE)))
+                                      and cols in (768, dk.MAX_ONE_TILE, 2 * dk.MAX_ONE_TILE),
+                                      extended=dt == torch.bfloat16))
     return cases
+
+
+_EXTENDED = """The default run compiles, for both arches, every kernel in every configuration
+its launcher or autotuner can pick (every autotune config, BLOCK_D, tile and width class, num_warps
+and num_stages, teacher / negatives / gradient switch) in fp16 and fp32, attention with neither and
+with both of its mask and dropout switches. ``--all`` adds what only repeats those code paths:
+bf16 (the fp16 code with another element type; bf16 is in the default run for contrastive at
+d = 768), attention with only one of mask / dropout, and the test-only tile
+counter (COUNT_TILES)."""
 
 
 def _order(fn, args):
@@ -280,10 +300,14 @@ def _jit(fn):
     return fn
 
 
-def all_cases(archs, kernel_filter=None, quick=False):
+def all_cases(archs, kernel_filter=None, quick=False, extended=True):
     cases = _attention_cases(archs) + _contrastive_cases(archs) + _distill_cases(archs)
-    if kernel_filter:
-        cases = [c for c in cases if any(k in c.kernel for k in kernel_filter)]
+    if not extended:
+        cases = [c for c in cases if not c.extended]
+    if kernel_filter:  # a full kernel name matches itself only, anything else as a substring
+        names = {c.kernel for c in cases}
+        cases = [c for c in cases
+                 if any(c.kernel == k if k in names else k in c.kernel for k in kernel_filter)]
     if quick:
         cases = [c for c in cases if c.quick]
     return cases
@@ -437,6 +461,20 @@ def compile_case(case: Case) -> dict:
     return _verdict(row)
 
 
+def _needs_tc(row: dict) -> bool:
+    """Tensor cores are required of the tl.dot kernels on 16-bit inputs; fp32 inputs use IEEE
+    fp32 dots by design (no TF32), which run on the FMA units."""
+    return row["uses_dot"] and row["dtype"] in ("fp16", "bf16")
+
+
+def _tc(row: dict) -> str:
+    if not row["uses_dot"]:
+        return "n/a"
+    if row["tensor_cores"] is None:
+        return "-"
+    return _fmt(row["tensor_cores"]) + ("" if _needs_tc(row) else " (ieee fp32)")
+
+
 def _verdict(row: dict) -> dict:
     why = []
     if not row["compiled"]:
@@ -450,7 +488,7 @@ def _verdict(row: dict) -> dict:
             why.append(f"spills {row['spill_stores']}+{row['spill_loads']} bytes")
         if row["cuobjdump_regs"] is not None and row["cuobjdump_regs"] != row["regs"]:
             why.append(f"ptxas {row['regs']} vs cuobjdump {row['cuobjdump_regs']} registers")
-        if row["uses_dot"] and row["tensor_cores"] is False:
+        if _needs_tc(row) and row["tensor_cores"] is False:
             why.append("no tensor-core instruction")
     row["problems"] = "; ".join(why)
     if not why:
@@ -518,7 +556,7 @@ def table(rows) -> str:
             verdict += f": {r['error']}".replace("|", "/")
         lines.append(f"| {r['kernel']} | {r['config']} | {r['dtype']} | sm_{r['arch']} "
                      f"| {_fmt(r['compiled'])} | {_fmt(r['shared'])} | {_fmt(r['regs'])} "
-                     f"| {_fmt(r['spills'])} | {_fmt(r['tensor_cores']) if r['uses_dot'] else 'n/a'} "
+                     f"| {_fmt(r['spills'])} | {_tc(r)} "
                      f"| {verdict} |")
     return head + "\n".join(lines) + "\n"
 
@@ -533,8 +571,9 @@ def summary(rows) -> str:
     for (kname, arch), rs in sorted(by.items()):
         chosen = [r for r in rs if r["chosen"]]
         comp = [r for r in chosen if r["compiled"]]
-        tc = ("n/a" if not rs[0]["uses_dot"] else
-              "yes" if all(r["tensor_cores"] for r in comp) else "NO")
+        tcs = [r["tensor_cores"] for r in comp if _needs_tc(r)]
+        tc = ("n/a" if not rs[0]["uses_dot"] else "-" if not tcs else
+              "yes (fp16/bf16)" if all(tcs) else "NO")
         out.append(f"| {kname} | sm_{arch} | {len(rs)} | "
                    f"{sum(r['verdict'] == 'ok' for r in rs)} | "
                    f"{sum(r['verdict'] == 'pruned' for r in rs)} | "
@@ -562,24 +601,28 @@ def write_docs(rows, archs, elapsed):
     fails = sum(r["verdict"] == "FAIL" for r in rows)
     pruned = sum(r["verdict"] == "pruned" for r in rows)
     body = (f"\nGenerated by `python scripts/check_gpu_compile.py --arch {' '.join(map(str, archs))}"
-            f" --write-docs` with {versions()}, without a GPU. {len(rows)} compiles: "
-            f"{len(rows) - fails - pruned} ok, {pruned} pruned (compiled, but the autotuner's "
-            f"`prune_configs_by` never picks them on that arch), {fails} failing. Shared memory "
+            f" --write-docs` with {versions()}, without a GPU, in {elapsed / 60:.0f} minutes on "
+            f"{os.cpu_count()} cores. {len(rows)} configurations: {len(rows) - fails - pruned} "
+            f"ok, {pruned} pruned (the attention autotuner's `prune_configs_by` never picks them on "
+            f"that arch: `attention_triton.prune_configs`), {fails} failing. "
+            f"{_EXTENDED.replace(chr(10), ' ')} Shared memory "
             f"is per block (limit sm_80 {SMEM_LIMIT[80]}, sm_90 {SMEM_LIMIT[90]} bytes), "
             f"registers and spill bytes (stores + loads) per thread from `ptxas -v`, registers "
             f"cross-checked with `cuobjdump --dump-resource-usage`; tensor cores: HMMA (sm_80) "
-            f"or HGMMA/HMMA (sm_90) in the SASS of kernels that use `tl.dot`.\n\n"
+            f"or HGMMA/HMMA (sm_90) in the SASS of kernels that use `tl.dot`, required of fp16 / "
+            f"bf16 inputs (fp32 inputs use IEEE fp32 dots by design).\n\n"
             f"Summary per kernel:\n\n{summary(rows)}\n<details><summary>Every configuration "
             f"({len(rows)} rows)</summary>\n\n{table(rows)}\n</details>\n")
     DOCS.write_text(text[:i] + body + text[j:])
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=_EXTENDED,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--kernel", nargs="+", help="only kernels whose name contains one of these")
     ap.add_argument("--quick", action="store_true", help="a representative subset")
+    ap.add_argument("--all", action="store_true", help="also the repeated code paths (see below)")
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--write-docs", action="store_true",
                     help=f"replace the triton-table block of {DOCS.relative_to(ROOT)}")
@@ -595,7 +638,7 @@ def main(argv=None) -> int:
         print(f"check_gpu_compile: triton's NVIDIA backend is unavailable: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
-    cases = all_cases(a.arch, a.kernel, a.quick)
+    cases = all_cases(a.arch, a.kernel, a.quick, extended=a.all)
     print(f"check_gpu_compile: {len(cases)} compiles, {a.jobs} processes, {versions()}",
           file=sys.stderr, flush=True)
     rows = run_cases(cases, a.jobs, with_pruned=a.with_pruned)
