@@ -1,3 +1,3 @@
-from r2d2.engine.cli import main
+from r2d2.cli import main
 
 raise SystemExit(main())

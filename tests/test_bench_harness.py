@@ -396,7 +396,7 @@ def test_max_batch_rows_have_no_placeholder_timing(monkeypatch):
 
 
 def test_cli_finds_benchmarks_and_errors_clearly(tmp_path, monkeypatch, capsys):
-    from r2d2.engine import bench_cli
+    from r2d2.cli import bench as bench_cli
 
     assert bench_cli.find_benchmarks_dir() == BENCH
     monkeypatch.setenv("R2D2_BENCHMARKS_DIR", str(tmp_path))
@@ -423,7 +423,7 @@ print("quick" if args.quick else "full", os.environ.get("R2D2_BENCH_RUN"))
 
 def test_cli_runs_scripts_and_report(tmp_path, monkeypatch, capfd):
     """The plumbing on a stand-in step script: args passed through, one run id, rows, report."""
-    from r2d2.engine import bench_cli
+    from r2d2.cli import bench as bench_cli
 
     fake = tmp_path / "benchmarks"
     fake.mkdir()
@@ -494,7 +494,8 @@ def test_contrastive_and_attention_scripts_cpu_quick(tmp_path):
 @pytest.mark.slow
 def test_cli_step_quick_real(tmp_path):
     """The real training-step bench end to end on the tiny preset (about 30 s on 2 cores)."""
-    from r2d2.engine import bench_cli, flops
+    from r2d2.cli import bench as bench_cli
+    from r2d2.engine import flops
     from r2d2.engine.losses import LossConfig
     from r2d2.engine.model import model_preset
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import r2d2.engine.checkpoint as C
-from r2d2.engine import cli
+from r2d2 import cli
 from r2d2.engine.config import ConfigError, load_config
 from r2d2.engine.trainer import TrainingError
 

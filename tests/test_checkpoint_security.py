@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from r2d2.engine import cli
+from r2d2 import cli
 from r2d2.engine.checkpoint import (Checkpointer, TrainState, UnsafeCheckpointError, load_weights,
                                     rng_state, safe_load, set_rng_state)
 from r2d2.engine.config import load_config

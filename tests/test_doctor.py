@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from r2d2 import _ext
-from r2d2.engine import cli, doctor
+from r2d2 import cli
+from r2d2.cli import doctor
 from r2d2.kernels import dispatch, distill_kl
 
 

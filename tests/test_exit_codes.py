@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from r2d2.engine import cli
+from r2d2 import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

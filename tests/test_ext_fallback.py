@@ -70,7 +70,7 @@ print("WARNINGS", len(ours))
 for m in ours:
     print("WARNING", m)
 print("DOCTOR")
-from r2d2.engine.cli import main
+from r2d2.cli import main
 main(["doctor"])
 """
 

@@ -347,7 +347,7 @@ def test_preset_encoders_have_the_original_parameter_counts(preset):
 def test_convert_cli_writes_a_folder_that_loads_back(tmp_path, capsys):
     """`r2d2 convert official` (what the CCMB fine-tuning presets' init_from expects): every
     weight arrives, the vocab is attached and checked against the embedding."""
-    from r2d2.engine.convert_cli import main as convert
+    from r2d2.cli.convert import main as convert
 
     cfg = official_cfg()
     shapes = {k: v.shape for k, v in R2D2Model(cfg).state_dict().items()}

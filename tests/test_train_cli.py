@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r2d2.engine.train_cli import finetune, pretrain
+from r2d2.cli.train import finetune, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--logging.progress=false",

@@ -1,4 +1,6 @@
-"""The ``r2d2`` command: a thin router; each subcommand lives in its own module.
+"""The ``r2d2`` command: the subcommand table and the exit-status rule; each subcommand is a
+module of this package (``train``, ``eval``, ``bench``, ``convert``, ``doctor``), thin over the
+engine code it drives.
 
     r2d2 doctor                          what this machine can run
     r2d2 pretrain  --config ... [--section.field=value ...]
@@ -20,9 +22,10 @@ an ``--out`` that cannot be written), found before any work starts; 1 the run st
 failed (unreadable or corrupt data, too many bad samples or non-finite steps, a checkpoint that
 does not fit, a full disk). Each is one line on stderr, ``r2d2 <command>: <what is wrong>``;
 ``R2D2_DEBUG=1`` adds the traceback. An unexpected exception (a bug) prints its traceback and
-exits 1. Commands raise :class:`UsageError` or :class:`RunError` (or a subclass:
-``ConfigError``, ``DataError``, ...) and :func:`guarded` maps them, so calling a command's
-function directly gives the same status as the ``r2d2`` command.
+exits 1. Commands raise :class:`UsageError` or :class:`RunError` (defined in
+:mod:`r2d2.engine.errors`, or a subclass: ``ConfigError``, ``DataError``, ...) and
+:func:`guarded` maps them, so calling a command's function directly gives the same status as
+the ``r2d2`` command.
 """
 
 from __future__ import annotations
@@ -32,56 +35,31 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
+import traceback
 from typing import Callable
+
+from r2d2 import __version__
+from r2d2.engine.errors import RUN_EXIT, USAGE_EXIT, RunError, UsageError, exit_code
+
+__all__ = ["COMMANDS", "RUN_EXIT", "USAGE_EXIT", "RunError", "UsageError", "check_out_dir",
+           "configure_logging", "debug", "exit_code", "guarded", "main", "report_error"]
 
 # subcommand -> (module, function, one-line help); modules are imported only when used, so
 # `r2d2 doctor` works even where the heavier pieces cannot import.
 COMMANDS = {
-    "doctor": ("r2d2.engine.doctor", "main", "print torch/CUDA/triton/extension state and backend picks"),
-    "pretrain": ("r2d2.engine.train_cli", "pretrain", "R2D2 pre-training (GCPR + FGR + MLM + TgD + FgD)"),
-    "finetune": ("r2d2.engine.train_cli", "finetune", "fine-tuning on a downstream set"),
-    "eval": ("r2d2.engine.tasks.cli", "main", "retrieval / matching / zero-shot evaluation"),
-    "bench": ("r2d2.engine.bench_cli", "main", "kernel and training-step benchmarks"),
-    "convert": ("r2d2.engine.convert_cli", "main", "official R2D2 checkpoint -> save_pretrained folder"),
+    "doctor": ("r2d2.cli.doctor", "main", "print torch/CUDA/triton/extension state and backend picks"),
+    "pretrain": ("r2d2.cli.train", "pretrain", "R2D2 pre-training (GCPR + FGR + MLM + TgD + FgD)"),
+    "finetune": ("r2d2.cli.train", "finetune", "fine-tuning on a downstream set"),
+    "eval": ("r2d2.cli.eval", "main", "retrieval / matching / zero-shot evaluation"),
+    "bench": ("r2d2.cli.bench", "main", "kernel and training-step benchmarks"),
+    "convert": ("r2d2.cli.convert", "main", "official R2D2 checkpoint -> save_pretrained folder"),
 }
-
-
-USAGE_EXIT = 2
-"""exit status of a command that cannot run as given (checked before any work starts)"""
-RUN_EXIT = 1
-"""exit status of a run that started and failed"""
-
-
-class UsageError(Exception):
-    """The command cannot run as given: a bad argument or config value, an input the command line
-    or config names that does not exist, an output folder that cannot be written. Exit 2."""
-
-    exit_code = USAGE_EXIT
-
-
-class RunError(Exception):
-    """The run started and cannot go on (bad data, a checkpoint that does not load, ...). Exit 1."""
-
-    exit_code = RUN_EXIT
 
 
 def debug() -> bool:
     """``R2D2_DEBUG=1``: errors keep their traceback (for bug reports)."""
     return os.environ.get("R2D2_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def exit_code(e: BaseException) -> int | None:
-    """The status for a *clean* error (one line is enough): 2 for :class:`UsageError`, 1 for
-    :class:`RunError`, operating-system failures (``OSError``: disk full, permission denied
-    while running; a missing input checked up front is a UsageError) and files that do not
-    unpickle; None for anything else, which is a bug and keeps its traceback."""
-    import pickle
-
-    if isinstance(e, UsageError):
-        return USAGE_EXIT
-    if isinstance(e, (RunError, OSError, EOFError, pickle.UnpicklingError)):  # a file that is
-        return RUN_EXIT                                                        # not what it should be
-    return None
 
 
 def report_error(prog: str, e: BaseException) -> int | None:
@@ -91,8 +69,6 @@ def report_error(prog: str, e: BaseException) -> int | None:
     if code is None:
         return None
     if debug():
-        import traceback
-
         traceback.print_exception(e, file=sys.stderr)
     if isinstance(e, (UsageError, RunError)):  # our own messages: one line, whatever they held
         msg = " ".join(str(e).split())
@@ -129,8 +105,6 @@ def check_out_dir(path: str, flag: str = "--out") -> str:
     """Create the output folder ``path`` if needed and make sure a file can be written in it,
     before any work: a :class:`UsageError` (one line) for an existing file, a path under a file,
     a read-only file system or a folder without write permission. Returns ``path``."""
-    import tempfile
-
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path}: exists and is not a folder")
     try:
@@ -197,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from r2d2 import __version__
-
         print(__version__)
         return 0
     cmd = argv[0]

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from r2d2.engine.cli import UsageError, check_out_dir, guarded
+from r2d2.cli import UsageError, check_out_dir, guarded
 
 KERNEL_SCRIPTS = ("bench_distill_kl.py", "bench_contrastive.py", "bench_attention.py")
 SUITES = {

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from r2d2.dist import dist_info, is_dist
-from r2d2.engine.cli import RunError
+from r2d2.engine.errors import RunError
 
 LATEST = "latest"
 _NAME = re.compile(r"^step_(\d+)\.pt$")

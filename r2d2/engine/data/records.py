@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from r2d2.engine.cli import RunError, UsageError
+from r2d2.engine.errors import RunError, UsageError
 
 SKIP_REASONS = ("corrupt_image", "missing_image", "empty_text", "non_string_text", "malformed_line",
                 "no_caption", "not_in_gallery", "missing_gallery_image", "not_image", "truncated_shard")
