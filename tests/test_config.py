@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from r2d2.engine.config import ConfigError, RunConfig, load_config, parse_overrides
-from r2d2.engine.train_cli import parse
+from r2d2.cli.train import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # training presets (the eval_*.yaml files are `r2d2 eval` configs with their own schema)
@@ -19,7 +19,7 @@ PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
 def test_every_preset_loads_and_builds_its_model_config(path):
     cfg = load_config(path)
-    mc = cfg.model.build_config()
+    mc = cfg.model
     assert mc.embed_dim > 0
     assert cfg.data.batch_size % cfg.train.grad_accum == 0
 
@@ -39,9 +39,9 @@ def test_overrides_are_typed_and_nested():
     assert cfg.optim.lr == pytest.approx(lr, rel=1e-6) and isinstance(cfg.optim.lr, float)
     assert cfg.optim.betas == [0.8, 0.9]
     assert cfg.train.deterministic is True and cfg.data.vocab is None
-    mc = cfg.model.build_config()
+    mc = cfg.model
     assert mc.vision.layers == 3 and mc.embed_dim == 48
-    assert mc.vision.width == load_config(os.path.join(ROOT, "configs", "tiny.yaml")).model.build_config().vision.width
+    assert mc.vision.width == load_config(os.path.join(ROOT, "configs", "tiny.yaml")).model.vision.width
     assert cfg.kernels.attention == "eager"
 
 
@@ -54,7 +54,7 @@ def test_base_inheritance(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--train.task=foo"], "train.task='foo' is not allowed; expected one of ('pretrain', 'retrieval', 'matching')"),
-    (["--train.nope=1"], "train.nope is not a field of train; fields: ['task', 'max_steps'"),
+    (["--train.nope=1"], "train.nope is not a TrainConfig field; fields: ['activation_checkpointing'"),
     (["--bogus.x=1"], "unknown section 'bogus'"),
     (["--train.max_steps=abc"], "train.max_steps='abc' has the wrong type; expected int"),
     (["--train.max_steps=0"], "train.max_steps=0 must be a positive number"),
@@ -76,7 +76,7 @@ def test_base_inheritance(tmp_path):
     (["--model.vision.layerz=2"], "model.vision.layerz is not a VisionConfig field; fields: ['dropout'"),
     (["--model.text.nope=1"], "model.text.nope is not a TextConfig field"),
     (["--model.vision=3"], "model.vision is a section (VisionConfig)"),
-    (["--model.vision.layers=-1"], "model.vision.layers=-1: expected a positive int"),
+    (["--model.vision.layers=-1"], "model.vision.layers=-1 must be a positive int"),
     (["--model.text.dropout=1.5"], "model.text.dropout=1.5"),
     (["--loss.nope=1"], "loss.nope is not a LossConfig field"),
     # ccmb_<name> against the downstream reader registry (pair sets only)
@@ -156,10 +156,10 @@ def test_loss_and_model_overrides_are_typed_like_the_other_sections(tmp_path):
     cfg = load_config(None, ["--loss.distill_alpha=1e-3", "--loss.ema_momentum=0", "--loss.fgd_weight=2E-1",
                              "--loss.fgr_class_weights=[1, 2e0]", "--model.text.layer_norm_eps=1e-6",
                              "--optim.betas=[0.9, 9.99e-1]"])
-    lc, mc = cfg.loss.build_config(), cfg.model.build_config()
+    lc, mc = cfg.loss, cfg.model
     assert lc.distill_alpha == 1e-3 and isinstance(lc.distill_alpha, float)
     assert lc.fgd_weight == 0.2 and lc.fgr_class_weights == [1, 2.0]
-    assert isinstance(cfg.loss.overrides["ema_momentum"], float)  # int 0 -> 0.0, as for optim.*
+    assert isinstance(cfg.loss.ema_momentum, float)  # int 0 -> 0.0, as for optim.*
     assert mc.text.layer_norm_eps == 1e-6 and cfg.optim.betas == [0.9, 0.999]
     path = str(tmp_path / "config.yaml")
     cfg.save(path)

@@ -16,7 +16,8 @@ import os
 import pytest
 import torch
 
-from r2d2.engine.config import ModelSection, load_config
+from r2d2.engine.config import load_config
+from r2d2.engine.model import model_preset
 from r2d2.engine.trainer import build_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,11 +39,10 @@ def _no_init(cfg):
 
 def tiny_twin(cfg):
     """The run config with its model swapped for a tiny one of the same structure."""
-    mc = cfg.model.build_config()
-    preset = "tiny" if mc.has_cross else "prd2-tiny"
-    section = ModelSection(preset=preset, overrides=dict(mlm_head=mc.mlm_head,
-                                                         tie_mlm_embeddings=mc.tie_mlm_embeddings))
-    return dataclasses.replace(_no_init(cfg), model=section)
+    mc = cfg.model
+    twin = model_preset("tiny" if mc.has_cross else "prd2-tiny")
+    twin = dataclasses.replace(twin, mlm_head=mc.mlm_head, tie_mlm_embeddings=mc.tie_mlm_embeddings)
+    return dataclasses.replace(_no_init(cfg), model=twin)
 
 
 def batch(task: str, b: int = 4, L: int = 10) -> dict:
@@ -70,9 +70,9 @@ def test_objective_builds_at_full_size(path):
     cfg = _no_init(load_config(path))
     with torch.device("meta"):
         obj = build_objective(cfg)
-    assert obj.model.config == cfg.model.build_config()
+    assert obj.model.config == cfg.model
     if cfg.train.task != "matching":
-        assert obj.config == cfg.loss.build_config()
+        assert obj.config == cfg.loss
         assert (obj.teacher is not None) == obj.config.needs_teacher
 
 
@@ -99,13 +99,13 @@ def test_objective_runs_on_a_tiny_twin(path):
 
 def test_prd2_preset_is_gcpr_plus_tgd():
     cfg = load_config(os.path.join(ROOT, "configs", "prd2.yaml"))
-    lc = cfg.loss.build_config()
-    assert not cfg.model.build_config().has_cross
+    lc = cfg.loss
+    assert not cfg.model.has_cross
     assert (lc.gcpr, lc.fgr, lc.mlm, lc.tgd, lc.fgd) == (True, False, False, True, False)
 
 
 def test_ablation_ladder_adds_one_term_per_row():
-    rows = [load_config(os.path.join(ROOT, "configs", f"ablation_{n}.yaml")).loss.build_config()
+    rows = [load_config(os.path.join(ROOT, "configs", f"ablation_{n}.yaml")).loss
             for n in ("1_pre_ranking", "2_ranking", "3_tgd", "4_fgd")]
     flags = [tuple(getattr(r, t) for t in ("gcpr", "fgr", "mlm", "tgd", "fgd")) for r in rows]
     assert flags == [(True, False, False, False, False), (True, True, True, False, False),

@@ -1,32 +1,42 @@
 """Typed run configuration: one dataclass per section, YAML presets, ``--section.field=value``.
 
-A run is described by :class:`RunConfig` with the sections ``model``, ``loss``, ``data``,
-``optim``, ``kernels``, ``train``, ``distributed`` and ``logging``. A YAML file gives any subset of
-them (``base: other.yaml`` inherits another file first, relative to this one); command-line
-overrides ``--section.field=value`` (or ``--section.field value``) come last, their values parsed as
-YAML (``64`` -> int, ``null`` -> None, ``[0.9, 0.98]`` -> list). Every field is validated in
-``__post_init__``; an error names the field and what it accepts. The resolved config is written
-to ``<out>/config.yaml`` so a run folder says exactly what ran.
+A run is described by :class:`RunConfig` with the sections ``model`` (:class:`ModelConfig`),
+``loss`` (:class:`LossConfig`), ``data``, ``optim``, ``kernels``, ``train``, ``distributed`` and
+``logging``. A YAML file gives any subset of them (``base: other.yaml`` inherits another file
+first, relative to this one); command-line overrides ``--section.field=value`` (or
+``--section.field value``) come last, their values parsed as YAML (``64`` -> int, ``null`` ->
+None, ``[0.9, 0.98]`` -> list) and coerced to the field's type (``1e-3`` is a float). Every
+field is validated in its dataclass's ``__post_init__`` with the checks of
+:mod:`r2d2.engine.validate`; an error names the field and what it accepts. The resolved config is
+written to ``<out>/config.yaml`` so a run folder says exactly what ran.
 
-``model`` and ``loss`` wrap the model package's own configs (``ModelConfig``, ``LossConfig``):
-``model.preset`` picks a preset and every other key overrides one of its fields, checked against
-the real dataclass when the model package is importable.
+``model.preset`` names the model preset the other ``model`` keys change
+(:meth:`ModelConfig.tree_base`); without it a run starts from ``tiny``.
+
+The loader (:func:`load_yaml_tree`, :func:`parse_overrides`, :func:`load_tree`) is not tied to
+:class:`RunConfig`: ``r2d2 eval`` reads its own schema with it
+(:mod:`r2d2.engine.tasks.config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import yaml
 
-from r2d2.engine.cli import UsageError
+from r2d2.engine.data import ccmb
+from r2d2.engine.losses import LossConfig
+from r2d2.engine.model.config import DEFAULT_PRESET, ModelConfig, model_preset
+from r2d2.engine.validate import (ConfigError, ConfigFileNotFound, build, choice, in_range,
+                                  merge, numbers, positive)
 from r2d2.kernels.dispatch import KernelConfig
+
+__all__ = ["ConfigError", "ConfigFileNotFound", "DataConfig", "DistributedConfig", "LoggingConfig",
+           "OptimConfig", "RunConfig", "TrainConfig", "eval_manifest_format", "infer_data_format",
+           "load_config", "load_tree", "load_yaml_tree", "parse_overrides"]
 
 FORMATS = ("synthetic", "jsonl", "tsv", "webdataset")
 """Data formats read here; ``ccmb_<name>`` formats (``<name>`` in ``r2d2.engine.data.ccmb.FORMATS``)
@@ -34,135 +44,6 @@ go to ``r2d2.engine.data.ccmb``."""
 TASKS = ("pretrain", "retrieval", "matching")
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
-
-
-class ConfigError(ValueError, UsageError):
-    """A config value or key is wrong; the message names it and what is allowed (exit status 2)."""
-
-
-class ConfigFileNotFound(FileNotFoundError, UsageError):
-    """``--config`` (or a ``base:`` it names) does not exist (exit status 2)."""
-
-
-def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{section}.{name}={value!r} is not allowed; expected one of {allowed}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if not _is_number(v) or not (v >= 0 if allow_zero else v > 0):
-            raise ConfigError(f"{section}.{n}={v!r} must be a {'non-negative' if allow_zero else 'positive'} number")
-
-
-def _numbers(section: str, name: str, value: Any, n: int, what: str) -> None:
-    """``value`` must be a list of ``n`` numbers (checked before any comparison, so
-    ``--optim.betas=[a,b]`` is an error naming the field, not a TypeError)."""
-    if not isinstance(value, (list, tuple)) or len(value) != n or not all(_is_number(v) for v in value):
-        raise ConfigError(f"{section}.{name}={value!r} must be {what}")
-
-
-def _prefixed(section: str, err: Exception) -> str:
-    """``vision.layers=-1: ...`` from the model package -> ``model.vision.layers=-1: ...``."""
-    msg = str(err)
-    if msg.startswith(f"{section}."):
-        return msg
-    return f"{section}.{msg}" if re.match(r"^[A-Za-z_][\w.]*=", msg) else f"{section}: {msg}"
-
-
-def _coerce_nested(prefix: str, cls: type, values: dict) -> dict:
-    """``values`` with every key checked against the fields of the dataclass ``cls`` (recursively
-    for fields that are dataclasses themselves: ``--model.vision.layerz=2`` is refused at config
-    time) and every leaf value coerced to its field's type by :func:`_coerce`, as the plain
-    sections are: ``--loss.distill_alpha=1e-3`` is a float, ``--loss.ema_momentum=abc`` an error
-    naming the field."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    out = {}
-    for k, v in values.items():
-        if k not in known:
-            raise ConfigError(f"{prefix}.{k} is not a {cls.__name__} field; fields: {sorted(known)}")
-        sub = hints.get(k)
-        if dataclasses.is_dataclass(sub):
-            if not isinstance(v, dict):
-                raise ConfigError(f"{prefix}.{k} is a section ({sub.__name__}); give its fields, e.g. "
-                                  f"--{prefix}.{k}.{sorted(f.name for f in fields(sub))[0]}=...")
-            out[k] = _coerce_nested(f"{prefix}.{k}", sub, v)
-        else:
-            out[k] = _coerce(prefix, k, sub, v)
-    return out
-
-
-@dataclass
-class ModelSection:
-    """Which model to build: a preset of ``r2d2.engine.model.model_preset`` plus field overrides."""
-
-    preset: str = "tiny"
-    """model preset name: tiny, base, large, large-released, prd2, prd2-tiny"""
-    overrides: dict = field(default_factory=dict)
-    """ModelConfig fields to change from the preset (YAML: any key of ``model:`` but ``preset``)"""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.overrides, dict):
-            raise ConfigError(f"model.overrides must be a mapping, got {type(self.overrides).__name__}")
-        try:
-            from r2d2.engine.model import ModelConfig, model_preset
-        except ImportError:  # model package not importable: validated when the model is built
-            return
-        try:
-            model_preset(self.preset)
-        except ImportError:  # a half-installed model package: the build reports it
-            return
-        except (KeyError, ValueError) as e:
-            raise ConfigError(f"model.preset={self.preset!r}: {e}") from None
-        self.overrides = _coerce_nested("model", ModelConfig, self.overrides)
-        try:  # values: types and ranges the model package checks itself
-            self.build_config()
-        except (TypeError, ValueError) as e:
-            raise ConfigError(_prefixed("model", e)) from None
-
-    def build_config(self):
-        from r2d2.engine.model import ModelConfig, model_preset
-
-        base = _merge(model_preset(self.preset).to_dict(), _nested(self.overrides))
-        return ModelConfig.from_dict(base)
-
-
-@dataclass
-class LossSection:
-    """Fields passed to ``r2d2.engine.losses.LossConfig`` (pre-training objective weights etc.)."""
-
-    overrides: dict = field(default_factory=dict)
-    """LossConfig fields (YAML: the keys of ``loss:``); empty = the LossConfig defaults"""
-
-    def __post_init__(self) -> None:
-        try:
-            from r2d2.engine.losses import LossConfig
-        except ImportError:
-            return
-        if not isinstance(self.overrides, dict):
-            raise ConfigError(f"loss.overrides must be a mapping, got {type(self.overrides).__name__}")
-        self.overrides = _coerce_nested("loss", LossConfig, self.overrides)
-        ov = self.overrides
-        if "fgr_class_weights" in ov:  # elements checked here: LossConfig compares them with 0
-            _numbers("loss", "fgr_class_weights", ov["fgr_class_weights"], 2, "[neg, pos], two numbers > 0")
-        ids = ov.get("special_token_ids", [])
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise ConfigError(f"loss.special_token_ids={ids!r} must be a list of token ids (ints >= 0)")
-        try:
-            self.build_config()
-        except (TypeError, ValueError) as e:
-            raise ConfigError(_prefixed("loss", e)) from None
-
-    def build_config(self):
-        from r2d2.engine.losses import LossConfig
-
-        return LossConfig(**self.overrides)
 
 
 @dataclass
@@ -212,8 +93,6 @@ class DataConfig:
     """data order and augmentation seed (with the epoch and the sample index)"""
 
     def __post_init__(self) -> None:
-        from r2d2.engine.data import ccmb  # the downstream reader registry
-
         # image-text pair sets only: zero-shot classification sets are not training data
         pairs = getattr(ccmb, "RETRIEVAL_FORMATS", ()) + getattr(ccmb, "MATCHING_FORMATS", ()) \
             or tuple(f for f in ccmb.FORMATS if f != "zeroshot")
@@ -228,14 +107,13 @@ class DataConfig:
             raise ConfigError(f"data.path={self.path!r} with data.format=synthetic, which reads no file: "
                               "set data.format to the path's format (jsonl, tsv, webdataset, "
                               "ccmb_<name>) or drop data.path")
-        _positive("data", self, "batch_size", "max_text_len", "synthetic_size", "synthetic_eval_size")
-        _positive("data", self, "num_workers", allow_zero=True)
+        positive("data", self, "batch_size", "max_text_len", "synthetic_size", "synthetic_eval_size")
+        positive("data", self, "num_workers", allow_zero=True)
         if self.image_size is not None:
-            _positive("data", self, "image_size")
-        if not _is_number(self.max_skip_rate) or not 0.0 <= self.max_skip_rate <= 1.0:
-            raise ConfigError(f"data.max_skip_rate={self.max_skip_rate} must be in [0, 1]")
-        _numbers("data", "crop_scale", self.crop_scale, 2, "[lo, hi] with 0 < lo <= hi <= 1")
-        _positive("data", self, "shuffle_buffer", allow_zero=True)
+            positive("data", self, "image_size")
+        in_range("data", self, "max_skip_rate")
+        numbers("data", "crop_scale", self.crop_scale, 2, "[lo, hi] with 0 < lo <= hi <= 1")
+        positive("data", self, "shuffle_buffer", allow_zero=True)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale={self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
         if self.randaugment is not None:
@@ -298,15 +176,15 @@ class OptimConfig:
     """fused AdamW: auto (on CUDA), true, false"""
 
     def __post_init__(self) -> None:
-        _positive("optim", self, "lr", "eps")
-        _positive("optim", self, "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
-        _numbers("optim", "betas", self.betas, 2, "two numbers in [0, 1)")
+        positive("optim", self, "lr", "eps")
+        positive("optim", self, "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
+        numbers("optim", "betas", self.betas, 2, "two numbers in [0, 1)")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         self.fused = str(self.fused).lower()
-        _choice("optim", "fused", self.fused, ("auto", "true", "false"))
+        choice("optim", "fused", self.fused, ("auto", "true", "false"))
 
 
 @dataclass
@@ -351,11 +229,11 @@ class TrainConfig:
     projections, text encoder and cross encoders still train"""
 
     def __post_init__(self) -> None:
-        _choice("train", "task", self.task, TASKS)
-        _choice("train", "precision", self.precision, PRECISIONS)
-        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
-        _positive("train", self, "max_steps", "grad_accum", "log_every", "max_bad_steps", "keep_checkpoints")
-        _positive("train", self, "checkpoint_every", "eval_rerank_k", allow_zero=True)
+        choice("train", "task", self.task, TASKS)
+        choice("train", "precision", self.precision, PRECISIONS)
+        choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        positive("train", self, "max_steps", "grad_accum", "log_every", "max_bad_steps", "keep_checkpoints")
+        positive("train", self, "checkpoint_every", "eval_rerank_k", allow_zero=True)
 
 
 @dataclass
@@ -375,9 +253,9 @@ class DistributedConfig:
     objective set it false"""
 
     def __post_init__(self) -> None:
-        _choice("distributed", "strategy", self.strategy, STRATEGIES)
-        _choice("distributed", "backend", self.backend, ("auto", "nccl", "gloo"))
-        _positive("distributed", self, "timeout_s")
+        choice("distributed", "strategy", self.strategy, STRATEGIES)
+        choice("distributed", "backend", self.backend, ("auto", "nccl", "gloo"))
+        positive("distributed", self, "timeout_s")
 
 
 @dataclass
@@ -394,22 +272,27 @@ class LoggingConfig:
     """peak-FLOP/s table key for MFU (default: detected)"""
 
 
-SECTIONS = {"model": ModelSection, "loss": LossSection, "data": DataConfig, "optim": OptimConfig,
-            "kernels": KernelConfig, "train": TrainConfig, "distributed": DistributedConfig,
-            "logging": LoggingConfig}
-WRAPPED = ("model", "loss")  # sections whose free keys are overrides of another package's config
-
-
 @dataclass
 class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    loss: LossSection = field(default_factory=LossSection)
+    """Everything a training run needs; each section is validated on its own, then the checks
+    that involve two sections run here."""
+
+    model: ModelConfig = field(default_factory=lambda: model_preset(DEFAULT_PRESET))
+    """the model to build: ``preset`` plus the fields that differ from it"""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """which pre-training objectives run, and their weights"""
     data: DataConfig = field(default_factory=DataConfig)
+    """where samples come from and how they become batches"""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the learning-rate schedule"""
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    """backend per fused op (``r2d2.kernels.dispatch``)"""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """the loop: objective, length, precision, checkpoints, failure handling"""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """how torchrun's processes share the work"""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """what the run reports besides log.jsonl"""
 
     def __post_init__(self) -> None:
         """Checks that involve two sections, at config time: before a model is built or a
@@ -419,11 +302,8 @@ class RunConfig:
             raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by train.grad_accum="
                               f"{t.grad_accum}: the global batch is split into grad_accum equal "
                               "micro-batches")
-        try:
-            text = self.model.build_config().text
-        except ImportError:  # model package not importable: the build reports it
-            text = None
-        if text is not None and d.max_text_len > text.max_positions:
+        text = self.model.text
+        if d.max_text_len > text.max_positions:
             raise ConfigError(f"data.max_text_len={d.max_text_len} exceeds the model's text.max_positions="
                               f"{text.max_positions} (model.preset={self.model.preset!r}): lower "
                               "data.max_text_len or raise model.text.max_positions")
@@ -431,101 +311,13 @@ class RunConfig:
             eval_manifest_format(d.eval_path, d.format)
 
     def to_dict(self) -> dict:
-        out = {}
-        for name in SECTIONS:
-            d = dataclasses.asdict(getattr(self, name))
-            if name in WRAPPED:
-                ov = d.pop("overrides")
-                d.update(ov)
-            out[name] = d
-        return out
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in fields(self)}
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             yaml.safe_dump(self.to_dict(), f, allow_unicode=True, sort_keys=False)
         os.replace(tmp, path)
-
-
-_EXP_FLOAT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+$")
-"""What YAML 1.2 reads as a float but PyYAML (YAML 1.1) leaves a string: ``1e-3``, ``2E5``."""
-
-
-def _finite(section: str, name: str, v: float) -> float:
-    """Infinite or NaN hyper-parameters are refused: ``--optim.lr=inf`` would make every step
-    non-finite (and its checkpoints worthless) instead of failing here."""
-    if v != v or v in (float("inf"), float("-inf")):
-        raise ConfigError(f"{section}.{name}={v!r} is not a finite number")
-    return v
-
-
-def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
-    """Check a YAML value against a field annotation (ints are accepted for floats; ``1e-3``, a
-    string to YAML 1.1, is a float, also as a list element)."""
-    options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
-    if value is None and type(None) in options:
-        return None
-    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
-    for t in options:
-        if t is float and is_num:
-            return _finite(section, name, float(value))
-        if t is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return _finite(section, name, float(value))
-            except ValueError as e:
-                if isinstance(e, ConfigError):
-                    raise
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is str and (isinstance(value, str) or is_num or (name == "fused" and isinstance(value, bool))):
-            return str(value).lower() if isinstance(value, bool) else str(value)
-        if t is list and isinstance(value, list):
-            return [_finite(section, name, float(v)) if isinstance(v, str) and _EXP_FLOAT.match(v)
-                    else _finite(section, name, v) if isinstance(v, float) else v for v in value]
-        if t is dict and isinstance(value, dict):
-            return value
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
-    raise ConfigError(f"{section}.{name}={value!r} has the wrong type; expected {names}")
-
-
-def build_section(section: str, values: dict) -> Any:
-    cls = SECTIONS[section]
-    if not isinstance(values, dict):
-        raise ConfigError(f"section {section!r} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    if section in WRAPPED:
-        values = dict(values)
-        kw = {k: values.pop(k) for k in list(values) if k in hints and k != "overrides"}
-        kw["overrides"] = {**values.pop("overrides", {}), **values}
-        return cls(**kw)
-    known = [f.name for f in fields(cls)]
-    kw = {}
-    for k, v in values.items():
-        if k not in known:
-            raise ConfigError(f"{section}.{k} is not a field of {section}; fields: {known}")
-        kw[k] = _coerce(section, k, hints[k], v)
-    try:
-        return cls(**kw)
-    except ConfigError:
-        raise
-    except ValueError as e:  # KernelConfig raises ValueError naming the field already
-        raise ConfigError(str(e)) from None
-
-
-def _nested(d: dict) -> dict:
-    """Deep copy of a mapping (so merging into a preset never aliases the config's own dicts)."""
-    return {k: _nested(v) if isinstance(v, dict) else v for k, v in d.items()}
-
-
-def _merge(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
-    return dst
 
 
 def load_yaml_tree(path: str) -> dict:
@@ -538,40 +330,69 @@ def load_yaml_tree(path: str) -> dict:
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = tree.pop("base", None)
     if base:
-        return _merge(load_yaml_tree(os.path.join(os.path.dirname(path), base)), tree)
+        return merge(load_yaml_tree(os.path.join(os.path.dirname(path), base)), tree)
     return tree
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """``['--train.max_steps=5', '--data.path', 'x.jsonl']`` -> nested dict of YAML-parsed values."""
+def parse_overrides(args: list[str], schema: type = RunConfig) -> dict:
+    """``['--train.max_steps=5', '--data.path', 'x.jsonl']`` -> nested dict of YAML-parsed values.
+
+    The first part of each key must be a field of ``schema`` (a section, or for a schema with
+    plain top-level fields such as ``r2d2 eval``'s ``device``, that field); types are checked
+    when the tree is built (:func:`r2d2.engine.validate.build`)."""
+    secs = _sections(schema)
+    top = {f.name: f.name in secs for f in fields(schema)}
+    sections = [n for n, is_section in top.items() if is_section]
     tree: dict = {}
     i = 0
     while i < len(args):
         a = args[i]
-        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        if not key or ("." not in key and top.get(key, True)):
             raise ConfigError(f"unrecognised argument {a!r}; overrides look like --section.field=value "
-                              f"with section one of {list(SECTIONS)}")
+                              f"with section one of {sections}")
         if "=" in a:
-            key, raw = a[2:].split("=", 1)
+            raw = a[2:].split("=", 1)[1]
         else:
             if i + 1 >= len(args):
                 raise ConfigError(f"{a} needs a value")
-            key, raw = a[2:], args[i + 1]
+            raw = args[i + 1]
             i += 1
         section, _, name = key.partition(".")
-        if section not in SECTIONS:
-            raise ConfigError(f"--{key}: unknown section {section!r}; sections: {list(SECTIONS)}")
+        if section not in top:
+            raise ConfigError(f"--{key}: unknown section {section!r}; sections: {sections}")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = tree.setdefault(section, {})
-        *parents, leaf = name.split(".")  # --model.vision.layers=2 -> {"vision": {"layers": 2}}
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        if not name:  # a plain top-level field
+            tree[section] = value
+        else:
+            node = tree.setdefault(section, {})
+            *parents, leaf = name.split(".")  # --model.vision.layers=2 -> {"vision": {"layers": 2}}
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--{key}: {p} is not a section")
+            node[leaf] = value
         i += 1
     return tree
+
+
+def _sections(schema: type) -> set[str]:
+    """The fields of ``schema`` that are config dataclasses (annotations are strings under
+    ``from __future__ import annotations``, so they are resolved)."""
+    hints = typing.get_type_hints(schema)
+    return {n for n, t in hints.items() if dataclasses.is_dataclass(t)}
+
+
+def load_tree(path: str | None, overrides: list[str], schema: type) -> tuple[dict, dict]:
+    """(the merged tree, the overrides alone): the YAML file with its ``base:`` chain, then the
+    command-line overrides on top, each key's section checked against ``schema``."""
+    tree = load_yaml_tree(path) if path else {}
+    given = parse_overrides(overrides or [], schema)
+    merge(tree, given)
+    return tree, given
 
 
 def _infer_format(tree: dict, given: dict, where: str) -> str | None:
@@ -600,13 +421,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     command line over a synthetic preset sets ``data.format`` from the path (``.jsonl``, ``.tsv``,
     tar shards; :func:`infer_data_format`); the config then carries that line in ``notes`` for
     the command to print."""
-    tree = load_yaml_tree(path) if path else {}
-    given = parse_overrides(overrides or [])
-    _merge(tree, given)
+    tree, given = load_tree(path, overrides or [], RunConfig)
     note = _infer_format(tree, given, path)
-    unknown = sorted(set(tree) - set(SECTIONS))
+    unknown = sorted(set(tree) - {f.name for f in fields(RunConfig)})
     if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}; sections: {list(SECTIONS)}")
-    cfg = RunConfig(**{name: build_section(name, tree.get(name, {}) or {}) for name in SECTIONS})
+        raise ConfigError(f"unknown section {unknown[0]!r}; sections: {[f.name for f in fields(RunConfig)]}")
+    cfg = build(RunConfig, tree)
     cfg.notes = [note] if note else []
     return cfg

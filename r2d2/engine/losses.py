@@ -62,6 +62,7 @@ from r2d2 import kernels as K
 from r2d2.dist import dist_info, gather
 from r2d2.engine.model import R2D2Model
 from r2d2.engine.model.vit import select_tokens
+from r2d2.engine.validate import ConfigError, boolean, choice, in_range, is_int, numbers, positive
 
 TERMS = ("gcpr", "fgr", "mlm", "tgd", "fgd")
 GCPR_MODES = ("gather", "ring")  # r2d2.kernels.contrastive_loss(mode=...)
@@ -150,36 +151,29 @@ class LossConfig:
     """seed of the negative sampling and masking streams (offset by step and rank)"""
 
     def __post_init__(self) -> None:
-        for n in ("gcpr", "fgr", "mlm", "tgd", "fgd"):
-            if not isinstance(getattr(self, n), bool):
-                raise TypeError(f"loss.{n}={getattr(self, n)!r}: expected a bool")
-        for n in TERMS:
-            w = getattr(self, f"{n}_weight")
-            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
-                raise ValueError(f"loss.{n}_weight={w!r}: expected a number >= 0")
-        for n in ("distill_alpha", "mlm_probability", "mlm_mask_frac", "mlm_random_frac",
-                  "fgd_image_mask_ratio", "fgd_text_mask_ratio"):
-            v = getattr(self, n)
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ValueError(f"loss.{n}={v!r}: expected a number in [0, 1]")
+        boolean("loss", self, *TERMS)
+        positive("loss", self, *(f"{n}_weight" for n in TERMS), allow_zero=True)
+        in_range("loss", self, "distill_alpha", "mlm_probability", "mlm_mask_frac", "mlm_random_frac",
+                 "fgd_image_mask_ratio", "fgd_text_mask_ratio")
+        in_range("loss", self, "ema_momentum", hi_open=True)
         if self.mlm_mask_frac + self.mlm_random_frac > 1.0:
-            raise ValueError("loss.mlm_mask_frac + loss.mlm_random_frac must be <= 1, got "
-                             f"{self.mlm_mask_frac} + {self.mlm_random_frac}")
-        if not 0.0 <= self.ema_momentum < 1.0:
-            raise ValueError(f"loss.ema_momentum={self.ema_momentum!r}: expected a number in [0, 1)")
-        cw = list(self.fgr_class_weights)
-        if len(cw) != 2 or any(not isinstance(w, (int, float)) or w <= 0 for w in cw):
-            raise ValueError(f"loss.fgr_class_weights={cw!r}: expected [neg, pos], both > 0")
-        if self.gcpr_mode not in GCPR_MODES:
-            raise ValueError(f"loss.gcpr_mode={self.gcpr_mode!r}: expected one of {GCPR_MODES}")
-        if self.fgr_negatives not in ("global", "local"):
-            raise ValueError(f"loss.fgr_negatives={self.fgr_negatives!r}: expected 'global' or 'local'")
-        if self.fgd_features not in ("tokens", "global"):
-            raise ValueError(f"loss.fgd_features={self.fgd_features!r}: expected 'tokens' or 'global'")
+            raise ConfigError("loss.mlm_mask_frac + loss.mlm_random_frac must be <= 1, got "
+                              f"{self.mlm_mask_frac} + {self.mlm_random_frac}")
+        numbers("loss", "fgr_class_weights", self.fgr_class_weights, 2, "[neg, pos], two numbers > 0")
+        if not all(w > 0 for w in self.fgr_class_weights):
+            raise ConfigError(f"loss.fgr_class_weights={self.fgr_class_weights!r} must be [neg, pos], "
+                              "two numbers > 0")
+        ids = self.special_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(is_int(i) and i >= 0 for i in ids):
+            raise ConfigError(f"loss.special_token_ids={ids!r} must be a list of token ids (ints >= 0)")
+        positive("loss", self, "mask_token_id", allow_zero=True, integer=True)
+        choice("loss", "gcpr_mode", self.gcpr_mode, GCPR_MODES)
+        choice("loss", "fgr_negatives", self.fgr_negatives, ("global", "local"))
+        choice("loss", "fgd_features", self.fgd_features, ("tokens", "global"))
         if not any(getattr(self, n) for n in ("gcpr", "fgr", "mlm", "fgd")):
-            raise ValueError("loss: every objective is off; switch on at least one of gcpr, fgr, mlm, fgd")
+            raise ConfigError("loss: every objective is off; switch on at least one of gcpr, fgr, mlm, fgd")
         if self.fgr and not self.gcpr:
-            raise ValueError("loss.fgr needs loss.gcpr: its hard negatives come from the GCPR similarity")
+            raise ConfigError("loss.fgr needs loss.gcpr: its hard negatives come from the GCPR similarity")
 
     @property
     def needs_teacher(self) -> bool:

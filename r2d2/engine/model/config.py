@@ -7,28 +7,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-
-def _check_positive(owner: str, obj, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{owner}.{n}={v!r}: expected a positive int")
-
-
-def _check_prob(owner: str, obj, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise ValueError(f"{owner}.{n}={v!r}: expected a probability in [0, 1)")
+from r2d2.engine.validate import ConfigError, in_range, positive
 
 
 def _from_dict(cls, d: dict, owner: str):
     if not isinstance(d, dict):
-        raise TypeError(f"{owner}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{owner}: expected a mapping, got {type(d).__name__}")
     known = {f.name for f in fields(cls)}
     bad = sorted(set(d) - known)
     if bad:
-        raise ValueError(f"{owner}: unknown field {bad[0]!r}; fields: {sorted(known)}")
+        raise ConfigError(f"{owner}: unknown field {bad[0]!r}; fields: {sorted(known)}")
     return cls(**d)
 
 
@@ -54,15 +42,14 @@ class VisionConfig:
     """attention-probability dropout (CLIP: 0)"""
 
     def __post_init__(self) -> None:
-        _check_positive("vision", self, "image_size", "patch_size", "width", "layers", "heads")
+        positive("vision", self, "image_size", "patch_size", "width", "layers", "heads", integer=True)
         if self.image_size % self.patch_size:
-            raise ValueError(f"vision.image_size={self.image_size} must be a multiple of "
+            raise ConfigError(f"vision.image_size={self.image_size} must be a multiple of "
                              f"vision.patch_size={self.patch_size}")
         if self.width % self.heads:
-            raise ValueError(f"vision.width={self.width} must be a multiple of vision.heads={self.heads}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"vision.mlp_ratio={self.mlp_ratio}: expected > 0")
-        _check_prob("vision", self, "dropout")
+            raise ConfigError(f"vision.width={self.width} must be a multiple of vision.heads={self.heads}")
+        positive("vision", self, "mlp_ratio", "layer_norm_eps")
+        in_range("vision", self, "dropout", hi_open=True)
 
     @property
     def num_patches(self) -> int:
@@ -95,19 +82,24 @@ class TextConfig:
     """padding token id ([PAD])"""
 
     def __post_init__(self) -> None:
-        _check_positive("text", self, "vocab_size", "width", "layers", "heads", "intermediate",
-                        "max_positions", "type_vocab_size")
+        positive("text", self, "vocab_size", "width", "layers", "heads", "intermediate",
+                 "max_positions", "type_vocab_size", integer=True)
         if self.width % self.heads:
-            raise ValueError(f"text.width={self.width} must be a multiple of text.heads={self.heads}")
-        _check_prob("text", self, "dropout")
+            raise ConfigError(f"text.width={self.width} must be a multiple of text.heads={self.heads}")
+        positive("text", self, "layer_norm_eps")
+        in_range("text", self, "dropout", hi_open=True)
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"text.pad_id={self.pad_id}: expected an id in [0, {self.vocab_size})")
+            raise ConfigError(f"text.pad_id={self.pad_id}: expected an id in [0, {self.vocab_size})")
 
 
 @dataclass
 class ModelConfig:
     """The whole R2D2 model: dual encoders, two cross encoders, projections, temperature."""
 
+    preset: str | None = field(default=None, compare=False)
+    """the named preset (:func:`model_preset`) the other fields started from; in a run config's
+    ``model:`` section the fields given there change that preset (:meth:`tree_base`). None for a
+    config given field by field. Not compared: two configs with the same fields are equal"""
     vision: VisionConfig = field(default_factory=VisionConfig)
     """image encoder"""
     text: TextConfig = field(default_factory=TextConfig)
@@ -144,20 +136,29 @@ class ModelConfig:
             self.text = _from_dict(TextConfig, self.text, "text")
         if not isinstance(self.vision, VisionConfig) or not isinstance(self.text, TextConfig):
             raise TypeError("ModelConfig: vision/text must be VisionConfig/TextConfig or dicts")
-        if not isinstance(self.cross_layers, int) or self.cross_layers < 0:
-            raise ValueError(f"cross_layers={self.cross_layers!r}: expected an int >= 0")
-        _check_positive("model", self, "embed_dim", "max_text_len")
-        if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
-            raise ValueError(f"initializer_range={self.initializer_range!r}: expected a number > 0")
+        positive("model", self, "cross_layers", allow_zero=True, integer=True)
+        positive("model", self, "embed_dim", "max_text_len", integer=True)
+        positive("model", self, "initializer_range", "temperature_min", "temperature_init",
+                 "temperature_max")
         if not 0 < self.temperature_min <= self.temperature_init <= self.temperature_max:
-            raise ValueError("expected 0 < temperature_min <= temperature_init <= temperature_max; "
+            raise ConfigError("model: expected 0 < temperature_min <= temperature_init <= temperature_max; "
                              f"got {self.temperature_min}, {self.temperature_init}, {self.temperature_max}")
         if self.max_text_len > self.text.max_positions:
-            raise ValueError(f"max_text_len={self.max_text_len} exceeds text.max_positions="
+            raise ConfigError(f"model.max_text_len={self.max_text_len} exceeds text.max_positions="
                              f"{self.text.max_positions}")
         if self.mlm_head and self.cross_layers == 0:
             # PRD2-style configs simply have no MLM head.
             self.mlm_head = False
+
+    @classmethod
+    def tree_base(cls, values: dict) -> dict:
+        """The fields a run config's ``model:`` section is merged over: those of the preset it
+        names (``preset``, default :data:`DEFAULT_PRESET`), as a dict."""
+        name = values.get("preset") or DEFAULT_PRESET
+        try:
+            return model_preset(name).to_dict()
+        except ValueError as e:
+            raise ConfigError(f"preset={name!r}: {e}") from None
 
     @property
     def image_size(self) -> int:
@@ -212,6 +213,12 @@ def model_preset(name: str) -> ModelConfig:
                         every key and a converted release loads into it strictly (fine-tuning)
     ``prd2``            ``base`` dual encoders only (the released PRD2 variant: GCPR + TgD)
     """
+    config = _preset(name)
+    config.preset = name
+    return config
+
+
+def _preset(name: str) -> ModelConfig:
     if name == "tiny":
         return ModelConfig(vision=VisionConfig(**_TINY_VISION), text=TextConfig(**_tiny_text()),
                            cross_layers=1, embed_dim=64, max_text_len=32, initializer_range=_TINY_INIT)
@@ -232,3 +239,5 @@ def model_preset(name: str) -> ModelConfig:
 
 
 PRESETS = ("tiny", "base", "large", "large-released", "prd2", "prd2-tiny")
+DEFAULT_PRESET = "tiny"
+"""the preset a run config's ``model:`` section starts from when it names none"""

@@ -25,6 +25,7 @@ import torch
 
 from r2d2.engine.metrics import RECALL_KS, ranks_of_targets, recall_at_k, retrieval_metrics, t2i_metrics
 from r2d2.engine.tasks.rerank import sharded_encode  # noqa: F401  (re-exported for the other tasks)
+from r2d2.engine.validate import choice, positive
 
 PROTOCOLS = ("both", "t2i")
 
@@ -135,12 +136,8 @@ class RetrievalEvalConfig:
     """show tqdm bars on rank 0"""
 
     def __post_init__(self) -> None:
-        for name in ("k", "batch_size", "pair_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RetrievalEvalConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_cache_dtype not in ("float16", "bfloat16", "float32"):
-            raise ValueError("RetrievalEvalConfig.image_cache_dtype must be float16, bfloat16 or "
-                             f"float32, got {self.image_cache_dtype!r}")
+        positive("retrieval", self, "k", "batch_size", "pair_batch", integer=True)
+        choice("retrieval", "image_cache_dtype", self.image_cache_dtype, ("float16", "bfloat16", "float32"))
 
 
 @dataclass
