@@ -290,7 +290,7 @@ def test_resumed_run_takes_the_picks_of_its_checkpoint(clean_picks, tmp_path, ca
 
     # CPU training measures nothing: the pick is injected as if a GPU run had measured it
 
-    from r2d2.engine.train_cli import pretrain
+    from r2d2.cli.train import pretrain
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["--config", os.path.join(root, "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
@@ -300,7 +300,7 @@ def test_resumed_run_takes_the_picks_of_its_checkpoint(clean_picks, tmp_path, ca
     name = _fake_pick("eager", Lq=1024)  # as if measured during the run
     assert pretrain([*args, "--train.max_steps=1"]) == 0
     ck = torch.load(tmp_path / "run" / "checkpoints" / "step_000001.pt", weights_only=False)
-    assert any(p["lq"] == 1024 and p["backend"] == "eager" for p in ck["extra"]["attention_picks"])
+    assert any(p["lq"] == 1024 and p["backend"] == "eager" for p in ck["extra"]["kernels"]["attention"])
     attn_mod.auto_timings_clear()  # a new process
     assert pretrain([*args, "--train.max_steps=2", "--resume"]) == 0
     assert attn_mod.auto_picks()[name].source == "checkpoint"

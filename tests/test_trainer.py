@@ -270,7 +270,7 @@ def test_peak_table_and_mfu():
 
 
 def test_tiny_r2d2_run_loss_falls(tmp_path):
-    from r2d2.engine.train_cli import pretrain
+    from r2d2.cli.train import pretrain
 
     rc = pretrain(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(tmp_path),
                    "--train.max_steps=24", "--train.log_every=1", "--data.batch_size=16",
@@ -295,7 +295,7 @@ def test_tiny_r2d2_run_loss_falls(tmp_path):
 
 
 def _cli_losses(tmp_path, name, *extra):
-    from r2d2.engine.train_cli import pretrain
+    from r2d2.cli.train import pretrain
 
     out = tmp_path / name
     rc = pretrain(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(out),
@@ -312,7 +312,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 
 
 def test_matching_finetune_on_labelled_jsonl(tmp_path):
-    from r2d2.engine.train_cli import finetune
+    from r2d2.cli.train import finetune
 
     rng = np.random.default_rng(random.randrange(2**32))
     lines = []

@@ -16,8 +16,52 @@ import json
 import math
 import os
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
+
+from r2d2.engine.flops import mfu
+
+
+@dataclass
+class ThroughputWindow:
+    """Samples and tokens (all ranks) since the last log row, and when that window began."""
+
+    t: float = field(default_factory=time.perf_counter)
+    samples: float = 0.0
+    tokens: float = 0.0
+
+    def add(self, samples: float, tokens: float) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def rates(self) -> tuple[float, float]:
+        """(samples/s, tokens/s) over the window so far."""
+        dt = max(time.perf_counter() - self.t, 1e-9)
+        return self.samples / dt, self.tokens / dt
+
+
+def metrics_row(*, step: int, terms: dict[str, float], lr: float, grad_norm: float,
+                window: ThroughputWindow, flops_per_sample: float, world: int, device_name: str,
+                precision: str, device: torch.device, read_skipped: int, read_reasons: Counter,
+                skipped: int, reasons: Counter, shard_events: tuple, bad_steps: int,
+                samples: int) -> dict:
+    """One ``log.jsonl`` row (the keys of the module docstring). Throughput is the world's;
+    ``tflops`` and ``mfu`` are per process (the achieved FLOP/s of one device), null when the
+    model's FLOP count is unknown. Damaged-shard events are reported as ``truncated_shards``,
+    not as skipped samples."""
+    sps, tps = window.rates()
+    fl = flops_per_sample * sps / world
+    return {"step": step, "loss": terms["loss"], **terms, "lr": lr, "grad_norm": grad_norm,
+            "samples_per_s": sps, "tokens_per_s": tps,
+            "tflops": fl / 1e12 if math.isfinite(fl) else None,
+            "mfu": mfu(fl, device_name, precision) if math.isfinite(fl) else None,
+            "peak_mem_gb": peak_memory_gb(device),
+            "skipped": read_skipped + skipped, "skipped_read": read_skipped, "skipped_decode": skipped,
+            "skip_reasons": {k: v for k, v in (read_reasons + reasons).items() if k not in shard_events},
+            "truncated_shards": reasons.get("truncated_shard", 0),
+            "bad_steps": bad_steps, "samples": samples}
 
 
 def _truncate_log(path: str, step: int) -> None:

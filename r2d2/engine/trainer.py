@@ -1,5 +1,11 @@
-"""The training loop. Components are built by small functions (one job each) and applied to a
-plain model in the torchtitan order: activation checkpointing -> compile -> FSDP2 / DDP.
+"""The training loop, in named steps: :meth:`Trainer.fit` restores a checkpoint
+(:meth:`~Trainer.restore`), builds the data pipeline (:meth:`~Trainer.setup_data`) and runs
+:meth:`~Trainer.train`, which calls :meth:`~Trainer.train_step` per optimizer step, logs the row of
+:func:`r2d2.engine.observability.metrics_row` and writes checkpoints. Components come from modules
+with one job each (:mod:`~r2d2.engine.objective`, :mod:`~r2d2.engine.optim`,
+:mod:`~r2d2.engine.parallel`, :mod:`~r2d2.engine.checkpoint`, :mod:`~r2d2.engine.data.loader`)
+and are applied to a plain model in the torchtitan order: activation checkpointing -> compile ->
+FSDP2 / DDP.
 
 Per optimizer step: ``grad_accum`` micro-batches are fetched first, the usable sample counts are
 summed over micro-batches and ranks (one all-reduce), and micro-batch ``i`` of ``n_i`` samples
@@ -18,7 +24,8 @@ naming the last good checkpoint). ``--resume`` takes the newest checkpoint that 
 which newer ones it skipped and why.
 
 Resume: the checkpoint's data position is read back and checked (``data.loader.resume_position``),
-and the RNG states are restored last, after the data loader has started, so that nothing between
+the kernels' autotuned picks are restored through ``r2d2.kernels.load_state_dict``, and the RNG
+states are restored last, after the data loader has started, so that nothing between
 the restore and the first forward draws from them.
 """
 
@@ -26,10 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import pickle
 import signal
-import time
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -37,198 +42,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from r2d2.dist import dist_info, is_dist
-from r2d2.engine.cli import RunError
+from r2d2 import kernels
+from r2d2.dist import is_dist
+from r2d2.engine import flops
 from r2d2.engine.checkpoint import (CheckpointError, Checkpointer, NonFiniteStateError, TrainState,
                                      set_rng_state)
 from r2d2.engine.config import RunConfig
-from r2d2.engine.observability import Observer, peak_memory_gb
+from r2d2.engine.data.loader import (DataCursor, Tokenize, build_train_data, check_data_source,
+                                     resume_position)
+from r2d2.engine.data.records import SHARD_EVENTS, SKIP_REASONS, DataError
+from r2d2.engine.errors import TrainingError
+from r2d2.engine.flops import device_name
+from r2d2.engine.objective import build_objective, check_input_files, load_init  # noqa: F401  (public here)
+from r2d2.engine.observability import Observer, ThroughputWindow, metrics_row
+from r2d2.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups  # noqa: F401
+from r2d2.engine.parallel import (_outermost_blocks, apply_activation_checkpointing, init_distributed,
+                                  shard_fsdp)
+from r2d2.engine.tokenizer import build_tokenizer
 
-NO_DECAY_HINTS = ("bias", "norm", "embed", "temp", "logit_scale", "pos_", "cls_token", "ln_")
-
-
-class TrainingError(RuntimeError, RunError):
-    """The run cannot go on (too many bad steps, too many skipped samples, a checkpoint that does
-    not load or cannot be written): one line, exit status 1."""
-
-
-# ---------------------------------------------------------------------------- set-up helpers
-def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
-    """Join the torchrun group when WORLD_SIZE > 1; returns (rank, world, device)."""
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device=cuda but no CUDA device is visible")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and cfg.distributed.strategy != "none" and not is_dist():
-        backend = cfg.distributed.backend
-        if backend == "auto":
-            backend = "nccl" if want_cuda else "gloo"
-        if want_cuda:
-            torch.cuda.set_device(local)
-        import datetime
-
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
-    device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
-    rank, world = dist_info()
-    return rank, world, device
+__all__ = ["FitResult", "Trainer", "TrainingError", "build_objective", "build_optimizer",
+           "lr_factor", "param_groups", "shard_fsdp"]
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only; not on norms, biases, embeddings, temperatures."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        low = name.lower()
-        (no_decay if p.ndim < 2 or any(h in low for h in NO_DECAY_HINTS) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type == "cuda" if cfg.fused == "auto" else cfg.fused == "true"
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=fused or None)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(opt, cfg, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
-
-
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each transformer block in backward; returns how many blocks were wrapped.
-    A model offering ``set_activation_checkpointing(bool)`` does it itself."""
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(True)
-        return -1
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        apply_activation_checkpointing as apply_ac)
-
-    blocks = [m for m in model.modules() if _is_block(m)]
-    apply_ac(model, check_fn=_is_block)
-    return len(blocks)
-
-
-def _is_block(m: nn.Module) -> bool:
-    name = type(m).__name__
-    return name.endswith(("Block", "Layer")) and any(isinstance(c, nn.Linear) for c in m.modules())
-
-
-def _outermost_blocks(module: nn.Module) -> list[nn.Module]:
-    found: list[nn.Module] = []
-    inner: set[int] = set()
-    for m in module.modules():
-        if id(m) in inner or not _is_block(m):
-            continue
-        found.append(m)
-        inner.update(id(c) for c in m.modules())
-    return found
-
-
-def shard_fsdp(objective: nn.Module, device: torch.device) -> list[nn.Parameter]:
-    """FSDP2: ``fully_shard`` each transformer block (student and teacher alike, so the EMA update
-    sees matching shards), then the whole objective. fully_shard cannot shard 0-d parameters (the
-    temperature): they stay replicated and are returned, for the trainer to average their
-    gradients itself."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    scalars = [p for p in objective.parameters() if p.ndim == 0]
-    for m in list(objective.modules()):
-        if _is_block(m):
-            fully_shard(m, mp_policy=mp)
-    fully_shard(objective, mp_policy=mp, ignored_params=set(scalars) or None)
-    return [p for p in scalars if p.requires_grad]
-
-
-def build_objective(cfg: RunConfig) -> nn.Module:
-    """The model wrapped in the objective of ``train.task`` (imports are lazy on purpose: the
-    model, losses and tasks packages are separate components)."""
-    from r2d2.engine.model import R2D2Model
-
-    model = R2D2Model(cfg.model.build_config(), kernels=cfg.kernels)
-    if cfg.train.init_from:
-        try:
-            load_init(model, cfg.train.init_from)
-        except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            # unreadable, not a checkpoint, or not weights of this model: one line
-            msg = str(e).strip().splitlines()
-            msg = msg[0] if msg else type(e).__name__
-            if isinstance(e, (EOFError, pickle.UnpicklingError)):
-                msg = f"not a checkpoint file ({msg})"
-            if not msg.startswith("train.init_from="):
-                msg = f"train.init_from={cfg.train.init_from!r}: {msg}"
-            raise TrainingError(msg) from None
-    if cfg.train.task in ("pretrain", "retrieval"):
-        from r2d2.engine.losses import R2D2ForPretraining
-
-        if cfg.train.freeze_image_encoder:
-            # The official retrieval fine-tuning: the ViT is fixed (no graph, no optimizer state);
-            # vision_proj, the text encoder and the cross encoders train.
-            model.visual.requires_grad_(False)
-        return R2D2ForPretraining(model, cfg.loss.build_config())
-    from r2d2.engine.tasks.matching import MatchingObjective
-
-    return MatchingObjective(model, freeze_image_encoder=cfg.train.freeze_image_encoder)
-
-
-def check_input_files(cfg: RunConfig) -> None:
-    """The files a config names besides the data (``data.vocab``, ``train.init_from``) must exist:
-    checked before the model is built, each a one-line :class:`TrainingError` naming the field.
-    (Not at config time: a saved config is loaded on machines without them, e.g. to compare.)"""
-    v = cfg.data.vocab
-    if v is not None and not os.path.isfile(v):
-        raise TrainingError(f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
-                            "line; null = the built-in vocabulary)")
-    p = cfg.train.init_from
-    if p and not os.path.exists(p):
-        rel = "" if os.path.isabs(p) else f", relative to the current directory {os.getcwd()}"
-        raise TrainingError(f"train.init_from={p!r}: no such file or directory{rel} (expected a "
-                            "save_pretrained folder such as <run>/model, a run folder or a checkpoint "
-                            "file; configs/finetune_tiny.yaml starts from the demo's runs/demo/model: "
-                            "run bash scripts/demo.sh first)")
-
-
-def load_init(model: nn.Module, path: str) -> None:
-    """Weights to start from: a ``save_pretrained`` directory or a training checkpoint. Weights
-    that do not fit the model (another preset) are a ValueError naming the first mismatches."""
-    strict = os.path.isfile(os.path.join(path, "config.json")) and hasattr(type(model), "from_pretrained")
-    if strict:  # a whole model: every weight must be there
-        from safetensors import SafetensorError
-
-        try:
-            sd = type(model).from_pretrained(path).state_dict()
-        except SafetensorError as e:  # e.g. a pickle renamed model.safetensors: never unpickled
-            raise ValueError(f"train.init_from={path!r}: model.safetensors is not a safetensors "
-                             f"file ({e})") from None
-    else:
-        from r2d2.engine.checkpoint import load_weights
-
-        sd = load_weights(path)
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    own = model.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-              if k in own and v.shape != own[k].shape]
-    unexpected = [k for k in sd if k not in own]
-    missing = [k for k in own if k not in sd]
-    if shapes or unexpected or len(missing) == len(own) or (strict and missing):
-        raise ValueError(f"train.init_from={path!r}: the weights do not fit the model of the config "
-                         f"(model.preset and overrides): shape mismatches {shapes[:3]}, unexpected "
-                         f"{unexpected[:3]}, missing {len(missing)} of {len(own)} {missing[:3]}")
-    model.load_state_dict(sd, strict=False)
-
-
-# ---------------------------------------------------------------------------- the loop
 @dataclass
 class FitResult:
     step: int
@@ -240,7 +75,10 @@ class FitResult:
 
 class Trainer:
     """``Trainer(cfg, out).fit()``. ``objective`` / ``tokenize`` may be injected (tests use toys);
-    otherwise they come from ``train.task`` and the model's tokenizer."""
+    otherwise they come from ``train.task`` and the model's tokenizer.
+
+    The constructor checks the inputs and builds everything that does not depend on a
+    checkpoint (objective, wrapping, optimizer, schedule); :meth:`fit` does the rest."""
 
     def __init__(self, cfg: RunConfig, out: str, resume: bool = False, objective: nn.Module | None = None,
                  tokenize=None, image_size: int | None = None, flops_per_sample: float | None = None) -> None:
@@ -249,9 +87,6 @@ class Trainer:
         t = cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        from r2d2.engine.data.loader import check_data_source
-        from r2d2.engine.data.records import DataError
-
         try:  # before building a model of hundreds of millions of parameters
             check_data_source(cfg.data, eval_too=t.eval_at_end)
         except DataError as e:
@@ -267,9 +102,6 @@ class Trainer:
                                                                         "image_size", 224)
         self.tokenize, self.tokenizer = tokenize, None
         if self.tokenize is None:
-            from r2d2.engine.data.loader import Tokenize
-            from r2d2.engine.tokenizer import build_tokenizer
-
             try:
                 self.tokenizer = build_tokenizer(cfg.data.vocab, max_length=cfg.data.max_text_len)
             except (OSError, ValueError) as e:  # unreadable or malformed vocab.txt
@@ -299,17 +131,18 @@ class Trainer:
         self.state = TrainState()
         self._stop = False
         self._bad_in_a_row = 0
+        self.last_ckpt: str | None = None  # the newest checkpoint known good: verified or loaded
+        self.last_loss = float("nan")
+        self.reasons: Counter = Counter()  # decode-time skip reasons (all ranks), this run and before
 
     def _flops(self) -> float:
         try:
-            from r2d2.engine import flops
-
             cfg = self.cfg
             if cfg.train.task != "matching" and hasattr(flops, "flops_per_sample"):
                 # the run's objective (which terms are on) and its contrastive batch: one
                 # micro-batch over all ranks
                 return flops.flops_per_sample(
-                    self.model.config, cfg.loss.build_config(), text_len=cfg.data.max_text_len,
+                    self.model.config, cfg.loss, text_len=cfg.data.max_text_len,
                     global_batch=cfg.data.batch_size // cfg.train.grad_accum, image_size=self.image_size,
                     world=self.world)
             teacher = getattr(self.objective, "teacher", None) is not None
@@ -359,35 +192,68 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
-    # ---------------------------------------------------------------- fit
+    # ---------------------------------------------------------------- the run
     def fit(self) -> FitResult:
-        from r2d2.engine.data.loader import DataCursor, build_train_data, resume_position
-        from r2d2.engine.data.records import SHARD_EVENTS, SKIP_REASONS, DataError
+        """The whole run: restore (``--resume``), set up the data, train to ``train.max_steps``
+        (or until SIGTERM), write the final checkpoint; returns where it ended."""
+        extra, obs = self.restore()
+        data = self.setup_data(extra, obs)
+        old = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        try:
+            it = iter(data.loader)
+            # The RNG last: nothing between here and the first forward may draw from it, or a
+            # resumed run would not continue the stream of the run it resumes (dropout, MLM masks
+            # draw here).
+            if "rng_state" in extra:
+                set_rng_state(extra["rng_state"])
+            else:
+                torch.manual_seed(self.cfg.train.seed + 1000 * self.rank)  # loss randomness per rank
+            stopped = self.train(it, obs)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        if stopped:
+            return FitResult(self.state.step, self.last_loss, obs.log_path, self.last_ckpt, True)
+        png = obs.close(plot=self.cfg.logging.plot)
+        if png:
+            obs.message(f"loss curves: {png}")
+        return FitResult(self.state.step, self.last_loss, obs.log_path, self.last_ckpt)
 
-        cfg, t = self.cfg, self.cfg.train
+    def restore(self) -> tuple[dict, Observer]:
+        """With ``--resume``: load the newest checkpoint that loads (weights, optimizer, schedule,
+        train state; not yet the RNG) and the kernels' state. Returns the checkpoint's ``extra``
+        (``{}`` for a fresh run) and the run's :class:`Observer`, started at the resumed step."""
+        cfg = self.cfg
         extra: dict = {}
-        last_ckpt = None  # the newest checkpoint known good: verified when written, or loaded
+        notes: list[str] = []
         if self.resume:
             try:  # the newest that loads; skipped newer ones are reported below
                 path, self.state, extra, notes = self.ckpt.load_newest(
                     self.objective, self.optimizer, self.scheduler, restore_rng=False)
             except CheckpointError as e:
                 raise TrainingError(f"--resume: {e}") from None
-            last_ckpt = path
-        obs = Observer(self.out, t.max_steps, self.state.step, enabled=self.rank == 0,
+            self.last_ckpt = path
+        self.reasons = Counter(self.state.skip_reasons)
+        obs = Observer(self.out, cfg.train.max_steps, self.state.step, enabled=self.rank == 0,
                        progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
         if self.resume:
             for n in notes:
                 obs.message(f"--resume: {n}")
-            obs.message(f"resumed from step {self.state.step} ({path})")
-            picks = extra.get("attention_picks")
-            if picks:  # the backends the run trained with, not a new (noisy) measurement
-                from r2d2.kernels.attention import load_picks
+            obs.message(f"resumed from step {self.state.step} ({self.last_ckpt})")
+            # the backends the run trained with, not a new (noisy) measurement; checkpoints
+            # written before kernels had a state dict hold the attention picks under their own key
+            state = extra.get("kernels", extra.get("attention_picks"))
+            n = kernels.load_state_dict(state) if state else 0
+            if n:
+                obs.message(f"kernels auto: {n} picks taken from the checkpoint")
+        return extra, obs
 
-                n = load_picks(picks, self.device)
-                if n:
-                    obs.message(f"attention auto: {n} of {len(picks)} picks taken from the checkpoint")
-        micro_global = cfg.data.batch_size // t.grad_accum
+    def setup_data(self, extra: dict, obs: Observer):
+        """The training data from the resumed position (checked against the checkpoint's config),
+        the cursor that tracks it, and the reader's skip counts (over ``data.max_skip_rate``:
+        the run stops)."""
+        cfg = self.cfg
+        micro_global = cfg.data.batch_size // cfg.train.grad_accum
         try:
             start, stream_state, note = resume_position(
                 extra.get("data_position"), extra.get("rank_data", []), cfg.data, self.state.step,
@@ -407,120 +273,121 @@ class Trainer:
                 raise TrainingError(f"{data.read_skipped} of {total} samples unusable "
                                     f"({dict(data.read_reasons)}): skip rate above data.max_skip_rate="
                                     f"{cfg.data.max_skip_rate}")
-        old = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        from r2d2.engine.flops import device_name, mfu
+        return data
 
-        dev_name = cfg.logging.device_name or device_name(self.device)
-        it = iter(data.loader)
-        # The RNG last: nothing between here and the first forward may draw from it, or a resumed
-        # run would not continue the stream of the run it resumes (dropout, MLM masks draw here).
-        if "rng_state" in extra:
-            set_rng_state(extra["rng_state"])
+    def train(self, it, obs: Observer) -> bool:
+        """Optimizer steps until ``train.max_steps``, logging every ``train.log_every`` and
+        checkpointing every ``train.checkpoint_every`` and at the end. Returns True when SIGTERM
+        stopped the run (after its checkpoint; the observer is closed without plotting)."""
+        t = self.cfg.train
+        dev_name = self.cfg.logging.device_name or device_name(self.device)
+        window = ThroughputWindow()
+        while self.state.step < t.max_steps:
+            micro = [_next_batch(it) for _ in range(t.grad_accum)]
+            terms, grad_norm, lr, n_all, tokens = self.train_step(micro, obs)
+            window.add(n_all, tokens)
+            obs.step(terms["loss"], window.rates()[0])
+            if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                obs.log(metrics_row(
+                    step=self.state.step, terms=terms, lr=lr, grad_norm=grad_norm, window=window,
+                    flops_per_sample=self.flops_per_sample, world=self.world, device_name=dev_name,
+                    precision=self.precision, device=self.device, read_skipped=self.read_skipped,
+                    read_reasons=self.read_reasons, skipped=self.state.skipped, reasons=self.reasons,
+                    shard_events=SHARD_EVENTS, bad_steps=self.state.bad_steps,
+                    samples=self.state.samples))
+                window = ThroughputWindow()
+            stop = self._should_stop()
+            if stop or (t.checkpoint_every and self.state.step % t.checkpoint_every == 0):
+                self.checkpoint(obs)
+            if stop:
+                done = "checkpoint written" if self.last_ckpt and self.last_ckpt.endswith(
+                    f"step_{self.state.step:06d}.pt") else f"no checkpoint written (last good: {_good(self.last_ckpt)})"
+                obs.message(f"SIGTERM: {done} at step {self.state.step}; exiting")
+                obs.close(plot=False)
+                return True
+        if not (t.checkpoint_every and self.state.step % t.checkpoint_every == 0) or self.last_ckpt is None:
+            self.last_ckpt = self._save_checked()
+        return False
+
+    def train_step(self, micro: list[dict], obs: Observer) -> tuple[dict, float, float, float, float]:
+        """One optimizer step over the ``train.grad_accum`` micro-batches ``micro``: account the
+        samples, forward/backward, clip, then AdamW + schedule + EMA, or skip a non-finite step.
+        Returns (loss terms, grad norm, the lr it ran with, samples, tokens), all ranks."""
+        t, d = self.cfg.train, self.cfg.data
+        n_all, skipped, tokens = self._account(micro)
+        terms = self._forward_backward(micro, n_all)
+        loss = terms["loss"]
+        self.cursor.advance(micro, d.batch_size // t.grad_accum)
+        self.state.samples += int(n_all)
+        self.state.skipped += int(skipped)
+        self.state.skip_reasons = dict(self.reasons)
+        seen = self.state.samples + self.state.skipped
+        if seen >= 100 and self.state.skipped / seen > d.max_skip_rate:
+            raise TrainingError(f"skipped {self.state.skipped} of {seen} samples while loading "
+                                f"({dict(self.reasons)}): above data.max_skip_rate={d.max_skip_rate}")
+        grad_norm = self._clip()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self._skip_bad_step(loss, grad_norm, obs)
         else:
-            torch.manual_seed(t.seed + 1000 * self.rank)  # loss-side randomness differs per rank
-        last_loss = float("nan")
-        reasons = Counter(self.state.skip_reasons)
-        window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}
+            self._bad_in_a_row = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if hasattr(self.objective, "ema_update"):
+                self.objective.ema_update()
+            self.last_loss = loss
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.state.step += 1
+        return terms, grad_norm, lr, n_all, tokens
+
+    def _account(self, micro: list[dict]) -> tuple[float, int, float]:
+        """Step accounting, one all-reduce: usable samples per micro-batch, their squares (to see
+        whether ranks differ), decode-time skip reasons and real text tokens. Updates
+        ``self.reasons``; returns (samples, skipped samples, tokens) over all ranks."""
         names = list(SKIP_REASONS) + ["other"]
-        try:
-            while self.state.step < t.max_steps:
-                micro = [_next_batch(it) for _ in range(t.grad_accum)]
-                local = Counter()
-                for b in micro:
-                    local.update(b["skip_reasons"])
-                sizes = [b["size"] for b in micro]
-                local["other"] = sum(v for k, v in local.items() if k not in SKIP_REASONS and k != "other")
-                sums = self._all_sum(sizes + [s * s for s in sizes] + [local[k] for k in names] +
-                                     [sum(float(b["attention_mask"].sum()) for b in micro if b["size"])])
-                n_micro, sq = sums[:len(sizes)], sums[len(sizes):2 * len(sizes)]
-                step_reasons = {k: int(v) for k, v in zip(names, sums[2 * len(sizes):-1]) if v}
-                # damaged-shard events are no samples: logged as truncated_shards, not skipped
-                skipped = sum(v for k, v in step_reasons.items() if k not in SHARD_EVENTS)
-                tokens = sums[-1]
-                n_all = sum(n_micro)
-                if any(abs(q * self.world - n * n) > 0.5 for n, q in zip(n_micro, sq)):
-                    # sum(n^2) * W == (sum n)^2 iff every rank has the same n: GCPR's all-gather
-                    # needs that; say so on every rank instead of a collective mismatch or hang
-                    raise TrainingError(f"micro-batch sizes differ across ranks (rank {self.rank}: {sizes}): "
-                                        f"a sample found no decodable replacement in its draws; skipped so "
-                                        f"far {dict(reasons + Counter(step_reasons))}")
-                reasons.update(step_reasons)
-                if n_all == 0:
-                    raise TrainingError("every sample of a whole step was skipped: "
-                                        f"{dict(reasons)}")
-                terms = self._forward_backward(micro, n_all)
-                loss = terms["loss"]
-                self.cursor.advance(micro, micro_global)
-                self.state.samples += int(n_all)
-                self.state.skipped += int(skipped)
-                self.state.skip_reasons = dict(reasons)
-                seen = self.state.samples + self.state.skipped
-                if seen >= 100 and self.state.skipped / seen > cfg.data.max_skip_rate:
-                    raise TrainingError(f"skipped {self.state.skipped} of {seen} samples while loading "
-                                        f"({dict(reasons)}): above data.max_skip_rate={cfg.data.max_skip_rate}")
-                grad_norm = self._clip()
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state.bad_steps += 1
-                    self._bad_in_a_row += 1
-                    obs.message(f"step {self.state.step + 1}: non-finite loss/grad ({loss}, {grad_norm}); "
-                                f"step skipped ({self._bad_in_a_row} in a row)")
-                    if self._bad_in_a_row >= t.max_bad_steps:
-                        raise TrainingError(f"{self._bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
-                                            f"{t.max_bad_steps}); last good checkpoint: {_good(last_ckpt)}")
-                else:
-                    self._bad_in_a_row = 0
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if hasattr(self.objective, "ema_update"):
-                        self.objective.ema_update()
-                    last_loss = loss
-                lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
-                self.state.step += 1
-                window["samples"] += n_all
-                window["tokens"] += tokens
-                dt = time.perf_counter() - window["t"]
-                obs.step(loss, window["samples"] / max(dt, 1e-9))
-                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
-                    sps = window["samples"] / max(dt, 1e-9)
-                    # the numbers are per process (samples_per_s counts the whole world)
-                    fl = self.flops_per_sample * sps / self.world
-                    row = {"step": self.state.step, "loss": terms["loss"], **terms, "lr": lr, "grad_norm": grad_norm,
-                           "samples_per_s": sps, "tokens_per_s": window["tokens"] / max(dt, 1e-9),
-                           "tflops": fl / 1e12 if math.isfinite(fl) else None,
-                           "mfu": mfu(fl, dev_name, self.precision) if math.isfinite(fl) else None,
-                           "peak_mem_gb": peak_memory_gb(self.device),
-                           "skipped": self.read_skipped + self.state.skipped, "skipped_read": self.read_skipped,
-                           "skipped_decode": self.state.skipped,
-                           "skip_reasons": {k: v for k, v in (self.read_reasons + reasons).items()
-                                            if k not in SHARD_EVENTS},
-                           "truncated_shards": reasons.get("truncated_shard", 0),
-                           "bad_steps": self.state.bad_steps, "samples": self.state.samples}
-                    obs.log(row)
-                    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0}
-                stop = self._should_stop()
-                if stop or (t.checkpoint_every and self.state.step % t.checkpoint_every == 0):
-                    if self._bad_in_a_row:  # the state of a non-finite streak is not trusted
-                        obs.message(f"step {self.state.step}: checkpoint not written: {self._bad_in_a_row} "
-                                    f"non-finite step(s) in a row; last good checkpoint: {_good(last_ckpt)}")
-                    else:
-                        last_ckpt = self._save_checked(last_ckpt)
-                if stop:
-                    done = "checkpoint written" if last_ckpt and last_ckpt.endswith(
-                        f"step_{self.state.step:06d}.pt") else f"no checkpoint written (last good: {_good(last_ckpt)})"
-                    obs.message(f"SIGTERM: {done} at step {self.state.step}; exiting")
-                    obs.close(plot=False)
-                    return FitResult(self.state.step, last_loss, obs.log_path, last_ckpt, True)
-            if not (t.checkpoint_every and self.state.step % t.checkpoint_every == 0) or last_ckpt is None:
-                last_ckpt = self._save_checked(last_ckpt)
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
-        png = obs.close(plot=cfg.logging.plot)
-        if png:
-            obs.message(f"loss curves: {png}")
-        return FitResult(self.state.step, last_loss, obs.log_path, last_ckpt)
+        local = Counter()
+        for b in micro:
+            local.update(b["skip_reasons"])
+        sizes = [b["size"] for b in micro]
+        local["other"] = sum(v for k, v in local.items() if k not in SKIP_REASONS and k != "other")
+        sums = self._all_sum(sizes + [s * s for s in sizes] + [local[k] for k in names] +
+                             [sum(float(b["attention_mask"].sum()) for b in micro if b["size"])])
+        n_micro, sq = sums[:len(sizes)], sums[len(sizes):2 * len(sizes)]
+        step_reasons = {k: int(v) for k, v in zip(names, sums[2 * len(sizes):-1]) if v}
+        # damaged-shard events are no samples: logged as truncated_shards, not skipped
+        skipped = sum(v for k, v in step_reasons.items() if k not in SHARD_EVENTS)
+        n_all = sum(n_micro)
+        if any(abs(q * self.world - n * n) > 0.5 for n, q in zip(n_micro, sq)):
+            # sum(n^2) * W == (sum n)^2 iff every rank has the same n: GCPR's all-gather needs
+            # that; say so on every rank instead of a collective mismatch or hang
+            raise TrainingError(f"micro-batch sizes differ across ranks (rank {self.rank}: {sizes}): "
+                                f"a sample found no decodable replacement in its draws; skipped so "
+                                f"far {dict(self.reasons + Counter(step_reasons))}")
+        self.reasons.update(step_reasons)
+        if n_all == 0:
+            raise TrainingError(f"every sample of a whole step was skipped: {dict(self.reasons)}")
+        return n_all, skipped, sums[-1]
+
+    def _skip_bad_step(self, loss: float, grad_norm: float, obs: Observer) -> None:
+        """A non-finite loss or gradient: drop the gradients, count the step; ``train.max_bad_steps``
+        in a row stops the run, naming the last good checkpoint."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.bad_steps += 1
+        self._bad_in_a_row += 1
+        obs.message(f"step {self.state.step + 1}: non-finite loss/grad ({loss}, {grad_norm}); "
+                    f"step skipped ({self._bad_in_a_row} in a row)")
+        if self._bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingError(f"{self._bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
+                                f"{self.cfg.train.max_bad_steps}); last good checkpoint: {_good(self.last_ckpt)}")
+
+    def checkpoint(self, obs: Observer) -> None:
+        """Write a checkpoint unless non-finite steps are in a row (that state is not trusted:
+        the checkpoint waits for the next interval)."""
+        if self._bad_in_a_row:
+            obs.message(f"step {self.state.step}: checkpoint not written: {self._bad_in_a_row} "
+                        f"non-finite step(s) in a row; last good checkpoint: {_good(self.last_ckpt)}")
+        else:
+            self.last_ckpt = self._save_checked()
 
     def _forward_backward(self, micro: list[dict], n_all: float) -> dict[str, float]:
         """Backward of the step-mean loss over all micro-batches; returns its (global) terms."""
@@ -565,22 +432,23 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
-    def _save_checked(self, last_ckpt: str | None) -> str:
+    def _save_checked(self) -> str:
         """:meth:`save`, its failures one-line :class:`TrainingError`: NaN/Inf in the weights or the
         optimizer state (nothing written; the run cannot go on), a write that failed (disk full:
         the partial file is removed, ``latest`` still names ``last_ckpt``)."""
         try:
             return self.save()
         except NonFiniteStateError as e:
-            raise TrainingError(f"{e}; the run stops, last good checkpoint: {_good(last_ckpt)}") from None
+            raise TrainingError(f"{e}; the run stops, last good checkpoint: {_good(self.last_ckpt)}") from None
         except CheckpointError as e:
             raise TrainingError(f"checkpoint at step {self.state.step}: {e}") from None
 
     def save(self) -> str:
-        from r2d2.kernels.attention import export_picks
-
+        """A checkpoint of the step just finished: the objective, optimizer, schedule, train
+        state, RNG, the config, the data position of every rank and the kernels' state (rank
+        0's: every rank takes it on resume)."""
         extra = {"config": self.cfg.to_dict(), "data_position": self.cursor.global_state(),
-                 "attention_picks": export_picks()}  # rank 0's: every rank takes them on resume
+                 "kernels": kernels.state_dict()}
         return self.ckpt.save(self.objective, self.optimizer, self.scheduler, self.state,
                               extra=extra, rank_state=self.cursor.rank_state())
 
@@ -592,8 +460,6 @@ def _good(path: str | None) -> str:
 def _next_batch(it) -> dict:
     """The next batch; a data error raised in a DataLoader worker arrives with the worker's
     traceback in its message: keep the one line that says what is wrong."""
-    from r2d2.engine.data.records import DataError
-
     try:
         return next(it)
     except DataError as e:
@@ -603,6 +469,4 @@ def _next_batch(it) -> dict:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
