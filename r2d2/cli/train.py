@@ -103,7 +103,7 @@ def _main(cmd: str, argv: list[str]) -> int:
     check_inputs(cfg, args)
     try:
         trainer = Trainer(cfg, out, resume=args.resume)
-        if rank == 0:
+        if trainer.rank == 0:  # the group is joined now: before, every process said rank 0
             if cfg.train.init_from:
                 print(f"initialised from train.init_from={cfg.train.init_from}", flush=True)
             os.makedirs(out, exist_ok=True)
