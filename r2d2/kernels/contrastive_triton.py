@@ -38,8 +38,9 @@ the order of the tensor-core time, so the fused kernels are not purely GEMM-boun
 
 fp32 inputs use IEEE fp32 dots (no TF32); fp16 / bf16 use tensor-core dots with fp32
 accumulation. On CPU tensors this runs only under ``TRITON_INTERPRET=1`` (where bf16 tl.dot is
-wrong: test bf16 on a GPU). Limits: B < 2^31 (int32 indices); the tile defaults (64 x 64, 8 warps
-on a GPU) are not autotuned and were not timed on a GPU when written.
+wrong: test bf16 on a GPU). Limits: B < 2^31 (int32 indices); the tile defaults (32 x 32, 4 warps
+on a GPU, ``default_tiles``) are not autotuned: they are the largest that compile for sm_80 and
+sm_90 without register spills, and were not timed on a GPU when written.
 """
 
 from __future__ import annotations
@@ -498,7 +499,7 @@ class Tiles:
     block_d: int | None = None
     """Feature-dim chunk of a backward program's gradient accumulator."""
     num_warps: int | None = None
-    """Warps per program (GPU default 8: a 64 x 64 fp32 tile is 16 registers a thread)."""
+    """Warps per program (GPU default 4: a 32 x 32 fp32 tile is 8 registers a thread)."""
     programs: int | None = None
     """Target number of programs per kernel (GPU: 4 x SMs; interpreter: 2)."""
     budget_bytes: int = 256 << 20
@@ -526,22 +527,32 @@ class Tiles:
 
 def default_tiles(d: int, small: bool) -> Tiles:
     """The tile defaults for feature dim ``d`` (``programs`` left unset): ``small`` for the
-    interpreter, else the GPU ones (those scripts/check_gpu_compile.py compiles)."""
-    dflt = 32 if small else 64
-    bk = min(triton.next_power_of_2(max(d, 16)), 32 if small else 64)
-    bd = min(triton.next_power_of_2(max(d, 16)), 64 if small else 128)
-    return Tiles(dflt, dflt, bk, bd, 4 if small else 8)
+    interpreter, else the GPU ones (those scripts/check_gpu_compile.py compiles).
+
+    GPU: 32 x 32 tiles, 16-wide similarity steps, 32-wide gradient chunks, 4 warps, 2 stages
+    (``NUM_STAGES``). Compiled for sm_80 with triton 3.9 at d = 768, the former 64 x 64 / K 64 /
+    D 128 / 8 warps / 3 stages used all 255 registers and spilled in the teacher variants (bf16:
+    forward 588, rows 136, cols 1140 bytes a thread; fp32: 2476, 868, 2080) and in fp32 without
+    a teacher (428); 64 x 64 tiles with other K / D / stages or 16 warps still spilled, as did
+    32 x 32 with K 32 / D 64 on sm_90 (teacher fp16: forward 64, cols 132 bytes). With these the
+    teacher fp16 kernels need forward / rows / cols 228 / 168 / 234 registers on sm_80 and 234 /
+    184 / 254 on sm_90, without spills."""
+    w = triton.next_power_of_2(max(d, 16))
+    if small:
+        return Tiles(32, 32, min(w, 32), min(w, 64), 4)
+    return Tiles(32, 32, min(w, 16), min(w, 32), 4)
 
 
 def gpu_tiles(d: int) -> Tiles:
     return default_tiles(d, small=False)
 
 
-GPU_D_CLASSES = (16, 32, 64, 128, 768)
+GPU_D_CLASSES = (16, 32, 768)
 """One feature dim per distinct GPU tile choice of ``default_tiles`` (block_k, block_d, SINGLE):
-d <= 16, <= 32, <= 64, <= 128, and > 128 (chunked gradient; 768 is R2D2's)."""
-NUM_STAGES = 3
-"""Software-pipelining depth of the forward and backward kernels (triton's default)."""
+d <= 16, <= 32, and > 32 (chunked gradient; 768 is R2D2's)."""
+NUM_STAGES = 2
+"""Software-pipelining depth of the forward and backward kernels (3 stages need more registers
+for the prefetched tiles: see ``default_tiles``)."""
 
 
 def merge_block(n: int) -> int:
