@@ -71,6 +71,11 @@ def _configs(kind: str) -> list[triton.Config]:
     # this small unpipelined one (fp32 D = 256 on sm_80: fwd 96, dK/dV 132, dQ 128 KB) keeps every
     # D <= 256 compilable.
     shapes.append((32, 32, 4, 1))
+    if kind != "fwd":
+        # The backward kernels hold two [32, D] tiles more than the forward: at D = 256 the 4-warp
+        # one needs 192 registers a thread for them (fp32 dQ, fp16 dK/dV) and spills; 8 warps
+        # halve that (``prune_configs`` keeps whichever fits).
+        shapes.append((32, 32, 8, 1))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
@@ -83,8 +88,45 @@ def block_d_choices() -> list[int]:
 def prune_configs(configs, kind: str, block_d: int, itemsize: int, arch: int):
     """The configs of ``configs`` that kernel ``kind`` may run at ``BLOCK_D`` and element size
     ``itemsize`` on compute capability ``arch`` (major * 10 + minor). Pure: the autotuner's
-    early_config_prune calls it with the GPU's, scripts/check_gpu_compile.py with each arch."""
-    return list(configs)
+    early_config_prune calls it with the GPU's, scripts/check_gpu_compile.py with each arch.
+
+    A config is kept when the tiles it holds across its loop fit a thread's registers and its
+    tiles fit the arch's shared memory (``gpu_footprint``); compiled for sm_80 / sm_90
+    (scripts/check_gpu_compile.py --with-pruned), the dropped ones spill registers or overflow
+    shared memory, and the unpipelined 32 x 32 config keeps every D <= 256 compilable."""
+    smem = SMEM_BYTES.get(arch, min(SMEM_BYTES.values()))
+    kept = []
+    for c in configs:
+        regs, shared = gpu_footprint(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
+                                     itemsize, c.num_warps, c.num_stages)
+        if regs <= HELD_REGS and shared <= smem:
+            kept.append(c)
+    return kept
+
+
+SMEM_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+"""Shared memory a block may use per compute capability (sm_86 / sm_89 / sm_120 have 99 KB)."""
+HELD_REGS = 128
+"""Registers a thread may spend on the tiles a program holds across its loop (accumulators and
+resident operands); the rest of the 255 go to the streamed tiles, scores and addresses."""
+
+
+def gpu_footprint(kind: str, bm: int, bn: int, block_d: int, itemsize: int, warps: int,
+                  stages: int) -> tuple[int, int]:
+    """(registers a thread holds across the loop, shared bytes of the streamed and resident
+    tiles) of kernel ``kind``: fwd holds q and the fp32 o accumulator (BLOCK_M rows) and streams
+    k, v; dK/dV holds k, v and two fp32 accumulators (BLOCK_N rows) and streams q, dO; dQ holds
+    q, dO and one accumulator (BLOCK_M rows) and streams k, v."""
+    threads = 32 * warps
+    if kind == "fwd":
+        held_rows, held_bytes, streamed_rows, resident = bm, 4 + itemsize, bn, 1
+    elif kind == "dkdv":
+        held_rows, held_bytes, streamed_rows, resident = bn, 2 * (4 + itemsize), bm, 2
+    else:
+        held_rows, held_bytes, streamed_rows, resident = bm, 4 + 2 * itemsize, bn, 2
+    regs = held_rows * block_d * held_bytes // (4 * threads)
+    shared = (max(stages, 1) * 2 * streamed_rows + resident * held_rows) * block_d * itemsize
+    return regs, shared
 
 
 def _early_prune(kind: str):
