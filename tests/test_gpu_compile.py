@@ -94,8 +94,8 @@ def test_full_sweep_compiles_for_sm80_sm90(backend, tmp_path):
 
 
 def test_oversized_config_is_reported_failing(backend, tmp_path):
-    """The checker can fail: a contrastive forward with 256 x 256 tiles at 4 warps needs more
-    shared memory than sm_80 has and spills, and the script says so and exits 1."""
+    """The checker can fail: a contrastive forward pipelining 4 stages of 64 x 256 fp16 operand
+    tiles needs ~256 KB of shared memory, more than sm_80 gives a block."""
     code = f"""
 import sys, dataclasses, json
 sys.path.insert(0, {str(ROOT / 'scripts')!r})
@@ -103,15 +103,16 @@ import check_gpu_compile as g
 c = [c for c in g.all_cases([80], ['_fwd_kernel'])
      if c.dtype == 'fp16' and 'd768' in c.config and 'teacher' not in c.config
      and 'neg' not in c.config][0]
-ce = dict(c.constexprs, BLOCK_R=256, BLOCK_C=256, BLOCK_K=128)
+ce = dict(c.constexprs, BLOCK_R=64, BLOCK_C=64, BLOCK_K=256)
 r = g.compile_case(dataclasses.replace(c, constexprs=ce, num_warps=4, num_stages=4))
 print(json.dumps(r))
 """
     p = _py(code)
     assert p.returncode == 0, p.stderr[-4000:]
     row = json.loads(p.stdout.strip().splitlines()[-1])
-    assert row["verdict"] == "FAIL"
-    assert not row["compiled"] or row["shared"] > 166912 or row["spills"] > 0
+    assert row["verdict"] == "FAIL", row
+    assert row["compiled"] and row["shared"] > 166912, row
+    assert "shared" in row["problems"], row
 
 
 def test_attention_pruning_is_what_the_autotuner_uses():
