@@ -317,8 +317,15 @@ __global__ void delta_kernel(const T* __restrict__ dout, const T* __restrict__ o
 
 // One block per 16*WARPS keys; streams TILE queries at a time. Computes transposed tiles
 // (keys x queries) so each warp's dK/dV rows are its own.
+// minBlocksPerSM = 1: shared memory already bounds this kernel's occupancy (43.4 to 115.4 KB per
+// block, plus 1 KB reserved: on sm_80 1 block per SM, 2 for fp32 DP 64, 3 for fp32 DP 32; on
+// sm_90 1-2 for fp16/bf16, 1-5 for fp32), while its registers, even at 152 per thread, would
+// allow 4 or more. Without the bound ptxas (nvcc 13.0) aimed for a higher occupancy on sm_90 and
+// spilled loop invariants (shared-memory addresses; the Philox round keys, hoisted, take ~20
+// registers) inside the query-tile loop: fp16 DP 128 96 registers / 20 B spilled, fp16 DP 96
+// 80 / 4 B, fp32 DP 32, 96, 128 56-64 / 4 B. With it: 79-152 registers on both archs, no spills.
 template <typename T, int DP, int WARPS, int TILE>
-__global__ void __launch_bounds__(32 * WARPS)
+__global__ void __launch_bounds__(32 * WARPS, 1)
     dkdv_kernel(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
                 const T* __restrict__ v, const float* __restrict__ lse,
                 const float* __restrict__ delta, const uint8_t* __restrict__ mask,
