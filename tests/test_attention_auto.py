@@ -1,7 +1,8 @@
 """attention ``auto``: one pick per shape class, measured on the first call of the class.
 
-On CPU the measuring logic runs on CPU tensors (``_MEASURED_DEVICE_TYPES`` patched to include
-"cpu") with real timings of cheap backends, or with an injected timer and candidate list, so the
+On CPU the measuring logic (r2d2/kernels/autotune.py, attention's classes in
+attention/tuning.py) runs on CPU tensors (the tuning's ``device_types`` patched to include "cpu")
+with real timings of cheap backends, or with an injected timer and candidate list, so the
 selection, the per-class cache, the no_grad/inference_mode handling, failure reporting and the
 INFO log line are all checked without a GPU. The GPU test checks that every class is really
 measured there, with every runnable candidate running.
@@ -14,8 +15,15 @@ import importlib
 import pytest
 import torch
 
-from r2d2.kernels import attention, attention_ref
-from r2d2.kernels.dispatch import auto_backend, triton_importable
+from r2d2.kernels import attention, attention_ref, autotune, state_dict
+from r2d2.kernels.attention.tuning import MAX_SCORES, call_probe, class_key, class_str
+from r2d2.kernels.dispatch import (
+    auto_backend,
+    load_state_dict,
+    resolve,
+    triton_importable,
+    why_unavailable,
+)
 
 # The module, not the function r2d2.kernels.attention that shadows it as a package attribute.
 attn_mod = importlib.import_module("r2d2.kernels.attention")
@@ -49,7 +57,7 @@ def test_auto_on_cpu_is_sdpa_not_interpreter():
 @pytest.fixture
 def auto_on_cpu(monkeypatch):
     """auto's CUDA logic (measure per class) on CPU tensors, with no picks before or after."""
-    monkeypatch.setattr(attn_mod, "_MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(attn_mod.TUNING, "device_types", ("cuda", "cpu"))
     monkeypatch.delenv("R2D2_ATTENTION_AUTO", raising=False)
     attn_mod.auto_timings_clear()
     yield
@@ -60,20 +68,20 @@ def auto_on_cpu(monkeypatch):
 def test_auto_real_timing_works_in_eval_and_inference_mode(auto_on_cpu, monkeypatch):
     # The old defect: the first auto call of a device came from an eval loop, the fwd+bwd timing
     # raised under no_grad for every candidate and "none" was cached for good.
-    monkeypatch.setattr(attn_mod, "_AUTO_CANDIDATES", ("eager", "sdpa"))
-    monkeypatch.setattr(attn_mod, "_AUTO_WARMUP", 0)  # CPU bf16 is slow: one timed call each
-    monkeypatch.setattr(attn_mod, "_AUTO_REPS", (1, 1))
+    monkeypatch.setattr(attn_mod.TUNING, "candidates", ("eager", "sdpa"))
+    monkeypatch.setattr(autotune, "WARMUP", 0)  # CPU bf16 is slow: one timed call each
+    monkeypatch.setattr(autotune, "REPS", (1, 1))
     q, k, v, m = (x.detach() for x in _inputs(2, 2, 7, 19, 32, mask="lengths"))
     rng = torch.get_rng_state()
     with torch.inference_mode():
-        ref = attn_mod._auto_pick(torch.device("cpu"))  # the fwd+bwd reference class
+        ref = auto_backend("attention", "cpu")  # the fwd+bwd reference class
         m = m.clone()  # an inference-mode mask, as an eval loop's would be
         out = attention(q, k, v, key_padding_mask=m)  # a forward-only class
-        probe = attn_mod._call_probe(q, k, m, 0.1, grad=True)  # holds an inference-mode mask
+        probe = call_probe(q, k, m, 0.1, grad=True)  # holds an inference-mode mask
         # The fused backends save the mask for backward (an inference tensor refuses that).
-        assert attn_mod._time_backend("triton", probe) > 0  # dropout + backward, in inference
+        assert attn_mod.TUNING.time("triton", probe) > 0  # dropout + backward, in inference
     with torch.no_grad():
-        assert attn_mod._time_backend("sdpa", probe) > 0
+        assert attn_mod.TUNING.time("sdpa", probe) > 0
     assert torch.equal(torch.get_rng_state(), rng)  # measuring draws nothing from the caller
     torch.testing.assert_close(out, attention_ref(q, k, v, m), **FP32_TOL)
     picks = attn_mod.auto_picks()
@@ -97,8 +105,8 @@ def test_auto_picks_the_fastest_injected_candidate_per_class(auto_on_cpu, monkey
         calls.append((b, probe.Lq, probe.grad))
         return fake_ms[(probe.mask is not None, probe.grad)][b]
 
-    monkeypatch.setattr(attn_mod, "_AUTO_CANDIDATES", ("triton", "sdpa", "eager"))
-    monkeypatch.setattr(attn_mod, "_time_backend", timer)
+    monkeypatch.setattr(attn_mod.TUNING, "candidates", ("triton", "sdpa", "eager"))
+    monkeypatch.setattr(attn_mod.TUNING, "time", timer)
     ran = []
     for name in ("attention_sdpa", "attention_ref", "_fused"):
         real = getattr(attn_mod, name)
@@ -141,8 +149,8 @@ def test_auto_failing_candidate_is_reported_never_cached_as_none(auto_on_cpu, mo
             raise RuntimeError(f"{b} kernel refused")
         return {"sdpa": 1.0, "eager": 2.0}[b]
 
-    monkeypatch.setattr(attn_mod, "_AUTO_CANDIDATES", ("sdpa", "eager"))
-    monkeypatch.setattr(attn_mod, "_time_backend", timer)
+    monkeypatch.setattr(attn_mod.TUNING, "candidates", ("sdpa", "eager"))
+    monkeypatch.setattr(attn_mod.TUNING, "time", timer)
     q, k, v, m = _inputs(2, 2, 5, 7, 8)
     caplog.set_level("INFO", logger="r2d2.kernels")
     attention(q, k, v, key_padding_mask=m)
@@ -161,7 +169,7 @@ def test_auto_failing_candidate_is_reported_never_cached_as_none(auto_on_cpu, mo
 
 
 def test_auto_env_override_and_bounded_measurement(auto_on_cpu, monkeypatch):
-    monkeypatch.setattr(attn_mod, "_time_backend", lambda b, probe: pytest.fail("measured"))
+    monkeypatch.setattr(attn_mod.TUNING, "time", lambda b, probe: pytest.fail("measured"))
     q, k, v, m = _inputs(2, 2, 5, 7, 8)
     monkeypatch.setenv("R2D2_ATTENTION_AUTO", "eager")
     attention(q, k, v, key_padding_mask=m)
@@ -173,9 +181,9 @@ def test_auto_env_override_and_bounded_measurement(auto_on_cpu, monkeypatch):
     # The timed shape: the caller's Lq/Lk/D/H and mask rows, B cut to a bounded number of scores.
     qm = torch.empty(256, 12, 257, 64, device="meta")
     mm = torch.ones(256, 257, dtype=torch.bool)
-    probe = attn_mod._call_probe(qm, qm, mm, 0.0, grad=True)
+    probe = call_probe(qm, qm, mm, 0.0, grad=True)
     assert (probe.H, probe.Lq, probe.Lk, probe.D) == (12, 257, 257, 64)
-    assert 1 <= probe.B and probe.B * 12 * 257 * 257 <= attn_mod._AUTO_MAX_SCORES
+    assert 1 <= probe.B and probe.B * 12 * 257 * 257 <= MAX_SCORES
     assert probe.mask.shape == (probe.B, 257)
 
 
@@ -183,8 +191,6 @@ def test_auto_env_override_and_bounded_measurement(auto_on_cpu, monkeypatch):
 def test_gpu_auto_measures_each_class_and_every_candidate_runs():
     # Passes only if each class was really measured (no fallback), every runnable candidate ran
     # without error (an eval-mode first call included) and the fastest was kept.
-    from r2d2.kernels.dispatch import why_unavailable
-
     attn_mod.auto_timings_clear()
     try:
         with torch.inference_mode():  # the old defect: a fwd+bwd class first timed in eval
@@ -198,7 +204,7 @@ def test_gpu_auto_measures_each_class_and_every_candidate_runs():
         attention(qi, qi, qi).sum().backward()
         picks = attn_mod.auto_picks()
         assert len(picks) == 3, list(picks)
-        runnable = {b for b in attn_mod._AUTO_CANDIDATES
+        runnable = {b for b in attn_mod.TUNING.candidates
                     if why_unavailable("attention", b, "cuda") is None}
         assert {"triton", "sdpa"} <= runnable
         for name, p in picks.items():
@@ -242,16 +248,17 @@ def test_scale_refuses_a_bool():
 
 
 def _fake_pick(backend, Lq=64, dtype=torch.float32, masked=True, source="measured"):
-    key = attn_mod._class_key(torch.device("cpu"), dtype, Lq, Lq, 64, masked, False, True)
-    attn_mod._PICKS[key] = attn_mod.AutoPick(backend, {backend: 1.0}, {}, {}, "", source)
-    return attn_mod._class_str(key)
+    key = class_key(torch.device("cpu"), dtype, Lq, Lq, 64, masked, False, True)
+    autotune.remember("attention", key, autotune.AutoPick(backend, {backend: 1.0}, {}, {}, "",
+                                                          source))
+    return class_str(key)
 
 
 def test_picks_travel_through_export_and_load(auto_on_cpu, monkeypatch):
     a = _fake_pick("eager", Lq=64)
     b = _fake_pick("sdpa", Lq=256, masked=False)
     _fake_pick("eager", Lq=512, source="R2D2_ATTENTION_AUTO")  # the environment's, not saved
-    saved = attn_mod.export_picks()
+    saved = state_dict()["attention"]
     assert [(p["lq"], p["backend"]) for p in saved] == [(64, "eager"), (256, "sdpa")]
     import json
 
@@ -262,18 +269,18 @@ def test_picks_travel_through_export_and_load(auto_on_cpu, monkeypatch):
     attn_mod.auto_timings_clear()
     c = _fake_pick("sdpa", Lq=64)  # already picked here: kept
     assert c == a
-    xformers_ok = attn_mod.why_unavailable("attention", "xformers", "cpu") is None
-    assert attn_mod.load_picks(saved, "cpu") == 1 + xformers_ok
+    xformers_ok = why_unavailable("attention", "xformers", "cpu") is None
+    assert load_state_dict({"attention": saved}, "cpu") == 1 + xformers_ok
     picks = attn_mod.auto_picks()
     assert picks[a].backend == "sdpa" and picks[a].source == "measured"
     assert picks[b].backend == "sdpa" and picks[b].source == "checkpoint"
     # a restored pick is what auto runs for that class, with no measurement
-    monkeypatch.setattr(attn_mod, "_time_backend", lambda b, probe: pytest.fail("measured"))
+    monkeypatch.setattr(attn_mod.TUNING, "time", lambda b, probe: pytest.fail("measured"))
     q, k, v, _ = _inputs(2, 2, 200, 200, 64, mask=None)
-    assert attn_mod._auto_for_call(q, k, v, None, 0.0) == "sdpa"
+    assert resolve("attention", "auto", q.device, call=(q, k, v, None, 0.0)) == "sdpa"
     attn_mod.auto_timings_clear()
     monkeypatch.setenv("R2D2_ATTENTION_AUTO", "eager")
-    assert attn_mod.load_picks(saved, "cpu") == 0  # the environment decides
+    assert load_state_dict({"attention": saved}, "cpu") == 0  # the environment decides
 
 
 @pytest.fixture
@@ -293,7 +300,7 @@ def test_resumed_run_takes_the_picks_of_its_checkpoint(clean_picks, tmp_path, ca
     from r2d2.cli.train import pretrain
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = ["--config", os.path.join(root, "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
+    args = ["--config", os.path.join(root, "r2d2", "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
             "--train.checkpoint_every=1", "--data.batch_size=4", "--data.synthetic_size=16",
             "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
             "--train.eval_at_end=false"]

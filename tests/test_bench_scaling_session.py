@@ -78,7 +78,7 @@ def _count_worker(rank, world, port, out_dir):
     import torch.nn.functional as F
 
     from r2d2.kernels import contrastive as C
-    from r2d2.kernels import contrastive_dist as CD
+    from r2d2.kernels.contrastive import distributed as CD
     from r2d2.kernels.dispatch import why_unavailable
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

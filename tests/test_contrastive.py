@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from r2d2.kernels import contrastive as C
+from r2d2.kernels.contrastive import reference as CR
 from r2d2.kernels.dispatch import BackendUnavailable, why_unavailable
 
 HAS_CUDA = torch.cuda.is_available()
@@ -53,7 +54,8 @@ def _inputs(b, d, *, ids, alpha, scale, dtype=torch.float32, device=DEV):
 
 
 def _fused(img, txt, s, kw, tiles, *, neg=False, seed=0, kern=None):
-    from r2d2.kernels import contrastive_dist, contrastive_triton
+    from r2d2.kernels import contrastive_triton
+    from r2d2.kernels.contrastive import distributed as contrastive_dist
 
     keys = (C.seed_key(seed, 0), C.seed_key(seed, 1)) if neg else (0, 0)
     return contrastive_dist.fused_contrastive(
@@ -114,7 +116,7 @@ def test_grid_plans_and_poisoned_buffers(programs, budget, monkeypatch):
     """Every program count / column split / backward split (a tiny budget forces one slot and
     many column splits) gives the reference, with every buffer the kernels must write starting
     as NaN; d = 40 > block_d exercises the chunked gradient read-modify-write."""
-    from r2d2.kernels import contrastive_dist
+    from r2d2.kernels.contrastive import distributed as contrastive_dist
 
     monkeypatch.setattr(contrastive_dist, "POISON", True)
     img, txt, s, kw = _inputs(45, 40, ids="repeated", alpha=0.4, scale=50.0)
@@ -134,7 +136,8 @@ def test_grid_plans_and_poisoned_buffers(programs, budget, monkeypatch):
 def test_split_columns_merge_to_one_pass(monkeypatch):
     """Feeding the columns in blocks (what a ring hop does) and merging the states gives the
     state of one pass; rows and columns both checked against torch, buffers poisoned."""
-    from r2d2.kernels import contrastive_dist as CD, contrastive_triton as K
+    from r2d2.kernels import contrastive_triton as K
+    from r2d2.kernels.contrastive import distributed as CD
 
     monkeypatch.setattr(CD, "POISON", True)
     b, n, d = 37, 45, 16
@@ -179,7 +182,8 @@ def test_split_columns_merge_to_one_pass(monkeypatch):
 def test_alpha_zero_weights_the_teacher_out_in_the_kernels():
     """The kernels given teacher features with alpha = 0 compute the teacher statistics and must
     weight them out: loss and gradients equal the no-teacher ones (and differ at alpha = 0.4)."""
-    from r2d2.kernels import contrastive_dist as CD, contrastive_triton as K
+    from r2d2.kernels import contrastive_triton as K
+    from r2d2.kernels.contrastive import distributed as CD
 
     img, txt, s, kw = _inputs(19, 16, ids="repeated", alpha=0.4, scale=20.0)
 
@@ -260,7 +264,8 @@ def test_sampler_law_is_softmax_without_same_ids(backend, direction):
                                        seed=123, stream=0 if direction == "i2t" else 1)
         assert _chi_square_pvalue(draws, probs) > 1e-3
         return
-    from r2d2.kernels import contrastive_dist as CD, contrastive_triton as K
+    from r2d2.kernels import contrastive_triton as K
+    from r2d2.kernels.contrastive import distributed as CD
 
     # Unit vectors with q . k = logit (scale 1): the R copies are the images (i2t: each draws a
     # text) or the texts (t2i: each text draws an image).
@@ -297,8 +302,8 @@ def test_gumbel_noise_is_finite_at_the_extreme_hashes():
     assert float((2**24 - 1) + 0.5) == 2**24 - 0.5 and torch.tensor(2**24 - 0.5).item() == 2**24, \
         "the fp32 rounding the old formula hit"
     for (row, col), k in ((_TOP, 2**24 - 1), (_BOTTOM, 0)):
-        h = C._mix32((C._mix32(torch.tensor([[row]]) ^ _KEY) + C._mul32(torch.tensor([[col]]),
-                                                                         C._GOLD)) & C._U32)
+        h = CR._mix32((CR._mix32(torch.tensor([[row]]) ^ _KEY) + CR._mul32(torch.tensor([[col]]),
+                                                                         CR._GOLD)) & CR._U32)
         assert int(h >> 8) == k
         noise = C.gumbel_noise(_KEY, torch.tensor([row]), torch.tensor([col]))
         assert torch.isfinite(noise).all() and -2.9 < noise.item() < 17.4
@@ -392,8 +397,8 @@ def test_partial_statistics_stay_linear_in_b_plus_n(programs, block_r):
     MAX_SLOTS, not by the row-block count, so they are O(b + n) and far below one 16-bit b x n
     matrix at every size (the CUDA plan, with its 16-row blocks, used to reach R = b / 16: more
     bytes than the logits it avoids at b = B = 4096). The plan needs no GPU to check."""
-    from r2d2.kernels import contrastive_dist
-    from r2d2.kernels.contrastive_cuda import Geometry
+    from r2d2.kernels.contrastive import distributed as contrastive_dist
+    from r2d2.kernels.contrastive.cuda import Geometry
 
     geo = Geometry(programs, 256 << 20, block_r=block_r)
     per = 4 * contrastive_dist.nfields(True, True) + 4
@@ -487,7 +492,8 @@ def test_gpu_cuda_equals_triton_on_plans(monkeypatch):
     """The CUDA kernels on several grids (programs 1 / 5 / default, a tiny budget) against
     Triton's, fp32: same loss, gradients, negatives; buffers poisoned (every slot must be written)."""
     _gpu_backend("cuda")
-    from r2d2.kernels import contrastive_cuda as KC, contrastive_dist as CD, contrastive_triton as KT
+    from r2d2.kernels import contrastive_triton as KT
+    from r2d2.kernels.contrastive import cuda as KC, distributed as CD
 
     img, txt, s, kw = _inputs(333, 200, ids="repeated", alpha=0.4, scale=30.0, device="cuda")
     base = _fused(img, txt, s, kw, KT.Tiles(), neg=True, seed=2)
@@ -506,7 +512,7 @@ def test_gpu_cuda_equals_triton_on_plans(monkeypatch):
 def test_gpu_cuda_ops_opcheck():
     """Schemas (mutation annotations), fake functions and dispatch of the compiled ops."""
     _gpu_backend("cuda")
-    from r2d2.kernels import contrastive_dist as CD
+    from r2d2.kernels.contrastive import distributed as CD
 
     b, n, d = 21, 70, 40
     dev = "cuda"
@@ -539,11 +545,11 @@ def test_merges_of_blocks_equal_one_pass(backend, monkeypatch):
     """The merges a ring hop runs (init=False): row states over column blocks, and a column state
     of one half of the rows merged with the other half's, equal one pass, buffers poisoned. A
     one-process gather only merges with init=True, so nothing else reaches these paths."""
-    from r2d2.kernels import contrastive_dist as CD
+    from r2d2.kernels.contrastive import distributed as CD
 
     if backend == "cuda":
         _gpu_backend("cuda")
-        from r2d2.kernels import contrastive_cuda as K
+        from r2d2.kernels.contrastive import cuda as K
         tiles, dev, (b, n, d) = K.Tiles(programs=4), "cuda", (37, 150, 70)
     else:
         from r2d2.kernels import contrastive_triton as K

@@ -15,29 +15,34 @@ runs only under the interpreter, for tests). Each pick is logged once per (op, d
 INFO on the ``r2d2.kernels`` logger: the ``r2d2`` command shows it on stderr; a library user sees
 it after configuring logging (``logging.basicConfig(level=logging.INFO)``).
 
+An op whose ``OpSpec`` has a ``tuning`` (attention) instead measures its candidates per shape
+class on the device types the tuning names: its functional form passes its arguments as
+``resolve(..., call=...)`` and autotune.py picks (and logs each class's pick).
+
 A requested backend that cannot run raises ``BackendUnavailable`` naming why.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
-import os
-from dataclasses import dataclass, field, fields
-from typing import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
 from r2d2 import _ext
+from r2d2.kernels import autotune
+from r2d2.kernels.common import (  # BackendUnavailable, triton_interpret: re-exported
+    BackendUnavailable,
+    concrete_device,
+    triton_importable,
+    triton_interpret,
+    xformers_importable,
+)
 
 log = logging.getLogger("r2d2.kernels")
 
 BACKENDS = ("auto", "eager", "triton", "cuda", "cpp", "sdpa", "xformers")
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend was requested explicitly but cannot run here."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,8 @@ class OpSpec:
     ext_op: str | None = None          # torch.ops.r2d2.<ext_op> for cuda/cpp
     auto_cuda: tuple[str, ...] = ("cuda", "triton", "eager")
     auto_cpu: tuple[str, ...] = ("cpp", "eager")
-    # Optional override for auto on a device (attention: the pick of its reference class;
-    # attention() itself picks per shape class, see attention.py).
-    auto_fn: Callable[[torch.device], str | None] | None = None
+    # Measured auto (autotune.py) on the device types it names, instead of the orders above.
+    tuning: autotune.Tuning | None = None
 
 
 _REGISTRY: dict[str, OpSpec] = {}
@@ -57,28 +61,15 @@ _REGISTRY: dict[str, OpSpec] = {}
 
 def register_op(spec: OpSpec) -> OpSpec:
     _REGISTRY[spec.name] = spec
+    if spec.tuning is not None:
+        autotune.register(spec.name, spec.tuning)
     return spec
 
 
 def registered_ops() -> dict[str, OpSpec]:
-    # Importing the op modules registers them.
-    import r2d2.kernels  # noqa: F401
-
+    # Complete whenever this module can be imported: importing r2d2.kernels.dispatch runs
+    # r2d2/kernels/__init__.py first, which imports (and so registers) every op package.
     return dict(_REGISTRY)
-
-
-@functools.lru_cache(maxsize=None)
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def xformers_importable() -> bool:
-    return importlib.util.find_spec("xformers") is not None
 
 
 def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | None:
@@ -135,13 +126,25 @@ def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | 
 _announced: set[tuple[str, str, str]] = set()
 
 
+def _why(op: str) -> autotune.Why:
+    return functools.partial(why_unavailable, op)
+
+
+def _measured(spec: OpSpec, device: torch.device) -> bool:
+    return spec.tuning is not None and device.type in spec.tuning.device_types
+
+
 def auto_backend(op: str, device: torch.device | str) -> str:
-    """The backend ``auto`` picks for ``op`` on ``device`` (without announcing it)."""
+    """The backend ``auto`` picks for ``op`` on ``device`` (without announcing it). For an op
+    that measures on this device type it is the pick of the tuning's reference class (measured
+    now if it has not been): calls pick per their own class."""
     device = torch.device(device)
     spec = _REGISTRY[op]
-    if spec.auto_fn is not None:
-        pick = spec.auto_fn(device)
-        if pick is not None and why_unavailable(op, pick, device) is None:
+    if _measured(spec, device):
+        key = spec.tuning.reference_key(concrete_device(device))
+        pick = autotune.lookup(op, key) or autotune.measure(op, spec.backends, spec.tuning, key,
+                                                              None, _why(op))
+        if why_unavailable(op, pick, device) is None:
             return pick
     order = spec.auto_cuda if device.type == "cuda" else spec.auto_cpu
     for b in order:
@@ -150,10 +153,22 @@ def auto_backend(op: str, device: torch.device | str) -> str:
     return "eager"
 
 
-def resolve(op: str, backend: str, device: torch.device | str) -> str:
-    """Turn a requested backend into the one that will run, or raise BackendUnavailable."""
+def resolve(op: str, backend: str, device: torch.device | str, call: tuple | None = None) -> str:
+    """Turn a requested backend into the one that will run, or raise BackendUnavailable.
+
+    ``call``: the op's arguments, for an op whose ``auto`` measures per shape class (its
+    ``Tuning.class_key`` files them under a class; autotune.py logs each class's pick)."""
     device = torch.device(device)
     if backend == "auto":
+        spec = _REGISTRY[op]
+        if call is not None and _measured(spec, device):
+            key = spec.tuning.class_key(*call)
+            if key is None:
+                return "eager"  # nothing to compute, nothing to measure
+            hit = autotune.lookup(op, key)
+            if hit is not None:
+                return hit
+            return autotune.measure(op, spec.backends, spec.tuning, key, call, _why(op))
         pick = auto_backend(op, device)
         key = (op, device.type, pick)
         if key not in _announced:
@@ -192,3 +207,35 @@ def describe(device: torch.device | str) -> dict[str, dict[str, str]]:
         row["auto"] = auto_backend(name, device)
         out[name] = row
     return out
+
+
+def state_dict() -> dict[str, list[dict]]:
+    """The kernels' process state worth keeping across a resume: for each op that measures its
+    ``auto`` picks, the picks made so far (JSON-able records, ``autotune.export``)."""
+    return {name: autotune.export(name, spec.tuning)
+            for name, spec in sorted(_REGISTRY.items()) if spec.tuning is not None}
+
+
+def load_state_dict(state: dict | list | None, device: torch.device | str | None = None) -> int:
+    """Take a :func:`state_dict` of an earlier run of the same job. ``device``: take only the
+    records of its device type, for it; None: every record whose device type this process has
+    (CPU; CUDA when available, on the current device). A bare list is the attention picks of a
+    checkpoint written before the state was keyed by op. Returns how many picks were taken."""
+    if not state:
+        return 0
+    if isinstance(state, list):
+        state = {"attention": state}
+    taken = 0
+    for op, records in state.items():
+        spec = _REGISTRY.get(op)
+        if spec is None or spec.tuning is None or not isinstance(records, list):
+            continue
+        if device is not None:
+            devices = [concrete_device(device)]
+        else:
+            types = {r.get("device") for r in records if isinstance(r, dict)}
+            devices = [concrete_device(t) for t in sorted(types & {"cpu", "cuda"})
+                       if t != "cuda" or torch.cuda.is_available()]
+        for dev in devices:
+            taken += autotune.load(op, spec.backends, spec.tuning, records, dev, _why(op))
+    return taken

@@ -1,6 +1,6 @@
 """GCPR contrastive loss, CUDA launcher: the kernel API of contrastive_triton.py (``geometry``,
 ``launch_fwd``, ``launch_merge``, ``launch_bwd_rows``, ``launch_bwd_cols``; see
-contrastive_dist.py) over the compiled ops ``torch.ops.r2d2.contrastive_{fwd, merge, bwd_rows,
+distributed.py) over the compiled ops ``torch.ops.r2d2.contrastive_{fwd, merge, bwd_rows,
 bwd_cols}`` (csrc/contrastive/), so the autograd and the gather / ring drivers serve both
 backends. Same design as the Triton kernels (one pass over the tiles for both directions, private
 column-partial slots merged afterwards, two backward kernels), on CUDA cores with fp32 math: the

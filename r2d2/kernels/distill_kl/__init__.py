@@ -10,15 +10,16 @@ For logits ``[..., C]`` (rows = every leading position), with ``a = student/T``,
 The ``T^2`` factor keeps gradient magnitudes independent of T (Hinton et al., 2015). The teacher
 is a constant: it receives no gradient (its logits come from the EMA teacher under no_grad).
 
-Backends (see dispatch.py): ``eager`` is ``distill_kl_ref`` (fp32 math, the spec and test oracle);
-``triton`` (distill_kl_triton.py), ``cuda`` and ``cpp`` (r2d2._C, csrc/distill_kl/) stream each row
-once with online max/sum for both distributions and, when the student needs a gradient, write
-``d row_loss / d student = T * (q - p)`` during the forward (from registers for rows that fit one
-tile; wider rows are read a second time, see the kernel files). Backward is then one scale by
-``grad_output`` (times ``1/rows`` for batchmean, per row for ``"none"``), computed in fp32 and
-rounded to the student's dtype (the Liger-Kernel recipe). The saved gradient is fp32 for fp32 and
-fp16 students (one rounding in all), bf16 for bf16 students (bf16 has fp32's range, so nothing
-underflows; it is rounded when saved and again after the scale: two bf16 roundings).
+Backends (see dispatch.py): ``eager`` is ``distill_kl_ref`` (reference.py; fp32 math, the spec and
+test oracle); ``triton`` (distill_kl_triton.py), ``cuda`` and ``cpp`` (cuda.py over r2d2._C,
+csrc/distill_kl/) stream each row once with online max/sum for both distributions and, when the
+student needs a gradient, write ``d row_loss / d student = T * (q - p)`` during the forward (from
+registers for rows that fit one tile; wider rows are read a second time, see the kernel files).
+Backward is then one scale by ``grad_output`` (times ``1/rows`` for batchmean, per row for
+``"none"``), computed in fp32 and rounded to the student's dtype (the Liger-Kernel recipe). The
+saved gradient is fp32 for fp32 and fp16 students (one rounding in all), bf16 for bf16 students
+(bf16 has fp32's range, so nothing underflows; it is rounded when saved and again after the
+scale: two bf16 roundings).
 
 The saved gradient carries no upstream scale: a loss scale (GradScaler's 2^16) or ``1/rows`` is
 applied in backward, as eager applies it, so small elements are not flushed before the scale can
@@ -39,6 +40,9 @@ Non-finite logits, the same on every backend (eager, triton, cuda, cpp):
     row is never given a finite value. Other rows are unaffected (``"none"``); the reductions
     carry the NaN.
 
+``auto`` is cuda, then triton, then eager on CUDA tensors; eager on CPU tensors (the C++ kernel is a
+scalar correctness path for the binding, slower than eager's vectorised ops: docs/benchmarks.md).
+
 Empty inputs: the class dimension C must be >= 1 (ValueError). Zero rows (a leading dimension of
 0) are a defined empty batch on every backend: ``"none"`` returns an empty tensor shaped
 ``student_logits.shape[:-1]``, ``"sum"`` returns 0 (as torch's ``kl_div``), and ``"batchmean"``
@@ -54,24 +58,21 @@ from collections.abc import Callable
 
 import torch
 
-from r2d2 import _ext
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
+from r2d2.kernels.distill_kl import cuda as cuda_impl
+from r2d2.kernels.distill_kl.reference import (  # saved_grad_dtype: distill_kl_triton imports it
+    DTYPES,
+    REDUCTIONS,
+    distill_kl_ref,
+    reduce,
+    saved_grad_dtype,
+)
 
-REDUCTIONS = ("batchmean", "sum", "none")
-"""batchmean: mean over rows (what torch's KLDivLoss calls batchmean for 2-D inputs); sum: sum
-over rows; none: per-row values shaped like the leading dims ``student_logits.shape[:-1]``."""
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-EXT_OP = "distill_kl_fwd"
+__all__ = ["REDUCTIONS", "DistillKLLoss", "distill_kl", "distill_kl_ref", "saved_grad_dtype"]
 
 # (student [R, C], teacher [R, C], temperature, grad_scale, need_grad) -> (row_loss [R], grad)
 FwdFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool],
                  tuple[torch.Tensor, torch.Tensor]]
-
-
-def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the gradient the fused forwards write (``grad_dtype`` in csrc/distill_kl)."""
-    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _temperature(value: object) -> float:
@@ -96,37 +97,6 @@ def _temperature(value: object) -> float:
     return float(value)
 
 
-def _reduce(row_loss: torch.Tensor, reduction: str, lead_shape: torch.Size) -> torch.Tensor:
-    if reduction == "batchmean":
-        # No rows: 0 (the sum over max(rows, 1)), not mean()'s 0/0 = NaN.
-        return row_loss.mean() if row_loss.numel() else row_loss.sum()
-    if reduction == "sum":
-        return row_loss.sum()
-    return row_loss.reshape(lead_shape)
-
-
-def distill_kl_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                   temperature: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
-    """Plain-PyTorch reference in fp32 (fp64 for float64 inputs): the spec and the test oracle.
-
-    Both distributions go through log_softmax, so logits of +-1e4 stay finite; classes the teacher
-    gives zero probability contribute exactly 0 (``p log p -> 0``), not ``0 * -inf = NaN``. A
-    teacher row that is not a distribution (a NaN or +inf logit, or all -inf) has NaN
-    probabilities; they are kept, so the row's loss and gradient are NaN (module docstring).
-    """
-    cdt = torch.promote_types(student_logits.dtype, torch.float32)
-    t = float(temperature)
-    log_q = torch.log_softmax(student_logits.to(cdt) / t, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.detach().to(cdt) / t, dim=-1)
-    p = log_p.exp()
-    # Only p == 0 is dropped: a NaN p (teacher row with a NaN or +inf logit, or all -inf) must
-    # reach the sum, as it does in the fused kernels.
-    terms = torch.where(p == 0, torch.zeros((), dtype=cdt, device=student_logits.device),
-                        p * (log_p - log_q))
-    row_loss = terms.sum(-1) * (t * t)
-    return _reduce(row_loss.reshape(-1), reduction, student_logits.shape[:-1])
-
-
 def _validate(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> None:
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, torch.Tensor):
@@ -138,9 +108,9 @@ def _validate(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> N
         raise ValueError(f"distill_kl: logits need a non-empty last (class) dimension, got shape "
                          f"{tuple(student.shape)}")
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if x.dtype not in _DTYPES:
+        if x.dtype not in DTYPES:
             raise TypeError(f"distill_kl: {name} dtype {x.dtype} is not supported; expected one of "
-                            f"{[str(d) for d in _DTYPES]}")
+                            f"{[str(d) for d in DTYPES]}")
     if teacher.dtype != student.dtype:
         raise TypeError(f"distill_kl: teacher_logits dtype {teacher.dtype} must equal "
                         f"student_logits dtype {student.dtype}")
@@ -151,17 +121,15 @@ def _validate(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> N
         raise ValueError(f"distill_kl: reduction={reduction!r}; expected one of {REDUCTIONS}")
 
 
-def _fwd_ext(student, teacher, temperature, grad_scale, need_grad):
-    return torch.ops.r2d2.distill_kl_fwd(student, teacher, temperature, grad_scale, need_grad)
-
-
 def _fwd_triton(student, teacher, temperature, grad_scale, need_grad):
-    from r2d2.kernels import distill_kl_triton  # imports triton: only when this backend runs
+    # Imports triton: only when this backend runs, so the package works without triton.
+    # moved into distill_kl/triton.py after the tile work lands
+    from r2d2.kernels import distill_kl_triton as triton_impl
 
-    return distill_kl_triton.fwd(student, teacher, temperature, grad_scale, need_grad)
+    return triton_impl.fwd(student, teacher, temperature, grad_scale, need_grad)
 
 
-_FWD: dict[str, FwdFn] = {"triton": _fwd_triton, "cuda": _fwd_ext, "cpp": _fwd_ext}
+_FWD: dict[str, FwdFn] = {"triton": _fwd_triton, "cuda": cuda_impl.fwd, "cpp": cuda_impl.fwd}
 
 
 class _DistillKLFunction(torch.autograd.Function):
@@ -174,7 +142,7 @@ class _DistillKLFunction(torch.autograd.Function):
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
         ctx.student_dtype = student.dtype
-        return _reduce(row_loss, reduction, lead_shape)
+        return reduce(row_loss, reduction, lead_shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -228,7 +196,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     if torch.is_grad_enabled() and student_logits.requires_grad:
         return _DistillKLFunction.apply(student, teacher, temperature, reduction, lead_shape, fwd)
     row_loss, _ = fwd(student, teacher, temperature, 1.0, False)  # no gradient sweep
-    return _reduce(row_loss, reduction, lead_shape)
+    return reduce(row_loss, reduction, lead_shape)
 
 
 class DistillKLLoss(torch.nn.Module):
@@ -248,29 +216,7 @@ class DistillKLLoss(torch.nn.Module):
                 f"backend={self.backend!r}")
 
 
-def _register_fakes() -> None:
-    """Shape/dtype functions for the compiled ops so torch.compile (FakeTensor) can trace them."""
-    if not _ext.has_op(EXT_OP):
-        return
-
-    @torch.library.register_fake("r2d2::distill_kl_fwd")
-    def _fwd_fake(student, teacher, temperature, grad_scale=1.0, need_grad=True):
-        rows = student.numel() // student.shape[-1]
-        loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-        row_loss = student.new_empty((rows,), dtype=loss_dtype)
-        grad_dtype = saved_grad_dtype(student.dtype)
-        grad = student.new_empty(student.shape if need_grad else (0,), dtype=grad_dtype)
-        return row_loss, grad
-
-    @torch.library.register_fake("r2d2::distill_kl_fwd_out")
-    def _fwd_out_fake(student, teacher, temperature, grad_scale, row_loss, grad):
-        return None
-
-
-_register_fakes()
-
-# auto on CPU tensors is eager: the C++ kernel is a scalar correctness path for the binding
-# (no SIMD exp); one thread measured it 1.2-2.5x slower than eager's vectorised ops at 256x4096,
-# 64x32768 and 4096x1000 fp32 (2026-12-01). backend="cpp" still runs it.
+# auto on CPU tensors is eager: the C++ kernel is a scalar correctness path (no SIMD exp), slower
+# than eager's vectorised ops (docs/benchmarks.md); backend="cpp" still runs it.
 SPEC = register_op(OpSpec(name="distill_kl", backends=("eager", "triton", "cuda", "cpp"),
-                          ext_op=EXT_OP, auto_cpu=("eager",)))
+                          ext_op=cuda_impl.EXT_OP, auto_cpu=("eager",)))
