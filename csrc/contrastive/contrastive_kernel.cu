@@ -72,6 +72,28 @@ __device__ __forceinline__ float gumbel(uint32_t key, int64_t row, int64_t col) 
   return -logf(e);
 }
 
+// dst[r][j] = src[r0 + r][k0 + j] for r < ROWS, j < kChunk (zero past nrows / D), as fp32.
+// Element e = tid + it * kThreads of the row-major [ROWS, kChunk] chunk has j = tid % kChunk
+// (kThreads is a multiple of kChunk) and r = tid / kChunk + it * (kThreads / kChunk): the column
+// and its bounds test are the thread's own, so only the row advances.
+template <typename T, int ROWS>
+__device__ __forceinline__ void stage_rows(float* dst, const T* __restrict__ src, int64_t r0,
+                                           int64_t nrows, int64_t k0, int64_t D) {
+  static_assert(kThreads % kChunk == 0 && (ROWS * kChunk) % kThreads == 0, "staging layout");
+  constexpr int kStep = kThreads / kChunk;
+  const int j = threadIdx.x % kChunk;
+  const bool col_ok = k0 + j < D;
+  int64_t row = r0 + threadIdx.x / kChunk;
+  const T* p = src + row * D + k0 + j;
+  float* d = dst + (threadIdx.x / kChunk) * kPad + j;
+#pragma unroll 4
+  for (int it = 0; it < ROWS / kStep; ++it) {
+    d[it * kStep * kPad] = col_ok && row < nrows ? to_f(*p) : 0.f;
+    row += kStep;
+    p += kStep * D;
+  }
+}
+
 // acc[i] = A[a0 + r] . B[b0 + c] over the full feature dim, for idx = tid + i * kThreads,
 // r = idx / C, c = idx % C; rows past na / nb read as zeros. sA [R][kPad], sB [C][kPad]. Every
 // thread of the block must call it (it synchronises).
@@ -83,16 +105,8 @@ __device__ void sim_tile(const T* __restrict__ A, int64_t a0, int64_t na, const 
 #pragma unroll
   for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
   for (int64_t k0 = 0; k0 < D; k0 += kChunk) {
-    for (int e = tid; e < R * kChunk; e += kThreads) {
-      const int r = e / kChunk, j = e % kChunk;
-      const bool ok = a0 + r < na && k0 + j < D;
-      sA[r * kPad + j] = ok ? to_f(A[(a0 + r) * D + k0 + j]) : 0.f;
-    }
-    for (int e = tid; e < C * kChunk; e += kThreads) {
-      const int c = e / kChunk, j = e % kChunk;
-      const bool ok = b0 + c < nb && k0 + j < D;
-      sB[c * kPad + j] = ok ? to_f(B[(b0 + c) * D + k0 + j]) : 0.f;
-    }
+    stage_rows<T, R>(sA, A, a0, na, k0, D);
+    stage_rows<T, C>(sB, B, b0, nb, k0, D);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
@@ -439,8 +453,15 @@ __global__ void __launch_bounds__(kThreads) bwd_rows_kernel(BwdArgs a) {
 
 // Columns kernel: tiles of kTileCols rows x kColOwn columns; the block owns kColOwn columns and
 // streams the row tiles of its split.
+// Registers (nvcc 13.0, sm_80 / sm_90): without a minBlocks bound ptxas picked 64 registers and
+// spilled 12/8 (fp16, bf16) and 24/32 (fp32) bytes on sm_80 inside the row-tile loop; with the
+// restructuring above alone it aims for the shared-memory occupancy (25.3 KB static: 6 blocks
+// per SM on sm_80, 8 on sm_90) and spills fp32 at 40 registers, and a cap of 64 (minBlocks 4)
+// still spills 8/4 bytes for fp16. minBlocks 3 (cap 80 registers): 80 / 72 (fp16, bf16) and
+// 80 / 80 (fp32) registers, no spills, 3 blocks (24 warps) per SM, one fewer than the 64-register
+// build's 4.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_cols_kernel(BwdArgs a) {
+__global__ void __launch_bounds__(kThreads, 3) bwd_cols_kernel(BwdArgs a) {
   __shared__ float sA[kTileCols * kPad];
   __shared__ float sB[kColOwn * kPad];
   __shared__ float DL[kTileCols * kColOwn];
@@ -458,7 +479,9 @@ __global__ void __launch_bounds__(kThreads) bwd_cols_kernel(BwdArgs a) {
   float* out = a.out == nullptr ? nullptr : a.out + static_cast<int64_t>(sp) * a.n * a.D;
   // idx % kColOwn == tid % kColOwn for all four outputs (kThreads is a multiple of kColOwn), so
   // each thread's ds terms all belong to column tid % kColOwn.
-  float dsc = 0.f;
+  // The thread's ds partial lives in its own slot red[tid] (no other thread touches it before
+  // the final sum), not in a register held across the whole row-tile loop.
+  red[tid] = 0.f;
   for (int64_t rt = rt0; rt < rt1; ++rt) {
     const int64_t r0 = rt * kTileCols;
     float acc[kPer], tacc[kPer] = {0.f, 0.f, 0.f, 0.f};
@@ -473,33 +496,36 @@ __global__ void __launch_bounds__(kThreads) bwd_cols_kernel(BwdArgs a) {
       dl_terms(a, s, coef_a, acc[i], tacc[i], r0 + idx / kColOwn, c0 + idx % kColOwn, teacher,
                A, Bt);
       DL[idx] = A + Bt;
-      dsc += Bt * acc[i];
+      red[tid] += Bt * acc[i];
     }
     if (out == nullptr) continue;
     __syncthreads();
     for (int64_t d0 = 0; d0 < a.D; d0 += kChunk) {
       // Stage Q[r0 .. r0 + 63, d0 .. d0 + 63] into sA.
-      for (int e = tid; e < kTileCols * kChunk; e += kThreads) {
-        const int r = e / kChunk, j = e % kChunk;
-        const bool ok = r0 + r < a.b && d0 + j < a.D;
-        sA[r * kPad + j] = ok ? to_f(q[(r0 + r) * a.D + d0 + j]) : 0.f;
-      }
+      stage_rows<T, kTileCols>(sA, q, r0, a.b, d0, a.D);
       __syncthreads();
+      // Thread tid owns feature j = tid % kChunk of columns cl_i = tid / kChunk + i (kThreads /
+      // kChunk), i < kPer: all four share sA[r][j], loaded once per r. Each v[i] is the same
+      // in-order fmaf chain over r as a loop per output would give.
+      static_assert(kThreads % kChunk == 0, "one feature column per thread");
+      const int j = tid % kChunk, cl0 = tid / kChunk;
+      float v[kPer] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
+      for (int r = 0; r < kTileCols; ++r) {
+        const float x = sA[r * kPad + j];
+#pragma unroll
+        for (int i = 0; i < kPer; ++i)
+          v[i] = fmaf(DL[r * kColOwn + cl0 + i * (kThreads / kChunk)], x, v[i]);
+      }
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
-        const int idx = tid + i * kThreads;
-        const int cl = idx / kChunk, j = idx % kChunk;
-        float v = 0.f;
-#pragma unroll 16
-        for (int r = 0; r < kTileCols; ++r) v = fmaf(DL[r * kColOwn + cl], sA[r * kPad + j], v);
-        const int64_t c = c0 + cl, dj = d0 + j;
-        if (c < a.n && dj < a.D) out[c * a.D + dj] += s * cn * v;
+        const int64_t c = c0 + cl0 + i * (kThreads / kChunk), dj = d0 + j;
+        if (c < a.n && dj < a.D) out[c * a.D + dj] += s * cn * v[i];
       }
       __syncthreads();
     }
   }
   // Per column: the 16 threads t with t % kColOwn == c, summed in a fixed order.
-  red[tid] = dsc;
   __syncthreads();
   if (tid < kColOwn) {
     float t = 0.f;
