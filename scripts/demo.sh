@@ -16,7 +16,7 @@ if [ -f "$OUT/checkpoints/latest" ]; then
   RESUME=(--resume)
 fi
 start=$(date +%s)
-"$VENV/bin/python" -m r2d2 pretrain --config configs/tiny.yaml --out "$OUT" "${RESUME[@]}" "$@"
+"$VENV/bin/python" -m r2d2 pretrain --config tiny --out "$OUT" "${RESUME[@]}" "$@"
 echo "demo: done in $(( $(date +%s) - start )) s; run folder $OUT (log.jsonl, loss.png, tb/, model/, eval.json)"
 # The check the demo exists for: retrieval must be far above chance on pairs never trained on.
 "$VENV/bin/python" - "$OUT/eval.json" <<'PY'

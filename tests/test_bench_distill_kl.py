@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pytest` without `python -m`
-from benchmarks import bench_distill_kl as bench  # noqa: E402
+from r2d2.bench import bench_distill_kl as bench  # noqa: E402
 from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

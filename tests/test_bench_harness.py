@@ -22,10 +22,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import harness  # noqa: E402
-import report  # noqa: E402
+BENCH = ROOT / "r2d2" / "bench"  # the scripts; benchmarks/ keeps entry points at the old paths
+from r2d2.bench import harness, report  # noqa: E402
 
 
 def _row(provider, median, shape=None, mode="fwd", mem=None, **kw):
@@ -261,7 +259,7 @@ def test_plot_has_no_minor_labels(tmp_path, monkeypatch):
 def test_parser_defaults():
     args = harness.parser("x").parse_args(["--quick", "--device", "cpu"])
     assert args.quick and args.device == "cpu"
-    assert Path(args.out).parent == harness.RESULTS_DIR and args.out.endswith("_cpu.jsonl")
+    assert Path(args.out).parent == harness.results_dir() and args.out.endswith("_cpu.jsonl")
     assert harness.parser("x").parse_args(["--device", "cpu", "--no-out"]).out is None
     harness.budgets = harness.DEFAULT
 
@@ -272,7 +270,7 @@ def test_parser_defaults():
 @pytest.mark.parametrize("limit", [0, 1, 5, 16, 17, 100, 777, 1000, 4096, 5000])
 @pytest.mark.parametrize("start,cap,gran", [(16, 4096, 8), (64, 16384, 16)])
 def test_largest_batch_on_a_simulated_memory_limit(limit, start, cap, gran):
-    import bench_step
+    from r2d2.bench import bench_step
 
     probes = []
 
@@ -293,7 +291,7 @@ def test_largest_batch_on_a_simulated_memory_limit(limit, start, cap, gran):
 
 
 def test_largest_batch_stops_at_the_deadline():
-    import bench_step
+    from r2d2.bench import bench_step
 
     r = bench_step.largest_batch(lambda b: b <= 1000, start=16, cap=4096,
                                  deadline=time.monotonic() - 1)
@@ -326,7 +324,7 @@ def _fake_row(step, preset, config, batch, quick, rep_ms):
 def test_bench_step_rows_per_config_failures_and_kill(tmp_path, monkeypatch):
     """One failing configuration (a compile error, an OOM) leaves a row and the others go on;
     apex absent is a skipped row; rows are on disk before a kill interrupts the run."""
-    import bench_step
+    from r2d2.bench import bench_step
 
     class BackendCompilerFailed(RuntimeError):
         pass
@@ -359,7 +357,7 @@ def test_bench_step_rows_per_config_failures_and_kill(tmp_path, monkeypatch):
 
 
 def test_bench_step_budget_and_no_batch(monkeypatch):
-    import bench_step
+    from r2d2.bench import bench_step
 
     _FakeStep.raises = {}
     monkeypatch.setattr(bench_step, "Step", _FakeStep)
@@ -376,7 +374,7 @@ def test_bench_step_budget_and_no_batch(monkeypatch):
 
 
 def test_max_batch_rows_have_no_placeholder_timing(monkeypatch):
-    import bench_step
+    from r2d2.bench import bench_step
 
     limits = {"eager": 300, "ours": 1000}
     _FakeStep.raises = {}
@@ -398,6 +396,7 @@ def test_max_batch_rows_have_no_placeholder_timing(monkeypatch):
 def test_cli_finds_benchmarks_and_errors_clearly(tmp_path, monkeypatch, capsys):
     from r2d2.cli import bench as bench_cli
 
+    monkeypatch.delenv("R2D2_BENCHMARKS_DIR", raising=False)
     assert bench_cli.find_benchmarks_dir() == BENCH
     monkeypatch.setenv("R2D2_BENCHMARKS_DIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -458,18 +457,13 @@ def _check_kernel_rows(rows, op, providers, modes):
 
 
 def _quick(monkeypatch):
-    """QUICK budgets in both harness module objects (scripts import it as harness or
-    benchmarks.harness)."""
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import harness as pkg_harness
-
-    for h in (harness, pkg_harness):
-        monkeypatch.setattr(h, "budgets", h.QUICK)
+    """QUICK budgets in the harness the scripts use (r2d2.bench.harness)."""
+    monkeypatch.setattr(harness, "budgets", harness.QUICK)
 
 
 def test_distill_kl_script_cpu_quick(monkeypatch):
     _quick(monkeypatch)
-    import bench_distill_kl
+    from r2d2.bench import bench_distill_kl
 
     rows = bench_distill_kl.run("cpu", quick=True)
     _check_kernel_rows(rows, "distill_kl", ["eager"], ["fwd", "bwd", "fwd+bwd"])
@@ -509,7 +503,7 @@ def test_cli_step_quick_real(tmp_path):
 
     if importlib.util.find_spec("apex") is None:  # absent: a skipped row, not a missing one
         assert rows["apex"]["status"] == "skipped" and "apex" in rows["apex"]["error"]
-    import bench_step
+    from r2d2.bench import bench_step
 
     cfg = model_preset("tiny")
     frac = float(bench_step.synthetic_batch(cfg, 4, "cpu")["attention_mask"].float().mean())

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import harness  # noqa: E402
+BENCH = ROOT / "r2d2" / "bench"
+from r2d2.bench import harness  # noqa: E402
 
 
 def _row(provider, median):
@@ -30,7 +29,7 @@ def _row(provider, median):
 
 
 def test_comm_model_formulas():
-    import bench_scaling as bs
+    from r2d2.bench import bench_scaling as bs
 
     dims = dict(b=4, d=8, L=5, img_tokens=10, wv=6, wt=6, params=1000)
     assert all(v == 0 for v in bs.comm_bytes(1, **dims).values())  # one rank sends nothing
@@ -59,7 +58,7 @@ def test_comm_model_formulas():
 
 def test_docs_table_is_the_scripts_output():
     """docs/benchmarks.md carries the model's table as bench_scaling.py computes it."""
-    import bench_scaling as bs
+    from r2d2.bench import bench_scaling as bs
 
     text = bs.DOCS.read_text()
     body = text.split(bs.BEGIN, 1)[1].split(bs.END, 1)[0].strip()
@@ -133,7 +132,7 @@ def test_comm_model_matches_the_bytes_the_loss_sends(tmp_path):
     """Three gloo ranks: the model's GCPR terms equal what the contrastive loss sends."""
     import torch.multiprocessing as mp
 
-    import bench_scaling as bs
+    from r2d2.bench import bench_scaling as bs
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

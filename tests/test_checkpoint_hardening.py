@@ -20,7 +20,7 @@ from r2d2.engine.config import ConfigError, load_config
 from r2d2.engine.trainer import TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
 QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
          "--train.eval_at_end=false"]
 

@@ -12,7 +12,7 @@ from r2d2.cli.train import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # training presets (the eval_*.yaml files are `r2d2 eval` configs with their own schema)
-PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "r2d2", "configs", "*.yaml"))
                  if not os.path.basename(p).startswith("eval_"))
 
 
@@ -31,7 +31,7 @@ def test_presets_exist():
 
 def test_overrides_are_typed_and_nested():
     steps, lr = random.randint(1, 10**6), random.uniform(1e-6, 1e-2)
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [
+    cfg = load_config(os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), [
         f"--train.max_steps={steps}", "--optim.lr", f"{lr:e}", "--optim.betas=[0.8, 0.9]",
         "--train.deterministic=true", "--data.vocab=null", "--model.vision.layers=3",
         "--model.embed_dim=48", "--kernels.attention=eager"])
@@ -41,7 +41,7 @@ def test_overrides_are_typed_and_nested():
     assert cfg.train.deterministic is True and cfg.data.vocab is None
     mc = cfg.model
     assert mc.vision.layers == 3 and mc.embed_dim == 48
-    assert mc.vision.width == load_config(os.path.join(ROOT, "configs", "tiny.yaml")).model.vision.width
+    assert mc.vision.width == load_config(os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")).model.vision.width
     assert cfg.kernels.attention == "eager"
 
 
@@ -112,7 +112,7 @@ def test_missing_config_file_is_clear(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     seed = random.randint(0, 10**6)
-    cfg = load_config(os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
+    cfg = load_config(os.path.join(ROOT, "r2d2", "configs", "finetune_tiny.yaml"),
                       [f"--train.seed={seed}", "--model.text.layers=1"])
     path = str(tmp_path / "config.yaml")
     cfg.save(path)
@@ -175,7 +175,7 @@ def test_cross_section_checks_pass_for_valid_combinations():
     assert load_config(None, ["--data.format=tsv", "--data.path=a", "--data.eval_path=b.txt"]).data.eval_path
 
 
-TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
+TINY_YAML = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
 
 
 @pytest.mark.parametrize("path, fmt", [("data/train.jsonl", "jsonl"), ("ann.JSON", "jsonl"), ("a/b.tsv", "tsv"),

@@ -18,7 +18,7 @@ from r2d2.engine.observability import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
-COMMON = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"--train.max_steps={STEPS}",
+COMMON = ["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), f"--train.max_steps={STEPS}",
           "--train.log_every=1", "--train.checkpoint_every=0", "--data.batch_size=16",
           "--data.synthetic_size=256", "--logging.progress=false", "--logging.tensorboard=false",
           "--logging.plot=false", "--train.eval_at_end=false", "--distributed.backend=gloo",

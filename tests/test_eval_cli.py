@@ -18,7 +18,7 @@ from eval_stubs import load_stub_image as _load_image
 from eval_stubs import stub_tokenizer as _tokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
-CONFIGS = os.path.join(ROOT, "configs")
+CONFIGS = os.path.join(ROOT, "r2d2", "configs")
 
 
 def _stub_cli(monkeypatch, model, texts):

@@ -21,7 +21,7 @@ from r2d2.engine.model import model_preset
 from r2d2.engine.trainer import build_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "r2d2", "configs", "*.yaml"))
                  if not os.path.basename(p).startswith("eval_"))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,14 +98,14 @@ def test_objective_runs_on_a_tiny_twin(path):
 
 
 def test_prd2_preset_is_gcpr_plus_tgd():
-    cfg = load_config(os.path.join(ROOT, "configs", "prd2.yaml"))
+    cfg = load_config(os.path.join(ROOT, "r2d2", "configs", "prd2.yaml"))
     lc = cfg.loss
     assert not cfg.model.has_cross
     assert (lc.gcpr, lc.fgr, lc.mlm, lc.tgd, lc.fgd) == (True, False, False, True, False)
 
 
 def test_ablation_ladder_adds_one_term_per_row():
-    rows = [load_config(os.path.join(ROOT, "configs", f"ablation_{n}.yaml")).loss
+    rows = [load_config(os.path.join(ROOT, "r2d2", "configs", f"ablation_{n}.yaml")).loss
             for n in ("1_pre_ranking", "2_ranking", "3_tgd", "4_fgd")]
     flags = [tuple(getattr(r, t) for t in ("gcpr", "fgr", "mlm", "tgd", "fgd")) for r in rows]
     assert flags == [(True, False, False, False, False), (True, True, True, False, False),

@@ -8,7 +8,7 @@ import pytest
 
 from eval_stubs import Rec
 
-CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "r2d2", "configs")
 
 # The recipe and the held-out set; the measured margins below are for exactly these.
 RECIPE = [

@@ -16,7 +16,7 @@ from PIL import Image
 from r2d2.cli.train import finetune, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--logging.progress=false",
+TINY = ["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), "--logging.progress=false",
         "--logging.tensorboard=false", "--logging.plot=false", "--train.eval_at_end=false"]
 
 
@@ -79,7 +79,7 @@ def test_base_preset_runs_as_one_process_on_shards(tmp_path):
     env.pop("WORLD_SIZE", None)
     # the base preset with a tiny model (ViT-B + RoBERTa-base do not fit a test): ddp, webdataset,
     # 8 workers in the preset -> one worker per shard here
-    base = os.path.join(ROOT, "configs", "base.yaml")
+    base = os.path.join(ROOT, "r2d2", "configs", "base.yaml")
     r = subprocess.run([sys.executable, "-m", "r2d2", "pretrain", "--config", base, "--out", str(tmp_path / "run"),
                         "--model.preset=tiny", f"--data.path={tmp_path}/shard-0.tar", "--data.num_workers=1", "--data.batch_size=8", "--data.max_text_len=16",
                         "--train.max_steps=2", "--train.log_every=1", "--train.precision=fp32",
@@ -213,7 +213,7 @@ def test_out_that_cannot_be_written_is_one_line_before_the_model(tmp_path, capsy
 def test_demo_hint_only_when_the_presets_own_init_from_is_missing(tmp_path, capsys, monkeypatch):
     # issue 17 item 14: "run bash scripts/demo.sh first" was printed for any missing init_from
     monkeypatch.chdir(tmp_path)  # runs/demo/model (relative) does not exist here
-    ft = [a if not a.endswith("tiny.yaml") else os.path.join(ROOT, "configs", "finetune_tiny.yaml") for a in TINY]
+    ft = [a if not a.endswith("tiny.yaml") else os.path.join(ROOT, "r2d2", "configs", "finetune_tiny.yaml") for a in TINY]
     rc = finetune([*ft, "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "train.init_from='runs/demo/model': no such file" in err and "scripts/demo.sh" in err, err
@@ -229,7 +229,7 @@ def test_finetune_says_what_it_loaded_and_heads_its_eval_by_what_it_is(tmp_path,
     from r2d2.engine.model import R2D2Model, model_preset
 
     R2D2Model(model_preset("tiny")).save_pretrained(str(tmp_path / "init"))
-    ft = [a if not a.endswith("tiny.yaml") else os.path.join(ROOT, "configs", "finetune_tiny.yaml") for a in TINY[:-1]]
+    ft = [a if not a.endswith("tiny.yaml") else os.path.join(ROOT, "r2d2", "configs", "finetune_tiny.yaml") for a in TINY[:-1]]
     rc = finetune([*ft, "--out", str(tmp_path / "run"), f"--train.init_from={tmp_path / 'init'}",
                    "--train.max_steps=1", "--data.batch_size=8", "--data.synthetic_size=16",
                    "--data.synthetic_eval_size=8", "--train.checkpoint_every=0"])

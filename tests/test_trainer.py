@@ -272,7 +272,7 @@ def test_peak_table_and_mfu():
 def test_tiny_r2d2_run_loss_falls(tmp_path):
     from r2d2.cli.train import pretrain
 
-    rc = pretrain(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(tmp_path),
+    rc = pretrain(["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), "--out", str(tmp_path),
                    "--train.max_steps=24", "--train.log_every=1", "--data.batch_size=16",
                    "--optim.warmup_steps=3", "--train.checkpoint_every=12", "--logging.progress=false",
                    "--logging.tensorboard=false", "--data.synthetic_eval_size=32"])
@@ -298,7 +298,7 @@ def _cli_losses(tmp_path, name, *extra):
     from r2d2.cli.train import pretrain
 
     out = tmp_path / name
-    rc = pretrain(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(out),
+    rc = pretrain(["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), "--out", str(out),
                    "--train.max_steps=3", "--train.log_every=1", "--data.batch_size=8",
                    "--train.deterministic=true", "--train.checkpoint_every=0", *QUIET, *extra])
     assert rc == 0
@@ -320,7 +320,7 @@ def test_matching_finetune_on_labelled_jsonl(tmp_path):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
         lines.append(json.dumps({"image": f"{i}.jpg", "text": f"第{i}张图", "label": i % 2}))
     (tmp_path / "itm.jsonl").write_text("\n".join(lines))
-    rc = finetune(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
+    rc = finetune(["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
                    "--train.task=matching", "--data.format=jsonl", f"--data.path={tmp_path / 'itm.jsonl'}",
                    "--data.batch_size=4", "--train.max_steps=3", "--train.log_every=1", *QUIET])
     assert rc == 0
@@ -339,7 +339,7 @@ def test_torch_compile_gives_the_same_losses(tmp_path):
 def test_retrieval_finetune_can_freeze_the_image_encoder(tmp_path):
     # The official retrieval recipe keeps the ViT fixed: it must not move, get grads or optimizer
     # state, while the projections, text and cross encoders train.
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), QUIET + [
+    cfg = load_config(os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), QUIET + [
         "--train.task=retrieval", "--train.freeze_image_encoder=true", "--train.max_steps=3",
         "--data.batch_size=8", "--optim.warmup_steps=0", "--train.checkpoint_every=0",
         "--loss.mlm=false", "--loss.tgd=false", "--loss.fgd=false"])

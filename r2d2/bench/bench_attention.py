@@ -30,15 +30,13 @@ from __future__ import annotations
 import math
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():  # the Triton interpreter must be chosen before triton imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from benchmarks import harness  # noqa: E402
+from r2d2.bench import harness  # noqa: E402
 from r2d2.kernels import attention  # noqa: E402
 from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch as _t
@@ -45,8 +44,7 @@ if "TRITON_INTERPRET" not in os.environ:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from benchmarks import harness  # noqa: E402
+from r2d2.bench import harness  # noqa: E402
 from r2d2.kernels.contrastive import contrastive_loss, contrastive_loss_ref  # noqa: E402
 from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
 

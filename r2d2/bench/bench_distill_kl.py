@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from benchmarks import harness  # noqa: E402
+from r2d2.bench import harness  # noqa: E402
 from r2d2.kernels import distill_kl  # noqa: E402
 from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
 from r2d2.kernels.distill_kl import saved_grad_dtype  # noqa: E402

@@ -57,10 +57,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+from r2d2.bench import harness  # noqa: E402
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+DOCS = harness.REPO_ROOT / "docs" / "benchmarks.md"  # --write-docs: from a checkout only
 BEGIN, END = "<!-- comm-model:begin (bench_scaling.py --write-docs) -->", "<!-- comm-model:end -->"
 WORLDS = (8, 16, 32, 64, 128, 256, 512)
 

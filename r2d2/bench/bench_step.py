@@ -47,13 +47,11 @@ import gc
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+from r2d2.bench import harness  # noqa: E402
 
 CONFIGS = ("eager", "eager+compile", "ours", "ours+compile", "apex")
 

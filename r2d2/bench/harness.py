@@ -1,6 +1,7 @@
 """Shared benchmark harness: timing, peak memory, JSONL rows, ratios against eager, a text table.
 
-Every bench script in this directory builds its cases with it so that all rows have the same
+Every bench script in this package (``r2d2.bench``; ``benchmarks/`` at the top of the checkout keeps
+thin entry points at the old paths) builds its cases with it so that all rows have the same
 fields and the same method:
 
   * timing: ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed between reps, median and
@@ -42,8 +43,20 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The checkout this package sits in (editable install, a run from the source tree); in an installed
+# package it is site-packages, which has no benchmarks/ and no git.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def results_dir() -> Path:
+    """Where rows go by default: ``$R2D2_BENCH_RESULTS``, else the checkout's
+    ``benchmarks/results/`` when the package runs from a checkout, else ``benchmarks/results/``
+    under the current directory (an installed package)."""
+    if os.environ.get("R2D2_BENCH_RESULTS"):
+        return Path(os.environ["R2D2_BENCH_RESULTS"])
+    if (REPO_ROOT / "benchmarks").is_dir() and (REPO_ROOT / "pyproject.toml").is_file():
+        return REPO_ROOT / "benchmarks" / "results"
+    return Path.cwd() / "benchmarks" / "results"
 
 # Data-sheet HBM/GDDR bandwidth in GB/s by device-name substring (longest match wins).
 # Sources: NVIDIA H200, H100 (SXM5 / PCIe), A100 (40 / 80 GB SXM), L40S, L4, A10(G), T4, V100
@@ -139,7 +152,7 @@ def device_slug(device: str | torch.device) -> str:
 
 def default_out_path(device: str | torch.device) -> Path:
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    return RESULTS_DIR / f"{date}_{device_slug(device)}.jsonl"
+    return results_dir() / f"{date}_{device_slug(device)}.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------

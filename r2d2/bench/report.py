@@ -18,8 +18,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+from r2d2.bench import harness  # noqa: E402
 
 
 def _f(x, spec: str) -> str:

@@ -1,8 +1,9 @@
 """The ``r2d2`` command: the subcommand table and the exit-status rule; each subcommand is a
-module of this package (``train``, ``eval``, ``bench``, ``convert``, ``doctor``), thin over the
+module of this package (``train``, ``eval``, ``bench``, ``convert``, ``doctor``, ``presets``), thin over the
 engine code it drives.
 
-    r2d2 doctor                          what this machine can run
+    r2d2 doctor [--build]                what this machine can run (--build: compile r2d2._C now)
+    r2d2 presets                         the packaged presets (--config NAME or a path)
     r2d2 pretrain  --config ... [--section.field=value ...]
     r2d2 finetune  --config ... [...]
     r2d2 eval retrieval|matching|zeroshot --config ... --checkpoint ...
@@ -54,6 +55,7 @@ COMMANDS = {
     "eval": ("r2d2.cli.eval", "main", "retrieval / matching / zero-shot evaluation"),
     "bench": ("r2d2.cli.bench", "main", "kernel and training-step benchmarks"),
     "convert": ("r2d2.cli.convert", "main", "official R2D2 checkpoint -> save_pretrained folder"),
+    "presets": ("r2d2.cli.presets", "main", "list the packaged YAML presets (--config NAME)"),
 }
 
 

@@ -1,11 +1,11 @@
 """``r2d2 bench [kernels|step|scaling|all] [--quick]``: run the benchmark scripts, then the report.
 
-The scripts live in the repository's ``benchmarks/`` directory, not in the installed package
-(they are measurement tools with their own harness, not library code), so this command needs a
-checkout: it looks in ``$R2D2_BENCHMARKS_DIR``, next to the package (an editable install or a
-run from the checkout), then ``./benchmarks``. Each script runs in its own process so that one
-failing or unavailable benchmark does not lose the others' rows; all rows go to one JSONL file,
-rendered at the end by ``benchmarks/report.py`` into ``.md`` and ``.png`` beside it.
+The scripts and their harness are the package :mod:`r2d2.bench`, so this works from any install
+(``$R2D2_BENCHMARKS_DIR`` runs the scripts of another folder instead). Each script runs in its own
+process so that one failing or unavailable benchmark does not lose the others' rows; all rows go
+to one JSONL file (default ``benchmarks/results/<date>_<device>.jsonl`` of the checkout, or of
+the current directory for an installed package: :func:`r2d2.bench.harness.results_dir`),
+rendered at the end by ``report.py`` into ``.md`` and ``.png`` beside it.
 """
 
 from __future__ import annotations
@@ -29,20 +29,16 @@ SUITES["all"] = SUITES["kernels"] + SUITES["step"] + SUITES["scaling"]
 
 
 def find_benchmarks_dir() -> Path:
-    """The checkout's ``benchmarks/`` (with ``harness.py``); FileNotFoundError saying where it looked."""
-    import r2d2
-
-    candidates = []
+    """The folder of the bench scripts: ``$R2D2_BENCHMARKS_DIR`` when set, else the package
+    ``r2d2.bench``; FileNotFoundError when the one asked for has no ``harness.py``."""
     if os.environ.get("R2D2_BENCHMARKS_DIR"):
-        candidates.append(Path(os.environ["R2D2_BENCHMARKS_DIR"]))
-    candidates += [Path(r2d2.__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
-    for c in candidates:
-        if (c / "harness.py").is_file():
-            return c
-    raise FileNotFoundError(
-        "r2d2 bench needs the repository's benchmarks/ directory (it is not part of the installed "
-        "package); looked in: " + ", ".join(str(c) for c in candidates)
-        + ". Run from a checkout of r2d2-engine or set R2D2_BENCHMARKS_DIR.")
+        c = Path(os.environ["R2D2_BENCHMARKS_DIR"])
+        if not (c / "harness.py").is_file():
+            raise FileNotFoundError(f"R2D2_BENCHMARKS_DIR={c}: no harness.py there")
+        return c
+    import r2d2.bench
+
+    return Path(r2d2.bench.__file__).resolve().parent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,15 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="small sizes; a CPU run takes minutes")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="default: cuda when available")
-    ap.add_argument("--out", default=None, help="JSONL for every script's rows "
-                                                "(default benchmarks/results/<date>_<device>.jsonl)")
+    ap.add_argument("--out", default=None, help="JSONL for every script's rows (default "
+                                                "benchmarks/results/<date>_<device>.jsonl of the "
+                                                "checkout, or of the current directory)")
     ap.add_argument("--no-report", action="store_true", help="skip rendering .md/.png")
     return ap
 
 
 @guarded("r2d2 bench")
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 2 when the command cannot run as given (no benchmarks/ directory, an --out
+    """Exit status: 2 when the command cannot run as given (no scripts folder, an --out
     that cannot be written), 1 when a script or the report failed, else 0."""
     args = _parser().parse_args(argv)
     try:
@@ -78,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
     else:
-        sys.path.insert(0, str(bench_dir))
-        import harness
+        from r2d2.bench import harness
 
         out = harness.default_out_path(device)
     env = dict(os.environ)
@@ -91,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             # one thread per process: on a shared CI CPU, OpenMP threads spinning at barriers
             # against other jobs made the step 10-30x slower and its spread meaningless
             env.setdefault("OMP_NUM_THREADS", "1")
-    # the scripts import r2d2: make the checkout importable without an install
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(bench_dir.parent), env.get("PYTHONPATH")]))
+    # the scripts import r2d2 (r2d2.bench.harness): the one this command runs from, installed or not
+    import r2d2
+
+    pkg_root = str(Path(r2d2.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
     failed, ran = [], []
     for script in SUITES[args.suite]:
         path = bench_dir / script
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--quick"] if args.quick else []
         print(f"\n=== {script} ({device}{', quick' if args.quick else ''}) ===", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd, env=env, cwd=bench_dir.parent)
+        rc = subprocess.call(cmd, env=env)
         print(f"=== {script}: exit {rc} in {time.perf_counter() - t0:.0f} s ===", flush=True)
         (failed if rc else ran).append(script)
     if ran and out.is_file() and not args.no_report:

@@ -3,12 +3,20 @@
 A run is described by :class:`RunConfig` with the sections ``model`` (:class:`ModelConfig`),
 ``loss`` (:class:`LossConfig`), ``data``, ``optim``, ``kernels``, ``train``, ``distributed`` and
 ``logging``. A YAML file gives any subset of them (``base: other.yaml`` inherits another file
-first, relative to this one); command-line overrides ``--section.field=value`` (or
+first, relative to this one, else a packaged preset of that name); command-line overrides ``--section.field=value`` (or
 ``--section.field value``) come last, their values parsed as YAML (``64`` -> int, ``null`` ->
 None, ``[0.9, 0.98]`` -> list) and coerced to the field's type (``1e-3`` is a float). Every
 field is validated in its dataclass's ``__post_init__`` with the checks of
 :mod:`r2d2.engine.validate`; an error names the field and what it accepts. The resolved config is
 written to ``<out>/config.yaml`` so a run folder says exactly what ran.
+
+``--config`` takes a path or the name of a packaged preset (``r2d2/configs/*.yaml``; ``r2d2
+presets`` lists them): ``tiny``, ``tiny.yaml`` and ``configs/tiny.yaml`` all name the same preset
+when no such file exists (:func:`resolve_config_path`; an existing file always wins), so the paths
+typed in a checkout before the presets moved into the package keep working, from any directory.
+Relative paths *inside* a config (``train.init_from``, ``data.path``, ``data.vocab``, ...) are
+relative to the current directory of the command, never to the YAML file: a packaged preset lives
+in site-packages, and ``init_from: runs/demo/model`` means the ``runs/`` where you run.
 
 ``model.preset`` names the model preset the other ``model`` keys change
 (:meth:`ModelConfig.tree_base`); without it a run starts from ``tiny``.
@@ -34,9 +42,10 @@ from r2d2.engine.validate import (ConfigError, ConfigFileNotFound, build, choice
                                   merge, numbers, positive)
 from r2d2.kernels.dispatch import KernelConfig
 
-__all__ = ["ConfigError", "ConfigFileNotFound", "DataConfig", "DistributedConfig", "LoggingConfig",
-           "OptimConfig", "RunConfig", "TrainConfig", "eval_manifest_format", "infer_data_format",
-           "load_config", "load_tree", "load_yaml_tree", "parse_overrides"]
+__all__ = ["PRESETS_DIR", "ConfigError", "ConfigFileNotFound", "DataConfig", "DistributedConfig",
+           "LoggingConfig", "OptimConfig", "RunConfig", "TrainConfig", "eval_manifest_format",
+           "infer_data_format", "load_config", "load_tree", "load_yaml_tree", "parse_overrides",
+           "preset_names", "preset_path", "resolve_config_path"]
 
 FORMATS = ("synthetic", "jsonl", "tsv", "webdataset")
 """Data formats read here; ``ccmb_<name>`` formats (``<name>`` in ``r2d2.engine.data.ccmb.FORMATS``)
@@ -320,17 +329,58 @@ class RunConfig:
         os.replace(tmp, path)
 
 
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PRESET_SUFFIXES = (".yaml", ".yml")
+
+
+def preset_names() -> list[str]:
+    """The packaged presets, by name (``tiny``, ``base``, ``eval_synthetic``, ...)."""
+    if not os.path.isdir(PRESETS_DIR):
+        return []
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(PRESETS_DIR)
+                  if f.endswith(PRESET_SUFFIXES))
+
+
+def preset_path(name: str) -> str | None:
+    """The packaged preset that ``name`` names (``tiny``, ``tiny.yaml``, ``configs/tiny.yaml``),
+    or None. Only a bare name or one under a ``configs/`` folder (the checkout's old place)."""
+    head, tail = os.path.split(os.path.normpath(str(name)))
+    if head not in ("", "configs"):
+        return None
+    stem, ext = os.path.splitext(tail)
+    if ext and ext not in PRESET_SUFFIXES:
+        return None
+    path = os.path.join(PRESETS_DIR, stem + ".yaml")
+    return path if stem and os.path.isfile(path) else None
+
+
+def resolve_config_path(path: str) -> str:
+    """``--config``'s file: ``path`` when it is a file, else the packaged preset it names; a
+    :class:`ConfigFileNotFound` that lists the presets otherwise."""
+    if os.path.isfile(path):
+        return path
+    found = preset_path(path)
+    if found is None:
+        if os.path.dirname(os.path.normpath(str(path))) not in ("", "configs"):
+            raise ConfigFileNotFound(f"--config: no such file {path}")
+        raise ConfigFileNotFound(f"--config: no such file or preset {path} (presets: "
+                                 f"{', '.join(preset_names())}; `r2d2 presets` describes them)")
+    return found
+
+
 def load_yaml_tree(path: str) -> dict:
-    """A YAML config with its ``base:`` chain merged in (base first)."""
-    if not os.path.isfile(path):
-        raise ConfigFileNotFound(f"--config: no such file {path}")
+    """A YAML config (a path or a preset name) with its ``base:`` chain merged in (base first)."""
+    path = resolve_config_path(path)
     with open(path, encoding="utf-8") as f:
         tree = yaml.safe_load(f) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = tree.pop("base", None)
     if base:
-        return merge(load_yaml_tree(os.path.join(os.path.dirname(path), base)), tree)
+        beside = os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(beside) and preset_path(base) is None:
+            raise ConfigFileNotFound(f"{path}: base: {base}: no such file beside it or preset")
+        return merge(load_yaml_tree(beside if os.path.isfile(beside) else preset_path(base)), tree)
     return tree
 
 
