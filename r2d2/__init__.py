@@ -3,6 +3,8 @@
 Sub-packages:
   r2d2.kernels  fused ops (Triton, CUDA via r2d2._C) with eager references and backend dispatch
   r2d2.engine   model, objectives, data, trainer, CLI
+  r2d2.bench    the benchmark harness and per-op scripts behind ``r2d2 bench``
+  r2d2.configs  the YAML presets (``--config tiny``; ``r2d2 presets`` lists them)
 
 Logging: everything logs under the ``r2d2`` logger (the kernels' ``auto`` backend picks, at INFO,
 on ``r2d2.kernels``). As a library it stays silent until the application configures logging; the
@@ -10,6 +12,13 @@ on ``r2d2.kernels``). As a library it stays silent until the application configu
 """
 
 import logging as _logging
+
+# torch first: r2d2._C links against libc10/libtorch, which the dynamic loader finds only once
+# torch has loaded them, so `import r2d2._C` on its own works (no rpath into another package).
+try:
+    import torch as _torch  # noqa: F401
+except ImportError:  # every real use needs torch and says so; `r2d2 --version` does not
+    pass
 
 # The library convention: no output unless the application asks (and no "no handlers" notice).
 _logging.getLogger("r2d2").addHandler(_logging.NullHandler())

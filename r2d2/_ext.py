@@ -1,39 +1,62 @@
 """Loads the optional compiled extension ``r2d2._C`` once and says so once if it cannot.
 
-Two ways it can be missing, told apart because the fixes differ:
-  not built        no ``r2d2/_C*.so`` (installed with R2D2_SKIP_EXT=1, or never built)
-  fails to import  the file is there but loading it raised, e.g. an undefined symbol after torch
-                   was upgraded under it; the import error says why, and a rebuild fixes it
+Where it comes from: the ahead-of-time build (``r2d2/_C<suffix>.so``, from an install with torch
+in the build environment), else the first-use build of :mod:`r2d2._jit` (compiled against the
+running torch and cached; ``R2D2_NO_JIT=1`` turns it off). Two ways it can be missing, told apart
+because the fixes differ:
+  not built        no prebuilt file and no first-use build (R2D2_NO_JIT=1, no compiler, a compile
+                   error): the reason is the first-use build's one line
+  fails to import  the prebuilt file is there but loading it raised, e.g. an undefined symbol
+                   after torch was upgraded under it; the first-use build for the new torch is
+                   tried before giving up, and the import error says why
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
+import sys
 import warnings
 
 REBUILD = "pip install --no-build-isolation -e ."
+BUILD = "r2d2 doctor --build"
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[object | None, str | None]:
     """(module, None) or (None, why it is unavailable)."""
-    try:
-        import torch  # noqa: F401  (the extension links against torch's libraries)
+    import torch  # noqa: F401  (the extension links against torch's libraries)
 
-        from r2d2 import _C  # type: ignore[attr-defined]
+    from r2d2 import _jit
+
+    try:
+        from r2d2 import _C  # type: ignore[attr-defined]  (prebuilt, or r2d2/_C.py: first-use build)
+
+        return _C, None
     except ImportError as e:
-        try:
-            present = importlib.util.find_spec("r2d2._C") is not None
-        except (ImportError, ValueError):
-            present = False
-        if present:
-            why = f"r2d2._C is built but fails to import: {e}; rebuild it with `{REBUILD}`"
+        if _jit.prebuilt_extension() is None:
+            why = (f"r2d2._C is not built ({e}); build it with `{BUILD}`, or in a checkout "
+                   f"with `{REBUILD}`")
         else:
-            why = f"r2d2._C is not built ({e}); build it with `{REBUILD}`"
-        warnings.warn(f"{why}. Ops fall back to Triton/eager.", stacklevel=4)
-        return None, why
-    return _C, None
+            try:  # a torch upgrade broke the prebuilt one: build for this torch, as first use does
+                mod = _jit.load()
+                sys.modules["r2d2._C"] = mod
+                return mod, None
+            except ImportError as jit_e:
+                why = (f"r2d2._C is built but fails to import: {e}; rebuild it with `{REBUILD}` "
+                       f"(first-use build: {jit_e})")
+    warnings.warn(f"{why}. Ops fall back to Triton/eager.", stacklevel=4)
+    return None, why
+
+
+def build(force: bool = True):
+    """Compile (or find cached) ``r2d2._C`` for this torch now, whatever ``R2D2_NO_JIT`` says:
+    ``r2d2 doctor --build``. Returns the module; raises ImportError with one line."""
+    from r2d2 import _jit
+
+    mod = _jit.load(build=True, force=force)
+    _load.cache_clear()
+    sys.modules["r2d2._C"] = mod
+    return mod
 
 
 def load():

@@ -76,7 +76,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   install_torch
 fi
 STAMP="$VENV/.r2d2-stamp"
-want=$(cd "$ROOT" && cat pyproject.toml setup.py $(find csrc -type f | sort) 2>/dev/null | sha1sum | cut -c1-40)
+want=$(cd "$ROOT" && cat pyproject.toml setup.py r2d2/_build.py $(find csrc -type f | sort) 2>/dev/null | sha1sum | cut -c1-40)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ] || ! "$VPY" -c "import r2d2" >/dev/null 2>&1; then
   echo "[setup] installing r2d2-engine (editable, with the r2d2._C extension)"
   (cd "$ROOT" && quiet_pip "$VPY" -m pip install -q ninja setuptools wheel && \

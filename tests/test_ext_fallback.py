@@ -40,7 +40,8 @@ sys.meta_path[:] = [f for f in sys.meta_path
 
 
 def start_python(pkg: Path, code: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(pkg), "TRITON_INTERPRET": "1"}
+    # R2D2_NO_JIT: the copy has no sources to compile, and this tests the fallback, not the build
+    env = {**os.environ, "PYTHONPATH": str(pkg), "TRITON_INTERPRET": "1", "R2D2_NO_JIT": "1"}
     code = ONLY_THE_COPY + textwrap.dedent(code)
     return subprocess.Popen([sys.executable, "-c", code], cwd=pkg, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -176,7 +177,8 @@ def test_setup_env_switches(setup_py, monkeypatch, tmp_path):
     (ext,), _ = setup_py["_ext_modules"]()
     assert not any(s.endswith(".cu") for s in ext.sources)
     monkeypatch.setenv("R2D2_SKIP_EXT", "1")
-    assert setup_py["_ext_modules"]() == ([], {})
+    ext_modules, cmdclass = setup_py["_ext_modules"]()
+    assert ext_modules == [] and "build_ext" not in cmdclass  # sources still ship (build_py)
     monkeypatch.setenv("R2D2_CUDA_ARCHS", "8.6;90")
     monkeypatch.setenv("DEBUG", "1")
     flags = setup_py["nvcc_flags"](True)
@@ -236,7 +238,7 @@ def test_setup_env_torch_choice(tmp_path, case):
     # A copy of what the script reads (its stamp hashes csrc/), so edits elsewhere cannot race it.
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "csrc", repo / "csrc")
-    for f in ("pyproject.toml", "setup.py", "scripts/setup_env.sh"):
+    for f in ("pyproject.toml", "setup.py", "r2d2/_build.py", "scripts/setup_env.sh"):
         (repo / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / f, repo / f)
     script = str(repo / "scripts" / "setup_env.sh")

@@ -22,6 +22,19 @@ def _extension_state(_ext) -> str:
     return "CPU+CUDA" if _ext.cuda_built() else "CPU only"
 
 
+def _extension_file(_ext) -> str:
+    """The file r2d2._C loaded from (the install's own build, or the first-use build's cache),
+    else where the first-use build would put it."""
+    if _ext.available():
+        return str(_ext.load().__file__)
+    from r2d2 import _jit
+
+    try:
+        return f"none; the first-use build goes to {_jit.plan()['dir']}"
+    except ImportError as e:
+        return f"none; {e}"
+
+
 def report() -> dict:
     import torch
 
@@ -38,6 +51,7 @@ def report() -> dict:
         "triton": _version("triton"),
         "TRITON_INTERPRET": dispatch.triton_interpret(),
         "r2d2._C": _extension_state(_ext),
+        "r2d2._C_file": _extension_file(_ext),
         "xformers": _version("xformers"),
         "apex": _version("apex"),
     }
@@ -50,10 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import warnings
 
-    # no options: one given by mistake is a usage error (exit 2), not silently ignored
+    # one option: anything else given by mistake is a usage error (exit 2), not silently ignored
     ap = argparse.ArgumentParser(prog="r2d2 doctor",
                                  description="what this install and machine can run")
-    ap.parse_args([] if argv is None else argv)
+    ap.add_argument("--build", action="store_true",
+                    help="compile r2d2._C for this torch now if it is not built (cached; an "
+                         "earlier failed build is retried), then report; exit 1 if it cannot")
+    args = ap.parse_args([] if argv is None else argv)
+
+    from r2d2 import _ext, _jit
+
+    if args.build:
+        try:
+            mod = _ext.build()
+        except ImportError as e:
+            print(f"r2d2 doctor: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        print(f"r2d2._C ready: {mod.__file__}", file=sys.stderr)
+    else:
+        # A report, not a 3-minute compile: a cached first-use build still loads.
+        _jit.suspend("`r2d2 doctor` does not compile; the first use in a run does")
 
     # Doctor reports the extension's state itself (the r2d2._C line, with the import error), so the
     # fallback warning would only repeat it.
