@@ -89,7 +89,7 @@ def find_tool(name: str) -> str | None:
         except (OSError, subprocess.SubprocessError):
             pass
     try:
-        import triton  # noqa: F401
+        import triton
 
         dirs.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin")
     except ImportError:

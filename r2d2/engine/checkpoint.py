@@ -29,6 +29,7 @@ disk is always one that was verified.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -211,7 +212,7 @@ def safe_load(path: str):
         raise CorruptCheckpointError(f"{path}: no such file") from None
     except EOFError:
         raise CorruptCheckpointError(f"{path}: not a readable checkpoint (empty or truncated)") from None
-    except Exception as e:  # zip/stream errors of a truncated file, garbage, permissions
+    except Exception as e:  # noqa: BLE001 - zip/stream errors of a truncated file, garbage, permissions
         msg = _first_line(e)
         if "central directory" in msg or "PytorchStreamReader" in msg:
             msg = "truncated or corrupt: " + msg.split(". ")[0]
@@ -268,10 +269,9 @@ def _atomic_save(obj, path: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:  # a partial file can be gigabytes on a full disk: remove it now, not at the next start
+        # a partial file can be gigabytes on a full disk: remove it now, not at the next start
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         if not isinstance(e, Exception):
             raise
         raise _write_error(e, path) from None
@@ -301,11 +301,9 @@ def _atomic_write_text(path: str, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception as e:
-        try:
+    except Exception as e:  # noqa: BLE001 - every failure is re-raised as a CheckpointWriteError
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         raise _write_error(e, path) from None
 
 
@@ -509,7 +507,8 @@ class Checkpointer:
             import warnings
 
             warnings.warn(f"checkpoint was written by {len(rngs)} processes, resuming with {world}: "
-                          "RNG states cannot be matched per rank, the run continues but not bitwise")
+                          "RNG states cannot be matched per rank, the run continues but not bitwise",
+                          stacklevel=1)
         mine = rngs[rank if len(rngs) == world else 0]
         extra = dict(ck.get("extra", {}))
         extra["rank_data"] = ck.get("rank_data", [{} for _ in rngs])

@@ -245,7 +245,7 @@ def sample_local_negatives(sim, ids, generator=None):
 
 
 # ---------------------------------------------------------------------- the objective module
-def _sync_host_step(module: "R2D2ForPretraining", incompatible_keys) -> None:
+def _sync_host_step(module: R2D2ForPretraining, incompatible_keys) -> None:
     module._step = int(module.step)  # once per load (resume), not once per step
 
 
@@ -407,7 +407,7 @@ class R2D2ForPretraining(nn.Module):
     def _fgr(self, V, T, mask, tV, tT, img_emb, txt_emb, s, image_ids, neg_t, neg_i):
         cfg, model = self.config, self.model
         b = V.shape[0]
-        rank, world = dist_info(self.group)
+        _rank, world = dist_info(self.group)
         if cfg.fgr_negatives == "local" and world > 1:
             ids_l = image_ids if image_ids is not None else torch.arange(b, device=V.device)
             g = self._generator(1)

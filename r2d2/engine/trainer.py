@@ -45,19 +45,33 @@ from torch import nn
 from r2d2 import kernels
 from r2d2.dist import is_dist
 from r2d2.engine import flops
-from r2d2.engine.checkpoint import (CheckpointError, Checkpointer, NonFiniteStateError, TrainState,
-                                     set_rng_state)
+from r2d2.engine.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    NonFiniteStateError,
+    TrainState,
+    set_rng_state,
+)
 from r2d2.engine.config import RunConfig
-from r2d2.engine.data.loader import (DataCursor, Tokenize, build_train_data, check_data_source,
-                                     resume_position)
+from r2d2.engine.data.loader import (
+    DataCursor,
+    Tokenize,
+    build_train_data,
+    check_data_source,
+    resume_position,
+)
 from r2d2.engine.data.records import SHARD_EVENTS, SKIP_REASONS, DataError
 from r2d2.engine.errors import TrainingError
 from r2d2.engine.flops import device_name
 from r2d2.engine.objective import build_objective, check_input_files, load_init  # noqa: F401  (public here)
 from r2d2.engine.observability import Observer, ThroughputWindow, metrics_row
-from r2d2.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups  # noqa: F401
-from r2d2.engine.parallel import (_outermost_blocks, apply_activation_checkpointing, init_distributed,
-                                  shard_fsdp)
+from r2d2.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from r2d2.engine.parallel import (
+    _outermost_blocks,
+    apply_activation_checkpointing,
+    init_distributed,
+    shard_fsdp,
+)
 from r2d2.engine.tokenizer import build_tokenizer
 
 __all__ = ["FitResult", "Trainer", "TrainingError", "build_objective", "build_optimizer",

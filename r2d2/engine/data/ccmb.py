@@ -42,9 +42,8 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from r2d2.engine.data.records import ReadResult, Record
 

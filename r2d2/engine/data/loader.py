@@ -34,8 +34,8 @@ import hashlib
 import os
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -84,7 +84,7 @@ class PairDataset(torch.utils.data.Dataset):
             img = open_image(r.image, self.canvas)
         except FileNotFoundError:
             return Skipped("missing_image")
-        except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+        except Exception:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, OSError...)
             return Skipped("corrupt_image")
         rng = random.Random(aug_key or f"{self.seed}:{epoch}:{index}")
         return {"image": self.transform(img, rng), "text": r.text, "image_id": r.image_id, "label": r.label}
@@ -232,7 +232,7 @@ def _decode_wds(sample: dict, transform, seed: int, epoch: int = 0):
         with Image.open(io.BytesIO(img_bytes)) as im:
             im.load()
             img = im.convert("RGB")
-    except Exception:
+    except Exception:  # noqa: BLE001 - PIL raises many types, as in PairDataset.load
         return Skipped("corrupt_image")
     rng = random.Random(f"{seed}:{epoch}:{key}")
     return {"image": transform(img, rng), "text": text.strip(), "image_id": key, "label": None, "skips": []}
@@ -321,20 +321,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         epoch, skip = self.start.get(role, (0, 0))
         items: list = []
         good = 0
+
+        def count_damaged(at: int) -> None:
+            # a damaged shard found while fetching raw sample ``at`` goes into the batch
+            # stream before that sample: one ``truncated_shard`` marker per damaged shard
+            # read. Before the resume point it was counted in a consumed batch already.
+            # Reads the current ``damaged``, ``skip``, ``items`` and ``reasons`` of the loop
+            # below (late binding on purpose: ``items`` is rebound after every batch).
+            if damaged and at >= skip:
+                items.extend(Skipped("truncated_shard") for _ in damaged)
+                reasons["truncated_shard"] += len(damaged)
+            damaged.clear()
+
         while True:
             raw_seen = good_in_epoch = 0
             reasons: Counter = Counter()
             damaged: list = []
-
-            def count_damaged(at: int) -> None:
-                # a damaged shard found while fetching raw sample ``at`` goes into the batch
-                # stream before that sample: one ``truncated_shard`` marker per damaged shard
-                # read. Before the resume point it was counted in a consumed batch already.
-                if damaged and at >= skip:
-                    items.extend(Skipped("truncated_shard") for _ in damaged)
-                    reasons["truncated_shard"] += len(damaged)
-                damaged.clear()
-
             for i, raw in enumerate(_raw_epoch(self.shards, epoch, self.seed, slot, slots, self.shuffle_buffer,
                                                damaged)):
                 raw_seen = i + 1

@@ -15,7 +15,7 @@ filled pixels normalise to about zero.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from PIL import Image, ImageEnhance, ImageOps
 

@@ -71,7 +71,7 @@ class ReadResult:
     def skip_rate(self) -> float:
         return self.skipped / self.total if self.total else 0.0
 
-    def merge(self, other: "ReadResult") -> "ReadResult":
+    def merge(self, other: ReadResult) -> ReadResult:
         """The union of two reads (e.g. several annotation files of one set)."""
         return ReadResult(self.records + other.records, self.skipped + other.skipped,
                           self.reasons + other.reasons)

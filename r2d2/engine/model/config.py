@@ -172,7 +172,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         for k, sub in (("vision", VisionConfig), ("text", TextConfig)):
             if isinstance(d.get(k), dict):

@@ -190,7 +190,7 @@ class R2D2Model(nn.Module):
             self.tokenizer.save_vocab(os.path.join(path, VOCAB_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str, kernels: K.KernelConfig | None = None) -> "R2D2Model":
+    def from_pretrained(cls, path: str, kernels: K.KernelConfig | None = None) -> R2D2Model:
         from safetensors.torch import load_model
 
         cfg_path = os.path.join(path, CONFIG_NAME)

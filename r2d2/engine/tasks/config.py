@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from r2d2.engine.config import load_tree
-from r2d2.engine.data.ccmb import CLASSIFICATION_FORMATS, FORMATS, MATCHING_FORMATS, RETRIEVAL_FORMATS
+from r2d2.engine.data.ccmb import (
+    CLASSIFICATION_FORMATS,
+    FORMATS,
+    MATCHING_FORMATS,
+    RETRIEVAL_FORMATS,
+)
 from r2d2.engine.tasks.retrieval import RetrievalEvalConfig
 from r2d2.engine.tasks.zeroshot import DEFAULT_TEMPLATES, check_templates
 from r2d2.engine.validate import ConfigError, build, choice, in_range, is_int, positive

@@ -90,11 +90,10 @@ def check_inputs(cfg: EvalConfig) -> None:
     for name, path in named:
         if path and not os.path.exists(path):
             raise UsageError(f"{name}={path!r}: no such file or folder")
-    if d.format == "muge" and not d.gallery:
-        if default_muge_gallery(d.path) is None:
-            raise UsageError(f"MUGE ranks every query against the split's whole image pool: set "
-                             f"data.gallery to <split>_imgs.tsv (or the unpacked image folder); no "
-                             f"<split>_imgs.tsv beside {d.path}")
+    if d.format == "muge" and not d.gallery and default_muge_gallery(d.path) is None:
+        raise UsageError(f"MUGE ranks every query against the split's whole image pool: set "
+                         f"data.gallery to <split>_imgs.tsv (or the unpacked image folder); no "
+                         f"<split>_imgs.tsv beside {d.path}")
 
 
 def make_tokenize(model, cfg: EvalDataConfig, checkpoint: str):

@@ -8,6 +8,7 @@ import torch
 
 from r2d2.engine.metrics import ranks_of_targets
 
+
 def recall_curve(scores: torch.Tensor, targets, max_k: int) -> np.ndarray:
     ranks = ranks_of_targets(scores.numpy(), targets)
     return np.array([100.0 * np.mean(ranks < k) for k in range(1, max_k + 1)])

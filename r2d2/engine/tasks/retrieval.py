@@ -17,13 +17,19 @@ mean).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from r2d2.engine.metrics import RECALL_KS, ranks_of_targets, recall_at_k, retrieval_metrics, t2i_metrics
+from r2d2.engine.metrics import (
+    RECALL_KS,
+    ranks_of_targets,
+    recall_at_k,
+    retrieval_metrics,
+    t2i_metrics,
+)
 from r2d2.engine.tasks.rerank import sharded_encode  # noqa: F401  (re-exported for the other tasks)
 from r2d2.engine.validate import choice, positive
 

@@ -96,7 +96,7 @@ class State:
     neg: bool
 
     @classmethod
-    def empty(cls, shape, teacher: bool, neg: bool, device) -> "State":
+    def empty(cls, shape, teacher: bool, neg: bool, device) -> State:
         shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
         f = _empty((nfields(teacher, neg),) + shape, torch.float32, device)
         gi = _empty(shape if neg else (1,), torch.int32, device)
@@ -132,10 +132,10 @@ class State:
     def tensors(self) -> list[torch.Tensor]:
         return [self.f, self.gi] if self.neg else [self.f]
 
-    def with_tensors(self, ts) -> "State":
+    def with_tensors(self, ts) -> State:
         return State(ts[0], ts[1] if self.neg else self.gi, self.teacher, self.neg)
 
-    def slots(self) -> "State":
+    def slots(self) -> State:
         """This state seen as a one-slot partial ``[nf, 1, n]`` (for merging two states)."""
         return State(self.f.unsqueeze(1), self.gi.unsqueeze(0) if self.neg else self.gi,
                      self.teacher, self.neg)
