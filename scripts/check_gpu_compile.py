@@ -196,10 +196,11 @@ def _contrastive_cases(archs):
                                     col_off=2000, key_r=12345, key_c=678)
                         ce = dict(HAS_TEACHER=teacher, NEG=neg, PREC=prec, BLOCK_R=t.block_r,
                                   BLOCK_C=t.block_c, BLOCK_K=t.block_k)
-                        conf = (f"d{d} {tile} w{t.num_warps}" + (" teacher" if teacher else "")
+                        w = ct.gpu_warps("fwd", d, arch, teacher, neg)
+                        conf = (f"d{d} {tile} w{w}" + (" teacher" if teacher else "")
                                 + (" neg" if neg else ""))
                         cases.append(Case("_fwd_kernel", "contrastive_triton", conf, ty, arch,
-                                          _order(ct._fwd_kernel, args), ce, t.num_warps,
+                                          _order(ct._fwd_kernel, args), ce, w,
                                           ct.NUM_STAGES, True, quick=quick_d and teacher == neg,
                                           extended=ext))
                     for grad in (False, True):
@@ -216,10 +217,12 @@ def _contrastive_cases(archs):
                                       BLOCK_R=t.block_r, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
                                       BLOCK_D=t.block_d)
                             ce[gname] = grad
-                            conf = (f"d{d} {tile} D{t.block_d} w{t.num_warps}"
+                            w = ct.gpu_warps("rows" if gname == "HAS_DQ" else "cols", d, arch,
+                                             teacher, False)
+                            conf = (f"d{d} {tile} D{t.block_d} w{w}"
                                     + (" teacher" if teacher else "") + ("" if grad else " no-grad"))
                             cases.append(Case(fn_name, "contrastive_triton", conf, ty, arch,
-                                              _order(fn, args), ce, t.num_warps, ct.NUM_STAGES,
+                                              _order(fn, args), ce, w, ct.NUM_STAGES,
                                               True, quick=quick_d and grad, extended=ext))
         for n_cols in ct.MERGE_N_CLASSES:
             block = ct.merge_block(n_cols)
@@ -246,9 +249,13 @@ def _distill_cases(archs):
 
     cases = []
     for arch in archs:
+        seen = set()
         for cols in dk.GPU_WIDTH_CLASSES:
-            block_r, block_c, warps, one_tile = dk._blocks(cols)
             for dt in dk._DTYPES:
+                block_r, block_c, warps, one_tile = dk._blocks(cols, dt.itemsize)
+                if (dt, block_r, block_c, warps, one_tile) in seen:
+                    continue  # float64 rows above MAX_ONE_TILE_FP64 stream: one case for them
+                seen.add((dt, block_r, block_c, warps, one_tile))
                 ty = _TORCH_TO_TT[str(dt).split(".")[1]]
                 acc = "fp64" if dt == torch.float64 else "fp32"
                 gty = _TORCH_TO_TT[str(saved_grad_dtype(dt)).split(".")[1]]

@@ -499,7 +499,8 @@ class Tiles:
     block_d: int | None = None
     """Feature-dim chunk of a backward program's gradient accumulator."""
     num_warps: int | None = None
-    """Warps per program (GPU default 4: a 32 x 32 fp32 tile is 8 registers a thread)."""
+    """Warps per program; unset, each launch takes ``gpu_warps`` on a GPU (4 mostly: a 32 x 32
+    fp32 tile is 8 registers a thread), 4 under the interpreter."""
     programs: int | None = None
     """Target number of programs per kernel (GPU: 4 x SMs; interpreter: 2)."""
     budget_bytes: int = 256 << 20
@@ -522,7 +523,8 @@ class Tiles:
             progs = 2 if small else 4 * sms
         return Tiles(self.block_r or dflt.block_r, self.block_c or dflt.block_c,
                      self.block_k or dflt.block_k, self.block_d or dflt.block_d,
-                     self.num_warps or dflt.num_warps, progs, self.budget_bytes)
+                     self.num_warps or (dflt.num_warps if small else None), progs,
+                     self.budget_bytes)
 
 
 def default_tiles(d: int, small: bool) -> Tiles:
@@ -545,6 +547,21 @@ def default_tiles(d: int, small: bool) -> Tiles:
 
 def gpu_tiles(d: int) -> Tiles:
     return default_tiles(d, small=False)
+
+
+def gpu_warps(kernel: str, d: int, arch: int, teacher: bool, neg: bool) -> int:
+    """num_warps of ``kernel`` ("fwd", "rows" or "cols") on compute capability ``arch`` (major *
+    10 + minor) with the default 32 x 32 tiles, when ``Tiles.num_warps`` is left unset. Pure:
+    the launchers call it with the GPU's capability, scripts/check_gpu_compile.py with each arch.
+
+    4 warps, except where 4 spill (triton 3.9, measured with scripts/check_gpu_compile.py): the
+    sm_90 forward with a teacher and negatives (fp16 / bf16: 255 registers and 64+68 spill bytes
+    at every d; 8 warps: 255 registers, no spill), and the backward kernels with a teacher at
+    d <= 32, where the whole feature dim is one chunk (sm_90 fp16 rows 12+12 bytes, sm_80 / sm_90
+    fp32 cols 24+20 / 32+24 bytes; 8 warps: 177-181 registers, no spill)."""
+    if kernel == "fwd":
+        return 8 if teacher and neg and arch >= 90 else 4
+    return 8 if teacher and d <= 32 else 4
 
 
 GPU_D_CLASSES = (16, 32, 768)
@@ -572,6 +589,15 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _warps(t: Tiles, kernel: str, x: torch.Tensor, teacher: bool, neg: bool) -> int:
+    if t.num_warps is not None:
+        return t.num_warps
+    if not x.is_cuda:
+        return 4
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return gpu_warps(kernel, x.shape[1], major * 10 + minor, teacher, neg)
+
+
 def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -591,7 +617,8 @@ def launch_fwd(q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, k
         _fwd_kernel[(R, C)](q, k, tq_, tk_, rid, cid, s, rpart.f, rpart.gi, cpart.f, cpart.gi,
                             b, n, d, tpc, row_off, col_off, keys[0], keys[1],
                             HAS_TEACHER=teacher, NEG=neg, PREC=_prec(q), BLOCK_R=t.block_r,
-                            BLOCK_C=t.block_c, BLOCK_K=t.block_k, num_warps=t.num_warps,
+                            BLOCK_C=t.block_c, BLOCK_K=t.block_k,
+                            num_warps=_warps(t, "fwd", q, teacher, neg),
                             num_stages=NUM_STAGES)
 
 
@@ -605,11 +632,11 @@ def launch_merge(state, part, init: bool, t: Tiles) -> None:
                                                 NEG=state.neg, BLOCK=block)
 
 
-def _bwd_common(q, tq, t: Tiles):
+def _bwd_common(q, tq, t: Tiles, kernel: str):
     d = q.shape[1]
     return dict(HAS_TEACHER=tq is not None, PREC=_prec(q), SINGLE=d <= t.block_d, LP=_lp(q),
                 BLOCK_R=t.block_r, BLOCK_C=t.block_c, BLOCK_K=t.block_k, BLOCK_D=t.block_d,
-                num_warps=t.num_warps, num_stages=NUM_STAGES)
+                num_warps=_warps(t, kernel, q, tq is not None, False), num_stages=NUM_STAGES)
 
 
 def launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dq_part,
@@ -623,7 +650,7 @@ def launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha,
         _bwd_rows_kernel[(nrb, split)](
             q, k, tq_, tk_, rid, cid, s, rstat, cstat, coef, bcoef,
             dq_part if dq_part is not None else ds_part, ds_part, b, n, d, tps, float(alpha),
-            HAS_DQ=dq_part is not None, **_bwd_common(q, tq, t))
+            HAS_DQ=dq_part is not None, **_bwd_common(q, tq, t, "rows"))
 
 
 def launch_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dk_part,
@@ -636,4 +663,4 @@ def launch_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha,
         _bwd_cols_kernel[(triton.cdiv(n, t.block_c), split)](
             q, k, tq_, tk_, rid, cid, s, rstat, cstat, coef, bcoef,
             dk_part if dk_part is not None else dsc_part, dsc_part, b, n, d, tps, float(alpha),
-            HAS_DK=dk_part is not None, **_bwd_common(q, tq, t))
+            HAS_DK=dk_part is not None, **_bwd_common(q, tq, t, "cols"))

@@ -9,9 +9,10 @@ magnitude (see csrc/distill_kl/distill_kl_kernel.h for the derivation). With a g
 ``grad = grad_scale * T * (softmax(a) - softmax(b))`` in ``saved_grad_dtype`` (fp32 for fp16 inputs).
 
 Two paths, chosen by the launcher (``_blocks``):
-  one tile   ``C <= MAX_ONE_TILE`` (16384): the row is loaded once as one ``BLOCK_C`` tile, the
-             statistics are exact tile reductions, and the gradient is written from the same
-             registers: one read of s and t, 2 exp per element.
+  one tile   ``C <= MAX_ONE_TILE`` (16384; float64 on a GPU 4096, ``MAX_ONE_TILE_FP64``): the row
+             is loaded once as one ``BLOCK_C`` tile, the statistics are exact tile reductions,
+             and the gradient is written from the same registers: one read of s and t, 2 exp per
+             element.
   streaming  wider rows: sweep 1 streams ``BLOCK_C`` tiles with the online max/sum (rescaling
              when a max moves); sweep 2 re-reads the row to write the gradient. A row of 32768+
              fp32 values of each input no longer fits one program's registers (a 16384-wide tile
@@ -157,16 +158,23 @@ def _distill_kl_fwd_kernel(
 
 MAX_ONE_TILE = 16384
 """Widest row the one-tile path takes (GPU: 16 warps, 32 fp32 values of each input per thread)."""
+MAX_ONE_TILE_FP64 = 4096
+"""Widest float64 row the one-tile path takes on a GPU; wider ones stream. A tile of more than
+4096 columns takes 16 warps, and 512 threads get at most 128 registers each: compiled for sm_80 /
+sm_90 (triton 3.9), the fp64 one-tile kernel spills there (8192 columns: 672+ bytes a thread,
+16384: up to 13060), whereas 4096 columns at 8 warps (16 fp64 values of each input a thread)
+and the 4096-wide streaming tile do not."""
 STREAM_TILE = 4096
 """Column tile of the streaming path on a GPU (both operands stay in registers at 8 warps)."""
 
 
-def _blocks(cols: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_R, BLOCK_C, num_warps, one_tile). Short rows share a program (BLOCK_R of them, up to
-    4096 elements); the interpreter pays per tile, not per element, so it streams 16384-wide tiles
-    (and never uses warps)."""
+def _blocks(cols: int, itemsize: int = 4) -> tuple[int, int, int, bool]:
+    """(BLOCK_R, BLOCK_C, num_warps, one_tile) for rows of ``cols`` elements of ``itemsize``
+    bytes. Short rows share a program (BLOCK_R of them, up to 4096 elements); the interpreter pays
+    per tile, not per element, so it streams 16384-wide tiles (and never uses warps)."""
     width = triton.next_power_of_2(cols)
-    if width <= MAX_ONE_TILE:
+    cap = MAX_ONE_TILE_FP64 if itemsize == 8 and not triton_interpret() else MAX_ONE_TILE
+    if width <= cap:
         block_c = width
         block_r = max(1, min(64, STREAM_TILE // block_c))
         tile = block_r * block_c
@@ -178,7 +186,7 @@ def _blocks(cols: int) -> tuple[int, int, int, bool]:
 
 GPU_WIDTH_CLASSES = tuple(2 ** i for i in range(15)) + (2 * MAX_ONE_TILE,)
 """One row width per distinct GPU choice of ``_blocks``: every power of two up to MAX_ONE_TILE
-(one tile each), then the streaming path."""
+(one tile each; float64 streams above MAX_ONE_TILE_FP64), then the streaming path."""
 NUM_STAGES = 3
 """Software-pipelining depth (triton's default; the streaming loop's loads are pipelined)."""
 
@@ -251,7 +259,7 @@ def launch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, gra
     rows, cols = student.shape
     if rows == 0 or cols == 0:
         return
-    block_r, block_c, warps, one_tile = _blocks(cols)
+    block_r, block_c, warps, one_tile = _blocks(cols, student.element_size())
     acc = tl.float64 if student.dtype == torch.float64 else tl.float32
     grid = (triton.cdiv(rows, block_r),)
     (inv_t, inv_t_lo), (t_sq, t_sq_lo), (coef, coef_lo) = (
