@@ -261,8 +261,8 @@ def test_triton_dropout_weight_mass_matches_p():
                                               (2, 1, 197, 64, 64, None)])
 def test_sdpa_matches_ref(B, H, Lq, Lk, D, mask):
     q, k, v, m = _inputs(B, H, Lq, Lk, D, mask=mask)
-    out, (dq, dk, dv) = _check_against_ref(q, k, v, m, "sdpa", scale=0.2,
-                                           tol=dict(atol=1e-5, rtol=1e-5))
+    out, (_dq, dk, _dv) = _check_against_ref(q, k, v, m, "sdpa", scale=0.2,
+                                             tol=dict(atol=1e-5, rtol=1e-5))
     if m is not None:
         dead = ~m.any(-1)
         assert dead.any() or B == 1

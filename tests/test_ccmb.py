@@ -223,7 +223,7 @@ def test_zeroshot_counts_non_images_and_rejects_blank_class_lines(tmp_path):
     _jpg(root / "a" / "1.jpg")
     _jpg(root / "b" / "1.png")
     (root / "a" / "Thumbs.db").write_bytes(b"x")
-    res, names = read_zeroshot(str(root))
+    res, _names = read_zeroshot(str(root))
     assert len(res.records) == 2 and res.reasons == {"not_image": 1}
     blank = _write(tmp_path / "names.txt", ["猫", "", "狗"])  # would shift 狗 to label 2
     with pytest.raises(ValueError, match=r"names\.txt:2: blank class name"):

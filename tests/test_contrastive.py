@@ -7,6 +7,8 @@ several ragged tiles, several programs (the persistent grid and its column-parti
 the backward splits. fp32 on CPU; fp16 too (bf16 tl.dot is wrong in the interpreter, so bf16 runs
 on a GPU only). GPU cases are marked ``gpu``."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,7 +74,7 @@ def _ref(img, txt, s, kw, **extra):
 
 
 def _assert_grads(got, ref, tol=TOL32, nonzero=True):
-    la, ga, rt = tol
+    _la, ga, rt = tol
     for name, a, b in zip(("image_feat", "text_feat", "logit_scale"), got, ref):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         # A zero reference gradient would make the comparison vacuous (b = 1: loss 0).
@@ -493,7 +495,8 @@ def test_gpu_cuda_equals_triton_on_plans(monkeypatch):
     Triton's, fp32: same loss, gradients, negatives; buffers poisoned (every slot must be written)."""
     _gpu_backend("cuda")
     from r2d2.kernels import contrastive_triton as KT
-    from r2d2.kernels.contrastive import cuda as KC, distributed as CD
+    from r2d2.kernels.contrastive import cuda as KC
+    from r2d2.kernels.contrastive import distributed as CD
 
     img, txt, s, kw = _inputs(333, 200, ids="repeated", alpha=0.4, scale=30.0, device="cuda")
     base = _fused(img, txt, s, kw, KT.Tiles(), neg=True, seed=2)
@@ -573,7 +576,7 @@ def test_merges_of_blocks_equal_one_pass(backend, monkeypatch):
     fwd(q, k, tq, tk, rid, cid, 0, 0, rows1, True, cols1)
     rows2 = state(b)
     cuts = (0, 7, n // 2, n)
-    for c0, c1 in zip(cuts[:-1], cuts[1:]):
+    for c0, c1 in itertools.pairwise(cuts):
         fwd(q, k[c0:c1], tq, tk[c0:c1], rid, cid[c0:c1], 0, c0, rows2, c0 == 0, state(c1 - c0))
     cols2, other = state(n), state(n)
     fwd(q[:20], k, tq[:20], tk, rid[:20], cid, 0, 0, state(20), True, cols2)

@@ -12,14 +12,28 @@ import pytest
 import torch
 from PIL import Image
 
+from r2d2.engine.config import DataConfig
 from r2d2.engine.data import synthetic
-from r2d2.engine.data.loader import (Collate, PairDataset, ResumableBatchSampler, Skipped, Tokenize,
-                                     build_train_data, check_data_source, read_eval, webdataset_stream)
+from r2d2.engine.data.loader import (
+    Collate,
+    PairDataset,
+    ResumableBatchSampler,
+    Skipped,
+    Tokenize,
+    build_train_data,
+    check_data_source,
+    read_eval,
+    webdataset_stream,
+)
 from r2d2.engine.data.readers import read_jsonl, read_records, read_tsv
 from r2d2.engine.data.records import DataError, ReadResult, Record
-from r2d2.engine.data.transforms import (CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform,
-                                         random_resized_crop_box)
-from r2d2.engine.config import DataConfig
+from r2d2.engine.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EvalTransform,
+    TrainTransform,
+    random_resized_crop_box,
+)
 from r2d2.engine.tokenizer import build_tokenizer
 
 TOK = Tokenize(build_tokenizer(None, 16), 16)
@@ -192,12 +206,12 @@ def test_sampler_shards_resume_and_covers_epochs():
     batches = [next(single) for _ in range(3 * n // micro + 2)]
     ranks = [iter(ResumableBatchSampler(n, micro, r, world, seed)) for r in range(world)]
     for b in batches[:5]:
-        assert sum((next(it) for it in ranks), []) == b  # ranks split each global micro-batch
+        assert [i for it in ranks for i in next(it)] == b  # ranks split each global micro-batch
     resumed = iter(ResumableBatchSampler(n, micro, seed=seed, start=3 * micro))  # start: in samples
     assert [next(resumed) for _ in range(4)] == batches[3:7]
     half = iter(ResumableBatchSampler(n, micro // 2, seed=seed, start=3 * micro))  # grad_accum doubled
     assert next(half) + next(half) == batches[3]
-    flat = sum(batches, [])
+    flat = [i for batch in batches for i in batch]
     first_epoch = [i for e, i in flat if e == 0]
     assert sorted(first_epoch) == list(range(n))  # a permutation: every sample once per epoch
     with pytest.raises(ValueError, match="not divisible by the world size"):
@@ -341,13 +355,13 @@ def test_data_position_is_checked_on_resume():
         resume_position(pos, [{}], cfg, 4, {"data": {"batch_size": 8}}, 0, 1)
     # the batch size changed on resume: the saved position (not step x batch) is where to go on
     assert resume_position(pos, [{}], DataConfig(batch_size=16), 5, {"data": {"batch_size": 8}}, 0, 1)[0] == 40
-    with pytest.raises(DataError, match="data.format='synthetic'.*reads 'jsonl'"):
+    with pytest.raises(DataError, match=r"data\.format='synthetic'.*reads 'jsonl'"):
         resume_position(pos, [{}], DataConfig(format="jsonl", path="x"), 5, None, 0, 1)
     stream = {"format": "webdataset", "kind": "stream", "samples": 0, "world": 2, "workers": 1}
     ranks = [{"batches": 3, "positions": {0: [2, 5]}}, {"batches": 3, "positions": {0: [1, 9]}}]
     wcfg = DataConfig(format="webdataset", path="x")
     assert resume_position(stream, ranks, wcfg, 3, None, 1, 2) == (0, ranks[1], None)
-    start, st, note = resume_position(stream, ranks, wcfg, 3, None, 0, 1)  # one rank now
+    _start, st, note = resume_position(stream, ranks, wcfg, 3, None, 0, 1)  # one rank now
     assert st == {"batches": 0, "positions": {0: [1, 0]}} and "cannot be mapped" in note
 
 
@@ -398,7 +412,7 @@ def test_randaugment_bad_arguments_name_themselves(kw, match):
 def test_randaugment_config_is_validated():
     assert DataConfig(randaugment=[2, 5]).randaugment == [2, 5]
     for bad in ([2], [2.5, 5], [2, 12], "2,5"):
-        with pytest.raises(Exception, match="data.randaugment"):
+        with pytest.raises(Exception, match=r"data\.randaugment"):
             DataConfig(randaugment=bad)
 
 
@@ -481,8 +495,10 @@ def test_ccmb_invalid_utf8_is_a_file_line_error_like_invalid_json(tmp_path):
 
 
 def _truncate(path, keep=0.5):
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: int(len(data) * keep)])
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
 
 
 def test_a_truncated_shard_is_counted_not_silent(tmp_path, caplog):

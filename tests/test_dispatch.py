@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from r2d2 import _ext
-from r2d2.kernels import BackendUnavailable, KernelConfig, dispatch, distill_kl
-from r2d2.kernels import attention, contrastive_loss
+from r2d2.kernels import (
+    BackendUnavailable,
+    KernelConfig,
+    attention,
+    contrastive_loss,
+    dispatch,
+    distill_kl,
+)
 
 
 def test_auto_on_cpu_is_runnable():
@@ -86,7 +92,7 @@ def test_unknown_backend():
 
 
 def test_kernel_config_validates():
-    with pytest.raises(ValueError, match="kernels.attention"):
+    with pytest.raises(ValueError, match=r"kernels\.attention"):
         KernelConfig(attention="fast")
 
 

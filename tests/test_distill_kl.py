@@ -487,10 +487,10 @@ def test_errors_name_the_argument(backend):
     with pytest.raises(ValueError,
                        match=r"student_logits shape \(3, 7\).*teacher_logits shape \(3, 8\)"):
         distill_kl(s, torch.randn(3, 8), backend=backend)
-    with pytest.raises(TypeError, match="student_logits dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"student_logits dtype torch\.int64"):
         distill_kl(torch.ones(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long),
                    backend=backend)
-    with pytest.raises(TypeError, match="teacher_logits dtype torch.float16 must equal"):
+    with pytest.raises(TypeError, match=r"teacher_logits dtype torch\.float16 must equal"):
         distill_kl(s, s.half(), backend=backend)
     with pytest.raises(ValueError, match="student_logits is on cpu but teacher_logits is on meta"):
         distill_kl(s, torch.empty(3, 7, device="meta"), backend=backend)

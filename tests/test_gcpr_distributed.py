@@ -13,7 +13,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import r2d2.kernels as K
-
 from r2d2.engine.losses import LossConfig, R2D2ForPretraining
 from r2d2.engine.model import ModelConfig, R2D2Model, TextConfig, VisionConfig
 

@@ -213,7 +213,7 @@ def test_attention_xformers_wrapper_zeroes_masked_keys(monkeypatch, bad):
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_empty_output(backend, shape, masked):
     """Head dim 0 used to raise ZeroDivisionError (the default scale 1/sqrt(D))."""
-    B, H, Lq, D = shape
+    B, H, _Lq, D = shape
     q = torch.randn(shape, requires_grad=True)
     k = torch.randn(B, H, 6, D, requires_grad=True)
     v = torch.randn(B, H, 6, D, requires_grad=True)

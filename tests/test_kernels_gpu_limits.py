@@ -84,7 +84,8 @@ def test_gpu_triton_attention_tile_count_on_first_call():
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_gpu_triton_kernels_launch_on_the_tensors_device():
-    from r2d2.kernels import contrastive as C, distill_kl
+    from r2d2.kernels import contrastive as C
+    from r2d2.kernels import distill_kl
 
     with torch.cuda.device(0):
         q, k, v, m = _inputs(2, 2, 33, 70, 64, dtype=torch.float16, device="cuda:1",

@@ -129,7 +129,7 @@ def test_clip_mapping_loads_every_key(tmp_path):
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         from_hf_bert(str(tmp_path))
     sd = {"embeddings.word_embeddings.weight": torch.randn(91, 32)}
     d = write_dir(tmp_path / "partial", BERT_CFG, sd, "bin")
@@ -140,7 +140,7 @@ def test_loader_errors(tmp_path):
     with pytest.raises(ValueError, match="hidden_act"):
         from_hf_bert(d)
     d = write_dir(tmp_path / "shape", BERT_CFG, {"embeddings.word_embeddings.weight": torch.randn(90, 32)}, "bin")
-    with pytest.raises(ValueError, match="word_embed.weight"):
+    with pytest.raises(ValueError, match=r"word_embed\.weight"):
         from_hf_bert(d)
 
 

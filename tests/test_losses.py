@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import r2d2.kernels as K
-from r2d2.engine.losses import (LossConfig, R2D2ForPretraining, cosine_distill, mask_tokens,
-                                sample_local_negatives, weighted_itm_ce, weighted_itm_kl)
+from r2d2.engine.losses import (
+    LossConfig,
+    R2D2ForPretraining,
+    cosine_distill,
+    mask_tokens,
+    sample_local_negatives,
+    weighted_itm_ce,
+    weighted_itm_kl,
+)
 from r2d2.engine.model import ModelConfig, R2D2Model, TextConfig, VisionConfig
 
 OFF = dict(gcpr=True, fgr=False, mlm=False, tgd=False, fgd=False)
@@ -289,7 +296,7 @@ def test_fgr_never_samples_a_positive(monkeypatch):
     seen = _capture_negatives(monkeypatch)
     obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgr": True}))
     ids = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
-    for step in range(6):
+    for _step in range(6):
         obj(make_batch(b=8, ids=tuple(ids.tolist())))
     assert len(seen) == 6
     for res in seen:

@@ -73,10 +73,12 @@ def test_ranks_match_brute_force_random():
     sim = rng.integers(0, 4, size=(9, 23)).astype(float)  # many ties on purpose
     img2txt = [sorted(rng.choice(23, size=rng.integers(1, 4), replace=False).tolist()) for _ in range(9)]
     ranks = ranks_of_targets(sim, img2txt)
+
+    def rank(r, c):  # items ranked before c: strictly better, or equal with a lower index
+        return int(((sim[r] > sim[r, c]) | ((sim[r] == sim[r, c]) & (np.arange(23) < c))).sum())
+
     for r, cols in enumerate(img2txt):
-        def rank(c):  # items ranked before c: strictly better, or equal with a lower index
-            return int(((sim[r] > sim[r, c]) | ((sim[r] == sim[r, c]) & (np.arange(23) < c))).sum())
-        assert ranks[r] == min(rank(c) for c in cols)
+        assert ranks[r] == min(rank(r, c) for c in cols)
 
 
 def test_retrieval_bad_input():

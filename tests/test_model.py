@@ -7,9 +7,15 @@ import torch
 import yaml
 
 import r2d2.kernels as K
-from r2d2.engine.model import PRESETS, ModelConfig, R2D2Model, TextConfig, VisionConfig, model_preset
+from r2d2.engine.model import (
+    PRESETS,
+    ModelConfig,
+    R2D2Model,
+    TextConfig,
+    VisionConfig,
+    model_preset,
+)
 from r2d2.engine.tokenizer import build_tokenizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,7 +159,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="pairs rows"):
         m.itm_score(torch.randn(2, 3, 24, 24), ids, mask)
     m.tokenizer = build_tokenizer()   # 21185 tokens for a 97-token embedding table
-    with pytest.raises(ValueError, match="text.vocab_size=97"):
+    with pytest.raises(ValueError, match=r"text\.vocab_size=97"):
         m.encode_text(["猫"])
 
 
@@ -240,7 +246,7 @@ def test_mlm_decoder_is_tied_and_survives_save_load(tmp_path):
         assert torch.equal(a, b), k
     imgs = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(m.itm_score(imgs, ["猫", "狗"]), m2.itm_score(imgs, ["猫", "狗"]))
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         R2D2Model.from_pretrained(str(tmp_path / "nope"))
 
 

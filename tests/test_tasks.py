@@ -173,7 +173,7 @@ def test_retrieval_set_from_records_groups_duplicates():
 
 def test_evaluate_retrieval_prerank_and_oracle_rerank():
     n_img, per = 12, 2
-    recs, rs = _caption_set(n_img, per)
+    _recs, rs = _caption_set(n_img, per)
     g = torch.Generator().manual_seed(5)
     img_emb = torch.randn(n_img, 8, generator=g)
     owner = torch.tensor([i for i in range(n_img) for _ in range(per)])
@@ -296,7 +296,7 @@ def test_retrieval_t2i_protocol_ranks_against_the_whole_pool():
 
 
 def test_prd2_retrieval_is_pre_rank_only_with_a_note():
-    recs, rs = _caption_set(5, 2)
+    _recs, rs = _caption_set(5, 2)
     g = torch.Generator().manual_seed(0)
     img = torch.randn(5, 4, generator=g)
     model = StubModel(img, img[torch.arange(10) // 2] + 0.3 * torch.randn(10, 4, generator=g),
@@ -331,7 +331,7 @@ def _dist_eval_worker(rank, world, init_file, out_dir):
 
 
 def _eval_fixture():
-    recs, rs = _caption_set(7, 2)  # 7 images over 3 ranks: shards 3, 3, 1
+    _recs, rs = _caption_set(7, 2)  # 7 images over 3 ranks: shards 3, 3, 1
     g = torch.Generator().manual_seed(11)
     img = torch.randn(7, 6, generator=g)
     owner = torch.arange(14) // 2
