@@ -1,6 +1,7 @@
 """Test-wide set-up: Triton's interpreter on CPU-only machines (must precede any triton import),
 deterministic seeds, and the `gpu` marker skipping cleanly where there is no CUDA device."""
 
+import logging
 import os
 
 import pytest
@@ -25,6 +26,20 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _r2d2_logger_restored():
+    """Tests that call ``r2d2.cli.main`` in-process attach the CLI's stderr handler to the ``r2d2``
+    logger; that handler holds pytest's capture stream, which is closed after the test. Restore
+    the library state (NullHandler only, propagating) so later tests neither write to a closed
+    stream nor see CLI output."""
+    logger = logging.getLogger("r2d2")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="module")
