@@ -216,7 +216,7 @@ gpu_tests() {  # junit name, then test paths (none: every file but the kernels')
   if [ ${#paths[@]} -eq 0 ]; then
     paths=(tests); for f in $KERNEL_TESTS; do ignore+=(--ignore "$f"); done
   fi
-  [ "$MODE" = cpu ] && { par=(); paths=(tests/test_bench_harness.py); ignore=(); }  # gpu cases skip: plumbing
+  [ "$MODE" = cpu ] && { par=(); paths=(tests/bench/test_bench_harness.py); ignore=(); }  # gpu cases skip: plumbing
   # the runner first: a missing plugin would otherwise be one usage error with no test run
   "$PY" -m pytest --version || return 1
   "$PY" -c 'import pytest_timeout' 2>/dev/null || { echo "pytest-timeout is not installed"; return 1; }
@@ -250,7 +250,9 @@ step_compile() {
   bench bench_step.py --preset base "${batch[@]}" --configs eager+compile ours+compile \
     --no-max-batch --rep-ms 1500
 }
-KERNEL_TESTS="tests/test_distill_kl.py tests/test_distill_kl_edges.py tests/test_contrastive.py tests/test_attention.py tests/test_kernels_gpu_limits.py"
+KERNEL_TESTS="tests/kernels/test_distill_kl.py tests/kernels/test_distill_kl_edges.py
+  tests/kernels/test_contrastive.py tests/kernels/test_attention.py
+  tests/kernels/test_kernels_gpu_limits.py tests/kernels/test_kernel_edges.py"
 OPT_IN="step_compile"                       # phases that run only when --phases names them
 PLANNED=0
 export -f env_info build gpu_tests bench step_batch step_compile

@@ -17,8 +17,9 @@
 //
 // What to expect: a tensor-core baseline meant to be correct, not a peak kernel. It compiles
 // (csrc/check_nvcc.sh) but has not yet run on a GPU: the gpu-marked tests of
-// tests/test_attention.py check it, benchmarks/bench_attention.py times it against SDPA, xformers
-// and the Triton kernels. Given the costs below, expect it behind SDPA's flash/efficient kernels:
+// tests/kernels/test_attention.py check it, benchmarks/bench_attention.py times it against SDPA,
+// xformers and the Triton kernels. Given the costs below, expect it behind SDPA's flash/efficient
+// kernels:
 //   * accumulators (O, dK, dV, dQ) live in shared memory in fp32 (WMMA's register layout is
 //     opaque and the forward rescales O row by row when the running max moves), so every
 //     streamed tile loads and stores the accumulator tile once more;

@@ -3,8 +3,8 @@
 Counting: matmul FLOPs only (2 per multiply-add: linear layers, the patch convolution, attention
 scores and weighted sums, the contrastive similarities); norms, softmax, activations and
 embedding look-ups are ignored, as in the PaLM / nanoGPT MFU convention and as
-``torch.utils.flop_counter.FlopCounterMode`` counts (tests/test_flops.py holds the two together
-on the real objective). A transformer layer of width ``d``, MLP ratio ``r`` and ``n`` tokens costs
+``torch.utils.flop_counter.FlopCounterMode`` counts (tests/engine/test_flops.py holds the two
+together on the real objective). A transformer layer of width ``d``, MLP ratio ``r`` and ``n`` tokens costs
 per token in the forward pass
 
     self-attention projections 8 d^2  +  MLP 4 r d^2  +  scores and weighted sum 4 n d

@@ -2,8 +2,8 @@
 // uses (csrc/distill_kl/distill_kl_kernel.h), checked against a float64 reference. It exists
 // because CI has no GPU: it exercises what only the CUDA kernel does (strided per-thread states
 // over 16-byte packs, threads without columns, xor-butterfly warp merges, the cross-warp merge).
-// Built and run by tests/test_distill_kl.py::test_cuda_reduction_order_on_host. Exit status 1 on
-// any mismatch.
+// Built and run by tests/kernels/test_distill_kl.py::test_cuda_reduction_order_on_host. Exit
+// status 1 on any mismatch.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

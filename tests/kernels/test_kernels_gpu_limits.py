@@ -2,13 +2,13 @@
 (batch x heads), tensors past 2^31 elements (int64 base offsets), fp32 head dim 256 (shared
 memory: only the unpipelined config fits), the autotuner's trial runs leaving the tile counter
 exact, launches on the tensors' device (two GPUs), and fp64 constants kept at fp64 precision.
-Helpers and tolerances come from the kernels' own test modules."""
+Helpers and tolerances: tests/_helpers/ (shared with the kernels' CPU tests)."""
 import pytest
 import torch
 
+from _helpers.attention import check_against_ref, make_inputs, tile_mask
+from _helpers.distill_kl import assert_matches, need_backend, run_backend, run_ref
 from r2d2.kernels import attention, attention_ref
-from test_attention import _check_against_ref, _inputs, _tile_mask
-from test_distill_kl import _assert_matches, _need, _ref_grad, _run
 
 
 @pytest.mark.gpu
@@ -56,10 +56,10 @@ def test_gpu_triton_attention_beyond_2_31_elements():
 def test_gpu_triton_attention_fp32_head_dim_256():
     # Every pipelined dK/dV and dQ config needs 192-416 KB of shared memory at fp32 D = 256;
     # only the small unpipelined config fits (sm_80 164 KB, sm_90 227 KB).
-    q, k, v, m = _inputs(2, 2, 97, 130, 256, device="cuda", mask="random")
-    _check_against_ref(q, k, v, m, "triton", tol=dict(atol=1e-4, rtol=1e-4))
-    q, k, v, _ = _inputs(2, 2, 97, 130, 256, device="cuda", mask=None)
-    _check_against_ref(q, k, v, None, "triton", tol=dict(atol=1e-4, rtol=1e-4))
+    q, k, v, m = make_inputs(2, 2, 97, 130, 256, device="cuda", mask="random")
+    check_against_ref(q, k, v, m, "triton", tol=dict(atol=1e-4, rtol=1e-4))
+    q, k, v, _ = make_inputs(2, 2, 97, 130, 256, device="cuda", mask=None)
+    check_against_ref(q, k, v, None, "triton", tol=dict(atol=1e-4, rtol=1e-4))
 
 
 @pytest.mark.gpu
@@ -69,9 +69,9 @@ def test_gpu_triton_attention_tile_count_on_first_call():
     from r2d2.kernels import attention_triton as at
 
     B, H, Lq, Lk, D = 3, 2, 83, 3 * 64 + 5, 64   # an Lq no other test tunes
-    q, k, v, _ = _inputs(B, H, Lq, Lk, D, dtype=torch.float16, device="cuda", mask=None)
+    q, k, v, _ = make_inputs(B, H, Lq, Lk, D, dtype=torch.float16, device="cuda", mask=None)
     q, k, v = q.detach(), k.detach(), v.detach()
-    m = _tile_mask(B, Lk, 64, device="cuda")
+    m = tile_mask(B, Lk, 64, device="cuda")
     cnt = torch.zeros(B * H, dtype=torch.int32, device="cuda")
     at.fwd(q, k, v, m, D ** -0.5, tile_count=cnt)
     cfg = at._attn_fwd_kernel.best_config.kwargs
@@ -88,7 +88,7 @@ def test_gpu_triton_kernels_launch_on_the_tensors_device():
     from r2d2.kernels import distill_kl
 
     with torch.cuda.device(0):
-        q, k, v, m = _inputs(2, 2, 33, 70, 64, dtype=torch.float16, device="cuda:1",
+        q, k, v, m = make_inputs(2, 2, 33, 70, 64, dtype=torch.float16, device="cuda:1",
                              mask="random")
         out = attention(q, k, v, key_padding_mask=m, backend="triton")
         torch.testing.assert_close(out.float(), attention_ref(q, k, v, m).float(), atol=2e-3,
@@ -109,8 +109,8 @@ def test_gpu_triton_kernels_launch_on_the_tensors_device():
 def test_gpu_triton_distill_kl_float64_keeps_fp64_precision(shape):
     # A float kernel argument is fp32 on a GPU; T = 3 makes 1/T and the gradient scale inexact
     # in fp32 (~3e-8), far outside float64's tolerances. The interpreter cannot show this.
-    _need("triton", "cuda")
+    need_backend("triton", "cuda")
     s = torch.randn(shape, dtype=torch.float64, device="cuda") * 3
     t = torch.randn(shape, dtype=torch.float64, device="cuda") * 3
-    out, grad = _run("triton", s, t, 3.0)
-    _assert_matches(out, grad, *_ref_grad(s, t, 3.0), torch.float64, 3.0)
+    out, grad = run_backend("triton", s, t, 3.0)
+    assert_matches(out, grad, *run_ref(s, t, 3.0), torch.float64, 3.0)

@@ -12,64 +12,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers.distill_kl import (
+    GPU_TOL,
+    TOL,
+    assert_matches,
+    need_backend,
+    rand_logits,
+    run_backend,
+    run_ref,
+)
 from r2d2 import _ext
 from r2d2.kernels import BackendUnavailable, DistillKLLoss, distill_kl, distill_kl_ref
-from r2d2.kernels.dispatch import why_unavailable
 from r2d2.kernels.distill_kl import saved_grad_dtype
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_OP = _ext.has_op("distill_kl_fwd")
-
-# dtype -> (loss rtol, grad rtol, grad atol as a fraction of max|grad|, grad atol absolute)
-TOL = {
-    torch.float32: (2e-5, 1e-4, 1e-6, 0.0),
-    torch.float64: (1e-10, 1e-9, 1e-12, 0.0),
-    torch.float16: (2e-5, 2e-3, 1e-4, 2.4e-7),  # 2.4e-7: four fp16 subnormal steps
-    torch.bfloat16: (2e-5, 1.6e-2, 1e-4, 0.0),  # 2 bf16 ulps
-}
-GPU_TOL = {  # nvcc --use_fast_math exp/log: a few fp32 ulps more on the loss
-    torch.float32: (1e-4, 1e-3, 1e-5, 0.0),
-    torch.float16: (1e-4, 2e-3, 1e-4, 2.4e-7),
-    torch.bfloat16: (1e-4, 1.6e-2, 1e-4, 0.0),
-    torch.float64: (1e-10, 1e-9, 1e-12, 0.0),  # doubles get no fast-math exp/log
-}
-
-
-def _need(backend: str, device: str = "cpu") -> None:
-    why = why_unavailable("distill_kl", backend, device)
-    if why is not None:
-        pytest.skip(why)
-
-
-def _logits(shape, dtype, device="cpu", scale=3.0):
-    # Scale 3 gives peaked, non-trivial distributions; fresh random values per call.
-    return (torch.randn(shape, device=device) * scale).to(dtype)
-
-
-def _ref_grad(student, teacher, temperature, reduction="batchmean", grad_out=None):
-    s = student.detach().clone().requires_grad_(True)
-    out = distill_kl_ref(s, teacher, temperature, reduction)
-    out.backward(grad_out if grad_out is not None else torch.ones_like(out))
-    return out.detach(), s.grad
-
-
-def _run(backend, student, teacher, temperature, reduction="batchmean", grad_out=None):
-    s = student.detach().clone().requires_grad_(True)
-    out = distill_kl(s, teacher, temperature=temperature, reduction=reduction, backend=backend)
-    out.backward(grad_out if grad_out is not None else torch.ones_like(out))
-    return out.detach(), s.grad
-
-
-def _assert_matches(out, grad, ref_out, ref_grad, dtype, temperature, tol=TOL, grad_dtype=None):
-    loss_rtol, grad_rtol, grad_arel, grad_aabs = tol[dtype]
-    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
-    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(out, ref_out, rtol=loss_rtol, atol=loss_rtol * temperature ** 2)
-    assert grad.dtype == (grad_dtype or dtype) and grad.shape == ref_grad.shape
-    gmax = ref_grad.abs().max().item()
-    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=grad_rtol,
-                               atol=grad_arel * gmax + grad_aabs)
-
 
 SHAPES = [(1, 1), (37, 1), (3, 7), (37, 7), (1, 1000), (37, 1000), (3, 32768), (2, 3, 7),
           (5, 1, 257)]
@@ -80,17 +37,17 @@ SHAPES = [(1, 1), (37, 1), (3, 7), (37, 7), (1, 1000), (37, 1000), (3, 32768), (
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(backend, shape, temperature, dtype):
-    _need(backend)
-    s, t = _logits(shape, dtype), _logits(shape, dtype)
-    out, grad = _run(backend, s, t, temperature)
-    _assert_matches(out, grad, *_ref_grad(s, t, temperature), dtype, temperature)
+    need_backend(backend)
+    s, t = rand_logits(shape, dtype), rand_logits(shape, dtype)
+    out, grad = run_backend(backend, s, t, temperature)
+    assert_matches(out, grad, *run_ref(s, t, temperature), dtype, temperature)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_eager_backend_is_the_reference(dtype):
-    s, t = _logits((7, 63), dtype), _logits((7, 63), dtype)
-    out, grad = _run("eager", s, t, 2.0)
-    ref_out, ref_grad = _ref_grad(s, t, 2.0)
+    s, t = rand_logits((7, 63), dtype), rand_logits((7, 63), dtype)
+    out, grad = run_backend("eager", s, t, 2.0)
+    ref_out, ref_grad = run_ref(s, t, 2.0)
     assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
     # ...and the reference is the definition: T^2 * mean_rows sum p (log p - log q), in float64.
     p = torch.softmax(t.double() / 2.0, -1)
@@ -102,30 +59,30 @@ def test_eager_backend_is_the_reference(dtype):
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_reductions_and_leading_dims(backend, reduction):
-    _need(backend)
+    need_backend(backend)
     shape = (2, 3, 257)
-    s, t = _logits(shape, torch.float32), _logits(shape, torch.float32)
+    s, t = rand_logits(shape, torch.float32), rand_logits(shape, torch.float32)
     # A random upstream gradient checks the per-row scaling of "none".
     g = torch.rand(2, 3) + 0.5 if reduction == "none" else torch.tensor(1.7)
-    out, grad = _run(backend, s, t, 2.0, reduction, grad_out=g)
-    ref_out, ref_grad = _ref_grad(s, t, 2.0, reduction, grad_out=g)
+    out, grad = run_backend(backend, s, t, 2.0, reduction, grad_out=g)
+    ref_out, ref_grad = run_ref(s, t, 2.0, reduction, grad_out=g)
     assert out.shape == ((2, 3) if reduction == "none" else ())
-    _assert_matches(out, grad, ref_out, ref_grad, torch.float32, 2.0)
+    assert_matches(out, grad, ref_out, ref_grad, torch.float32, 2.0)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_wide_rows_100k(backend):
-    _need(backend)
-    s, t = _logits((3, 100000), torch.float32), _logits((3, 100000), torch.float32)
-    out, grad = _run(backend, s, t, 1.0)
-    _assert_matches(out, grad, *_ref_grad(s, t, 1.0), torch.float32, 1.0)
+    need_backend(backend)
+    s, t = rand_logits((3, 100000), torch.float32), rand_logits((3, 100000), torch.float32)
+    out, grad = run_backend(backend, s, t, 1.0)
+    assert_matches(out, grad, *run_ref(s, t, 1.0), torch.float32, 1.0)
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_extreme_logits(backend, dtype):
     """+-1e4 logits (fp16 can hold them): near one-hot distributions, huge KL, finite values."""
-    _need(backend)
+    need_backend(backend)
     shape = (37, 257)
     s = ((torch.rand(shape) * 2 - 1) * 1e4).to(dtype)
     t = ((torch.rand(shape) * 2 - 1) * 1e4).to(dtype)
@@ -133,22 +90,22 @@ def test_extreme_logits(backend, dtype):
     # the 1e4 magnitude cancels exactly instead of rounding at ulp(1e4) ~ 1e-3.
     tol = TOL
     for temperature in (1.0, 4.0):
-        out, grad = _run(backend, s, t, temperature, "none")
-        ref_out, ref_grad = _ref_grad(s, t, temperature, "none")
+        out, grad = run_backend(backend, s, t, temperature, "none")
+        ref_out, ref_grad = run_ref(s, t, temperature, "none")
         assert ref_out.min() > 1.0  # the test means something: the distributions differ a lot
-        _assert_matches(out, grad, ref_out, ref_grad, dtype, temperature, tol)
+        assert_matches(out, grad, ref_out, ref_grad, dtype, temperature, tol)
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_equal_distributions_with_huge_offset(backend):
     """Student = teacher + 1e4: same distribution, KL = 0 up to the inputs' own rounding."""
-    _need(backend)
-    t = _logits((3, 1000), torch.float32)
+    need_backend(backend)
+    t = rand_logits((3, 1000), torch.float32)
     s = t + 1e4
-    out, grad = _run(backend, s, t, 1.0, "none")
+    out, grad = run_backend(backend, s, t, 1.0, "none")
     # Rounding s to fp32 at 1e4 perturbs each logit by up to 5e-4 (half an ulp), so the true KL
     # is ~1e-7 and the gradient ~1e-4: both must come out at that scale, not at ulp(1e4).
-    truth, truth_grad = _ref_grad(s.double(), t.double(), 1.0, "none")
+    truth, truth_grad = run_ref(s.double(), t.double(), 1.0, "none")
     assert (out.double() - truth).abs().max() < 1e-6
     assert truth_grad.abs().max() > 1e-5
     torch.testing.assert_close(grad.double(), truth_grad, rtol=0, atol=2e-6)
@@ -157,22 +114,22 @@ def test_equal_distributions_with_huge_offset(backend):
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_masked_teacher_classes(backend):
     """Teacher logits of -inf are zero-probability classes: they add 0, never NaN."""
-    _need(backend)
-    s, t = _logits((5, 300), torch.float32), _logits((5, 300), torch.float32)
+    need_backend(backend)
+    s, t = rand_logits((5, 300), torch.float32), rand_logits((5, 300), torch.float32)
     t[:, 17:130] = float("-inf")
     t[2, :299] = float("-inf")  # one row with a single class left
     s[4, 200:] = float("-inf")  # masked in the student where the teacher has no mass too
     t[4, 200:] = float("-inf")
-    out, grad = _run(backend, s, t, 2.0, "none")
-    ref_out, ref_grad = _ref_grad(s, t, 2.0, "none")
+    out, grad = run_backend(backend, s, t, 2.0, "none")
+    ref_out, ref_grad = run_ref(s, t, 2.0, "none")
     assert torch.isfinite(ref_out).all()
-    _assert_matches(out, grad, ref_out, ref_grad, torch.float32, 2.0)
+    assert_matches(out, grad, ref_out, ref_grad, torch.float32, 2.0)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_student_minus_inf_where_teacher_has_mass_is_inf(backend):
-    _need(backend)
-    s, t = _logits((2, 9), torch.float32), _logits((2, 9), torch.float32)
+    need_backend(backend)
+    s, t = rand_logits((2, 9), torch.float32), rand_logits((2, 9), torch.float32)
     s[0, 3] = float("-inf")
     out = distill_kl(s, t, reduction="none", backend=backend)
     assert out[0] == float("inf") and torch.isfinite(out[1])
@@ -181,7 +138,7 @@ def test_student_minus_inf_where_teacher_has_mass_is_inf(backend):
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_zero_rows_are_an_empty_batch(backend):
     """No rows: sum is 0 (as torch), none is empty, batchmean is 0 too (not 0/0 = NaN)."""
-    _need(backend)
+    need_backend(backend)
     for reduction, check in (("batchmean", lambda x: x == 0), ("sum", lambda x: x == 0),
                              ("none", lambda x: torch.tensor(x.shape == (4, 0)))):
         s = torch.randn(4, 0, 7, requires_grad=True)
@@ -193,9 +150,9 @@ def test_zero_rows_are_an_empty_batch(backend):
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_teacher_gets_no_gradient(backend):
-    _need(backend)
-    s = _logits((3, 7), torch.float32).requires_grad_(True)
-    t = _logits((3, 7), torch.float32).requires_grad_(True)
+    need_backend(backend)
+    s = rand_logits((3, 7), torch.float32).requires_grad_(True)
+    t = rand_logits((3, 7), torch.float32).requires_grad_(True)
     distill_kl(s, t, temperature=2.0, backend=backend).backward()
     assert t.grad is None
     assert s.grad is not None and s.grad.abs().sum() > 0
@@ -203,26 +160,26 @@ def test_teacher_gets_no_gradient(backend):
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_noncontiguous_and_no_grad(backend):
-    _need(backend)
-    s = _logits((63, 9), torch.float32).t()  # [9, 63], non-contiguous
-    t = _logits((9, 63), torch.float32)
+    need_backend(backend)
+    s = rand_logits((63, 9), torch.float32).t()  # [9, 63], non-contiguous
+    t = rand_logits((9, 63), torch.float32)
     ref = distill_kl_ref(s, t, 2.0, "none")
     with torch.no_grad():
         out = distill_kl(s, t, temperature=2.0, reduction="none", backend=backend)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=1e-5)
-    out, grad = _run(backend, s, t, 2.0)
-    _assert_matches(out, grad, *_ref_grad(s, t, 2.0), torch.float32, 2.0)
+    out, grad = run_backend(backend, s, t, 2.0)
+    assert_matches(out, grad, *run_ref(s, t, 2.0), torch.float32, 2.0)
 
 
 def test_module_and_backward_twice():
-    s = _logits((4, 33), torch.float32).requires_grad_(True)
-    t = _logits((4, 33), torch.float32)
+    s = rand_logits((4, 33), torch.float32).requires_grad_(True)
+    t = rand_logits((4, 33), torch.float32)
     loss = DistillKLLoss(temperature=2.0)(s, t)
     loss.backward(retain_graph=True)
     g1 = s.grad.clone()
     loss.backward()  # the saved gradient must not have been scaled in place
     torch.testing.assert_close(s.grad, 2 * g1)
-    torch.testing.assert_close(g1, _ref_grad(s, t, 2.0)[1], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g1, run_ref(s, t, 2.0)[1], rtol=1e-4, atol=1e-7)
 
 
 # ---- loss scaling: the saved gradient must not lose what a GradScaler's scale would keep ----
@@ -265,13 +222,13 @@ def test_gradient_under_loss_scaling_matches_eager(backend, dtype, case):
     pre-multiplied by 1/rows zeroed 61% of its elements at (4096, 1000); at (512, 1000) it leaves
     1.5% zero and 74% more than two roundings off, and even an unscaled fp16 store puts 0.7% off
     (those below fp16's 6e-8). bf16 has fp32's range: a guard that it stays one rounding away."""
-    _need(backend)
+    need_backend(backend)
     reduction, upstream = case
     rows, cols = 512, 1000
-    s, t = _logits((rows, cols), dtype), _logits((rows, cols), dtype)
+    s, t = rand_logits((rows, cols), dtype), rand_logits((rows, cols), dtype)
     g = upstream(rows)
-    out, grad = _run(backend, s, t, 2.0, reduction, grad_out=g)
-    ref_out, ref_grad = _ref_grad(s, t, 2.0, reduction, grad_out=g)
+    out, grad = run_backend(backend, s, t, 2.0, reduction, grad_out=g)
+    ref_out, ref_grad = run_ref(s, t, 2.0, reduction, grad_out=g)
     assert torch.isfinite(ref_grad).all() and (ref_grad != 0).float().mean() > 0.99
     torch.testing.assert_close(out, ref_out, rtol=2e-5, atol=1e-4)
     scale_rows = g / rows if reduction == "batchmean" else g.expand(rows)
@@ -281,7 +238,7 @@ def test_gradient_under_loss_scaling_matches_eager(backend, dtype, case):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_saved_gradient_dtype(backend):
     """fp16 saves the gradient in fp32 (fp16's range flushes it), the other dtypes in their own."""
-    _need(backend)
+    need_backend(backend)
     fwd = {"cpp": torch.ops.r2d2.distill_kl_fwd if HAS_OP else None}.get(backend)
     if backend == "triton":
         from r2d2.kernels import distill_kl_triton
@@ -289,7 +246,7 @@ def test_saved_gradient_dtype(backend):
         fwd = distill_kl_triton.fwd
     for dtype, want in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
                         (torch.float32, torch.float32), (torch.float64, torch.float64)):
-        s, t = _logits((3, 7), dtype), _logits((3, 7), dtype)
+        s, t = rand_logits((3, 7), dtype), rand_logits((3, 7), dtype)
         _, grad = fwd(s, t, 2.0, 1.0, True)
         assert grad.dtype == want == saved_grad_dtype(dtype)
 
@@ -297,7 +254,7 @@ def test_saved_gradient_dtype(backend):
 # ---- the Triton kernel's one-tile (one read) and streaming (two sweeps) paths ----
 
 def test_triton_one_tile_up_to_16384_columns():
-    _need("triton")
+    need_backend("triton")
     from r2d2.kernels import distill_kl_triton as k
 
     for cols in (1, 7, 1000, 4096, 16384):
@@ -309,21 +266,21 @@ def test_triton_one_tile_up_to_16384_columns():
 @pytest.mark.parametrize("cols", [16384, 16385], ids=["one_tile", "streaming"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_paths_at_the_boundary(cols, dtype):
-    _need("triton")
-    s, t = _logits((3, cols), dtype), _logits((3, cols), dtype)
+    need_backend("triton")
+    s, t = rand_logits((3, cols), dtype), rand_logits((3, cols), dtype)
     t[1, ::5] = float("-inf")  # masked classes on both paths
     g = torch.rand(3) + 0.5
-    out, grad = _run("triton", s, t, 2.0, "none", grad_out=g)
-    ref_out, ref_grad = _ref_grad(s, t, 2.0, "none", grad_out=g)
-    _assert_matches(out, grad, ref_out, ref_grad, dtype, 2.0)
+    out, grad = run_backend("triton", s, t, 2.0, "none", grad_out=g)
+    ref_out, ref_grad = run_ref(s, t, 2.0, "none", grad_out=g)
+    assert_matches(out, grad, ref_out, ref_grad, dtype, 2.0)
 
 
 # ---- temperature: a number or a 0-d tensor ----
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_temperature_as_a_0d_tensor(backend):
-    _need(backend)
-    s, t = _logits((5, 33), torch.float32), _logits((5, 33), torch.float32)
+    need_backend(backend)
+    s, t = rand_logits((5, 33), torch.float32), rand_logits((5, 33), torch.float32)
     want = distill_kl(s, t, temperature=2.0, reduction="none", backend=backend)
     for temp in (torch.tensor(2.0), torch.tensor(2.0, dtype=torch.float64), torch.tensor(2), 2):
         got = distill_kl(s, t, temperature=temp, reduction="none", backend=backend)
@@ -346,7 +303,7 @@ def test_temperature_rejections_say_what_is_accepted():
 # ---- the Triton launcher checks its arguments (the kernel would read out of bounds) ----
 
 def test_triton_launcher_validates_its_arguments():
-    _need("triton")
+    need_backend("triton")
     from r2d2.kernels import distill_kl_triton as k
 
     s, t = torch.randn(4, 9), torch.randn(4, 9)
@@ -397,13 +354,13 @@ def _poisoned_launch(backend, s, t, temperature, grad_scale):
 
 
 def _check_poisoned(backend, shape, dtype, device, tol):
-    s, t = _logits(shape, dtype, device), _logits(shape, dtype, device)
+    s, t = rand_logits(shape, dtype, device), rand_logits(shape, dtype, device)
     rows = shape[0]
     row_loss, grad = _poisoned_launch(backend, s, t, 2.0, 1.0 / rows)
-    ref_out, ref_grad = _ref_grad(s.to(saved_grad_dtype(dtype)), t.to(saved_grad_dtype(dtype)),
+    ref_out, ref_grad = run_ref(s.to(saved_grad_dtype(dtype)), t.to(saved_grad_dtype(dtype)),
                                   2.0, "none", grad_out=torch.full((rows,), 1.0 / rows,
                                                                    device=device))
-    _assert_matches(row_loss, grad, ref_out, ref_grad, dtype, 2.0, tol,
+    assert_matches(row_loss, grad, ref_out, ref_grad, dtype, 2.0, tol,
                     grad_dtype=saved_grad_dtype(dtype))
 
 
@@ -411,7 +368,7 @@ def _check_poisoned(backend, shape, dtype, device, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (37, 7), (3, 1000), (65, 33)], ids=str)
 def test_every_output_element_written(backend, shape, dtype):
-    _need(backend)
+    need_backend(backend)
     _check_poisoned(backend, shape, dtype, "cpu", TOL)
 
 
@@ -420,7 +377,7 @@ def test_every_output_element_written(backend, shape, dtype):
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_gradcheck_float64(backend, reduction):
-    _need(backend)
+    need_backend(backend)
     s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 7, dtype=torch.float64)
     assert torch.autograd.gradcheck(
@@ -453,7 +410,7 @@ def test_torch_compile_traces_the_op():
     t = torch.randn(5, 33)
     out = fn(s, t)
     out.backward()
-    ref_out, ref_grad = _ref_grad(s, t, 2.0)
+    ref_out, ref_grad = run_ref(s, t, 2.0)
     torch.testing.assert_close(out, ref_out, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(s.grad, ref_grad, rtol=1e-4, atol=1e-7)
 
@@ -468,7 +425,7 @@ def test_cuda_reduction_order_on_host(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler on PATH")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     exe = tmp_path / "block_reduce"
     subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(root / "csrc"),
                     str(root / "tests/cpp/distill_kl_block_reduce.cc"), "-o", str(exe)],
@@ -482,7 +439,7 @@ def test_cuda_reduction_order_on_host(tmp_path):
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_errors_name_the_argument(backend):
-    _need(backend)
+    need_backend(backend)
     s = torch.randn(3, 7)
     with pytest.raises(ValueError,
                        match=r"student_logits shape \(3, 7\).*teacher_logits shape \(3, 8\)"):
@@ -537,10 +494,10 @@ GPU_SHAPES = [(1, 1), (37, 7), (3, 1000), (257, 4096), (3, 32768), (2, 100000), 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gpu_matches_reference(backend, shape, dtype):
-    _need(backend, "cuda")
-    s, t = _logits(shape, dtype, "cuda"), _logits(shape, dtype, "cuda")
-    out, grad = _run(backend, s, t, 2.0)
-    _assert_matches(out, grad, *_ref_grad(s, t, 2.0), dtype, 2.0, GPU_TOL)
+    need_backend(backend, "cuda")
+    s, t = rand_logits(shape, dtype, "cuda"), rand_logits(shape, dtype, "cuda")
+    out, grad = run_backend(backend, s, t, 2.0)
+    assert_matches(out, grad, *run_ref(s, t, 2.0), dtype, 2.0, GPU_TOL)
 
 
 @pytest.mark.gpu
@@ -548,7 +505,7 @@ def test_gpu_matches_reference(backend, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (37, 7), (65, 4096), (3, 100000)], ids=str)
 def test_gpu_every_output_element_written(backend, shape, dtype):
-    _need(backend, "cuda")
+    need_backend(backend, "cuda")
     _check_poisoned(backend, shape, dtype, "cuda", GPU_TOL)
 
 
@@ -556,15 +513,15 @@ def test_gpu_every_output_element_written(backend, shape, dtype):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_extreme_logits_and_reductions(backend, dtype):
-    _need(backend, "cuda")
+    need_backend(backend, "cuda")
     shape = (4, 9, 1000)
     s = ((torch.rand(shape, device="cuda") * 2 - 1) * 1e4).to(dtype)
     t = ((torch.rand(shape, device="cuda") * 2 - 1) * 1e4).to(dtype)
     # Looser gradient tolerance than CPU: fast-math exp's error grows with |argument| (~1e4 here).
     tol = {dtype: (GPU_TOL[dtype][0], max(GPU_TOL[dtype][1], 2e-3), 2e-3, GPU_TOL[dtype][3])}
     for reduction in ("batchmean", "sum", "none"):
-        out, grad = _run(backend, s, t, 4.0, reduction)
-        _assert_matches(out, grad, *_ref_grad(s, t, 4.0, reduction), dtype, 4.0, tol)
+        out, grad = run_backend(backend, s, t, 4.0, reduction)
+        assert_matches(out, grad, *run_ref(s, t, 4.0, reduction), dtype, 4.0, tol)
 
 
 @pytest.mark.gpu
@@ -573,13 +530,13 @@ def test_gpu_extreme_logits_and_reductions(backend, dtype):
 @pytest.mark.parametrize("case", LOSS_SCALE_CASES, ids=lambda c: c[0])
 @pytest.mark.parametrize("cols", [1000, 32768], ids=["one_pass", "two_pass"])
 def test_gpu_gradient_under_loss_scaling_matches_eager(backend, dtype, case, cols):
-    _need(backend, "cuda")
+    need_backend(backend, "cuda")
     reduction, upstream = case
     rows = 512
-    s, t = _logits((rows, cols), dtype, "cuda"), _logits((rows, cols), dtype, "cuda")
+    s, t = rand_logits((rows, cols), dtype, "cuda"), rand_logits((rows, cols), dtype, "cuda")
     g = upstream(rows).cuda()
-    out, grad = _run(backend, s, t, 2.0, reduction, grad_out=g)
-    ref_out, ref_grad = _ref_grad(s, t, 2.0, reduction, grad_out=g)
+    out, grad = run_backend(backend, s, t, 2.0, reduction, grad_out=g)
+    ref_out, ref_grad = run_ref(s, t, 2.0, reduction, grad_out=g)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-3)
     scale_rows = g / rows if reduction == "batchmean" else g.expand(rows)
     # fast-math exp carries a few more ulps (GPU_TOL's reasoning)
@@ -589,18 +546,18 @@ def test_gpu_gradient_under_loss_scaling_matches_eager(backend, dtype, case, col
 @pytest.mark.gpu
 def test_gpu_cuda_misaligned_rows_use_the_scalar_path():
     """A row start that is not 16-byte aligned must not take the vector-load path."""
-    _need("cuda", "cuda")
+    need_backend("cuda", "cuda")
     buf = torch.randn(2, 7 * 64 + 1, device="cuda").half()
     s = buf[0, 1:].view(7, 64)  # contiguous, data pointer offset by one element
     t = buf[1, 1:].view(7, 64)
     assert s.is_contiguous() and s.data_ptr() % 16 != 0
-    out, grad = _run("cuda", s, t, 1.0)
-    _assert_matches(out, grad, *_ref_grad(s, t, 1.0), torch.float16, 1.0, GPU_TOL)
+    out, grad = run_backend("cuda", s, t, 1.0)
+    assert_matches(out, grad, *run_ref(s, t, 1.0), torch.float16, 1.0, GPU_TOL)
 
 
 @pytest.mark.gpu
 def test_gpu_gradcheck_cuda_float64():
-    _need("cuda", "cuda")
+    need_backend("cuda", "cuda")
     s = torch.randn(3, 7, dtype=torch.float64, device="cuda", requires_grad=True)
     t = torch.randn(3, 7, dtype=torch.float64, device="cuda")
     assert torch.autograd.gradcheck(lambda x: distill_kl(x, t, temperature=2.0, backend="cuda"),

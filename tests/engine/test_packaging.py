@@ -15,7 +15,7 @@ import tomllib
 
 from r2d2 import _build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- flags: a function of the torch version ----

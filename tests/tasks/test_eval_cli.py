@@ -13,11 +13,11 @@ from PIL import Image
 import r2d2.cli.eval as cli
 import r2d2.engine.tasks.config as eval_config
 import r2d2.engine.tasks.evaluate as evaluate
-from eval_stubs import StubModel
-from eval_stubs import load_stub_image as _load_image
-from eval_stubs import stub_tokenizer as _tokenizer
+from _helpers.eval_stubs import StubModel
+from _helpers.eval_stubs import load_stub_image as _load_image
+from _helpers.eval_stubs import stub_tokenizer as _tokenizer
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
 CONFIGS = os.path.join(ROOT, "r2d2", "configs")
 
 

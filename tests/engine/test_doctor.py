@@ -1,5 +1,5 @@
 """``r2d2 doctor`` tells the truth about this install, and the ``r2d2`` command's logging shows
-each auto backend pick once. (A broken or absent r2d2._C: tests/test_ext_fallback.py.)"""
+each auto backend pick once. (A broken or absent r2d2._C: tests/kernels/test_ext_fallback.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import logging
 import pytest
 import torch
 
-from r2d2 import _ext
-from r2d2 import cli
+from r2d2 import _ext, cli
 from r2d2.cli import doctor
 from r2d2.kernels import dispatch, distill_kl
 

@@ -12,6 +12,7 @@ fail here rather than at the start of a cluster run:
 import dataclasses
 import glob
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from r2d2.engine.config import load_config
 from r2d2.engine.model import model_preset
 from r2d2.engine.trainer import build_objective
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "r2d2", "configs", "*.yaml"))
                  if not os.path.basename(p).startswith("eval_"))
 

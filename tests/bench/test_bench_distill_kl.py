@@ -4,14 +4,12 @@ JSONL, with every field a result row must carry. (Timings are recorded, never as
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from r2d2.bench import bench_distill_kl as bench  # noqa: E402
-from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
+from r2d2.bench import bench_distill_kl as bench
+from r2d2.kernels.dispatch import why_unavailable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

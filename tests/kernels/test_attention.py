@@ -15,54 +15,12 @@ import math
 import pytest
 import torch
 
+from _helpers.attention import FP32_TOL, check_against_ref, grads, make_inputs, tile_mask
 from r2d2.kernels import BackendUnavailable, attention, attention_ref
 from r2d2.kernels.dispatch import triton_importable
 
 HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="triton not installed")
-FP32_TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-def _inputs(B, H, Lq, Lk, D, *, dtype=torch.float32, device="cpu", mask="random", layout="bhld"):
-    """Fresh random q/k/v (never zeros) and a key padding mask.
-
-    mask: None | "random" (keys dropped at random, the last batch row fully padded when B > 1)
-    | "lengths" (prefix-valid like padded captions, one row fully padded when B > 1).
-    layout "blhd" returns [B, H, L, D] views of [B, L, H, D] storage (what a model's head split
-    gives without a copy).
-    """
-    def make(L):
-        if layout == "blhd":
-            x = torch.randn(B, L, H, D, device=device).transpose(1, 2)
-        else:
-            x = torch.randn(B, H, L, D, device=device)
-        return x.to(dtype).requires_grad_()
-
-    q, k, v = make(Lq), make(Lk), make(Lk)
-    m = None
-    if mask == "random":
-        m = torch.rand(B, Lk, device=device) > 0.35
-        m[:, 0] = True  # every row but the last attends to something
-        if B > 1:
-            m[-1] = False
-    elif mask == "lengths":
-        lens = torch.randint(1, Lk + 1, (B,), device=device)
-        m = torch.arange(Lk, device=device)[None, :] < lens[:, None]
-        if B > 1:
-            m[0] = False
-    return q, k, v, m
-
-
-def _tile_mask(B, Lk, tile, device="cpu"):
-    """A key mask exercising the padding skip at ``tile`` keys per tile: row 0 attends to its
-    first tile + 5 keys (one partly padded tile, then only fully padded ones), row 1 has random
-    holes and its whole second tile padded, row 2 is fully padded, others random."""
-    m = torch.rand(B, Lk, device=device) > 0.3
-    m[0] = torch.arange(Lk, device=device) < tile + 5
-    m[1, 0], m[1, tile:2 * tile] = True, False
-    if B > 2:
-        m[2] = False
-    return m
 
 
 def _poison(x, m):
@@ -73,23 +31,6 @@ def _poison(x, m):
     bad = torch.tensor([float("nan"), float("inf"), -float("inf")], device=x.device)
     x[b, :, j] = bad[torch.arange(len(b), device=x.device) % 3].to(x.dtype)[:, None, None]
     return x
-
-
-def _grads(out, do, *xs):
-    return torch.autograd.grad(out, xs, do)
-
-
-def _check_against_ref(q, k, v, m, backend, scale=None, tol=FP32_TOL):
-    out = attention(q, k, v, key_padding_mask=m, scale=scale, backend=backend)
-    ref = attention_ref(q, k, v, m, scale=scale)
-    do = torch.randn_like(ref)
-    got = _grads(out, do, q, k, v)
-    want = _grads(ref, do, q, k, v)
-    assert out.shape == ref.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out, ref, **tol)
-    for name, g, w in zip("qkv", got, want):
-        torch.testing.assert_close(g, w, **tol, msg=lambda s, n=name: f"d{n}: {s}")
-    return out, got
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,39 +48,39 @@ TRITON_CASES = [  # (B, H, Lq, Lk, D, mask)
 @needs_triton
 @pytest.mark.parametrize("B,H,Lq,Lk,D,mask", TRITON_CASES)
 def test_triton_fp32_matches_ref(B, H, Lq, Lk, D, mask):
-    q, k, v, m = _inputs(B, H, Lq, Lk, D, mask=mask)
-    _check_against_ref(q, k, v, m, "triton")
+    q, k, v, m = make_inputs(B, H, Lq, Lk, D, mask=mask)
+    check_against_ref(q, k, v, m, "triton")
 
 
 @needs_triton
 @pytest.mark.parametrize("Lq,Lk", [(197, 23), (23, 197)])
 def test_triton_fp32_long_side(Lq, Lk):
     # A ViT-length side (197 = 196 patches + CLS), kept to one batch row, one head, D = 32.
-    q, k, v, m = _inputs(2, 1, Lq, Lk, 32, mask="random")
-    _check_against_ref(q, k, v, m, "triton")
+    q, k, v, m = make_inputs(2, 1, Lq, Lk, 32, mask="random")
+    check_against_ref(q, k, v, m, "triton")
 
 
 @pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("Lq,Lk,D", [(257, 257, 64), (64, 257, 80), (577, 64, 128)])
 def test_triton_fp32_r2d2_lengths_slow(Lq, Lk, D):
-    q, k, v, m = _inputs(2, 1, Lq, Lk, D, mask="lengths")
-    _check_against_ref(q, k, v, m, "triton")
+    q, k, v, m = make_inputs(2, 1, Lq, Lk, D, mask="lengths")
+    check_against_ref(q, k, v, m, "triton")
 
 
 @needs_triton
 def test_triton_strided_inputs_and_scale():
-    q, k, v, m = _inputs(2, 3, 9, 21, 32, mask="random", layout="blhd")
+    q, k, v, m = make_inputs(2, 3, 9, 21, 32, mask="random", layout="blhd")
     assert not q.is_contiguous()
-    _check_against_ref(q, k, v, m, "triton", scale=0.37)
+    check_against_ref(q, k, v, m, "triton", scale=0.37)
 
 
 def _check_fully_masked_rows(backend, Lq, Lk, D, **kw):
-    q, k, v, m = _inputs(3, 2, Lq, Lk, D, mask="random", **kw)
+    q, k, v, m = make_inputs(3, 2, Lq, Lk, D, mask="random", **kw)
     m[1] = False
     out = attention(q, k, v, key_padding_mask=m, backend=backend)
-    dq, dk, dv = _grads(out, torch.randn_like(out), q, k, v)
-    for b in (1, 2):  # row 2 (the last) is fully padded by _inputs too
+    dq, dk, dv = grads(out, torch.randn_like(out), q, k, v)
+    for b in (1, 2):  # row 2 (the last) is fully padded by make_inputs too
         assert torch.equal(out[b], torch.zeros_like(out[b]))
         assert torch.equal(dq[b], torch.zeros_like(dq[b]))
         assert torch.equal(dk[b], torch.zeros_like(dk[b]))
@@ -161,7 +102,7 @@ def test_triton_fully_masked_rows_are_zero_with_zero_grads():
 def test_triton_writes_every_output_element():
     from r2d2.kernels import attention_triton as at
 
-    q, k, v, m = _inputs(2, 2, 19, 37, 80, mask="random")
+    q, k, v, m = make_inputs(2, 2, 19, 37, 80, mask="random")
     q, k, v = q.detach(), k.detach(), v.detach()
     scale = 80 ** -0.5
     poison = lambda x: torch.full(x.shape, float("nan"))  # noqa: E731
@@ -181,17 +122,17 @@ def test_triton_skips_padding_tiles_and_ignores_padding_slots():
     (cfg,) = at._configs("fwd")  # the interpreter's single config
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     B, H, Lq, Lk, D = 3, 2, 21, 3 * bn + 5, 32
-    q, k, v, _ = _inputs(B, H, Lq, Lk, D, mask=None)
-    m = _tile_mask(B, Lk, bn)
+    q, k, v, _ = make_inputs(B, H, Lq, Lk, D, mask=None)
+    m = tile_mask(B, Lk, bn)
     kp, vp = (_poison(x, m).requires_grad_() for x in (k, v))
     # NaN/Inf in every padded key (whole padded tiles and the padded keys of partial tiles):
     # outputs and all gradients as if those slots held clean values.
     ref = attention_ref(q, k, v, m)
     out = attention(q, kp, vp, key_padding_mask=m, backend="triton")
     do = torch.randn_like(ref)
-    got = _grads(out, do, q, kp, vp)
+    got = grads(out, do, q, kp, vp)
     torch.testing.assert_close(out, ref, **FP32_TOL)
-    for name, g, w in zip("qkv", got, _grads(ref, do, q, k, v)):
+    for name, g, w in zip("qkv", got, grads(ref, do, q, k, v)):
         assert torch.isfinite(g).all(), f"d{name} not finite"
         torch.testing.assert_close(g, w, **FP32_TOL, msg=lambda s_, n=name: f"d{n}: {s_}")
     # Tiles processed, per (batch, head): only those with an attended key.
@@ -217,7 +158,7 @@ def test_triton_dropout_keep_fraction_and_exact_backward():
     from r2d2.kernels import attention_triton as at
 
     B, H, Lq, Lk, D, p = 2, 2, 23, 45, 32, 0.3
-    q, k, v, m = _inputs(B, H, Lq, Lk, D, mask="random")
+    q, k, v, m = make_inputs(B, H, Lq, Lk, D, mask="random")
     torch.manual_seed(123)
     out = attention(q, k, v, key_padding_mask=m, dropout_p=p, backend="triton")
     torch.manual_seed(123)
@@ -231,7 +172,7 @@ def test_triton_dropout_keep_fraction_and_exact_backward():
     ref = attention_ref(q, k, v, m, dropout_p=p, dropout_mask=keep)
     do = torch.randn_like(ref)
     torch.testing.assert_close(out, ref, **FP32_TOL)
-    for g, w in zip(_grads(out, do, q, k, v), _grads(ref, do, q, k, v)):
+    for g, w in zip(grads(out, do, q, k, v), grads(ref, do, q, k, v)):
         torch.testing.assert_close(g, w, **FP32_TOL)
     # A different seed draws a different mask.
     assert not torch.equal(keep, at.dropout_keep_mask(B, H, Lq, Lk, p, seed + 1, 0, q.device))
@@ -260,8 +201,8 @@ def test_triton_dropout_weight_mass_matches_p():
                                               (2, 2, 1, 7, 80, "lengths"),
                                               (2, 1, 197, 64, 64, None)])
 def test_sdpa_matches_ref(B, H, Lq, Lk, D, mask):
-    q, k, v, m = _inputs(B, H, Lq, Lk, D, mask=mask)
-    out, (_dq, dk, _dv) = _check_against_ref(q, k, v, m, "sdpa", scale=0.2,
+    q, k, v, m = make_inputs(B, H, Lq, Lk, D, mask=mask)
+    out, (_dq, dk, _dv) = check_against_ref(q, k, v, m, "sdpa", scale=0.2,
                                              tol=dict(atol=1e-5, rtol=1e-5))
     if m is not None:
         dead = ~m.any(-1)
@@ -275,7 +216,7 @@ def test_dropout_torch_backends_unbiased_and_zero_rows(backend):
     # v = 1 makes each output element the kept probability mass / (1 - p): mean 1 (unbiased).
     # q is scaled down so softmax rows are near uniform: per-row std ~0.26, the mean over 128
     # rows has std ~0.023, so 0.12 is a > 5 sigma bound.
-    _, k, _, m = _inputs(2, 2, 64, 24, 8, mask="random")
+    _, k, _, m = make_inputs(2, 2, 64, 24, 8, mask="random")
     q = 0.1 * torch.randn(2, 2, 64, 8)
     v = torch.ones(2, 2, 24, 8)
     out = attention(q, k, v, key_padding_mask=m, dropout_p=0.5, backend=backend)
@@ -285,7 +226,7 @@ def test_dropout_torch_backends_unbiased_and_zero_rows(backend):
 
 
 def test_xformers_unavailable_is_clear():
-    q, k, v, m = _inputs(1, 1, 3, 5, 8)
+    q, k, v, m = make_inputs(1, 1, 3, 5, 8)
     try:
         import xformers  # noqa: F401
         pytest.skip("xformers is installed: its unavailable path cannot be reached")
@@ -296,7 +237,7 @@ def test_xformers_unavailable_is_clear():
 
 
 def test_cuda_backend_on_cpu_is_clear():
-    q, k, v, m = _inputs(1, 1, 3, 5, 8)
+    q, k, v, m = make_inputs(1, 1, 3, 5, 8)
     with pytest.raises(BackendUnavailable, match="CUDA tensors"):
         attention(q, k, v, key_padding_mask=m, backend="cuda")
 
@@ -312,7 +253,7 @@ def test_cuda_backend_on_cpu_is_clear():
     (lambda q, k, v, m: (q, k.to("meta"), v.to("meta"), m), ValueError, "different devices"),
 ])
 def test_bad_input_errors(make, exc, match):
-    args = make(*_inputs(2, 2, 3, 5, 8))
+    args = make(*make_inputs(2, 2, 3, 5, 8))
     with pytest.raises(exc, match=match):
         attention(*args[:3], key_padding_mask=args[3], backend="eager")
 
@@ -322,14 +263,14 @@ def test_bad_input_errors(make, exc, match):
                                       (dict(scale=float("nan")), "scale"),
                                       (dict(backend="nope"), "unknown backend")])
 def test_bad_argument_errors(kw, match):
-    q, k, v, m = _inputs(1, 1, 3, 5, 8)
+    q, k, v, m = make_inputs(1, 1, 3, 5, 8)
     with pytest.raises((ValueError, BackendUnavailable), match=match):
         attention(q, k, v, key_padding_mask=m, **kw)
 
 
 @needs_triton
 def test_triton_rejects_float64():
-    q, k, v, m = _inputs(1, 1, 3, 5, 8, dtype=torch.float64)
+    q, k, v, m = make_inputs(1, 1, 3, 5, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         attention(q, k, v, key_padding_mask=m, backend="triton")
 
@@ -363,8 +304,8 @@ def _assert_fa_rule(out, got, q, k, v, m, do, dropout_p=0.0, keep=None):
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref32 = attention_ref(q32, k32, v32, m, dropout_p=dropout_p, dropout_mask=keep)
     lowpt = _plain_low_precision(q, k, v, m, dropout_p, keep)  # plain PyTorch computed in dtype
-    want = _grads(ref32, do.float(), q32, k32, v32)
-    base = _grads(lowpt, do, q, k, v)
+    want = grads(ref32, do.float(), q32, k32, v32)
+    base = grads(lowpt, do, q, k, v)
     assert torch.isfinite(out).all()
     assert (out.float() - ref32).abs().max() <= 2 * (lowpt.float() - ref32).abs().max() + 1e-3
     for name, g, w, b_ in zip("qkv", got, want, base):
@@ -375,10 +316,10 @@ def _assert_fa_rule(out, got, q, k, v, m, do, dropout_p=0.0, keep=None):
 
 
 def _fa_rule(backend, B, H, Lq, Lk, D, mask, dtype):
-    q, k, v, m = _inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=mask)
+    q, k, v, m = make_inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=mask)
     out = attention(q, k, v, key_padding_mask=m, backend=backend)
     do = torch.randn_like(out)
-    _assert_fa_rule(out, _grads(out, do, q, k, v), q, k, v, m, do)
+    _assert_fa_rule(out, grads(out, do, q, k, v), q, k, v, m, do)
 
 
 @pytest.mark.gpu
@@ -392,8 +333,8 @@ def test_gpu_low_precision_flash_rule(backend, dtype, B, H, Lq, Lk, D, mask):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda", "sdpa"])
 def test_gpu_fp32_matches_ref(backend):
-    q, k, v, m = _inputs(3, 2, 65, 129, 64, device="cuda", mask="random")
-    _check_against_ref(q, k, v, m, backend, tol=dict(atol=1e-4, rtol=1e-4))
+    q, k, v, m = make_inputs(3, 2, 65, 129, 64, device="cuda", mask="random")
+    check_against_ref(q, k, v, m, backend, tol=dict(atol=1e-4, rtol=1e-4))
 
 
 @pytest.mark.gpu
@@ -407,21 +348,21 @@ def test_gpu_dropout_exact_against_shared_philox_mask(backend, dtype):
     from r2d2.kernels import attention_triton as at
 
     B, H, Lq, Lk, D, p = 2, 2, 33, 70, 64, 0.2
-    q, k, v, m = _inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask="random")
+    q, k, v, m = make_inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask="random")
     torch.manual_seed(7)
     out = attention(q, k, v, key_padding_mask=m, dropout_p=p, backend=backend)
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     keep = at.dropout_keep_mask(B, H, Lq, Lk, p, seed, 0, "cuda")
     do = torch.randn_like(out)
-    got = _grads(out, do, q, k, v)
+    got = grads(out, do, q, k, v)
     if dtype != torch.float32:
         _assert_fa_rule(out, got, q, k, v, m, do, dropout_p=p, keep=keep)
         return
     ref = attention_ref(q, k, v, m, dropout_p=p, dropout_mask=keep)
     tol = dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, ref, **tol)
-    for g, w in zip(got, _grads(ref, do, q, k, v)):
+    for g, w in zip(got, grads(ref, do, q, k, v)):
         torch.testing.assert_close(g, w, **tol)
 
 
@@ -450,19 +391,19 @@ def test_gpu_padding_slots_cannot_leak(backend, dtype):
     # 64-key tiles (CUDA's; Triton's 32/64/128 autotuned ones) fully and partly padded, NaN/Inf in
     # every padded key of K and V: outputs and gradients as if the padding held clean values.
     B, H, Lq, Lk, D = 3, 2, 70, 3 * 64 + 5, 64
-    q, k, v, _ = _inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=None)
-    m = _tile_mask(B, Lk, 64, device="cuda")
+    q, k, v, _ = make_inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=None)
+    m = tile_mask(B, Lk, 64, device="cuda")
     kp, vp = (_poison(x, m).requires_grad_() for x in (k, v))
     out = attention(q, kp, vp, key_padding_mask=m, backend=backend)
     do = torch.randn_like(out)
-    got = _grads(out, do, q, kp, vp)
+    got = grads(out, do, q, kp, vp)
     if dtype != torch.float32:
         _assert_fa_rule(out, got, q, k, v, m, do)
         return
     ref = attention_ref(q, k, v, m)
     tol = dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, ref, **tol)
-    for g, w in zip(got, _grads(ref, do, q, k, v)):
+    for g, w in zip(got, grads(ref, do, q, k, v)):
         torch.testing.assert_close(g, w, **tol)
 
 
@@ -484,7 +425,7 @@ def test_gpu_odd_head_dims_and_layouts(backend, dtype, D, layout):
     # (scalar loads), D = 8 pads to DP = 32; "blhd" are strided views the binding must copy;
     # "misaligned" tensors are contiguous but start 1 element past a 16-byte boundary, so the
     # vector-load alignment check must fall back (a wrong check faults: misaligned address).
-    q, k, v, m = _inputs(2, 3, 37, 45, D, dtype=dtype, device="cuda", mask="random",
+    q, k, v, m = make_inputs(2, 3, 37, 45, D, dtype=dtype, device="cuda", mask="random",
                          layout="blhd" if layout == "blhd" else "bhld")
     if layout == "misaligned":
         def shift(x):
@@ -494,18 +435,18 @@ def test_gpu_odd_head_dims_and_layouts(backend, dtype, D, layout):
         q, k, v = map(shift, (q, k, v))
         assert q.is_contiguous() and q.data_ptr() % 16 != 0
     if dtype == torch.float32:
-        _check_against_ref(q, k, v, m, backend, tol=dict(atol=1e-4, rtol=1e-4))
+        check_against_ref(q, k, v, m, backend, tol=dict(atol=1e-4, rtol=1e-4))
         return
     out = attention(q, k, v, key_padding_mask=m, backend=backend)
     do = torch.randn_like(out)
-    _assert_fa_rule(out, _grads(out, do, q, k, v), q, k, v, m, do)
+    _assert_fa_rule(out, grads(out, do, q, k, v), q, k, v, m, do)
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_ext_opcheck():
     if not hasattr(torch.ops.r2d2, "attention_fwd"):
         pytest.fail("r2d2._C has no attention_fwd: rebuild the extension with CUDA")
-    q, k, v, m = _inputs(2, 2, 7, 19, 64, dtype=torch.float16, device="cuda", mask="random")
+    q, k, v, m = make_inputs(2, 2, 7, 19, 64, dtype=torch.float16, device="cuda", mask="random")
     args = (q.detach(), k.detach(), v.detach(), m, 0.125, 0.0, 0, 0)
     torch.library.opcheck(torch.ops.r2d2.attention_fwd.default, args)
 
@@ -523,7 +464,7 @@ def test_cuda_dropout_stream_equals_triton_on_host(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler on PATH")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     exe = tmp_path / "attention_philox"
     subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(root / "csrc"),
                     str(root / "tests/cpp/attention_philox.cc"), "-o", str(exe)], check=True)
@@ -539,7 +480,7 @@ def test_cuda_dropout_stream_equals_triton_on_host(tmp_path):
 
 @needs_triton
 def test_triton_inference_path_without_grad():
-    q, k, v, m = _inputs(2, 2, 7, 19, 32, mask="lengths")
+    q, k, v, m = make_inputs(2, 2, 7, 19, 32, mask="lengths")
     with torch.no_grad():
         out = attention(q, k, v, key_padding_mask=m, backend="triton")
     assert out.grad_fn is None
@@ -549,7 +490,7 @@ def test_triton_inference_path_without_grad():
 @pytest.mark.gpu
 def test_gpu_xformers_matches_ref():
     pytest.importorskip("xformers", reason="xformers not installed on this GPU machine")
-    q, k, v, m = _inputs(3, 2, 65, 129, 64, dtype=torch.float16, device="cuda", mask="random")
+    q, k, v, m = make_inputs(3, 2, 65, 129, 64, dtype=torch.float16, device="cuda", mask="random")
     out = attention(q, k, v, key_padding_mask=m, backend="xformers")
     torch.testing.assert_close(out.float(), attention_ref(q.float(), k.float(), v.float(), m),
                                atol=2e-3, rtol=2e-3)
@@ -560,7 +501,7 @@ def test_gpu_xformers_matches_ref():
 def test_gpu_cuda_bwd_opcheck():
     if not hasattr(torch.ops.r2d2, "attention_bwd"):
         pytest.fail("r2d2._C has no attention_bwd: rebuild the extension with CUDA")
-    q, k, v, m = _inputs(2, 2, 7, 19, 64, dtype=torch.float16, device="cuda", mask="random")
+    q, k, v, m = make_inputs(2, 2, 7, 19, 64, dtype=torch.float16, device="cuda", mask="random")
     q, k, v = q.detach(), k.detach(), v.detach()
     o, lse = torch.ops.r2d2.attention_fwd(q, k, v, m, 0.125, 0.0, 0, 0)
     args = (torch.randn_like(o), q, k, v, o, lse, m, 0.125, 0.0, 0, 0)

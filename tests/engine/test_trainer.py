@@ -1,13 +1,14 @@
 """The training loop on small objectives: accumulation equivalence (corrupt samples replaced or dropped),
 non-finite steps, skip-rate errors, SIGTERM, the log/plot/TensorBoard outputs (read back), the
 schedule and weight-decay groups, WebDataset past one pass, ddp/fsdp presets in one process; and the
-tiny R2D2 run's loss falling. (The analytic FLOPs are tests/test_flops.py's.)"""
+tiny R2D2 run's loss falling. (The analytic FLOPs are tests/engine/test_flops.py's.)"""
 
 import json
 import os
 import random
 import signal
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from r2d2.engine.observability import read_log
 from r2d2.engine.tokenizer import build_tokenizer
 from r2d2.engine.trainer import Trainer, TrainingError, lr_factor, param_groups
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
          "--train.eval_at_end=false"]
 

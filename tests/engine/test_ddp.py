@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 
 from r2d2.engine.observability import read_log
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 STEPS = 6
 COMMON = ["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), f"--train.max_steps={STEPS}",
           "--train.log_every=1", "--train.checkpoint_every=0", "--data.batch_size=16",

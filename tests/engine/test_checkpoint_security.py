@@ -10,6 +10,7 @@ import datetime
 import os
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +18,19 @@ import torch
 import torch.nn as nn
 
 from r2d2 import cli
-from r2d2.engine.checkpoint import (Checkpointer, TrainState, UnsafeCheckpointError, load_weights,
-                                    rng_state, safe_load, set_rng_state)
+from r2d2.engine.checkpoint import (
+    Checkpointer,
+    TrainState,
+    UnsafeCheckpointError,
+    load_weights,
+    rng_state,
+    safe_load,
+    set_rng_state,
+)
 from r2d2.engine.config import load_config
 from r2d2.engine.observability import read_log
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
 QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
          "--train.eval_at_end=false"]

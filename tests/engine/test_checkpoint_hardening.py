@@ -9,17 +9,19 @@ counts from the checkpoint's config or requires --preset (14)."""
 import errno
 import io
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 import r2d2.engine.checkpoint as C
+from _helpers.layouts import official_cfg, official_names
 from r2d2 import cli
 from r2d2.engine.config import ConfigError, load_config
 from r2d2.engine.trainer import TrainingError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
 QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
          "--train.eval_at_end=false"]
@@ -231,11 +233,6 @@ def test_latest_naming_a_missing_file(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- item 14 (convert)
 def _official(tmp_path, heads, with_config):
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_loaders import official_cfg, official_names
-
     from r2d2.engine.model import R2D2Model
 
     cfg = official_cfg()

@@ -3,15 +3,15 @@ status"): 0 success; 2 the command cannot run as given (usage, config, an input 
 does not exist, an ``--out`` that cannot be written), found before any work; 1 the run started
 and failed. Each failure is one line on stderr unless ``R2D2_DEBUG=1``."""
 
-import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from r2d2 import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
 QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
          "--train.eval_at_end=false"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 
 from r2d2.cli.train import finetune, pretrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 TINY = ["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), "--logging.progress=false",
         "--logging.tensorboard=false", "--logging.plot=false", "--train.eval_at_end=false"]
 

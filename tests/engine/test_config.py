@@ -3,14 +3,15 @@
 import glob
 import os
 import random
+from pathlib import Path
 
 import pytest
 import yaml
 
-from r2d2.engine.config import ConfigError, RunConfig, load_config, parse_overrides
 from r2d2.cli.train import parse
+from r2d2.engine.config import ConfigError, RunConfig, load_config, parse_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 # training presets (the eval_*.yaml files are `r2d2 eval` configs with their own schema)
 PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "r2d2", "configs", "*.yaml"))
                  if not os.path.basename(p).startswith("eval_"))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from r2d2.engine.checkpoint import Checkpointer, TrainState
 from r2d2.engine.observability import read_log
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])
 STEPS = 16
 ARGS = ["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), f"--train.max_steps={STEPS}",
         "--train.checkpoint_every=3", "--train.log_every=1", "--train.deterministic=true",

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval_stubs import Rec, StubModel, TableScorer
-from eval_stubs import grid_sim as _grid_sim
-from eval_stubs import load_stub_image as _load_image
-from eval_stubs import stub_tokenizer as _tokenizer
+from _helpers.eval_stubs import Rec, StubModel, TableScorer
+from _helpers.eval_stubs import grid_sim as _grid_sim
+from _helpers.eval_stubs import load_stub_image as _load_image
+from _helpers.eval_stubs import stub_tokenizer as _tokenizer
 from r2d2.engine.metrics import retrieval_metrics
 from r2d2.engine.tasks.rerank import OUTSIDE_SHIFT, rerank, shard_rows, topk_stable
 

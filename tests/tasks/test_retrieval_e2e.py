@@ -1,14 +1,14 @@
 """End to end on the engine: retrieval fine-tuning (GCPR + FGR) of the tiny preset on the embedded
 synthetic set with the Trainer, then two-stage evaluation of held-out pairs. Slow (a few CPU
-minutes): ``pytest -m slow tests/test_retrieval_e2e.py``."""
+minutes): ``pytest -m slow tests/tasks/test_retrieval_e2e.py``."""
 
 import os
 
 import pytest
 
-from eval_stubs import Rec
+from _helpers.eval_stubs import Rec
 
-CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "r2d2", "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "r2d2", "configs")
 
 # The recipe and the held-out set; the measured margins below are for exactly these.
 RECIPE = [

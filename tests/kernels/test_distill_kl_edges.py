@@ -1,22 +1,30 @@
-"""distill_kl edge cases beyond tests/test_distill_kl.py (whose helpers and tolerances these use):
-non-finite logits, fp64 paths, layouts the CUDA vector path must refuse, the out variant, the
-current stream and CUDA graphs, opcheck, and int64 offsets. All but the first need a GPU."""
+"""distill_kl edge cases beyond test_distill_kl.py (helpers and tolerances shared with it:
+tests/_helpers/distill_kl.py): non-finite logits, fp64 paths, layouts the CUDA vector path must
+refuse, the out variant, the current stream and CUDA graphs, opcheck, and int64 offsets. All but
+the first need a GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from _helpers.distill_kl import (
+    GPU_TOL,
+    assert_matches,
+    need_backend,
+    rand_logits,
+    run_backend,
+    run_ref,
+)
 from r2d2.kernels import distill_kl, distill_kl_ref
-from test_distill_kl import GPU_TOL, _assert_matches, _logits, _need, _ref_grad, _run
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_nan_logit_makes_the_row_nan(backend):
     """A NaN logit is never dropped: partial states (256-column chunks on cpp, per-thread parts on
     CUDA) holding only NaN / -inf must carry it into the merged row (it used to give a finite loss)."""
-    _need(backend)
-    s, t = _logits((4, 600), torch.float32), _logits((4, 600), torch.float32)
+    need_backend(backend)
+    s, t = rand_logits((4, 600), torch.float32), rand_logits((4, 600), torch.float32)
     t[0, 5] = float("nan")
     t[1, 256:512] = float("-inf")
     t[1, 300] = float("nan")
@@ -31,10 +39,10 @@ def test_nan_logit_makes_the_row_nan(backend):
 @pytest.mark.parametrize("shape", [(37, 1000), (3, 5000), (3, 1001), (2, 8193)], ids=str)
 def test_gpu_cuda_float64_paths(shape):
     """fp64 vector one pass (1000), vector two pass (5000 > 4096), scalar (odd widths)."""
-    _need("cuda", "cuda")
-    s, t = _logits(shape, torch.float64, "cuda"), _logits(shape, torch.float64, "cuda")
-    out, grad = _run("cuda", s, t, 2.0)
-    _assert_matches(out, grad, *_ref_grad(s, t, 2.0), torch.float64, 2.0, GPU_TOL)
+    need_backend("cuda", "cuda")
+    s, t = rand_logits(shape, torch.float64, "cuda"), rand_logits(shape, torch.float64, "cuda")
+    out, grad = run_backend("cuda", s, t, 2.0)
+    assert_matches(out, grad, *run_ref(s, t, 2.0), torch.float64, 2.0, GPU_TOL)
 
 
 @pytest.mark.gpu
@@ -43,14 +51,14 @@ def test_gpu_cuda_float64_paths(shape):
 def test_gpu_masked_and_nonfinite_logits(backend, cols):
     """-inf classes (whole warps without teacher mass, one class left), then -inf / NaN where
     they make the row infinite or NaN, the other rows untouched."""
-    _need(backend, "cuda")
-    s, t = _logits((6, cols), torch.float32, "cuda"), _logits((6, cols), torch.float32, "cuda")
+    need_backend(backend, "cuda")
+    s, t = rand_logits((6, cols), torch.float32, "cuda"), rand_logits((6, cols), torch.float32, "cuda")
     t[:, 17:cols // 2] = float("-inf")
     t[2, :cols - 1] = float("-inf")
     s[4, cols // 2:] = float("-inf")
     t[4, cols // 2:] = float("-inf")
-    out, grad = _run(backend, s, t, 2.0, "none")
-    _assert_matches(out, grad, *_ref_grad(s, t, 2.0, "none"), torch.float32, 2.0, GPU_TOL)
+    out, grad = run_backend(backend, s, t, 2.0, "none")
+    assert_matches(out, grad, *run_ref(s, t, 2.0, "none"), torch.float32, 2.0, GPU_TOL)
     s2, t2 = s.clone(), t.clone()
     s2[0, 3] = float("-inf")
     t2[1, cols - 1] = float("nan")
@@ -64,34 +72,34 @@ def test_gpu_masked_and_nonfinite_logits(backend, cols):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_gpu_cuda_no_grad_noncontiguous_and_misaligned_teacher(dtype):
-    _need("cuda", "cuda")
-    s = _logits((64, 37), dtype, "cuda").t()  # non-contiguous [37, 64]
-    t = _logits((37 * 64 + 1,), dtype, "cuda")[1:].view(37, 64)  # one element off 16 bytes
+    need_backend("cuda", "cuda")
+    s = rand_logits((64, 37), dtype, "cuda").t()  # non-contiguous [37, 64]
+    t = rand_logits((37 * 64 + 1,), dtype, "cuda")[1:].view(37, 64)  # one element off 16 bytes
     ref = distill_kl_ref(s, t, 2.0, "none")
     with torch.no_grad():  # need_grad=False: the kernel's grad pointer is null
         out = distill_kl(s, t, temperature=2.0, reduction="none", backend="cuda")
     torch.testing.assert_close(out, ref, rtol=GPU_TOL[dtype][0], atol=GPU_TOL[dtype][0] * 4)
-    out_g, grad = _run("cuda", s, t, 2.0, "none")
-    _assert_matches(out_g, grad, *_ref_grad(s, t, 2.0, "none"), dtype, 2.0, GPU_TOL)
+    out_g, grad = run_backend("cuda", s, t, 2.0, "none")
+    assert_matches(out_g, grad, *run_ref(s, t, 2.0, "none"), dtype, 2.0, GPU_TOL)
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_out_variant_with_misaligned_grad():
-    _need("cuda", "cuda")
-    s, t = _logits((5, 64), torch.float32, "cuda"), _logits((5, 64), torch.float32, "cuda")
+    need_backend("cuda", "cuda")
+    s, t = rand_logits((5, 64), torch.float32, "cuda"), rand_logits((5, 64), torch.float32, "cuda")
     loss = torch.full((5,), float("nan"), device="cuda")
     gbuf = torch.full((5 * 64 + 1,), float("nan"), device="cuda")
     grad = gbuf[1:].view(5, 64)  # a vector store here would fault (misaligned address)
     torch.ops.r2d2.distill_kl_fwd_out(s, t, 2.0, 1.0, loss, grad)
-    _assert_matches(loss, grad, *_ref_grad(s, t, 2.0, "none"), torch.float32, 2.0, GPU_TOL)
+    assert_matches(loss, grad, *run_ref(s, t, 2.0, "none"), torch.float32, 2.0, GPU_TOL)
     assert gbuf[0].isnan()  # nothing written before the view
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_runs_on_the_current_stream():
     """Graph capture fails on a legacy-stream launch, and replay misses a side-stream one."""
-    _need("cuda", "cuda")
-    s, t = _logits((33, 1000), torch.float16, "cuda"), _logits((33, 1000), torch.float16, "cuda")
+    need_backend("cuda", "cuda")
+    s, t = rand_logits((33, 1000), torch.float16, "cuda"), rand_logits((33, 1000), torch.float16, "cuda")
     loss, grad = torch.empty(33, device="cuda"), torch.empty(33, 1000, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -101,19 +109,19 @@ def test_gpu_cuda_runs_on_the_current_stream():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         torch.ops.r2d2.distill_kl_fwd_out(s, t, 2.0, 1.0, loss, grad)
-    s.copy_(_logits((33, 1000), torch.float16, "cuda"))
+    s.copy_(rand_logits((33, 1000), torch.float16, "cuda"))
     loss.fill_(float("nan"))
     grad.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()
-    _assert_matches(loss, grad, *_ref_grad(s.float(), t.float(), 2.0, "none"), torch.float16,
+    assert_matches(loss, grad, *run_ref(s.float(), t.float(), 2.0, "none"), torch.float16,
                     2.0, GPU_TOL, grad_dtype=torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("need_grad", [True, False])
 def test_gpu_opcheck_cuda(need_grad):
-    _need("cuda", "cuda")
+    need_backend("cuda", "cuda")
     s, t = torch.randn(5, 33, device="cuda"), torch.randn(5, 33, device="cuda")
     torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd.default, (s, t, 2.0, 0.2, need_grad))
     torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd.default,
@@ -126,7 +134,7 @@ def test_gpu_opcheck_cuda(need_grad):
 @pytest.mark.slow
 def test_gpu_cuda_rows_past_2_31_elements():
     """rows * cols > 2^31: the last rows' offsets need int64."""
-    _need("cuda", "cuda")
+    need_backend("cuda", "cuda")
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs ~40 GiB of GPU memory")
     rows, cols = 2**31 // 8192 + 3, 8192  # bf16, one-pass vector path, ~13 GB in all
@@ -134,5 +142,5 @@ def test_gpu_cuda_rows_past_2_31_elements():
     t = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
     loss, grad = torch.ops.r2d2.distill_kl_fwd(s, t, 2.0, 1.0, True)
     tail = slice(rows - 4, rows)
-    _assert_matches(loss[tail], grad[tail], *_ref_grad(s[tail], t[tail], 2.0, "none"),
+    assert_matches(loss[tail], grad[tail], *run_ref(s[tail], t[tail], 2.0, "none"),
                     torch.bfloat16, 2.0, GPU_TOL)

@@ -11,6 +11,7 @@ measured there, with every runnable candidate running.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +184,7 @@ def test_auto_env_override_and_bounded_measurement(auto_on_cpu, monkeypatch):
     mm = torch.ones(256, 257, dtype=torch.bool)
     probe = call_probe(qm, qm, mm, 0.0, grad=True)
     assert (probe.H, probe.Lq, probe.Lk, probe.D) == (12, 257, 257, 64)
-    assert 1 <= probe.B and probe.B * 12 * 257 * 257 <= MAX_SCORES
+    assert probe.B >= 1 and probe.B * 12 * 257 * 257 <= MAX_SCORES
     assert probe.mask.shape == (probe.B, 257)
 
 
@@ -296,10 +297,9 @@ def test_resumed_run_takes_the_picks_of_its_checkpoint(clean_picks, tmp_path, ca
     import os
 
     # CPU training measures nothing: the pick is injected as if a GPU run had measured it
-
     from r2d2.cli.train import pretrain
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(Path(__file__).resolve().parents[2])
     args = ["--config", os.path.join(root, "r2d2", "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
             "--train.checkpoint_every=1", "--data.batch_size=4", "--data.synthetic_size=16",
             "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
