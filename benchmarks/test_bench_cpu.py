@@ -17,11 +17,11 @@ import os
 if "TRITON_INTERPRET" not in os.environ:  # before anything imports triton (see tests/conftest.py)
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from r2d2.kernels import attention, contrastive_loss, distill_kl  # noqa: E402
-from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
+from r2d2.kernels import attention, contrastive_loss, distill_kl
+from r2d2.kernels.dispatch import why_unavailable
 
 
 def _fwd_bwd(loss_fn, leaves):

@@ -11,14 +11,14 @@ on ``r2d2.kernels``). As a library it stays silent until the application configu
 ``r2d2`` command shows INFO and above on stderr (``-q``/``-v`` or ``R2D2_LOG_LEVEL`` change that).
 """
 
+import contextlib as _contextlib
 import logging as _logging
 
 # torch first: r2d2._C links against libc10/libtorch, which the dynamic loader finds only once
 # torch has loaded them, so `import r2d2._C` on its own works (no rpath into another package).
-try:
+# Every real use needs torch and says so; `r2d2 --version` does not.
+with _contextlib.suppress(ImportError):
     import torch as _torch  # noqa: F401
-except ImportError:  # every real use needs torch and says so; `r2d2 --version` does not
-    pass
 
 # The library convention: no output unless the application asks (and no "no handlers" notice).
 _logging.getLogger("r2d2").addHandler(_logging.NullHandler())

@@ -21,7 +21,7 @@ REBUILD = "pip install --no-build-isolation -e ."
 BUILD = "r2d2 doctor --build"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[object | None, str | None]:
     """(module, None) or (None, why it is unavailable)."""
     import torch  # noqa: F401  (the extension links against torch's libraries)

@@ -185,7 +185,7 @@ def _build_locked(p: dict, force: bool):
                     extra_cuda_cflags=p["nvcc"] or None, extra_include_paths=[str(p["csrc"])],
                     build_directory=str(d), with_cuda=p["cuda"], is_python_module=False,
                     verbose=False)
-        except Exception as e:  # compile or link error: ninja's output is in the message
+        except Exception as e:  # noqa: BLE001 - compile or link error: ninja's output is in the message
             log.write_text(f"{type(e).__name__}: {e}\n")
             failed.write_text(str(log) + "\n")
             raise JitError(f"compiling r2d2._C for {p['what']} failed (log: {log}); ops fall "

@@ -36,9 +36,9 @@ import torch
 if not torch.cuda.is_available():  # the Triton interpreter must be chosen before triton imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from r2d2.bench import harness  # noqa: E402
-from r2d2.kernels import attention  # noqa: E402
-from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
+from r2d2.bench import harness
+from r2d2.kernels import attention
+from r2d2.kernels.dispatch import why_unavailable
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -116,7 +116,7 @@ def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
         shape["padded"] = c["kmask"]
         extra = {"key_padding": round(pad, 4), "dtype": dt}
 
-        def no_timing(label, status, error):
+        def no_timing(label, status, error, shape=shape, extra=extra):
             print(f"[{status}] {shape_str(shape)} {label}: {error}", file=sys.stderr)
             for mode in MODES:
                 sink.add(harness.status_row(op="attention", provider=label, mode=mode,
@@ -129,7 +129,7 @@ def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
                 no_timing(label, "skipped", why)
                 continue
 
-            def fwd(backend=backend, sdp=sdp):
+            def fwd(backend=backend, sdp=sdp, q=q, k=k, v=v, mask=mask):
                 if sdp is None:
                     return attention(q, k, v, key_padding_mask=mask, backend=backend)
                 from torch.nn.attention import sdpa_kernel

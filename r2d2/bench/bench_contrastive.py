@@ -41,12 +41,12 @@ if "TRITON_INTERPRET" not in os.environ:
     if not _t.cuda.is_available():  # the interpreter must be chosen before triton is imported
         os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from r2d2.bench import harness  # noqa: E402
-from r2d2.kernels.contrastive import contrastive_loss, contrastive_loss_ref  # noqa: E402
-from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
+from r2d2.bench import harness
+from r2d2.kernels.contrastive import contrastive_loss, contrastive_loss_ref
+from r2d2.kernels.dispatch import why_unavailable
 
 ALPHA = 0.4
 SCALE = 1 / 0.07

@@ -31,10 +31,10 @@ import sys
 
 import torch
 
-from r2d2.bench import harness  # noqa: E402
-from r2d2.kernels import distill_kl  # noqa: E402
-from r2d2.kernels.dispatch import why_unavailable  # noqa: E402
-from r2d2.kernels.distill_kl import saved_grad_dtype  # noqa: E402
+from r2d2.bench import harness
+from r2d2.kernels import distill_kl
+from r2d2.kernels.dispatch import why_unavailable
+from r2d2.kernels.distill_kl import saved_grad_dtype
 
 TEMPERATURE = 2.0
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -79,7 +79,7 @@ def run(device: str, quick: bool, shapes: list[tuple[int, int]] | None = None,
                                             dtype=str(dtype).removeprefix("torch.")))
                 continue
 
-            def fwd(backend=backend):
+            def fwd(backend=backend, student=student, teacher=teacher):
                 return distill_kl(student, teacher, temperature=TEMPERATURE, backend=backend)
 
             for mode, (fn, grad_to_none) in harness.modes(fwd, [student]).items():
@@ -99,7 +99,8 @@ def _shape(text: str) -> tuple[int, int]:
     try:
         r, c = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected ROWSxCOLS, e.g. 4096x4096")
+        raise argparse.ArgumentTypeError(
+            f"--shape {text!r}: expected ROWSxCOLS, e.g. 4096x4096") from None
     if r < 1 or c < 1:
         raise argparse.ArgumentTypeError(f"--shape {text!r}: rows and cols must be >= 1")
     return r, c

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from r2d2.bench import harness  # noqa: E402
+from r2d2.bench import harness
 
 DOCS = harness.REPO_ROOT / "docs" / "benchmarks.md"  # --write-docs: from a checkout only
 BEGIN, END = "<!-- comm-model:begin (bench_scaling.py --write-docs) -->", "<!-- comm-model:end -->"
@@ -180,9 +180,8 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, device: str, preset: str, batch: int, steps: int,
             threads: int, result_path: str, loss: dict, warmup: int = 2) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from bench_step import Step, synthetic_batch
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(threads)
     cuda = device == "cuda"

@@ -46,12 +46,12 @@ import contextlib
 import gc
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from r2d2.bench import harness  # noqa: E402
+from r2d2.bench import harness
 
 CONFIGS = ("eager", "eager+compile", "ours", "ours+compile", "apex")
 
@@ -434,7 +434,7 @@ def max_batch_rows(preset: str, device: str, plan: Plan, sink: harness.RowWriter
         try:
             step = Step(preset, config, device, eager_attention=plan.eager_attention,
                         checkpointing=True)
-            found = largest_batch(lambda n: fits(step, n), start=plan.max_batch_start,
+            found = largest_batch(lambda n, step=step: fits(step, n), start=plan.max_batch_start,
                                   cap=plan.max_batch_cap, granularity=plan.max_batch_granularity,
                                   deadline=deadline)
             rows.append(sink.add(harness.make_row(

@@ -37,9 +37,9 @@ import statistics
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -191,7 +191,7 @@ def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: flo
 
     call = fn
     if grad_to_none:
-        def call():  # noqa: E306  (reset grads inside the timed region: cheap, like do_bench's)
+        def call():  # reset grads inside the timed region: cheap, like do_bench's
             for t in grad_to_none:
                 t.grad = None
             return fn()
@@ -304,7 +304,7 @@ def modes(fwd: Callable[[], object], inputs: Iterable[torch.Tensor],
 # environment and rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_name(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -321,7 +321,7 @@ def device_name(device: str | torch.device = "cpu") -> str:
     return f"cpu ({cpu}, {n} thread{'' if n == 1 else 's'})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cmd(*args: str) -> str | None:
     try:
         return subprocess.run(args, capture_output=True, text=True, timeout=10,
@@ -330,7 +330,7 @@ def _cmd(*args: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run_id() -> str:
     """Which run a row belongs to: ``$R2D2_BENCH_RUN`` (``r2d2 bench`` and gpu_session.sh set one
     for all their scripts) or one per process. Ratios pair rows of one run only, so a results
@@ -338,7 +338,7 @@ def run_id() -> str:
     return os.environ.get("R2D2_BENCH_RUN") or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def environment(device: str | torch.device) -> dict:
     """Fields identifying the run: device, driver, versions, git sha (dirty-marked)."""
     try:
@@ -390,19 +390,19 @@ def measured_peaks(device: str | torch.device) -> dict:
     return _measured_peaks(str(torch.device(device)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured_peaks(device: str) -> dict:
     if not _is_cuda(device):
         return {}
     try:
         src = torch.randn(1 << 28, device=device)  # 1 GiB: far larger than any L2
         dst = torch.empty_like(src)
-        copy_ms = measure(lambda: dst.copy_(src), device=device).median_ms
+        copy_ms = measure(functools.partial(dst.copy_, src), device=device).median_ms
         del src, dst
         n = 8192
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
         b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        mm_ms = measure(lambda: a @ b, device=device).median_ms
+        mm_ms = measure(functools.partial(torch.matmul, a, b), device=device).median_ms
         del a, b
     except torch.cuda.OutOfMemoryError:
         return {}

@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from r2d2.bench import harness  # noqa: E402
+from r2d2.bench import harness
 
 
 def _f(x, spec: str) -> str:

@@ -38,7 +38,7 @@ import os
 import sys
 import tempfile
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from r2d2 import __version__
 from r2d2.engine.errors import RUN_EXIT, USAGE_EXIT, RunError, UsageError, exit_code

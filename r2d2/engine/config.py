@@ -38,8 +38,16 @@ import yaml
 from r2d2.engine.data import ccmb
 from r2d2.engine.losses import LossConfig
 from r2d2.engine.model.config import DEFAULT_PRESET, ModelConfig, model_preset
-from r2d2.engine.validate import (ConfigError, ConfigFileNotFound, build, choice, in_range,
-                                  merge, numbers, positive)
+from r2d2.engine.validate import (
+    ConfigError,
+    ConfigFileNotFound,
+    build,
+    choice,
+    in_range,
+    merge,
+    numbers,
+    positive,
+)
 from r2d2.kernels.dispatch import KernelConfig
 
 __all__ = ["PRESETS_DIR", "ConfigError", "ConfigFileNotFound", "DataConfig", "DistributedConfig",

@@ -427,9 +427,8 @@ def _bwd_rows_kernel(
                               SINGLE, BLOCK_D, PREC)
             if not SINGLE:  # the next tile re-reads the rows just written
                 tl.debug_barrier()
-    if HAS_DQ:
-        if SINGLE:
-            _store_acc(out, rows, rmask, mult, acc, D, BLOCK_D)
+    if HAS_DQ and SINGLE:
+        _store_acc(out, rows, rmask, mult, acc, D, BLOCK_D)
     tl.store(ds_ptr + pid * SPLIT + sp, tl.sum(ds, 0) * cn)
 
 
@@ -478,9 +477,8 @@ def _bwd_cols_kernel(
                               acc, D, SINGLE, BLOCK_D, PREC)
             if not SINGLE:  # the next tile re-reads the rows just written
                 tl.debug_barrier()
-    if HAS_DK:
-        if SINGLE:
-            _store_acc(out, cols, cmask, mult, acc, D, BLOCK_D)
+    if HAS_DK and SINGLE:
+        _store_acc(out, cols, cmask, mult, acc, D, BLOCK_D)
     tl.store(dsc_ptr + sp.to(tl.int64) * n + cols, dsc * cn, mask=cmask)
 
 
@@ -514,7 +512,7 @@ class Tiles:
     def bwd_cols_tile(self) -> tuple[int, int]:
         return self.block_c, self.block_r     # (columns owned, rows streamed) per program
 
-    def resolved(self, d: int, device: torch.device) -> "Tiles":
+    def resolved(self, d: int, device: torch.device) -> Tiles:
         small = device.type == "cpu" or triton_interpret()
         dflt = default_tiles(d, small)
         progs = self.programs

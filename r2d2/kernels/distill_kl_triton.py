@@ -62,7 +62,7 @@ def _distill_kl_fwd_kernel(
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
 ):
-    if ACC == tl.float64:
+    if ACC == tl.float64:  # noqa: SIM300 - ACC is a constexpr argument, not a constant
         # Float kernel arguments are fp32 on a GPU (the interpreter keeps Python's double): rebuild
         # the fp64 constants from their fp32 head and tail (~48 bits, far below fp64 tolerances).
         inv_t = tl.cast(inv_t, ACC) + tl.cast(inv_t_lo, ACC)

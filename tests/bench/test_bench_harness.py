@@ -9,6 +9,7 @@ kernel scripts' rows. The communication model and gpu_session.sh: test_bench_sca
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -237,7 +239,7 @@ def test_plot_ticks_are_few_and_apart(lo, hi):
     ticks = report.ratio_ticks(lo, hi)
     assert 1.0 in ticks and 1 <= len(ticks) <= 7 and all(lo <= t <= hi for t in ticks)
     gap = (math.log(hi) - math.log(lo)) / 8
-    assert all(math.log(b / a) >= gap for a, b in zip(ticks, ticks[1:]))
+    assert all(math.log(b / a) >= gap for a, b in itertools.pairwise(ticks))
 
 
 def test_plot_has_no_minor_labels(tmp_path, monkeypatch):
@@ -301,7 +303,7 @@ def test_largest_batch_stops_at_the_deadline():
 class _FakeStep:
     """Stands in for bench_step.Step: no model, raises what its config is told to."""
 
-    raises: dict = {}
+    raises: ClassVar[dict] = {}
 
     def __init__(self, preset, config, device, **kw):
         self.config = config

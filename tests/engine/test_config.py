@@ -119,13 +119,13 @@ def test_resolved_config_round_trips(tmp_path):
     cfg.save(path)
     again = load_config(path)
     assert again == cfg
-    assert yaml.safe_load(open(path))["train"]["seed"] == seed
+    assert yaml.safe_load(Path(path).read_text())["train"]["seed"] == seed
 
 
 def test_cli_checks_task_against_command():
     with pytest.raises(ConfigError, match="use r2d2 finetune"):
         parse("pretrain", ["--out", "x", "--train.task=retrieval"])
-    with pytest.raises(ConfigError, match="needs train.task=retrieval or matching"):
+    with pytest.raises(ConfigError, match=r"needs train\.task=retrieval or matching"):
         parse("finetune", ["--out", "x"])
     cfg, args = parse("finetune", ["--out", "x", "--train.task=matching", "--resume"])
     assert args.resume and cfg.train.task == "matching"
@@ -204,7 +204,7 @@ def test_data_path_with_the_synthetic_format_is_an_error_when_it_cannot_be_infer
 
 def test_a_config_file_setting_synthetic_and_a_path_is_an_error(tmp_path):
     (tmp_path / "c.yaml").write_text("data:\n  format: synthetic\n  path: train.jsonl\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="with data.format=synthetic, which reads no file"):
+    with pytest.raises(ConfigError, match=r"with data\.format=synthetic, which reads no file"):
         load_config(str(tmp_path / "c.yaml"))
     # an explicit format beside the path is taken as given
     assert load_config(TINY_YAML, ["--data.path=x.txt", "--data.format=ccmb_flickr30k_cna"]).notes == []

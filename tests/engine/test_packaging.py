@@ -34,7 +34,7 @@ def test_cxx_standard_follows_torch(version, std):
 
 
 def test_too_old_torch_is_refused_and_pyproject_agrees():
-    with pytest.raises(ValueError, match="needs torch >= 2.4"):
+    with pytest.raises(ValueError, match=r"needs torch >= 2\.4"):
         _build.cxx_flags("2.3.1")
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"torch>={'.'.join(map(str, _build.MIN_TORCH))}" in deps
@@ -190,7 +190,7 @@ def test_presets_ship_in_the_package_and_resolve_by_name(tmp_path, monkeypatch):
     (tmp_path / "tiny.yaml").write_text("train:\n  max_steps: 7\n")
     assert resolve_config_path("tiny.yaml") == "tiny.yaml"  # a file always wins
     assert load_config("tiny.yaml").train.max_steps == 7
-    with pytest.raises(ConfigFileNotFound, match="no such file or preset tinny .*presets: .*tiny"):
+    with pytest.raises(ConfigFileNotFound, match=r"no such file or preset tinny .*presets: .*tiny"):
         resolve_config_path("tinny")
     with pytest.raises(ConfigFileNotFound, match=r"^--config: no such file elsewhere/tiny.yaml$"):
         resolve_config_path("elsewhere/tiny.yaml")

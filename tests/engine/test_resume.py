@@ -131,7 +131,7 @@ def test_checkpoint_files_are_pruned_and_restore_rng(tmp_path):
     assert torch.equal(torch.rand(3), after_save)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
     (tmp_path / "checkpoints" / "latest").write_text("step_000009.pt\n")
-    with pytest.raises(FileNotFoundError, match="step_000009.pt, which does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"step_000009\.pt, which does not exist"):
         ck.latest()
 
 

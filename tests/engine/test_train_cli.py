@@ -89,7 +89,7 @@ def test_base_preset_runs_as_one_process_on_shards(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "distributed.strategy=ddp needs several processes" in r.stdout
-    rows = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
 
 
@@ -268,7 +268,7 @@ def test_truncated_shards_are_in_the_log_row(tmp_path, capsys, caplog):
                    "--train.checkpoint_every=0"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err[-2000:]
-    rows = [json.loads(x) for x in open(out / "log.jsonl")]
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["truncated_shards"] >= 1 and rows[0]["truncated_shards"] <= rows[-1]["truncated_shards"]
     assert all(r["skipped"] == 0 and "truncated_shard" not in r["skip_reasons"] for r in rows)
     assert "shard-0.tar is damaged" in caplog.text  # the r2d2 command prints it on stderr

@@ -176,7 +176,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path):
     tr, _ = _trainer(tmp_path, args, obj)
     res = tr.fit()
     assert res.stopped_by_signal and res.step == 3
-    assert open(tmp_path / "checkpoints" / "latest").read().strip() == "step_000003.pt"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000003.pt"
     tr, _ = _trainer(tmp_path, args, resume=True)
     res = tr.fit()
     assert res.step == 6 and not res.stopped_by_signal
@@ -290,7 +290,7 @@ def test_tiny_r2d2_run_loss_falls(tmp_path):
     assert rows[-1]["tflops"] > 0
     assert os.path.isfile(tmp_path / "config.yaml") and os.path.isfile(tmp_path / "loss.png")
     assert os.path.isfile(tmp_path / "model" / "config.json") and os.path.isfile(tmp_path / "model" / "vocab.txt")
-    ev = json.load(open(tmp_path / "eval.json"))
+    ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["n_images"] == 32 and 0 <= ev["i2t_r1"] <= 100
     assert ev["rerank_k"] == 16 and 0 <= ev["pre_rank+rank"]["mean_recall"] <= 100  # tiny has cross encoders
 

@@ -114,7 +114,7 @@ def test_auto_picks_the_fastest_injected_candidate_per_class(auto_on_cpu, monkey
         monkeypatch.setattr(attn_mod, name, lambda *a, _r=real, _n=name, **kw: (
             ran.append(_n), _r(*a, **kw))[1])
     caplog.set_level("INFO", logger="r2d2.kernels")
-    q, k, v, m = _inputs(2, 2, 20, 24, 32, mask="random")
+    _q, k, v, m = _inputs(2, 2, 20, 24, 32, mask="random")
     cases = [  # (Lq, masked, no_grad) -> backend that must run
         ((20, True, False), "_fused"), ((30, True, False), "_fused"),  # one class (Lq <= 32)
         ((20, True, True), "attention_ref"), ((20, False, False), "attention_sdpa"),
@@ -161,7 +161,7 @@ def test_auto_failing_candidate_is_reported_never_cached_as_none(auto_on_cpu, mo
     assert len(warn) == 1 and "'sdpa' failed" in warn[0].getMessage()
     assert "sdpa kernel refused" in warn[0].getMessage()
     broken.add("eager")  # every candidate fails: a clear error, and nothing remembered
-    with pytest.raises(RuntimeError, match="no candidate ran.*sdpa: RuntimeError.*eager: Runt"):
+    with pytest.raises(RuntimeError, match=r"no candidate ran.*sdpa: RuntimeError.*eager: Runt"):
         attention(q, k, v)
     assert len(attn_mod.auto_picks()) == 1
     broken.clear()  # the next call of that class measures again

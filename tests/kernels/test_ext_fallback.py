@@ -84,7 +84,7 @@ def fallback_runs(tmp_path_factory):
         pkg = package_copy(tmp_path_factory.mktemp(ext), ext)
         procs[ext] = (pkg, start_python(pkg, FALLBACK.format(pkg=str(pkg))))
     runs = {}
-    for ext, (pkg, proc) in procs.items():
+    for ext, (_pkg, proc) in procs.items():
         out, err = proc.communicate(timeout=300)
         runs[ext] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return runs

@@ -205,7 +205,8 @@ def test_zeroshot_preset_and_docs_use_the_default_templates():
 
     cfg = eval_config.load_eval_config(os.path.join(CONFIGS, "eval_zeroshot.yaml"), [], "zeroshot")
     assert tuple(cfg.zeroshot.templates) == DEFAULT_TEMPLATES
-    doc = open(os.path.join(ROOT, "docs", "downstream.md"), encoding="utf-8").read()
+    with open(os.path.join(ROOT, "docs", "downstream.md"), encoding="utf-8") as f:
+        doc = f.read()
     section = doc[doc.index("## Zero-shot classification"):]
     assert all(f"`{t}`" in section for t in DEFAULT_TEMPLATES)
     assert section.count("{}") == len(DEFAULT_TEMPLATES)  # and no other template is listed
