@@ -50,7 +50,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _load_build_module():
     """r2d2/_build.py by path: the flag and toolkit logic shared with the first-use build
     (r2d2/_jit.py), loaded without importing the package, whose __init__ imports torch."""
-    spec = importlib.util.spec_from_file_location("r2d2_build", os.path.join(HERE, "r2d2", "_build.py"))
+    spec = importlib.util.spec_from_file_location(
+        "r2d2_build", os.path.join(HERE, "r2d2", "_build.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -121,10 +123,13 @@ def _ext_modules():
     except ImportError:
         # An isolated build (plain `pip install .`, `pip wheel .`) has no torch, and installing
         # one here would build against a torch other than the user's: ship the sources instead.
-        print("r2d2: no torch in the build environment (pip's build isolation): installing "
-              "without r2d2._C; it is compiled on first use against the torch you run "
-              "(`r2d2 doctor --build` does it now). `pip install --no-build-isolation .` builds "
-              "it here instead.", file=sys.stderr)
+        print(
+            "r2d2: no torch in the build environment (pip's build isolation): installing "
+            "without r2d2._C; it is compiled on first use against the torch you run "
+            "(`r2d2 doctor --build` does it now). `pip install --no-build-isolation .` builds "
+            "it here instead.",
+            file=sys.stderr,
+        )
         return [], cmdclass
 
     debug = _env_flag("DEBUG")
@@ -143,13 +148,19 @@ def _ext_modules():
         if why:
             sys.exit(why)
         if home is None:
-            print("r2d2: torch has CUDA but no CUDA toolkit (nvcc) was found; "
-                  "building the CPU part only", file=sys.stderr)
+            print(
+                "r2d2: torch has CUDA but no CUDA toolkit (nvcc) was found; "
+                "building the CPU part only",
+                file=sys.stderr,
+            )
             want_cuda = False
         else:
             if home != ce.CUDA_HOME:
-                print(f"r2d2: using the CUDA toolkit in {home} (torch guessed {ce.CUDA_HOME}, "
-                      f"which has no include/{CUDA_HEADER})", file=sys.stderr)
+                print(
+                    f"r2d2: using the CUDA toolkit in {home} (torch guessed {ce.CUDA_HOME}, "
+                    f"which has no include/{CUDA_HEADER})",
+                    file=sys.stderr,
+                )
                 # torch's builder reads the module global (nvcc, include and library paths);
                 # the environment carries it to ninja's subprocesses.
                 ce.CUDA_HOME = home
@@ -170,11 +181,12 @@ def _ext_modules():
             "r2d2._C",
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags(torch.__version__, debug, cuda=True),
-                                "nvcc": nvcc},
+            extra_compile_args={
+                "cxx": cxx_flags(torch.__version__, debug, cuda=True),
+                "nvcc": nvcc,
+            },
         )
-        print(f"r2d2: building r2d2._C with CUDA for sm {';'.join(cuda_archs())}",
-              file=sys.stderr)
+        print(f"r2d2: building r2d2._C with CUDA for sm {';'.join(cuda_archs())}", file=sys.stderr)
     else:
         ext = ce.CppExtension(
             "r2d2._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}

@@ -29,6 +29,7 @@ def _fwd_bwd(loss_fn, leaves):
         for t in leaves:
             t.grad = None
         loss_fn().backward()
+
     return run
 
 
@@ -50,18 +51,36 @@ def test_attention(benchmark, backend):
     q, k, v = (torch.randn(4, 4, 64, 32, generator=g).requires_grad_(True) for _ in range(3))
     mask = torch.arange(64)[None, :] < torch.tensor([64, 40, 17, 1])[:, None]  # ragged padding
     benchmark.group = "attention fwd+bwd B4 H4 L64 D32 padded fp32"
-    benchmark(_fwd_bwd(lambda: attention(q, k, v, key_padding_mask=mask, backend=backend).sum(),
-                       [q, k, v]))
+    benchmark(
+        _fwd_bwd(
+            lambda: attention(q, k, v, key_padding_mask=mask, backend=backend).sum(), [q, k, v]
+        )
+    )
 
 
 @pytest.mark.parametrize("backend", ["eager"])
 def test_contrastive(benchmark, backend):
     g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(256, 128, generator=g), dim=-1).requires_grad_(True)
-    txt = torch.nn.functional.normalize(torch.randn(256, 128, generator=g), dim=-1).requires_grad_(True)
+    img = torch.nn.functional.normalize(torch.randn(256, 128, generator=g), dim=-1).requires_grad_(
+        True
+    )
+    txt = torch.nn.functional.normalize(torch.randn(256, 128, generator=g), dim=-1).requires_grad_(
+        True
+    )
     timg, ttxt = img.detach().roll(1, 1), txt.detach().roll(1, 1)
     scale = torch.tensor(1 / 0.07)
     benchmark.group = "contrastive fwd+bwd b256 d128 fp32 (+teacher)"
-    benchmark(_fwd_bwd(lambda: contrastive_loss(img, txt, scale, teacher_image_feat=timg,
-                                                teacher_text_feat=ttxt, distill_alpha=0.4,
-                                                backend=backend), [img, txt]))
+    benchmark(
+        _fwd_bwd(
+            lambda: contrastive_loss(
+                img,
+                txt,
+                scale,
+                teacher_image_feat=timg,
+                teacher_text_feat=ttxt,
+                distill_alpha=0.4,
+                backend=backend,
+            ),
+            [img, txt],
+        )
+    )

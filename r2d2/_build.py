@@ -31,7 +31,12 @@ DEFAULT_CUDA_HOME = "/usr/local/cuda"  # the conventional root, torch's own last
 
 
 def env_flag(name: str, env=None) -> bool:
-    return (env if env is not None else os.environ).get(name, "0").lower() in ("1", "true", "yes", "on")
+    return (env if env is not None else os.environ).get(name, "0").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
 
 
 def torch_version_tuple(version: str) -> tuple[int, int]:
@@ -53,8 +58,9 @@ def cxx_flags(torch_version: str, debug: bool = False, cuda: bool = False) -> li
     """Host-compiler flags of the ``.cpp`` files for ``torch_version``. ValueError for a torch
     older than :data:`MIN_TORCH`, whose headers lack what the sources use."""
     if torch_version_tuple(torch_version) < MIN_TORCH:
-        raise ValueError(f"r2d2._C needs torch >= {'.'.join(map(str, MIN_TORCH))}; "
-                         f"this is torch {torch_version}")
+        raise ValueError(
+            f"r2d2._C needs torch >= {'.'.join(map(str, MIN_TORCH))}; this is torch {torch_version}"
+        )
     flags = ["-O0", "-g"] if debug else ["-O3"]
     flags.append(f"-std={cxx_std(torch_version)}")
     if cuda:
@@ -69,8 +75,10 @@ def cuda_archs(raw: str | None = None) -> list[str]:
     archs = [a.strip().replace(".", "") for a in raw.split(";") if a.strip()]
     bad = [a for a in archs if not re.fullmatch(r"\d+[a-z]?", a)]
     if bad:
-        raise ValueError(f"r2d2: R2D2_CUDA_ARCHS={raw!r}: {bad} are not SM versions; expected a "
-                         "semicolon list such as \"80;90\" or \"8.0;9.0a\"")
+        raise ValueError(
+            f"r2d2: R2D2_CUDA_ARCHS={raw!r}: {bad} are not SM versions; expected a "
+            'semicolon list such as "80;90" or "8.0;9.0a"'
+        )
     return archs
 
 
@@ -91,11 +99,15 @@ def nvcc_flags(debug: bool, archs: list[str] | None = None) -> list[str]:
         top = str(max(int(re.match(r"\d+", a).group()) for a in archs))
         gencode += ["-gencode", f"arch=compute_{top},code=compute_{top}"]
     opt = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
-    return opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
-                  "-DR2D2_WITH_CUDA=1"] + gencode
+    return (
+        opt
+        + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-DR2D2_WITH_CUDA=1"]
+        + gencode
+    )
 
 
 # ---- the CUDA toolkit ----
+
 
 def _has_cuda_header(root) -> bool:
     return bool(root) and os.path.isfile(os.path.join(root, "include", CUDA_HEADER))
@@ -108,9 +120,14 @@ def nvcc_toolkit_roots(nvcc: str, timeout: float = 60.0) -> list:
     nvcc has no toolkit around it, but the real nvcc's dry run names its own folder."""
     roots = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
     try:
-        res = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                             stdin=subprocess.DEVNULL)
+        res = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-E", os.devnull],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         out = res.stdout or ""
     except (OSError, subprocess.SubprocessError):
         out = ""
@@ -135,8 +152,10 @@ def find_cuda_home(env, torch_guess, nvcc_on_path, default=DEFAULT_CUDA_HOME):
 
     env: the environment (CUDA_HOME / CUDA_PATH, used as given when set); torch_guess: torch's
     ``cpp_extension.CUDA_HOME``; nvcc_on_path: ``shutil.which("nvcc")`` or None."""
-    fix = ("set CUDA_HOME to the CUDA toolkit's root (the folder with bin/nvcc and include/"
-           f"{CUDA_HEADER}), or R2D2_FORCE_CPU=1 (CPU part only) / R2D2_SKIP_EXT=1 (no extension)")
+    fix = (
+        "set CUDA_HOME to the CUDA toolkit's root (the folder with bin/nvcc and include/"
+        f"{CUDA_HEADER}), or R2D2_FORCE_CPU=1 (CPU part only) / R2D2_SKIP_EXT=1 (no extension)"
+    )
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if env.get(var):
             if _has_cuda_header(env[var]):
@@ -152,8 +171,10 @@ def find_cuda_home(env, torch_guess, nvcc_on_path, default=DEFAULT_CUDA_HOME):
     if not torch_guess and not nvcc_on_path and not os.path.exists(default):
         return None, None
     looked = ", ".join(dict.fromkeys(os.path.normpath(c) for c in candidates))
-    return None, (f"r2d2: torch has CUDA but no CUDA toolkit with include/{CUDA_HEADER} was found "
-                  f"(looked in {looked}); {fix}")
+    return None, (
+        f"r2d2: torch has CUDA but no CUDA toolkit with include/{CUDA_HEADER} was found "
+        f"(looked in {looked}); {fix}"
+    )
 
 
 def nvcc_major(cuda_home: str) -> int:
@@ -161,20 +182,25 @@ def nvcc_major(cuda_home: str) -> int:
     since building CUDA code with an nvcc of unknown version is how a mismatched build slips
     through."""
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
-    fix = ("point CUDA_HOME at a working toolkit, or set R2D2_FORCE_CPU=1 (CPU part only) / "
-           "R2D2_SKIP_EXT=1 (no extension)")
+    fix = (
+        "point CUDA_HOME at a working toolkit, or set R2D2_FORCE_CPU=1 (CPU part only) / "
+        "R2D2_SKIP_EXT=1 (no extension)"
+    )
     try:
         out = subprocess.check_output([nvcc, "--version"], text=True, stderr=subprocess.STDOUT)
     except (OSError, subprocess.CalledProcessError) as e:
         raise ValueError(f"r2d2: cannot run `{nvcc} --version` ({e}); {fix}") from None
     m = re.search(r"release (\d+)\.", out)
     if m is None:
-        raise ValueError(f"r2d2: cannot read the CUDA version from `{nvcc} --version` (no "
-                         f"'release X.Y' in its output: {out.strip()[:200]!r}); {fix}")
+        raise ValueError(
+            f"r2d2: cannot read the CUDA version from `{nvcc} --version` (no "
+            f"'release X.Y' in its output: {out.strip()[:200]!r}); {fix}"
+        )
     return int(m.group(1))
 
 
 # ---- the sources ----
+
 
 def csrc_dir() -> Path | None:
     """The C++/CUDA sources: ``r2d2/csrc`` in an installed wheel (setup.py's build_py copies them
@@ -205,8 +231,14 @@ def sources_digest(csrc: Path | str) -> str:
     return h.hexdigest()[:12]
 
 
-def cache_key(torch_version: str, cuda_version: str | None, archs: list[str] | None,
-              digest: str, python_tag: str | None = None, machine: str | None = None) -> str:
+def cache_key(
+    torch_version: str,
+    cuda_version: str | None,
+    archs: list[str] | None,
+    digest: str,
+    python_tag: str | None = None,
+    machine: str | None = None,
+) -> str:
     """Folder name of one JIT build: everything the binary depends on. ``torch2.13.0+cpu`` and
     ``torch2.13.0+cu128`` differ, as do the CUDA version, the SM list, the Python ABI, the CPU
     architecture and the sources."""

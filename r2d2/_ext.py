@@ -34,16 +34,20 @@ def _load() -> tuple[object | None, str | None]:
         return _C, None
     except ImportError as e:
         if _jit.prebuilt_extension() is None:
-            why = (f"r2d2._C is not built ({e}); build it with `{BUILD}`, or in a checkout "
-                   f"with `{REBUILD}`")
+            why = (
+                f"r2d2._C is not built ({e}); build it with `{BUILD}`, or in a checkout "
+                f"with `{REBUILD}`"
+            )
         else:
             try:  # a torch upgrade broke the prebuilt one: build for this torch, as first use does
                 mod = _jit.load()
                 sys.modules["r2d2._C"] = mod
                 return mod, None
             except ImportError as jit_e:
-                why = (f"r2d2._C is built but fails to import: {e}; rebuild it with `{REBUILD}` "
-                       f"(first-use build: {jit_e})")
+                why = (
+                    f"r2d2._C is built but fails to import: {e}; rebuild it with `{REBUILD}` "
+                    f"(first-use build: {jit_e})"
+                )
     warnings.warn(f"{why}. Ops fall back to Triton/eager.", stacklevel=4)
     return None, why
 

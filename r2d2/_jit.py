@@ -67,8 +67,10 @@ def plan() -> dict:
 
     csrc = _build.csrc_dir()
     if csrc is None:
-        raise JitError("r2d2._C: the C++ sources are not in this install (no r2d2/csrc/); "
-                       "reinstall r2d2-engine from its sdist or a checkout")
+        raise JitError(
+            "r2d2._C: the C++ sources are not in this install (no r2d2/csrc/); "
+            "reinstall r2d2-engine from its sdist or a checkout"
+        )
     debug = _build.env_flag("DEBUG")
     cpu_sources, cuda_sources = _build.split_sources(csrc)
     cuda, note = False, None
@@ -88,8 +90,9 @@ def plan() -> dict:
                 ce.CUDA_HOME = home  # torch's builder reads the module global
                 os.environ.setdefault("CUDA_HOME", home)
     archs = _build.cuda_archs() if cuda else None
-    key = _build.cache_key(torch.__version__, torch.version.cuda if cuda else None, archs,
-                           _build.sources_digest(csrc)) + ("-debug" if debug else "")
+    key = _build.cache_key(
+        torch.__version__, torch.version.cuda if cuda else None, archs, _build.sources_digest(csrc)
+    ) + ("-debug" if debug else "")
     return {
         "key": key,
         "dir": _build.cache_root() / key,
@@ -99,7 +102,8 @@ def plan() -> dict:
         "cuda_note": note,  # why a CUDA torch gets the CPU part only
         "cxx": _build.cxx_flags(torch.__version__, debug, cuda=cuda),
         "nvcc": _build.nvcc_flags(debug, archs) if cuda else [],
-        "what": f"torch {torch.__version__}, " + (f"CPU+CUDA sm {';'.join(archs)}" if cuda else "CPU part"),
+        "what": f"torch {torch.__version__}, "
+        + (f"CPU+CUDA sm {';'.join(archs)}" if cuda else "CPU part"),
     }
 
 
@@ -120,8 +124,10 @@ def _preflight() -> None:
 
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
-        raise JitError(f"cannot compile r2d2._C: no C++ compiler ({cxx!r} is not on PATH; "
-                       "install g++ or set CXX)")
+        raise JitError(
+            f"cannot compile r2d2._C: no C++ compiler ({cxx!r} is not on PATH; "
+            "install g++ or set CXX)"
+        )
     if not ce.is_ninja_available():
         raise JitError("cannot compile r2d2._C: ninja is not installed (pip install ninja)")
 
@@ -138,8 +144,10 @@ def load(build: bool | None = None, force: bool = False):
         if so is not None:
             return _import(so)
         if not build:
-            raise JitError(f"r2d2._C is not built for {p['what']} and the first-use build is "
-                           f"off ({off or 'build=False'}); `r2d2 doctor --build` builds it")
+            raise JitError(
+                f"r2d2._C is not built for {p['what']} and the first-use build is "
+                f"off ({off or 'build=False'}); `r2d2 doctor --build` builds it"
+            )
         if p["key"] in _FAILED and not force:
             raise JitError(_FAILED[p["key"]])
         try:
@@ -155,8 +163,10 @@ def _build_locked(p: dict, force: bool):
     d: Path = p["dir"]
     log, failed = d / "build.log", d / "failed"
     if failed.is_file() and not force:
-        raise JitError(f"an earlier build of r2d2._C for {p['what']} failed (log: {log}); "
-                       "`r2d2 doctor --build` retries it")
+        raise JitError(
+            f"an earlier build of r2d2._C for {p['what']} failed (log: {log}); "
+            "`r2d2 doctor --build` retries it"
+        )
     _preflight()
     d.mkdir(parents=True, exist_ok=True)
     # Not d/"lock": torch's builder keeps its own lock file of that name in the build folder.
@@ -172,8 +182,10 @@ def _build_locked(p: dict, force: bool):
             return _import(so)
         from torch.utils import cpp_extension as ce
 
-        _say(f"compiling r2d2._C for {p['what']} into {d} (once per torch version; ~3 min for "
-             "the CPU part on 2 cores; R2D2_NO_JIT=1 skips it and ops fall back to Triton/eager)")
+        _say(
+            f"compiling r2d2._C for {p['what']} into {d} (once per torch version; ~3 min for "
+            "the CPU part on 2 cores; R2D2_NO_JIT=1 skips it and ops fall back to Triton/eager)"
+        )
         if p["cuda_note"]:
             _say(f"CPU part only: {p['cuda_note']}")
         failed.unlink(missing_ok=True)
@@ -181,17 +193,27 @@ def _build_locked(p: dict, force: bool):
         try:
             # is_python_module=False: torch loads the library (its op registrations); the module
             # object is made below under its real name, r2d2._C, as a cached build is
-            ce.load(name="_C", sources=p["sources"], extra_cflags=p["cxx"],
-                    extra_cuda_cflags=p["nvcc"] or None, extra_include_paths=[str(p["csrc"])],
-                    build_directory=str(d), with_cuda=p["cuda"], is_python_module=False,
-                    verbose=False)
+            ce.load(
+                name="_C",
+                sources=p["sources"],
+                extra_cflags=p["cxx"],
+                extra_cuda_cflags=p["nvcc"] or None,
+                extra_include_paths=[str(p["csrc"])],
+                build_directory=str(d),
+                with_cuda=p["cuda"],
+                is_python_module=False,
+                verbose=False,
+            )
         except Exception as e:  # noqa: BLE001 - compile or link error: ninja's output is in the message
             log.write_text(f"{type(e).__name__}: {e}\n")
             failed.write_text(str(log) + "\n")
-            raise JitError(f"compiling r2d2._C for {p['what']} failed (log: {log}); ops fall "
-                           "back to Triton/eager; `r2d2 doctor --build` retries") from None
-        (d / "ok").write_text(f"{p['what']}\ncxx: {' '.join(p['cxx'])}\n"
-                              f"nvcc: {' '.join(p['nvcc'])}\n")
+            raise JitError(
+                f"compiling r2d2._C for {p['what']} failed (log: {log}); ops fall "
+                "back to Triton/eager; `r2d2 doctor --build` retries"
+            ) from None
+        (d / "ok").write_text(
+            f"{p['what']}\ncxx: {' '.join(p['cxx'])}\nnvcc: {' '.join(p['nvcc'])}\n"
+        )
         _say(f"r2d2._C built in {time.perf_counter() - t0:.0f} s: {d / '_C.so'}")
         return _import(d / "_C.so")
     finally:

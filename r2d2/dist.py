@@ -81,5 +81,6 @@ def all_equal_rows(n: int, device, group=None, what: str = "tensors") -> None:
     dist.all_gather(parts, mine, group=group)
     sizes = [int(p) for p in parts]
     if len(set(sizes)) > 1:
-        raise ValueError(f"{what}: every rank must bring the same number of rows; per rank: "
-                         f"{sizes}")
+        raise ValueError(
+            f"{what}: every rank must bring the same number of rows; per rank: {sizes}"
+        )

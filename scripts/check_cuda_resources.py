@@ -81,8 +81,12 @@ def find_tool(name: str) -> str | None:
     if nvcc:
         dirs.append(Path(os.path.realpath(nvcc)).parent)
         try:
-            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], text=True,
-                                 capture_output=True, timeout=60).stderr
+            out = subprocess.run(
+                [nvcc, "--dryrun", "-x", "cu", "-E", os.devnull],
+                text=True,
+                capture_output=True,
+                timeout=60,
+            ).stderr
             m = re.search(r"^#\$ _HERE_=(.+)$", out, re.M)
             if m:
                 dirs.append(Path(m.group(1).strip()))
@@ -102,8 +106,13 @@ def find_tool(name: str) -> str | None:
 
 def nvcc_flags(archs: list[int]) -> list[str]:
     env = {**os.environ, "R2D2_CUDA_ARCHS": ";".join(str(a) for a in archs)}
-    out = subprocess.run([sys.executable, "setup.py", "--print-nvcc-flags"], cwd=ROOT, env=env,
-                         text=True, capture_output=True)
+    out = subprocess.run(
+        [sys.executable, "setup.py", "--print-nvcc-flags"],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+    )
     if out.returncode != 0:
         sys.exit(f"[cuda-res] python setup.py --print-nvcc-flags failed:\n{out.stderr}")
     return [f for f in out.stdout.splitlines() if f.strip()]
@@ -131,8 +140,9 @@ def parse_ptxas(text: str) -> dict:
             continue
         if cur is None:
             continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-                      line)
+        m = re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line
+        )
         if m:
             r = out[cur]
             r.stack, r.spill_st, r.spill_ld = (int(x) for x in m.groups())
@@ -156,15 +166,19 @@ def parse_cuobjdump(text: str) -> dict:
         m = re.match(r"\s*Function (\S+):\s*$", line)
         if m and arch is not None and i + 1 < len(lines):
             kv = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", lines[i + 1]))
-            out[(m.group(1), arch)] = Res(regs=int(kv.get("REG", 0)), stack=int(kv.get("STACK", 0)),
-                                          smem=int(kv.get("SHARED", 0)))
+            out[(m.group(1), arch)] = Res(
+                regs=int(kv.get("REG", 0)),
+                stack=int(kv.get("STACK", 0)),
+                smem=int(kv.get("SHARED", 0)),
+            )
     return out
 
 
 def sass_functions(cuobjdump: str, obj: Path, arch: int) -> dict:
     """mangled name -> [(address, instruction)] of the object's SASS for one arch."""
-    text = subprocess.run([cuobjdump, "-sass", "-arch", f"sm_{arch}", str(obj)], text=True,
-                          capture_output=True).stdout
+    text = subprocess.run(
+        [cuobjdump, "-sass", "-arch", f"sm_{arch}", str(obj)], text=True, capture_output=True
+    ).stdout
     funcs, cur = {}, None
     for line in text.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)
@@ -187,16 +201,20 @@ def spills_in_loops(code: list) -> int:
         m = re.search(r"\bBRA\b.*?(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", ins)
         if m and m.group(1) and int(m.group(1), 16) <= addr:
             loops.append((int(m.group(1), 16), addr))
-    return sum(1 for addr, ins in code if re.search(r"\b(STL|LDL)\b", ins)
-               and any(t <= addr <= b for t, b in loops))
+    return sum(
+        1
+        for addr, ins in code
+        if re.search(r"\b(STL|LDL)\b", ins) and any(t <= addr <= b for t, b in loops)
+    )
 
 
 def demangle(names: list[str]) -> dict:
     tool = find_tool("cu++filt") or shutil.which("c++filt")
     if not tool or not names:
         return {n: n for n in names}
-    out = subprocess.run([tool], input="\n".join(names) + "\n", text=True,
-                         capture_output=True).stdout.splitlines()
+    out = subprocess.run(
+        [tool], input="\n".join(names) + "\n", text=True, capture_output=True
+    ).stdout.splitlines()
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
@@ -251,9 +269,11 @@ def launch_configs(objs: dict, tmp: Path, archs: list[int]) -> tuple[dict, list[
         fn = re.search(r"int (\w+_launch_configs)\(LaunchConfig\* \w+, int \w+\);", htext)
         if not fn:
             for k, a in dynamic:
-                fails.append(f"{cu.relative_to(ROOT)}: launch of {k} requests dynamic shared "
-                             f"memory ({a[2]}) that cannot be evaluated: export "
-                             f"<op>_launch_configs from {header.name} (see attention_kernel.h)")
+                fails.append(
+                    f"{cu.relative_to(ROOT)}: launch of {k} requests dynamic shared "
+                    f"memory ({a[2]}) that cannot be evaluated: export "
+                    f"<op>_launch_configs from {header.name} (see attention_kernel.h)"
+                )
             continue
         if obj is None:
             continue
@@ -272,16 +292,22 @@ int main() {{
 """)
         exe = tmp / f"{cu.stem}_configs"
         # Host code only; the object's device code is linked as it is (both archs).
-        res = subprocess.run(["nvcc", "-std=c++17", "-I", str(CSRC), str(main), str(obj),
-                              "-o", str(exe)], text=True, capture_output=True)
+        res = subprocess.run(
+            ["nvcc", "-std=c++17", "-I", str(CSRC), str(main), str(obj), "-o", str(exe)],
+            text=True,
+            capture_output=True,
+        )
         if res.returncode != 0:
-            fails.append(f"{cu.relative_to(ROOT)}: cannot build the launch-config program:\n"
-                         f"{res.stderr[-2000:]}")
+            fails.append(
+                f"{cu.relative_to(ROOT)}: cannot build the launch-config program:\n"
+                f"{res.stderr[-2000:]}"
+            )
             continue
         run = subprocess.run([str(exe)], text=True, capture_output=True, timeout=120)
         if run.returncode != 0:
-            fails.append(f"{cu.relative_to(ROOT)}: {exe.name} exited {run.returncode}: "
-                         f"{run.stderr[-500:]}")
+            fails.append(
+                f"{cu.relative_to(ROOT)}: {exe.name} exited {run.returncode}: {run.stderr[-500:]}"
+            )
             continue
         for line in run.stdout.splitlines():
             name, threads, smem = line.split("\t")
@@ -302,9 +328,11 @@ def build_table(kernels: list[Kernel], archs: list[int]) -> tuple[list[str], lis
     fails = []
     arch_s = " / ".join(f"sm_{a}" for a in archs)
     lim_s = " / ".join(f"{SMEM_LIMIT.get(a, 48 * 1024) // 1024}" for a in archs)
-    rows = [f"| kernel | threads | registers ({arch_s}) | stack B | spill st / ld B | "
-            f"static smem KB | dynamic smem KB | total KB (limit {lim_s}) | ok |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        f"| kernel | threads | registers ({arch_s}) | stack B | spill st / ld B | "
+        f"static smem KB | dynamic smem KB | total KB (limit {lim_s}) | ok |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     cur_src = None
     for k in kernels:
         if k.src != cur_src:
@@ -324,14 +352,19 @@ def build_table(kernels: list[Kernel], archs: list[int]) -> tuple[list[str], lis
                 bad.append(f"{r.regs} regs x {k.threads} threads > 64K on sm_{a}")
         if k.dyn is None:
             bad.append("dynamic smem unknown")
-        spill = fmt_pair([f"{r.spill_st}/{r.spill_ld}" + (f" ({r.loop_spill} in loops)"
-                                                          if r.loop_spill else "")
-                          for r in res])
+        spill = fmt_pair(
+            [
+                f"{r.spill_st}/{r.spill_ld}"
+                + (f" ({r.loop_spill} in loops)" if r.loop_spill else "")
+                for r in res
+            ]
+        )
         rows.append(
             f"| `{k.name}` | {k.threads or 'bound'} | {fmt_pair([r.regs for r in res])} | "
             f"{fmt_pair([r.stack for r in res])} | {spill} | "
             f"{fmt_pair([kb(r.smem) for r in res])} | {kb(dyn)} | "
-            f"{fmt_pair([kb(t) for t in totals])} | {'FAIL: ' + '; '.join(bad) if bad else 'yes'} |")
+            f"{fmt_pair([kb(t) for t in totals])} | {'FAIL: ' + '; '.join(bad) if bad else 'yes'} |"
+        )
         fails += [f"{k.src}: {k.name}: {b}" for b in bad]
     return rows, fails
 
@@ -357,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         log("no nvcc on PATH")
         return 1
     cuobjdump = find_tool("cuobjdump")
-    nvcc_version = re.search(r"release [\d.]+, V[\d.]+",
-                             subprocess.run(["nvcc", "--version"], text=True,
-                                            capture_output=True).stdout)
+    nvcc_version = re.search(
+        r"release [\d.]+, V[\d.]+",
+        subprocess.run(["nvcc", "--version"], text=True, capture_output=True).stdout,
+    )
     nvcc_version = nvcc_version.group(0) if nvcc_version else "unknown"
     flags = nvcc_flags(args.arch)
     log(f"nvcc {nvcc_version}; cuobjdump: {cuobjdump or 'not found (ptxas -v only)'}")
@@ -388,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             ptx = parse_ptxas(text)
             cub = {}
             if cuobjdump:
-                dump = subprocess.run([cuobjdump, "--dump-resource-usage", str(obj)], text=True,
-                                      capture_output=True)
+                dump = subprocess.run(
+                    [cuobjdump, "--dump-resource-usage", str(obj)], text=True, capture_output=True
+                )
                 cub = parse_cuobjdump(dump.stdout)
             names = sorted({m for m, _ in ptx})
             dem = demangle(names)
@@ -424,8 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         for (cu, name), (threads, smem) in configs.items():
             hits = by_name.get((cu, name), [])
             if len(hits) != 1:
-                fails.append(f"{cu.relative_to(ROOT)}: launch config {name} matches {len(hits)} "
-                             "compiled kernels (expected 1)")
+                fails.append(
+                    f"{cu.relative_to(ROOT)}: launch config {name} matches {len(hits)} "
+                    "compiled kernels (expected 1)"
+                )
             for k in hits:
                 k.threads, k.dyn = threads, smem
         # Files whose launches all pass 0 bytes: no dynamic shared memory anywhere in them.
@@ -443,10 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.time() - t0
     n_spill = sum(1 for k in kernels for r in k.res.values() if r.spill_st or r.spill_ld)
     n_loop = sum(1 for k in kernels for r in k.res.values() if r.loop_spill)
-    summary = (f"{len(kernels)} kernels from {len(sources)} .cu files, "
-               f"{' and '.join(f'sm_{a}' for a in args.arch)}, nvcc {nvcc_version}: "
-               f"{'all compile' if not any('compile' in f for f in fails) else 'COMPILE FAILURES'}, "
-               f"{n_spill} kernel x arch spilling ({n_loop} inside a loop), {len(fails)} failures")
+    summary = (
+        f"{len(kernels)} kernels from {len(sources)} .cu files, "
+        f"{' and '.join(f'sm_{a}' for a in args.arch)}, nvcc {nvcc_version}: "
+        f"{'all compile' if not any('compile' in f for f in fails) else 'COMPILE FAILURES'}, "
+        f"{n_spill} kernel x arch spilling ({n_loop} inside a loop), {len(fails)} failures"
+    )
     block = [
         f"Generated by `python scripts/check_cuda_resources.py --write-docs` with nvcc "
         f"{nvcc_version} and the build's flags (`python setup.py --print-nvcc-flags`). "

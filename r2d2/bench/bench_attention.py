@@ -50,19 +50,24 @@ def cases(device: str, quick: bool) -> tuple[list[dict], torch.dtype]:
     if device == "cuda":
         B, D = (64, 64) if quick else (256, 64)
         heads = (12,) if quick else (12, 16)
-        base = [dict(name="text_self", Lq=64, Lk=64, kmask=True, qmask=True),
-                dict(name="image_self", Lq=197, Lk=197, kmask=False, qmask=False),
-                dict(name="image_self", Lq=257, Lk=257, kmask=False, qmask=False),
-                dict(name="cross_t2i", Lq=64, Lk=257, kmask=False, qmask=False),
-                dict(name="cross_i2t", Lq=257, Lk=64, kmask=True, qmask=False)]
+        base = [
+            dict(name="text_self", Lq=64, Lk=64, kmask=True, qmask=True),
+            dict(name="image_self", Lq=197, Lk=197, kmask=False, qmask=False),
+            dict(name="image_self", Lq=257, Lk=257, kmask=False, qmask=False),
+            dict(name="cross_t2i", Lq=64, Lk=257, kmask=False, qmask=False),
+            dict(name="cross_i2t", Lq=257, Lk=64, kmask=True, qmask=False),
+        ]
         return [dict(c, B=B, H=h, D=D) for h in heads for c in base], torch.bfloat16
     # The interpreter's time grows with programs x tiles (16 x 16 each): --quick keeps one case
     # of two key tiles and one head.
     if quick:
-        return [dict(name="text_self", Lq=24, Lk=24, kmask=True, qmask=True, B=2, H=1, D=16)], \
-            torch.float32
-    base = [dict(name="text_self", Lq=32, Lk=32, kmask=True, qmask=True),
-            dict(name="cross_i2t", Lq=37, Lk=64, kmask=True, qmask=False)]
+        return [
+            dict(name="text_self", Lq=24, Lk=24, kmask=True, qmask=True, B=2, H=1, D=16)
+        ], torch.float32
+    base = [
+        dict(name="text_self", Lq=32, Lk=32, kmask=True, qmask=True),
+        dict(name="cross_i2t", Lq=37, Lk=64, kmask=True, qmask=False),
+    ]
     return [dict(c, B=2, H=2, D=32) for c in base], torch.float32
 
 
@@ -72,11 +77,16 @@ def providers(device: str) -> list[tuple[str, str, object]]:
     if device == "cuda":
         from torch.nn.attention import SDPBackend
 
-        out += [(f"sdpa-{name}", "sdpa", getattr(SDPBackend, member))
-                for name, member in (("flash", "FLASH_ATTENTION"),
-                                     ("efficient", "EFFICIENT_ATTENTION"),
-                                     ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH"))
-                if hasattr(SDPBackend, member)]
+        out += [
+            (f"sdpa-{name}", "sdpa", getattr(SDPBackend, member))
+            for name, member in (
+                ("flash", "FLASH_ATTENTION"),
+                ("efficient", "EFFICIENT_ATTENTION"),
+                ("cudnn", "CUDNN_ATTENTION"),
+                ("math", "MATH"),
+            )
+            if hasattr(SDPBackend, member)
+        ]
         out += [("xformers", "xformers", None), ("cuda", "cuda", None)]
     out.append(("triton", "triton", None))
     if device == "cuda":
@@ -119,9 +129,18 @@ def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
         def no_timing(label, status, error, shape=shape, extra=extra):
             print(f"[{status}] {shape_str(shape)} {label}: {error}", file=sys.stderr)
             for mode in MODES:
-                sink.add(harness.status_row(op="attention", provider=label, mode=mode,
-                                            shape=shape, status=status, error=error,
-                                            device=device, **extra))
+                sink.add(
+                    harness.status_row(
+                        op="attention",
+                        provider=label,
+                        mode=mode,
+                        shape=shape,
+                        status=status,
+                        error=error,
+                        device=device,
+                        **extra,
+                    )
+                )
 
         for label, backend, sdp in providers(device):
             why = None if backend == "auto" else why_unavailable("attention", backend, device)
@@ -155,9 +174,16 @@ def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
                 peak = harness.peak_memory_bytes(fn, device) if mode == "fwd+bwd" else None
                 q.grad = k.grad = v.grad = None
                 row = harness.make_row(
-                    op="attention", provider=label, mode=mode, shape=shape, timing=timing,
-                    flops=fwd_flops * FLOP_FACTOR[mode], peak_mem=peak, device=device,
-                    **row_extra)
+                    op="attention",
+                    provider=label,
+                    mode=mode,
+                    shape=shape,
+                    timing=timing,
+                    flops=fwd_flops * FLOP_FACTOR[mode],
+                    peak_mem=peak,
+                    device=device,
+                    **row_extra,
+                )
                 # SDPA providers come first, so the ratio is final when this row is written.
                 row["ratio_best_sdpa"] = best_sdpa_ratio(row, sink.rows)
                 sink.add(row)
@@ -183,25 +209,39 @@ def best_sdpa_ratio(row: dict, rows: list[dict]) -> float | None:
     """The fastest timed SDPA row of ``row``'s (shape, mode) among ``rows``, divided by ``row``'s
     median (> 1 = ``row`` is faster)."""
     key = (harness.shape_str(row["shape"]), row["mode"])
-    best = min((r["median_ms"] for r in rows if r["provider"].startswith("sdpa")
-                and r.get("median_ms") and (harness.shape_str(r["shape"]), r["mode"]) == key),
-               default=None)
+    best = min(
+        (
+            r["median_ms"]
+            for r in rows
+            if r["provider"].startswith("sdpa")
+            and r.get("median_ms")
+            and (harness.shape_str(r["shape"]), r["mode"]) == key
+        ),
+        default=None,
+    )
     return best / row["median_ms"] if best and row.get("median_ms") else None
 
 
 def print_summary(rows: list[dict]) -> None:
-    ours = [r for r in rows if r["provider"] in ("triton", "cuda", "xformers", "auto")
-            and r.get("median_ms")]
+    ours = [
+        r
+        for r in rows
+        if r["provider"] in ("triton", "cuda", "xformers", "auto") and r.get("median_ms")
+    ]
     if not ours:
         return
-    print("\nours vs the best SDPA backend and vs eager (median ratios, > 1 = faster; TFLOP/s of "
-          "the unmasked work):")
+    print(
+        "\nours vs the best SDPA backend and vs eager (median ratios, > 1 = faster; TFLOP/s of "
+        "the unmasked work):"
+    )
     for r in ours:
         pick = f" (-> {r['auto_pick']})" if r.get("auto_pick") else ""
-        print(f"  {harness.shape_str(r['shape']):<52} {r['mode']:<8} {r['provider']:<8} "
-              f"x best sdpa {r['ratio_best_sdpa'] or float('nan'):.2f}   "
-              f"x eager {r.get('ratio') or float('nan'):.2f}   "
-              f"{(r.get('tflops') or 0):.1f} TFLOP/s   pad {r['key_padding']:.1%}{pick}")
+        print(
+            f"  {harness.shape_str(r['shape']):<52} {r['mode']:<8} {r['provider']:<8} "
+            f"x best sdpa {r['ratio_best_sdpa'] or float('nan'):.2f}   "
+            f"x eager {r.get('ratio') or float('nan'):.2f}   "
+            f"{(r.get('tflops') or 0):.1f} TFLOP/s   pad {r['key_padding']:.1%}{pick}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

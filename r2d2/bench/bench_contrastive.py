@@ -53,7 +53,7 @@ SCALE = 1 / 0.07
 MAX_B_START, MAX_B_CAP, MAX_B_DIM = 4096, 1 << 19, 768
 OP = "contrastive"
 MODES = ("fwd", "bwd", "fwd+bwd")
-PROBE_LIMIT_S = 30.0   # a fitting probe slower than this ends the capacity search (next is ~4x)
+PROBE_LIMIT_S = 30.0  # a fitting probe slower than this ends the capacity search (next is ~4x)
 
 
 def _inf_cl():
@@ -71,7 +71,7 @@ def _inputs(b, d, dtype, device):
         return F.normalize(torch.randn(b, d, device=device, generator=g), dim=1).to(dtype)
 
     img, txt = f().requires_grad_(), f().requires_grad_()
-    ids = torch.arange(b, device=device) // 2          # pairs of captions per image
+    ids = torch.arange(b, device=device) // 2  # pairs of captions per image
     s = torch.tensor(SCALE, device=device, requires_grad=True)
     return img, txt, s, ids, f(), f()
 
@@ -82,18 +82,20 @@ def _loss_fn(provider, img, txt, s, ids, t_img, t_txt):
 
         def fwd():
             return 0.5 * (cal(img, txt, scale=s) + cal(txt, img, scale=s))
+
         return fwd
-    kw = dict(image_ids=ids, teacher_image_feat=t_img, teacher_text_feat=t_txt,
-              distill_alpha=ALPHA)
+    kw = dict(image_ids=ids, teacher_image_feat=t_img, teacher_text_feat=t_txt, distill_alpha=ALPHA)
     if provider in ("eager", "eager_fp32"):
         dt = img.dtype if provider == "eager" else torch.float32
 
         def fwd():
             return contrastive_loss_ref(img, txt, s, compute_dtype=dt, **kw)
+
         return fwd
 
     def fwd():
         return contrastive_loss(img, txt, s, backend=provider, **kw)
+
     return fwd
 
 
@@ -170,8 +172,18 @@ def run(device: str, quick: bool, sink: harness.RowWriter) -> list[dict]:
             live.append(p)
             continue
         print(f"[skip] {OP} provider={p}: {why}", file=sys.stderr)
-        sink.add(harness.status_row(op=OP, provider=p, mode="fwd+bwd", shape={}, status="skipped",
-                                    error=why, device=device, dtype=dt_name))
+        sink.add(
+            harness.status_row(
+                op=OP,
+                provider=p,
+                mode="fwd+bwd",
+                shape={},
+                status="skipped",
+                error=why,
+                device=device,
+                dtype=dt_name,
+            )
+        )
     for b in sizes:
         for d in dims:
             shape = {"b": b, "B": b, "d": d}
@@ -183,19 +195,29 @@ def run(device: str, quick: bool, sink: harness.RowWriter) -> list[dict]:
 
 
 def _bench_case(p, b, d, dtype, device, shape, sink) -> None:
-    common = dict(op=OP, provider=p, shape=shape, device=device,
-                  dtype=str(dtype).removeprefix("torch."), semantics=_semantics(p))
+    common = dict(
+        op=OP,
+        provider=p,
+        shape=shape,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        semantics=_semantics(p),
+    )
     for mode in MODES:
         # One mode at a time: bwd retains a forward graph (for eager at 64k, tens of GB) that
         # must be gone before the next mode is measured.
         try:
             img, txt, s, ids, ti, tt = _inputs(b, d, dtype, device)
-            fn, grad_to_none = harness.modes(_loss_fn(p, img, txt, s, ids, ti, tt),
-                                             [img, txt, s], (mode,))[mode]
+            fn, grad_to_none = harness.modes(
+                _loss_fn(p, img, txt, s, ids, ti, tt), [img, txt, s], (mode,)
+            )[mode]
             timing = harness.measure(fn, device=device, grad_to_none=grad_to_none)
             peak = harness.peak_memory_bytes(fn, device)
-            sink.add(harness.make_row(mode=mode, timing=timing, flops=flops(mode, b, d),
-                                      peak_mem=peak, **common))
+            sink.add(
+                harness.make_row(
+                    mode=mode, timing=timing, flops=flops(mode, b, d), peak_mem=peak, **common
+                )
+            )
         except Exception as e:  # noqa: BLE001
             status = "oom" if _oom(e) else "failed"
             print(f"[{status}] {p} {mode} at {shape}: {e}", file=sys.stderr)
@@ -216,17 +238,40 @@ def _capacity(live, dtype, device, sink) -> None:
         try:
             best, fails, ended = largest_batch(p, MAX_B_DIM, dtype, device)
         except Exception as e:  # noqa: BLE001
-            sink.add(harness.status_row(op="max_batch", provider=p, mode="fwd+bwd", shape=shape,
-                                        status="failed", error=e, device=device))
+            sink.add(
+                harness.status_row(
+                    op="max_batch",
+                    provider=p,
+                    mode="fwd+bwd",
+                    shape=shape,
+                    status="failed",
+                    error=e,
+                    device=device,
+                )
+            )
             continue
         complete = fails is not None
-        print(f"largest b = B that fits, d={MAX_B_DIM} {dtype}, {p}: {best}"
-              + ("" if complete else f" (search stopped: {ended}; it may fit more)"))
-        found[p] = sink.add(harness.make_row(
-            op="max_batch", provider=p, mode="fwd+bwd", shape=shape, timing=None, device=device,
-            dtype=str(dtype).removeprefix("torch."), max_batch=best, max_batch_fails=fails,
-            max_batch_cap=MAX_B_CAP, search_complete=complete, search_ended=ended,
-            semantics=_semantics(p)))
+        print(
+            f"largest b = B that fits, d={MAX_B_DIM} {dtype}, {p}: {best}"
+            + ("" if complete else f" (search stopped: {ended}; it may fit more)")
+        )
+        found[p] = sink.add(
+            harness.make_row(
+                op="max_batch",
+                provider=p,
+                mode="fwd+bwd",
+                shape=shape,
+                timing=None,
+                device=device,
+                dtype=str(dtype).removeprefix("torch."),
+                max_batch=best,
+                max_batch_fails=fails,
+                max_batch_cap=MAX_B_CAP,
+                search_complete=complete,
+                search_ended=ended,
+                semantics=_semantics(p),
+            )
+        )
     base = found.get("eager")
     for r in found.values():
         if base is not None and base.get("max_batch") and r.get("max_batch"):

@@ -57,8 +57,13 @@ def cases(device: str, quick: bool) -> tuple[list[tuple[int, int]], torch.dtype,
     return shapes, torch.float32, ["eager", "cpp"]
 
 
-def run(device: str, quick: bool, shapes: list[tuple[int, int]] | None = None,
-        dtype: torch.dtype | None = None, sink: harness.RowWriter | None = None) -> list[dict]:
+def run(
+    device: str,
+    quick: bool,
+    shapes: list[tuple[int, int]] | None = None,
+    dtype: torch.dtype | None = None,
+    sink: harness.RowWriter | None = None,
+) -> list[dict]:
     """Every (shape, backend, mode) row, each written to ``sink`` as soon as it is measured (a
     backend that cannot run here leaves a ``skipped`` row saying why)."""
     default_shapes, default_dtype, providers = cases(device, quick)
@@ -73,10 +78,18 @@ def run(device: str, quick: bool, shapes: list[tuple[int, int]] | None = None,
             why = why_unavailable("distill_kl", backend, device)
             if why is not None:
                 print(f"[skip] distill_kl backend={backend}: {why}", file=sys.stderr)
-                sink.add(harness.status_row(op="distill_kl", provider=backend, mode="fwd+bwd",
-                                            shape={"rows": n_rows, "cols": n_cols},
-                                            status="skipped", error=why, device=device,
-                                            dtype=str(dtype).removeprefix("torch.")))
+                sink.add(
+                    harness.status_row(
+                        op="distill_kl",
+                        provider=backend,
+                        mode="fwd+bwd",
+                        shape={"rows": n_rows, "cols": n_cols},
+                        status="skipped",
+                        error=why,
+                        device=device,
+                        dtype=str(dtype).removeprefix("torch."),
+                    )
+                )
                 continue
 
             def fwd(backend=backend, student=student, teacher=teacher):
@@ -86,12 +99,20 @@ def run(device: str, quick: bool, shapes: list[tuple[int, int]] | None = None,
                 timing = harness.measure(fn, device=device, grad_to_none=grad_to_none)
                 peak = harness.peak_memory_bytes(fn, device) if mode == "fwd+bwd" else None
                 student.grad = None
-                sink.add(harness.make_row(
-                    op="distill_kl", provider=backend, mode=mode,
-                    shape={"rows": n_rows, "cols": n_cols}, timing=timing,
-                    nbytes=nbytes(mode, n_rows, n_cols, dtype), peak_mem=peak,
-                    device=device, dtype=str(dtype).removeprefix("torch."),
-                    temperature=TEMPERATURE))
+                sink.add(
+                    harness.make_row(
+                        op="distill_kl",
+                        provider=backend,
+                        mode=mode,
+                        shape={"rows": n_rows, "cols": n_cols},
+                        timing=timing,
+                        nbytes=nbytes(mode, n_rows, n_cols, dtype),
+                        peak_mem=peak,
+                        device=device,
+                        dtype=str(dtype).removeprefix("torch."),
+                        temperature=TEMPERATURE,
+                    )
+                )
     return harness.add_ratios(sink.rows, baseline="eager")
 
 
@@ -100,7 +121,8 @@ def _shape(text: str) -> tuple[int, int]:
         r, c = (int(x) for x in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--shape {text!r}: expected ROWSxCOLS, e.g. 4096x4096") from None
+            f"--shape {text!r}: expected ROWSxCOLS, e.g. 4096x4096"
+        ) from None
     if r < 1 or c < 1:
         raise argparse.ArgumentTypeError(f"--shape {text!r}: rows and cols must be >= 1")
     return r, c
@@ -108,10 +130,18 @@ def _shape(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = harness.parser(__doc__.splitlines()[0])
-    ap.add_argument("--shape", type=_shape, action="append", metavar="RxC",
-                    help="rows x cols to run instead of the device's defaults (repeatable)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES),
-                    help="input dtype (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        metavar="RxC",
+        help="rows x cols to run instead of the device's defaults (repeatable)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="input dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
     args = ap.parse_args(argv)
     sink = harness.RowWriter(args.out)
     rows = run(args.device, args.quick, args.shape, DTYPES.get(args.dtype), sink=sink)

@@ -78,23 +78,46 @@ def param_count(preset: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def comm_bytes(n: int, *, b: int, d: int, L: int, img_tokens: int, wv: int, wt: int,
-               params: int, teacher: bool = True, neg: bool = True, gloo: bool = False,
-               tok_bytes: int = 4) -> dict[str, float]:
+def comm_bytes(
+    n: int,
+    *,
+    b: int,
+    d: int,
+    L: int,
+    img_tokens: int,
+    wv: int,
+    wt: int,
+    params: int,
+    teacher: bool = True,
+    neg: bool = True,
+    gloo: bool = False,
+    tok_bytes: int = 4,
+) -> dict[str, float]:
     """Bytes each rank sends per step, by term (see the module docstring for the formulas)."""
     if n == 1:
-        return dict.fromkeys(("gcpr_gather", "gcpr_ring", "gcpr_eager", "fgr_global", "ddp_grads",
-                              "shape_check"), 0.0)
+        return dict.fromkeys(
+            ("gcpr_gather", "gcpr_ring", "gcpr_eager", "fgr_global", "ddp_grads", "shape_check"),
+            0.0,
+        )
     rs = 2.0 if gloo else 1.0  # gloo: reduce-scatter = all-reduce + slice
     t = (img_tokens * wv + L * wt) * tok_bytes
     nf = 4 + 3 * teacher + neg
-    col = 4 * (nf + neg)               # bytes per column of the statistics (+ int32 index)
+    col = 4 * (nf + neg)  # bytes per column of the statistics (+ int32 index)
     txt_blk = 4 * d + 8 + 4 * d * teacher
     return {
-        "gcpr_gather": ((n - 1) * b * txt_blk + 2 * (n - 1) * b * col
-                        + (n - 1) * 4 + rs * (n - 1) * b * (4 * d + 4)),
-        "gcpr_ring": ((n - 1) * b * txt_blk + n * b * col
-                      + (n - 1) * b * (txt_blk + 12) + n * b * (4 * d + 4) + (n - 1) * 4),
+        "gcpr_gather": (
+            (n - 1) * b * txt_blk
+            + 2 * (n - 1) * b * col
+            + (n - 1) * 4
+            + rs * (n - 1) * b * (4 * d + 4)
+        ),
+        "gcpr_ring": (
+            (n - 1) * b * txt_blk
+            + n * b * col
+            + (n - 1) * b * (txt_blk + 12)
+            + n * b * (4 * d + 4)
+            + (n - 1) * 4
+        ),
         "gcpr_eager": (n - 1) * b * (8 * d + 8 + 8 * d * teacher) + rs * (n - 1) * b * 8 * d,
         "fgr_global": (n - 1) * b * ((1 + teacher) * t + L) + rs * (n - 1) * b * t,
         "ddp_grads": 2 * (n - 1) / n * params * 4,
@@ -102,16 +125,21 @@ def comm_bytes(n: int, *, b: int, d: int, L: int, img_tokens: int, wv: int, wt: 
     }
 
 
-def gathered_memory(n: int, *, b: int, d: int, L: int, img_tokens: int, wv: int, wt: int,
-                    tok_bytes: int = 4) -> dict[str, float]:
+def gathered_memory(
+    n: int, *, b: int, d: int, L: int, img_tokens: int, wv: int, wt: int, tok_bytes: int = 4
+) -> dict[str, float]:
     """Extra bytes each rank holds for what the collectives bring (activations only)."""
     B = n * b
-    return {"gcpr_gather": B * (12 * d + 48), "gcpr_ring": b * (24 * d + 48),
-            "fgr_global": 2 * B * (img_tokens * wv + L * wt) * tok_bytes + B * L}
+    return {
+        "gcpr_gather": B * (12 * d + 48),
+        "gcpr_ring": b * (24 * d + 48),
+        "fgr_global": 2 * B * (img_tokens * wv + L * wt) * tok_bytes + B * L,
+    }
 
 
-def model_bytes(n: int, *, contrastive: str, gcpr_mode: str, fgr_negatives: str, gloo: bool,
-                **dims) -> float:
+def model_bytes(
+    n: int, *, contrastive: str, gcpr_mode: str, fgr_negatives: str, gloo: bool, **dims
+) -> float:
     """Total bytes per rank per step the model predicts for one configuration of the step."""
     c = comm_bytes(n, gloo=gloo, **dims)
     gcpr = c["gcpr_eager"] if contrastive == "eager" else c[f"gcpr_{gcpr_mode}"]
@@ -123,8 +151,14 @@ def _dims(preset: str, b: int) -> dict:
     from r2d2.engine.model import model_preset
 
     cfg = model_preset(preset)
-    return dict(b=b, d=cfg.embed_dim, L=cfg.max_text_len, img_tokens=cfg.vision.num_patches + 1,
-                wv=cfg.vision.width, wt=cfg.text.width)
+    return dict(
+        b=b,
+        d=cfg.embed_dim,
+        L=cfg.max_text_len,
+        img_tokens=cfg.vision.num_patches + 1,
+        wv=cfg.vision.width,
+        wt=cfg.text.width,
+    )
 
 
 def comm_table(preset: str = "base", b: int = 64, worlds=WORLDS, link_gbs: float = 50.0) -> str:
@@ -139,10 +173,12 @@ def comm_table(preset: str = "base", b: int = 64, worlds=WORLDS, link_gbs: float
         f"teacher and FGR's negatives; features and token states fp32 (the residual stream under "
         f"bf16 autocast). GCPR gather / ring = the fused backends' two modes. GiB sent per rank "
         f"per step; ms at {link_gbs:g} GB/s per GPU (a 400 Gb/s NIC); memory = extra GiB held per "
-        f"rank for what the collectives bring.", "",
+        f"rank for what the collectives bring.",
+        "",
         "| GPUs | global batch | GCPR gather | GCPR ring | FGR global | DDP grads | total (gather, FGR global) "
         "| ms @ link | total (ring, FGR local) | ms @ link | mem GCPR gather | mem GCPR ring | mem FGR global |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n in worlds:
         c = comm_bytes(n, params=params, **dims)
         m = gathered_memory(n, **dims)
@@ -153,7 +189,8 @@ def comm_table(preset: str = "base", b: int = 64, worlds=WORLDS, link_gbs: float
             f"{c['fgr_global'] / gib:.2f} | {c['ddp_grads'] / gib:.2f} | {heavy / gib:.2f} | "
             f"{heavy / (link_gbs * 1e9) * 1e3:.0f} | {light / gib:.2f} | "
             f"{light / (link_gbs * 1e9) * 1e3:.0f} | {m['gcpr_gather'] / gib:.3f} | "
-            f"{m['gcpr_ring'] / gib:.4f} | {m['fgr_global'] / gib:.1f} |")
+            f"{m['gcpr_ring'] / gib:.4f} | {m['fgr_global'] / gib:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -177,8 +214,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, device: str, preset: str, batch: int, steps: int,
-            threads: int, result_path: str, loss: dict, warmup: int = 2) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    device: str,
+    preset: str,
+    batch: int,
+    steps: int,
+    threads: int,
+    result_path: str,
+    loss: dict,
+    warmup: int = 2,
+) -> None:
     import torch.distributed as dist
     from bench_step import Step, synthetic_batch
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -187,8 +235,12 @@ def _worker(rank: int, world: int, port: int, device: str, preset: str, batch: i
     cuda = device == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+    )
     dev = f"cuda:{rank}" if cuda else "cpu"
     step = Step(preset, "ours", dev, loss=loss)
     # every parameter is used by the default LossConfig, so the trainer's default applies
@@ -211,13 +263,24 @@ def _worker(rank: int, world: int, port: int, device: str, preset: str, batch: i
     elapsed = torch.tensor(times, dtype=torch.float64, device=dev)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     if rank == 0:
-        Path(result_path).write_text(json.dumps({"times": elapsed.cpu().tolist(),
-                                                 "contrastive": step.kernel_picks["contrastive"]}))
+        Path(result_path).write_text(
+            json.dumps(
+                {"times": elapsed.cpu().tolist(), "contrastive": step.kernel_picks["contrastive"]}
+            )
+        )
     dist.destroy_process_group()
 
 
-def measure_world(world: int, device: str, preset: str, batch: int, steps: int, threads: int,
-                  loss: dict | None = None, warmup: int = 2) -> tuple[harness.Timing, str]:
+def measure_world(
+    world: int,
+    device: str,
+    preset: str,
+    batch: int,
+    steps: int,
+    threads: int,
+    loss: dict | None = None,
+    warmup: int = 2,
+) -> tuple[harness.Timing, str]:
     """(step time in ms over ``steps`` steps, each the slowest rank's; the contrastive backend)."""
     import tempfile
 
@@ -225,30 +288,66 @@ def measure_world(world: int, device: str, preset: str, batch: int, steps: int, 
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "t")
-        mp.spawn(_worker, args=(world, _free_port(), device, preset, batch, steps, threads, out,
-                                loss or {}, warmup), nprocs=world, join=True)
+        mp.spawn(
+            _worker,
+            args=(
+                world,
+                _free_port(),
+                device,
+                preset,
+                batch,
+                steps,
+                threads,
+                out,
+                loss or {},
+                warmup,
+            ),
+            nprocs=world,
+            join=True,
+        )
         res = json.loads(Path(out).read_text())
     ms = sorted(1e3 * t for t in res["times"])
-    return (harness.Timing(harness._quantile(ms, 0.5), harness._quantile(ms, 0.2),
-                           harness._quantile(ms, 0.8)), res["contrastive"])
+    return (
+        harness.Timing(
+            harness._quantile(ms, 0.5), harness._quantile(ms, 0.2), harness._quantile(ms, 0.8)
+        ),
+        res["contrastive"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = harness.parser(__doc__.splitlines()[0])
-    ap.add_argument("--procs", type=int, nargs="+", default=None,
-                    help="process counts (default: 1 2 on CPU; 1 2 4 .. #GPUs on CUDA)")
-    ap.add_argument("--preset", default=None, help="model for the measured run (default tiny on "
-                                                   "CPU/--quick, base on CUDA)")
+    ap.add_argument(
+        "--procs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="process counts (default: 1 2 on CPU; 1 2 4 .. #GPUs on CUDA)",
+    )
+    ap.add_argument(
+        "--preset",
+        default=None,
+        help="model for the measured run (default tiny on CPU/--quick, base on CUDA)",
+    )
     ap.add_argument("--batch", type=int, default=None, help="local batch of the measured run")
     ap.add_argument("--model-preset", default="base", help="preset of the communication model")
     ap.add_argument("--model-batch", type=int, default=64, help="local batch of the model")
     ap.add_argument("--model-only", action="store_true", help="print the model; measure nothing")
-    ap.add_argument("--write-docs", action="store_true",
-                    help="write the model table into docs/benchmarks.md")
-    ap.add_argument("--gcpr-mode", choices=("gather", "ring"), default="gather",
-                    help="loss.gcpr_mode of the measured run (the fused backends' mode)")
-    ap.add_argument("--fgr-negatives", choices=("global", "local"), default="global",
-                    help="loss.fgr_negatives of the measured run")
+    ap.add_argument(
+        "--write-docs", action="store_true", help="write the model table into docs/benchmarks.md"
+    )
+    ap.add_argument(
+        "--gcpr-mode",
+        choices=("gather", "ring"),
+        default="gather",
+        help="loss.gcpr_mode of the measured run (the fused backends' mode)",
+    )
+    ap.add_argument(
+        "--fgr-negatives",
+        choices=("global", "local"),
+        default="global",
+        help="loss.fgr_negatives of the measured run",
+    )
     args = ap.parse_args(argv)
 
     table = comm_table(args.model_preset, args.model_batch)
@@ -274,12 +373,23 @@ def main(argv: list[str] | None = None) -> int:
     shape = {"preset": preset, "local_batch": batch}
     for n in procs:
         try:
-            timing, contrastive = measure_world(n, args.device, preset, batch, steps, threads,
-                                                loss, warmup)
+            timing, contrastive = measure_world(
+                n, args.device, preset, batch, steps, threads, loss, warmup
+            )
         except Exception as e:  # noqa: BLE001  (one world failing must not lose the others)
-            sink.add(harness.status_row(op="scaling", provider=f"{provider} x{n}", mode="fwd+bwd+opt",
-                                        shape=shape, status="failed", error=e, device=args.device,
-                                        procs=n, **loss))
+            sink.add(
+                harness.status_row(
+                    op="scaling",
+                    provider=f"{provider} x{n}",
+                    mode="fwd+bwd+opt",
+                    shape=shape,
+                    status="failed",
+                    error=e,
+                    device=args.device,
+                    procs=n,
+                    **loss,
+                )
+            )
             print(f"procs {n}: failed: {e}", file=sys.stderr)
             continue
         sec = timing.median_ms / 1e3
@@ -287,15 +397,29 @@ def main(argv: list[str] | None = None) -> int:
         base = base or (sps if n == procs[0] else None)
         eff = sps / (n / procs[0] * base) if base else None
         predicted = model_bytes(n, contrastive=contrastive, gloo=not cuda, **loss, **dims)
-        sink.add(harness.make_row(
-            op="scaling", provider=f"{provider} x{n}", mode="fwd+bwd+opt", shape=shape, procs=n,
-            timing=timing, device=args.device, samples_per_s=sps, efficiency=eff,
-            threads_per_proc=None if cuda else threads, contrastive=contrastive, **loss,
-            model_bytes_per_rank=predicted,
-            timing_note=f"{steps} steps, each timed on the slowest rank"))
-        print(f"procs {n}: {sec * 1e3:.1f} ms/step, {sps:.1f} samples/s, efficiency "
-              f"{'-' if eff is None else format(eff, '.2f')}, model {predicted / 2**20:.1f} MiB "
-              f"sent per rank (contrastive {contrastive})" + ("  [CPU]" if not cuda else ""))
+        sink.add(
+            harness.make_row(
+                op="scaling",
+                provider=f"{provider} x{n}",
+                mode="fwd+bwd+opt",
+                shape=shape,
+                procs=n,
+                timing=timing,
+                device=args.device,
+                samples_per_s=sps,
+                efficiency=eff,
+                threads_per_proc=None if cuda else threads,
+                contrastive=contrastive,
+                **loss,
+                model_bytes_per_rank=predicted,
+                timing_note=f"{steps} steps, each timed on the slowest rank",
+            )
+        )
+        print(
+            f"procs {n}: {sec * 1e3:.1f} ms/step, {sps:.1f} samples/s, efficiency "
+            f"{'-' if eff is None else format(eff, '.2f')}, model {predicted / 2**20:.1f} MiB "
+            f"sent per rank (contrastive {contrastive})" + ("  [CPU]" if not cuda else "")
+        )
     if args.out:
         print(f"rows appended to {args.out} as they were measured")
     return 0

@@ -79,8 +79,9 @@ def _swap_layernorm(module: torch.nn.Module, fused_ln) -> int:
     n = 0
     for name, child in module.named_children():
         if type(child) is torch.nn.LayerNorm:
-            new = fused_ln(child.normalized_shape, eps=child.eps,
-                           elementwise_affine=child.elementwise_affine)
+            new = fused_ln(
+                child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine
+            )
             if child.elementwise_affine:
                 new.load_state_dict(child.state_dict())
             setattr(module, name, new.to(child.weight.device))
@@ -98,11 +99,16 @@ def synthetic_batch(cfg, batch: int, device, text_len: int | None = None, seed: 
     lengths = torch.randint(max(2, L // 2), L + 1, (batch,), generator=g)
     mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
     # ids above the special tokens (BERT vocabularies keep them in the first ~100 slots)
-    ids = torch.randint(min(110, cfg.text.vocab_size - 1), cfg.text.vocab_size, (batch, L), generator=g)
+    ids = torch.randint(
+        min(110, cfg.text.vocab_size - 1), cfg.text.vocab_size, (batch, L), generator=g
+    )
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, cfg.text.pad_id))
-    return {"images": torch.randn(batch, 3, size, size, generator=g).to(device),
-            "input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "image_ids": torch.arange(batch).to(device)}
+    return {
+        "images": torch.randn(batch, 3, size, size, generator=g).to(device),
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "image_ids": torch.arange(batch).to(device),
+    }
 
 
 def flops_per_sample(cfg, loss, batch: dict, world: int = 1) -> float | None:
@@ -113,15 +119,29 @@ def flops_per_sample(cfg, loss, batch: dict, world: int = 1) -> float | None:
     except ImportError:
         return None
     b, L = batch["input_ids"].shape
-    return flops.flops_per_sample(cfg, loss, text_len=L, global_batch=b * world, world=world,
-                                  text_valid_frac=float(batch["attention_mask"].float().mean()))
+    return flops.flops_per_sample(
+        cfg,
+        loss,
+        text_len=L,
+        global_batch=b * world,
+        world=world,
+        text_valid_frac=float(batch["attention_mask"].float().mean()),
+    )
 
 
 class Step:
     """A model + objective + optimizer for one configuration, and its ``run(batch)`` step."""
 
-    def __init__(self, preset: str, config: str, device: str, *, eager_attention: str = "sdpa",
-                 checkpointing: bool = False, loss: dict | None = None):
+    def __init__(
+        self,
+        preset: str,
+        config: str,
+        device: str,
+        *,
+        eager_attention: str = "sdpa",
+        checkpointing: bool = False,
+        loss: dict | None = None,
+    ):
         from r2d2.engine.losses import LossConfig, R2D2ForPretraining
         from r2d2.engine.model import R2D2Model, model_preset
 
@@ -133,8 +153,10 @@ class Step:
         # call, which must not happen inside torch.compile tracing)
         from r2d2.kernels.dispatch import resolve
 
-        self.kernel_picks = {op: resolve(op, getattr(kernels, op), self.device)
-                             for op in ("attention", "contrastive", "distill_kl")}
+        self.kernel_picks = {
+            op: resolve(op, getattr(kernels, op), self.device)
+            for op in ("attention", "contrastive", "distill_kl")
+        }
         self.eager_attention = eager_attention
         model = R2D2Model(self.cfg, kernels)
         model.set_activation_checkpointing(checkpointing)
@@ -148,12 +170,18 @@ class Step:
         if apex:
             self.opt = apex[1](params, lr=1e-5, weight_decay=0.02)
         else:
-            self.opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.02,
-                                         fused=self.device.type == "cuda" or None)
-        self.forward = torch.compile(self.objective) if config.endswith("compile") else self.objective
+            self.opt = torch.optim.AdamW(
+                params, lr=1e-5, weight_decay=0.02, fused=self.device.type == "cuda" or None
+            )
+        self.forward = (
+            torch.compile(self.objective) if config.endswith("compile") else self.objective
+        )
         # bf16 autocast on GPU as in training; fp32 on CPU, where bf16 matmuls are emulated.
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
         self.dtype = "bfloat16" if self.device.type == "cuda" else "float32"
 
     def run(self, batch: dict) -> torch.Tensor:
@@ -207,8 +235,13 @@ class BatchSearch:
     probes: list = field(default_factory=list)
 
 
-def largest_batch(try_fit: Callable[[int], bool], start: int = 16, cap: int = 4096,
-                  granularity: int = 8, deadline: float | None = None) -> BatchSearch:
+def largest_batch(
+    try_fit: Callable[[int], bool],
+    start: int = 16,
+    cap: int = 4096,
+    granularity: int = 8,
+    deadline: float | None = None,
+) -> BatchSearch:
     """Largest batch ``b <= cap`` with ``try_fit(b)``: double from ``start`` until a failure or
     the cap (halve from ``start`` while it fails), then bisect until the bounds are within
     ``granularity`` and within a quarter of the fit (so a small fit is found exactly, and a fit
@@ -261,12 +294,17 @@ def largest_batch(try_fit: Callable[[int], bool], start: int = 16, cap: int = 40
 
 
 def _shape(preset: str, cfg, batch: int) -> dict:
-    return {"preset": preset, "batch": batch, "text_len": cfg.max_text_len,
-            "image_size": cfg.vision.image_size}
+    return {
+        "preset": preset,
+        "batch": batch,
+        "text_len": cfg.max_text_len,
+        "image_size": cfg.vision.image_size,
+    }
 
 
-def _step_row(step: Step, preset: str, config: str, batch: int, quick: bool,
-              rep_ms: float | None) -> dict:
+def _step_row(
+    step: Step, preset: str, config: str, batch: int, quick: bool, rep_ms: float | None
+) -> dict:
     data = synthetic_batch(step.cfg, batch, step.device)
     from torch._dynamo.utils import counters
 
@@ -286,8 +324,14 @@ def _step_row(step: Step, preset: str, config: str, batch: int, quick: bool,
     if rep_ms is None:
         rep_ms = 100 if quick else 1000
     # the warm-up is the loop above: no extra budget here (warmup=0 is honoured)
-    timing = harness.measure(lambda: step.run(data), device=step.device, rep=rep_ms, warmup=0,
-                             flush_l2=False, min_blocks=3 if quick else None)
+    timing = harness.measure(
+        lambda: step.run(data),
+        device=step.device,
+        rep=rep_ms,
+        warmup=0,
+        flush_l2=False,
+        min_blocks=3 if quick else None,
+    )
     # graph breaks cap what compile can fuse; recompiles during timing would inflate it
     breaks = sum(counters["graph_break"].values()) if compiled else None
     recompiled = counters["stats"]["unique_graphs"] - graphs_before if compiled else None
@@ -307,11 +351,22 @@ def _step_row(step: Step, preset: str, config: str, batch: int, quick: bool,
 
         kernels["attention_auto"] = {c: p.backend for c, p in auto_picks().items()}
     row = harness.make_row(
-        op="train_step", provider=config, mode="fwd+bwd+opt", shape=_shape(preset, step.cfg, batch),
-        timing=timing, flops=fps * batch if fps else None, peak_mem=peak, device=step.device,
-        dtype=step.dtype, samples_per_s=batch / (timing.median_ms / 1e3),
-        flops_per_sample=fps, kernels=kernels, eager_attention=step.eager_attention,
-        graph_breaks=breaks, graphs_compiled_while_timed=recompiled)
+        op="train_step",
+        provider=config,
+        mode="fwd+bwd+opt",
+        shape=_shape(preset, step.cfg, batch),
+        timing=timing,
+        flops=fps * batch if fps else None,
+        peak_mem=peak,
+        device=step.device,
+        dtype=step.dtype,
+        samples_per_s=batch / (timing.median_ms / 1e3),
+        flops_per_sample=fps,
+        kernels=kernels,
+        eager_attention=step.eager_attention,
+        graph_breaks=breaks,
+        graphs_compiled_while_timed=recompiled,
+    )
     row["mfu"] = row["frac_peak_flops"]  # MFU = achieved model FLOP/s over the data-sheet peak
     return row
 
@@ -320,19 +375,19 @@ def _step_row(step: Step, preset: str, config: str, batch: int, quick: bool,
 class Plan:
     """What :func:`run` measures for one preset (the command line, resolved)."""
 
-    batch: int | None = None          # fixed batch
-    batch_max: int | None = None      # largest of batch_max, /2, /4 ... that eager fits
+    batch: int | None = None  # fixed batch
+    batch_max: int | None = None  # largest of batch_max, /2, /4 ... that eager fits
     configs: tuple = CONFIGS
     quick: bool = False
     eager_attention: str = "sdpa"
-    steps: bool = True                # the per-configuration step rows
-    max_batch: bool = True            # the checkpointed largest-batch search (CUDA)
+    steps: bool = True  # the per-configuration step rows
+    max_batch: bool = True  # the checkpointed largest-batch search (CUDA)
     max_batch_start: int = 64
     max_batch_cap: int = 16384
     max_batch_granularity: int = 16
-    max_batch_budget: float | None = None   # seconds for the two searches together
+    max_batch_budget: float | None = None  # seconds for the two searches together
     rep_ms: float | None = None
-    deadline: float | None = None     # time.monotonic() after which nothing new starts
+    deadline: float | None = None  # time.monotonic() after which nothing new starts
 
 
 def _late(plan: Plan) -> bool:
@@ -374,20 +429,41 @@ def run(preset: str, device: str, plan: Plan, sink: harness.RowWriter) -> list[d
         shape = _shape(preset, cfg, batch)
         if batch < 1:
             for c in configs:
-                sink.add(harness.status_row(op="train_step", provider=c, mode=mode, shape=shape,
-                                            status="oom", error="eager fits no batch",
-                                            device=device, dtype=dtype))
+                sink.add(
+                    harness.status_row(
+                        op="train_step",
+                        provider=c,
+                        mode=mode,
+                        shape=shape,
+                        status="oom",
+                        error="eager fits no batch",
+                        device=device,
+                        dtype=dtype,
+                    )
+                )
             configs = []
         for config in configs:
+
             def skip(why: str, status: str = "skipped", config=config) -> None:
-                sink.add(harness.status_row(op="train_step", provider=config, mode=mode,
-                                            shape=shape, status=status, error=why, device=device,
-                                            dtype=dtype))
+                sink.add(
+                    harness.status_row(
+                        op="train_step",
+                        provider=config,
+                        mode=mode,
+                        shape=shape,
+                        status=status,
+                        error=why,
+                        device=device,
+                        dtype=dtype,
+                    )
+                )
                 print(f"[{status}] {preset} {config}: {why}", file=sys.stderr)
 
             if plan.quick and not cuda and config.endswith("compile"):
-                skip("torch.compile configs are skipped under --quick on CPU (inductor's C++ "
-                     "build takes minutes on a shared CPU); run without --quick")
+                skip(
+                    "torch.compile configs are skipped under --quick on CPU (inductor's C++ "
+                    "build takes minutes on a shared CPU); run without --quick"
+                )
                 continue
             if config == "apex" and isinstance(_apex(), str):
                 skip(_apex())
@@ -423,30 +499,68 @@ def max_batch_rows(preset: str, device: str, plan: Plan, sink: harness.RowWriter
     for i, config in enumerate(("eager", "ours")):
         shape = {"preset": preset}
         if _late(plan):
-            rows.append(sink.add(harness.status_row(
-                op="max_batch", provider=config, mode=mode, shape=shape, status="skipped",
-                error="out of --budget before it started", device=device)))
+            rows.append(
+                sink.add(
+                    harness.status_row(
+                        op="max_batch",
+                        provider=config,
+                        mode=mode,
+                        shape=shape,
+                        status="skipped",
+                        error="out of --budget before it started",
+                        device=device,
+                    )
+                )
+            )
             continue
         # eager gets half the search budget, ours what is left of it
         own = None if end is None else (min(end, time.monotonic() + budget / 2) if i == 0 else end)
         deadline = min((d for d in (plan.deadline, own) if d is not None), default=None)
         step = None
         try:
-            step = Step(preset, config, device, eager_attention=plan.eager_attention,
-                        checkpointing=True)
-            found = largest_batch(lambda n, step=step: fits(step, n), start=plan.max_batch_start,
-                                  cap=plan.max_batch_cap, granularity=plan.max_batch_granularity,
-                                  deadline=deadline)
-            rows.append(sink.add(harness.make_row(
-                op="max_batch", provider=config, mode=mode, shape=shape, timing=None,
-                device=device, dtype="bfloat16", max_batch=found.fits,
-                max_batch_fails=found.fails, max_batch_cap=plan.max_batch_cap,
-                search_complete=found.complete, probes=found.probes,
-                kernels=step.kernel_picks)))
+            step = Step(
+                preset, config, device, eager_attention=plan.eager_attention, checkpointing=True
+            )
+            found = largest_batch(
+                lambda n, step=step: fits(step, n),
+                start=plan.max_batch_start,
+                cap=plan.max_batch_cap,
+                granularity=plan.max_batch_granularity,
+                deadline=deadline,
+            )
+            rows.append(
+                sink.add(
+                    harness.make_row(
+                        op="max_batch",
+                        provider=config,
+                        mode=mode,
+                        shape=shape,
+                        timing=None,
+                        device=device,
+                        dtype="bfloat16",
+                        max_batch=found.fits,
+                        max_batch_fails=found.fails,
+                        max_batch_cap=plan.max_batch_cap,
+                        search_complete=found.complete,
+                        probes=found.probes,
+                        kernels=step.kernel_picks,
+                    )
+                )
+            )
         except Exception as e:  # noqa: BLE001
-            rows.append(sink.add(harness.status_row(op="max_batch", provider=config, mode=mode,
-                                                    shape=shape, status="failed", error=e,
-                                                    device=device)))
+            rows.append(
+                sink.add(
+                    harness.status_row(
+                        op="max_batch",
+                        provider=config,
+                        mode=mode,
+                        shape=shape,
+                        status="failed",
+                        error=e,
+                        device=device,
+                    )
+                )
+            )
         finally:
             if step is not None:
                 step.close()
@@ -462,36 +576,72 @@ def _summary(rows: list[dict]) -> None:
         if r.get("status", "ok") != "ok":
             continue  # print_table listed it with its reason
         if r["op"] == "train_step":
-            print(f"{name} {r['samples_per_s']:9.1f} samples/s  MFU "
-                  f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')}")
+            print(
+                f"{name} {r['samples_per_s']:9.1f} samples/s  MFU "
+                f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')}"
+            )
         else:
-            bound = ("" if r["search_complete"]
-                     else f" (search stopped early; fails at {r['max_batch_fails']})")
+            bound = (
+                ""
+                if r["search_complete"]
+                else f" (search stopped early; fails at {r['max_batch_fails']})"
+            )
             print(f"{name} max batch (checkpointed) {r['max_batch']}{bound}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = harness.parser(__doc__.splitlines()[0])
-    ap.add_argument("--preset", nargs="+", default=None,
-                    help="model presets (default: base large on CUDA, base under --quick on CUDA, "
-                         "tiny on CPU)")
-    ap.add_argument("--batch", type=int, default=None, help="fixed batch (default: largest eager fits)")
-    ap.add_argument("--batch-max", type=int, default=None,
-                    help="the largest of N, N/2, N/4, ... at which eager fits (one probe each)")
+    ap.add_argument(
+        "--preset",
+        nargs="+",
+        default=None,
+        help="model presets (default: base large on CUDA, base under --quick on CUDA, tiny on CPU)",
+    )
+    ap.add_argument(
+        "--batch", type=int, default=None, help="fixed batch (default: largest eager fits)"
+    )
+    ap.add_argument(
+        "--batch-max",
+        type=int,
+        default=None,
+        help="the largest of N, N/2, N/4, ... at which eager fits (one probe each)",
+    )
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    ap.add_argument("--eager-attention", choices=("sdpa", "eager"), default="sdpa",
-                    help="attention backend of the eager baseline")
-    ap.add_argument("--no-max-batch", action="store_true", help="skip the checkpointed max-batch search")
-    ap.add_argument("--max-batch-only", action="store_true", help="only the checkpointed max-batch search")
+    ap.add_argument(
+        "--eager-attention",
+        choices=("sdpa", "eager"),
+        default="sdpa",
+        help="attention backend of the eager baseline",
+    )
+    ap.add_argument(
+        "--no-max-batch", action="store_true", help="skip the checkpointed max-batch search"
+    )
+    ap.add_argument(
+        "--max-batch-only", action="store_true", help="only the checkpointed max-batch search"
+    )
     ap.add_argument("--max-batch-start", type=int, default=64)
     ap.add_argument("--max-batch-cap", type=int, default=16384)
     ap.add_argument("--max-batch-granularity", type=int, default=16)
-    ap.add_argument("--max-batch-budget", type=float, default=None, metavar="S",
-                    help="seconds for the eager and ours searches together (default: unbounded)")
-    ap.add_argument("--rep-ms", type=float, default=None,
-                    help="timing budget per configuration in ms (default 1000, 100 under --quick)")
-    ap.add_argument("--budget", type=float, default=None, metavar="S",
-                    help="nothing new starts after S seconds (skipped rows say so)")
+    ap.add_argument(
+        "--max-batch-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds for the eager and ours searches together (default: unbounded)",
+    )
+    ap.add_argument(
+        "--rep-ms",
+        type=float,
+        default=None,
+        help="timing budget per configuration in ms (default 1000, 100 under --quick)",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="nothing new starts after S seconds (skipped rows say so)",
+    )
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     cuda = args.device == "cuda"
@@ -505,17 +655,24 @@ def main(argv: list[str] | None = None) -> int:
     sink = harness.RowWriter(args.out)
     batch_max = args.batch_max or (64 if args.quick and cuda and args.batch is None else None)
     for preset in presets:
-        plan = Plan(batch=args.batch, batch_max=batch_max, configs=tuple(args.configs),
-                    quick=args.quick, eager_attention=args.eager_attention,
-                    steps=not args.max_batch_only,
-                    # on CPU nothing runs out of memory: only an explicit --max-batch-only
-                    # searches there (up to the cap; a plumbing check, not a capacity)
-                    max_batch=args.max_batch_only or (cuda and not args.no_max_batch
-                                                      and not args.quick and preset != "tiny"),
-                    max_batch_start=args.max_batch_start, max_batch_cap=args.max_batch_cap,
-                    max_batch_granularity=args.max_batch_granularity,
-                    max_batch_budget=args.max_batch_budget, rep_ms=args.rep_ms,
-                    deadline=None if args.budget is None else t0 + args.budget)
+        plan = Plan(
+            batch=args.batch,
+            batch_max=batch_max,
+            configs=tuple(args.configs),
+            quick=args.quick,
+            eager_attention=args.eager_attention,
+            steps=not args.max_batch_only,
+            # on CPU nothing runs out of memory: only an explicit --max-batch-only
+            # searches there (up to the cap; a plumbing check, not a capacity)
+            max_batch=args.max_batch_only
+            or (cuda and not args.no_max_batch and not args.quick and preset != "tiny"),
+            max_batch_start=args.max_batch_start,
+            max_batch_cap=args.max_batch_cap,
+            max_batch_granularity=args.max_batch_granularity,
+            max_batch_budget=args.max_batch_budget,
+            rep_ms=args.rep_ms,
+            deadline=None if args.budget is None else t0 + args.budget,
+        )
         run(preset, args.device, plan, sink)
     rows = harness.add_ratios(sink.rows, baseline="eager")
     harness.print_table([r for r in rows if r["op"] == "train_step"])

@@ -58,6 +58,7 @@ def results_dir() -> Path:
         return REPO_ROOT / "benchmarks" / "results"
     return Path.cwd() / "benchmarks" / "results"
 
+
 # Data-sheet HBM/GDDR bandwidth in GB/s by device-name substring (longest match wins).
 # Sources: NVIDIA H200, H100 (SXM5 / PCIe), A100 (40 / 80 GB SXM), L40S, L4, A10(G), T4, V100
 # product data sheets.
@@ -86,7 +87,7 @@ class Budgets:
     the torch.utils.benchmark path."""
 
     warmup_ms: float = 25.0
-    rep_ms: float = 100.0           # do_bench's default
+    rep_ms: float = 100.0  # do_bench's default
     cpu_rep_ms: float = 200.0
     min_blocks: int = MIN_BLOCKS
 
@@ -97,8 +98,14 @@ DEFAULT = Budgets()
 QUICK = Budgets(warmup_ms=0.0, rep_ms=50.0, cpu_rep_ms=50.0, min_blocks=3)
 budgets = DEFAULT  # what measure() uses when a budget is not passed; parser() sets QUICK
 
-_DTYPE_CLASS = {"bfloat16": "bf16", "float16": "bf16", "bf16": "bf16", "fp16": "bf16",
-                "float32": "fp32", "fp32": "fp32"}
+_DTYPE_CLASS = {
+    "bfloat16": "bf16",
+    "float16": "bf16",
+    "bf16": "bf16",
+    "fp16": "bf16",
+    "float32": "fp32",
+    "fp32": "fp32",
+}
 
 
 @dataclass(frozen=True)
@@ -130,17 +137,26 @@ class _Parser(argparse.ArgumentParser):
 def parser(description: str) -> argparse.ArgumentParser:
     """The flags every bench script shares: --quick, --out, --no-out, --device."""
     ap = _Parser(description=description)
-    ap.add_argument("--quick", action="store_true",
-                    help="small shapes and short timing budgets: a smoke run (each script takes "
-                         "seconds to about a minute on two shared CPU cores; docs/benchmarks.md "
-                         "gives the measured times)")
-    ap.add_argument("--out", default=None, metavar="PATH",
-                    help="JSONL file rows are appended to "
-                         "(default benchmarks/results/<date>_<device>.jsonl)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes and short timing budgets: a smoke run (each script takes "
+        "seconds to about a minute on two shared CPU cores; docs/benchmarks.md "
+        "gives the measured times)",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help="JSONL file rows are appended to (default benchmarks/results/<date>_<device>.jsonl)",
+    )
     ap.add_argument("--no-out", action="store_true", help="print the table only, write no file")
-    ap.add_argument("--device", choices=("cpu", "cuda"),
-                    default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="where to run (default: cuda when available)")
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to run (default: cuda when available)",
+    )
     return ap
 
 
@@ -163,9 +179,16 @@ def _is_cuda(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: float | None = None,
-            rep: float | None = None, grad_to_none: Sequence[torch.Tensor] | None = None,
-            flush_l2: bool = True, min_blocks: int | None = None) -> Timing:
+def measure(
+    fn: Callable[[], object],
+    *,
+    device: str | torch.device,
+    warmup: float | None = None,
+    rep: float | None = None,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+    flush_l2: bool = True,
+    min_blocks: int | None = None,
+) -> Timing:
     """Median and 20/80 percentiles of ``fn()`` in milliseconds.
 
     ``warmup`` and ``rep`` are time budgets in ms (do_bench's meaning on both devices; None =
@@ -183,14 +206,20 @@ def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: flo
         from triton.testing import do_bench
 
         # do_bench always runs at least one warm-up call, so warmup=0 means "no extra budget"
-        q = do_bench(fn, warmup=warmup, rep=b.rep_ms if rep is None else rep,
-                     grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+        q = do_bench(
+            fn,
+            warmup=warmup,
+            rep=b.rep_ms if rep is None else rep,
+            grad_to_none=grad_to_none,
+            quantiles=[0.5, 0.2, 0.8],
+        )
         return Timing(float(q[0]), float(q[1]), float(q[2]))
 
     from torch.utils import benchmark
 
     call = fn
     if grad_to_none:
+
         def call():  # reset grads inside the timed region: cheap, like do_bench's
             for t in grad_to_none:
                 t.grad = None
@@ -203,8 +232,9 @@ def measure(fn: Callable[[], object], *, device: str | torch.device, warmup: flo
     call()
     while time.perf_counter() - t0 < budget_s:
         call()
-    timer = benchmark.Timer(stmt="call()", globals={"call": call},
-                            num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(
+        stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads()
+    )
     default_rep = b.rep_ms if _is_cuda(device) else b.cpu_rep_ms
     m = timer.blocked_autorange(min_run_time=(default_rep if rep is None else rep) / 1e3)
     times = list(m.times)
@@ -260,8 +290,11 @@ def _first_tensor(out):
     raise TypeError(f"forward returned no tensor that requires grad: {type(out).__name__}")
 
 
-def modes(fwd: Callable[[], object], inputs: Iterable[torch.Tensor],
-          which: Sequence[str] = ("fwd", "bwd", "fwd+bwd")) -> dict[str, tuple[Callable, list]]:
+def modes(
+    fwd: Callable[[], object],
+    inputs: Iterable[torch.Tensor],
+    which: Sequence[str] = ("fwd", "bwd", "fwd+bwd"),
+) -> dict[str, tuple[Callable, list]]:
     """``{mode: (callable, grad_to_none)}`` for fwd, bwd, fwd+bwd of ``fwd()``, as Liger does.
 
     * fwd: the forward alone (inputs still require grad, so autograd records as in training);
@@ -292,6 +325,7 @@ def modes(fwd: Callable[[], object], inputs: Iterable[torch.Tensor],
 
         out["bwd"] = (bwd, leaves)
     if "fwd+bwd" in which:
+
         def fwd_bwd():
             y = _first_tensor(fwd())
             y.backward(_cotangent(y))
@@ -324,8 +358,12 @@ def device_name(device: str | torch.device = "cpu") -> str:
 @functools.cache
 def _cmd(*args: str) -> str | None:
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=10,
-                              cwd=REPO_ROOT).stdout.strip() or None
+        return (
+            subprocess.run(
+                args, capture_output=True, text=True, timeout=10, cwd=REPO_ROOT
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -351,7 +389,9 @@ def environment(device: str | torch.device) -> dict:
     if sha and _cmd("git", "status", "--porcelain", "--untracked-files=no"):
         sha += "-dirty"
     cuda = _is_cuda(device)
-    driver = _cmd("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else None
+    driver = (
+        _cmd("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else None
+    )
     return {
         "run_id": run_id(),
         "device": device_name(device),
@@ -411,9 +451,19 @@ def _measured_peaks(device: str) -> dict:
     return {"gbps": 2 * (1 << 28) * 4 / copy_ms / 1e6, "bf16_tflops": 2 * n**3 / mm_ms / 1e9}
 
 
-def make_row(*, op: str, provider: str, mode: str, shape: dict, timing: Timing | None,
-             flops: float | None = None, nbytes: float | None = None, peak_mem: int | None = None,
-             device: str | torch.device | None = None, **extra) -> dict:
+def make_row(
+    *,
+    op: str,
+    provider: str,
+    mode: str,
+    shape: dict,
+    timing: Timing | None,
+    flops: float | None = None,
+    nbytes: float | None = None,
+    peak_mem: int | None = None,
+    device: str | torch.device | None = None,
+    **extra,
+) -> dict:
     """One result row: what ran, how long, throughput, fraction of peak, and the environment.
 
     ``device`` defaults to cuda when available; pass it when benchmarking on the CPU of a GPU box.
@@ -426,20 +476,34 @@ def make_row(*, op: str, provider: str, mode: str, shape: dict, timing: Timing |
     sec = timing.median_ms / 1e3 if timing is not None else None
     tflops = flops / sec / 1e12 if flops and sec else None
     gbps = nbytes / sec / 1e9 if nbytes and sec else None
-    sheet_flops = peak_tflops(env["device"], extra.get("dtype")) if env["device_type"] == "cuda" else None
+    sheet_flops = (
+        peak_tflops(env["device"], extra.get("dtype")) if env["device_type"] == "cuda" else None
+    )
     sheet_bw = _lookup(PEAK_GBPS, env["device"]) if env["device_type"] == "cuda" else None
     measured = measured_peaks(device) if (tflops or gbps) else {}
     dtype_class = _DTYPE_CLASS.get(str(extra.get("dtype", "")).removeprefix("torch."))
     row = {
-        "op": op, "provider": provider, "mode": mode, "shape": dict(shape), "status": "ok",
+        "op": op,
+        "provider": provider,
+        "mode": mode,
+        "shape": dict(shape),
+        "status": "ok",
         "error": None,
-        "median_ms": timing and timing.median_ms, "p20_ms": timing and timing.p20_ms,
-        "p80_ms": timing and timing.p80_ms, "flops": flops, "bytes": nbytes, "tflops": tflops, "gbps": gbps,
+        "median_ms": timing and timing.median_ms,
+        "p20_ms": timing and timing.p20_ms,
+        "p80_ms": timing and timing.p80_ms,
+        "flops": flops,
+        "bytes": nbytes,
+        "tflops": tflops,
+        "gbps": gbps,
         "frac_peak_flops": tflops / sheet_flops if tflops and sheet_flops else None,
         "frac_peak_bw": gbps / sheet_bw if gbps and sheet_bw else None,
         # measured matmul peak only exists for bf16; other dtypes compare to the data sheet only
-        "frac_measured_flops": (tflops / measured["bf16_tflops"]
-                                if tflops and measured and dtype_class == "bf16" else None),
+        "frac_measured_flops": (
+            tflops / measured["bf16_tflops"]
+            if tflops and measured and dtype_class == "bf16"
+            else None
+        ),
         "frac_measured_bw": gbps / measured["gbps"] if gbps and measured else None,
         "peak_mem_bytes": peak_mem,
         **env,
@@ -452,9 +516,17 @@ def make_row(*, op: str, provider: str, mode: str, shape: dict, timing: Timing |
 STATUSES = ("ok", "failed", "oom", "skipped")
 
 
-def status_row(*, op: str, provider: str, mode: str, shape: dict, status: str,
-               error: BaseException | str | None = None, device: str | torch.device | None = None,
-               **extra) -> dict:
+def status_row(
+    *,
+    op: str,
+    provider: str,
+    mode: str,
+    shape: dict,
+    status: str,
+    error: BaseException | str | None = None,
+    device: str | torch.device | None = None,
+    **extra,
+) -> dict:
     """A row for a case that produced no timing: ``status`` "failed" (an exception: its type and
     first line are kept), "oom", or "skipped" (``error`` says why: not importable, refused the
     case, out of budget). Timing and throughput fields are None; the environment is filled in as
@@ -466,11 +538,25 @@ def status_row(*, op: str, provider: str, mode: str, shape: dict, status: str,
         error = f"{type(error).__name__}: {first}"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     row = {
-        "op": op, "provider": provider, "mode": mode, "shape": dict(shape), "status": status,
-        "error": error, "median_ms": None, "p20_ms": None, "p80_ms": None, "flops": None,
-        "bytes": None, "tflops": None, "gbps": None, "frac_peak_flops": None,
-        "frac_peak_bw": None, "frac_measured_flops": None, "frac_measured_bw": None,
-        "peak_mem_bytes": None, **environment(device),
+        "op": op,
+        "provider": provider,
+        "mode": mode,
+        "shape": dict(shape),
+        "status": status,
+        "error": error,
+        "median_ms": None,
+        "p20_ms": None,
+        "p80_ms": None,
+        "flops": None,
+        "bytes": None,
+        "tflops": None,
+        "gbps": None,
+        "frac_peak_flops": None,
+        "frac_peak_bw": None,
+        "frac_measured_flops": None,
+        "frac_measured_bw": None,
+        "peak_mem_bytes": None,
+        **environment(device),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     row.update(extra)
@@ -478,16 +564,25 @@ def status_row(*, op: str, provider: str, mode: str, shape: dict, status: str,
 
 
 def _key(row: dict) -> tuple:
-    return (row.get("run_id"), row["op"], row["mode"], json.dumps(row["shape"], sort_keys=True),
-            str(row.get("dtype")), row.get("device"))
+    return (
+        row.get("run_id"),
+        row["op"],
+        row["mode"],
+        json.dumps(row["shape"], sort_keys=True),
+        str(row.get("dtype")),
+        row.get("device"),
+    )
 
 
 def _ratio_fields(r: dict, b: dict | None, baseline: str) -> None:
     ok = b is not None and r.get("median_ms") and b.get("median_ms")
     r["baseline"] = baseline if b is not None else None
     r["ratio"] = b["median_ms"] / r["median_ms"] if ok else None
-    r["mem_ratio"] = (r["peak_mem_bytes"] / b["peak_mem_bytes"]
-                      if b is not None and r.get("peak_mem_bytes") and b.get("peak_mem_bytes") else None)
+    r["mem_ratio"] = (
+        r["peak_mem_bytes"] / b["peak_mem_bytes"]
+        if b is not None and r.get("peak_mem_bytes") and b.get("peak_mem_bytes")
+        else None
+    )
 
 
 def add_ratios(rows: list[dict], baseline: str = "eager") -> list[dict]:
@@ -570,24 +665,54 @@ def print_table(rows: Sequence[dict], file=None) -> None:
         print("(no rows)", file=file)
         return
     devices = sorted({r.get("device", "?") for r in rows})
-    print(f"device: {', '.join(devices)}" + ("   [CPU figures: not GPU results]"
-                                             if all(r.get("device_type") == "cpu" for r in rows)
-                                             else ""), file=file)
-    head = ("op", "shape", "mode", "provider", "median ms", "p20", "p80", "TFLOP/s", "GB/s",
-            "x eager", "peak MiB")
+    print(
+        f"device: {', '.join(devices)}"
+        + (
+            "   [CPU figures: not GPU results]"
+            if all(r.get("device_type") == "cpu" for r in rows)
+            else ""
+        ),
+        file=file,
+    )
+    head = (
+        "op",
+        "shape",
+        "mode",
+        "provider",
+        "median ms",
+        "p20",
+        "p80",
+        "TFLOP/s",
+        "GB/s",
+        "x eager",
+        "peak MiB",
+    )
     table = [head]
     notes = []
     for r in rows:
         mem = r.get("peak_mem_bytes")
         if r.get("status", "ok") != "ok":
-            notes.append(f"  [{r['status']}] {r['op']} {shape_str(r['shape'])} {r['mode']} "
-                         f"{r['provider']}: {r.get('error') or ''}")
+            notes.append(
+                f"  [{r['status']}] {r['op']} {shape_str(r['shape'])} {r['mode']} "
+                f"{r['provider']}: {r.get('error') or ''}"
+            )
             if r.get("median_ms") is None:
                 continue
-        table.append((r["op"], shape_str(r["shape"]), r["mode"], r["provider"],
-                      _fmt(r["median_ms"], ".4g"), _fmt(r["p20_ms"], ".4g"), _fmt(r["p80_ms"], ".4g"),
-                      _fmt(r.get("tflops"), ".3g"), _fmt(r.get("gbps"), ".4g"),
-                      _fmt(r.get("ratio"), ".2f"), _fmt(mem / 2**20 if mem else None, ".1f")))
+        table.append(
+            (
+                r["op"],
+                shape_str(r["shape"]),
+                r["mode"],
+                r["provider"],
+                _fmt(r["median_ms"], ".4g"),
+                _fmt(r["p20_ms"], ".4g"),
+                _fmt(r["p80_ms"], ".4g"),
+                _fmt(r.get("tflops"), ".3g"),
+                _fmt(r.get("gbps"), ".4g"),
+                _fmt(r.get("ratio"), ".2f"),
+                _fmt(mem / 2**20 if mem else None, ".1f"),
+            )
+        )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=file)

@@ -32,8 +32,10 @@ def _mem(row: dict) -> str:
 
 def _frac(row: dict) -> str:
     """The fraction of measured peak if known, else of the data sheet; the larger of FLOP/byte."""
-    for f, b, tag in (("frac_measured_flops", "frac_measured_bw", ""),
-                      ("frac_peak_flops", "frac_peak_bw", " (sheet)")):
+    for f, b, tag in (
+        ("frac_measured_flops", "frac_measured_bw", ""),
+        ("frac_peak_flops", "frac_peak_bw", " (sheet)"),
+    ):
         vals = [v for v in (row.get(f), row.get(b)) if v is not None]
         if vals:
             return f"{100 * max(vals):.0f}%{tag}"
@@ -76,43 +78,84 @@ def markdown(rows: list[dict]) -> str:
         return "(no rows)\n"
     env = rows[0]
     shas = sorted({str(r.get("git_sha")) for r in rows})
-    lines = [f"# {title(rows)}", "",
-             f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda') or '-'}, "
-             f"driver {env.get('driver') or '-'}, git {', '.join(shas)}, "
-             f"{min(r['timestamp'] for r in rows)} .. {max(r['timestamp'] for r in rows)}", "",
-             "Median of repeated runs (p20-p80 in brackets); `x eager` = eager median / this "
-             "median, measured in the same run; % peak = of the peak measured on the device "
-             "(copy bandwidth, bf16 matmul) or, marked sheet, of the data sheet.", ""]
+    lines = [
+        f"# {title(rows)}",
+        "",
+        f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda') or '-'}, "
+        f"driver {env.get('driver') or '-'}, git {', '.join(shas)}, "
+        f"{min(r['timestamp'] for r in rows)} .. {max(r['timestamp'] for r in rows)}",
+        "",
+        "Median of repeated runs (p20-p80 in brackets); `x eager` = eager median / this "
+        "median, measured in the same run; % peak = of the peak measured on the device "
+        "(copy bandwidth, bf16 matmul) or, marked sheet, of the data sheet.",
+        "",
+    ]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["op"], harness.shape_str(r["shape"]), str(r.get("dtype") or ""))].append(r)
     for (op, shape, dtype), rs in groups.items():
-        lines += [f"## {op} — {shape}" + (f" — {dtype}" if dtype else ""), "",
-                  "| mode | provider | median ms [p20-p80] | TFLOP/s | GB/s | % peak | x eager | peak MiB | notes |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            f"## {op} — {shape}" + (f" — {dtype}" if dtype else ""),
+            "",
+            "| mode | provider | median ms [p20-p80] | TFLOP/s | GB/s | % peak | x eager | peak MiB | notes |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|",
+        ]
         for r in rs:
             if r.get("status", "ok") != "ok":  # attempted, no figure: say why
-                lines.append(f"| {r['mode']} | {r['provider']} | {r['status']} | | | | | | "
-                             f"{_cell(r.get('error'))} |")
+                lines.append(
+                    f"| {r['mode']} | {r['provider']} | {r['status']} | | | | | | "
+                    f"{_cell(r.get('error'))} |"
+                )
                 continue
             if r.get("max_batch") is not None:  # a capacity row, not a timing
-                bound = "" if r.get("search_complete", True) else (
-                    f"search stopped early (fails at {r.get('max_batch_fails')}); ")
-                lines.append(f"| {r['mode']} | {r['provider']} | max batch {r['max_batch']} | | | | "
-                             f"{_f(r.get('batch_ratio'), '.2f')} | | {bound}batch vs eager |")
+                bound = (
+                    ""
+                    if r.get("search_complete", True)
+                    else (f"search stopped early (fails at {r.get('max_batch_fails')}); ")
+                )
+                lines.append(
+                    f"| {r['mode']} | {r['provider']} | max batch {r['max_batch']} | | | | "
+                    f"{_f(r.get('batch_ratio'), '.2f')} | | {bound}batch vs eager |"
+                )
                 continue
             lines.append(
                 f"| {r['mode']} | {r['provider']} | {r['median_ms']:.4g} "
                 f"[{r['p20_ms']:.4g}-{r['p80_ms']:.4g}] | {_f(r.get('tflops'), '.3g')} | "
                 f"{_f(r.get('gbps'), '.4g')} | {_frac(r)} | {_f(r.get('ratio'), '.2f')} | {_mem(r)} | "
-                f"{_notes(r)} |")
+                f"{_notes(r)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 # candidate tick ratios, most telling first: eager's line, decades, then the halves and doubles
-TICK_PRIORITY = (1.0, 10.0, 0.1, 100.0, 0.01, 1000.0, 0.001, 2.0, 0.5, 5.0, 0.2, 20.0, 0.05, 50.0,
-                 0.02, 200.0, 0.005, 500.0, 0.002, 1.5, 3.0, 0.75, 1.25, 0.9, 1.1)
+TICK_PRIORITY = (
+    1.0,
+    10.0,
+    0.1,
+    100.0,
+    0.01,
+    1000.0,
+    0.001,
+    2.0,
+    0.5,
+    5.0,
+    0.2,
+    20.0,
+    0.05,
+    50.0,
+    0.02,
+    200.0,
+    0.005,
+    500.0,
+    0.002,
+    1.5,
+    3.0,
+    0.75,
+    1.25,
+    0.9,
+    1.1,
+)
 
 
 def ratio_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
@@ -151,20 +194,28 @@ def plot(rows: list[dict], path: str | Path) -> Path | None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    ncases = max(len({(harness.shape_str(r["shape"]), r["mode"]) for r in rows if r["op"] == op})
-                 for op in ops)
-    fig, axes = plt.subplots(len(ops), 1, figsize=(max(8.0, 1.6 * ncases), 3.4 * len(ops)),
-                             squeeze=False)
+    ncases = max(
+        len({(harness.shape_str(r["shape"]), r["mode"]) for r in rows if r["op"] == op})
+        for op in ops
+    )
+    fig, axes = plt.subplots(
+        len(ops), 1, figsize=(max(8.0, 1.6 * ncases), 3.4 * len(ops)), squeeze=False
+    )
     for ax, op in zip(axes[:, 0], ops):
         rs = [r for r in rows if r["op"] == op]
         cases = list(dict.fromkeys((harness.shape_str(r["shape"]), r["mode"]) for r in rs))
         # the baseline is the line at 1, not a bar
-        providers = list(dict.fromkeys(r["provider"] for r in rs if r["provider"] != r.get("baseline")))
+        providers = list(
+            dict.fromkeys(r["provider"] for r in rs if r["provider"] != r.get("baseline"))
+        )
         width = 0.8 / max(len(providers), 1)
         vals_all = [1.0]
         for i, p in enumerate(providers):
-            by_case = {(harness.shape_str(r["shape"]), r["mode"]): r["ratio"]
-                       for r in rs if r["provider"] == p}
+            by_case = {
+                (harness.shape_str(r["shape"]), r["mode"]): r["ratio"]
+                for r in rs
+                if r["provider"] == p
+            }
             xs = [j + i * width for j, c in enumerate(cases) if c in by_case]
             vals = [by_case[c] for c in cases if c in by_case]
             vals_all += vals
@@ -206,8 +257,9 @@ def render(jsonl: list[str | Path], out_stem: str | Path | None = None) -> tuple
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("jsonl", nargs="+", help="result files (rows of harness.make_row)")
-    ap.add_argument("--out-stem", default=None, help="output path without suffix "
-                                                     "(default: the first input's)")
+    ap.add_argument(
+        "--out-stem", default=None, help="output path without suffix (default: the first input's)"
+    )
     args = ap.parse_args(argv)
     md, png = render(args.jsonl, args.out_stem)
     print(f"wrote {md}" + (f" and {png}" if png else " (no ratios to plot)"))

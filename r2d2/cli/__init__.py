@@ -43,13 +43,29 @@ from collections.abc import Callable
 from r2d2 import __version__
 from r2d2.engine.errors import RUN_EXIT, USAGE_EXIT, RunError, UsageError, exit_code
 
-__all__ = ["COMMANDS", "RUN_EXIT", "USAGE_EXIT", "RunError", "UsageError", "check_out_dir",
-           "configure_logging", "debug", "exit_code", "guarded", "main", "report_error"]
+__all__ = [
+    "COMMANDS",
+    "RUN_EXIT",
+    "USAGE_EXIT",
+    "RunError",
+    "UsageError",
+    "check_out_dir",
+    "configure_logging",
+    "debug",
+    "exit_code",
+    "guarded",
+    "main",
+    "report_error",
+]
 
 # subcommand -> (module, function, one-line help); modules are imported only when used, so
 # `r2d2 doctor` works even where the heavier pieces cannot import.
 COMMANDS = {
-    "doctor": ("r2d2.cli.doctor", "main", "print torch/CUDA/triton/extension state and backend picks"),
+    "doctor": (
+        "r2d2.cli.doctor",
+        "main",
+        "print torch/CUDA/triton/extension state and backend picks",
+    ),
     "pretrain": ("r2d2.cli.train", "pretrain", "R2D2 pre-training (GCPR + FGR + MLM + TgD + FgD)"),
     "finetune": ("r2d2.cli.train", "finetune", "fine-tuning on a downstream set"),
     "eval": ("r2d2.cli.eval", "main", "retrieval / matching / zero-shot evaluation"),
@@ -128,9 +144,13 @@ LOG_FORMAT = "%(levelname).1s %(name)s: %(message)s"  # e.g. "I r2d2.kernels: di
 def _usage() -> str:
     lines = ["usage: r2d2 [-q | -v] <command> [args]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "options:", "  -q, --quiet    warnings and errors only",
-              "  -v, --verbose  debug messages too",
-              "  (or R2D2_LOG_LEVEL=DEBUG|INFO|WARNING|ERROR; default INFO, to stderr)"]
+    lines += [
+        "",
+        "options:",
+        "  -q, --quiet    warnings and errors only",
+        "  -v, --verbose  debug messages too",
+        "  (or R2D2_LOG_LEVEL=DEBUG|INFO|WARNING|ERROR; default INFO, to stderr)",
+    ]
     return "\n".join(lines)
 
 
@@ -145,8 +165,9 @@ def configure_logging(level: int | str | None = None) -> logging.Logger:
         name = level.strip().upper()
         value = logging.getLevelName(name)
         if not isinstance(value, int):
-            raise ValueError(f"R2D2_LOG_LEVEL={level!r} is not a level; expected DEBUG, INFO, "
-                             "WARNING or ERROR")
+            raise ValueError(
+                f"R2D2_LOG_LEVEL={level!r} is not a level; expected DEBUG, INFO, WARNING or ERROR"
+            )
         level = value
     logger = logging.getLogger("r2d2")
     logger.setLevel(level)

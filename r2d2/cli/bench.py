@@ -43,15 +43,25 @@ def find_benchmarks_dir() -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="r2d2 bench", description=__doc__.splitlines()[0])
-    ap.add_argument("suite", nargs="?", default="all", choices=sorted(SUITES),
-                    help="kernels: the per-op scripts; step: the training step; scaling: 1..N "
-                         "processes and the communication model; all: every one (default)")
+    ap.add_argument(
+        "suite",
+        nargs="?",
+        default="all",
+        choices=sorted(SUITES),
+        help="kernels: the per-op scripts; step: the training step; scaling: 1..N "
+        "processes and the communication model; all: every one (default)",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes; a CPU run takes minutes")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                    help="default: cuda when available")
-    ap.add_argument("--out", default=None, help="JSONL for every script's rows (default "
-                                                "benchmarks/results/<date>_<device>.jsonl of the "
-                                                "checkout, or of the current directory)")
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSONL for every script's rows (default "
+        "benchmarks/results/<date>_<device>.jsonl of the "
+        "checkout, or of the current directory)",
+    )
     ap.add_argument("--no-report", action="store_true", help="skip rendering .md/.png")
     return ap
 
@@ -67,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(str(e)) from None
     if args.out:
         if Path(args.out).is_dir():
-            raise UsageError(f"--out {args.out}: is a folder; --out names the JSONL file of the rows")
+            raise UsageError(
+                f"--out {args.out}: is a folder; --out names the JSONL file of the rows"
+            )
         check_out_dir(str(Path(args.out).parent), flag=f"--out {args.out}: its folder")
     import torch
 
@@ -108,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     if ran and out.is_file() and not args.no_report:
         rc = subprocess.call([sys.executable, str(bench_dir / "report.py"), str(out)], env=env)
         failed += ["report.py"] if rc else []
-    print(f"\nrows: {out}" + ("  (CPU figures: smoke only, not GPU results)" if device == "cpu" else ""))
+    print(
+        f"\nrows: {out}"
+        + ("  (CPU figures: smoke only, not GPU results)" if device == "cpu" else "")
+    )
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

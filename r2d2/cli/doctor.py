@@ -65,11 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     # one option: anything else given by mistake is a usage error (exit 2), not silently ignored
-    ap = argparse.ArgumentParser(prog="r2d2 doctor",
-                                 description="what this install and machine can run")
-    ap.add_argument("--build", action="store_true",
-                    help="compile r2d2._C for this torch now if it is not built (cached; an "
-                         "earlier failed build is retried), then report; exit 1 if it cannot")
+    ap = argparse.ArgumentParser(
+        prog="r2d2 doctor", description="what this install and machine can run"
+    )
+    ap.add_argument(
+        "--build",
+        action="store_true",
+        help="compile r2d2._C for this torch now if it is not built (cached; an "
+        "earlier failed build is retried), then report; exit 1 if it cannot",
+    )
     args = ap.parse_args([] if argv is None else argv)
 
     from r2d2 import _ext, _jit

@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r2d2 eval", description=__doc__.split("\n\n")[0])
     p.add_argument("task", choices=TASKS)
     p.add_argument("--config", help="YAML eval config (configs/eval_*.yaml)")
-    p.add_argument("--checkpoint", required=True,
-                   help="model folder written by save_pretrained, or a training run folder (its model/)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model folder written by save_pretrained, or a training run folder (its model/)",
+    )
     p.add_argument("--out", help="run folder (overrides the config's out)")
     args, rest = p.parse_known_args(argv)
     try:
@@ -55,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         evaluate.check_inputs(cfg)
         check_out_dir(cfg.out)
         if checkpoint != args.checkpoint and dist_info()[0] == 0:
-            print(f"--checkpoint {args.checkpoint} is a run folder: evaluating its model/ ({checkpoint})",
-                  flush=True)
+            print(
+                f"--checkpoint {args.checkpoint} is a run folder: evaluating its model/ ({checkpoint})",
+                flush=True,
+            )
         report = evaluate.run(cfg, checkpoint)
     except (UsageError, ValueError, OSError) as e:
         # UsageError (and a FileNotFoundError: an input that is not there): 2; bad input found
@@ -69,10 +74,20 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
         return 2 if isinstance(e, (UsageError, FileNotFoundError)) else 1
     if dist_info()[0] == 0:
-        print(markdown_table(cfg.task, report["metrics"],
-                             None if cfg.task == "retrieval" else report["notes"]), end="")
-        print(f"wrote {cfg.out}/eval_{cfg.task}.json" + (f" (skipped {report['skipped']}: "
-              f"{report['skip_reasons']})" if report["skipped"] else ""))
+        print(
+            markdown_table(
+                cfg.task, report["metrics"], None if cfg.task == "retrieval" else report["notes"]
+            ),
+            end="",
+        )
+        print(
+            f"wrote {cfg.out}/eval_{cfg.task}.json"
+            + (
+                f" (skipped {report['skipped']}: {report['skip_reasons']})"
+                if report["skipped"]
+                else ""
+            )
+        )
     if is_dist():
         torch.distributed.destroy_process_group()
     return 0

@@ -34,12 +34,18 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"r2d2 {cmd}",
         description=f"R2D2 {cmd}. Any config field can be overridden as --section.field=value "
-                    "(sections: model, loss, data, optim, kernels, train, distributed, logging), "
-                    "e.g. --train.max_steps=100 --train.log_every=5 --train.checkpoint_every=50.")
-    p.add_argument("--config", help="YAML preset (configs/*.yaml); fields not given keep their defaults")
-    p.add_argument("--out", required=True, help="run folder (created; holds logs, checkpoints, model)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue exactly from the newest checkpoint in --out")
+        "(sections: model, loss, data, optim, kernels, train, distributed, logging), "
+        "e.g. --train.max_steps=100 --train.log_every=5 --train.checkpoint_every=50.",
+    )
+    p.add_argument(
+        "--config", help="YAML preset (configs/*.yaml); fields not given keep their defaults"
+    )
+    p.add_argument(
+        "--out", required=True, help="run folder (created; holds logs, checkpoints, model)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue exactly from the newest checkpoint in --out"
+    )
     return p
 
 
@@ -47,10 +53,14 @@ def parse(cmd: str, argv: list[str]) -> tuple[RunConfig, argparse.Namespace]:
     args, rest = _parser(cmd).parse_known_args(argv)
     cfg = load_config(args.config, rest)
     if cmd == "pretrain" and cfg.train.task != "pretrain":
-        raise ConfigError(f"r2d2 pretrain runs train.task=pretrain, the config says {cfg.train.task!r} "
-                          "(use r2d2 finetune)")
+        raise ConfigError(
+            f"r2d2 pretrain runs train.task=pretrain, the config says {cfg.train.task!r} "
+            "(use r2d2 finetune)"
+        )
     if cmd == "finetune" and cfg.train.task == "pretrain":
-        raise ConfigError("r2d2 finetune needs train.task=retrieval or matching, the config says 'pretrain'")
+        raise ConfigError(
+            "r2d2 finetune needs train.task=retrieval or matching, the config says 'pretrain'"
+        )
     args.init_from_given = "init_from" in (parse_overrides(rest).get("train") or {})
     return cfg, args
 
@@ -71,18 +81,25 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace) -> None:
     check_data_source(cfg.data, eval_too=cfg.train.eval_at_end)  # MissingDataError: a UsageError
     v = cfg.data.vocab
     if v is not None and not os.path.isfile(v):
-        raise UsageError(f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
-                         "line; null = the built-in vocabulary)")
+        raise UsageError(
+            f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
+            "line; null = the built-in vocabulary)"
+        )
     p = cfg.train.init_from
     if p and not os.path.exists(p):
         rel = "" if os.path.isabs(p) else f", relative to the current directory {os.getcwd()}"
-        msg = (f"train.init_from={p!r}: no such file or directory{rel} (expected a save_pretrained "
-               "folder such as <run>/model, a run folder or a checkpoint file)")
+        msg = (
+            f"train.init_from={p!r}: no such file or directory{rel} (expected a save_pretrained "
+            "folder such as <run>/model, a run folder or a checkpoint file)"
+        )
         if not args.init_from_given:  # the preset's own default is missing: say how to make it
             src = f"the preset {args.config}" if args.config else "the config"
             demo = os.path.normpath(p).replace(os.sep, "/").endswith("runs/demo/model")
-            msg += (f"; {src} starts from it: " + ("run bash scripts/demo.sh first, or " if demo else "")
-                    + "pass --train.init_from=<folder>")
+            msg += (
+                f"; {src} starts from it: "
+                + ("run bash scripts/demo.sh first, or " if demo else "")
+                + "pass --train.init_from=<folder>"
+            )
         raise UsageError(msg)
     check_out_dir(args.out)
 
@@ -96,8 +113,10 @@ def _main(cmd: str, argv: list[str]) -> int:
     out = args.out
     latest = os.path.join(out, "checkpoints", "latest")
     if not args.resume and os.path.exists(latest):
-        raise UsageError(f"{out} already holds a run (checkpoints/latest); pass --resume to continue "
-                         "it or choose another --out")
+        raise UsageError(
+            f"{out} already holds a run (checkpoints/latest); pass --resume to continue "
+            "it or choose another --out"
+        )
     if args.resume and not os.path.exists(latest):
         raise UsageError(f"--resume but {latest} does not exist")
     check_inputs(cfg, args)

@@ -81,11 +81,21 @@ def rng_state() -> dict:
     """This process's RNG states as plain data (tensors and ints; see the module docstring)."""
     version, internal, gauss = random.getstate()
     kind, key, pos, has_gauss, cached = np.random.get_state()
-    st = {"python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
-                     "gauss_next": gauss},
-          "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-          "torch": torch.get_rng_state()}
+    st = {
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss,
+        },
+        "numpy": {
+            "kind": str(kind),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -94,12 +104,21 @@ def rng_state() -> dict:
 def set_rng_state(st: dict) -> None:
     py, npst = st["python"], st["numpy"]
     if isinstance(py, dict):
-        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+        random.setstate(
+            (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"])
+        )
     else:  # the tuple of random.getstate() (a checkpoint re-saved from the old format keeps none)
         random.setstate(py)
     if isinstance(npst, dict):
-        np.random.set_state((npst["kind"], npst["key"].numpy().astype(np.uint32), npst["pos"],
-                             npst["has_gauss"], npst["cached_gaussian"]))
+        np.random.set_state(
+            (
+                npst["kind"],
+                npst["key"].numpy().astype(np.uint32),
+                npst["pos"],
+                npst["has_gauss"],
+                npst["cached_gaussian"],
+            )
+        )
     else:
         np.random.set_state(npst)
     torch.set_rng_state(st["torch"])
@@ -117,7 +136,9 @@ def to_plain(obj, where: str = "checkpoint"):
     tensor, a plain container nor a scalar (such a value would need code to load)."""
     if isinstance(obj, torch.Tensor):
         if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
-            raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not a plain tensor")
+            raise TypeError(
+                f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not a plain tensor"
+            )
         return obj.detach() if isinstance(obj, torch.nn.Parameter) else obj
     if isinstance(obj, _SCALARS):
         return obj
@@ -138,13 +159,20 @@ def to_plain(obj, where: str = "checkpoint"):
         return out
     if isinstance(obj, (list, tuple)):
         # the old RNG states: random.getstate() / np.random.get_state() tuples
-        if (len(obj) == 5 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray)):
-            return {"kind": obj[0], "key": torch.from_numpy(obj[1].astype(np.int64)), "pos": int(obj[2]),
-                    "has_gauss": int(obj[3]), "cached_gaussian": float(obj[4])}
+        if len(obj) == 5 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
+            return {
+                "kind": obj[0],
+                "key": torch.from_numpy(obj[1].astype(np.int64)),
+                "pos": int(obj[2]),
+                "has_gauss": int(obj[3]),
+                "cached_gaussian": float(obj[4]),
+            }
         items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         return tuple(items) if isinstance(obj, tuple) else items
-    raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not plain data "
-                    "(checkpoints hold only tensors, dicts, lists, tuples, str, int, float, bool, None)")
+    raise TypeError(
+        f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not plain data "
+        "(checkpoints hold only tensors, dicts, lists, tuples, str, int, float, bool, None)"
+    )
 
 
 def _plain_rng(st: dict) -> dict:
@@ -152,8 +180,11 @@ def _plain_rng(st: dict) -> dict:
     st = dict(st)
     py = st.get("python")
     if isinstance(py, (tuple, list)) and len(py) == 3:
-        st["python"] = {"version": int(py[0]), "state": torch.tensor(list(py[1]), dtype=torch.int64),
-                        "gauss_next": py[2]}
+        st["python"] = {
+            "version": int(py[0]),
+            "state": torch.tensor(list(py[1]), dtype=torch.int64),
+            "gauss_next": py[2],
+        }
     return to_plain(st, "rng")
 
 
@@ -185,11 +216,16 @@ def _non_finite(*state_dicts) -> tuple[int, int, list[str]]:
 # ---------------------------------------------------------------------------- reading
 def _unsafe_message(path: str, name: str) -> str:
     old = name.startswith("numpy.")
-    why = ("it was probably written before checkpoints became plain data (its numpy RNG state)"
-           if old else "that is code, not data")
-    return (f"{path}: refused: loading it needs {name} ({why}); nothing in it was run. Checkpoints "
-            f"hold only tensors and plain containers; if you trust the file's source, re-save it: "
-            f"r2d2 convert checkpoint {path} NEW.pt --trust-source")
+    why = (
+        "it was probably written before checkpoints became plain data (its numpy RNG state)"
+        if old
+        else "that is code, not data"
+    )
+    return (
+        f"{path}: refused: loading it needs {name} ({why}); nothing in it was run. Checkpoints "
+        f"hold only tensors and plain containers; if you trust the file's source, re-save it: "
+        f"r2d2 convert checkpoint {path} NEW.pt --trust-source"
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -207,11 +243,15 @@ def safe_load(path: str):
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         if m:
             raise UnsafeCheckpointError(_unsafe_message(path, m.group(1))) from None
-        raise CorruptCheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        raise CorruptCheckpointError(
+            f"{path}: not a readable checkpoint ({_first_line(e)})"
+        ) from None
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: no such file") from None
     except EOFError:
-        raise CorruptCheckpointError(f"{path}: not a readable checkpoint (empty or truncated)") from None
+        raise CorruptCheckpointError(
+            f"{path}: not a readable checkpoint (empty or truncated)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - zip/stream errors of a truncated file, garbage, permissions
         msg = _first_line(e)
         if "central directory" in msg or "PytorchStreamReader" in msg:
@@ -223,7 +263,9 @@ def read_checkpoint(path: str) -> dict:
     """A training checkpoint file, read safely and checked to be one (has ``objective``)."""
     ck = safe_load(path)
     if not isinstance(ck, dict) or not isinstance(ck.get("objective"), dict):
-        raise CorruptCheckpointError(f"{path}: not an r2d2 training checkpoint (no 'objective' state dict)")
+        raise CorruptCheckpointError(
+            f"{path}: not an r2d2 training checkpoint (no 'objective' state dict)"
+        )
     return ck
 
 
@@ -288,9 +330,12 @@ def _write_error(e: Exception, path: str) -> CheckpointWriteError:
         what = "no space left on device" if ose.errno == errno.ENOSPC else "disk quota exceeded"
         return CheckpointWriteError(
             f"{what}: the disk {_disk_of(folder)} holding {folder} is full{free}; {name} was not "
-            "written (its partial .tmp removed) and 'latest' still names the previous checkpoint")
+            "written (its partial .tmp removed) and 'latest' still names the previous checkpoint"
+        )
     why = f"[Errno {ose.errno}] {ose.strerror}" if ose is not None else _first_line(e)
-    return CheckpointWriteError(f"{path} not written ({why}); its partial .tmp removed, 'latest' unchanged")
+    return CheckpointWriteError(
+        f"{path} not written ({why}); its partial .tmp removed, 'latest' unchanged"
+    )
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -330,8 +375,17 @@ class TrainState:
     """decode-time skips by reason (all ranks)"""
 
 
-_ERRORS = {c.__name__: c for c in (CheckpointError, UnsafeCheckpointError, CorruptCheckpointError,
-                                   CheckpointMismatchError, NonFiniteStateError, CheckpointWriteError)}
+_ERRORS = {
+    c.__name__: c
+    for c in (
+        CheckpointError,
+        UnsafeCheckpointError,
+        CorruptCheckpointError,
+        CheckpointMismatchError,
+        NonFiniteStateError,
+        CheckpointWriteError,
+    )
+}
 
 
 class Checkpointer:
@@ -358,32 +412,47 @@ class Checkpointer:
             return get_state_dict(objective, optimizer, options=opts)
         return objective.state_dict(), optimizer.state_dict()
 
-    def _load_model_and_optim(self, objective, optimizer, model_sd: dict, optim_sd: dict | None,
-                              path: str = "checkpoint") -> None:
+    def _load_model_and_optim(
+        self, objective, optimizer, model_sd: dict, optim_sd: dict | None, path: str = "checkpoint"
+    ) -> None:
         _check_fit(objective, model_sd, path)
         try:
             if self.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
                 opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-                set_state_dict(objective, optimizer, model_state_dict=model_sd,
-                               optim_state_dict=optim_sd or {}, options=opts)
+                set_state_dict(
+                    objective,
+                    optimizer,
+                    model_state_dict=model_sd,
+                    optim_state_dict=optim_sd or {},
+                    options=opts,
+                )
                 return
             objective.load_state_dict(model_sd)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointMismatchError(f"{path}: the weights do not fit the model of the config "
-                                          f"({_first_line(e)})") from None
+            raise CheckpointMismatchError(
+                f"{path}: the weights do not fit the model of the config ({_first_line(e)})"
+            ) from None
         if optimizer is not None and optim_sd is not None:
             try:
                 optimizer.load_state_dict(optim_sd)
             except (RuntimeError, ValueError, KeyError) as e:
                 raise CheckpointMismatchError(
                     f"{path}: the optimizer state does not fit this run's optimizer ({_first_line(e)}); "
-                    "resume with the config the run was started with (its config.yaml)") from None
+                    "resume with the config the run was started with (its config.yaml)"
+                ) from None
 
     # ------------------------------------------------------------------ save / load
-    def save(self, objective, optimizer, scheduler, state: TrainState, extra: dict | None = None,
-             rank_state: dict | None = None) -> str:
+    def save(
+        self,
+        objective,
+        optimizer,
+        scheduler,
+        state: TrainState,
+        extra: dict | None = None,
+        rank_state: dict | None = None,
+    ) -> str:
         """Write ``step_<step>.pt`` and point ``latest`` at it; returns the path (all ranks call).
         ``rank_state``: this rank's own part of the data position (gathered like the RNG states).
         Raises :class:`NonFiniteStateError` (NaN/Inf in the weights or optimizer state: nothing
@@ -400,12 +469,21 @@ class Checkpointer:
                 if bad:
                     raise NonFiniteStateError(
                         f"step {state.step}: {bad} of {total} tensors of the weights / optimizer state "
-                        f"hold NaN or Inf (first: {', '.join(names)}); checkpoint {name} not written")
+                        f"hold NaN or Inf (first: {', '.join(names)}); checkpoint {name} not written"
+                    )
                 try:
-                    ck = to_plain({"format": FORMAT, "objective": model_sd, "optimizer": optim_sd,
-                                   "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                                   "state": vars(state).copy(), "rng": [_plain_rng(r["rng"]) for r in ranks],
-                                   "rank_data": [r["data"] for r in ranks], "extra": extra or {}})
+                    ck = to_plain(
+                        {
+                            "format": FORMAT,
+                            "objective": model_sd,
+                            "optimizer": optim_sd,
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "state": vars(state).copy(),
+                            "rng": [_plain_rng(r["rng"]) for r in ranks],
+                            "rank_data": [r["data"] for r in ranks],
+                            "extra": extra or {},
+                        }
+                    )
                 except TypeError as e:  # a programming error: never write what could not be loaded
                     raise CheckpointError(f"{name} not written: {e}") from None
                 _atomic_save(ck, path)
@@ -424,7 +502,7 @@ class Checkpointer:
 
     def _prune(self, newest: str) -> None:
         steps = sorted(f for f in os.listdir(self.dir) if _NAME.match(f))
-        for f in steps[:-self.keep]:
+        for f in steps[: -self.keep]:
             if f != newest:
                 os.remove(os.path.join(self.dir, f))
 
@@ -436,7 +514,9 @@ class Checkpointer:
         with open(ptr) as f:
             name = f.read().strip()
         if not _NAME.match(name):
-            raise CorruptCheckpointError(f"{ptr} holds {name[:80]!r}, not a checkpoint name (step_NNNNNN.pt)")
+            raise CorruptCheckpointError(
+                f"{ptr} holds {name[:80]!r}, not a checkpoint name (step_NNNNNN.pt)"
+            )
         path = os.path.join(self.dir, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{ptr} points at {name}, which does not exist")
@@ -447,8 +527,11 @@ class Checkpointer:
         file ``latest`` names, then the older step files beside it. When ``latest`` names no
         file, every step file, newest first."""
         notes: list[str] = []
-        files = sorted(((_step_of(f), f) for f in os.listdir(self.dir) if _NAME.match(f)), reverse=True) \
-            if os.path.isdir(self.dir) else []
+        files = (
+            sorted(((_step_of(f), f) for f in os.listdir(self.dir) if _NAME.match(f)), reverse=True)
+            if os.path.isdir(self.dir)
+            else []
+        )
         try:
             named = self.latest()
         except (FileNotFoundError, CorruptCheckpointError) as e:
@@ -459,8 +542,9 @@ class Checkpointer:
         top = _step_of(os.path.basename(named))
         return [named] + [os.path.join(self.dir, f) for s, f in files if s < top], notes
 
-    def load_newest(self, objective, optimizer=None, scheduler=None,
-                    restore_rng: bool = True) -> tuple[str, TrainState, dict, list[str]]:
+    def load_newest(
+        self, objective, optimizer=None, scheduler=None, restore_rng: bool = True
+    ) -> tuple[str, TrainState, dict, list[str]]:
         """Resume from the newest checkpoint that loads: ``(path, TrainState, extra, notes)``, the
         notes saying which files were skipped and why. A file that is empty, truncated or refused
         (needs code to load) is skipped; weights that do not fit the model stop at once (an older
@@ -483,21 +567,26 @@ class Checkpointer:
             what = f"none of the {len(paths)} checkpoint(s) in {self.dir} loads: {what}"
         raise CheckpointError(what)
 
-    def load(self, path: str, objective, optimizer=None, scheduler=None,
-             restore_rng: bool = True) -> tuple[TrainState, dict]:
+    def load(
+        self, path: str, objective, optimizer=None, scheduler=None, restore_rng: bool = True
+    ) -> tuple[TrainState, dict]:
         """Restore everything from ``path``; returns (TrainState, extra). RNG states are those of
         this rank when the world size is unchanged (otherwise rank 0's, with a warning); with
         ``restore_rng=False`` they are returned as ``extra["rng_state"]`` for the caller to set
         right before it draws (so nothing in between can consume them). ``extra["rank_data"]``
         is every rank's saved data position (a list in rank order). The file is read with
         ``weights_only=True`` (:func:`safe_load`)."""
-        return self._restore(path, read_checkpoint(path), objective, optimizer, scheduler, restore_rng)
+        return self._restore(
+            path, read_checkpoint(path), objective, optimizer, scheduler, restore_rng
+        )
 
     def _restore(self, path, ck, objective, optimizer, scheduler, restore_rng):
         for k in ("state", "rng"):
             if k not in ck:
-                raise CorruptCheckpointError(f"{path}: not a training checkpoint to resume (no {k!r}); "
-                                             "use it with train.init_from")
+                raise CorruptCheckpointError(
+                    f"{path}: not a training checkpoint to resume (no {k!r}); "
+                    "use it with train.init_from"
+                )
         self._load_model_and_optim(objective, optimizer, ck["objective"], ck.get("optimizer"), path)
         if scheduler is not None and ck.get("scheduler") is not None:
             scheduler.load_state_dict(ck["scheduler"])
@@ -506,9 +595,11 @@ class Checkpointer:
         if len(rngs) != world:
             import warnings
 
-            warnings.warn(f"checkpoint was written by {len(rngs)} processes, resuming with {world}: "
-                          "RNG states cannot be matched per rank, the run continues but not bitwise",
-                          stacklevel=1)
+            warnings.warn(
+                f"checkpoint was written by {len(rngs)} processes, resuming with {world}: "
+                "RNG states cannot be matched per rank, the run continues but not bitwise",
+                stacklevel=1,
+            )
         mine = rngs[rank if len(rngs) == world else 0]
         extra = dict(ck.get("extra", {}))
         extra["rank_data"] = ck.get("rank_data", [{} for _ in rngs])
@@ -523,22 +614,30 @@ def _check_fit(objective, sd: dict, path: str) -> None:
     """One-line :class:`CheckpointMismatchError` when ``sd`` is not the objective's (another preset
     or model override): shape mismatches, unexpected and missing keys, as ``train.init_from`` says."""
     own = objective.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-              if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    ]
     unexpected = [k for k in sd if k not in own]
     missing = [k for k in own if k not in sd]
     if shapes or unexpected or missing:
         raise CheckpointMismatchError(
             f"{path}: the weights do not fit the model of the config (model.preset and overrides): "
             f"shape mismatches {shapes[:3]}, unexpected {unexpected[:3]}, missing {len(missing)} of "
-            f"{len(own)} {missing[:3]}; resume with the config the run was started with (its config.yaml)")
+            f"{len(own)} {missing[:3]}; resume with the config the run was started with (its config.yaml)"
+        )
 
 
 def load_weights(path: str) -> dict:
     """The objective's state dict from a checkpoint file or a checkpoint directory (its ``latest``),
     read with ``weights_only=True``."""
     if os.path.isdir(path):
-        inner = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        inner = (
+            os.path.join(path, "checkpoints")
+            if os.path.isdir(os.path.join(path, "checkpoints"))
+            else path
+        )
         p = Checkpointer.__new__(Checkpointer)
         p.dir = inner
         found = p.latest()
@@ -558,7 +657,9 @@ def resave_trusted(src: str, dst: str) -> dict:
     except UnsafeCheckpointError:
         ck = torch.load(src, map_location="cpu", weights_only=False)
     if not isinstance(ck, dict) or not isinstance(ck.get("objective"), dict):
-        raise CorruptCheckpointError(f"{src}: not an r2d2 training checkpoint (no 'objective' state dict)")
+        raise CorruptCheckpointError(
+            f"{src}: not an r2d2 training checkpoint (no 'objective' state dict)"
+        )
     ck = dict(ck)
     if isinstance(ck.get("rng"), list):
         ck["rng"] = [_plain_rng(r) if isinstance(r, dict) else r for r in ck["rng"]]

@@ -50,10 +50,26 @@ from r2d2.engine.validate import (
 )
 from r2d2.kernels.dispatch import KernelConfig
 
-__all__ = ["PRESETS_DIR", "ConfigError", "ConfigFileNotFound", "DataConfig", "DistributedConfig",
-           "LoggingConfig", "OptimConfig", "RunConfig", "TrainConfig", "eval_manifest_format",
-           "infer_data_format", "load_config", "load_tree", "load_yaml_tree", "parse_overrides",
-           "preset_names", "preset_path", "resolve_config_path"]
+__all__ = [
+    "PRESETS_DIR",
+    "ConfigError",
+    "ConfigFileNotFound",
+    "DataConfig",
+    "DistributedConfig",
+    "LoggingConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "eval_manifest_format",
+    "infer_data_format",
+    "load_config",
+    "load_tree",
+    "load_yaml_tree",
+    "parse_overrides",
+    "preset_names",
+    "preset_path",
+    "resolve_config_path",
+]
 
 FORMATS = ("synthetic", "jsonl", "tsv", "webdataset")
 """Data formats read here; ``ccmb_<name>`` formats (``<name>`` in ``r2d2.engine.data.ccmb.FORMATS``)
@@ -111,20 +127,27 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         # image-text pair sets only: zero-shot classification sets are not training data
-        pairs = getattr(ccmb, "RETRIEVAL_FORMATS", ()) + getattr(ccmb, "MATCHING_FORMATS", ()) \
-            or tuple(f for f in ccmb.FORMATS if f != "zeroshot")
+        pairs = getattr(ccmb, "RETRIEVAL_FORMATS", ()) + getattr(
+            ccmb, "MATCHING_FORMATS", ()
+        ) or tuple(f for f in ccmb.FORMATS if f != "zeroshot")
         allowed = FORMATS + tuple(f"ccmb_{f}" for f in pairs)
         if self.format not in allowed:
-            raise ConfigError(f"data.format={self.format!r} is not allowed; expected one of {allowed}")
+            raise ConfigError(
+                f"data.format={self.format!r} is not allowed; expected one of {allowed}"
+            )
         if self.format != "synthetic" and not self.path:
             raise ConfigError(f"data.path is required for data.format={self.format!r}")
         if self.format == "synthetic" and self.path:
             # the synthetic set reads no file: training on it while the user named data would
             # be a silently wrong run (load_config infers the format when only the path is given)
-            raise ConfigError(f"data.path={self.path!r} with data.format=synthetic, which reads no file: "
-                              "set data.format to the path's format (jsonl, tsv, webdataset, "
-                              "ccmb_<name>) or drop data.path")
-        positive("data", self, "batch_size", "max_text_len", "synthetic_size", "synthetic_eval_size")
+            raise ConfigError(
+                f"data.path={self.path!r} with data.format=synthetic, which reads no file: "
+                "set data.format to the path's format (jsonl, tsv, webdataset, "
+                "ccmb_<name>) or drop data.path"
+            )
+        positive(
+            "data", self, "batch_size", "max_text_len", "synthetic_size", "synthetic_eval_size"
+        )
         positive("data", self, "num_workers", allow_zero=True)
         if self.image_size is not None:
             positive("data", self, "image_size")
@@ -132,14 +155,24 @@ class DataConfig:
         numbers("data", "crop_scale", self.crop_scale, 2, "[lo, hi] with 0 < lo <= hi <= 1")
         positive("data", self, "shuffle_buffer", allow_zero=True)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"data.crop_scale={self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
+            raise ConfigError(
+                f"data.crop_scale={self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1"
+            )
         if self.randaugment is not None:
             ra = self.randaugment
-            if (not isinstance(ra, (list, tuple)) or len(ra) != 2 or not isinstance(ra[0], int)
-                    or isinstance(ra[0], bool) or ra[0] < 0 or not isinstance(ra[1], (int, float))
-                    or not 0 <= ra[1] <= 10):
-                raise ConfigError(f"data.randaugment={ra!r} must be [n, m] with an int n >= 0 and "
-                                  "a magnitude 0 <= m <= 10, or null")
+            if (
+                not isinstance(ra, (list, tuple))
+                or len(ra) != 2
+                or not isinstance(ra[0], int)
+                or isinstance(ra[0], bool)
+                or ra[0] < 0
+                or not isinstance(ra[1], (int, float))
+                or not 0 <= ra[1] <= 10
+            ):
+                raise ConfigError(
+                    f"data.randaugment={ra!r} must be [n, m] with an int n >= 0 and "
+                    "a magnitude 0 <= m <= 10, or null"
+                )
 
 
 EVAL_MANIFESTS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv"}
@@ -165,9 +198,11 @@ def eval_manifest_format(eval_path: str, data_format: str) -> str:
         return data_format
     ext = os.path.splitext(str(eval_path))[1].lower()
     if ext not in EVAL_MANIFESTS:
-        raise ConfigError(f"data.eval_path={eval_path!r} with data.format={data_format}: the held-out set "
-                          f"must be a jsonl or tsv manifest (extension one of {sorted(EVAL_MANIFESTS)}), "
-                          "images relative to data.image_root (default: its folder)")
+        raise ConfigError(
+            f"data.eval_path={eval_path!r} with data.format={data_format}: the held-out set "
+            f"must be a jsonl or tsv manifest (extension one of {sorted(EVAL_MANIFESTS)}), "
+            "images relative to data.image_root (default: its folder)"
+        )
     return EVAL_MANIFESTS[ext]
 
 
@@ -249,7 +284,15 @@ class TrainConfig:
         choice("train", "task", self.task, TASKS)
         choice("train", "precision", self.precision, PRECISIONS)
         choice("train", "device", self.device, ("auto", "cpu", "cuda"))
-        positive("train", self, "max_steps", "grad_accum", "log_every", "max_bad_steps", "keep_checkpoints")
+        positive(
+            "train",
+            self,
+            "max_steps",
+            "grad_accum",
+            "log_every",
+            "max_bad_steps",
+            "keep_checkpoints",
+        )
         positive("train", self, "checkpoint_every", "eval_rerank_k", allow_zero=True)
 
 
@@ -316,14 +359,18 @@ class RunConfig:
         progress bar started, with the config's exit code."""
         d, t = self.data, self.train
         if d.batch_size % t.grad_accum:
-            raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by train.grad_accum="
-                              f"{t.grad_accum}: the global batch is split into grad_accum equal "
-                              "micro-batches")
+            raise ConfigError(
+                f"data.batch_size={d.batch_size} is not divisible by train.grad_accum="
+                f"{t.grad_accum}: the global batch is split into grad_accum equal "
+                "micro-batches"
+            )
         text = self.model.text
         if d.max_text_len > text.max_positions:
-            raise ConfigError(f"data.max_text_len={d.max_text_len} exceeds the model's text.max_positions="
-                              f"{text.max_positions} (model.preset={self.model.preset!r}): lower "
-                              "data.max_text_len or raise model.text.max_positions")
+            raise ConfigError(
+                f"data.max_text_len={d.max_text_len} exceeds the model's text.max_positions="
+                f"{text.max_positions} (model.preset={self.model.preset!r}): lower "
+                "data.max_text_len or raise model.text.max_positions"
+            )
         if d.eval_path and d.format in ("synthetic", "webdataset"):
             eval_manifest_format(d.eval_path, d.format)
 
@@ -345,8 +392,9 @@ def preset_names() -> list[str]:
     """The packaged presets, by name (``tiny``, ``base``, ``eval_synthetic``, ...)."""
     if not os.path.isdir(PRESETS_DIR):
         return []
-    return sorted(os.path.splitext(f)[0] for f in os.listdir(PRESETS_DIR)
-                  if f.endswith(PRESET_SUFFIXES))
+    return sorted(
+        os.path.splitext(f)[0] for f in os.listdir(PRESETS_DIR) if f.endswith(PRESET_SUFFIXES)
+    )
 
 
 def preset_path(name: str) -> str | None:
@@ -371,8 +419,10 @@ def resolve_config_path(path: str) -> str:
     if found is None:
         if os.path.dirname(os.path.normpath(str(path))) not in ("", "configs"):
             raise ConfigFileNotFound(f"--config: no such file {path}")
-        raise ConfigFileNotFound(f"--config: no such file or preset {path} (presets: "
-                                 f"{', '.join(preset_names())}; `r2d2 presets` describes them)")
+        raise ConfigFileNotFound(
+            f"--config: no such file or preset {path} (presets: "
+            f"{', '.join(preset_names())}; `r2d2 presets` describes them)"
+        )
     return found
 
 
@@ -407,8 +457,10 @@ def parse_overrides(args: list[str], schema: type = RunConfig) -> dict:
         a = args[i]
         key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
         if not key or ("." not in key and top.get(key, True)):
-            raise ConfigError(f"unrecognised argument {a!r}; overrides look like --section.field=value "
-                              f"with section one of {sections}")
+            raise ConfigError(
+                f"unrecognised argument {a!r}; overrides look like --section.field=value "
+                f"with section one of {sections}"
+            )
         if "=" in a:
             raw = a[2:].split("=", 1)[1]
         else:
@@ -467,9 +519,11 @@ def _infer_format(tree: dict, given: dict, where: str) -> str | None:
     src = f"the preset {where}" if where else "the default"
     fmt = infer_data_format(gd["path"])
     if fmt is None:
-        raise ConfigError(f"--data.path={gd['path']!r}: data.format is synthetic ({src}), which reads no "
-                          "file, and the path's name does not tell its format: add --data.format=jsonl, "
-                          "tsv, webdataset or ccmb_<name>")
+        raise ConfigError(
+            f"--data.path={gd['path']!r}: data.format is synthetic ({src}), which reads no "
+            "file, and the path's name does not tell its format: add --data.format=jsonl, "
+            "tsv, webdataset or ccmb_<name>"
+        )
     data["format"] = fmt
     return f"data.format={fmt} (inferred from --data.path={gd['path']!r}; {src} says synthetic)"
 
@@ -483,7 +537,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     note = _infer_format(tree, given, path)
     unknown = sorted(set(tree) - {f.name for f in fields(RunConfig)})
     if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}; sections: {[f.name for f in fields(RunConfig)]}")
+        raise ConfigError(
+            f"unknown section {unknown[0]!r}; sections: {[f.name for f in fields(RunConfig)]}"
+        )
     cfg = build(RunConfig, tree)
     cfg.notes = [note] if note else []
     return cfg

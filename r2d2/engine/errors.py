@@ -38,7 +38,7 @@ def exit_code(e: BaseException) -> int | None:
     if isinstance(e, UsageError):
         return USAGE_EXIT
     if isinstance(e, (RunError, OSError, EOFError, pickle.UnpicklingError)):  # a file that is
-        return RUN_EXIT                                                        # not what it should be
+        return RUN_EXIT  # not what it should be
     return None
 
 

@@ -68,7 +68,9 @@ def layer_flops(tokens: int, width: int, mlp_ratio: float = 4.0, ctx: int | None
     return tokens * (8 * width**2 + 4 * mlp_ratio * width**2 + 4 * ctx * width)
 
 
-def cross_layer_flops(tokens: int, width: int, kv_tokens: int, kv_width: int, mlp_ratio: float = 4.0) -> float:
+def cross_layer_flops(
+    tokens: int, width: int, kv_tokens: int, kv_width: int, mlp_ratio: float = 4.0
+) -> float:
     """Forward FLOPs of a layer with self-attention, cross-attention over ``kv_tokens`` and an MLP."""
     cross = tokens * (4 * width**2 + 4 * kv_tokens * width) + kv_tokens * 4 * kv_width * width
     return layer_flops(tokens, width, mlp_ratio) + cross
@@ -95,16 +97,28 @@ class R2D2Shape:
     """ViT patch side in pixels (the patch convolution's cost); 0 leaves it out"""
 
 
-def shape_from_config(cfg, text_len: int, image_size: int | None = None, teacher: bool = True) -> R2D2Shape:
+def shape_from_config(
+    cfg, text_len: int, image_size: int | None = None, teacher: bool = True
+) -> R2D2Shape:
     """An :class:`R2D2Shape` from ``r2d2.engine.model.ModelConfig`` (``vision``, ``text``,
     ``cross_layers``, ``embed_dim``). The cross encoders have the text encoder's width."""
     v, t = cfg.vision, cfg.text
     size = image_size or v.image_size
     return R2D2Shape(
-        image_layers=v.layers, image_width=v.width, image_tokens=(size // v.patch_size) ** 2 + 1,
-        text_layers=t.layers, text_width=t.width, text_tokens=text_len, cross_layers=cfg.cross_layers,
-        image_mlp_ratio=round(v.width * v.mlp_ratio) / v.width, text_mlp_ratio=t.intermediate / t.width,
-        vocab_size=t.vocab_size, embed_dim=cfg.embed_dim, teacher=teacher, patch_size=v.patch_size)
+        image_layers=v.layers,
+        image_width=v.width,
+        image_tokens=(size // v.patch_size) ** 2 + 1,
+        text_layers=t.layers,
+        text_width=t.width,
+        text_tokens=text_len,
+        cross_layers=cfg.cross_layers,
+        image_mlp_ratio=round(v.width * v.mlp_ratio) / v.width,
+        text_mlp_ratio=t.intermediate / t.width,
+        vocab_size=t.vocab_size,
+        embed_dim=cfg.embed_dim,
+        teacher=teacher,
+        patch_size=v.patch_size,
+    )
 
 
 def _image_blocks(s: R2D2Shape, tokens: int) -> float:
@@ -121,8 +135,8 @@ def _passes(s: R2D2Shape) -> dict[str, float]:
         "conv": 2.0 * (P1 - 1) * 3 * s.patch_size**2 * wv,  # every patch, kept or not
         "text": s.text_layers * layer_flops(L, wt, s.text_mlp_ratio),
         "proj": 2.0 * (wv + wt) * E,
-        "text_image": ti,                       # text queries over image tokens
-        "pair": ti + it + 2 * (2 * wt * 2),     # both cross encoders + image_cross_proj + ITM heads
+        "text_image": ti,  # text queries over image tokens
+        "pair": ti + it + 2 * (2 * wt * 2),  # both cross encoders + image_cross_proj + ITM heads
         "mlm_token": 2.0 * wt * wt + 2.0 * wt * s.vocab_size,  # MLM head: dense + decoder
     }
 
@@ -134,8 +148,15 @@ def fgd_image_tokens(s: R2D2Shape, mask_ratio: float) -> int:
     return 1 + n - min(n, round(mask_ratio * n))
 
 
-def objective_flops(s: R2D2Shape, loss=None, *, global_batch: int, world: int = 1,
-                    text_valid_frac: float = 1.0, mlm_tokens: float | None = None) -> dict[str, float]:
+def objective_flops(
+    s: R2D2Shape,
+    loss=None,
+    *,
+    global_batch: int,
+    world: int = 1,
+    text_valid_frac: float = 1.0,
+    mlm_tokens: float | None = None,
+) -> dict[str, float]:
     """Training FLOPs per sample by term (``student_encoders``, ``gcpr``, ``fgr``, ``mlm``,
     ``fgd``, ``teacher``) and their ``total``, for the objective ``loss`` (a
     :class:`~r2d2.engine.losses.LossConfig`; None = its defaults, every term on).
@@ -148,10 +169,14 @@ def objective_flops(s: R2D2Shape, loss=None, *, global_batch: int, world: int = 
 
         loss = LossConfig()
     if (loss.fgr or loss.mlm) and not s.cross_layers:
-        raise ValueError("objective_flops: fgr / mlm need the cross encoders, but cross_layers=0 "
-                         "(prd2): pass a loss config with fgr=False and mlm=False")
+        raise ValueError(
+            "objective_flops: fgr / mlm need the cross encoders, but cross_layers=0 "
+            "(prd2): pass a loss config with fgr=False and mlm=False"
+        )
     if global_batch < 1 or world < 1:
-        raise ValueError(f"objective_flops: global_batch={global_batch} and world={world} must be >= 1")
+        raise ValueError(
+            f"objective_flops: global_batch={global_batch} and world={world} must be >= 1"
+        )
     p, E, B = _passes(s), s.embed_dim, float(global_batch)
 
     def use(trained: bool) -> float:
@@ -163,9 +188,16 @@ def objective_flops(s: R2D2Shape, loss=None, *, global_batch: int, world: int = 
     teacher = loss.tgd or loss.fgd
     img_use = use(loss.gcpr or loss.fgr or loss.mlm)
     out = {
-        "student_encoders": (p["image_blocks"] * img_use + conv(img_use)
-                             + p["text"] * use(loss.gcpr or loss.fgr) + p["proj"] * use(loss.gcpr)),
-        "gcpr": 0.0, "fgr": 0.0, "mlm": 0.0, "fgd": 0.0,
+        "student_encoders": (
+            p["image_blocks"] * img_use
+            + conv(img_use)
+            + p["text"] * use(loss.gcpr or loss.fgr)
+            + p["proj"] * use(loss.gcpr)
+        ),
+        "gcpr": 0.0,
+        "fgr": 0.0,
+        "mlm": 0.0,
+        "fgd": 0.0,
         "teacher": (p["image_blocks"] + p["conv"] + p["text"]) * FORWARD if teacher else 0.0,
     }
     if loss.gcpr:
@@ -175,8 +207,11 @@ def objective_flops(s: R2D2Shape, loss=None, *, global_batch: int, world: int = 
         if loss.fgr_negatives == "local" and world > 1:
             out["fgr"] += 4.0 * (B / world) * E * FORWARD
     if loss.mlm:
-        n = mlm_tokens if mlm_tokens is not None else (
-            loss.mlm_probability * s.text_tokens * text_valid_frac)
+        n = (
+            mlm_tokens
+            if mlm_tokens is not None
+            else (loss.mlm_probability * s.text_tokens * text_valid_frac)
+        )
         out["mlm"] = (p["text"] + p["text_image"] + n * p["mlm_token"]) * TRAINED
     if loss.fgd:
         kept = fgd_image_tokens(s, loss.fgd_image_mask_ratio)
@@ -187,17 +222,27 @@ def objective_flops(s: R2D2Shape, loss=None, *, global_batch: int, world: int = 
     return out
 
 
-def flops_per_sample(model_config, loss=None, *, text_len: int, global_batch: int,
-                     image_size: int | None = None, world: int = 1, text_valid_frac: float = 1.0) -> float:
+def flops_per_sample(
+    model_config,
+    loss=None,
+    *,
+    text_len: int,
+    global_batch: int,
+    image_size: int | None = None,
+    world: int = 1,
+    text_valid_frac: float = 1.0,
+) -> float:
     """Total training FLOPs per sample of ``R2D2ForPretraining(R2D2Model(model_config), loss)``:
     what the trainer and bench_step.py divide by step time (see :func:`objective_flops`)."""
     shape = shape_from_config(model_config, text_len, image_size)
-    return objective_flops(shape, loss, global_batch=global_batch, world=world,
-                           text_valid_frac=text_valid_frac)["total"]
+    return objective_flops(
+        shape, loss, global_batch=global_batch, world=world, text_valid_frac=text_valid_frac
+    )["total"]
 
 
-def r2d2_flops_per_sample(s: R2D2Shape, itm_pairs: int = 3, mask_prob: float = 0.15,
-                          global_batch: int = 1) -> float:
+def r2d2_flops_per_sample(
+    s: R2D2Shape, itm_pairs: int = 3, mask_prob: float = 0.15, global_batch: int = 1
+) -> float:
     """Legacy entry: every term of the default objective when ``s.teacher``, else GCPR + FGR +
     MLM without TgD/FgD. Prefer :func:`flops_per_sample` with the run's ``LossConfig``."""
     from r2d2.engine.losses import LossConfig
@@ -205,8 +250,9 @@ def r2d2_flops_per_sample(s: R2D2Shape, itm_pairs: int = 3, mask_prob: float = 0
     if itm_pairs != 3:
         raise ValueError("r2d2_flops_per_sample: the objective always forms 3 ITM pairs per sample")
     has_cross = s.cross_layers > 0
-    loss = LossConfig(fgr=has_cross, mlm=has_cross, tgd=s.teacher, fgd=s.teacher,
-                      mlm_probability=mask_prob)
+    loss = LossConfig(
+        fgr=has_cross, mlm=has_cross, tgd=s.teacher, fgd=s.teacher, mlm_probability=mask_prob
+    )
     return objective_flops(s, loss, global_batch=global_batch)["total"]
 
 

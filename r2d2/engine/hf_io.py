@@ -77,24 +77,31 @@ _CLIP_EMBED = {
 # and logit_scale), which have no counterpart in an encoder. The official joint layers take
 # states, not token embeddings.
 _UNUSED_BERT = re.compile(r"(^|\.)(pooler|position_ids)(\.|$)|^cls\.")
-_UNUSED_CLIP = re.compile(r"(^|\.)(post_layernorm|position_ids)(\.|$)"
-                          r"|^(text_model|text_projection|visual_projection)\.|^logit_scale$")
-_UNUSED_OFFICIAL = re.compile(r"(^|\.)(pooler|post_layernorm|position_ids)(\.|$)"
-                              r"|^(text_joint_layer|img_joint_layer)\.embeddings\.")
+_UNUSED_CLIP = re.compile(
+    r"(^|\.)(post_layernorm|position_ids)(\.|$)"
+    r"|^(text_model|text_projection|visual_projection)\.|^logit_scale$"
+)
+_UNUSED_OFFICIAL = re.compile(
+    r"(^|\.)(pooler|post_layernorm|position_ids)(\.|$)"
+    r"|^(text_joint_layer|img_joint_layer)\.embeddings\."
+)
 
 
 def _sub_layer(rest: str, rules) -> str | None:
     for pat, rep in rules:
         m = re.match(pat, rest)
         if m:
-            return m.expand(rep) + rest[m.end():]
+            return m.expand(rep) + rest[m.end() :]
     return None
 
 
 def bert_key(k: str, prefix: str = "layers") -> str | None:
     """HF BERT key -> our TextEncoder/CrossEncoder key; None when it has no counterpart."""
-    k = k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace(
-        "LayerNorm.beta", "LayerNorm.bias")
+    k = (
+        k.removeprefix("bert.")
+        .replace("LayerNorm.gamma", "LayerNorm.weight")
+        .replace("LayerNorm.beta", "LayerNorm.bias")
+    )
     if k in _BERT_EMBED:
         return _BERT_EMBED[k]
     m = re.match(r"encoder\.layer\.(\d+)\.(.*)$", k)
@@ -158,8 +165,9 @@ def read_checkpoint_file(path) -> tuple[dict[str, torch.Tensor], dict | None]:
                 raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-        if os.path.basename(path) in ("model.safetensors", "pytorch_model.bin") and \
-                os.path.isfile(os.path.join(os.path.dirname(path), "config.json")):
+        if os.path.basename(path) in ("model.safetensors", "pytorch_model.bin") and os.path.isfile(
+            os.path.join(os.path.dirname(path), "config.json")
+        ):
             try:
                 config = _load_config(os.path.dirname(path))
             except (OSError, ValueError):
@@ -192,8 +200,12 @@ def _load_config(path: str) -> dict:
         return json.load(f)
 
 
-def _assign(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: LoadReport,
-            sources: dict[str, str] | None = None) -> None:
+def _assign(
+    module: torch.nn.Module,
+    mapped: dict[str, torch.Tensor],
+    report: LoadReport,
+    sources: dict[str, str] | None = None,
+) -> None:
     """Copy mapped tensors into ``module`` with shape checks; missing keys go to ``report``.
 
     Tied parameters appear under several of our names (the MLM decoder and the word
@@ -206,8 +218,10 @@ def _assign(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: Lo
         if k not in own:
             report.unexpected.append(sources.get(k, k))
         elif own[k].shape != v.shape:
-            raise ValueError(f"checkpoint tensor for {k} has shape {tuple(v.shape)}, our model "
-                             f"expects {tuple(own[k].shape)} (wrong config?)")
+            raise ValueError(
+                f"checkpoint tensor for {k} has shape {tuple(v.shape)}, our model "
+                f"expects {tuple(own[k].shape)} (wrong config?)"
+            )
     params = dict(module.named_parameters(remove_duplicate=False))
     first: dict[int, str] = {}
     load = {}
@@ -222,7 +236,8 @@ def _assign(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: Lo
                 raise ValueError(
                     f"{sources.get(k0, k0)} and {sources.get(k, k)} differ (max |diff| = {diff:.3g}) "
                     f"but our model ties {k0} and {k} into one tensor: the checkpoint is untied; "
-                    "build the model with tie_mlm_embeddings=False (as the inferred config does)")
+                    "build the model with tie_mlm_embeddings=False (as the inferred config does)"
+                )
             report.unused.append(sources.get(k, k))
             continue
         if p is not None:
@@ -235,7 +250,9 @@ def _assign(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: Lo
             report.missing.append(k)
 
 
-def _map(sd, fn, unused: re.Pattern, report: LoadReport) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _map(
+    sd, fn, unused: re.Pattern, report: LoadReport
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Checkpoint keys -> ours; returns (our key -> tensor, our key -> checkpoint key)."""
     out, sources = {}, {}
     for k, v in sd.items():
@@ -270,11 +287,18 @@ def from_hf_bert(path: str, kernels=None, strict: bool = True) -> TextEncoder:
         raise ValueError(f"{path}: hidden_act={c['hidden_act']!r}; only 'gelu' (BERT) is supported")
     if c.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: only absolute position embeddings are supported")
-    tc = TextConfig(vocab_size=c["vocab_size"], width=c["hidden_size"], layers=c["num_hidden_layers"],
-                    heads=c["num_attention_heads"], intermediate=c["intermediate_size"],
-                    max_positions=c["max_position_embeddings"], type_vocab_size=c.get("type_vocab_size", 2),
-                    layer_norm_eps=c.get("layer_norm_eps", 1e-12), dropout=c.get("hidden_dropout_prob", 0.1),
-                    pad_id=c.get("pad_token_id") or 0)
+    tc = TextConfig(
+        vocab_size=c["vocab_size"],
+        width=c["hidden_size"],
+        layers=c["num_hidden_layers"],
+        heads=c["num_attention_heads"],
+        intermediate=c["intermediate_size"],
+        max_positions=c["max_position_embeddings"],
+        type_vocab_size=c.get("type_vocab_size", 2),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+        dropout=c.get("hidden_dropout_prob", 0.1),
+        pad_id=c.get("pad_token_id") or 0,
+    )
     enc = TextEncoder(tc, kernels)
     report = LoadReport()
     mapped, sources = _map(read_state_dict(path), bert_key, _UNUSED_BERT, report)
@@ -292,11 +316,16 @@ def from_hf_clip_vision(path: str, kernels=None, strict: bool = True) -> VisionT
     act = c.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
         raise ValueError(f"{path}: hidden_act={act!r}; only 'quick_gelu' (CLIP) is supported")
-    vc = VisionConfig(image_size=c.get("image_size", 224), patch_size=c.get("patch_size", 32),
-                      width=c.get("hidden_size", 768), layers=c.get("num_hidden_layers", 12),
-                      heads=c.get("num_attention_heads", 12),
-                      mlp_ratio=c.get("intermediate_size", 3072) / c.get("hidden_size", 768),
-                      layer_norm_eps=c.get("layer_norm_eps", 1e-5), dropout=c.get("attention_dropout", 0.0))
+    vc = VisionConfig(
+        image_size=c.get("image_size", 224),
+        patch_size=c.get("patch_size", 32),
+        width=c.get("hidden_size", 768),
+        layers=c.get("num_hidden_layers", 12),
+        heads=c.get("num_attention_heads", 12),
+        mlp_ratio=c.get("intermediate_size", 3072) / c.get("hidden_size", 768),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+        dropout=c.get("attention_dropout", 0.0),
+    )
     vit = VisionTransformer(vc, kernels)
     report = LoadReport()
     mapped, sources = _map(read_state_dict(path), clip_vision_key, _UNUSED_CLIP, report)
@@ -306,8 +335,11 @@ def from_hf_clip_vision(path: str, kernels=None, strict: bool = True) -> VisionT
 
 # ---------------------------------------------------------------------- official R2D2
 _OFFICIAL_PLAIN = {
-    "img_joint_proj.": "image_cross_proj.", "vision_proj.": "vision_proj.", "text_proj.": "text_proj.",
-    "itm_head.": "itm_head.", "itm_head_i.": "itm_head_i.",
+    "img_joint_proj.": "image_cross_proj.",
+    "vision_proj.": "vision_proj.",
+    "text_proj.": "text_proj.",
+    "itm_head.": "itm_head.",
+    "itm_head_i.": "itm_head_i.",
     "mlm_head.predictions.transform.dense.": "mlm_head.dense.",
     "mlm_head.predictions.transform.LayerNorm.": "mlm_head.ln.",
     "mlm_head.predictions.decoder.": "mlm_head.decoder.",
@@ -322,16 +354,16 @@ def official_key(k: str) -> str | None:
         return "mlm_head.decoder.bias"
     for src, dst in _OFFICIAL_PLAIN.items():
         if k.startswith(src):
-            return dst + k[len(src):]
+            return dst + k[len(src) :]
     if k.startswith("visual_encoder."):
-        t = clip_vision_key(k[len("visual_encoder."):])
+        t = clip_vision_key(k[len("visual_encoder.") :])
         return None if t is None else "visual." + t
     if k.startswith("text_encoder."):
-        t = bert_key(k[len("text_encoder."):])
+        t = bert_key(k[len("text_encoder.") :])
         return None if t is None else "text." + t
     for src, dst in (("text_joint_layer.", "text_cross."), ("img_joint_layer.", "image_cross.")):
         if k.startswith(src) and not k.startswith(src + "embeddings."):
-            t = bert_key(k[len(src):])
+            t = bert_key(k[len(src) :])
             return None if t is None else dst + t
     return None
 
@@ -356,21 +388,30 @@ def official_heads(config: dict | None) -> tuple[int, int] | None:
         for ours, hf in (("vision", "vision_config"), ("text", "text_config")):
             a, b = c.get(ours), c.get(hf)
             n = a.get("heads") if isinstance(a, dict) else None
-            n = n if n is not None else (b.get("num_attention_heads") if isinstance(b, dict) else None)
+            n = (
+                n
+                if n is not None
+                else (b.get("num_attention_heads") if isinstance(b, dict) else None)
+            )
             found.append(n)
         if all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in found):
             return found[0], found[1]
     return None
 
 
-def infer_official_config(sd: dict[str, torch.Tensor], heads: tuple[int, int] | None = None) -> ModelConfig:
+def infer_official_config(
+    sd: dict[str, torch.Tensor], heads: tuple[int, int] | None = None
+) -> ModelConfig:
     """A ModelConfig from an official checkpoint's shapes. ``heads`` = (vision, text) head counts,
     which shapes cannot tell: pass them (:func:`official_heads` of the checkpoint's config);
     without, heads = width / 64 (ViT's and BERT's size), a guess that ``r2d2 convert`` does not
     make (it requires ``--preset`` or a config that says)."""
     # CLIPVisionModel's keys carry "vision_model."; accept a bare vision transformer too.
-    v = "visual_encoder.vision_model." if any(k.startswith("visual_encoder.vision_model.") for k in sd) \
+    v = (
+        "visual_encoder.vision_model."
+        if any(k.startswith("visual_encoder.vision_model.") for k in sd)
         else "visual_encoder."
+    )
     t = "text_encoder."
     try:
         width = sd[v + "embeddings.class_embedding"].numel()
@@ -385,19 +426,37 @@ def infer_official_config(sd: dict[str, torch.Tensor], heads: tuple[int, int] | 
     vh, th = heads if heads is not None else (max(1, width // 64), max(1, tw // 64))
     for what, w, h in (("vision", width, vh), ("text", tw, th)):
         if w % h:
-            raise ValueError(f"the checkpoint's config says {h} {what} attention heads, which do not "
-                             f"divide its width {w}")
-    vc = VisionConfig(image_size=math.isqrt(npos - 1) * patch, patch_size=patch, width=width,
-                      layers=_count(sd, re.escape(v) + r"encoder\.layers\.(\d+)\."),
-                      heads=vh, mlp_ratio=v_inter / width)
-    tc = TextConfig(vocab_size=vocab, width=tw, layers=_count(sd, r"text_encoder\.encoder\.layer\.(\d+)\."),
-                    heads=th, intermediate=inter,
-                    max_positions=sd[t + "embeddings.position_embeddings.weight"].shape[0],
-                    type_vocab_size=sd[t + "embeddings.token_type_embeddings.weight"].shape[0])
+            raise ValueError(
+                f"the checkpoint's config says {h} {what} attention heads, which do not "
+                f"divide its width {w}"
+            )
+    vc = VisionConfig(
+        image_size=math.isqrt(npos - 1) * patch,
+        patch_size=patch,
+        width=width,
+        layers=_count(sd, re.escape(v) + r"encoder\.layers\.(\d+)\."),
+        heads=vh,
+        mlp_ratio=v_inter / width,
+    )
+    tc = TextConfig(
+        vocab_size=vocab,
+        width=tw,
+        layers=_count(sd, r"text_encoder\.encoder\.layer\.(\d+)\."),
+        heads=th,
+        intermediate=inter,
+        max_positions=sd[t + "embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=sd[t + "embeddings.token_type_embeddings.weight"].shape[0],
+    )
     has_mlm = any(k.startswith("mlm_head.") for k in sd)
-    return ModelConfig(vision=vc, text=tc, embed_dim=embed, max_text_len=min(64, tc.max_positions),
-                       cross_layers=_count(sd, r"text_joint_layer\.encoder\.layer\.(\d+)\."),
-                       mlm_head=has_mlm, tie_mlm_embeddings=False)
+    return ModelConfig(
+        vision=vc,
+        text=tc,
+        embed_dim=embed,
+        max_text_len=min(64, tc.max_positions),
+        cross_layers=_count(sd, r"text_joint_layer\.encoder\.layer\.(\d+)\."),
+        mlm_head=has_mlm,
+        tie_mlm_embeddings=False,
+    )
 
 
 def load_official(cls, path, config: ModelConfig | None = None, kernels=None, strict: bool = False):

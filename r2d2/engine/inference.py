@@ -40,10 +40,21 @@ class _ShardPairScorer:
         return (lt.softmax(-1)[:, 1] + li.softmax(-1)[:, 1]) / 2
 
 
-def retrieve_sharded(model, load_images: Callable[[int, int], torch.Tensor], n_images: int,
-                     input_ids: torch.Tensor, attention_mask: torch.Tensor, *, top_k: int = 16,
-                     batch_size: int = 64, pair_batch: int = 256, group=None, rerank_stage: bool = True,
-                     i2t_rows: torch.Tensor | None = None, progress: bool = False) -> dict:
+def retrieve_sharded(
+    model,
+    load_images: Callable[[int, int], torch.Tensor],
+    n_images: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    top_k: int = 16,
+    batch_size: int = 64,
+    pair_batch: int = 256,
+    group=None,
+    rerank_stage: bool = True,
+    i2t_rows: torch.Tensor | None = None,
+    progress: bool = False,
+) -> dict:
     """:func:`retrieve` on lazily loaded images: ``load_images(start, end)`` returns the images
     ``[end - start, 3, H, W]``; each rank calls it only for its own shard.
 
@@ -54,8 +65,10 @@ def retrieve_sharded(model, load_images: Callable[[int, int], torch.Tensor], n_i
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k={top_k!r}: expected an int >= 1")
     if n_images < 1 or input_ids.shape[0] < 1:
-        raise ValueError(f"retrieval needs at least one image and one text, got {n_images} and "
-                         f"{input_ids.shape[0]}")
+        raise ValueError(
+            f"retrieval needs at least one image and one text, got {n_images} and "
+            f"{input_ids.shape[0]}"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -65,7 +78,9 @@ def retrieve_sharded(model, load_images: Callable[[int, int], torch.Tensor], n_i
         n_txt = ids.shape[0]
         cross = rerank_stage and model.config.has_cross
         i0, i1 = shard_rows(n_images, rank, world)
-        V_parts: list[torch.Tensor] = []  # this rank's image token states, kept for the cross encoders
+        V_parts: list[
+            torch.Tensor
+        ] = []  # this rank's image token states, kept for the cross encoders
 
         def image_batch(s: int, e: int) -> torch.Tensor:
             v = model.image_tokens(load_images(s, e).to(dev))
@@ -73,21 +88,41 @@ def retrieve_sharded(model, load_images: Callable[[int, int], torch.Tensor], n_i
                 V_parts.append(v)
             return model.image_embed(v)
 
-        img_emb = gather_shards(encode_shard(image_batch, n_images, batch_size, group), n_images, group)
-        t_local = encode_shard(lambda s, e: model.text_tokens(ids[s:e], mask[s:e]), n_txt, batch_size, group)
+        img_emb = gather_shards(
+            encode_shard(image_batch, n_images, batch_size, group), n_images, group
+        )
+        t_local = encode_shard(
+            lambda s, e: model.text_tokens(ids[s:e], mask[s:e]), n_txt, batch_size, group
+        )
         txt_emb = gather_shards(model.text_embed(t_local), n_txt, group)
         sim = img_emb @ txt_emb.t()
         k = min(top_k, sim.shape[1]), min(top_k, sim.shape[0])
-        out = {"sim_i2t": sim, "pre_i2t": topk_stable(sim, k[0])[1], "pre_t2i": topk_stable(sim.t(), k[1])[1]}
+        out = {
+            "sim_i2t": sim,
+            "pre_i2t": topk_stable(sim, k[0])[1],
+            "pre_t2i": topk_stable(sim.t(), k[1])[1],
+        }
         if not cross:  # PRD2 / pre-rank only: pre-ranking is the ranking
             out.update(i2t=sim, t2i=sim.t(), i2t_indices=out["pre_i2t"], t2i_indices=out["pre_t2i"])
             return out
         T = gather_shards(t_local, n_txt, group)
         V = torch.cat(V_parts) if V_parts else sim.new_zeros(0)  # empty shard: never asked to score
         scorer = _ShardPairScorer(model, V, i0, T, mask)
-        for d, kk, shard, rows in (("i2t", k[0], "rows", i2t_rows), ("t2i", k[1], "candidates", None)):
-            scores = rerank(sim, scorer, top_k, d, pair_batch=pair_batch, group=group,
-                            progress=progress, shard=shard, rows=rows)
+        for d, kk, shard, rows in (
+            ("i2t", k[0], "rows", i2t_rows),
+            ("t2i", k[1], "candidates", None),
+        ):
+            scores = rerank(
+                sim,
+                scorer,
+                top_k,
+                d,
+                pair_batch=pair_batch,
+                group=group,
+                progress=progress,
+                shard=shard,
+                rows=rows,
+            )
             out[d], out[f"{d}_indices"] = scores, topk_stable(scores, kk)[1]
         return out
     finally:
@@ -95,8 +130,17 @@ def retrieve_sharded(model, load_images: Callable[[int, int], torch.Tensor], n_i
 
 
 @torch.no_grad()
-def retrieve(model, images: torch.Tensor, texts, attention_mask: torch.Tensor | None = None, *,
-             top_k: int = 16, batch_size: int = 64, pair_batch: int = 256, group=None) -> dict:
+def retrieve(
+    model,
+    images: torch.Tensor,
+    texts,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    top_k: int = 16,
+    batch_size: int = 64,
+    pair_batch: int = 256,
+    group=None,
+) -> dict:
     """Retrieve between ``images`` ``[N, 3, H, W]`` and ``texts`` (``list[str]`` with a tokenizer
     attached to the model, or ``input_ids`` ``[M, L]`` with ``attention_mask``).
 
@@ -109,9 +153,20 @@ def retrieve(model, images: torch.Tensor, texts, attention_mask: torch.Tensor | 
         i2t_indices / t2i_indices   [N, k] / [M, k] final top-k indices
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a tensor [N, 3, H, W], got {getattr(images, 'shape', type(images))}")
+        raise ValueError(
+            f"images must be a tensor [N, 3, H, W], got {getattr(images, 'shape', type(images))}"
+        )
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k={top_k!r}: expected an int >= 1")
     ids, mask = model._text_inputs(texts, attention_mask)
-    return retrieve_sharded(model, lambda s, e: images[s:e], len(images), ids, mask, top_k=top_k,
-                            batch_size=batch_size, pair_batch=pair_batch, group=group)
+    return retrieve_sharded(
+        model,
+        lambda s, e: images[s:e],
+        len(images),
+        ids,
+        mask,
+        top_k=top_k,
+        batch_size=batch_size,
+        pair_batch=pair_batch,
+        group=group,
+    )

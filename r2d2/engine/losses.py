@@ -153,27 +153,47 @@ class LossConfig:
     def __post_init__(self) -> None:
         boolean("loss", self, *TERMS)
         positive("loss", self, *(f"{n}_weight" for n in TERMS), allow_zero=True)
-        in_range("loss", self, "distill_alpha", "mlm_probability", "mlm_mask_frac", "mlm_random_frac",
-                 "fgd_image_mask_ratio", "fgd_text_mask_ratio")
+        in_range(
+            "loss",
+            self,
+            "distill_alpha",
+            "mlm_probability",
+            "mlm_mask_frac",
+            "mlm_random_frac",
+            "fgd_image_mask_ratio",
+            "fgd_text_mask_ratio",
+        )
         in_range("loss", self, "ema_momentum", hi_open=True)
         if self.mlm_mask_frac + self.mlm_random_frac > 1.0:
-            raise ConfigError("loss.mlm_mask_frac + loss.mlm_random_frac must be <= 1, got "
-                              f"{self.mlm_mask_frac} + {self.mlm_random_frac}")
-        numbers("loss", "fgr_class_weights", self.fgr_class_weights, 2, "[neg, pos], two numbers > 0")
+            raise ConfigError(
+                "loss.mlm_mask_frac + loss.mlm_random_frac must be <= 1, got "
+                f"{self.mlm_mask_frac} + {self.mlm_random_frac}"
+            )
+        numbers(
+            "loss", "fgr_class_weights", self.fgr_class_weights, 2, "[neg, pos], two numbers > 0"
+        )
         if not all(w > 0 for w in self.fgr_class_weights):
-            raise ConfigError(f"loss.fgr_class_weights={self.fgr_class_weights!r} must be [neg, pos], "
-                              "two numbers > 0")
+            raise ConfigError(
+                f"loss.fgr_class_weights={self.fgr_class_weights!r} must be [neg, pos], "
+                "two numbers > 0"
+            )
         ids = self.special_token_ids
         if not isinstance(ids, (list, tuple)) or not all(is_int(i) and i >= 0 for i in ids):
-            raise ConfigError(f"loss.special_token_ids={ids!r} must be a list of token ids (ints >= 0)")
+            raise ConfigError(
+                f"loss.special_token_ids={ids!r} must be a list of token ids (ints >= 0)"
+            )
         positive("loss", self, "mask_token_id", allow_zero=True, integer=True)
         choice("loss", "gcpr_mode", self.gcpr_mode, GCPR_MODES)
         choice("loss", "fgr_negatives", self.fgr_negatives, ("global", "local"))
         choice("loss", "fgd_features", self.fgd_features, ("tokens", "global"))
         if not any(getattr(self, n) for n in ("gcpr", "fgr", "mlm", "fgd")):
-            raise ConfigError("loss: every objective is off; switch on at least one of gcpr, fgr, mlm, fgd")
+            raise ConfigError(
+                "loss: every objective is off; switch on at least one of gcpr, fgr, mlm, fgd"
+            )
         if self.fgr and not self.gcpr:
-            raise ConfigError("loss.fgr needs loss.gcpr: its hard negatives come from the GCPR similarity")
+            raise ConfigError(
+                "loss.fgr needs loss.gcpr: its hard negatives come from the GCPR similarity"
+            )
 
     @property
     def needs_teacher(self) -> bool:
@@ -181,8 +201,12 @@ class LossConfig:
 
 
 # ---------------------------------------------------------------------- pure loss functions
-def weighted_itm_ce(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
-                    valid: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_itm_ce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.cross_entropy(logits, labels, weight=class_weights)`` (sum of w[y] CE / sum of w[y]),
     with rows where ``valid`` is False left out (pairs whose negative does not exist)."""
     w = class_weights.to(logits.device, torch.float32)[labels]
@@ -192,9 +216,14 @@ def weighted_itm_ce(logits: torch.Tensor, labels: torch.Tensor, class_weights: t
     return (w * ce).sum() / w.sum().clamp_min(1e-12)
 
 
-def weighted_itm_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                    class_weights: torch.Tensor, valid: torch.Tensor | None = None,
-                    backend: str = "auto") -> torch.Tensor:
+def weighted_itm_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """``sum_r w[y_r] KL(softmax(teacher_r) || softmax(student_r)) / sum_r w[y_r]``: the
     per-row KL (``r2d2.kernels.distill_kl``) with ``weighted_itm_ce``'s weights, so that
     ``(1 - a) * weighted_itm_ce + a * weighted_itm_kl`` has the gradient of the weighted CE with
@@ -206,14 +235,25 @@ def weighted_itm_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return (w * kl.float()).sum() / w.sum().clamp_min(1e-12)
 
 
-def mask_tokens(input_ids, attention_mask, probability, special_ids, mask_id, vocab_size,
-                mask_frac=0.8, random_frac=0.1, generator=None):
+def mask_tokens(
+    input_ids,
+    attention_mask,
+    probability,
+    special_ids,
+    mask_id,
+    vocab_size,
+    mask_frac=0.8,
+    random_frac=0.1,
+    generator=None,
+):
     """BERT masking: choose each real, non-special token with ``probability``; of those replace
     ``mask_frac`` by ``mask_id``, ``random_frac`` by a random id, keep the rest. Returns
     ``(masked_ids, labels)`` with labels -100 where not chosen."""
     dev = input_ids.device
     rand = lambda: torch.rand(input_ids.shape, generator=generator, device="cpu").to(dev)  # noqa: E731
-    eligible = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=dev))
+    eligible = attention_mask.bool() & ~torch.isin(
+        input_ids, torch.tensor(list(special_ids), device=dev)
+    )
     chosen = eligible & (rand() < probability)
     u = rand()
     to_mask = chosen & (u < mask_frac)
@@ -263,8 +303,10 @@ class R2D2ForPretraining(nn.Module):
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
         if (config.fgr or config.mlm) and not model.config.has_cross:
-            raise ValueError("loss.fgr / loss.mlm need the cross encoders, but the model has "
-                             "cross_layers=0 (prd2): set fgr=False and mlm=False")
+            raise ValueError(
+                "loss.fgr / loss.mlm need the cross encoders, but the model has "
+                "cross_layers=0 (prd2): set fgr=False and mlm=False"
+            )
         if config.mlm and model.mlm_head is None:
             raise ValueError("loss.mlm=True but the model was built with mlm_head=False")
         self.model, self.config, self.group = model, config, group
@@ -319,14 +361,18 @@ class R2D2ForPretraining(nn.Module):
     def _check_batch(self, batch):
         for k in ("images", "input_ids", "attention_mask"):
             if k not in batch:
-                raise KeyError(f"batch lacks {k!r}; expected images, input_ids, attention_mask, image_ids")
+                raise KeyError(
+                    f"batch lacks {k!r}; expected images, input_ids, attention_mask, image_ids"
+                )
         b = batch["images"].shape[0]
         if batch["input_ids"].shape[0] != b:
             raise ValueError(f"batch: {b} images but {batch['input_ids'].shape[0]} texts")
         ids = batch.get("image_ids")
         if ids is not None and (ids.dim() != 1 or ids.shape[0] != b or ids.is_floating_point()):
-            raise ValueError(f"batch['image_ids'] must be an integer tensor [b={b}], got "
-                             f"{tuple(ids.shape)} {ids.dtype}")
+            raise ValueError(
+                f"batch['image_ids'] must be an integer tensor [b={b}], got "
+                f"{tuple(ids.shape)} {ids.dtype}"
+            )
 
     def _check_ranks_agree(self, b: int, L: int, device: torch.device) -> None:
         """Same b on every rank (the GCPR gathers) and, with global FGR negatives, the same L
@@ -345,11 +391,19 @@ class R2D2ForPretraining(nn.Module):
         need_L = cfg.fgr and cfg.fgr_negatives == "global"
         if len({bs for bs, _ in shapes}) > 1 or (need_L and len({n for _, n in shapes}) > 1):
             what = "b and the text length L" if need_L else "b"
-            why = (" (fgr_negatives='global' gathers the text token states; "
-                   "fgr_negatives='local' lifts the L condition)") if need_L else ""
-            raise ValueError(f"loss: every rank must bring the same {what}{why}; per-rank (b, L): "
-                             f"{shapes}. Give every rank the same batch size and pad texts to a "
-                             "fixed length (data.max_text_len)")
+            why = (
+                (
+                    " (fgr_negatives='global' gathers the text token states; "
+                    "fgr_negatives='local' lifts the L condition)"
+                )
+                if need_L
+                else ""
+            )
+            raise ValueError(
+                f"loss: every rank must bring the same {what}{why}; per-rank (b, L): "
+                f"{shapes}. Give every rank the same batch size and pad texts to a "
+                "fixed length (data.max_text_len)"
+            )
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         self._check_batch(batch)
@@ -374,16 +428,30 @@ class R2D2ForPretraining(nn.Module):
         if cfg.gcpr:
             kw = {}
             if cfg.tgd:
-                kw = dict(teacher_image_feat=self.teacher.image_embed(tV).to(img_emb.dtype),
-                          teacher_text_feat=self.teacher.text_embed(tT).to(txt_emb.dtype),
-                          distill_alpha=cfg.distill_alpha)
-            res = K.contrastive_loss(img_emb, txt_emb, s, image_ids=image_ids, group=self.group,
-                                     backend=self.kernels.contrastive, mode=cfg.gcpr_mode,
-                                     return_negatives=cfg.fgr, check_ranks=False,  # checked above
-                                     seed=cfg.seed * 1_000_003 + self._step if cfg.fgr else None,
-                                     **kw)
+                kw = dict(
+                    teacher_image_feat=self.teacher.image_embed(tV).to(img_emb.dtype),
+                    teacher_text_feat=self.teacher.text_embed(tT).to(txt_emb.dtype),
+                    distill_alpha=cfg.distill_alpha,
+                )
+            res = K.contrastive_loss(
+                img_emb,
+                txt_emb,
+                s,
+                image_ids=image_ids,
+                group=self.group,
+                backend=self.kernels.contrastive,
+                mode=cfg.gcpr_mode,
+                return_negatives=cfg.fgr,
+                check_ranks=False,  # checked above
+                seed=cfg.seed * 1_000_003 + self._step if cfg.fgr else None,
+                **kw,
+            )
             if cfg.fgr:
-                out["gcpr_loss"], neg_t, neg_i = res.loss, res.neg_text_for_image, res.neg_image_for_text
+                out["gcpr_loss"], neg_t, neg_i = (
+                    res.loss,
+                    res.neg_text_for_image,
+                    res.neg_image_for_text,
+                )
             else:
                 out["gcpr_loss"] = res
         if cfg.fgr:
@@ -424,12 +492,17 @@ class R2D2ForPretraining(nn.Module):
 
         def pairs(Vs, Ts, pV, pT):
             # rows: b positives, b (image, negative text), b (negative image, text)
-            return (torch.cat([Vs, Vs, pV[ni]]), torch.cat([Ts, pT[nt], Ts]),
-                    torch.cat([mask, pool_m[nt], mask]))
+            return (
+                torch.cat([Vs, Vs, pV[ni]]),
+                torch.cat([Ts, pT[nt], Ts]),
+                torch.cat([mask, pool_m[nt], mask]),
+            )
 
         pv, pt, pm = pairs(V, T, pool_V, pool_T)
         lt, li = model.itm_logits(pv, pt, pm)
-        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(V.device)
+        labels = torch.cat(
+            [torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]
+        ).to(V.device)
         valid = torch.cat([torch.ones_like(valid_t), valid_t, valid_i])
         cw = torch.tensor(cfg.fgr_class_weights)
         hard = (weighted_itm_ce(lt, labels, cw, valid) + weighted_itm_ce(li, labels, cw, valid)) / 2
@@ -440,8 +513,10 @@ class R2D2ForPretraining(nn.Module):
                 tv, tt, _ = pairs(tV, tT, pool_tV, pool_tT)
                 tlt, tli = self.teacher.itm_logits(tv, tt, pm)
             be = self.kernels.distill_kl
-            kl = (weighted_itm_kl(lt, tlt, labels, cw, valid, be)
-                  + weighted_itm_kl(li, tli, labels, cw, valid, be)) / 2
+            kl = (
+                weighted_itm_kl(lt, tlt, labels, cw, valid, be)
+                + weighted_itm_kl(li, tli, labels, cw, valid, be)
+            ) / 2
             out["fgr_loss"], out["tgd_fgr_loss"] = (1 - a) * hard, a * kl
         else:
             out["fgr_loss"] = hard
@@ -452,9 +527,17 @@ class R2D2ForPretraining(nn.Module):
         model = self.model
         special, mask_id = self._special()
         cfg = self.config
-        masked, labels = mask_tokens(ids, mask, cfg.mlm_probability, special, mask_id,
-                                     model.config.text.vocab_size, cfg.mlm_mask_frac,
-                                     cfg.mlm_random_frac, self._generator(2))
+        masked, labels = mask_tokens(
+            ids,
+            mask,
+            cfg.mlm_probability,
+            special,
+            mask_id,
+            model.config.text.vocab_size,
+            cfg.mlm_mask_frac,
+            cfg.mlm_random_frac,
+            self._generator(2),
+        )
         Tm = model.text_tokens(masked, mask)
         X = model.text_image_states(Tm, mask, V)
         sel = labels != -100
@@ -476,8 +559,17 @@ class R2D2ForPretraining(nn.Module):
         if n_drop:
             order = torch.rand(images.shape[0], n, generator=g).argsort(1)
             keep = order[:, n_drop:].sort(1).values
-        ids_m, _ = mask_tokens(ids, mask, cfg.fgd_text_mask_ratio, special, mask_id,
-                               model.config.text.vocab_size, 1.0, 0.0, g)
+        ids_m, _ = mask_tokens(
+            ids,
+            mask,
+            cfg.fgd_text_mask_ratio,
+            special,
+            mask_id,
+            model.config.text.vocab_size,
+            1.0,
+            0.0,
+            g,
+        )
         return keep, ids_m
 
     def _fgd(self, images, ids, mask, tV, tT):
@@ -487,6 +579,8 @@ class R2D2ForPretraining(nn.Module):
         if keep is not None:
             tV = select_tokens(tV, keep)  # the teacher's states at the positions the student kept
         if self.config.fgd_features == "global":
-            return (cosine_distill(model.image_embed(sV), self.teacher.image_embed(tV))
-                    + cosine_distill(model.text_embed(sT), self.teacher.text_embed(tT))) / 2
+            return (
+                cosine_distill(model.image_embed(sV), self.teacher.image_embed(tV))
+                + cosine_distill(model.text_embed(sT), self.teacher.text_embed(tT))
+            ) / 2
         return (cosine_distill(sV, tV) + cosine_distill(sT, tT, mask)) / 2

@@ -100,7 +100,9 @@ def _targets(entries: Any, name: str) -> list[list[int]]:
                 raise TypeError(f"{name}[{j}]: expected integer indices, got {t!r}")
             out.append([int(v) for v in t])
         else:
-            raise TypeError(f"{name}[{j}]: expected an int or a list of ints, got {type(t).__name__}")
+            raise TypeError(
+                f"{name}[{j}]: expected an int or a list of ints, got {type(t).__name__}"
+            )
     return out
 
 
@@ -144,8 +146,9 @@ def retrieval_metrics(
     return out
 
 
-def t2i_metrics(sim_t2i: Any, txt2img: Sequence[Sequence[int]] | Sequence[int],
-                ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+def t2i_metrics(
+    sim_t2i: Any, txt2img: Sequence[Sequence[int]] | Sequence[int], ks: Sequence[int] = RECALL_KS
+) -> dict[str, float]:
     """Text-to-image recall only (MUGE reports this direction; a query may have several correct
     items). ``txt2img[j]`` is an int or a list of correct image indices."""
     sim = _as_array(sim_t2i, "sim_t2i", 2)
@@ -163,8 +166,8 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     default, written out here so importing the metrics does not pull in scipy.stats: seconds)."""
     order = np.argsort(x, kind="stable")
     xs = x[order]
-    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])   # tie-group starts, then n
-    avg = (bounds[:-1] + bounds[1:] - 1) / 2.0 + 1.0                  # mean of ranks start+1..end
+    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])  # tie-group starts, then n
+    avg = (bounds[:-1] + bounds[1:] - 1) / 2.0 + 1.0  # mean of ranks start+1..end
     ranks = np.empty(len(x), dtype=np.float64)
     ranks[order] = np.repeat(avg, np.diff(bounds))
     return ranks

@@ -50,39 +50,51 @@ def check_input_files(cfg: RunConfig) -> None:
     (Not at config time: a saved config is loaded on machines without them, e.g. to compare.)"""
     v = cfg.data.vocab
     if v is not None and not os.path.isfile(v):
-        raise TrainingError(f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
-                            "line; null = the built-in vocabulary)")
+        raise TrainingError(
+            f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
+            "line; null = the built-in vocabulary)"
+        )
     p = cfg.train.init_from
     if p and not os.path.exists(p):
         rel = "" if os.path.isabs(p) else f", relative to the current directory {os.getcwd()}"
-        raise TrainingError(f"train.init_from={p!r}: no such file or directory{rel} (expected a "
-                            "save_pretrained folder such as <run>/model, a run folder or a checkpoint "
-                            "file; configs/finetune_tiny.yaml starts from the demo's runs/demo/model: "
-                            "run bash scripts/demo.sh first)")
+        raise TrainingError(
+            f"train.init_from={p!r}: no such file or directory{rel} (expected a "
+            "save_pretrained folder such as <run>/model, a run folder or a checkpoint "
+            "file; configs/finetune_tiny.yaml starts from the demo's runs/demo/model: "
+            "run bash scripts/demo.sh first)"
+        )
 
 
 def load_init(model: nn.Module, path: str) -> None:
     """Weights to start from: a ``save_pretrained`` directory or a training checkpoint. Weights
     that do not fit the model (another preset) are a ValueError naming the first mismatches."""
-    strict = os.path.isfile(os.path.join(path, "config.json")) and hasattr(type(model), "from_pretrained")
+    strict = os.path.isfile(os.path.join(path, "config.json")) and hasattr(
+        type(model), "from_pretrained"
+    )
     if strict:  # a whole model: every weight must be there
         try:
             sd = type(model).from_pretrained(path).state_dict()
         except SafetensorError as e:  # e.g. a pickle renamed model.safetensors: never unpickled
-            raise ValueError(f"train.init_from={path!r}: model.safetensors is not a safetensors "
-                             f"file ({e})") from None
+            raise ValueError(
+                f"train.init_from={path!r}: model.safetensors is not a safetensors file ({e})"
+            ) from None
     else:
         sd = load_weights(path)
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     own = model.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-              if k in own and v.shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and v.shape != own[k].shape
+    ]
     unexpected = [k for k in sd if k not in own]
     missing = [k for k in own if k not in sd]
     if shapes or unexpected or len(missing) == len(own) or (strict and missing):
-        raise ValueError(f"train.init_from={path!r}: the weights do not fit the model of the config "
-                         f"(model.preset and overrides): shape mismatches {shapes[:3]}, unexpected "
-                         f"{unexpected[:3]}, missing {len(missing)} of {len(own)} {missing[:3]}")
+        raise ValueError(
+            f"train.init_from={path!r}: the weights do not fit the model of the config "
+            f"(model.preset and overrides): shape mismatches {shapes[:3]}, unexpected "
+            f"{unexpected[:3]}, missing {len(missing)} of {len(own)} {missing[:3]}"
+        )
     model.load_state_dict(sd, strict=False)
 
 

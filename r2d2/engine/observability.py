@@ -42,26 +42,53 @@ class ThroughputWindow:
         return self.samples / dt, self.tokens / dt
 
 
-def metrics_row(*, step: int, terms: dict[str, float], lr: float, grad_norm: float,
-                window: ThroughputWindow, flops_per_sample: float, world: int, device_name: str,
-                precision: str, device: torch.device, read_skipped: int, read_reasons: Counter,
-                skipped: int, reasons: Counter, shard_events: tuple, bad_steps: int,
-                samples: int) -> dict:
+def metrics_row(
+    *,
+    step: int,
+    terms: dict[str, float],
+    lr: float,
+    grad_norm: float,
+    window: ThroughputWindow,
+    flops_per_sample: float,
+    world: int,
+    device_name: str,
+    precision: str,
+    device: torch.device,
+    read_skipped: int,
+    read_reasons: Counter,
+    skipped: int,
+    reasons: Counter,
+    shard_events: tuple,
+    bad_steps: int,
+    samples: int,
+) -> dict:
     """One ``log.jsonl`` row (the keys of the module docstring). Throughput is the world's;
     ``tflops`` and ``mfu`` are per process (the achieved FLOP/s of one device), null when the
     model's FLOP count is unknown. Damaged-shard events are reported as ``truncated_shards``,
     not as skipped samples."""
     sps, tps = window.rates()
     fl = flops_per_sample * sps / world
-    return {"step": step, "loss": terms["loss"], **terms, "lr": lr, "grad_norm": grad_norm,
-            "samples_per_s": sps, "tokens_per_s": tps,
-            "tflops": fl / 1e12 if math.isfinite(fl) else None,
-            "mfu": mfu(fl, device_name, precision) if math.isfinite(fl) else None,
-            "peak_mem_gb": peak_memory_gb(device),
-            "skipped": read_skipped + skipped, "skipped_read": read_skipped, "skipped_decode": skipped,
-            "skip_reasons": {k: v for k, v in (read_reasons + reasons).items() if k not in shard_events},
-            "truncated_shards": reasons.get("truncated_shard", 0),
-            "bad_steps": bad_steps, "samples": samples}
+    return {
+        "step": step,
+        "loss": terms["loss"],
+        **terms,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "samples_per_s": sps,
+        "tokens_per_s": tps,
+        "tflops": fl / 1e12 if math.isfinite(fl) else None,
+        "mfu": mfu(fl, device_name, precision) if math.isfinite(fl) else None,
+        "peak_mem_gb": peak_memory_gb(device),
+        "skipped": read_skipped + skipped,
+        "skipped_read": read_skipped,
+        "skipped_decode": skipped,
+        "skip_reasons": {
+            k: v for k, v in (read_reasons + reasons).items() if k not in shard_events
+        },
+        "truncated_shards": reasons.get("truncated_shard", 0),
+        "bad_steps": bad_steps,
+        "samples": samples,
+    }
 
 
 def _truncate_log(path: str, step: int) -> None:
@@ -94,8 +121,15 @@ def read_log(path: str) -> list[dict]:
 class Observer:
     """Rank-0 reporting; on other ranks every method is a no-op."""
 
-    def __init__(self, out: str, max_steps: int, start_step: int = 0, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        out: str,
+        max_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.out = out
         self.log_path = os.path.join(out, "log.jsonl")
@@ -107,8 +141,13 @@ class Observer:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            mininterval=1.0)
+            self.bar = tqdm(
+                total=max_steps,
+                initial=start_step,
+                desc="train",
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -118,12 +157,17 @@ class Observer:
     def step(self, loss: float, samples_per_s: float) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_s:.1f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", samples_s=f"{samples_per_s:.1f}", refresh=False
+            )
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean, ensure_ascii=False) + "\n")
         if self.tb is not None:
@@ -179,7 +223,7 @@ def plot_losses(log_path: str, png: str) -> str | None:
         ax.set_title(k)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -19,13 +19,21 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             continue
         low = name.lower()
         (no_decay if p.ndim < 2 or any(h in low for h in NO_DECAY_HINTS) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
     fused = device.type == "cuda" if cfg.fused == "auto" else cfg.fused == "true"
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(
+        param_groups(module, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=fused or None,
+    )
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -38,4 +46,5 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def build_scheduler(opt, cfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )

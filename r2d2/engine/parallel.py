@@ -27,7 +27,9 @@ from r2d2.engine.model import R2D2Model
 
 def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     """Join the torchrun group when WORLD_SIZE > 1; returns (rank, world, device)."""
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    want_cuda = cfg.train.device == "cuda" or (
+        cfg.train.device == "auto" and torch.cuda.is_available()
+    )
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise TrainingError("train.device=cuda but no CUDA device is visible")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -38,7 +40,9 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
             backend = "nccl" if want_cuda else "gloo"
         if want_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s)
+        )
     device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
     rank, world = dist_info()
     return rank, world, device
@@ -76,8 +80,11 @@ def shard_fsdp(objective: nn.Module, device: torch.device) -> list[nn.Parameter]
     sees matching shards), then the whole objective. fully_shard cannot shard 0-d parameters (the
     temperature): they stay replicated and are returned, for the trainer to average their
     gradients itself."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
     scalars = [p for p in objective.parameters() if p.ndim == 0]
     for m in list(objective.modules()):
         if _is_block(m):

@@ -34,8 +34,13 @@ class R2D2Tokenizer:
     ``[CLS] ... [SEP]`` and right padding; other ``tokenizers.Tokenizer`` methods pass through
     (``tok.encode_batch``, ``tok.decode``...)."""
 
-    def __init__(self, vocab: list[str], max_length: int = 64, lowercase: bool = True,
-                 padding: str = "longest"):
+    def __init__(
+        self,
+        vocab: list[str],
+        max_length: int = 64,
+        lowercase: bool = True,
+        padding: str = "longest",
+    ):
         from tokenizers import BertWordPieceTokenizer
 
         if not isinstance(max_length, int) or max_length < 2:
@@ -47,9 +52,13 @@ class R2D2Tokenizer:
             raise ValueError(f"vocab lacks the special tokens {missing}")
         self.vocab = list(vocab)
         self.max_length, self.padding = max_length, padding
-        self._tok = BertWordPieceTokenizer({t: i for i, t in enumerate(self.vocab)}, clean_text=True,
-                                           handle_chinese_chars=True, strip_accents=None,
-                                           lowercase=lowercase)
+        self._tok = BertWordPieceTokenizer(
+            {t: i for i, t in enumerate(self.vocab)},
+            clean_text=True,
+            handle_chinese_chars=True,
+            strip_accents=None,
+            lowercase=lowercase,
+        )
         self._tok.enable_truncation(max_length)
         ids = {t: i for i, t in enumerate(self.vocab)}
         self.pad_id, self.unk_id, self.cls_id = ids["[PAD]"], ids["[UNK]"], ids["[CLS]"]
@@ -64,12 +73,16 @@ class R2D2Tokenizer:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("tokenizer input must be a list of str")
         enc = self._tok.encode_batch(list(texts))
-        L = self.max_length if self.padding == "max_length" else max([len(e.ids) for e in enc] + [2])
+        L = (
+            self.max_length
+            if self.padding == "max_length"
+            else max([len(e.ids) for e in enc] + [2])
+        )
         ids = torch.full((len(enc), L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(enc), L), dtype=torch.long)
         for i, e in enumerate(enc):
-            ids[i, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-            mask[i, :len(e.ids)] = 1
+            ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+            mask[i, : len(e.ids)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
     def save_vocab(self, path: str) -> None:
@@ -83,14 +96,20 @@ class R2D2Tokenizer:
         return getattr(self._tok, name)
 
 
-def build_tokenizer(vocab_path: str | None = None, max_length: int = 64, lowercase: bool = True,
-                    padding: str = "longest") -> R2D2Tokenizer:
+def build_tokenizer(
+    vocab_path: str | None = None,
+    max_length: int = 64,
+    lowercase: bool = True,
+    padding: str = "longest",
+) -> R2D2Tokenizer:
     """WordPiece tokenizer from ``vocab_path`` (one token per line, BERT vocab.txt), or the
     generated offline vocabulary when None."""
     if vocab_path is None:
         return R2D2Tokenizer(default_vocab(), max_length, lowercase, padding)
     if not os.path.isfile(vocab_path):
-        raise FileNotFoundError(f"vocab_path={vocab_path!r} is not a file (expected a BERT vocab.txt)")
+        raise FileNotFoundError(
+            f"vocab_path={vocab_path!r} is not a file (expected a BERT vocab.txt)"
+        )
     with open(vocab_path, encoding="utf-8") as f:
         vocab = [line.rstrip("\n") for line in f]
     while vocab and vocab[-1] == "":

@@ -74,8 +74,16 @@ from r2d2.engine.parallel import (
 )
 from r2d2.engine.tokenizer import build_tokenizer
 
-__all__ = ["FitResult", "Trainer", "TrainingError", "build_objective", "build_optimizer",
-           "lr_factor", "param_groups", "shard_fsdp"]
+__all__ = [
+    "FitResult",
+    "Trainer",
+    "TrainingError",
+    "build_objective",
+    "build_optimizer",
+    "lr_factor",
+    "param_groups",
+    "shard_fsdp",
+]
 
 
 @dataclass
@@ -94,8 +102,16 @@ class Trainer:
     The constructor checks the inputs and builds everything that does not depend on a
     checkpoint (objective, wrapping, optimizer, schedule); :meth:`fit` does the rest."""
 
-    def __init__(self, cfg: RunConfig, out: str, resume: bool = False, objective: nn.Module | None = None,
-                 tokenize=None, image_size: int | None = None, flops_per_sample: float | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: str,
+        resume: bool = False,
+        objective: nn.Module | None = None,
+        tokenize=None,
+        image_size: int | None = None,
+        flops_per_sample: float | None = None,
+    ) -> None:
         self.cfg, self.out, self.resume = cfg, out, resume
         self.rank, self.world, self.device = init_distributed(cfg)
         t = cfg.train
@@ -107,13 +123,18 @@ class Trainer:
             raise TrainingError(str(e)) from None
         check_input_files(cfg)
         if cfg.data.batch_size % t.grad_accum:  # RunConfig checks it; a config edited by hand
-            raise TrainingError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
-                                f"train.grad_accum={t.grad_accum}")
+            raise TrainingError(
+                f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                f"train.grad_accum={t.grad_accum}"
+            )
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.objective = objective if objective is not None else build_objective(cfg)
         self.model = getattr(self.objective, "model", self.objective)
-        self.image_size = image_size or cfg.data.image_size or getattr(getattr(self.model, "config", None),
-                                                                        "image_size", 224)
+        self.image_size = (
+            image_size
+            or cfg.data.image_size
+            or getattr(getattr(self.model, "config", None), "image_size", 224)
+        )
         self.tokenize, self.tokenizer = tokenize, None
         if self.tokenize is None:
             try:
@@ -122,18 +143,27 @@ class Trainer:
                 raise TrainingError(f"data.vocab={cfg.data.vocab!r}: {e}") from None
             self.tokenize = Tokenize(self.tokenizer, cfg.data.max_text_len)
             if getattr(self.model, "tokenizer", "absent") is None:
-                self.model.tokenizer = self.tokenizer  # the losses read [MASK] / special ids from it
+                self.model.tokenizer = (
+                    self.tokenizer
+                )  # the losses read [MASK] / special ids from it
         self.flops_per_sample = flops_per_sample if flops_per_sample is not None else self._flops()
-        self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = (
+            t.precision
+            if t.precision != "auto"
+            else ("bf16" if self.device.type == "cuda" else "fp32")
+        )
         self.strategy = cfg.distributed.strategy
         if self.strategy == "auto":
             self.strategy = "ddp" if self.world > 1 else "none"
         elif self.world == 1 and self.strategy in ("ddp", "fsdp"):
             # base.yaml / large.yaml name their multi-GPU strategy; started without torchrun
             # there is no process group to join, so the run is an ordinary single process.
-            print(f"distributed.strategy={self.strategy} needs several processes (torchrun "
-                  "--nproc_per_node=N -m r2d2 ...); WORLD_SIZE is unset or 1, so this run is a single "
-                  "process", flush=True)
+            print(
+                f"distributed.strategy={self.strategy} needs several processes (torchrun "
+                "--nproc_per_node=N -m r2d2 ...); WORLD_SIZE is unset or 1, so this run is a single "
+                "process",
+                flush=True,
+            )
             self.strategy = "none"
         if self.world > 1 and self.strategy == "none":
             raise TrainingError("WORLD_SIZE > 1 but distributed.strategy=none")
@@ -147,7 +177,9 @@ class Trainer:
         self._bad_in_a_row = 0
         self.last_ckpt: str | None = None  # the newest checkpoint known good: verified or loaded
         self.last_loss = float("nan")
-        self.reasons: Counter = Counter()  # decode-time skip reasons (all ranks), this run and before
+        self.reasons: Counter = (
+            Counter()
+        )  # decode-time skip reasons (all ranks), this run and before
 
     def _flops(self) -> float:
         try:
@@ -156,11 +188,17 @@ class Trainer:
                 # the run's objective (which terms are on) and its contrastive batch: one
                 # micro-batch over all ranks
                 return flops.flops_per_sample(
-                    self.model.config, cfg.loss, text_len=cfg.data.max_text_len,
-                    global_batch=cfg.data.batch_size // cfg.train.grad_accum, image_size=self.image_size,
-                    world=self.world)
+                    self.model.config,
+                    cfg.loss,
+                    text_len=cfg.data.max_text_len,
+                    global_batch=cfg.data.batch_size // cfg.train.grad_accum,
+                    image_size=self.image_size,
+                    world=self.world,
+                )
             teacher = getattr(self.objective, "teacher", None) is not None
-            shape = flops.shape_from_config(self.model.config, cfg.data.max_text_len, self.image_size, teacher)
+            shape = flops.shape_from_config(
+                self.model.config, cfg.data.max_text_len, self.image_size, teacher
+            )
             return flops.r2d2_flops_per_sample(shape)
         except (AttributeError, ImportError, TypeError, ValueError):
             return float("nan")  # unknown architecture: TFLOP/s and MFU are reported as null
@@ -172,7 +210,9 @@ class Trainer:
         if t.compile:
             # per transformer block, as torchtitan does: the objective calls the encoders' parts
             # directly (not model.forward), and small graphs compile fast and reuse across blocks
-            for block in _outermost_blocks(self.model):  # the student (the teacher runs no_grad once)
+            for block in _outermost_blocks(
+                self.model
+            ):  # the student (the teacher runs no_grad once)
                 block.compile()
         self.replicated: list[nn.Parameter] = []
         if self.strategy == "fsdp":
@@ -181,7 +221,10 @@ class Trainer:
         elif self.strategy == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=ids, find_unused_parameters=self.cfg.distributed.find_unused_parameters)
+                self.objective,
+                device_ids=ids,
+                find_unused_parameters=self.cfg.distributed.find_unused_parameters,
+            )
         else:
             self.wrapped = self.objective
 
@@ -221,7 +264,9 @@ class Trainer:
             if "rng_state" in extra:
                 set_rng_state(extra["rng_state"])
             else:
-                torch.manual_seed(self.cfg.train.seed + 1000 * self.rank)  # loss randomness per rank
+                torch.manual_seed(
+                    self.cfg.train.seed + 1000 * self.rank
+                )  # loss randomness per rank
             stopped = self.train(it, obs)
         finally:
             if old is not None:
@@ -243,13 +288,20 @@ class Trainer:
         if self.resume:
             try:  # the newest that loads; skipped newer ones are reported below
                 path, self.state, extra, notes = self.ckpt.load_newest(
-                    self.objective, self.optimizer, self.scheduler, restore_rng=False)
+                    self.objective, self.optimizer, self.scheduler, restore_rng=False
+                )
             except CheckpointError as e:
                 raise TrainingError(f"--resume: {e}") from None
             self.last_ckpt = path
         self.reasons = Counter(self.state.skip_reasons)
-        obs = Observer(self.out, cfg.train.max_steps, self.state.step, enabled=self.rank == 0,
-                       progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
+        obs = Observer(
+            self.out,
+            cfg.train.max_steps,
+            self.state.step,
+            enabled=self.rank == 0,
+            progress=cfg.logging.progress,
+            tensorboard=cfg.logging.tensorboard,
+        )
         if self.resume:
             for n in notes:
                 obs.message(f"--resume: {n}")
@@ -269,24 +321,48 @@ class Trainer:
         cfg = self.cfg
         micro_global = cfg.data.batch_size // cfg.train.grad_accum
         try:
-            start, stream_state, note = resume_position(
-                extra.get("data_position"), extra.get("rank_data", []), cfg.data, self.state.step,
-                extra.get("config"), self.rank, self.world) if self.resume else (0, None, None)
+            start, stream_state, note = (
+                resume_position(
+                    extra.get("data_position"),
+                    extra.get("rank_data", []),
+                    cfg.data,
+                    self.state.step,
+                    extra.get("config"),
+                    self.rank,
+                    self.world,
+                )
+                if self.resume
+                else (0, None, None)
+            )
             if note:
                 obs.message(f"--resume: {note}")
-            data = build_train_data(cfg.data, self.tokenize, self.image_size, micro_global, self.rank,
-                                    self.world, start_sample=start, stream_state=stream_state)
+            data = build_train_data(
+                cfg.data,
+                self.tokenize,
+                self.image_size,
+                micro_global,
+                self.rank,
+                self.world,
+                start_sample=start,
+                stream_state=stream_state,
+            )
         except DataError as e:
             raise TrainingError(str(e)) from None
-        self.cursor = DataCursor(cfg.data.format, data.stream, self.world, data.workers, start, stream_state)
+        self.cursor = DataCursor(
+            cfg.data.format, data.stream, self.world, data.workers, start, stream_state
+        )
         self.read_skipped, self.read_reasons = data.read_skipped, Counter(data.read_reasons)
         if data.read_skipped:
             total = data.read_skipped + (data.num_records or 0)
-            obs.message(f"reader skipped {data.read_skipped} of {total} samples: {dict(data.read_reasons)}")
+            obs.message(
+                f"reader skipped {data.read_skipped} of {total} samples: {dict(data.read_reasons)}"
+            )
             if data.read_skipped / max(1, total) > cfg.data.max_skip_rate:
-                raise TrainingError(f"{data.read_skipped} of {total} samples unusable "
-                                    f"({dict(data.read_reasons)}): skip rate above data.max_skip_rate="
-                                    f"{cfg.data.max_skip_rate}")
+                raise TrainingError(
+                    f"{data.read_skipped} of {total} samples unusable "
+                    f"({dict(data.read_reasons)}): skip rate above data.max_skip_rate="
+                    f"{cfg.data.max_skip_rate}"
+                )
         return data
 
     def train(self, it, obs: Observer) -> bool:
@@ -302,28 +378,50 @@ class Trainer:
             window.add(n_all, tokens)
             obs.step(terms["loss"], window.rates()[0])
             if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
-                obs.log(metrics_row(
-                    step=self.state.step, terms=terms, lr=lr, grad_norm=grad_norm, window=window,
-                    flops_per_sample=self.flops_per_sample, world=self.world, device_name=dev_name,
-                    precision=self.precision, device=self.device, read_skipped=self.read_skipped,
-                    read_reasons=self.read_reasons, skipped=self.state.skipped, reasons=self.reasons,
-                    shard_events=SHARD_EVENTS, bad_steps=self.state.bad_steps,
-                    samples=self.state.samples))
+                obs.log(
+                    metrics_row(
+                        step=self.state.step,
+                        terms=terms,
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        window=window,
+                        flops_per_sample=self.flops_per_sample,
+                        world=self.world,
+                        device_name=dev_name,
+                        precision=self.precision,
+                        device=self.device,
+                        read_skipped=self.read_skipped,
+                        read_reasons=self.read_reasons,
+                        skipped=self.state.skipped,
+                        reasons=self.reasons,
+                        shard_events=SHARD_EVENTS,
+                        bad_steps=self.state.bad_steps,
+                        samples=self.state.samples,
+                    )
+                )
                 window = ThroughputWindow()
             stop = self._should_stop()
             if stop or (t.checkpoint_every and self.state.step % t.checkpoint_every == 0):
                 self.checkpoint(obs)
             if stop:
-                done = "checkpoint written" if self.last_ckpt and self.last_ckpt.endswith(
-                    f"step_{self.state.step:06d}.pt") else f"no checkpoint written (last good: {_good(self.last_ckpt)})"
+                done = (
+                    "checkpoint written"
+                    if self.last_ckpt and self.last_ckpt.endswith(f"step_{self.state.step:06d}.pt")
+                    else f"no checkpoint written (last good: {_good(self.last_ckpt)})"
+                )
                 obs.message(f"SIGTERM: {done} at step {self.state.step}; exiting")
                 obs.close(plot=False)
                 return True
-        if not (t.checkpoint_every and self.state.step % t.checkpoint_every == 0) or self.last_ckpt is None:
+        if (
+            not (t.checkpoint_every and self.state.step % t.checkpoint_every == 0)
+            or self.last_ckpt is None
+        ):
             self.last_ckpt = self._save_checked()
         return False
 
-    def train_step(self, micro: list[dict], obs: Observer) -> tuple[dict, float, float, float, float]:
+    def train_step(
+        self, micro: list[dict], obs: Observer
+    ) -> tuple[dict, float, float, float, float]:
         """One optimizer step over the ``train.grad_accum`` micro-batches ``micro``: account the
         samples, forward/backward, clip, then AdamW + schedule + EMA, or skip a non-finite step.
         Returns (loss terms, grad norm, the lr it ran with, samples, tokens), all ranks."""
@@ -337,8 +435,10 @@ class Trainer:
         self.state.skip_reasons = dict(self.reasons)
         seen = self.state.samples + self.state.skipped
         if seen >= 100 and self.state.skipped / seen > d.max_skip_rate:
-            raise TrainingError(f"skipped {self.state.skipped} of {seen} samples while loading "
-                                f"({dict(self.reasons)}): above data.max_skip_rate={d.max_skip_rate}")
+            raise TrainingError(
+                f"skipped {self.state.skipped} of {seen} samples while loading "
+                f"({dict(self.reasons)}): above data.max_skip_rate={d.max_skip_rate}"
+            )
         grad_norm = self._clip()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._skip_bad_step(loss, grad_norm, obs)
@@ -364,19 +464,25 @@ class Trainer:
             local.update(b["skip_reasons"])
         sizes = [b["size"] for b in micro]
         local["other"] = sum(v for k, v in local.items() if k not in SKIP_REASONS and k != "other")
-        sums = self._all_sum(sizes + [s * s for s in sizes] + [local[k] for k in names] +
-                             [sum(float(b["attention_mask"].sum()) for b in micro if b["size"])])
-        n_micro, sq = sums[:len(sizes)], sums[len(sizes):2 * len(sizes)]
-        step_reasons = {k: int(v) for k, v in zip(names, sums[2 * len(sizes):-1]) if v}
+        sums = self._all_sum(
+            sizes
+            + [s * s for s in sizes]
+            + [local[k] for k in names]
+            + [sum(float(b["attention_mask"].sum()) for b in micro if b["size"])]
+        )
+        n_micro, sq = sums[: len(sizes)], sums[len(sizes) : 2 * len(sizes)]
+        step_reasons = {k: int(v) for k, v in zip(names, sums[2 * len(sizes) : -1]) if v}
         # damaged-shard events are no samples: logged as truncated_shards, not skipped
         skipped = sum(v for k, v in step_reasons.items() if k not in SHARD_EVENTS)
         n_all = sum(n_micro)
         if any(abs(q * self.world - n * n) > 0.5 for n, q in zip(n_micro, sq)):
             # sum(n^2) * W == (sum n)^2 iff every rank has the same n: GCPR's all-gather needs
             # that; say so on every rank instead of a collective mismatch or hang
-            raise TrainingError(f"micro-batch sizes differ across ranks (rank {self.rank}: {sizes}): "
-                                f"a sample found no decodable replacement in its draws; skipped so "
-                                f"far {dict(self.reasons + Counter(step_reasons))}")
+            raise TrainingError(
+                f"micro-batch sizes differ across ranks (rank {self.rank}: {sizes}): "
+                f"a sample found no decodable replacement in its draws; skipped so "
+                f"far {dict(self.reasons + Counter(step_reasons))}"
+            )
         self.reasons.update(step_reasons)
         if n_all == 0:
             raise TrainingError(f"every sample of a whole step was skipped: {dict(self.reasons)}")
@@ -388,40 +494,58 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.bad_steps += 1
         self._bad_in_a_row += 1
-        obs.message(f"step {self.state.step + 1}: non-finite loss/grad ({loss}, {grad_norm}); "
-                    f"step skipped ({self._bad_in_a_row} in a row)")
+        obs.message(
+            f"step {self.state.step + 1}: non-finite loss/grad ({loss}, {grad_norm}); "
+            f"step skipped ({self._bad_in_a_row} in a row)"
+        )
         if self._bad_in_a_row >= self.cfg.train.max_bad_steps:
-            raise TrainingError(f"{self._bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
-                                f"{self.cfg.train.max_bad_steps}); last good checkpoint: {_good(self.last_ckpt)}")
+            raise TrainingError(
+                f"{self._bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); last good checkpoint: {_good(self.last_ckpt)}"
+            )
 
     def checkpoint(self, obs: Observer) -> None:
         """Write a checkpoint unless non-finite steps are in a row (that state is not trusted:
         the checkpoint waits for the next interval)."""
         if self._bad_in_a_row:
-            obs.message(f"step {self.state.step}: checkpoint not written: {self._bad_in_a_row} "
-                        f"non-finite step(s) in a row; last good checkpoint: {_good(self.last_ckpt)}")
+            obs.message(
+                f"step {self.state.step}: checkpoint not written: {self._bad_in_a_row} "
+                f"non-finite step(s) in a row; last good checkpoint: {_good(self.last_ckpt)}"
+            )
         else:
             self.last_ckpt = self._save_checked()
 
     def _forward_backward(self, micro: list[dict], n_all: float) -> dict[str, float]:
         """Backward of the step-mean loss over all micro-batches; returns its (global) terms."""
         sums: dict[str, float] = {}
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" \
+        amp = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
             else contextlib.nullcontext()
+        )
         for i, b in enumerate(micro):
             if b["size"] == 0:  # every sample of this micro-batch was skipped
                 if self.world > 1:
-                    raise TrainingError(f"rank {self.rank}: a whole micro-batch was unusable "
-                                        f"({dict(b['skip_reasons'])}); ranks cannot skip a backward "
-                                        "without desynchronising the gradient all-reduce")
+                    raise TrainingError(
+                        f"rank {self.rank}: a whole micro-batch was unusable "
+                        f"({dict(b['skip_reasons'])}); ranks cannot skip a backward "
+                        "without desynchronising the gradient all-reduce"
+                    )
                 continue
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or self.strategy != "ddp" else self.wrapped.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if last or self.strategy != "ddp"
+                else self.wrapped.no_sync()
+            )
             if self.strategy == "fsdp" and not last:
                 self.wrapped.set_requires_gradient_sync(False)
             elif self.strategy == "fsdp":
                 self.wrapped.set_requires_gradient_sync(True)
-            batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+            batch = {
+                k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in b.items()
+            }
             with sync:
                 with amp:
                     out = self.wrapped(batch)
@@ -453,7 +577,9 @@ class Trainer:
         try:
             return self.save()
         except NonFiniteStateError as e:
-            raise TrainingError(f"{e}; the run stops, last good checkpoint: {_good(self.last_ckpt)}") from None
+            raise TrainingError(
+                f"{e}; the run stops, last good checkpoint: {_good(self.last_ckpt)}"
+            ) from None
         except CheckpointError as e:
             raise TrainingError(f"checkpoint at step {self.state.step}: {e}") from None
 
@@ -461,10 +587,19 @@ class Trainer:
         """A checkpoint of the step just finished: the objective, optimizer, schedule, train
         state, RNG, the config, the data position of every rank and the kernels' state (rank
         0's: every rank takes it on resume)."""
-        extra = {"config": self.cfg.to_dict(), "data_position": self.cursor.global_state(),
-                 "kernels": kernels.state_dict()}
-        return self.ckpt.save(self.objective, self.optimizer, self.scheduler, self.state,
-                              extra=extra, rank_state=self.cursor.rank_state())
+        extra = {
+            "config": self.cfg.to_dict(),
+            "data_position": self.cursor.global_state(),
+            "kernels": kernels.state_dict(),
+        }
+        return self.ckpt.save(
+            self.objective,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            extra=extra,
+            rank_state=self.cursor.rank_state(),
+        )
 
 
 def _good(path: str | None) -> str:

@@ -58,7 +58,9 @@ def boolean(owner: str, obj: Any, *names: str) -> None:
             raise ConfigError(f"{owner}.{n}={v!r} must be a bool")
 
 
-def positive(owner: str, obj: Any, *names: str, allow_zero: bool = False, integer: bool = False) -> None:
+def positive(
+    owner: str, obj: Any, *names: str, allow_zero: bool = False, integer: bool = False
+) -> None:
     """Each of ``obj``'s fields ``names`` is a number > 0 (>= 0 with ``allow_zero``; an int with
     ``integer``)."""
     kind = ("non-negative " if allow_zero else "positive ") + ("int" if integer else "number")
@@ -69,20 +71,27 @@ def positive(owner: str, obj: Any, *names: str, allow_zero: bool = False, intege
             raise ConfigError(f"{owner}.{n}={v!r} must be a {kind}")
 
 
-def in_range(owner: str, obj: Any, *names: str, lo: float = 0.0, hi: float = 1.0,
-             hi_open: bool = False) -> None:
+def in_range(
+    owner: str, obj: Any, *names: str, lo: float = 0.0, hi: float = 1.0, hi_open: bool = False
+) -> None:
     """Each of ``obj``'s fields ``names`` is a number in ``[lo, hi]`` (``[lo, hi)`` with
     ``hi_open``)."""
     for n in names:
         v = getattr(obj, n)
         if not is_number(v) or not (lo <= v < hi if hi_open else lo <= v <= hi):
-            raise ConfigError(f"{owner}.{n}={v!r} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}")
+            raise ConfigError(
+                f"{owner}.{n}={v!r} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            )
 
 
 def numbers(owner: str, name: str, value: Any, n: int, what: str) -> None:
     """``value`` is a list of ``n`` numbers (checked before any comparison, so
     ``--optim.betas=[a,b]`` is an error naming the field, not a TypeError)."""
-    if not isinstance(value, (list, tuple)) or len(value) != n or not all(is_number(v) for v in value):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != n
+        or not all(is_number(v) for v in value)
+    ):
         raise ConfigError(f"{owner}.{name}={value!r} must be {what}")
 
 
@@ -172,8 +181,10 @@ def build(cls: type, values: Any, prefix: str = "") -> Any:
         values = {}
     names = [f.name for f in dataclasses.fields(cls)]
     if not isinstance(values, dict):
-        raise ConfigError(f"{where} is a section ({cls.__name__}); give its fields, e.g. "
-                          f"--{prefix + '.' if prefix else ''}{names[0]}=...")
+        raise ConfigError(
+            f"{where} is a section ({cls.__name__}); give its fields, e.g. "
+            f"--{prefix + '.' if prefix else ''}{names[0]}=..."
+        )
     tree_base = getattr(cls, "tree_base", None)
     if tree_base is not None:
         try:

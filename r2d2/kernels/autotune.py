@@ -143,7 +143,7 @@ def picks(op: str) -> dict[str, AutoPick]:
 def clear(op: str | None = None) -> None:
     """Forget every pick of ``op`` (every op: None), e.g. after changing ``R2D2_<OP>_AUTO``."""
     with _LOCK:
-        for name in ([op] if op is not None else list(_PICKS)):
+        for name in [op] if op is not None else list(_PICKS):
             _PICKS.get(name, {}).clear()
 
 
@@ -197,8 +197,9 @@ def _time_candidates(op: str, tuning: Tuning, probe, device: torch.device, name:
         except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
             first = (str(e).strip().splitlines() or [""])[0][:200]
             failed[b] = f"{type(e).__name__}: {first}"
-            log.warning("%s auto: %s: candidate %r failed and is not picked: %s", op, name, b,
-                        failed[b])
+            log.warning(
+                "%s auto: %s: candidate %r failed and is not picked: %s", op, name, b, failed[b]
+            )
     return timings, failed, unavailable
 
 
@@ -229,8 +230,9 @@ def _isolated(fn: Callable[[], Any], device: torch.device):
 
 
 @torch.compiler.disable  # under torch.compile: one graph break, the first time a class is seen
-def measure(op: str, backends: tuple[str, ...], tuning: Tuning, key: tuple,
-            call: tuple | None, why: Why) -> str:
+def measure(
+    op: str, backends: tuple[str, ...], tuning: Tuning, key: tuple, call: tuple | None, why: Why
+) -> str:
     """Pick (and remember) the backend of class ``key`` of ``op``; ``call`` is the first call's
     arguments (None: the reference class). ``backends`` are the op's, ``why`` says why one cannot
     run (both from its OpSpec; dispatch passes them)."""
@@ -245,8 +247,9 @@ def measure(op: str, backends: tuple[str, ...], tuning: Tuning, key: tuple,
         env = os.environ.get(var)
         if env:
             if env not in backends:
-                raise ValueError(f"{var}={env!r} is not an {op} backend; expected one of "
-                                 f"{backends}")
+                raise ValueError(
+                    f"{var}={env!r} is not an {op} backend; expected one of {backends}"
+                )
             reason = why(env, device)
             if reason is not None:
                 raise BackendUnavailable(f"{op}: {var}={env!r}: {reason}")
@@ -255,19 +258,25 @@ def measure(op: str, backends: tuple[str, ...], tuning: Tuning, key: tuple,
             return env
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # Timing would sync inside the capture; use the fallback now, remember nothing.
-            log.warning("%s auto: %s first seen inside CUDA graph capture: not measured, %s used "
-                        "for this call (warm up outside the capture or pass backend=)", op, name,
-                        tuning.capture_fallback)
+            log.warning(
+                "%s auto: %s first seen inside CUDA graph capture: not measured, %s used "
+                "for this call (warm up outside the capture or pass backend=)",
+                op,
+                name,
+                tuning.capture_fallback,
+            )
             return tuning.capture_fallback
         probe = tuning.probe(key, call)
         timings, failed, unavailable = _isolated(
-            lambda: _time_candidates(op, tuning, probe, device, name, why), device)
+            lambda: _time_candidates(op, tuning, probe, device, name, why), device
+        )
         at = tuning.probe_str(probe)
         if not timings:
             raise RuntimeError(
                 f"{op} auto: no candidate ran for {name} (at {at}): "
                 + "; ".join(f"{b}: {e}" for b, e in {**failed, **unavailable}.items())
-                + f". Pass backend= explicitly or set {var}.")
+                + f". Pass backend= explicitly or set {var}."
+            )
         pick = min(timings, key=timings.get)
         table[key] = AutoPick(pick, timings, failed, unavailable, at, "measured")
         parts = [f"{b} {t:.3f} ms" for b, t in sorted(timings.items(), key=lambda x: x[1])]
@@ -281,12 +290,21 @@ def export(op: str, tuning: Tuning) -> list[dict]:
     ``to_record`` plus ``backend``), without those the environment forced."""
     var = env_name(op)
     with _LOCK:
-        return [dict(tuning.to_record(k), backend=p.backend)
-                for k, p in _PICKS.get(op, {}).items() if p.source != var]
+        return [
+            dict(tuning.to_record(k), backend=p.backend)
+            for k, p in _PICKS.get(op, {}).items()
+            if p.source != var
+        ]
 
 
-def load(op: str, backends: tuple[str, ...], tuning: Tuning, records: list, device: torch.device,
-         why: Why) -> int:
+def load(
+    op: str,
+    backends: tuple[str, ...],
+    tuning: Tuning,
+    records: list,
+    device: torch.device,
+    why: Why,
+) -> int:
     """Take the records of :func:`export` (an earlier run of the same job) for ``device``. A
     class already picked here, a record for another device type or one this version does not
     read, and a backend that cannot run here are left alone (that class is measured as usual).
@@ -302,11 +320,14 @@ def load(op: str, backends: tuple[str, ...], tuning: Tuning, records: list, devi
                 key = tuning.from_record(rec, device)
             except (KeyError, TypeError, ValueError):
                 continue  # a record this version does not read: measure that class instead
-            if (rec.get("device") != device.type or key in table or backend not in backends
-                    or why(backend, device) is not None):
+            if (
+                rec.get("device") != device.type
+                or key in table
+                or backend not in backends
+                or why(backend, device) is not None
+            ):
                 continue
             table[key] = AutoPick(backend, {}, {}, {}, "", "checkpoint")
-            log.info("%s auto: %s -> %s (from the checkpoint)", op, tuning.class_str(key),
-                     backend)
+            log.info("%s auto: %s -> %s (from the checkpoint)", op, tuning.class_str(key), backend)
             taken += 1
     return taken

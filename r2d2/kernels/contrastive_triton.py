@@ -76,11 +76,11 @@ def _gumbel_tl(key, grow, gcol):
     x = x ^ (x >> 15)
     x = x * 0x846CA68B
     x = x ^ (x >> 16)
-    kk = (x >> 8).to(tl.int32)                                        # 24 random bits
+    kk = (x >> 8).to(tl.int32)  # 24 random bits
     # u = (2k + 1) 2^-25 is exact in fp32 below 1/2; above, v = 1 - u is, and -log(u) =
     # 2 atanh(v / (2 - v)) by its series (never the log of a number near 1).
-    u = (2 * kk + 1).to(tl.float32) * 2.9802322387695312e-08          # 2^-25
-    v = (33554431 - 2 * kk).to(tl.float32) * 2.9802322387695312e-08   # (2^25 - 1 - 2k) 2^-25
+    u = (2 * kk + 1).to(tl.float32) * 2.9802322387695312e-08  # 2^-25
+    v = (33554431 - 2 * kk).to(tl.float32) * 2.9802322387695312e-08  # (2^25 - 1 - 2k) 2^-25
     t = v / (2.0 - v)
     t2 = t * t
     p = 0.058823529411764705 * t2 + 0.06666666666666667
@@ -97,9 +97,22 @@ def _gumbel_tl(key, grow, gcol):
 
 # ------------------------------------------------------------------------------------ tiles
 @triton.jit
-def _sims(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, D, HAS_TEACHER: tl.constexpr,
-          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-          PREC: tl.constexpr):
+def _sims(
+    q_ptr,
+    k_ptr,
+    tq_ptr,
+    tk_ptr,
+    rows,
+    cols,
+    rmask,
+    cmask,
+    D,
+    HAS_TEACHER: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """fp32 ``(Q[rows] @ K[cols]^T, TQ[rows] @ TK[cols]^T)`` over the full feature dim, BLOCK_K
     at a time (the second is the first again without a teacher)."""
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -125,15 +138,31 @@ def _sims(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, D, HAS_TEACHER
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, k_ptr,                # [b, D] rows (images), [n, D] columns (texts); same dtype
-    tq_ptr, tk_ptr,              # teacher rows / columns (unused unless HAS_TEACHER)
-    rid_ptr, cid_ptr,            # [b], [n] int64 ids
-    s_ptr,                       # [1] fp32 scale
-    rp_ptr, rgi_ptr,             # row partials [nf, C, b] fp32, [C, b] int32 (written)
-    cp_ptr, cgi_ptr,             # column partials [nf, R, n] fp32, [R, n] int32 (own slot RMW)
-    b, n, D, TPC, row_off, col_off, key_r, key_c,
-    HAS_TEACHER: tl.constexpr, NEG: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    q_ptr,
+    k_ptr,  # [b, D] rows (images), [n, D] columns (texts); same dtype
+    tq_ptr,
+    tk_ptr,  # teacher rows / columns (unused unless HAS_TEACHER)
+    rid_ptr,
+    cid_ptr,  # [b], [n] int64 ids
+    s_ptr,  # [1] fp32 scale
+    rp_ptr,
+    rgi_ptr,  # row partials [nf, C, b] fp32, [C, b] int32 (written)
+    cp_ptr,
+    cgi_ptr,  # column partials [nf, R, n] fp32, [R, n] int32 (own slot RMW)
+    b,
+    n,
+    D,
+    TPC,
+    row_off,
+    col_off,
+    key_r,
+    key_c,
+    HAS_TEACHER: tl.constexpr,
+    NEG: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pr = tl.program_id(0)
     pc = tl.program_id(1)
@@ -145,7 +174,7 @@ def _fwd_kernel(
     ct1 = tl.minimum(ct0 + TPC, nct)
     s = tl.load(s_ptr).to(tl.float32)
     ninf = float("-inf")
-    rfs = C.to(tl.int64) * b                     # field strides of the partials
+    rfs = C.to(tl.int64) * b  # field strides of the partials
     cfs = R.to(tl.int64) * n
     GV: tl.constexpr = 7 if HAS_TEACHER else 4
     for rb in range(pr, nrb, R):
@@ -166,8 +195,22 @@ def _fwd_kernel(
             cmask = cols < n
             cid = tl.load(cid_ptr + cols, mask=cmask, other=0)
             same = (rid[:, None] == cid[None, :]) & rmask[:, None] & cmask[None, :]
-            sim, tsim = _sims(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, D,
-                              HAS_TEACHER, BLOCK_R, BLOCK_C, BLOCK_K, PREC)
+            sim, tsim = _sims(
+                q_ptr,
+                k_ptr,
+                tq_ptr,
+                tk_ptr,
+                rows,
+                cols,
+                rmask,
+                cmask,
+                D,
+                HAS_TEACHER,
+                BLOCK_R,
+                BLOCK_C,
+                BLOCK_K,
+                PREC,
+            )
             S = s * sim
             # Padded rows / columns load zeros, so S is finite everywhere; each direction masks
             # only the other direction's padding.
@@ -179,7 +222,7 @@ def _fwd_kernel(
             hs += tl.sum(tl.where(same, S, 0.0), 1)
             cnt += tl.sum(same.to(tl.float32), 1)
             co = pr.to(tl.int64) * n + cols
-            ld = cmask & ((cols * 0 + rb) > pr)      # not this program's first row block
+            ld = cmask & ((cols * 0 + rb) > pr)  # not this program's first row block
             cm = tl.load(cp_ptr + co, mask=ld, other=ninf)
             cl = tl.load(cp_ptr + cfs + co, mask=ld, other=0.0)
             chs = tl.load(cp_ptr + 2 * cfs + co, mask=ld, other=0.0)
@@ -212,18 +255,24 @@ def _fwd_kernel(
             if NEG:
                 grow = row_off + rows
                 gcol = col_off + cols
-                zr = tl.where(same | (cmask[None, :] == 0), ninf,
-                              S + _gumbel_tl(key_r, grow[:, None], gcol[None, :]))
+                zr = tl.where(
+                    same | (cmask[None, :] == 0),
+                    ninf,
+                    S + _gumbel_tl(key_r, grow[:, None], gcol[None, :]),
+                )
                 zmax = tl.max(zr, 1)
-                cand = (col_off + ct * BLOCK_C + tl.argmax(zr, 1, tie_break_left=True))
+                cand = col_off + ct * BLOCK_C + tl.argmax(zr, 1, tie_break_left=True)
                 cand = cand.to(tl.int32)
                 better = (zmax > gv) | ((zmax == gv) & (cand < gi))
                 gi = tl.where(better, cand, gi)
                 gv = tl.where(better, zmax, gv)
-                zc = tl.where(same | (rmask[:, None] == 0), ninf,
-                              S + _gumbel_tl(key_c, gcol[None, :], grow[:, None]))
+                zc = tl.where(
+                    same | (rmask[:, None] == 0),
+                    ninf,
+                    S + _gumbel_tl(key_c, gcol[None, :], grow[:, None]),
+                )
                 zcmax = tl.max(zc, 0)
-                ccand = (row_off + rb * BLOCK_R + tl.argmax(zc, 0, tie_break_left=True))
+                ccand = row_off + rb * BLOCK_R + tl.argmax(zc, 0, tie_break_left=True)
                 ccand = ccand.to(tl.int32)
                 cgv = tl.load(cp_ptr + GV * cfs + co, mask=ld, other=ninf)
                 cgi = tl.load(cgi_ptr + co, mask=ld, other=-1)
@@ -259,10 +308,18 @@ def _merge_ml(m, l, m2, l2):
 
 
 @triton.jit
-def _merge_kernel(st_ptr, sgi_ptr,   # state [nf, n] fp32, [n] int32 (in/out)
-                  p_ptr, pgi_ptr,    # partial slots [nf, P, n] fp32, [P, n] int32
-                  n, P, INIT: tl.constexpr, HAS_TEACHER: tl.constexpr, NEG: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _merge_kernel(
+    st_ptr,
+    sgi_ptr,  # state [nf, n] fp32, [n] int32 (in/out)
+    p_ptr,
+    pgi_ptr,  # partial slots [nf, P, n] fp32, [P, n] int32
+    n,
+    P,
+    INIT: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    NEG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
     ninf = float("-inf")
@@ -291,14 +348,21 @@ def _merge_kernel(st_ptr, sgi_ptr,   # state [nf, n] fp32, [n] int32 (in/out)
             gi = tl.load(sgi_ptr + cols, mask=mask, other=-1)
     for p in range(0, P):
         o = p * n + cols
-        m, l_, _f1, _f2 = _merge_ml(m, l_, tl.load(p_ptr + o, mask=mask, other=ninf),
-                                    tl.load(p_ptr + pfs + o, mask=mask, other=0.0))
+        m, l_, _f1, _f2 = _merge_ml(
+            m,
+            l_,
+            tl.load(p_ptr + o, mask=mask, other=ninf),
+            tl.load(p_ptr + pfs + o, mask=mask, other=0.0),
+        )
         hs += tl.load(p_ptr + 2 * pfs + o, mask=mask, other=0.0)
         cnt += tl.load(p_ptr + 3 * pfs + o, mask=mask, other=0.0)
         if HAS_TEACHER:
-            tm, tls, f1, f2 = _merge_ml(tm, tls,
-                                        tl.load(p_ptr + 4 * pfs + o, mask=mask, other=ninf),
-                                        tl.load(p_ptr + 5 * pfs + o, mask=mask, other=0.0))
+            tm, tls, f1, f2 = _merge_ml(
+                tm,
+                tls,
+                tl.load(p_ptr + 4 * pfs + o, mask=mask, other=ninf),
+                tl.load(p_ptr + 5 * pfs + o, mask=mask, other=0.0),
+            )
             tw = tw * f1 + tl.load(p_ptr + 6 * pfs + o, mask=mask, other=0.0) * f2
         if NEG:
             v2 = tl.load(p_ptr + GV * pfs + o, mask=mask, other=ninf)
@@ -320,14 +384,51 @@ def _merge_kernel(st_ptr, sgi_ptr,   # state [nf, n] fp32, [n] int32 (in/out)
 
 
 @triton.jit
-def _dl_tile(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, same, lse_r, tlse_r, ic_r,
-             lse_c, tlse_c, ic_c, bco, a, s, alpha, D, HAS_TEACHER: tl.constexpr,
-             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-             PREC: tl.constexpr):
+def _dl_tile(
+    q_ptr,
+    k_ptr,
+    tq_ptr,
+    tk_ptr,
+    rows,
+    cols,
+    rmask,
+    cmask,
+    same,
+    lse_r,
+    tlse_r,
+    ic_r,
+    lse_c,
+    tlse_c,
+    ic_c,
+    bco,
+    a,
+    s,
+    alpha,
+    D,
+    HAS_TEACHER: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """(A, Bt, sim) of one tile: A = a (p - tgt) (i2t), Bt = bcoef_j (p' - tgt') (t2i), zero
     outside the real tile; dlogit = cn (A + Bt)."""
-    sim, tsim = _sims(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, D, HAS_TEACHER,
-                      BLOCK_R, BLOCK_C, BLOCK_K, PREC)
+    sim, tsim = _sims(
+        q_ptr,
+        k_ptr,
+        tq_ptr,
+        tk_ptr,
+        rows,
+        cols,
+        rmask,
+        cmask,
+        D,
+        HAS_TEACHER,
+        BLOCK_R,
+        BLOCK_C,
+        BLOCK_K,
+        PREC,
+    )
     S = s * sim
     valid = rmask[:, None] & cmask[None, :]
     # Padded lanes carry LSE = +inf, so their exp is 0 rather than an overflow.
@@ -345,8 +446,21 @@ def _dl_tile(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, same, lse_r
 
 
 @triton.jit
-def _accumulate(out_ptr, idx, imask, a, b_ptr, bidx, bmask, mult, acc, D,
-                SINGLE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+def _accumulate(
+    out_ptr,
+    idx,
+    imask,
+    a,
+    b_ptr,
+    bidx,
+    bmask,
+    mult,
+    acc,
+    D,
+    SINGLE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """out[idx] += mult * a @ B[bidx] over the feature dim, ``a`` rounded to B's dtype. SINGLE
     (D <= BLOCK_D): into the register accumulator ``acc`` (stored once by the caller). Otherwise
     chunk by chunk into the fp32 output in global memory: rows of ``out`` belong to this program
@@ -354,20 +468,27 @@ def _accumulate(out_ptr, idx, imask, a, b_ptr, bidx, bmask, mult, acc, D,
     a = a.to(b_ptr.dtype.element_ty)
     if SINGLE:
         dd = tl.arange(0, BLOCK_D)
-        bt = tl.load(b_ptr + bidx[:, None].to(tl.int64) * D + dd[None, :],
-                     mask=bmask[:, None] & (dd < D)[None, :], other=0.0)
+        bt = tl.load(
+            b_ptr + bidx[:, None].to(tl.int64) * D + dd[None, :],
+            mask=bmask[:, None] & (dd < D)[None, :],
+            other=0.0,
+        )
         acc = tl.dot(a, bt, acc, input_precision=PREC)
     else:
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             dmask = (dd < D)[None, :]
-            bt = tl.load(b_ptr + bidx[:, None].to(tl.int64) * D + dd[None, :],
-                         mask=bmask[:, None] & dmask, other=0.0)
+            bt = tl.load(
+                b_ptr + bidx[:, None].to(tl.int64) * D + dd[None, :],
+                mask=bmask[:, None] & dmask,
+                other=0.0,
+            )
             part = tl.dot(a, bt, input_precision=PREC)
             off = idx[:, None].to(tl.int64) * D + dd[None, :]
             om = imask[:, None] & dmask
-            tl.store(out_ptr + off, tl.load(out_ptr + off, mask=om, other=0.0) + mult * part,
-                     mask=om)
+            tl.store(
+                out_ptr + off, tl.load(out_ptr + off, mask=om, other=0.0) + mult * part, mask=om
+            )
     return acc
 
 
@@ -381,14 +502,32 @@ def _store_acc(out_ptr, idx, imask, mult, acc, D, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _bwd_rows_kernel(
-    q_ptr, k_ptr, tq_ptr, tk_ptr, rid_ptr, cid_ptr, s_ptr,
-    rst_ptr, cst_ptr,                # [3, b], [3, n] fp32: LSE, teacher LSE, 1 / count
-    coef_ptr, bco_ptr,               # [2] fp32 (a, cn), [n] fp32 column coefficients
-    dq_ptr,                          # [SPLIT, b, D] fp32, accumulated (+=)
-    ds_ptr,                          # [num row blocks * SPLIT] fp32 (written)
-    b, n, D, TPS, alpha,
-    HAS_TEACHER: tl.constexpr, HAS_DQ: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
-    LP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    tq_ptr,
+    tk_ptr,
+    rid_ptr,
+    cid_ptr,
+    s_ptr,
+    rst_ptr,
+    cst_ptr,  # [3, b], [3, n] fp32: LSE, teacher LSE, 1 / count
+    coef_ptr,
+    bco_ptr,  # [2] fp32 (a, cn), [n] fp32 column coefficients
+    dq_ptr,  # [SPLIT, b, D] fp32, accumulated (+=)
+    ds_ptr,  # [num row blocks * SPLIT] fp32 (written)
+    b,
+    n,
+    D,
+    TPS,
+    alpha,
+    HAS_TEACHER: tl.constexpr,
+    HAS_DQ: tl.constexpr,
+    PREC: tl.constexpr,
+    SINGLE: tl.constexpr,
+    LP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -414,17 +553,50 @@ def _bwd_rows_kernel(
         cmask = cols < n
         cid = tl.load(cid_ptr + cols, mask=cmask, other=0)
         same = (rid[:, None] == cid[None, :]) & rmask[:, None] & cmask[None, :]
-        A, Bt, sim = _dl_tile(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, same,
-                              lse_r, tlse_r, ic_r,
-                              tl.load(cst_ptr + cols, mask=cmask, other=inf),
-                              tl.load(cst_ptr + n + cols, mask=cmask, other=inf),
-                              tl.load(cst_ptr + 2 * n + cols, mask=cmask, other=0.0),
-                              tl.load(bco_ptr + cols, mask=cmask, other=0.0), a, s, alpha, D,
-                              HAS_TEACHER, BLOCK_R, BLOCK_C, BLOCK_K, PREC)
+        A, Bt, sim = _dl_tile(
+            q_ptr,
+            k_ptr,
+            tq_ptr,
+            tk_ptr,
+            rows,
+            cols,
+            rmask,
+            cmask,
+            same,
+            lse_r,
+            tlse_r,
+            ic_r,
+            tl.load(cst_ptr + cols, mask=cmask, other=inf),
+            tl.load(cst_ptr + n + cols, mask=cmask, other=inf),
+            tl.load(cst_ptr + 2 * n + cols, mask=cmask, other=0.0),
+            tl.load(bco_ptr + cols, mask=cmask, other=0.0),
+            a,
+            s,
+            alpha,
+            D,
+            HAS_TEACHER,
+            BLOCK_R,
+            BLOCK_C,
+            BLOCK_K,
+            PREC,
+        )
         ds += tl.sum(A * sim, 1)
         if HAS_DQ:
-            acc = _accumulate(out, rows, rmask, (A + Bt) * LP, k_ptr, cols, cmask, mult, acc, D,
-                              SINGLE, BLOCK_D, PREC)
+            acc = _accumulate(
+                out,
+                rows,
+                rmask,
+                (A + Bt) * LP,
+                k_ptr,
+                cols,
+                cmask,
+                mult,
+                acc,
+                D,
+                SINGLE,
+                BLOCK_D,
+                PREC,
+            )
             if not SINGLE:  # the next tile re-reads the rows just written
                 tl.debug_barrier()
     if HAS_DQ and SINGLE:
@@ -434,12 +606,32 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _bwd_cols_kernel(
-    q_ptr, k_ptr, tq_ptr, tk_ptr, rid_ptr, cid_ptr, s_ptr, rst_ptr, cst_ptr, coef_ptr, bco_ptr,
-    dk_ptr,                          # [SPLIT, n, D] fp32, accumulated (+=)
-    dsc_ptr,                         # [SPLIT, n] fp32 (written)
-    b, n, D, TPS, alpha,
-    HAS_TEACHER: tl.constexpr, HAS_DK: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
-    LP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    tq_ptr,
+    tk_ptr,
+    rid_ptr,
+    cid_ptr,
+    s_ptr,
+    rst_ptr,
+    cst_ptr,
+    coef_ptr,
+    bco_ptr,
+    dk_ptr,  # [SPLIT, n, D] fp32, accumulated (+=)
+    dsc_ptr,  # [SPLIT, n] fp32 (written)
+    b,
+    n,
+    D,
+    TPS,
+    alpha,
+    HAS_TEACHER: tl.constexpr,
+    HAS_DK: tl.constexpr,
+    PREC: tl.constexpr,
+    SINGLE: tl.constexpr,
+    LP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -465,16 +657,50 @@ def _bwd_cols_kernel(
         rmask = rows < b
         rid = tl.load(rid_ptr + rows, mask=rmask, other=0)
         same = (rid[:, None] == cid[None, :]) & rmask[:, None] & cmask[None, :]
-        A, Bt, sim = _dl_tile(q_ptr, k_ptr, tq_ptr, tk_ptr, rows, cols, rmask, cmask, same,
-                              tl.load(rst_ptr + rows, mask=rmask, other=inf),
-                              tl.load(rst_ptr + b + rows, mask=rmask, other=inf),
-                              tl.load(rst_ptr + 2 * b + rows, mask=rmask, other=0.0),
-                              lse_c, tlse_c, ic_c, bco, a, s, alpha, D, HAS_TEACHER, BLOCK_R,
-                              BLOCK_C, BLOCK_K, PREC)
+        A, Bt, sim = _dl_tile(
+            q_ptr,
+            k_ptr,
+            tq_ptr,
+            tk_ptr,
+            rows,
+            cols,
+            rmask,
+            cmask,
+            same,
+            tl.load(rst_ptr + rows, mask=rmask, other=inf),
+            tl.load(rst_ptr + b + rows, mask=rmask, other=inf),
+            tl.load(rst_ptr + 2 * b + rows, mask=rmask, other=0.0),
+            lse_c,
+            tlse_c,
+            ic_c,
+            bco,
+            a,
+            s,
+            alpha,
+            D,
+            HAS_TEACHER,
+            BLOCK_R,
+            BLOCK_C,
+            BLOCK_K,
+            PREC,
+        )
         dsc += tl.sum(Bt * sim, 0)
         if HAS_DK:
-            acc = _accumulate(out, cols, cmask, tl.trans((A + Bt) * LP), q_ptr, rows, rmask, mult,
-                              acc, D, SINGLE, BLOCK_D, PREC)
+            acc = _accumulate(
+                out,
+                cols,
+                cmask,
+                tl.trans((A + Bt) * LP),
+                q_ptr,
+                rows,
+                rmask,
+                mult,
+                acc,
+                D,
+                SINGLE,
+                BLOCK_D,
+                PREC,
+            )
             if not SINGLE:  # the next tile re-reads the rows just written
                 tl.debug_barrier()
     if HAS_DK and SINGLE:
@@ -506,11 +732,11 @@ class Tiles:
 
     @property
     def bwd_rows_tile(self) -> tuple[int, int]:
-        return self.block_r, self.block_c     # (rows owned, columns streamed) per program
+        return self.block_r, self.block_c  # (rows owned, columns streamed) per program
 
     @property
     def bwd_cols_tile(self) -> tuple[int, int]:
-        return self.block_c, self.block_r     # (columns owned, rows streamed) per program
+        return self.block_c, self.block_r  # (columns owned, rows streamed) per program
 
     def resolved(self, d: int, device: torch.device) -> Tiles:
         small = device.type == "cpu" or triton_interpret()
@@ -519,10 +745,15 @@ class Tiles:
         if progs is None:
             sms = 0 if small else torch.cuda.get_device_properties(device).multi_processor_count
             progs = 2 if small else 4 * sms
-        return Tiles(self.block_r or dflt.block_r, self.block_c or dflt.block_c,
-                     self.block_k or dflt.block_k, self.block_d or dflt.block_d,
-                     self.num_warps or (dflt.num_warps if small else None), progs,
-                     self.budget_bytes)
+        return Tiles(
+            self.block_r or dflt.block_r,
+            self.block_c or dflt.block_c,
+            self.block_k or dflt.block_k,
+            self.block_d or dflt.block_d,
+            self.num_warps or (dflt.num_warps if small else None),
+            progs,
+            self.budget_bytes,
+        )
 
 
 def default_tiles(d: int, small: bool) -> Tiles:
@@ -604,20 +835,44 @@ def _lp(x: torch.Tensor) -> float:
     return _LP_SCALE_FP16 if x.dtype == torch.float16 else 1.0
 
 
-def launch_fwd(q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, keys, neg,
-               t: Tiles) -> None:
+def launch_fwd(
+    q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, keys, neg, t: Tiles
+) -> None:
     b, d = q.shape
     n = k.shape[0]
     teacher = tq is not None
     tq_, tk_ = (tq, tk) if teacher else (q, k)
     R, C = cpart.f.shape[1], rpart.f.shape[1]
     with _on_device(q):
-        _fwd_kernel[(R, C)](q, k, tq_, tk_, rid, cid, s, rpart.f, rpart.gi, cpart.f, cpart.gi,
-                            b, n, d, tpc, row_off, col_off, keys[0], keys[1],
-                            HAS_TEACHER=teacher, NEG=neg, PREC=_prec(q), BLOCK_R=t.block_r,
-                            BLOCK_C=t.block_c, BLOCK_K=t.block_k,
-                            num_warps=_warps(t, "fwd", q, teacher, neg),
-                            num_stages=NUM_STAGES)
+        _fwd_kernel[(R, C)](
+            q,
+            k,
+            tq_,
+            tk_,
+            rid,
+            cid,
+            s,
+            rpart.f,
+            rpart.gi,
+            cpart.f,
+            cpart.gi,
+            b,
+            n,
+            d,
+            tpc,
+            row_off,
+            col_off,
+            keys[0],
+            keys[1],
+            HAS_TEACHER=teacher,
+            NEG=neg,
+            PREC=_prec(q),
+            BLOCK_R=t.block_r,
+            BLOCK_C=t.block_c,
+            BLOCK_K=t.block_k,
+            num_warps=_warps(t, "fwd", q, teacher, neg),
+            num_stages=NUM_STAGES,
+        )
 
 
 def launch_merge(state, part, init: bool, t: Tiles) -> None:
@@ -625,20 +880,39 @@ def launch_merge(state, part, init: bool, t: Tiles) -> None:
     P = part.f.shape[1]
     block = merge_block(n)
     with _on_device(state.f):
-        _merge_kernel[(triton.cdiv(n, block),)](state.f, state.gi, part.f, part.gi, n, P,
-                                                INIT=init, HAS_TEACHER=state.teacher,
-                                                NEG=state.neg, BLOCK=block)
+        _merge_kernel[(triton.cdiv(n, block),)](
+            state.f,
+            state.gi,
+            part.f,
+            part.gi,
+            n,
+            P,
+            INIT=init,
+            HAS_TEACHER=state.teacher,
+            NEG=state.neg,
+            BLOCK=block,
+        )
 
 
 def _bwd_common(q, tq, t: Tiles, kernel: str):
     d = q.shape[1]
-    return dict(HAS_TEACHER=tq is not None, PREC=_prec(q), SINGLE=d <= t.block_d, LP=_lp(q),
-                BLOCK_R=t.block_r, BLOCK_C=t.block_c, BLOCK_K=t.block_k, BLOCK_D=t.block_d,
-                num_warps=_warps(t, kernel, q, tq is not None, False), num_stages=NUM_STAGES)
+    return dict(
+        HAS_TEACHER=tq is not None,
+        PREC=_prec(q),
+        SINGLE=d <= t.block_d,
+        LP=_lp(q),
+        BLOCK_R=t.block_r,
+        BLOCK_C=t.block_c,
+        BLOCK_K=t.block_k,
+        BLOCK_D=t.block_d,
+        num_warps=_warps(t, kernel, q, tq is not None, False),
+        num_stages=NUM_STAGES,
+    )
 
 
-def launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dq_part,
-                    ds_part, tps, t: Tiles) -> None:
+def launch_bwd_rows(
+    q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dq_part, ds_part, tps, t: Tiles
+) -> None:
     b, d = q.shape
     n = k.shape[0]
     nrb = triton.cdiv(b, t.block_r)
@@ -646,19 +920,56 @@ def launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha,
     tq_, tk_ = (tq, tk) if tq is not None else (q, k)
     with _on_device(q):
         _bwd_rows_kernel[(nrb, split)](
-            q, k, tq_, tk_, rid, cid, s, rstat, cstat, coef, bcoef,
-            dq_part if dq_part is not None else ds_part, ds_part, b, n, d, tps, float(alpha),
-            HAS_DQ=dq_part is not None, **_bwd_common(q, tq, t, "rows"))
+            q,
+            k,
+            tq_,
+            tk_,
+            rid,
+            cid,
+            s,
+            rstat,
+            cstat,
+            coef,
+            bcoef,
+            dq_part if dq_part is not None else ds_part,
+            ds_part,
+            b,
+            n,
+            d,
+            tps,
+            float(alpha),
+            HAS_DQ=dq_part is not None,
+            **_bwd_common(q, tq, t, "rows"),
+        )
 
 
-def launch_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dk_part,
-                    dsc_part, tps, t: Tiles) -> None:
+def launch_bwd_cols(
+    q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dk_part, dsc_part, tps, t: Tiles
+) -> None:
     b, d = q.shape
     n = k.shape[0]
     split = dsc_part.shape[0]
     tq_, tk_ = (tq, tk) if tq is not None else (q, k)
     with _on_device(q):
         _bwd_cols_kernel[(triton.cdiv(n, t.block_c), split)](
-            q, k, tq_, tk_, rid, cid, s, rstat, cstat, coef, bcoef,
-            dk_part if dk_part is not None else dsc_part, dsc_part, b, n, d, tps, float(alpha),
-            HAS_DK=dk_part is not None, **_bwd_common(q, tq, t, "cols"))
+            q,
+            k,
+            tq_,
+            tk_,
+            rid,
+            cid,
+            s,
+            rstat,
+            cstat,
+            coef,
+            bcoef,
+            dk_part if dk_part is not None else dsc_part,
+            dsc_part,
+            b,
+            n,
+            d,
+            tps,
+            float(alpha),
+            HAS_DK=dk_part is not None,
+            **_bwd_common(q, tq, t, "cols"),
+        )

@@ -48,8 +48,8 @@ BACKENDS = ("auto", "eager", "triton", "cuda", "cpp", "sdpa", "xformers")
 @dataclass(frozen=True)
 class OpSpec:
     name: str
-    backends: tuple[str, ...]          # backends this op implements
-    ext_op: str | None = None          # torch.ops.r2d2.<ext_op> for cuda/cpp
+    backends: tuple[str, ...]  # backends this op implements
+    ext_op: str | None = None  # torch.ops.r2d2.<ext_op> for cuda/cpp
     auto_cuda: tuple[str, ...] = ("cuda", "triton", "eager")
     auto_cpu: tuple[str, ...] = ("cpp", "eager")
     # Measured auto (autotune.py) on the device types it names, instead of the orders above.
@@ -88,8 +88,10 @@ def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | 
         if not triton_importable():
             return "backend='triton' needs the triton package (pip install triton)"
         if device.type == "cpu" and not triton_interpret():
-            return ("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton "
-                    "is imported")
+            return (
+                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton "
+                "is imported"
+            )
         if device.type not in ("cpu", "cuda"):
             return f"backend='triton' does not run on {device.type} tensors"
         return None
@@ -142,8 +144,9 @@ def auto_backend(op: str, device: torch.device | str) -> str:
     spec = _REGISTRY[op]
     if _measured(spec, device):
         key = spec.tuning.reference_key(concrete_device(device))
-        pick = autotune.lookup(op, key) or autotune.measure(op, spec.backends, spec.tuning, key,
-                                                              None, _why(op))
+        pick = autotune.lookup(op, key) or autotune.measure(
+            op, spec.backends, spec.tuning, key, None, _why(op)
+        )
         if why_unavailable(op, pick, device) is None:
             return pick
     order = spec.auto_cuda if device.type == "cuda" else spec.auto_cpu
@@ -196,7 +199,9 @@ class KernelConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if v not in BACKENDS:
-                raise ValueError(f"kernels.{f.name}={v!r} is not a backend; expected one of {BACKENDS}")
+                raise ValueError(
+                    f"kernels.{f.name}={v!r} is not a backend; expected one of {BACKENDS}"
+                )
 
 
 def describe(device: torch.device | str) -> dict[str, dict[str, str]]:
@@ -212,8 +217,11 @@ def describe(device: torch.device | str) -> dict[str, dict[str, str]]:
 def state_dict() -> dict[str, list[dict]]:
     """The kernels' process state worth keeping across a resume: for each op that measures its
     ``auto`` picks, the picks made so far (JSON-able records, ``autotune.export``)."""
-    return {name: autotune.export(name, spec.tuning)
-            for name, spec in sorted(_REGISTRY.items()) if spec.tuning is not None}
+    return {
+        name: autotune.export(name, spec.tuning)
+        for name, spec in sorted(_REGISTRY.items())
+        if spec.tuning is not None
+    }
 
 
 def load_state_dict(state: dict | list | None, device: torch.device | str | None = None) -> int:
@@ -234,8 +242,11 @@ def load_state_dict(state: dict | list | None, device: torch.device | str | None
             devices = [concrete_device(device)]
         else:
             types = {r.get("device") for r in records if isinstance(r, dict)}
-            devices = [concrete_device(t) for t in sorted(types & {"cpu", "cuda"})
-                       if t != "cuda" or torch.cuda.is_available()]
+            devices = [
+                concrete_device(t)
+                for t in sorted(types & {"cpu", "cuda"})
+                if t != "cuda" or torch.cuda.is_available()
+            ]
         for dev in devices:
             taken += autotune.load(op, spec.backends, spec.tuning, records, dev, _why(op))
     return taken

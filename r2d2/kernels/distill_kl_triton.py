@@ -100,8 +100,9 @@ def _distill_kl_fwd_kernel(
         if NEED_GRAD:
             # The exponentials are still in registers: softmax = e / z, no second read or exp.
             g = coef * (ea / z_a[:, None] - e / z_b[:, None])
-            tl.store(grad_ptr + base + cols, g.to(grad_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & cm)
+            tl.store(
+                grad_ptr + base + cols, g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & cm
+            )
     else:
         m_a = tl.full([BLOCK_R], ninf, ACC)
         z_a = tl.zeros([BLOCK_R], ACC)
@@ -152,8 +153,11 @@ def _distill_kl_fwd_kernel(
                 a = tl.load(s_ptr + base + col, mask=cm, other=ninf).to(ACC) * inv_t
                 b = tl.load(t_ptr + base + col, mask=cm, other=ninf).to(ACC) * inv_t
                 g = coef * (tl.exp((a - m_a2) - lz_a) - tl.exp((b - m_b2) - lz_b))
-                tl.store(grad_ptr + base + col, g.to(grad_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & cm)
+                tl.store(
+                    grad_ptr + base + col,
+                    g.to(grad_ptr.dtype.element_ty),
+                    mask=row_ok[:, None] & cm,
+                )
 
 
 MAX_ONE_TILE = 16384
@@ -184,7 +188,7 @@ def _blocks(cols: int, itemsize: int = 4) -> tuple[int, int, int, bool]:
     return 1, block_c, 8, False
 
 
-GPU_WIDTH_CLASSES = tuple(2 ** i for i in range(15)) + (2 * MAX_ONE_TILE,)
+GPU_WIDTH_CLASSES = tuple(2**i for i in range(15)) + (2 * MAX_ONE_TILE,)
 """One row width per distinct GPU choice of ``_blocks``: every power of two up to MAX_ONE_TILE
 (one tile each; float64 streams above MAX_ONE_TILE_FP64), then the streaming path."""
 NUM_STAGES = 3
@@ -207,26 +211,40 @@ def _fp32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
-def _check(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-           row_loss: torch.Tensor, grad: torch.Tensor | None) -> None:
+def _check(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    row_loss: torch.Tensor,
+    grad: torch.Tensor | None,
+) -> None:
     """The launcher's contract, each failure naming the argument (the kernel itself would read or
     write out of bounds on a mismatch)."""
     where = "distill_kl (triton)"
-    for name, x in (("student", student), ("teacher", teacher), ("row_loss", row_loss),
-                     ("grad", grad)):
+    for name, x in (
+        ("student", student),
+        ("teacher", teacher),
+        ("row_loss", row_loss),
+        ("grad", grad),
+    ):
         if x is not None and not isinstance(x, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a tensor, got {type(x).__name__}")
     if student.dim() != 2:
         raise ValueError(f"{where}: student must be 2-D [R, C], got shape {tuple(student.shape)}")
     if teacher.shape != student.shape:
-        raise ValueError(f"{where}: teacher shape {tuple(teacher.shape)} must equal student shape "
-                         f"{tuple(student.shape)}")
+        raise ValueError(
+            f"{where}: teacher shape {tuple(teacher.shape)} must equal student shape "
+            f"{tuple(student.shape)}"
+        )
     if student.dtype not in _DTYPES:
-        raise TypeError(f"{where}: student dtype {student.dtype} is not supported; expected one "
-                        f"of {[str(d) for d in _DTYPES]}")
+        raise TypeError(
+            f"{where}: student dtype {student.dtype} is not supported; expected one "
+            f"of {[str(d) for d in _DTYPES]}"
+        )
     if teacher.dtype != student.dtype:
-        raise TypeError(f"{where}: teacher dtype {teacher.dtype} must equal student dtype "
-                        f"{student.dtype}")
+        raise TypeError(
+            f"{where}: teacher dtype {teacher.dtype} must equal student dtype {student.dtype}"
+        )
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{where}: temperature must be a finite number > 0, got {temperature!r}")
     rows = student.shape[0]
@@ -236,8 +254,10 @@ def _check(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
         outs.append(("grad", grad, tuple(student.shape), saved_grad_dtype(student.dtype)))
     for name, x, _, _ in [("teacher", teacher, None, None)] + outs:
         if x.device != student.device:
-            raise ValueError(f"{where}: {name} is on {x.device} but student is on "
-                             f"{student.device}; all must be on one device")
+            raise ValueError(
+                f"{where}: {name} is on {x.device} but student is on "
+                f"{student.device}; all must be on one device"
+            )
     if student.device.type not in ("cuda", "cpu"):
         raise ValueError(f"{where}: tensors on {student.device.type} are not supported")
     for name, x in (("student", student), ("teacher", teacher)):
@@ -245,13 +265,21 @@ def _check(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
             raise ValueError(f"{where}: {name} must be contiguous (call .contiguous())")
     for name, x, shape, dtype in outs:
         if tuple(x.shape) != shape or x.dtype != dtype or not x.is_contiguous():
-            raise ValueError(f"{where}: {name} must be a contiguous {dtype} tensor of shape "
-                             f"{shape}, got {x.dtype} {tuple(x.shape)}"
-                             f"{'' if x.is_contiguous() else ' (non-contiguous)'}")
+            raise ValueError(
+                f"{where}: {name} must be a contiguous {dtype} tensor of shape "
+                f"{shape}, got {x.dtype} {tuple(x.shape)}"
+                f"{'' if x.is_contiguous() else ' (non-contiguous)'}"
+            )
 
 
-def launch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad_scale: float,
-           row_loss: torch.Tensor, grad: torch.Tensor | None) -> None:
+def launch(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    grad_scale: float,
+    row_loss: torch.Tensor,
+    grad: torch.Tensor | None,
+) -> None:
     """Fill ``row_loss`` ``[R]`` (fp32; fp64 for float64) and, unless ``grad`` is None, ``grad``
     ``[R, C]`` in ``saved_grad_dtype`` (caller-owned: tests poison them). ``student``/``teacher``:
     contiguous ``[R, C]`` of one floating dtype on one device; anything else raises."""
@@ -263,19 +291,46 @@ def launch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, gra
     acc = tl.float64 if student.dtype == torch.float64 else tl.float32
     grid = (triton.cdiv(rows, block_r),)
     (inv_t, inv_t_lo), (t_sq, t_sq_lo), (coef, coef_lo) = (
-        _split(1.0 / temperature), _split(temperature * temperature), _split(grad_scale * temperature))
-    args = (student, teacher, row_loss, grad if grad is not None else row_loss, rows, cols,
-            inv_t, t_sq, coef, inv_t_lo, t_sq_lo, coef_lo)
+        _split(1.0 / temperature),
+        _split(temperature * temperature),
+        _split(grad_scale * temperature),
+    )
+    args = (
+        student,
+        teacher,
+        row_loss,
+        grad if grad is not None else row_loss,
+        rows,
+        cols,
+        inv_t,
+        t_sq,
+        coef,
+        inv_t_lo,
+        t_sq_lo,
+        coef_lo,
+    )
     # Triton launches on the current device; make it the inputs' device.
     guard = torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext()
     with guard:
-        _distill_kl_fwd_kernel[grid](*args, NEED_GRAD=grad is not None, ONE_TILE=one_tile,
-                                     BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc, num_warps=warps,
-                                     num_stages=NUM_STAGES)
+        _distill_kl_fwd_kernel[grid](
+            *args,
+            NEED_GRAD=grad is not None,
+            ONE_TILE=one_tile,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            ACC=acc,
+            num_warps=warps,
+            num_stages=NUM_STAGES,
+        )
 
 
-def fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad_scale: float,
-        need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    grad_scale: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``torch.ops.r2d2.distill_kl_fwd`` on ``[R, C]`` inputs (made contiguous
     here, as the compiled op does)."""
     student = student.contiguous()
@@ -283,7 +338,10 @@ def fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad_s
     rows = student.shape[0]
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     row_loss = torch.empty(rows, dtype=loss_dtype, device=student.device)
-    grad = torch.empty(student.shape if need_grad else (0,),
-                       dtype=saved_grad_dtype(student.dtype), device=student.device)
+    grad = torch.empty(
+        student.shape if need_grad else (0,),
+        dtype=saved_grad_dtype(student.dtype),
+        device=student.device,
+    )
     launch(student, teacher, temperature, grad_scale, row_loss, grad if need_grad else None)
     return row_loss, grad

@@ -10,7 +10,9 @@ from r2d2.kernels import attention, attention_ref
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 
 
-def make_inputs(B, H, Lq, Lk, D, *, dtype=torch.float32, device="cpu", mask="random", layout="bhld"):
+def make_inputs(
+    B, H, Lq, Lk, D, *, dtype=torch.float32, device="cpu", mask="random", layout="bhld"
+):
     """Fresh random q/k/v (never zeros) and a key padding mask.
 
     mask: None | "random" (keys dropped at random, the last batch row fully padded when B > 1)
@@ -18,6 +20,7 @@ def make_inputs(B, H, Lq, Lk, D, *, dtype=torch.float32, device="cpu", mask="ran
     layout "blhd" returns [B, H, L, D] views of [B, L, H, D] storage (what a model's head split
     gives without a copy).
     """
+
     def make(L):
         if layout == "blhd":
             x = torch.randn(B, L, H, D, device=device).transpose(1, 2)
@@ -46,7 +49,7 @@ def tile_mask(B, Lk, tile, device="cpu"):
     holes and its whole second tile padded, row 2 is fully padded, others random."""
     m = torch.rand(B, Lk, device=device) > 0.3
     m[0] = torch.arange(Lk, device=device) < tile + 5
-    m[1, 0], m[1, tile:2 * tile] = True, False
+    m[1, 0], m[1, tile : 2 * tile] = True, False
     if B > 2:
         m[2] = False
     return m

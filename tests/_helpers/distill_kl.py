@@ -54,8 +54,9 @@ def assert_matches(out, grad, ref_out, ref_grad, dtype, temperature, tol=TOL, gr
     loss_rtol, grad_rtol, grad_arel, grad_aabs = tol[dtype]
     assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(out, ref_out, rtol=loss_rtol, atol=loss_rtol * temperature ** 2)
+    torch.testing.assert_close(out, ref_out, rtol=loss_rtol, atol=loss_rtol * temperature**2)
     assert grad.dtype == (grad_dtype or dtype) and grad.shape == ref_grad.shape
     gmax = ref_grad.abs().max().item()
-    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=grad_rtol,
-                               atol=grad_arel * gmax + grad_aabs)
+    torch.testing.assert_close(
+        grad.double(), ref_grad.double(), rtol=grad_rtol, atol=grad_arel * gmax + grad_aabs
+    )

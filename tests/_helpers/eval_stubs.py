@@ -56,10 +56,10 @@ class StubModel(torch.nn.Module):
         return ids, mask
 
     def image_tokens(self, images):
-        return images[:, 0, 0, :1, None]                      # [B, 1, 1]
+        return images[:, 0, 0, :1, None]  # [B, 1, 1]
 
     def text_tokens(self, ids, mask=None):
-        return ids[:, :1, None].float()                        # [B, 1, 1]
+        return ids[:, :1, None].float()  # [B, 1, 1]
 
     def image_embed(self, tokens):
         return F.normalize(self.img_emb[tokens[:, 0, 0].long()], dim=-1)
@@ -89,4 +89,5 @@ def stub_tokenizer(texts_in_order):
     def tokenize(texts):
         ids = torch.tensor([[index[t], 0, 0] for t in texts])
         return ids, torch.ones_like(ids)
+
     return tokenize

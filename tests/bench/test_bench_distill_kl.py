@@ -16,16 +16,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_cpu_mode_writes_complete_rows(tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
-    assert bench.main(["--device", "cpu", "--shape", "8x64", "--shape", "3x7",
-                       "--out", str(out)]) == 0
+    assert (
+        bench.main(["--device", "cpu", "--shape", "8x64", "--shape", "3x7", "--out", str(out)]) == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert all(r["error"] and why_unavailable("distill_kl", r["provider"], "cpu") for r in skipped)
     rows = [r for r in rows if r["status"] == "ok"]
     providers = ["eager"] + (["cpp"] if why_unavailable("distill_kl", "cpp", "cpu") is None else [])
-    want = {(p, m, (r, c)) for p in providers for m in ("fwd", "bwd", "fwd+bwd")
-            for r, c in ((8, 64), (3, 7))}
-    assert {(r["provider"], r["mode"], (r["shape"]["rows"], r["shape"]["cols"])) for r in rows} == want
+    want = {
+        (p, m, (r, c))
+        for p in providers
+        for m in ("fwd", "bwd", "fwd+bwd")
+        for r, c in ((8, 64), (3, 7))
+    }
+    assert {
+        (r["provider"], r["mode"], (r["shape"]["rows"], r["shape"]["cols"])) for r in rows
+    } == want
     assert len(rows) == len(want)
     for r in rows:
         assert r["op"] == "distill_kl" and r["dtype"] == "float32"
@@ -37,8 +44,11 @@ def test_cpu_mode_writes_complete_rows(tmp_path, capsys):
         assert r["bytes"] == {"fwd": 12, "bwd": 8, "fwd+bwd": 20}[r["mode"]] * n  # fp32 formula
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] / 1e3) / 1e9)
         assert r["baseline"] == "eager"
-        base = next(b for b in rows if b["provider"] == "eager" and b["mode"] == r["mode"]
-                    and b["shape"] == r["shape"])
+        base = next(
+            b
+            for b in rows
+            if b["provider"] == "eager" and b["mode"] == r["mode"] and b["shape"] == r["shape"]
+        )
         assert r["ratio"] == pytest.approx(base["median_ms"] / r["median_ms"])
     assert "x eager" in capsys.readouterr().out  # the printed table
 
@@ -54,5 +64,8 @@ def test_gpu_cases_and_byte_formula():
     assert list(modes) == ["fwd", "bwd", "fwd+bwd"]
     # bf16 saves a bf16 gradient, fp16 an fp32 one (distill_kl.saved_grad_dtype)
     assert [bench.nbytes(m, 4096, 4096, torch.bfloat16) for m in modes] == [
-        6 * 4096 * 4096, 4 * 4096 * 4096, 10 * 4096 * 4096]
+        6 * 4096 * 4096,
+        4 * 4096 * 4096,
+        10 * 4096 * 4096,
+    ]
     assert bench.nbytes("fwd", 1, 1, torch.float16) == 2 * 2 + 4

@@ -30,8 +30,16 @@ from r2d2.bench import harness, report  # noqa: E402
 
 def _row(provider, median, shape=None, mode="fwd", mem=None, **kw):
     t = harness.Timing(median, median * 0.9, median * 1.1)
-    return harness.make_row(op="toy", provider=provider, mode=mode, shape=shape or {"n": 8},
-                            timing=t, peak_mem=mem, device="cpu", **kw)
+    return harness.make_row(
+        op="toy",
+        provider=provider,
+        mode=mode,
+        shape=shape or {"n": 8},
+        timing=t,
+        peak_mem=mem,
+        device="cpu",
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -72,7 +80,9 @@ def test_measure_cuda_passes_budgets_through(monkeypatch):
         return [2.0, 1.0, 3.0]
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    assert harness.measure(lambda: None, device="cuda", warmup=0, rep=7) == harness.Timing(2.0, 1.0, 3.0)
+    assert harness.measure(lambda: None, device="cuda", warmup=0, rep=7) == harness.Timing(
+        2.0, 1.0, 3.0
+    )
     assert seen == {"warmup": 0, "rep": 7, "quantiles": [0.5, 0.2, 0.8]}
     harness.measure(lambda: None, device="cuda")
     assert seen["warmup"] == harness.DEFAULT.warmup_ms and seen["rep"] == harness.DEFAULT.rep_ms
@@ -90,7 +100,7 @@ def test_quick_switches_budgets(restore_budgets):
 
 def test_modes_fwd_bwd():
     x = torch.randn(4, 3, requires_grad=True)
-    ms = harness.modes(lambda: (x * x), [x])
+    ms = harness.modes(lambda: x * x, [x])
     assert set(ms) == {"fwd", "bwd", "fwd+bwd"}
     fn, g2n = ms["bwd"]
     assert g2n == [x]
@@ -112,8 +122,16 @@ def test_measure_and_peaks_on_cuda():
     assert harness.peak_memory_bytes(lambda: torch.empty(1 << 24, device="cuda"), "cuda") >= 1 << 26
     peaks = harness.measured_peaks("cuda")
     assert peaks["gbps"] > 100 and peaks["bf16_tflops"] > 10
-    row = harness.make_row(op="mm", provider="x", mode="fwd", shape={"n": 2048}, timing=t,
-                           flops=2 * 2048**3, device="cuda", dtype="bfloat16")
+    row = harness.make_row(
+        op="mm",
+        provider="x",
+        mode="fwd",
+        shape={"n": 2048},
+        timing=t,
+        flops=2 * 2048**3,
+        device="cuda",
+        dtype="bfloat16",
+    )
     assert row["frac_measured_flops"] == pytest.approx(row["tflops"] / peaks["bf16_tflops"])
 
 
@@ -121,11 +139,33 @@ def test_measure_and_peaks_on_cuda():
 
 
 def test_make_row_fields_and_fractions(monkeypatch):
-    r = harness.make_row(op="toy", provider="eager", mode="fwd", shape={"n": 8},
-                         timing=harness.Timing(2.0, 1.0, 3.0), flops=4e9, nbytes=2e9,
-                         device="cpu", dtype="float32", note="x")
-    for k in ("device", "driver", "torch", "triton", "git_sha", "timestamp", "run_id", "status",
-              "tflops", "gbps", "frac_peak_flops", "frac_peak_bw", "peak_mem_bytes"):
+    r = harness.make_row(
+        op="toy",
+        provider="eager",
+        mode="fwd",
+        shape={"n": 8},
+        timing=harness.Timing(2.0, 1.0, 3.0),
+        flops=4e9,
+        nbytes=2e9,
+        device="cpu",
+        dtype="float32",
+        note="x",
+    )
+    for k in (
+        "device",
+        "driver",
+        "torch",
+        "triton",
+        "git_sha",
+        "timestamp",
+        "run_id",
+        "status",
+        "tflops",
+        "gbps",
+        "frac_peak_flops",
+        "frac_peak_bw",
+        "peak_mem_bytes",
+    ):
         assert k in r, k
     assert r["tflops"] == pytest.approx(4e9 / 2e-3 / 1e12)
     assert r["gbps"] == pytest.approx(2e9 / 2e-3 / 1e9)
@@ -134,27 +174,48 @@ def test_make_row_fields_and_fractions(monkeypatch):
     # the fractions on a GPU: data sheet by name and dtype class, measured peaks when known
     env = dict(harness.environment("cpu"), device="NVIDIA H100 80GB HBM3", device_type="cuda")
     monkeypatch.setattr(harness, "environment", lambda device: env)
-    monkeypatch.setattr(harness, "measured_peaks", lambda device: {"gbps": 3000.0, "bf16_tflops": 700.0})
-    g = harness.make_row(op="toy", provider="ours", mode="fwd", shape={"n": 8},
-                         timing=harness.Timing(1.0, 1.0, 1.0), flops=500e9, nbytes=2e9,
-                         device="cuda", dtype="bfloat16")
-    assert g["frac_peak_flops"] == pytest.approx(500 / 989)      # 500 TFLOP/s of the H100's 989
+    monkeypatch.setattr(
+        harness, "measured_peaks", lambda device: {"gbps": 3000.0, "bf16_tflops": 700.0}
+    )
+    g = harness.make_row(
+        op="toy",
+        provider="ours",
+        mode="fwd",
+        shape={"n": 8},
+        timing=harness.Timing(1.0, 1.0, 1.0),
+        flops=500e9,
+        nbytes=2e9,
+        device="cuda",
+        dtype="bfloat16",
+    )
+    assert g["frac_peak_flops"] == pytest.approx(500 / 989)  # 500 TFLOP/s of the H100's 989
     assert g["frac_peak_bw"] == pytest.approx(2000 / 3350)
     assert g["frac_measured_flops"] == pytest.approx(500 / 700)
     assert g["frac_measured_bw"] == pytest.approx(2000 / 3000)
-    f32 = harness.make_row(op="toy", provider="ours", mode="fwd", shape={"n": 8},
-                           timing=harness.Timing(1.0, 1.0, 1.0), flops=30e9, device="cuda",
-                           dtype="float32")
+    f32 = harness.make_row(
+        op="toy",
+        provider="ours",
+        mode="fwd",
+        shape={"n": 8},
+        timing=harness.Timing(1.0, 1.0, 1.0),
+        flops=30e9,
+        device="cuda",
+        dtype="float32",
+    )
     assert f32["frac_peak_flops"] == pytest.approx(30 / 67) and f32["frac_measured_flops"] is None
 
 
 def test_peak_lookup_prefers_the_longest_name():
     """Device names that contain another entry's key resolve to their own entry."""
     look = harness._lookup
-    assert look(harness.PEAK_GBPS, "NVIDIA H100 PCIe") != look(harness.PEAK_GBPS, "NVIDIA H100 80GB HBM3")
+    assert look(harness.PEAK_GBPS, "NVIDIA H100 PCIe") != look(
+        harness.PEAK_GBPS, "NVIDIA H100 80GB HBM3"
+    )
     assert look(harness.PEAK_GBPS, "NVIDIA L40S") != look(harness.PEAK_GBPS, "NVIDIA L4")
     assert harness.peak_tflops("NVIDIA A10G", "bf16") != harness.peak_tflops("NVIDIA A10", "bf16")
-    assert look(harness.PEAK_GBPS, "NVIDIA A100-SXM4-40GB") < look(harness.PEAK_GBPS, "NVIDIA A100-SXM4-80GB")
+    assert look(harness.PEAK_GBPS, "NVIDIA A100-SXM4-40GB") < look(
+        harness.PEAK_GBPS, "NVIDIA A100-SXM4-80GB"
+    )
     assert look(harness.PEAK_GBPS, "cpu (Intel Xeon)") is None
     pcie = "NVIDIA H100 PCIe"
     assert harness.peak_tflops(pcie, "float16") == harness.peak_tflops(pcie, "bf16")  # one class
@@ -162,12 +223,24 @@ def test_peak_lookup_prefers_the_longest_name():
 
 
 def test_add_ratios_pairs_within_a_run():
-    rows = [_row("eager", 4.0, mem=100), _row("ours", 2.0, mem=50), _row("slow", 8.0),
-            _row("ours", 1.0, shape={"n": 16}),  # no eager row for this shape
-            _row("eager", 6.0, mode="bwd"), _row("ours", 3.0, mode="bwd")]
+    rows = [
+        _row("eager", 4.0, mem=100),
+        _row("ours", 2.0, mem=50),
+        _row("slow", 8.0),
+        _row("ours", 1.0, shape={"n": 16}),  # no eager row for this shape
+        _row("eager", 6.0, mode="bwd"),
+        _row("ours", 3.0, mode="bwd"),
+    ]
     other_run = dict(_row("ours", 1.0), run_id="another-run")
-    skipped = harness.status_row(op="toy", provider="ours", mode="fwd", shape={"n": 8},
-                                 status="skipped", error="not importable", device="cpu")
+    skipped = harness.status_row(
+        op="toy",
+        provider="ours",
+        mode="fwd",
+        shape={"n": 8},
+        status="skipped",
+        error="not importable",
+        device="cpu",
+    )
     harness.add_ratios(rows + [other_run, skipped])
     assert [r["ratio"] for r in rows] == [1.0, 2.0, 0.5, None, 1.0, 2.0]
     assert rows[1]["mem_ratio"] == 0.5 and rows[2]["mem_ratio"] is None
@@ -175,8 +248,15 @@ def test_add_ratios_pairs_within_a_run():
 
 
 def test_status_rows_say_why():
-    r = harness.status_row(op="toy", provider="x", mode="fwd", shape={"n": 1}, status="failed",
-                           error=RuntimeError("backend compiler failed\nlong trace"), device="cpu")
+    r = harness.status_row(
+        op="toy",
+        provider="x",
+        mode="fwd",
+        shape={"n": 1},
+        status="failed",
+        error=RuntimeError("backend compiler failed\nlong trace"),
+        device="cpu",
+    )
     assert r["status"] == "failed" and r["error"] == "RuntimeError: backend compiler failed"
     assert r["median_ms"] is None and r["device_type"] == "cpu" and r["run_id"]
     with pytest.raises(ValueError, match="status"):
@@ -189,15 +269,24 @@ def test_row_writer_appends_each_row_at_once(tmp_path):
     sink.add(_row("eager", 4.0))
     assert len(harness.read_rows([path])) == 1  # on disk before the next row exists
     sink.add(_row("ours", 2.0))
-    sink.add(harness.status_row(op="toy", provider="xformers", mode="fwd", shape={"n": 8},
-                                status="skipped", error="not importable", device="cpu"))
+    sink.add(
+        harness.status_row(
+            op="toy",
+            provider="xformers",
+            mode="fwd",
+            shape={"n": 8},
+            status="skipped",
+            error="not importable",
+            device="cpu",
+        )
+    )
     rows = harness.read_rows([path])
     assert [r["provider"] for r in rows] == ["eager", "ours", "xformers"]
     assert rows[1]["ratio"] == 2.0 and rows[2]["status"] == "skipped"
     assert harness.RowWriter(None).add(_row("eager", 1.0))["ratio"] == 1.0  # memory only
 
 
-KILLED = '''
+KILLED = """
 import os, sys
 sys.path.insert(0, sys.argv[2])
 import harness
@@ -206,7 +295,7 @@ for p in ("eager", "ours"):
     sink.add(harness.make_row(op="k", provider=p, mode="fwd", shape={"n": 1},
                               timing=harness.Timing(1.0, 1.0, 1.0), device="cpu"))
 os.kill(os.getpid(), 9)  # killed before the script's end, as a phase timeout would
-'''
+"""
 
 
 def test_rows_survive_a_killed_script(tmp_path):
@@ -217,10 +306,25 @@ def test_rows_survive_a_killed_script(tmp_path):
 
 
 def test_write_read_and_report(tmp_path):
-    rows = harness.add_ratios([_row("eager", 4.0, flops=1e9), _row("ours", 2.0, flops=1e9),
-                               _row("eager", 3.0, shape={"n": 16}), _row("ours", 1.5, shape={"n": 16})])
-    rows.append(harness.status_row(op="toy", provider="apex", mode="fwd", shape={"n": 8},
-                                   status="skipped", error="apex not importable", device="cpu"))
+    rows = harness.add_ratios(
+        [
+            _row("eager", 4.0, flops=1e9),
+            _row("ours", 2.0, flops=1e9),
+            _row("eager", 3.0, shape={"n": 16}),
+            _row("ours", 1.5, shape={"n": 16}),
+        ]
+    )
+    rows.append(
+        harness.status_row(
+            op="toy",
+            provider="apex",
+            mode="fwd",
+            shape={"n": 8},
+            status="skipped",
+            error="apex not importable",
+            device="cpu",
+        )
+    )
     path = harness.write_rows(rows[:2], tmp_path / "sub" / "r.jsonl")
     harness.write_rows(rows[2:], path)  # appends
     assert len(harness.read_rows([path])) == 5
@@ -233,7 +337,9 @@ def test_write_read_and_report(tmp_path):
     assert png is not None and png.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("lo,hi", [(0.0007, 1.3), (0.7, 1.3), (0.25, 13.0), (0.5, 2000.0), (0.77, 12.0)])
+@pytest.mark.parametrize(
+    "lo,hi", [(0.0007, 1.3), (0.7, 1.3), (0.25, 13.0), (0.5, 2000.0), (0.77, 12.0)]
+)
 def test_plot_ticks_are_few_and_apart(lo, hi):
     """The y labels of the ratio plot: 1x always (the eager line), at most 7, never crowded."""
     ticks = report.ratio_ticks(lo, hi)
@@ -295,8 +401,9 @@ def test_largest_batch_on_a_simulated_memory_limit(limit, start, cap, gran):
 def test_largest_batch_stops_at_the_deadline():
     from r2d2.bench import bench_step
 
-    r = bench_step.largest_batch(lambda b: b <= 1000, start=16, cap=4096,
-                                 deadline=time.monotonic() - 1)
+    r = bench_step.largest_batch(
+        lambda b: b <= 1000, start=16, cap=4096, deadline=time.monotonic() - 1
+    )
     assert not r.complete and r.fits == 16 and r.fails is None and r.probes == [(16, True)]
 
 
@@ -318,9 +425,14 @@ class _FakeStep:
 def _fake_row(step, preset, config, batch, quick, rep_ms):
     if config == "ours+compile":
         raise KeyboardInterrupt  # a phase timeout's SIGINT in the middle of the run
-    return harness.make_row(op="train_step", provider=config, mode="fwd+bwd+opt",
-                            shape={"preset": preset, "batch": batch}, device="cpu",
-                            timing=harness.Timing(2.0 if config == "eager" else 1.0, 1.0, 2.0))
+    return harness.make_row(
+        op="train_step",
+        provider=config,
+        mode="fwd+bwd+opt",
+        shape={"preset": preset, "batch": batch},
+        device="cpu",
+        timing=harness.Timing(2.0 if config == "eager" else 1.0, 1.0, 2.0),
+    )
 
 
 def test_bench_step_rows_per_config_failures_and_kill(tmp_path, monkeypatch):
@@ -331,15 +443,18 @@ def test_bench_step_rows_per_config_failures_and_kill(tmp_path, monkeypatch):
     class BackendCompilerFailed(RuntimeError):
         pass
 
-    _FakeStep.raises = {"eager+compile": BackendCompilerFailed("inductor: bad\nstack"),
-                        "apex": torch.OutOfMemoryError("CUDA out of memory. Tried 2 GiB")}
+    _FakeStep.raises = {
+        "eager+compile": BackendCompilerFailed("inductor: bad\nstack"),
+        "apex": torch.OutOfMemoryError("CUDA out of memory. Tried 2 GiB"),
+    }
     monkeypatch.setattr(bench_step, "Step", _FakeStep)
     monkeypatch.setattr(bench_step, "_step_row", _fake_row)
     monkeypatch.setattr(bench_step, "_apex", lambda: (object, object))  # "importable"
     out = tmp_path / "step.jsonl"
     sink = harness.RowWriter(out)
-    plan = bench_step.Plan(batch=4, configs=("eager", "eager+compile", "ours", "apex"),
-                           max_batch=False)
+    plan = bench_step.Plan(
+        batch=4, configs=("eager", "eager+compile", "ours", "apex"), max_batch=False
+    )
     bench_step.run("tiny", "cpu", plan, sink)
     rows = {r["provider"]: r for r in harness.read_rows([out])}
     assert rows["eager"]["status"] == rows["ours"]["status"] == "ok"
@@ -365,13 +480,16 @@ def test_bench_step_budget_and_no_batch(monkeypatch):
     monkeypatch.setattr(bench_step, "Step", _FakeStep)
     monkeypatch.setattr(bench_step, "_step_row", _fake_row)
     sink = harness.RowWriter(None)
-    late = bench_step.Plan(batch=4, configs=("eager", "ours"), max_batch=False,
-                           deadline=time.monotonic() - 1)
+    late = bench_step.Plan(
+        batch=4, configs=("eager", "ours"), max_batch=False, deadline=time.monotonic() - 1
+    )
     bench_step.run("tiny", "cpu", late, sink)
     assert [r["status"] for r in sink.rows] == ["skipped", "skipped"]
     assert all("budget" in r["error"] for r in sink.rows)
     sink = harness.RowWriter(None)
-    bench_step.run("tiny", "cpu", bench_step.Plan(batch=0, configs=("eager",), max_batch=False), sink)
+    bench_step.run(
+        "tiny", "cpu", bench_step.Plan(batch=0, configs=("eager",), max_batch=False), sink
+    )
     assert sink.rows[0]["status"] == "oom"  # no batch fits: said, never run at batch 0
 
 
@@ -402,13 +520,16 @@ def test_cli_finds_benchmarks_and_errors_clearly(tmp_path, monkeypatch, capsys):
     assert bench_cli.find_benchmarks_dir() == BENCH
     monkeypatch.setenv("R2D2_BENCHMARKS_DIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench_cli, "find_benchmarks_dir",
-                        lambda: (_ for _ in ()).throw(FileNotFoundError("no benchmarks/ here")))
+    monkeypatch.setattr(
+        bench_cli,
+        "find_benchmarks_dir",
+        lambda: (_ for _ in ()).throw(FileNotFoundError("no benchmarks/ here")),
+    )
     assert bench_cli.main(["step"]) == 2
     assert "no benchmarks/ here" in capsys.readouterr().err
 
 
-FAKE_STEP = '''
+FAKE_STEP = """
 import os, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -419,7 +540,7 @@ for p, m in (("eager", 2.0), ("ours", 1.0)):
     sink.add(harness.make_row(op="fake", provider=p, mode="fwd", shape={"n": 1},
                               timing=harness.Timing(m, m, m), device=args.device))
 print("quick" if args.quick else "full", os.environ.get("R2D2_BENCH_RUN"))
-'''
+"""
 
 
 def test_cli_runs_scripts_and_report(tmp_path, monkeypatch, capfd):
@@ -442,12 +563,29 @@ def test_cli_runs_scripts_and_report(tmp_path, monkeypatch, capfd):
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
 
 
-ROW_FIELDS = ("op", "provider", "mode", "shape", "status", "median_ms", "p20_ms", "p80_ms",
-              "device", "device_type", "torch", "git_sha", "timestamp", "run_id", "dtype")
+ROW_FIELDS = (
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "status",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "device",
+    "device_type",
+    "torch",
+    "git_sha",
+    "timestamp",
+    "run_id",
+    "dtype",
+)
 
 
 def _check_kernel_rows(rows, op, providers, modes):
-    assert {r["provider"] for r in rows} >= set(providers) and {r["mode"] for r in rows} >= set(modes)
+    assert {r["provider"] for r in rows} >= set(providers) and {r["mode"] for r in rows} >= set(
+        modes
+    )
     for r in rows:
         assert all(k in r for k in ROW_FIELDS), set(ROW_FIELDS) - set(r)
         assert r["op"] == op and r["status"] == "ok" and r["device_type"] == "cpu"
@@ -475,16 +613,32 @@ def test_distill_kl_script_cpu_quick(monkeypatch):
 def test_contrastive_and_attention_scripts_cpu_quick(tmp_path):
     """The real scripts end to end (main: rows to a file) under the Triton interpreter."""
     out = tmp_path / "k.jsonl"
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     for script in ("bench_contrastive.py", "bench_attention.py"):
-        subprocess.run([sys.executable, str(BENCH / script), "--quick", "--device", "cpu",
-                        "--out", str(out)], check=True, env=env, cwd=tmp_path)
+        subprocess.run(
+            [sys.executable, str(BENCH / script), "--quick", "--device", "cpu", "--out", str(out)],
+            check=True,
+            env=env,
+            cwd=tmp_path,
+        )
     rows = harness.read_rows([out])
-    _check_kernel_rows([r for r in rows if r["op"] == "contrastive"], "contrastive",
-                       ["eager", "triton"], ["fwd+bwd"])
-    _check_kernel_rows([r for r in rows if r["op"] == "attention"], "attention",
-                       ["eager", "sdpa", "triton"], ["fwd", "fwd+bwd"])
+    _check_kernel_rows(
+        [r for r in rows if r["op"] == "contrastive"],
+        "contrastive",
+        ["eager", "triton"],
+        ["fwd+bwd"],
+    )
+    _check_kernel_rows(
+        [r for r in rows if r["op"] == "attention"],
+        "attention",
+        ["eager", "sdpa", "triton"],
+        ["fwd", "fwd+bwd"],
+    )
 
 
 @pytest.mark.slow
@@ -509,13 +663,16 @@ def test_cli_step_quick_real(tmp_path):
 
     cfg = model_preset("tiny")
     frac = float(bench_step.synthetic_batch(cfg, 4, "cpu")["attention_mask"].float().mean())
-    want = flops.flops_per_sample(cfg, LossConfig(), text_len=32, global_batch=4,
-                                  text_valid_frac=frac)
+    want = flops.flops_per_sample(
+        cfg, LossConfig(), text_len=32, global_batch=4, text_valid_frac=frac
+    )
     for c in ("eager", "ours"):
         r = rows[c]
         assert r["status"] == "ok" and r["device_type"] == "cpu" and r["dtype"] == "float32"
         assert r["samples_per_s"] == pytest.approx(4 / (r["median_ms"] / 1e3))
         assert r["flops_per_sample"] == pytest.approx(want)  # this objective, this batch
-        assert r["tflops"] == pytest.approx(r["flops_per_sample"] * 4 / (r["median_ms"] / 1e3) / 1e12)
+        assert r["tflops"] == pytest.approx(
+            r["flops_per_sample"] * 4 / (r["median_ms"] / 1e3) / 1e12
+        )
         assert r["kernels"]["attention"] == "sdpa" and r["mfu"] is None
     assert rows["eager"]["ratio"] == 1.0 and rows["ours"]["ratio"] > 0

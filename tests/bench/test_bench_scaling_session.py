@@ -22,8 +22,10 @@ from r2d2.bench import harness  # noqa: E402
 
 def _row(provider, median):
     t = harness.Timing(median, median * 0.9, median * 1.1)
-    return harness.make_row(op="toy", provider=provider, mode="fwd", shape={"n": 8}, timing=t,
-                            device="cpu")
+    return harness.make_row(
+        op="toy", provider=provider, mode="fwd", shape={"n": 8}, timing=t, device="cpu"
+    )
+
 
 # ---------------------------------------------------------------------------------- scaling
 
@@ -51,8 +53,10 @@ def test_comm_model_formulas():
     assert gloo["gcpr_gather"] - c8["gcpr_gather"] == 7 * b * (4 * d + 4)
     t = (10 * 6 + 5 * 6) * 4
     assert c8["fgr_global"] == 7 * 4 * (2 * t + 5) + 7 * 4 * t
-    m8, m16 = bs.gathered_memory(8, **{k: v for k, v in dims.items() if k != "params"}), \
-        bs.gathered_memory(16, **{k: v for k, v in dims.items() if k != "params"})
+    m8, m16 = (
+        bs.gathered_memory(8, **{k: v for k, v in dims.items() if k != "params"}),
+        bs.gathered_memory(16, **{k: v for k, v in dims.items() if k != "params"}),
+    )
     assert m8["gcpr_ring"] == m16["gcpr_ring"] and m16["gcpr_gather"] == 2 * m8["gcpr_gather"]
 
 
@@ -63,7 +67,8 @@ def test_docs_table_is_the_scripts_output():
     text = bs.DOCS.read_text()
     body = text.split(bs.BEGIN, 1)[1].split(bs.END, 1)[0].strip()
     assert body == bs.comm_table().strip(), (
-        "docs/benchmarks.md is stale: run python benchmarks/bench_scaling.py --model-only --write-docs")
+        "docs/benchmarks.md is stale: run python benchmarks/bench_scaling.py --model-only --write-docs"
+    )
 
 
 B_LOCAL, D_FEAT, WORLD = 2, 8, 3
@@ -101,23 +106,38 @@ def _count_worker(rank, world, port, out_dir):
         sent[0] += sum(nbytes(o.tensor) for o in ops if "isend" in getattr(o.op, "__name__", ""))
         return orig["batch_isend_irecv"](ops)
 
-    dist.all_gather, dist.all_reduce, dist.batch_isend_irecv = all_gather, all_reduce, batch_isend_irecv
+    dist.all_gather, dist.all_reduce, dist.batch_isend_irecv = (
+        all_gather,
+        all_reduce,
+        batch_isend_irecv,
+    )
     g = torch.Generator().manual_seed(rank)
     res = {}
     try:
         for backend, mode in (("eager", "gather"), ("triton", "gather"), ("triton", "ring")):
             if why_unavailable("contrastive", backend, "cpu") is not None:
                 continue
-            img, txt, ti, tt = (F.normalize(torch.randn(B_LOCAL, D_FEAT, generator=g), dim=1)
-                                for _ in range(4))
+            img, txt, ti, tt = (
+                F.normalize(torch.randn(B_LOCAL, D_FEAT, generator=g), dim=1) for _ in range(4)
+            )
             img.requires_grad_()
             txt.requires_grad_()
             s = torch.tensor(20.0, requires_grad=True)
             sent[0] = 0.0
-            out = C.contrastive_loss(img, txt, s, image_ids=torch.arange(B_LOCAL) + rank * B_LOCAL,
-                                     teacher_image_feat=ti, teacher_text_feat=tt, distill_alpha=0.4,
-                                     backend=backend, mode=mode, return_negatives=True, seed=3,
-                                     check_ranks=False)  # as the objective calls it (it checks b itself)
+            out = C.contrastive_loss(
+                img,
+                txt,
+                s,
+                image_ids=torch.arange(B_LOCAL) + rank * B_LOCAL,
+                teacher_image_feat=ti,
+                teacher_text_feat=tt,
+                distill_alpha=0.4,
+                backend=backend,
+                mode=mode,
+                return_negatives=True,
+                seed=3,
+                check_ranks=False,
+            )  # as the objective calls it (it checks b itself)
             out.loss.backward()
             res[f"{backend}-{mode}"] = sent[0]
         res["batched_p2p"] = CD._BATCH_P2P
@@ -160,8 +180,14 @@ SESSION = ROOT / "scripts" / "gpu_session.sh"
 def _session(tmp_path, *args, env=None, timeout=240):
     e = dict(os.environ, PYTHON=sys.executable)
     e.update(env or {})
-    return subprocess.run(["bash", str(SESSION), *args, "--out", str(tmp_path)], env=e,
-                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    return subprocess.run(
+        ["bash", str(SESSION), *args, "--out", str(tmp_path)],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
 
 
 def test_session_plan_fits_one_device_call(tmp_path):
@@ -172,14 +198,29 @@ def test_session_plan_fits_one_device_call(tmp_path):
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stdout.splitlines() if " cap " in ln]
     names = [ln.split()[0] for ln in lines]
-    assert names == ["env", "build", "doctor", "gpu_kernels", "step", "kernels_distill_kl",
-                     "kernels_contrastive", "kernels_attention", "max_batch", "gpu_rest", "report"]
+    assert names == [
+        "env",
+        "build",
+        "doctor",
+        "gpu_kernels",
+        "step",
+        "kernels_distill_kl",
+        "kernels_contrastive",
+        "kernels_attention",
+        "max_batch",
+        "gpu_rest",
+        "report",
+    ]
     caps = [int(ln.split(" cap ")[1].split("s")[0]) for ln in lines]
     budget = int(p.stdout.split("budget ")[-1].split("s")[0])
-    assert sum(caps) <= budget <= 540  # every phase gets its cap; the 600 s command limit, with room
+    assert (
+        sum(caps) <= budget <= 540
+    )  # every phase gets its cap; the 600 s command limit, with room
     assert budget + 180 + 60 <= 15 * 60
     assert f"caps of the planned phases: {sum(caps)}s" in p.stdout
-    assert "step_compile        (only with --phases step_compile)" in p.stdout  # opt-in: minutes of inductor
+    assert (
+        "step_compile        (only with --phases step_compile)" in p.stdout
+    )  # opt-in: minutes of inductor
     assert "--max-batch-budget" in p.stdout and "--batch-max" in p.stdout
     # the documented call: one command under the tool's 600 s limit, carrying the wheels
     doc = (ROOT / "docs" / "benchmarks.md").read_text()
@@ -188,14 +229,24 @@ def test_session_plan_fits_one_device_call(tmp_path):
     assert 'carry=[".whl"]' in call
     # the same plan runs when only the phases named are asked for (a rerun)
     p = _session(tmp_path, "--dry-run", "--phases", "build,step_compile,report")
-    assert [ln.split()[0] for ln in p.stdout.splitlines() if " cap " in ln] == ["build", "step_compile", "report"]
+    assert [ln.split()[0] for ln in p.stdout.splitlines() if " cap " in ln] == [
+        "build",
+        "step_compile",
+        "report",
+    ]
 
 
 def test_session_python_falls_back_to_the_checkouts_venv(tmp_path):
     """Without $PYTHON the session uses .venv/bin/python when it imports torch, else python3."""
     e = {k: v for k, v in os.environ.items() if k != "PYTHON"}
-    p = subprocess.run(["bash", str(SESSION), "--dry-run", "--out", str(tmp_path)], env=e,
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    p = subprocess.run(
+        ["bash", str(SESSION), "--dry-run", "--out", str(tmp_path)],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     venv = ROOT / ".venv" / "bin" / "python"
     doctor = next(ln for ln in p.stdout.splitlines() if ln.startswith("doctor"))
     ok = venv.is_file() and subprocess.run([str(venv), "-c", "import torch"]).returncode == 0
@@ -206,8 +257,9 @@ def test_session_cpu_phases_results_and_exit_codes(tmp_path):
     """--cpu on a seeded rows file: the report phase renders the layout; a phase over its cap
     times out (exit 1, summary says so); a phase that cannot get its minimum is skipped (exit 3)."""
     stem = time.strftime("%Y-%m-%d", time.gmtime()) + "_cpu"
-    harness.write_rows(harness.add_ratios([_row("eager", 2.0), _row("ours", 1.0)]),
-                       tmp_path / f"{stem}.jsonl")
+    harness.write_rows(
+        harness.add_ratios([_row("eager", 2.0), _row("ours", 1.0)]), tmp_path / f"{stem}.jsonl"
+    )
     p = _session(tmp_path, "--cpu", "--phases", "report")
     assert p.returncode == 0, p.stdout + p.stderr
     for suffix in (".jsonl", ".md", ".png"):
@@ -216,11 +268,18 @@ def test_session_cpu_phases_results_and_exit_codes(tmp_path):
     assert "| report | ok | 0 |" in summary and (tmp_path / "logs.tar.gz").is_file()
     assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
     slow = tmp_path / "slowpy"  # a python that takes 30 s to start: past a 1 s cap
-    slow.write_text(f"#!/bin/sh\nsleep 30\nexec {sys.executable} \"$@\"\n")
+    slow.write_text(f'#!/bin/sh\nsleep 30\nexec {sys.executable} "$@"\n')
     slow.chmod(0o755)
-    p = _session(tmp_path, "--cpu", "--phases", "report",
-                 env={"PYTHON": str(slow), "R2D2_SESSION_CAP_REPORT": "1", "R2D2_SESSION_MIN_REPORT": "1"})
-    assert p.returncode == 1 and "| report | timeout | 124 |" in (tmp_path / "session.md").read_text()
+    p = _session(
+        tmp_path,
+        "--cpu",
+        "--phases",
+        "report",
+        env={"PYTHON": str(slow), "R2D2_SESSION_CAP_REPORT": "1", "R2D2_SESSION_MIN_REPORT": "1"},
+    )
+    assert (
+        p.returncode == 1 and "| report | timeout | 124 |" in (tmp_path / "session.md").read_text()
+    )
     p = _session(tmp_path, "--cpu", "--phases", "step", "--budget", "30")
     assert p.returncode == 3 and "skipped (budget)" in (tmp_path / "session.md").read_text()
 
@@ -234,4 +293,8 @@ def test_session_cpu_end_to_end(tmp_path):
     rows = harness.read_rows([tmp_path / f"{stem}.jsonl"])
     assert {r["op"] for r in rows} >= {"train_step", "distill_kl", "max_batch"}
     assert len({r["run_id"] for r in rows}) == 1
-    assert (tmp_path / "gpu_kernels.xml").is_file() and (tmp_path / "gpu_rest.xml").is_file() and (tmp_path / f"{stem}.png").is_file()
+    assert (
+        (tmp_path / "gpu_kernels.xml").is_file()
+        and (tmp_path / "gpu_rest.xml").is_file()
+        and (tmp_path / f"{stem}.png").is_file()
+    )

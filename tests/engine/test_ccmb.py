@@ -30,21 +30,29 @@ def test_icr_reads_skips_and_counts(tmp_path):
     imgs = tmp_path / "images"
     _jpg(imgs / "a.jpg")
     _jpg(imgs / "b.jpg")
-    ann = _write(tmp_path / "long_itr_val.json", [
-        json.dumps({"image_path": "/remote/dir/a.jpg", "text": "一只猫"}, ensure_ascii=False),
-        json.dumps({"image_path": "b.jpg", "text": " 一只狗 "}, ensure_ascii=False),
-        "",  # blank lines are ignored, not errors
-        json.dumps({"image_path": "gone.jpg", "text": "不存在"}, ensure_ascii=False),
-        json.dumps({"image_path": "a.jpg", "text": "   "}, ensure_ascii=False),
-    ])
+    ann = _write(
+        tmp_path / "long_itr_val.json",
+        [
+            json.dumps({"image_path": "/remote/dir/a.jpg", "text": "一只猫"}, ensure_ascii=False),
+            json.dumps({"image_path": "b.jpg", "text": " 一只狗 "}, ensure_ascii=False),
+            "",  # blank lines are ignored, not errors
+            json.dumps({"image_path": "gone.jpg", "text": "不存在"}, ensure_ascii=False),
+            json.dumps({"image_path": "a.jpg", "text": "   "}, ensure_ascii=False),
+        ],
+    )
     res = read_ccmb("icr", ann, str(imgs))
-    assert [(r.image_id, r.text, r.label) for r in res.records] == [("a", "一只猫", None), ("b", "一只狗", None)]
+    assert [(r.image_id, r.text, r.label) for r in res.records] == [
+        ("a", "一只猫", None),
+        ("b", "一只狗", None),
+    ]
     assert res.records[0].image == str(imgs / "a.jpg")
     assert res.skipped == 2 and res.reasons == {"missing_image": 1, "empty_text": 1}
 
 
 def test_icr_malformed_line_names_file_and_line(tmp_path):
-    ann = _write(tmp_path / "x.json", [json.dumps({"image_path": "a.jpg", "text": "t"}), "{not json"])
+    ann = _write(
+        tmp_path / "x.json", [json.dumps({"image_path": "a.jpg", "text": "t"}), "{not json"]
+    )
     with pytest.raises(ValueError, match=r"x\.json:2: not valid JSON"):
         read_ccmb("iqr", ann, str(tmp_path))
     ann = _write(tmp_path / "y.json", [json.dumps({"image": "a.jpg", "text": "t"})])
@@ -54,13 +62,18 @@ def test_icr_malformed_line_names_file_and_line(tmp_path):
 
 def test_icm_labels(tmp_path):
     _jpg(tmp_path / "p.jpg")
-    ann = _write(tmp_path / "long_itm_val.json", [
-        json.dumps({"image_path": "p.jpg", "text": "红色", "label": 1}, ensure_ascii=False),
-        json.dumps({"image_path": "p.jpg", "text": "蓝色", "label": "0"}, ensure_ascii=False),
-    ])
+    ann = _write(
+        tmp_path / "long_itm_val.json",
+        [
+            json.dumps({"image_path": "p.jpg", "text": "红色", "label": 1}, ensure_ascii=False),
+            json.dumps({"image_path": "p.jpg", "text": "蓝色", "label": "0"}, ensure_ascii=False),
+        ],
+    )
     res = read_ccmb("icm", ann)  # image_root defaults to the annotation's folder
     assert [r.label for r in res.records] == [1, 0]
-    bad = _write(tmp_path / "bad.json", [json.dumps({"image_path": "p.jpg", "text": "x", "label": 2})])
+    bad = _write(
+        tmp_path / "bad.json", [json.dumps({"image_path": "p.jpg", "text": "x", "label": 2})]
+    )
     with pytest.raises(ValueError, match=r"bad\.json:1: label must be 0 or 1"):
         read_ccmb("iqm", bad)
     nolabel = _write(tmp_path / "nl.json", [json.dumps({"image_path": "p.jpg", "text": "x"})])
@@ -71,16 +84,22 @@ def test_icm_labels(tmp_path):
 def test_flickr_tsv_variants(tmp_path):
     _jpg(tmp_path / "img" / "1000092795.jpg")
     _jpg(tmp_path / "img" / "10002456.jpg")
-    ann = _write(tmp_path / "flickr30k_cna_test.txt", [
-        "1000092795#0\t两个年轻人在院子里",
-        "1000092795#1\t两个男人",
-        "10002456.jpg#zhb#0 几个工人",      # Flickr-CN style key, space separated
-        "99999#0\t没有图片",
-        "10002456#1\t",                     # empty caption
-    ])
+    ann = _write(
+        tmp_path / "flickr30k_cna_test.txt",
+        [
+            "1000092795#0\t两个年轻人在院子里",
+            "1000092795#1\t两个男人",
+            "10002456.jpg#zhb#0 几个工人",  # Flickr-CN style key, space separated
+            "99999#0\t没有图片",
+            "10002456#1\t",  # empty caption
+        ],
+    )
     res = read_ccmb("flickr30k_cna", ann, str(tmp_path / "img"))
     assert [(r.image_id, r.text) for r in res.records] == [
-        ("1000092795", "两个年轻人在院子里"), ("1000092795", "两个男人"), ("10002456", "几个工人")]
+        ("1000092795", "两个年轻人在院子里"),
+        ("1000092795", "两个男人"),
+        ("10002456", "几个工人"),
+    ]
     assert res.reasons == {"missing_image": 1, "empty_text": 1}
     bad = _write(tmp_path / "bad.txt", ["1000092795#0\tok", "no-hash-key\tcaption"])
     with pytest.raises(ValueError, match=r"bad\.txt:2: expected '<image_id>#<n>"):
@@ -90,14 +109,23 @@ def test_flickr_tsv_variants(tmp_path):
 def test_coco_cn(tmp_path):
     _jpg(tmp_path / "coco" / "val2014" / "COCO_val2014_000000000001.jpg")
     _jpg(tmp_path / "coco" / "COCO_train2014_000000000002.jpg")
-    split = _write(tmp_path / "coco-cn_test.txt", [
-        "COCO_val2014_000000000001", "COCO_train2014_000000000002", "COCO_val2014_000000000003"])
-    _write(tmp_path / "imageid.human-written-caption.txt", [
-        "COCO_val2014_000000000001#0\t一辆公交车", "COCO_val2014_000000000001#1\t街上的车",
-        "COCO_train2014_000000000002#0\t一个男人", "COCO_val2014_000000000099#0\t不在本划分",
-    ])
+    split = _write(
+        tmp_path / "coco-cn_test.txt",
+        ["COCO_val2014_000000000001", "COCO_train2014_000000000002", "COCO_val2014_000000000003"],
+    )
+    _write(
+        tmp_path / "imageid.human-written-caption.txt",
+        [
+            "COCO_val2014_000000000001#0\t一辆公交车",
+            "COCO_val2014_000000000001#1\t街上的车",
+            "COCO_train2014_000000000002#0\t一个男人",
+            "COCO_val2014_000000000099#0\t不在本划分",
+        ],
+    )
     res = read_ccmb("coco_cn", split, str(tmp_path / "coco"))
-    assert [r.image_id for r in res.records] == ["COCO_val2014_000000000001"] * 2 + ["COCO_train2014_000000000002"]
+    assert [r.image_id for r in res.records] == ["COCO_val2014_000000000001"] * 2 + [
+        "COCO_train2014_000000000002"
+    ]
     assert res.reasons == {"no_caption": 1} and res.skipped == 1
     bad = _write(tmp_path / "bad_split.txt", ["COCO_val2014_000000000001 extra"])
     with pytest.raises(ValueError, match=r"bad_split\.txt:1"):
@@ -106,19 +134,34 @@ def test_coco_cn(tmp_path):
 
 def test_muge_and_base64_unpack(tmp_path):
     payload = base64.b64encode(_jpg(tmp_path / "src.jpg")).decode()
-    tsv = _write(tmp_path / "valid_imgs.tsv", [f"101\t{payload}", f"102\t{payload}", "103\t!!notbase64!!"])
+    tsv = _write(
+        tmp_path / "valid_imgs.tsv", [f"101\t{payload}", f"102\t{payload}", "103\t!!notbase64!!"]
+    )
     written, reasons = unpack_base64_tsv(tsv, str(tmp_path / "imgs"))
     assert written == 2 and reasons == {"bad_base64": 1}
     with Image.open(tmp_path / "imgs" / "101.jpg") as im:
         assert im.size == (4, 4)
-    q = _write(tmp_path / "valid_queries.jsonl", [
-        json.dumps({"query_id": 1, "query_text": "红色连衣裙", "item_ids": [101, 102]}, ensure_ascii=False),
-        json.dumps({"query_id": 2, "query_text": "运动鞋", "item_ids": [103]}, ensure_ascii=False),
-    ])
+    q = _write(
+        tmp_path / "valid_queries.jsonl",
+        [
+            json.dumps(
+                {"query_id": 1, "query_text": "红色连衣裙", "item_ids": [101, 102]},
+                ensure_ascii=False,
+            ),
+            json.dumps(
+                {"query_id": 2, "query_text": "运动鞋", "item_ids": [103]}, ensure_ascii=False
+            ),
+        ],
+    )
     res = read_ccmb("muge", q, str(tmp_path / "imgs"))
-    assert [(r.image_id, r.text) for r in res.records] == [("101", "红色连衣裙"), ("102", "红色连衣裙")]
+    assert [(r.image_id, r.text) for r in res.records] == [
+        ("101", "红色连衣裙"),
+        ("102", "红色连衣裙"),
+    ]
     assert res.reasons == {"missing_image": 1}
-    bad = _write(tmp_path / "bad.jsonl", [json.dumps({"query_id": 1, "query_text": "x", "item_ids": []})])
+    bad = _write(
+        tmp_path / "bad.jsonl", [json.dumps({"query_id": 1, "query_text": "x", "item_ids": []})]
+    )
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: item_ids must be a non-empty list"):
         read_ccmb("muge", bad, str(tmp_path))
 
@@ -136,7 +179,9 @@ def test_zeroshot_folder_and_list(tmp_path):
     res, classes = read_zeroshot(str(root))
     assert classes == ["cat", "dog"] and len(res.records) == 3
 
-    lst = _write(tmp_path / "list.txt", ["cls/cat/1.jpg\t1", "cls/dog/1.jpg\t猫", "cls/dog/9.jpg\t0"])
+    lst = _write(
+        tmp_path / "list.txt", ["cls/cat/1.jpg\t1", "cls/dog/1.jpg\t猫", "cls/dog/9.jpg\t0"]
+    )
     res = read_ccmb("zeroshot", lst, str(tmp_path), classnames=names)
     assert [(r.label, r.text) for r in res.records] == [(1, "狗"), (0, "猫")]
     assert res.reasons == {"missing_image": 1}
@@ -160,16 +205,21 @@ def test_unknown_format_and_missing_file(tmp_path):
 
 def test_text_that_is_null_or_not_a_string_is_counted_by_its_own_reason(tmp_path):
     _jpg(tmp_path / "a.jpg")
-    ann = _write(tmp_path / "long_itr_val.json", [
-        json.dumps({"image_path": "a.jpg", "text": "猫"}, ensure_ascii=False),
-        json.dumps({"image_path": "a.jpg", "text": None}),       # null: an empty caption
-        json.dumps({"image_path": "a.jpg", "text": 42}),         # a number: a broken sample
-        json.dumps({"image_path": "a.jpg", "text": ["猫"]}, ensure_ascii=False),
-    ])
+    ann = _write(
+        tmp_path / "long_itr_val.json",
+        [
+            json.dumps({"image_path": "a.jpg", "text": "猫"}, ensure_ascii=False),
+            json.dumps({"image_path": "a.jpg", "text": None}),  # null: an empty caption
+            json.dumps({"image_path": "a.jpg", "text": 42}),  # a number: a broken sample
+            json.dumps({"image_path": "a.jpg", "text": ["猫"]}, ensure_ascii=False),
+        ],
+    )
     res = read_ccmb("icr", ann)
     assert [r.text for r in res.records] == ["猫"]
     assert res.reasons == {"empty_text": 1, "non_string_text": 2} and res.skipped == 3
-    bad = _write(tmp_path / "bad.json", [json.dumps({"image_path": None, "text": "猫"}, ensure_ascii=False)])
+    bad = _write(
+        tmp_path / "bad.json", [json.dumps({"image_path": None, "text": "猫"}, ensure_ascii=False)]
+    )
     with pytest.raises(ValueError, match=r"bad\.json:1: image_path must be a non-empty string"):
         read_ccmb("icr", bad)
 
@@ -179,12 +229,20 @@ def _muge_split(tmp_path, pool_ids, files):
     tsv = _write(tmp_path / "valid_imgs.tsv", [f"{i}\t{payload}" for i in pool_ids])
     for i in files:
         _jpg(tmp_path / "imgs" / f"{i}.jpg")
-    q = _write(tmp_path / "valid_queries.jsonl", [
-        json.dumps({"query_id": 1, "query_text": "红色连衣裙", "item_ids": [101, 102]}, ensure_ascii=False),
-        json.dumps({"query_id": 2, "query_text": "运动鞋", "item_ids": [103, 555]}, ensure_ascii=False),
-        json.dumps({"query_id": 3, "query_text": None, "item_ids": [101]}),
-        json.dumps({"query_id": 4, "query_text": 3.5, "item_ids": [101]}),
-    ])
+    q = _write(
+        tmp_path / "valid_queries.jsonl",
+        [
+            json.dumps(
+                {"query_id": 1, "query_text": "红色连衣裙", "item_ids": [101, 102]},
+                ensure_ascii=False,
+            ),
+            json.dumps(
+                {"query_id": 2, "query_text": "运动鞋", "item_ids": [103, 555]}, ensure_ascii=False
+            ),
+            json.dumps({"query_id": 3, "query_text": None, "item_ids": [101]}),
+            json.dumps({"query_id": 4, "query_text": 3.5, "item_ids": [101]}),
+        ],
+    )
     return q, tsv
 
 
@@ -193,14 +251,30 @@ def test_muge_gallery_is_the_whole_image_pool(tmp_path):
 
     # pool 101..106; 104's file is missing; query 2 names 555, which is not in the pool
     q, tsv = _muge_split(tmp_path, [101, 102, 103, 104, 105, 106], [101, 102, 103, 105, 106])
-    assert default_muge_gallery(q) == tsv and default_muge_gallery(str(tmp_path / "x.jsonl")) is None
+    assert (
+        default_muge_gallery(q) == tsv and default_muge_gallery(str(tmp_path / "x.jsonl")) is None
+    )
     res = read_ccmb("muge", q, str(tmp_path / "imgs"), gallery=tsv)
-    assert [g[1] for g in res.gallery] == ["101", "102", "103", "105", "106"]  # file order, 104 left out
+    assert [g[1] for g in res.gallery] == [
+        "101",
+        "102",
+        "103",
+        "105",
+        "106",
+    ]  # file order, 104 left out
     assert res.gallery[0][0] == str(tmp_path / "imgs" / "101.jpg")
-    assert [(r.image_id, r.text) for r in res.records] == [("101", "红色连衣裙"), ("102", "红色连衣裙"), ("103", "运动鞋")]
+    assert [(r.image_id, r.text) for r in res.records] == [
+        ("101", "红色连衣裙"),
+        ("102", "红色连衣裙"),
+        ("103", "运动鞋"),
+    ]
     # null query_text is an empty text (never the string "None"); a number has its own reason
-    assert res.reasons == {"missing_gallery_image": 1, "not_in_gallery": 1, "empty_text": 1,
-                           "non_string_text": 1}
+    assert res.reasons == {
+        "missing_gallery_image": 1,
+        "not_in_gallery": 1,
+        "empty_text": 1,
+        "non_string_text": 1,
+    }
     assert all(r.text != "None" for r in res.records)
     # a folder as the pool: its image files are the gallery
     res = read_ccmb("muge", q, str(tmp_path / "imgs"), gallery=str(tmp_path / "imgs"))
@@ -238,6 +312,8 @@ def test_zeroshot_counts_non_images_and_rejects_blank_class_lines(tmp_path):
 def test_format_registry():
     from r2d2.engine.data import ccmb
 
-    assert ccmb.FORMATS == ccmb.RETRIEVAL_FORMATS + ccmb.MATCHING_FORMATS + ccmb.CLASSIFICATION_FORMATS
+    assert (
+        ccmb.FORMATS == ccmb.RETRIEVAL_FORMATS + ccmb.MATCHING_FORMATS + ccmb.CLASSIFICATION_FORMATS
+    )
     assert len(set(ccmb.FORMATS)) == len(ccmb.FORMATS)
     assert set(ccmb.MATCHING_FORMATS) == {"icm", "iqm"} and "muge" in ccmb.RETRIEVAL_FORMATS

@@ -23,8 +23,12 @@ from r2d2.engine.trainer import TrainingError
 
 ROOT = str(Path(__file__).resolve().parents[2])
 TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
-QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
-         "--train.eval_at_end=false"]
+QUIET = [
+    "--logging.progress=false",
+    "--logging.tensorboard=false",
+    "--logging.plot=false",
+    "--train.eval_at_end=false",
+]
 
 
 def _run(capsys, *argv):
@@ -72,40 +76,74 @@ def _trainer(out, args=(), objective=None, resume=False):
     from r2d2.engine.tokenizer import build_tokenizer
     from r2d2.engine.trainer import Trainer
 
-    cfg = load_config(None, QUIET + ["--train.log_every=1", "--data.batch_size=4", "--data.synthetic_size=64",
-                                     "--train.keep_checkpoints=10", *args])
+    cfg = load_config(
+        None,
+        QUIET
+        + [
+            "--train.log_every=1",
+            "--data.batch_size=4",
+            "--data.synthetic_size=64",
+            "--train.keep_checkpoints=10",
+            *args,
+        ],
+    )
     torch.manual_seed(0)
-    return Trainer(cfg, str(out), resume=resume, objective=objective or Toy(),
-                   tokenize=Tokenize(build_tokenizer(None, 12), 12), image_size=8, flops_per_sample=1e6)
+    return Trainer(
+        cfg,
+        str(out),
+        resume=resume,
+        objective=objective or Toy(),
+        tokenize=Tokenize(build_tokenizer(None, 12), 12),
+        image_size=8,
+        flops_per_sample=1e6,
+    )
 
 
 def _all_finite(folder):
     for f in sorted(os.listdir(folder)):
         if f.endswith(".pt"):
             ck = torch.load(os.path.join(folder, f), weights_only=True)
-            bad, _, names = C._non_finite((ck["objective"], "objective"), (ck["optimizer"], "optimizer"))
+            bad, _, names = C._non_finite(
+                (ck["objective"], "objective"), (ck["optimizer"], "optimizer")
+            )
             assert bad == 0, (f, names)
 
 
 # ---------------------------------------------------------------------------- item 2
-@pytest.mark.parametrize("arg", ["--optim.lr=inf", "--optim.lr=.inf", "--optim.eps=inf", "--loss.distill_alpha=inf",
-                                 "--optim.grad_clip=-.inf"])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--optim.lr=inf",
+        "--optim.lr=.inf",
+        "--optim.eps=inf",
+        "--loss.distill_alpha=inf",
+        "--optim.grad_clip=-.inf",
+    ],
+)
 def test_infinite_hyper_parameters_are_config_errors(arg):
     with pytest.raises(ConfigError, match="is not a finite number"):
         load_config(TINY, [arg])
 
 
 def test_infinite_lr_on_the_command_line_exits_2(tmp_path, capsys):
-    rc, err, _ = _run(capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), "--optim.lr=inf")
+    rc, err, _ = _run(
+        capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), "--optim.lr=inf"
+    )
     assert rc == 2 and "optim.lr=inf is not a finite number" in _one_line(err)
 
 
 def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path):
     """The weights blow up at step 3: steps 3.. are non-finite and skipped. The step-4 checkpoint
     (inside the streak) is not written and the run names the verified step-2 one."""
-    tr = _trainer(tmp_path, ["--train.max_steps=20", "--train.checkpoint_every=2", "--train.max_bad_steps=3"],
-                  Toy(blow_up_at=3))
-    with pytest.raises(TrainingError, match=r"3 non-finite steps in a row .*last good checkpoint: .*step_000002\.pt"):
+    tr = _trainer(
+        tmp_path,
+        ["--train.max_steps=20", "--train.checkpoint_every=2", "--train.max_bad_steps=3"],
+        Toy(blow_up_at=3),
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"3 non-finite steps in a row .*last good checkpoint: .*step_000002\.pt",
+    ):
         tr.fit()
     ck = tmp_path / "checkpoints"
     assert sorted(f for f in os.listdir(ck) if f.endswith(".pt")) == ["step_000002.pt"]
@@ -114,10 +152,15 @@ def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path):
 
 
 def test_a_non_finite_state_is_never_written_even_when_the_loss_is_finite(tmp_path):
-    tr = _trainer(tmp_path, ["--train.max_steps=20", "--train.checkpoint_every=2"], Toy(nan_unused_at=3))
-    with pytest.raises(TrainingError, match=r"step 4: 1 of \d+ tensors .* hold NaN or Inf \(first: objective\.unused\);"
-                                            r" checkpoint step_000004\.pt not written; the run stops, last good "
-                                            r"checkpoint: .*step_000002\.pt"):
+    tr = _trainer(
+        tmp_path, ["--train.max_steps=20", "--train.checkpoint_every=2"], Toy(nan_unused_at=3)
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"step 4: 1 of \d+ tensors .* hold NaN or Inf \(first: objective\.unused\);"
+        r" checkpoint step_000004\.pt not written; the run stops, last good "
+        r"checkpoint: .*step_000002\.pt",
+    ):
         tr.fit()
     ck = tmp_path / "checkpoints"
     assert sorted(os.listdir(ck)) == ["latest", "step_000002.pt"]
@@ -145,7 +188,9 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys, damage):
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
     capsys.readouterr()
-    res = _trainer(tmp_path, ["--train.max_steps=6", "--train.checkpoint_every=2"], resume=True).fit()
+    res = _trainer(
+        tmp_path, ["--train.max_steps=6", "--train.checkpoint_every=2"], resume=True
+    ).fit()
     out = capsys.readouterr().out
     assert "--resume: skipped step_000004.pt:" in out and "not a readable checkpoint" in out, out
     assert "resumed from step 2" in out
@@ -158,23 +203,45 @@ def test_resume_when_no_checkpoint_loads_is_one_line(tmp_path, capsys):
     (ck / "step_000002.pt").write_bytes(b"")
     (ck / "step_000004.pt").write_bytes(b"PK\x03\x04 not really a zip")
     (ck / "latest").write_text("step_000004.pt\n")
-    rc, err, _ = _run(capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET, "--resume")
+    rc, err, _ = _run(
+        capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET, "--resume"
+    )
     assert rc == 1, err
     line = _one_line(err)
-    assert "--resume: none of the 2 checkpoint(s)" in line and "step_000004.pt" in line and "step_000002.pt" in line
+    assert (
+        "--resume: none of the 2 checkpoint(s)" in line
+        and "step_000004.pt" in line
+        and "step_000002.pt" in line
+    )
 
 
 # ---------------------------------------------------------------------------- item 9
-@pytest.mark.parametrize("other", [["--model.vision.layers=1"],
-                                   ["--model.preset=prd2-tiny", "--loss.fgr=false", "--loss.mlm=false"]])
+@pytest.mark.parametrize(
+    "other",
+    [
+        ["--model.vision.layers=1"],
+        ["--model.preset=prd2-tiny", "--loss.fgr=false", "--loss.mlm=false"],
+    ],
+)
 def test_resume_with_another_model_is_one_line(tmp_path, capsys, other):
     from r2d2.engine.trainer import build_objective, build_optimizer
 
     cfg = load_config(TINY, [])
     obj = build_objective(cfg)
-    C.Checkpointer(str(tmp_path / "run")).save(obj, build_optimizer(obj, cfg.optim, torch.device("cpu")), None,
-                                               C.TrainState(step=1))
-    rc, err, _ = _run(capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET, "--resume", *other)
+    C.Checkpointer(str(tmp_path / "run")).save(
+        obj, build_optimizer(obj, cfg.optim, torch.device("cpu")), None, C.TrainState(step=1)
+    )
+    rc, err, _ = _run(
+        capsys,
+        "pretrain",
+        "--config",
+        TINY,
+        "--out",
+        str(tmp_path / "run"),
+        *QUIET,
+        "--resume",
+        *other,
+    )
     assert rc == 1, err
     assert "the weights do not fit the model of the config" in _one_line(err)
     assert "resume with the config the run was started with" in err
@@ -187,12 +254,14 @@ class _FullDisk(io.FileIO):
     def write(self, b):
         room = self.budget - self.tell()
         if len(b) > room:
-            super().write(bytes(b)[:max(0, room)])
+            super().write(bytes(b)[: max(0, room)])
             raise OSError(errno.ENOSPC, "No space left on device")
         return super().write(b)
 
 
-def test_disk_full_while_checkpointing_is_one_line_and_removes_the_partial_file(tmp_path, monkeypatch):
+def test_disk_full_while_checkpointing_is_one_line_and_removes_the_partial_file(
+    tmp_path, monkeypatch
+):
     tr = _trainer(tmp_path, ["--train.max_steps=4", "--train.checkpoint_every=2"])
     real_open = open
 
@@ -206,7 +275,9 @@ def test_disk_full_while_checkpointing_is_one_line_and_removes_the_partial_file(
         tr.fit()
     msg = str(e.value)
     assert len(msg.splitlines()) == 1
-    assert "no space left on device: the disk /" in msg and str(tmp_path / "checkpoints") in msg, msg
+    assert "no space left on device: the disk /" in msg and str(tmp_path / "checkpoints") in msg, (
+        msg
+    )
     assert "step_000004.pt was not written" in msg
     ck = tmp_path / "checkpoints"
     assert sorted(os.listdir(ck)) == ["latest", "step_000002.pt"]  # no .tmp left behind
@@ -218,7 +289,9 @@ def test_latest_naming_a_missing_file(tmp_path, capsys):
     ck = tmp_path / "run" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "latest").write_text("step_000009.pt\n")
-    rc, err, _ = _run(capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET, "--resume")
+    rc, err, _ = _run(
+        capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET, "--resume"
+    )
     assert rc == 1, err
     assert "points at step_000009.pt, which does not exist" in _one_line(err)
     # with an intact older checkpoint beside it, that one is taken (and the run says so)
@@ -241,7 +314,10 @@ def _official(tmp_path, heads, with_config):
     sd = {theirs: torch.randn(shapes[ours]) for ours, theirs in official_names(cfg).items()}
     ck = {"model": sd}
     if with_config:
-        ck["config"] = {"vision_config": {"num_attention_heads": heads}, "text_config": {"num_attention_heads": heads}}
+        ck["config"] = {
+            "vision_config": {"num_attention_heads": heads},
+            "text_config": {"num_attention_heads": heads},
+        }
     path = tmp_path / "release.pth"
     torch.save(ck, str(path))
     return str(path)
@@ -250,7 +326,9 @@ def _official(tmp_path, heads, with_config):
 def test_convert_reads_head_counts_from_the_checkpoint_config(tmp_path, capsys):
     from r2d2.engine.model import R2D2Model
 
-    path = _official(tmp_path, heads=4, with_config=True)  # width 64: 4 heads of 16, not 64 / 64 = 1
+    path = _official(
+        tmp_path, heads=4, with_config=True
+    )  # width 64: 4 heads of 16, not 64 / 64 = 1
     rc, err, out = _run(capsys, "convert", "official", path, str(tmp_path / "m"))
     assert rc == 0, err
     assert "attention heads from the checkpoint's config: vision 4, text 4" in out

@@ -32,8 +32,12 @@ from r2d2.engine.observability import read_log
 
 ROOT = str(Path(__file__).resolve().parents[2])
 TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
-QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
-         "--train.eval_at_end=false"]
+QUIET = [
+    "--logging.progress=false",
+    "--logging.tensorboard=false",
+    "--logging.plot=false",
+    "--train.eval_at_end=false",
+]
 
 
 class Payload:
@@ -51,8 +55,18 @@ def _evil_checkpoint(path, sentinel, objective=None):
     sd = dict(objective.state_dict()) if objective is not None else {"w": torch.zeros(2)}
     sd["payload"] = Payload(sentinel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"objective": sd, "optimizer": None, "scheduler": None, "state": {"step": 3},
-                "rng": [rng_state()], "rank_data": [{}], "extra": {}}, path)
+    torch.save(
+        {
+            "objective": sd,
+            "optimizer": None,
+            "scheduler": None,
+            "state": {"step": 3},
+            "rng": [rng_state()],
+            "rank_data": [{}],
+            "extra": {},
+        },
+        path,
+    )
     return path
 
 
@@ -78,7 +92,9 @@ def _tiny_objective():
 def test_safe_load_refuses_a_payload_and_never_runs_it(tmp_path):
     sentinel = tmp_path / "pwned"
     path = _evil_checkpoint(str(tmp_path / "evil.pt"), sentinel)
-    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pt: refused: loading it needs posix\.system"):
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"evil\.pt: refused: loading it needs posix\.system"
+    ):
         safe_load(path)
     with pytest.raises(UnsafeCheckpointError, match="r2d2 convert checkpoint"):
         load_weights(path)
@@ -95,12 +111,23 @@ def test_init_from_refuses_a_payload(tmp_path, capsys, where):
         _evil_checkpoint(str(run / "checkpoints" / "step_000003.pt"), sentinel, _tiny_objective())
         (run / "checkpoints" / "latest").write_text("step_000003.pt\n")
         target = str(run)
-    rc, err = _run(capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET,
-                   f"--train.init_from={target}", "--train.max_steps=1")
+    rc, err = _run(
+        capsys,
+        "pretrain",
+        "--config",
+        TINY,
+        "--out",
+        str(tmp_path / "run"),
+        *QUIET,
+        f"--train.init_from={target}",
+        "--train.max_steps=1",
+    )
     assert rc == 1 and "refused: loading it needs posix.system" in _one_line(err)
     assert "train.init_from=" in err
     assert not sentinel.exists()
-    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "run" / "checkpoints"
+    )
 
 
 def test_resume_refuses_a_payload(tmp_path, capsys):
@@ -108,10 +135,22 @@ def test_resume_refuses_a_payload(tmp_path, capsys):
     run = tmp_path / "run"
     _evil_checkpoint(str(run / "checkpoints" / "step_000003.pt"), sentinel, _tiny_objective())
     (run / "checkpoints" / "latest").write_text("step_000003.pt\n")
-    rc, err = _run(capsys, "pretrain", "--config", TINY, "--out", str(run), *QUIET, "--resume",
-                   "--train.max_steps=4")
+    rc, err = _run(
+        capsys,
+        "pretrain",
+        "--config",
+        TINY,
+        "--out",
+        str(run),
+        *QUIET,
+        "--resume",
+        "--train.max_steps=4",
+    )
     assert rc == 1, err
-    assert "--resume:" in _one_line(err) and "step_000003.pt: refused: loading it needs posix.system" in err
+    assert (
+        "--resume:" in _one_line(err)
+        and "step_000003.pt: refused: loading it needs posix.system" in err
+    )
     assert not sentinel.exists()
 
 
@@ -119,7 +158,16 @@ def test_eval_checkpoint_never_unpickles(tmp_path, capsys):
     sentinel = tmp_path / "pwned"
     evil = _evil_checkpoint(str(tmp_path / "evil.pt"), sentinel)
     # a file: not a model folder
-    rc, err = _run(capsys, "eval", "retrieval", "--checkpoint", evil, "--out", str(tmp_path / "e1"), "--data.format=synthetic")
+    rc, err = _run(
+        capsys,
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        evil,
+        "--out",
+        str(tmp_path / "e1"),
+        "--data.format=synthetic",
+    )
     assert rc == 2 and _one_line(err)
     # a model folder whose model.safetensors is a pickle with a payload: safetensors never unpickles
     from r2d2.engine.model import R2D2Model, model_preset
@@ -127,14 +175,32 @@ def test_eval_checkpoint_never_unpickles(tmp_path, capsys):
     folder = tmp_path / "model"
     R2D2Model(model_preset("tiny")).save_pretrained(str(folder))
     shutil.copy(evil, folder / "model.safetensors")
-    rc, err = _run(capsys, "eval", "retrieval", "--checkpoint", str(folder), "--out", str(tmp_path / "e2"), "--data.format=synthetic")
+    rc, err = _run(
+        capsys,
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        str(folder),
+        "--out",
+        str(tmp_path / "e2"),
+        "--data.format=synthetic",
+    )
     assert rc == 1 and "model.safetensors" in _one_line(err)
     # a run folder: its model/ is what is read, never its checkpoints/
     run = tmp_path / "run"
     shutil.copytree(folder, run / "model")
     _evil_checkpoint(str(run / "checkpoints" / "step_000003.pt"), sentinel)
     (run / "checkpoints" / "latest").write_text("step_000003.pt\n")
-    rc, err = _run(capsys, "eval", "retrieval", "--checkpoint", str(run), "--out", str(tmp_path / "e3"), "--data.format=synthetic")
+    rc, err = _run(
+        capsys,
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "e3"),
+        "--data.format=synthetic",
+    )
     assert rc == 1 and _one_line(err)
     assert not sentinel.exists()
 
@@ -163,8 +229,13 @@ def test_training_checkpoints_are_plain_data(tmp_path):
     opt.step()
     ck = Checkpointer(str(tmp_path))
     random.random(), np.random.rand(), torch.rand(1)
-    path = ck.save(model, opt, None, TrainState(step=1), extra={"config": {"a": [1, 2.0]},
-                                                                   "data_position": {"samples": 4}})
+    path = ck.save(
+        model,
+        opt,
+        None,
+        TrainState(step=1),
+        extra={"config": {"a": [1, 2.0]}, "data_position": {"samples": 4}},
+    )
     want = (random.random(), np.random.rand(), torch.rand(1))
     raw = torch.load(path, weights_only=True)  # would raise on any pickled class or function
 
@@ -208,11 +279,28 @@ def _toy_trainer(out, resume=False):
     from r2d2.engine.tokenizer import build_tokenizer
     from r2d2.engine.trainer import Trainer
 
-    cfg = load_config(None, QUIET + ["--train.max_steps=6", "--train.checkpoint_every=3", "--train.log_every=1",
-                                     "--data.batch_size=4", "--data.synthetic_size=64", "--train.keep_checkpoints=5"])
+    cfg = load_config(
+        None,
+        QUIET
+        + [
+            "--train.max_steps=6",
+            "--train.checkpoint_every=3",
+            "--train.log_every=1",
+            "--data.batch_size=4",
+            "--data.synthetic_size=64",
+            "--train.keep_checkpoints=5",
+        ],
+    )
     torch.manual_seed(0)
-    return Trainer(cfg, str(out), resume=resume, objective=Noisy(), tokenize=Tokenize(build_tokenizer(None, 12), 12),
-                   image_size=8, flops_per_sample=1e6)
+    return Trainer(
+        cfg,
+        str(out),
+        resume=resume,
+        objective=Noisy(),
+        tokenize=Tokenize(build_tokenizer(None, 12), 12),
+        image_size=8,
+        flops_per_sample=1e6,
+    )
 
 
 def _losses(out):
@@ -226,8 +314,13 @@ def _old_format(path):
     for r in ck["rng"]:
         py, npst = r["python"], r["numpy"]
         r["python"] = (py["version"], tuple(py["state"].tolist()), py["gauss_next"])
-        r["numpy"] = (npst["kind"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                      npst["cached_gaussian"])
+        r["numpy"] = (
+            npst["kind"],
+            npst["key"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
     del ck["format"]
     torch.save(ck, path)
 
@@ -246,10 +339,15 @@ def test_resume_is_exact_and_an_old_checkpoint_resumes_after_convert(tmp_path, c
         _old_format(str(step3))
         from r2d2.engine.trainer import TrainingError
 
-        with pytest.raises(TrainingError, match=r"needs numpy\..*written before checkpoints became plain data"
-                                                r".*r2d2 convert checkpoint .*--trust-source"):
+        with pytest.raises(
+            TrainingError,
+            match=r"needs numpy\..*written before checkpoints became plain data"
+            r".*r2d2 convert checkpoint .*--trust-source",
+        ):
             _toy_trainer(cut, resume=True).fit()
-        rc, err = _run(capsys, "convert", "checkpoint", str(step3), str(step3), "--trust-source", "--force")
+        rc, err = _run(
+            capsys, "convert", "checkpoint", str(step3), str(step3), "--trust-source", "--force"
+        )
         assert rc == 0, err
         assert safe_load(str(step3))["format"] == 2
     capsys.readouterr()
@@ -263,7 +361,12 @@ def test_convert_checkpoint_refuses_what_cannot_be_plain(tmp_path, capsys):
     """--trust-source loads the file (the user vouched for it) but writes only plain data: an
     object that is not is named, and nothing is written."""
     path = tmp_path / "odd.pt"
-    torch.save({"objective": {"w": torch.zeros(1)}, "extra": {"when": datetime.date(2020, 1, 1)}}, str(path))
-    rc, err = _run(capsys, "convert", "checkpoint", str(path), str(tmp_path / "new.pt"), "--trust-source")
+    torch.save(
+        {"objective": {"w": torch.zeros(1)}, "extra": {"when": datetime.date(2020, 1, 1)}},
+        str(path),
+    )
+    rc, err = _run(
+        capsys, "convert", "checkpoint", str(path), str(tmp_path / "new.pt"), "--trust-source"
+    )
     assert rc == 1 and "datetime.date is not plain data" in _one_line(err)
     assert not (tmp_path / "new.pt").exists()

@@ -71,13 +71,20 @@ def test_record_types():
 
 def test_jsonl_reader_counts_bad_lines(files):
     root, names = files
-    lines = [json.dumps({"image_path": n, "text": f"图片{i}", "image_id": f"id{i}"}) for i, n in enumerate(names)]
-    lines += [json.dumps({"image": "corrupt.jpg", "caption": "坏的"}),
-              json.dumps({"image": "truncated.jpg", "caption": "截断"}),
-              json.dumps({"image_path": "missing.jpg", "text": "不存在"}),
-              json.dumps({"image_path": names[0], "text": "   "}),
-              json.dumps({"image_path": names[1]}),
-              "{not json", json.dumps({"text": "no image"}), ""]
+    lines = [
+        json.dumps({"image_path": n, "text": f"图片{i}", "image_id": f"id{i}"})
+        for i, n in enumerate(names)
+    ]
+    lines += [
+        json.dumps({"image": "corrupt.jpg", "caption": "坏的"}),
+        json.dumps({"image": "truncated.jpg", "caption": "截断"}),
+        json.dumps({"image_path": "missing.jpg", "text": "不存在"}),
+        json.dumps({"image_path": names[0], "text": "   "}),
+        json.dumps({"image_path": names[1]}),
+        "{not json",
+        json.dumps({"text": "no image"}),
+        "",
+    ]
     (root / "ann.jsonl").write_text("\n".join(lines), encoding="utf-8")
     res = read_jsonl(str(root / "ann.jsonl"))
     assert len(res.records) == 7
@@ -99,14 +106,20 @@ def test_jsonl_reader_counts_bad_lines(files):
             assert x["skips"] and set(x["skips"]) == {"corrupt_image"}
             assert x["text"] in {r.text for j, r in enumerate(res.records) if j not in bad}
         else:
-            assert x["skips"] == [] and torch.equal(x["image"], raw[i]["image"]) and x["text"] == raw[i]["text"]
+            assert (
+                x["skips"] == []
+                and torch.equal(x["image"], raw[i]["image"])
+                and x["text"] == raw[i]["text"]
+            )
     again = ds[(0, 5)]  # a pure function of (seed, epoch, index): exact resume needs that
     assert torch.equal(again["image"], items[5]["image"]) and again["text"] == items[5]["text"]
     assert ds[(1, 5)]["skips"]  # another epoch draws again (and still counts the failed try)
     batch = Collate(TOK)(items)
     n_failed = sum(len(x["skips"]) for x in items)
     assert batch["size"] == 7 and batch["images"].shape == (7, 3, 16, 16)
-    assert batch["skipped"] == n_failed >= 2 and batch["skip_reasons"] == {"corrupt_image": n_failed}
+    assert batch["skipped"] == n_failed >= 2 and batch["skip_reasons"] == {
+        "corrupt_image": n_failed
+    }
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (7, 16)
     assert batch["image_ids"].dtype == torch.long
 
@@ -116,7 +129,9 @@ def test_a_sample_without_any_decodable_replacement_is_dropped_and_counted(tmp_p
 
     for i in range(3):
         (tmp_path / f"{i}.jpg").write_bytes(b"not an image" * (i + 1))
-    ds = PairDataset([Record(str(tmp_path / f"{i}.jpg"), "文", str(i)) for i in range(3)], EvalTransform(8))
+    ds = PairDataset(
+        [Record(str(tmp_path / f"{i}.jpg"), "文", str(i)) for i in range(3)], EvalTransform(8)
+    )
     x = ds[(0, 1)]
     assert isinstance(x, Skipped) and x.reasons == ("corrupt_image",) * (REPLACE_TRIES + 1)
     batch = Collate(TOK)([x, x])
@@ -126,8 +141,13 @@ def test_a_sample_without_any_decodable_replacement_is_dropped_and_counted(tmp_p
 def test_tsv_reader(files):
     root, names = files
     stem = [os.path.splitext(n)[0] if n.endswith(".jpg") else n for n in names]
-    text = "\n".join([f"{s}\t描述{i}" for i, s in enumerate(stem)] +
-                     ["gone\t不存在的图", f"{stem[0]}\t", "no tab here", "\tno id"]) + "\n"
+    text = (
+        "\n".join(
+            [f"{s}\t描述{i}" for i, s in enumerate(stem)]
+            + ["gone\t不存在的图", f"{stem[0]}\t", "no tab here", "\tno id"]
+        )
+        + "\n"
+    )
     (root / "ann.tsv").write_text(text, encoding="utf-8")
     res = read_tsv(str(root / "ann.tsv"))
     assert len(res.records) == len(names)
@@ -144,7 +164,9 @@ def test_missing_annotation_file_is_an_error(tmp_path):
 
 def test_ccmb_formats_dispatch_to_the_ccmb_reader(files):
     root, names = files
-    (root / "icr.json").write_text("\n".join(json.dumps({"image_path": n, "text": "文本"}) for n in names))
+    (root / "icr.json").write_text(
+        "\n".join(json.dumps({"image_path": n, "text": "文本"}) for n in names)
+    )
     res = read_records("ccmb_icr", str(root / "icr.json"), str(root))
     assert len(res.records) == len(names)
 
@@ -209,7 +231,9 @@ def test_sampler_shards_resume_and_covers_epochs():
         assert [i for it in ranks for i in next(it)] == b  # ranks split each global micro-batch
     resumed = iter(ResumableBatchSampler(n, micro, seed=seed, start=3 * micro))  # start: in samples
     assert [next(resumed) for _ in range(4)] == batches[3:7]
-    half = iter(ResumableBatchSampler(n, micro // 2, seed=seed, start=3 * micro))  # grad_accum doubled
+    half = iter(
+        ResumableBatchSampler(n, micro // 2, seed=seed, start=3 * micro)
+    )  # grad_accum doubled
     assert next(half) + next(half) == batches[3]
     flat = [i for batch in batches for i in batch]
     first_epoch = [i for e, i in flat if e == 0]
@@ -270,7 +294,10 @@ def test_webdataset_stream_skips_and_counts(tmp_path):
     assert sorted(first) == sorted(f"样本{s}_{i}" for s in range(2) for i in (0, 4, 5))
     assert sum(b["skipped"] for b in batches[:2]) == 6
     assert sum((b["skip_reasons"] for b in batches[:2]), Counter()) == {
-        "corrupt_image": 2, "empty_text": 2, "missing_image": 2}
+        "corrupt_image": 2,
+        "empty_text": 2,
+        "missing_image": 2,
+    }
     assert [b["stream_pos"] for b in batches] == [(0, 0, 6), (1, 0, 6), (0, 1, 6), (1, 1, 6)]
 
 
@@ -282,17 +309,32 @@ def test_webdataset_repeats_epochs_and_shuffles_with_a_seed(tmp_path):
     keys = [f"样本0_{i}" for i in range(8)]
     assert [t for b in batches[:2] for t in b["texts"]] == keys
     assert [t for b in batches[2:4] for t in b["texts"]] == keys  # epoch 1: the same samples again
-    assert [b["stream_pos"][1:] for b in batches] == [(0, 4), (0, 8), (1, 4), (1, 8), (2, 4), (2, 8)]
+    assert [b["stream_pos"][1:] for b in batches] == [
+        (0, 4),
+        (0, 8),
+        (1, 4),
+        (1, 8),
+        (2, 4),
+        (2, 8),
+    ]
     # augmentation differs by epoch (seeded by (seed, epoch, key)), not frozen per key
-    tcfg = DataConfig(format="webdataset", path=urls, batch_size=4, shuffle_buffer=0, crop_scale=[0.2, 0.5])
+    tcfg = DataConfig(
+        format="webdataset", path=urls, batch_size=4, shuffle_buffer=0, crop_scale=[0.2, 0.5]
+    )
     aug = _take(build_train_data(tcfg, TOK, 16, 4).loader, 3)
     assert not torch.equal(aug[0]["images"], aug[2]["images"])
     shuffled = DataConfig(format="webdataset", path=urls, batch_size=4, shuffle_buffer=8, seed=3)
-    orders = [[t for b in _take(build_train_data(shuffled, TOK, 16, 4).loader, 4) for t in b["texts"]]
-              for _ in range(2)]
+    orders = [
+        [t for b in _take(build_train_data(shuffled, TOK, 16, 4).loader, 4) for t in b["texts"]]
+        for _ in range(2)
+    ]
     assert orders[0] == orders[1]  # same seed, same order
-    assert sorted(orders[0][:8]) == keys and sorted(orders[0][8:]) == keys  # each epoch a permutation
-    assert orders[0][:8] != keys and orders[0][:8] != orders[0][8:]  # shuffled, differently per epoch
+    assert (
+        sorted(orders[0][:8]) == keys and sorted(orders[0][8:]) == keys
+    )  # each epoch a permutation
+    assert (
+        orders[0][:8] != keys and orders[0][:8] != orders[0][8:]
+    )  # shuffled, differently per epoch
 
 
 def test_webdataset_ranks_read_disjoint_shards(tmp_path):
@@ -305,44 +347,70 @@ def test_webdataset_ranks_read_disjoint_shards(tmp_path):
         seen.append({x["image_id"] for b in (next(st), next(st)) for x in b["items"]})
     assert len(seen[0]) == len(seen[1]) == 10 and not seen[0] & seen[1]
     assert {k.split("_")[0] for k in seen[0] | seen[1]} == {"s0", "s1", "s2", "s3"}
-    cfg = DataConfig(format="webdataset", path=str(tmp_path / "shard-{0..3}.tar"), batch_size=4, num_workers=3)
+    cfg = DataConfig(
+        format="webdataset", path=str(tmp_path / "shard-{0..3}.tar"), batch_size=4, num_workers=3
+    )
     with pytest.raises(DataError, match="4 shards for 2 ranks x 3 workers"):
         build_train_data(cfg, TOK, 8, 4, rank=0, world=2)
     with pytest.raises(DataError, match="shard files do not exist"):
-        build_train_data(DataConfig(format="webdataset", path=str(tmp_path / "nope-{0..1}.tar")), TOK, 8, 4)
+        build_train_data(
+            DataConfig(format="webdataset", path=str(tmp_path / "nope-{0..1}.tar")), TOK, 8, 4
+        )
 
 
-def test_webdataset_resume_continues_exactly_without_decoding_consumed_samples(tmp_path, monkeypatch):
+def test_webdataset_resume_continues_exactly_without_decoding_consumed_samples(
+    tmp_path, monkeypatch
+):
     import r2d2.engine.data.loader as L
 
     urls = _shards(tmp_path, 2, 7)
-    cfg = DataConfig(format="webdataset", path=urls, batch_size=2, num_workers=2, shuffle_buffer=3,
-                     seed=random.randrange(1000))
+    cfg = DataConfig(
+        format="webdataset",
+        path=urls,
+        batch_size=2,
+        num_workers=2,
+        shuffle_buffer=3,
+        seed=random.randrange(1000),
+    )
     ref = _take(build_train_data(cfg, TOK, 16, 2).loader, 9)
     k = 5  # odd: the resumed loader's worker 0 must play the role of the old worker 1
     cursor = L.DataCursor(cfg.format, True, 1, 2)
     cursor.advance(ref[:k], 2)
     assert cursor.batches == k and set(cursor.positions) == {0, 1}
-    resumed = _take(build_train_data(cfg, TOK, 16, 2, stream_state=cursor.rank_state()).loader, len(ref) - k)
+    resumed = _take(
+        build_train_data(cfg, TOK, 16, 2, stream_state=cursor.rank_state()).loader, len(ref) - k
+    )
     for a, b in zip(ref[k:], resumed):
-        assert a["texts"] == b["texts"] and torch.equal(a["images"], b["images"]), (a["texts"], b["texts"])
+        assert a["texts"] == b["texts"] and torch.equal(a["images"], b["images"]), (
+            a["texts"],
+            b["texts"],
+        )
         assert a["stream_pos"] == b["stream_pos"] and a["skipped"] == b["skipped"]
     # in one process: the consumed raw samples are skipped before the decode stage
     decoded = []
     real = L._decode_wds
-    monkeypatch.setattr(L, "_decode_wds", lambda raw, *a: decoded.append(raw["__key__"]) or real(raw, *a))
+    monkeypatch.setattr(
+        L, "_decode_wds", lambda raw, *a: decoded.append(raw["__key__"]) or real(raw, *a)
+    )
     shards = L.shard_list(urls)
     one = iter(L.ShardStream(shards, EvalTransform(8), 3, shuffle_buffer=0))
     first = [next(one) for _ in range(3)]
     role, epoch, raw = first[1]["pos"]
     decoded.clear()
-    again = next(iter(L.ShardStream(shards, EvalTransform(8), 3, shuffle_buffer=0, start={role: (epoch, raw)})))
-    assert [x["image_id"] for x in again["items"] if not isinstance(x, Skipped)] == \
-        [x["image_id"] for x in first[2]["items"] if not isinstance(x, Skipped)]
+    again = next(
+        iter(
+            L.ShardStream(shards, EvalTransform(8), 3, shuffle_buffer=0, start={role: (epoch, raw)})
+        )
+    )
+    assert [x["image_id"] for x in again["items"] if not isinstance(x, Skipped)] == [
+        x["image_id"] for x in first[2]["items"] if not isinstance(x, Skipped)
+    ]
     # one process reads every shard in order: the decoded keys are exactly the raw samples after
     # the saved position, none of the consumed ones
     order = [f"s{s}_{i:03d}" for s in range(2) for i in range(7)]
-    assert epoch == 0 and decoded == (order + order)[raw:raw + len(first[2]["items"])]  # into epoch 1
+    assert (
+        epoch == 0 and decoded == (order + order)[raw : raw + len(first[2]["items"])]
+    )  # into epoch 1
 
 
 def test_data_position_is_checked_on_resume():
@@ -354,7 +422,12 @@ def test_data_position_is_checked_on_resume():
     with pytest.raises(DataError, match="does not match its step"):
         resume_position(pos, [{}], cfg, 4, {"data": {"batch_size": 8}}, 0, 1)
     # the batch size changed on resume: the saved position (not step x batch) is where to go on
-    assert resume_position(pos, [{}], DataConfig(batch_size=16), 5, {"data": {"batch_size": 8}}, 0, 1)[0] == 40
+    assert (
+        resume_position(pos, [{}], DataConfig(batch_size=16), 5, {"data": {"batch_size": 8}}, 0, 1)[
+            0
+        ]
+        == 40
+    )
     with pytest.raises(DataError, match=r"data\.format='synthetic'.*reads 'jsonl'"):
         resume_position(pos, [{}], DataConfig(format="jsonl", path="x"), 5, None, 0, 1)
     stream = {"format": "webdataset", "kind": "stream", "samples": 0, "world": 2, "workers": 1}
@@ -400,8 +473,10 @@ def test_randaugment_is_a_function_of_the_rng_and_n0_is_identity():
     assert x.shape == (3, 16, 16) and torch.equal(x, tf(img, random.Random(0)))
 
 
-@pytest.mark.parametrize("kw, match", [(dict(n=-1), "n=-1"), (dict(m=11), "m=11"), (dict(p=2), "p=2"),
-                                       (dict(ops=("blur",)), "blur")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(n=-1), "n=-1"), (dict(m=11), "m=11"), (dict(p=2), "p=2"), (dict(ops=("blur",)), "blur")],
+)
 def test_randaugment_bad_arguments_name_themselves(kw, match):
     from r2d2.engine.data.randaugment import RandAugment
 
@@ -437,13 +512,25 @@ def test_loader_workers_survive_sigterm(tmp_path, monkeypatch):
 
 def test_eval_path_is_read_for_every_format_with_its_skips(files):
     root, names = files
-    (root / "held.jsonl").write_text("\n".join(
-        [json.dumps({"image": n, "text": f"图{i}"}) for i, n in enumerate(names)] +
-        [json.dumps({"image": "gone.jpg", "text": "没有"}), json.dumps({"image": names[0], "text": " "})]))
+    (root / "held.jsonl").write_text(
+        "\n".join(
+            [json.dumps({"image": n, "text": f"图{i}"}) for i, n in enumerate(names)]
+            + [
+                json.dumps({"image": "gone.jpg", "text": "没有"}),
+                json.dumps({"image": names[0], "text": " "}),
+            ]
+        )
+    )
     (root / "held.tsv").write_text("img0\t第一张\nimg1.png\t第二张\nnope\t没有\n")
     shards = _shards(root, 1, 2, bad=False)
-    for fmt, path, extra in [("jsonl", "x.jsonl", {}), ("synthetic", None, {}), ("webdataset", shards, {})]:
-        res = read_eval(DataConfig(format=fmt, path=path, eval_path=str(root / "held.jsonl"), **extra))
+    for fmt, path, extra in [
+        ("jsonl", "x.jsonl", {}),
+        ("synthetic", None, {}),
+        ("webdataset", shards, {}),
+    ]:
+        res = read_eval(
+            DataConfig(format=fmt, path=path, eval_path=str(root / "held.jsonl"), **extra)
+        )
         assert [r.text for r in res.records] == [f"图{i}" for i in range(5)], fmt
         assert res.reasons == {"missing_image": 1, "empty_text": 1}, fmt
     # with synthetic / webdataset the manifest's extension picks its reader
@@ -456,7 +543,9 @@ def test_eval_path_is_read_for_every_format_with_its_skips(files):
     assert read_eval(DataConfig(format="jsonl", path="x.jsonl")).records == []
     with pytest.raises(DataError, match="must be a jsonl or tsv manifest"):
         read_eval(DataConfig(format="synthetic", eval_path=str(root / "corrupt.jpg")))
-    with pytest.raises(DataError, match=r"data.eval_path \(jsonl\): annotation file not found: .*none.jsonl"):
+    with pytest.raises(
+        DataError, match=r"data.eval_path \(jsonl\): annotation file not found: .*none.jsonl"
+    ):
         read_eval(DataConfig(format="synthetic", eval_path=str(root / "none.jsonl")))
 
 
@@ -471,14 +560,21 @@ def test_check_data_source_checks_eval_path_only_when_it_is_used(files):
 def test_an_invalid_utf8_line_is_a_counted_skip_like_invalid_json(files):
     # issue 17 item 7: one undecodable line used to refuse the whole file (UnicodeDecodeError)
     root, names = files
-    good = [json.dumps({"image_path": n, "text": f"图片{i}"}, ensure_ascii=False).encode() for i, n in enumerate(names)]
+    good = [
+        json.dumps({"image_path": n, "text": f"图片{i}"}, ensure_ascii=False).encode()
+        for i, n in enumerate(names)
+    ]
     bad = b'{"image_path": "' + names[0].encode() + b'", "text": "\xff\xfe caf\xe9"}'
-    (root / "ann.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(good[:2] + [bad, b"{not json"] + good[2:]) + b"\n")
+    (root / "ann.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + b"\n".join(good[:2] + [bad, b"{not json"] + good[2:]) + b"\n"
+    )
     res = read_jsonl(str(root / "ann.jsonl"))
     assert len(res.records) == len(names) and res.reasons == {"malformed_line": 2}
     assert [r.text for r in res.records] == [f"图片{i}" for i in range(len(names))]
     rows = [f"{n}\t图{i}".encode() for i, n in enumerate(names)]
-    (root / "ann.tsv").write_bytes(b"\n".join(rows[:1] + [names[1].encode() + b"\t\xc3\x28"] + rows[2:]) + b"\n")
+    (root / "ann.tsv").write_bytes(
+        b"\n".join(rows[:1] + [names[1].encode() + b"\t\xc3\x28"] + rows[2:]) + b"\n"
+    )
     res = read_tsv(str(root / "ann.tsv"))
     assert len(res.records) == len(names) - 1 and res.reasons == {"malformed_line": 1}
 
@@ -515,10 +611,14 @@ def test_a_truncated_shard_is_counted_not_silent(tmp_path, caplog):
     marks = [x for x in items if isinstance(x, Skipped)]
     assert [m.reason for m in marks] == ["truncated_shard"]
     good = [x["image_id"] for x in items if not isinstance(x, Skipped)]
-    assert good[:len(good) - 6] == [f"s0_{i:03d}" for i in range(len(good) - 6)] and len(good) < 12
+    assert good[: len(good) - 6] == [f"s0_{i:03d}" for i in range(len(good) - 6)] and len(good) < 12
     assert "shard-0.tar is damaged" in caplog.text
-    col = Collate(TOK)(batches[0] if any(isinstance(x, Skipped) for x in batches[0]["items"]) else batches[1])
-    assert col["skip_reasons"] == {"truncated_shard": 1} and col["skipped"] == 0  # a shard, not a sample
+    col = Collate(TOK)(
+        batches[0] if any(isinstance(x, Skipped) for x in batches[0]["items"]) else batches[1]
+    )
+    assert (
+        col["skip_reasons"] == {"truncated_shard": 1} and col["skipped"] == 0
+    )  # a shard, not a sample
     # a resumed stream does not count the damage again when the batch holding it was consumed
     pos = next(b["pos"] for b in batches if any(isinstance(x, Skipped) for x in b["items"]))
     again = _take(ShardStream(shards, EvalTransform(8), 3, start={pos[0]: pos[1:]}), 1)

@@ -19,23 +19,47 @@ from r2d2.engine.observability import read_log
 
 ROOT = str(Path(__file__).resolve().parents[2])
 STEPS = 6
-COMMON = ["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), f"--train.max_steps={STEPS}",
-          "--train.log_every=1", "--train.checkpoint_every=0", "--data.batch_size=16",
-          "--data.synthetic_size=256", "--logging.progress=false", "--logging.tensorboard=false",
-          "--logging.plot=false", "--train.eval_at_end=false", "--distributed.backend=gloo",
-          "--data.synthetic_eval_size=16"]
+COMMON = [
+    "--config",
+    os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"),
+    f"--train.max_steps={STEPS}",
+    "--train.log_every=1",
+    "--train.checkpoint_every=0",
+    "--data.batch_size=16",
+    "--data.synthetic_size=256",
+    "--logging.progress=false",
+    "--logging.tensorboard=false",
+    "--logging.plot=false",
+    "--train.eval_at_end=false",
+    "--distributed.backend=gloo",
+    "--data.synthetic_eval_size=16",
+]
 
 
 def _run(cmd, out, extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    r = subprocess.run([*cmd, "pretrain", "--out", str(out), *COMMON, *extra], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [*cmd, "pretrain", "--out", str(out), *COMMON, *extra],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return read_log(os.path.join(out, "log.jsonl"))
 
 
 DETERMINISTIC = ["--loss.mlm=false", "--loss.fgd=false"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "r2d2"]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "-m",
+    "r2d2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +139,9 @@ def test_two_process_ddp_with_corrupt_images_completes_and_counts_skips(tmp_path
     two = _run(TORCHRUN, tmp_path / "two", DETERMINISTIC + corrupt_manifest)
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     assert two[-1]["samples"] == STEPS * 16  # every batch full
-    assert all(r["skipped_read"] == 2 for r in two) and two[-1]["skip_reasons"]["missing_image"] == 2
+    assert (
+        all(r["skipped_read"] == 2 for r in two) and two[-1]["skip_reasons"]["missing_image"] == 2
+    )
     want = np.cumsum(_expected_decode_skips(corrupt_manifest, STEPS, 16)).tolist()
     assert [r["skipped_decode"] for r in two] == want  # summed over both ranks
     # 6 steps x 16 = 96 positions of a 62-record epoch: every corrupt record was met (and replaced)
@@ -125,7 +151,9 @@ def test_two_process_ddp_with_corrupt_images_completes_and_counts_skips(tmp_path
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_process_ddp_with_corrupt_images_and_accumulation_matches_one_process(tmp_path, corrupt_manifest):
+def test_two_process_ddp_with_corrupt_images_and_accumulation_matches_one_process(
+    tmp_path, corrupt_manifest
+):
     # accumulation 2 on 2 ranks: micro-batches of 8 (4 per rank), GCPR over the gathered 8; the
     # one-process run with the same accumulation sees the same micro-batches and replacements
     accum = DETERMINISTIC + corrupt_manifest + ["--train.grad_accum=2"]

@@ -81,12 +81,15 @@ def test_cli_shows_each_auto_pick_once_on_stderr(r2d2_logger, monkeypatch, capsy
     assert capsys.readouterr().err.count("distill_kl on cpu tensors") == 1
 
 
-@pytest.mark.parametrize("argv, env, shown", [
-    (["-q", "--version"], None, False),
-    (["--version"], "WARNING", False),
-    (["-v", "--version"], "ERROR", True),  # a flag beats the variable
-    (["--version"], "debug", True),
-])
+@pytest.mark.parametrize(
+    "argv, env, shown",
+    [
+        (["-q", "--version"], None, False),
+        (["--version"], "WARNING", False),
+        (["-v", "--version"], "ERROR", True),  # a flag beats the variable
+        (["--version"], "debug", True),
+    ],
+)
 def test_cli_log_level_flags_and_env(r2d2_logger, monkeypatch, capsys, argv, env, shown):
     monkeypatch.setattr(dispatch, "_announced", set())
     if env is None:

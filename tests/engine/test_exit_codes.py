@@ -13,8 +13,12 @@ from r2d2 import cli
 
 ROOT = str(Path(__file__).resolve().parents[2])
 TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
-QUIET = ["--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
-         "--train.eval_at_end=false"]
+QUIET = [
+    "--logging.progress=false",
+    "--logging.tensorboard=false",
+    "--logging.plot=false",
+    "--train.eval_at_end=false",
+]
 
 
 def _run(capsys, *argv):
@@ -33,14 +37,27 @@ def _one_line(err):
 
 @pytest.mark.parametrize("cmd", ["pretrain", "finetune"])
 def test_training_usage_errors_exit_2(tmp_path, capsys, cmd):
-    out = ["--out", str(tmp_path / "run")] + ([] if cmd == "pretrain" else ["--train.task=retrieval"])
+    out = ["--out", str(tmp_path / "run")] + (
+        [] if cmd == "pretrain" else ["--train.task=retrieval"]
+    )
     rc, err = _run(capsys, cmd, "--config", str(tmp_path / "none.yaml"), *out)
-    assert rc == 2 and _one_line(err) == f"r2d2 {cmd}: --config: no such file {tmp_path / 'none.yaml'}"
+    assert (
+        rc == 2 and _one_line(err) == f"r2d2 {cmd}: --config: no such file {tmp_path / 'none.yaml'}"
+    )
     rc, err = _run(capsys, cmd, "--config", TINY, *out, "--optim.lr=abc")
     assert rc == 2 and "optim.lr='abc' has the wrong type" in _one_line(err)
     rc, err = _run(capsys, cmd, "--config", TINY, *out, "--nosuch")
     assert rc == 2 and "unrecognised argument '--nosuch'" in _one_line(err)
-    rc, err = _run(capsys, cmd, "--config", TINY, *out, *QUIET, "--data.format=jsonl", f"--data.path={tmp_path / 'none.jsonl'}")
+    rc, err = _run(
+        capsys,
+        cmd,
+        "--config",
+        TINY,
+        *out,
+        *QUIET,
+        "--data.format=jsonl",
+        f"--data.path={tmp_path / 'none.jsonl'}",
+    )
     assert rc == 2 and "(data.format=jsonl): no such file" in _one_line(err)  # was 1
     rc, err = _run(capsys, cmd, "--config", TINY)  # --out is required: argparse
     assert rc == 2
@@ -52,15 +69,30 @@ def test_training_usage_errors_exit_2(tmp_path, capsys, cmd):
 def test_training_run_time_failure_exits_1(tmp_path, capsys):
     # every line of the annotation file is broken: found while running, a run-time failure
     (tmp_path / "bad.jsonl").write_text("{broken\n" * 20, encoding="utf-8")
-    rc, err = _run(capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET,
-                   "--data.format=jsonl", f"--data.path={tmp_path / 'bad.jsonl'}")
+    rc, err = _run(
+        capsys,
+        "pretrain",
+        "--config",
+        TINY,
+        "--out",
+        str(tmp_path / "run"),
+        *QUIET,
+        "--data.format=jsonl",
+        f"--data.path={tmp_path / 'bad.jsonl'}",
+    )
     assert rc == 1 and _one_line(err).startswith("r2d2 pretrain: ")
 
 
 def test_r2d2_debug_keeps_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("R2D2_DEBUG", "1")
-    rc, err = _run(capsys, "pretrain", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r"))
-    assert rc == 2 and "Traceback" in err and err.splitlines()[-1].startswith("r2d2 pretrain: --config")
+    rc, err = _run(
+        capsys, "pretrain", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")
+    )
+    assert (
+        rc == 2
+        and "Traceback" in err
+        and err.splitlines()[-1].startswith("r2d2 pretrain: --config")
+    )
 
 
 def test_eval_exit_statuses(tmp_path, capsys):
@@ -68,21 +100,55 @@ def test_eval_exit_statuses(tmp_path, capsys):
 
     rc, err = _run(capsys, "eval", "retrieval", "--checkpoint", str(tmp_path), "--retrieval.k=0")
     assert rc == 2  # a bad override: argparse's error
-    rc, err = _run(capsys, "eval", "retrieval", "--checkpoint", str(tmp_path / "none"),
-                   "--data.format=synthetic")
+    rc, err = _run(
+        capsys,
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        str(tmp_path / "none"),
+        "--data.format=synthetic",
+    )
     assert rc == 2 and "no such folder" in _one_line(err)
     torch.manual_seed(0)
     R2D2Model(model_preset("tiny")).save_pretrained(str(tmp_path / "model"))
-    rc, err = _run(capsys, "eval", "retrieval", "--checkpoint", str(tmp_path / "model"), "--data.format=icr",
-                   f"--data.path={tmp_path / 'none.json'}", "--out", str(tmp_path / "e"))
-    assert rc == 2 and f"data.path='{tmp_path / 'none.json'}': no such file or folder" in _one_line(err)
+    rc, err = _run(
+        capsys,
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        str(tmp_path / "model"),
+        "--data.format=icr",
+        f"--data.path={tmp_path / 'none.json'}",
+        "--out",
+        str(tmp_path / "e"),
+    )
+    assert rc == 2 and f"data.path='{tmp_path / 'none.json'}': no such file or folder" in _one_line(
+        err
+    )
     (tmp_path / "icr.json").write_text("{broken\n", encoding="utf-8")
-    rc, err = _run(capsys, "eval", "retrieval", "--checkpoint", str(tmp_path / "model"), "--data.format=icr",
-                   f"--data.path={tmp_path / 'icr.json'}", "--out", str(tmp_path / "e"))
+    rc, err = _run(
+        capsys,
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        str(tmp_path / "model"),
+        "--data.format=icr",
+        f"--data.path={tmp_path / 'icr.json'}",
+        "--out",
+        str(tmp_path / "e"),
+    )
     assert rc == 1 and "icr.json:1: not valid JSON" in _one_line(err)
     (tmp_path / "f").write_text("x")
-    rc, err = _run(capsys, "eval", "retrieval", "--checkpoint", str(tmp_path / "model"),
-                   "--data.format=synthetic", "--out", str(tmp_path / "f" / "e"))
+    rc, err = _run(
+        capsys,
+        "eval",
+        "retrieval",
+        "--checkpoint",
+        str(tmp_path / "model"),
+        "--data.format=synthetic",
+        "--out",
+        str(tmp_path / "f" / "e"),
+    )
     assert rc == 2 and "--out" in _one_line(err)
 
 

@@ -30,9 +30,12 @@ def _batch(cfg, b: int, device, g: torch.Generator) -> dict:
     mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
     ids = torch.randint(5, cfg.text.vocab_size, (b, L), generator=g)  # no special ids
     ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
-    return {"images": torch.randn(b, 3, size, size, generator=g).to(device),
-            "input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "image_ids": (torch.arange(b) // 2).to(device)}  # repeated ids: multi-positive
+    return {
+        "images": torch.randn(b, 3, size, size, generator=g).to(device),
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "image_ids": (torch.arange(b) // 2).to(device),
+    }  # repeated ids: multi-positive
 
 
 def _count(cfg: ModelConfig, loss: LossConfig, b: int, device="cpu") -> tuple[float, float, dict]:
@@ -57,11 +60,23 @@ def _analytic(cfg, loss, b, mlm_tokens=None):
 
 def _uneven() -> ModelConfig:
     """Widths and ratios that differ everywhere (a swapped Wv / Wt or MLP ratio shows)."""
-    return ModelConfig(vision=VisionConfig(image_size=24, patch_size=6, width=48, layers=2, heads=4,
-                                           mlp_ratio=3.0),
-                       text=TextConfig(vocab_size=301, width=64, layers=3, heads=4, intermediate=160,
-                                       max_positions=32, dropout=0.0),
-                       cross_layers=2, embed_dim=40, max_text_len=13)
+    return ModelConfig(
+        vision=VisionConfig(
+            image_size=24, patch_size=6, width=48, layers=2, heads=4, mlp_ratio=3.0
+        ),
+        text=TextConfig(
+            vocab_size=301,
+            width=64,
+            layers=3,
+            heads=4,
+            intermediate=160,
+            max_positions=32,
+            dropout=0.0,
+        ),
+        cross_layers=2,
+        embed_dim=40,
+        max_text_len=13,
+    )
 
 
 FLAGS = {
@@ -101,7 +116,9 @@ def test_tiny_objective_matches_flop_counter(flags):
         assert est * b == pytest.approx(counted, rel=0.05)
 
 
-@pytest.mark.parametrize("flags", _flag_params(["all", "no_teacher", "fgd_global_no_mlm"], ("all",)))
+@pytest.mark.parametrize(
+    "flags", _flag_params(["all", "no_teacher", "fgd_global_no_mlm"], ("all",))
+)
 def test_uneven_widths_match_flop_counter(flags):
     cfg, loss, b = _uneven(), LossConfig(**FLAGS[flags]), 5
     counted, mlm_tokens, _ = _count(cfg, loss, b)
@@ -129,7 +146,9 @@ def test_base_on_meta_matches_flop_counter():
     counted, _, _ = _count(cfg, loss, b, device="meta")
     want = _analytic(cfg, loss, b)
     assert want["total"] * b == pytest.approx(counted, rel=REL)
-    assert 1e11 < want["total"] < 1e13  # ViT-B/16 + BERT-base + cross encoders, ~0.58 TFLOP a sample
+    assert (
+        1e11 < want["total"] < 1e13
+    )  # ViT-B/16 + BERT-base + cross encoders, ~0.58 TFLOP a sample
 
 
 def test_terms_follow_flags_and_legacy_entry():
@@ -145,11 +164,14 @@ def test_terms_follow_flags_and_legacy_entry():
     assert big["fgr"] == full["fgr"]
     # local negatives on several ranks add a detached b x b similarity per direction
     local = LossConfig(fgr_negatives="local")
-    assert (flops.objective_flops(shape, local, global_batch=256, world=4)["fgr"] - full["fgr"]
-            == pytest.approx(4 * 64 * shape.embed_dim))
+    assert flops.objective_flops(shape, local, global_batch=256, world=4)["fgr"] - full[
+        "fgr"
+    ] == pytest.approx(4 * 64 * shape.embed_dim)
     # the legacy entry: the full objective with a teacher, no TgD/FgD without
     assert flops.r2d2_flops_per_sample(shape, global_batch=256) == pytest.approx(full["total"])
     no_t = flops.shape_from_config(model_preset("base"), 64, teacher=False)
     assert flops.r2d2_flops_per_sample(no_t, global_batch=256) == pytest.approx(bare["total"])
     cfg = model_preset("base")
-    assert flops.flops_per_sample(cfg, text_len=64, global_batch=256) == pytest.approx(full["total"])
+    assert flops.flops_per_sample(cfg, text_len=64, global_batch=256) == pytest.approx(
+        full["total"]
+    )

@@ -21,11 +21,29 @@ needs_tf = pytest.mark.skipif(transformers is None, reason="transformers is not 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-BERT_CFG = dict(vocab_size=91, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=40, max_position_embeddings=24, type_vocab_size=2,
-                layer_norm_eps=1e-12, hidden_act="gelu", hidden_dropout_prob=0.0, pad_token_id=0)
-CLIP_CFG = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                image_size=30, patch_size=6, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+BERT_CFG = dict(
+    vocab_size=91,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=40,
+    max_position_embeddings=24,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.0,
+    pad_token_id=0,
+)
+CLIP_CFG = dict(
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=30,
+    patch_size=6,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+)
 
 
 def write_dir(path, config, sd, fmt):
@@ -48,11 +66,24 @@ def random_sd(names, shapes):
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_bert_mapping_loads_every_key(tmp_path, fmt):
     names = bert_names(2)
-    shapes = {"word_embed.weight": (91, 32), "pos_embed.weight": (24, 32), "type_embed.weight": (2, 32)}
+    shapes = {
+        "word_embed.weight": (91, 32),
+        "pos_embed.weight": (24, 32),
+        "type_embed.weight": (2, 32),
+    }
     for k in names:
         if k not in shapes:
-            shapes[k] = (40, 32) if "fc1.weight" in k else (32, 40) if "fc2.weight" in k else \
-                (40,) if "fc1.bias" in k else (32, 32) if k.endswith("weight") and ("attn." in k) else (32,)
+            shapes[k] = (
+                (40, 32)
+                if "fc1.weight" in k
+                else (32, 40)
+                if "fc2.weight" in k
+                else (40,)
+                if "fc1.bias" in k
+                else (32, 32)
+                if k.endswith("weight") and ("attn." in k)
+                else (32,)
+            )
     sd = random_sd(names, shapes)
     sd["pooler.dense.weight"] = torch.randn(32, 32)
     enc = from_hf_bert(write_dir(tmp_path / fmt, BERT_CFG, sd, fmt))
@@ -69,8 +100,17 @@ def test_clip_mapping_loads_every_key(tmp_path):
     shapes = {"cls_token": (32,), "patch_embed.weight": (32, 3, 6, 6), "pos_embed": (26, 32)}
     for k in names:
         if k not in shapes:
-            shapes[k] = (40, 32) if "fc1.weight" in k else (32, 40) if "fc2.weight" in k else \
-                (40,) if "fc1.bias" in k else (32, 32) if "attn." in k and k.endswith("weight") else (32,)
+            shapes[k] = (
+                (40, 32)
+                if "fc1.weight" in k
+                else (32, 40)
+                if "fc2.weight" in k
+                else (40,)
+                if "fc1.bias" in k
+                else (32, 32)
+                if "attn." in k and k.endswith("weight")
+                else (32,)
+            )
     sd = random_sd(names, shapes)
     sd["vision_model.post_layernorm.weight"] = torch.randn(32)
     vit = from_hf_clip_vision(write_dir(tmp_path, {"vision_config": CLIP_CFG}, sd, "safetensors"))
@@ -92,7 +132,12 @@ def test_loader_errors(tmp_path):
     d = write_dir(tmp_path / "act", {**BERT_CFG, "hidden_act": "relu"}, sd, "bin")
     with pytest.raises(ValueError, match="hidden_act"):
         from_hf_bert(d)
-    d = write_dir(tmp_path / "shape", BERT_CFG, {"embeddings.word_embeddings.weight": torch.randn(90, 32)}, "bin")
+    d = write_dir(
+        tmp_path / "shape",
+        BERT_CFG,
+        {"embeddings.word_embeddings.weight": torch.randn(90, 32)},
+        "bin",
+    )
     with pytest.raises(ValueError, match=r"word_embed\.weight"):
         from_hf_bert(d)
 
@@ -108,7 +153,7 @@ def test_hf_bert_last_hidden_state_matches(tmp_path):
     mask[1, 6:] = 0
     ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
     ours = enc(ids, mask)
-    keep = mask.bool()   # HF's padded positions carry junk states; the real tokens must match
+    keep = mask.bool()  # HF's padded positions carry junk states; the real tokens must match
     torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=1e-4)
 
 
@@ -132,7 +177,9 @@ def test_hf_bert_accepts_a_save_with_heads(tmp_path, head):
     r = enc.load_report
     assert r.missing == [] and r.unexpected == []
     assert any(k.startswith("cls.predictions.") for k in r.unused)
-    assert any(k.startswith("cls.seq_relationship.") for k in r.unused) == (head == "BertForPreTraining")
+    assert any(k.startswith("cls.seq_relationship.") for k in r.unused) == (
+        head == "BertForPreTraining"
+    )
     assert all(k.startswith(("cls.", "bert.pooler.")) for k in r.unused)
     ids = torch.randint(1, 91, (3, 11))
     mask = torch.ones(3, 11, dtype=torch.long)
@@ -144,22 +191,37 @@ def test_hf_bert_accepts_a_save_with_heads(tmp_path, head):
 
 @needs_tf
 def test_hf_clip_vision_accepts_a_full_clip_model(tmp_path):
-    text = dict(vocab_size=50, hidden_size=24, intermediate_size=30, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                pad_token_id=1)
-    hf = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=CLIP_CFG,
-                                                        projection_dim=16)).eval()
+    text = dict(
+        vocab_size=50,
+        hidden_size=24,
+        intermediate_size=30,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    hf = transformers.CLIPModel(
+        transformers.CLIPConfig(text_config=text, vision_config=CLIP_CFG, projection_dim=16)
+    ).eval()
     hf.save_pretrained(str(tmp_path))
     vit = from_hf_clip_vision(str(tmp_path)).eval()
     r = vit.load_report
     assert r.missing == [] and r.unexpected == []
-    for k in ("logit_scale", "text_projection.weight", "visual_projection.weight",
-              "vision_model.post_layernorm.weight"):
+    for k in (
+        "logit_scale",
+        "text_projection.weight",
+        "visual_projection.weight",
+        "vision_model.post_layernorm.weight",
+    ):
         assert k in r.unused
     assert any(k.startswith("text_model.") for k in r.unused)
     x = torch.randn(2, 3, 30, 30)
     # last_hidden_state is before post_layernorm, which R2D2 reads
-    torch.testing.assert_close(vit(x), hf.vision_model(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        vit(x), hf.vision_model(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-4
+    )
 
 
 # ---------------------------------------------------------------------- official R2D2 layout
@@ -167,14 +229,16 @@ def test_from_official_maps_every_key(tmp_path):
     cfg = official_cfg()
     shapes = {k: v.shape for k, v in R2D2Model(cfg).state_dict().items()}
     names = official_names(cfg)
-    assert set(names) == set(shapes)          # the test's layout covers our whole model
+    assert set(names) == set(shapes)  # the test's layout covers our whole model
     sd = {theirs: torch.randn(shapes[ours]) for ours, theirs in names.items()}
     sd["temp"] = torch.tensor(0.05)
-    extra = {"text_encoder.pooler.dense.weight": torch.randn(64, 64),
-             "visual_encoder.vision_model.post_layernorm.weight": torch.randn(64),
-             "text_joint_layer.embeddings.word_embeddings.weight": torch.randn(53, 64),
-             "text_encoder.embeddings.position_ids": torch.arange(16)[None],
-             "queue_something": torch.randn(3)}
+    extra = {
+        "text_encoder.pooler.dense.weight": torch.randn(64, 64),
+        "visual_encoder.vision_model.post_layernorm.weight": torch.randn(64),
+        "text_joint_layer.embeddings.word_embeddings.weight": torch.randn(53, 64),
+        "text_encoder.embeddings.position_ids": torch.arange(16)[None],
+        "queue_something": torch.randn(3),
+    }
     path = tmp_path / "r2d2_official.pth"
     torch.save({"model": {"module." + k: v for k, v in {**sd, **extra}.items()}}, str(path))
 
@@ -218,7 +282,11 @@ def test_from_official_with_a_tied_config_loads_the_shared_tensor_once():
     m = R2D2Model.from_official(sd, config=cfg)
     assert torch.equal(m.text.word_embed.weight, sd[emb])
     assert m.mlm_head.decoder.weight is m.text.word_embed.weight
-    assert m.load_report.missing == [] and m.load_report.unexpected == [] and dec in m.load_report.unused
+    assert (
+        m.load_report.missing == []
+        and m.load_report.unexpected == []
+        and dec in m.load_report.unused
+    )
     # an untied checkpoint cannot go into a tied model: a clear error, not a silent overwrite
     sd[dec] = sd[emb] + 0.5
     with pytest.raises(ValueError, match=rf"{emb} and {dec} differ.*tie_mlm_embeddings=False"):
@@ -259,12 +327,26 @@ def test_preset_encoders_have_the_original_parameter_counts(preset):
     v, t = cfg.vision, cfg.text
     with torch.device("meta"):
         ours = R2D2Model(cfg)
-        hf_v = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-            hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.layers,
-            num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size))
-        hf_t = transformers.BertModel(transformers.BertConfig(
-            vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers,
-            num_attention_heads=t.heads, intermediate_size=t.intermediate), add_pooling_layer=False)
+        hf_v = transformers.CLIPVisionModel(
+            transformers.CLIPVisionConfig(
+                hidden_size=v.width,
+                intermediate_size=int(v.width * v.mlp_ratio),
+                num_hidden_layers=v.layers,
+                num_attention_heads=v.heads,
+                image_size=v.image_size,
+                patch_size=v.patch_size,
+            )
+        )
+        hf_t = transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=t.vocab_size,
+                hidden_size=t.width,
+                num_hidden_layers=t.layers,
+                num_attention_heads=t.heads,
+                intermediate_size=t.intermediate,
+            ),
+            add_pooling_layer=False,
+        )
 
     def count(m, skip=""):
         return sum(p.numel() for n, p in m.named_parameters() if not (skip and skip in n))
@@ -299,8 +381,12 @@ def test_convert_cli_writes_a_folder_that_loads_back(tmp_path, capsys):
     # missing file (2)
     assert convert(["official", str(ckpt), str(out)]) == 2
     (tmp_path / "small.txt").write_text("\n".join(tokens[:20]) + "\n", encoding="utf-8")
-    assert convert(["official", str(ckpt), str(tmp_path / "m2"), "--vocab",
-                    str(tmp_path / "small.txt")]) == 1
+    assert (
+        convert(
+            ["official", str(ckpt), str(tmp_path / "m2"), "--vocab", str(tmp_path / "small.txt")]
+        )
+        == 1
+    )
     assert convert(["official", str(tmp_path / "nope.pth"), str(tmp_path / "m3")]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "has 20 tokens but" in err and "no such checkpoint" in err

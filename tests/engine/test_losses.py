@@ -26,10 +26,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small_model(seed=0, cross_layers=1) -> R2D2Model:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
-                      text=TextConfig(vocab_size=61, width=32, layers=1, heads=2, intermediate=48,
-                                      max_positions=16, dropout=0.0),
-                      cross_layers=cross_layers, embed_dim=16, max_text_len=16)
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
+        text=TextConfig(
+            vocab_size=61,
+            width=32,
+            layers=1,
+            heads=2,
+            intermediate=48,
+            max_positions=16,
+            dropout=0.0,
+        ),
+        cross_layers=cross_layers,
+        embed_dim=16,
+        max_text_len=16,
+    )
     return R2D2Model(cfg)
 
 
@@ -37,8 +48,12 @@ def make_batch(b=5, L=6, ids=(0, 1, 1, 2, 3)):
     mask = torch.ones(b, L, dtype=torch.long)
     mask[1, 3:] = 0
     mask[-1, 4:] = 0
-    return dict(images=torch.randn(b, 3, 16, 16), input_ids=torch.randint(5, 61, (b, L)),
-                attention_mask=mask, image_ids=torch.tensor(ids[:b]))
+    return dict(
+        images=torch.randn(b, 3, 16, 16),
+        input_ids=torch.randint(5, 61, (b, L)),
+        attention_mask=mask,
+        image_ids=torch.tensor(ids[:b]),
+    )
 
 
 def perturb(module, scale=0.2):
@@ -66,19 +81,22 @@ def hand_gcpr(I, T, s, ids, tI=None, tT=None, alpha=0.0):
 
 
 # ---------------------------------------------------------------------- config
-@pytest.mark.parametrize("bad, match", [
-    (dict(distill_alpha=1.5), "distill_alpha"),
-    (dict(ema_momentum=1.0), "ema_momentum"),
-    (dict(fgr_weight=-1), "fgr_weight"),
-    (dict(fgr_class_weights=[1.0]), "fgr_class_weights"),
-    (dict(fgr_negatives="ring"), "fgr_negatives"),
-    (dict(gcpr_mode="allgather"), "gcpr_mode"),
-    (dict(mlm_mask_frac=0.95, mlm_random_frac=0.1), "mlm_mask_frac"),
-    (dict(fgd_features="pixels"), "fgd_features"),
-    (dict(gcpr=False, fgr=True), "needs loss.gcpr"),
-    (dict(gcpr=False, fgr=False, mlm=False, fgd=False), "every objective is off"),
-    (dict(tgd=1), "loss.tgd"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(distill_alpha=1.5), "distill_alpha"),
+        (dict(ema_momentum=1.0), "ema_momentum"),
+        (dict(fgr_weight=-1), "fgr_weight"),
+        (dict(fgr_class_weights=[1.0]), "fgr_class_weights"),
+        (dict(fgr_negatives="ring"), "fgr_negatives"),
+        (dict(gcpr_mode="allgather"), "gcpr_mode"),
+        (dict(mlm_mask_frac=0.95, mlm_random_frac=0.1), "mlm_mask_frac"),
+        (dict(fgd_features="pixels"), "fgd_features"),
+        (dict(gcpr=False, fgr=True), "needs loss.gcpr"),
+        (dict(gcpr=False, fgr=False, mlm=False, fgd=False), "every objective is off"),
+        (dict(tgd=1), "loss.tgd"),
+    ],
+)
 def test_loss_config_errors_name_the_field(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         LossConfig(**bad)
@@ -86,18 +104,29 @@ def test_loss_config_errors_name_the_field(bad, match):
 
 def test_defaults_are_the_papers():
     c = LossConfig()
-    assert (c.distill_alpha, c.ema_momentum, c.mlm_probability, c.fgr_class_weights) == (0.4, 0.995, 0.15, [1.0, 2.0])
+    assert (c.distill_alpha, c.ema_momentum, c.mlm_probability, c.fgr_class_weights) == (
+        0.4,
+        0.995,
+        0.15,
+        [1.0, 2.0],
+    )
     assert (c.mlm_mask_frac, c.mlm_random_frac) == (0.8, 0.1)
 
 
 def test_ablation_flags_select_terms_and_teacher():
     m = small_model()
     batch = make_batch()
-    rows = [(dict(OFF), {"gcpr_loss"}, False),
-            ({**OFF, "fgr": True}, {"gcpr_loss", "fgr_loss"}, False),
-            ({**OFF, "fgr": True, "tgd": True}, {"gcpr_loss", "fgr_loss", "tgd_fgr_loss"}, True),
-            ({**OFF, "fgr": True, "tgd": True, "fgd": True}, {"gcpr_loss", "fgr_loss", "tgd_fgr_loss", "fgd_loss"}, True),
-            ({**OFF, "mlm": True}, {"gcpr_loss", "mlm_loss"}, False)]
+    rows = [
+        (dict(OFF), {"gcpr_loss"}, False),
+        ({**OFF, "fgr": True}, {"gcpr_loss", "fgr_loss"}, False),
+        ({**OFF, "fgr": True, "tgd": True}, {"gcpr_loss", "fgr_loss", "tgd_fgr_loss"}, True),
+        (
+            {**OFF, "fgr": True, "tgd": True, "fgd": True},
+            {"gcpr_loss", "fgr_loss", "tgd_fgr_loss", "fgd_loss"},
+            True,
+        ),
+        ({**OFF, "mlm": True}, {"gcpr_loss", "mlm_loss"}, False),
+    ]
     for flags, keys, teacher in rows:
         obj = R2D2ForPretraining(m, LossConfig(**flags))
         out = obj(batch)
@@ -147,7 +176,7 @@ def test_gcpr_matches_hand_computation_with_repeated_ids(ids):
 def test_gcpr_tgd_targets_mix_teacher_softmax():
     m = small_model()
     obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "tgd": True}, distill_alpha=0.4))
-    perturb(obj.teacher)           # a teacher that differs from the student
+    perturb(obj.teacher)  # a teacher that differs from the student
     batch = make_batch()
     out = obj(batch)
     x = (batch["images"], batch["input_ids"], batch["attention_mask"])
@@ -156,7 +185,7 @@ def test_gcpr_tgd_targets_mix_teacher_softmax():
     ids = batch["image_ids"].tolist()
     expect = hand_gcpr(I, T, m.logit_scale().item(), ids, tI, tT, 0.4)
     assert out["gcpr_loss"].item() == pytest.approx(expect, rel=1e-5)
-    assert abs(expect - hand_gcpr(I, T, m.logit_scale().item(), ids)) > 1e-3   # the teacher matters
+    assert abs(expect - hand_gcpr(I, T, m.logit_scale().item(), ids)) > 1e-3  # the teacher matters
 
 
 def test_tgd_with_alpha_zero_equals_the_plain_losses():
@@ -199,7 +228,7 @@ def hand_fgr(m, batch, neg_t, neg_i, w=(1.0, 2.0)):
     for head in (0, 1):
         num = den = 0.0
         for vi, ti, y in pairs:
-            lg = m.itm_logits(V[vi:vi + 1], T[ti:ti + 1], mask[ti:ti + 1])[head][0].double()
+            lg = m.itm_logits(V[vi : vi + 1], T[ti : ti + 1], mask[ti : ti + 1])[head][0].double()
             logits.append(lg)
             num += w[y] * -(lg.log_softmax(-1)[y]).item()
             den += w[y]
@@ -218,7 +247,7 @@ def test_fgr_matches_hand_computation(monkeypatch, ids):
     expect, pairs = hand_fgr(m, batch, res.neg_text_for_image, res.neg_image_for_text)
     assert out["fgr_loss"].item() == pytest.approx(expect, rel=1e-4)
     if len(set(ids)) == 1:
-        assert len(pairs) == 5   # no negative exists: only the positives count
+        assert len(pairs) == 5  # no negative exists: only the positives count
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
@@ -228,9 +257,11 @@ def test_fgr_tgd_is_the_class_weighted_soft_target_ce(monkeypatch, alpha):
     w = [1, 2][y]: its value and its gradient, pair by pair, at a = 0 (the hard loss) and 0.4."""
     m = small_model().eval()
     seen = _capture_negatives(monkeypatch)
-    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgr": True, "tgd": True}, distill_alpha=alpha)).eval()
+    obj = R2D2ForPretraining(
+        m, LossConfig(**{**OFF, "fgr": True, "tgd": True}, distill_alpha=alpha)
+    ).eval()
     perturb(obj.teacher, 1.0)
-    with torch.no_grad():          # a teacher whose ITM probabilities differ clearly
+    with torch.no_grad():  # a teacher whose ITM probabilities differ clearly
         obj.teacher.itm_head.bias.add_(torch.tensor([0.8, -0.8]))
         obj.teacher.itm_head_i.bias.add_(torch.tensor([-0.6, 0.6]))
     batch = make_batch()
@@ -245,15 +276,20 @@ def test_fgr_tgd_is_the_class_weighted_soft_target_ce(monkeypatch, alpha):
     V, T = m.image_tokens(imgs), m.text_tokens(ids, mask)
     with torch.no_grad():
         tV, tT = obj.teacher.image_tokens(imgs), obj.teacher.text_tokens(ids, mask)
-    pairs = [(i, i, 1) for i in range(5)] + [(i, int(nt[i]), 0) for i in range(5)] + \
-        [(int(ni[j]), j, 0) for j in range(5)]
+    pairs = (
+        [(i, i, 1) for i in range(5)]
+        + [(i, int(nt[i]), 0) for i in range(5)]
+        + [(int(ni[j]), j, 0) for j in range(5)]
+    )
     soft_ce, entropy, kl_terms = 0.0, 0.0, 0.0
     for head in (0, 1):
         num, ent, kl, den = 0.0, 0.0, 0.0, 0.0
         for vi, ti, y in pairs:
-            st = m.itm_logits(V[vi:vi + 1], T[ti:ti + 1], mask[ti:ti + 1])[head][0].double()
+            st = m.itm_logits(V[vi : vi + 1], T[ti : ti + 1], mask[ti : ti + 1])[head][0].double()
             with torch.no_grad():
-                te = obj.teacher.itm_logits(tV[vi:vi + 1], tT[ti:ti + 1], mask[ti:ti + 1])[head][0].double()
+                te = obj.teacher.itm_logits(tV[vi : vi + 1], tT[ti : ti + 1], mask[ti : ti + 1])[
+                    head
+                ][0].double()
             pt = te.softmax(-1)
             q = (1 - alpha) * F.one_hot(torch.tensor(y), 2).double() + alpha * pt
             w = (1.0, 2.0)[y]
@@ -267,7 +303,7 @@ def test_fgr_tgd_is_the_class_weighted_soft_target_ce(monkeypatch, alpha):
     assert got.item() == pytest.approx(soft_ce.item() - alpha * entropy, rel=1e-5)
     assert out["tgd_fgr_loss"].item() == pytest.approx(alpha * kl_terms, rel=1e-5, abs=1e-8)
     if alpha:
-        assert out["tgd_fgr_loss"].item() > 1e-2        # the teacher is far enough to matter
+        assert out["tgd_fgr_loss"].item() > 1e-2  # the teacher is far enough to matter
     else:
         assert out["tgd_fgr_loss"].item() == 0.0
     m.zero_grad()
@@ -283,12 +319,17 @@ def test_weighted_itm_kl_hand_case():
     t = torch.tensor([[1.0, -1.0], [0.5, 0.5], [-2.0, 1.0]])
     labels = torch.tensor([1, 0, 0])
     w = torch.tensor([1.0, 2.0])
-    kl = [(t[i].softmax(0) * (t[i].log_softmax(0) - s[i].log_softmax(0))).sum().item() for i in range(3)]
+    kl = [
+        (t[i].softmax(0) * (t[i].log_softmax(0) - s[i].log_softmax(0))).sum().item()
+        for i in range(3)
+    ]
     assert weighted_itm_kl(s, t, labels, w, backend="eager").item() == pytest.approx(
-        (2 * kl[0] + kl[1] + kl[2]) / 4, rel=1e-6)
+        (2 * kl[0] + kl[1] + kl[2]) / 4, rel=1e-6
+    )
     valid = torch.tensor([True, False, True])
     assert weighted_itm_kl(s, t, labels, w, valid, backend="eager").item() == pytest.approx(
-        (2 * kl[0] + kl[2]) / 3, rel=1e-6)
+        (2 * kl[0] + kl[2]) / 3, rel=1e-6
+    )
 
 
 def test_fgr_never_samples_a_positive(monkeypatch):
@@ -328,9 +369,13 @@ def test_weighted_itm_ce_hand_case():
     ce = [-(torch.log_softmax(logits[i], 0)[labels[i]]).item() for i in range(3)]
     expect = (2 * ce[0] + ce[1] + ce[2]) / 4
     assert weighted_itm_ce(logits, labels, w).item() == pytest.approx(expect, rel=1e-6)
-    torch.testing.assert_close(weighted_itm_ce(logits, labels, w), F.cross_entropy(logits, labels, weight=w))
+    torch.testing.assert_close(
+        weighted_itm_ce(logits, labels, w), F.cross_entropy(logits, labels, weight=w)
+    )
     valid = torch.tensor([True, True, False])
-    assert weighted_itm_ce(logits, labels, w, valid).item() == pytest.approx((2 * ce[0] + ce[1]) / 3, rel=1e-6)
+    assert weighted_itm_ce(logits, labels, w, valid).item() == pytest.approx(
+        (2 * ce[0] + ce[1]) / 3, rel=1e-6
+    )
 
 
 # ---------------------------------------------------------------------- MLM
@@ -342,7 +387,7 @@ def test_mask_tokens_follows_bert_80_10_10():
     mask[:, 80:] = 0
     out, labels = mask_tokens(ids, mask, 0.15, (0, 1, 2, 3, 4), 4, 1000, generator=g)
     chosen = labels != -100
-    assert not chosen[:, 80:].any() and not chosen[:, 0].any()      # never padding or specials
+    assert not chosen[:, 80:].any() and not chosen[:, 0].any()  # never padding or specials
     frac = chosen.sum().item() / (64 * 78)
     assert 0.13 < frac < 0.17
     assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(out[~chosen], ids[~chosen])
@@ -357,8 +402,17 @@ def test_mlm_matches_hand_computation():
     obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "mlm": True}, mlm_probability=0.5)).eval()
     batch = make_batch()
     cfg = obj.config
-    masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], 0.5, cfg.special_token_ids,
-                                 cfg.mask_token_id, 61, 0.8, 0.1, obj._generator(2))  # step 0
+    masked, labels = mask_tokens(
+        batch["input_ids"],
+        batch["attention_mask"],
+        0.5,
+        cfg.special_token_ids,
+        cfg.mask_token_id,
+        61,
+        0.8,
+        0.1,
+        obj._generator(2),
+    )  # step 0
     out = obj(batch)
     assert (labels != -100).sum() > 3
     mask = batch["attention_mask"]
@@ -375,17 +429,19 @@ def test_cosine_distill_hand_case():
     s = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
     t = torch.tensor([[[1.0, 1.0], [0.0, -1.0]]])
     valid = torch.tensor([[True, False]])
-    assert cosine_distill(s, t).item() == pytest.approx(((1 - 2 ** -0.5) + 2) / 2)
-    assert cosine_distill(s, t, valid).item() == pytest.approx(1 - 2 ** -0.5)
+    assert cosine_distill(s, t).item() == pytest.approx(((1 - 2**-0.5) + 2) / 2)
+    assert cosine_distill(s, t, valid).item() == pytest.approx(1 - 2**-0.5)
 
 
 def test_fgd_is_zero_without_masking_and_trains_only_the_student():
     m = small_model()
-    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgd": True}, fgd_image_mask_ratio=0.0,
-                                           fgd_text_mask_ratio=0.0))
+    obj = R2D2ForPretraining(
+        m, LossConfig(**{**OFF, "fgd": True}, fgd_image_mask_ratio=0.0, fgd_text_mask_ratio=0.0)
+    )
     assert obj(make_batch())["fgd_loss"].item() == pytest.approx(0.0, abs=1e-5)
-    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgd": True}, fgd_image_mask_ratio=0.5,
-                                           fgd_text_mask_ratio=0.5))
+    obj = R2D2ForPretraining(
+        m, LossConfig(**{**OFF, "fgd": True}, fgd_image_mask_ratio=0.5, fgd_text_mask_ratio=0.5)
+    )
     out = obj(make_batch())
     assert out["fgd_loss"].item() > 1e-3
     out["fgd_loss"].backward()
@@ -397,22 +453,37 @@ def test_fgd_is_zero_without_masking_and_trains_only_the_student():
 def fgd_model(seed=0) -> R2D2Model:
     """8 x 8 = 64 patches of 4 px, so that mask ratios are visible."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vision=VisionConfig(image_size=32, patch_size=4, width=32, layers=2, heads=2),
-                      text=TextConfig(vocab_size=61, width=32, layers=1, heads=2, intermediate=48,
-                                      max_positions=40, dropout=0.0),
-                      cross_layers=1, embed_dim=16, max_text_len=40)
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=4, width=32, layers=2, heads=2),
+        text=TextConfig(
+            vocab_size=61,
+            width=32,
+            layers=1,
+            heads=2,
+            intermediate=48,
+            max_positions=40,
+            dropout=0.0,
+        ),
+        cross_layers=1,
+        embed_dim=16,
+        max_text_len=40,
+    )
     return R2D2Model(cfg)
 
 
 def fgd_batch(b=6, L=40):
     ids = torch.randint(5, 61, (b, L))
-    ids[:, 0] = 2                                   # [CLS]
+    ids[:, 0] = 2  # [CLS]
     mask = torch.ones(b, L, dtype=torch.long)
     for r, n in enumerate((40, 31, 40, 12, 25, 40)[:b]):
-        ids[r, n - 1] = 3                           # [SEP]
+        ids[r, n - 1] = 3  # [SEP]
         mask[r, n:] = 0
-    return dict(images=torch.randn(b, 3, 32, 32), input_ids=ids, attention_mask=mask,
-                image_ids=torch.arange(b))
+    return dict(
+        images=torch.randn(b, 3, 32, 32),
+        input_ids=ids,
+        attention_mask=mask,
+        image_ids=torch.arange(b),
+    )
 
 
 def one_minus_cos(a, b):
@@ -423,8 +494,9 @@ def one_minus_cos(a, b):
 def test_fgd_masked_view_by_hand():
     """Which patches (and so which pixels) and which tokens the FgD student sees, and the loss."""
     m = fgd_model()
-    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgd": True}, fgd_image_mask_ratio=0.25,
-                                           fgd_text_mask_ratio=0.5)).eval()  # eval: the step stays 0
+    obj = R2D2ForPretraining(
+        m, LossConfig(**{**OFF, "fgd": True}, fgd_image_mask_ratio=0.25, fgd_text_mask_ratio=0.5)
+    ).eval()  # eval: the step stays 0
     perturb(obj.teacher)
     batch = fgd_batch()
     imgs, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
@@ -433,8 +505,11 @@ def test_fgd_masked_view_by_hand():
     # image: exactly 64 - round(0.25 * 64) = 48 distinct patches kept per image, in patch order
     assert keep.shape == (6, 48) and keep.dtype == torch.long
     for r in range(6):
-        assert keep[r].tolist() == sorted(set(keep[r].tolist())) and 0 <= keep[r].min() <= keep[r].max() < 64
-    assert len({tuple(k.tolist()) for k in keep}) == 6          # a fresh draw per image
+        assert (
+            keep[r].tolist() == sorted(set(keep[r].tolist()))
+            and 0 <= keep[r].min() <= keep[r].max() < 64
+        )
+    assert len({tuple(k.tolist()) for k in keep}) == 6  # a fresh draw per image
     # patch k covers pixels [4 (k // 8), +4) x [4 (k % 8), +4): noise there changes nothing the
     # student computes when k is dropped, and changes the state of patch k when it is kept
     sV = m.image_tokens(imgs, keep)
@@ -443,17 +518,23 @@ def test_fgd_masked_view_by_hand():
     noisy = imgs.clone()
     for r in range(6):
         for k in dropped[r]:
-            noisy[r, :, 4 * (k // 8):4 * (k // 8) + 4, 4 * (k % 8):4 * (k % 8) + 4] = torch.randn(3, 4, 4)
+            noisy[r, :, 4 * (k // 8) : 4 * (k // 8) + 4, 4 * (k % 8) : 4 * (k % 8) + 4] = (
+                torch.randn(3, 4, 4)
+            )
     torch.testing.assert_close(m.image_tokens(noisy, keep), sV)
     k = int(keep[0, 5])
     poked = imgs.clone()
-    poked[0, :, 4 * (k // 8):4 * (k // 8) + 4, 4 * (k % 8):4 * (k % 8) + 4] += 1.0
+    poked[0, :, 4 * (k // 8) : 4 * (k // 8) + 4, 4 * (k % 8) : 4 * (k % 8) + 4] += 1.0
     assert not torch.allclose(m.image_tokens(poked, keep)[0, 1 + 5], sV[0, 1 + 5])
 
     # text: only real, non-special tokens change, and only to [MASK]; about half of them
     changed = ids_m != ids
     assert (ids_m[changed] == 4).all()
-    assert not changed[mask == 0].any() and not changed[:, 0].any() and not (changed & (ids == 3)).any()
+    assert (
+        not changed[mask == 0].any()
+        and not changed[:, 0].any()
+        and not (changed & (ids == 3)).any()
+    )
     real = (mask == 1) & (ids != 2) & (ids != 3)
     assert 0.35 < changed.sum().item() / real.sum().item() < 0.65
 
@@ -463,9 +544,14 @@ def test_fgd_masked_view_by_hand():
     with torch.no_grad():
         tV, tT = obj.teacher.image_tokens(imgs), obj.teacher.text_tokens(ids, mask)
     img_terms = [one_minus_cos(sV[r, 0], tV[r, 0]).item() for r in range(6)]
-    img_terms += [one_minus_cos(sV[r, 1 + j], tV[r, 1 + int(keep[r, j])]).item()
-                  for r in range(6) for j in range(48)]
-    txt_terms = [one_minus_cos(sT[r, c], tT[r, c]).item() for r in range(6) for c in range(40) if mask[r, c]]
+    img_terms += [
+        one_minus_cos(sV[r, 1 + j], tV[r, 1 + int(keep[r, j])]).item()
+        for r in range(6)
+        for j in range(48)
+    ]
+    txt_terms = [
+        one_minus_cos(sT[r, c], tT[r, c]).item() for r in range(6) for c in range(40) if mask[r, c]
+    ]
     expect = (sum(img_terms) / len(img_terms) + sum(txt_terms) / len(txt_terms)) / 2
     assert out["fgd_loss"].item() == pytest.approx(expect, rel=1e-5)
 
@@ -482,8 +568,12 @@ def test_vit_drops_exactly_the_patches_attention_masking_would_hide():
     for blk in m.visual.blocks:
         x = blk(x, key_mask)
     rows = torch.cat([torch.zeros(3, 1, dtype=torch.long), 1 + keep], 1)
-    torch.testing.assert_close(m.image_tokens(imgs, keep), x.gather(1, rows[..., None].expand(-1, -1, 32)),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        m.image_tokens(imgs, keep),
+        x.gather(1, rows[..., None].expand(-1, -1, 32)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     all_idx = torch.arange(64).expand(3, 64)
     torch.testing.assert_close(m.image_tokens(imgs, all_idx), m.image_tokens(imgs))
     for bad, match in ((vis, "integer tensor"), (keep[:2], "B=3"), (keep + 30, r"\[0, 64\)")):
@@ -493,8 +583,9 @@ def test_vit_drops_exactly_the_patches_attention_masking_would_hide():
 
 def test_fgd_global_features():
     m = fgd_model()
-    obj = R2D2ForPretraining(m, LossConfig(**{**OFF, "fgd": True}, fgd_features="global",
-                                           fgd_image_mask_ratio=0.5)).eval()
+    obj = R2D2ForPretraining(
+        m, LossConfig(**{**OFF, "fgd": True}, fgd_features="global", fgd_image_mask_ratio=0.5)
+    ).eval()
     perturb(obj.teacher)
     batch = fgd_batch()
     imgs, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
@@ -562,16 +653,16 @@ def test_temperature_pushed_out_of_range_is_clamped_and_keeps_its_gradient(start
     obj = R2D2ForPretraining(m, LossConfig(**OFF))
     batch = make_batch()
     with torch.no_grad():
-        m.temp.fill_(start)                # an overshoot
+        m.temp.fill_(start)  # an overshoot
     out = obj(batch)
-    assert m.temp.item() == pytest.approx(bound, rel=1e-6)   # back in range, in place
+    assert m.temp.item() == pytest.approx(bound, rel=1e-6)  # back in range, in place
     assert m.logit_scale().item() == pytest.approx(1 / bound, rel=1e-5)
     out["loss"].backward()
-    assert m.temp.grad is not None and m.temp.grad.abs().item() > 0   # the parameter is alive
+    assert m.temp.grad is not None and m.temp.grad.abs().item() > 0  # the parameter is alive
     with torch.no_grad():
         m.temp.fill_(0.1)
     obj(batch)
-    assert m.temp.item() == pytest.approx(0.1)   # inside the range nothing changes
+    assert m.temp.item() == pytest.approx(0.1)  # inside the range nothing changes
 
 
 @pytest.mark.parametrize("mode", ["gather", "ring"])

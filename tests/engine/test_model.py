@@ -22,16 +22,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small_cfg(**kw) -> ModelConfig:
     vision = VisionConfig(image_size=24, patch_size=8, width=32, layers=2, heads=2)
-    text = TextConfig(vocab_size=97, width=48, layers=2, heads=3, intermediate=64, max_positions=20,
-                      dropout=0.0)
-    return ModelConfig(**{**dict(vision=vision, text=text, cross_layers=2, embed_dim=16,
-                                 max_text_len=20), **kw})
+    text = TextConfig(
+        vocab_size=97, width=48, layers=2, heads=3, intermediate=64, max_positions=20, dropout=0.0
+    )
+    return ModelConfig(
+        **{**dict(vision=vision, text=text, cross_layers=2, embed_dim=16, max_text_len=20), **kw}
+    )
 
 
 def text_batch(b=3, L=7, vocab=97):
     ids = torch.randint(5, vocab, (b, L))
     mask = torch.ones(b, L, dtype=torch.long)
-    mask[1 % b, 4:] = 0      # padded rows
+    mask[1 % b, 4:] = 0  # padded rows
     mask[2 % b, 2:] = 0
     return ids, mask
 
@@ -51,29 +53,45 @@ def test_released_vit_l_preset_pairs_vit_l_with_the_base_text_encoder():
     assert (rel.cross_layers, rel.embed_dim, rel.mlm_head) == (6, 768, False)
     with torch.device("meta"):
         m = R2D2Model(rel)
-    assert m.text_cross.layers[0].attn.query.weight.shape == (768, 768)       # cross hidden 768
-    assert m.text_cross.layers[0].cross.key.weight.shape == (768, 1024)      # keys: ViT-L tokens
+    assert m.text_cross.layers[0].attn.query.weight.shape == (768, 768)  # cross hidden 768
+    assert m.text_cross.layers[0].cross.key.weight.shape == (768, 1024)  # keys: ViT-L tokens
     assert m.image_cross_proj.weight.shape == (768, 1024) and m.mlm_head is None
 
 
 def test_preset_shapes_match_the_paper():
     base, large = model_preset("base"), model_preset("large")
     assert (base.vision.width, base.vision.layers, base.vision.patch_size) == (768, 12, 16)
-    assert (large.vision.width, large.vision.layers, large.vision.heads, large.vision.patch_size) == (1024, 24, 16, 14)
-    assert (base.text.vocab_size, base.text.width, base.cross_layers, base.embed_dim) == (21128, 768, 6, 768)
-    assert base.temperature_init == 0.07 and (base.temperature_min, base.temperature_max) == (0.001, 0.5)
+    assert (
+        large.vision.width,
+        large.vision.layers,
+        large.vision.heads,
+        large.vision.patch_size,
+    ) == (1024, 24, 16, 14)
+    assert (base.text.vocab_size, base.text.width, base.cross_layers, base.embed_dim) == (
+        21128,
+        768,
+        6,
+        768,
+    )
+    assert base.temperature_init == 0.07 and (base.temperature_min, base.temperature_max) == (
+        0.001,
+        0.5,
+    )
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(vision=dict(image_size=30, patch_size=8)), "multiple of vision.patch_size"),
-    (dict(vision=dict(width=30, heads=4)), "vision.heads"),
-    (dict(text=dict(dropout=1.5)), "text.dropout"),
-    (dict(cross_layers=-1), "cross_layers"),
-    (dict(temperature_init=0.9), "temperature"),
-    (dict(embed_dim=0), "embed_dim"),
-    (dict(bogus=1), "unknown field 'bogus'"),
-    (dict(text=dict(nope=1)), "unknown field 'nope'"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(vision=dict(image_size=30, patch_size=8)), "multiple of vision.patch_size"),
+        (dict(vision=dict(width=30, heads=4)), "vision.heads"),
+        (dict(text=dict(dropout=1.5)), "text.dropout"),
+        (dict(cross_layers=-1), "cross_layers"),
+        (dict(temperature_init=0.9), "temperature"),
+        (dict(embed_dim=0), "embed_dim"),
+        (dict(bogus=1), "unknown field 'bogus'"),
+        (dict(text=dict(nope=1)), "unknown field 'nope'"),
+    ],
+)
 def test_config_errors_name_the_field(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ModelConfig.from_dict({**model_preset("tiny").to_dict(), **bad})
@@ -126,7 +144,9 @@ def test_padded_text_tokens_change_nothing():
     torch.testing.assert_close(T[keep], T2[keep])
     V = m.image_tokens(imgs)
     torch.testing.assert_close(m.image_text_states(V, T, mask), m.image_text_states(V, T2, mask))
-    torch.testing.assert_close(m.text_image_states(T, mask, V)[keep], m.text_image_states(T2, mask, V)[keep])
+    torch.testing.assert_close(
+        m.text_image_states(T, mask, V)[keep], m.text_image_states(T2, mask, V)[keep]
+    )
     # a shorter padded row equals the same text encoded alone without padding
     alone = m.text_tokens(ids[1:2, :4], mask[1:2, :4])
     torch.testing.assert_close(T[1:2, :4], alone, atol=1e-5, rtol=1e-5)
@@ -135,13 +155,13 @@ def test_padded_text_tokens_change_nothing():
 def test_vit_keep_drops_the_other_patches():
     m = R2D2Model(small_cfg()).eval()
     imgs = torch.randn(2, 3, 24, 24)
-    keep = torch.tensor([[0, 1, 2, 3, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])   # 4 / 0 dropped
+    keep = torch.tensor([[0, 1, 2, 3, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])  # 4 / 0 dropped
     imgs2 = imgs.clone()
-    imgs2[0, :, 8:16, 8:16] = torch.randn(3, 8, 8)   # patch 4 of image 0
-    imgs2[1, :, 0:8, 0:8] = torch.randn(3, 8, 8)     # patch 0 of image 1
+    imgs2[0, :, 8:16, 8:16] = torch.randn(3, 8, 8)  # patch 4 of image 0
+    imgs2[1, :, 0:8, 0:8] = torch.randn(3, 8, 8)  # patch 0 of image 1
     a, b = m.image_tokens(imgs, keep), m.image_tokens(imgs2, keep)
     assert a.shape == (2, 1 + 8, 32)
-    torch.testing.assert_close(a, b)                  # the dropped pixels are never seen
+    torch.testing.assert_close(a, b)  # the dropped pixels are never seen
     assert not torch.allclose(m.image_tokens(imgs)[0, 0], m.image_tokens(imgs2)[0, 0])
 
 
@@ -158,7 +178,7 @@ def test_bad_inputs_name_the_argument():
         m.encode_text(["无分词器"])
     with pytest.raises(ValueError, match="pairs rows"):
         m.itm_score(torch.randn(2, 3, 24, 24), ids, mask)
-    m.tokenizer = build_tokenizer()   # 21185 tokens for a 97-token embedding table
+    m.tokenizer = build_tokenizer()  # 21185 tokens for a 97-token embedding table
     with pytest.raises(ValueError, match=r"text\.vocab_size=97"):
         m.encode_text(["猫"])
 
@@ -169,7 +189,9 @@ def test_strings_with_an_attached_tokenizer():
     m = R2D2Model(cfg, tokenizer=tok).eval()
     texts = ["一只黑猫", "两只狗 in the park"]
     enc = tok(texts)
-    torch.testing.assert_close(m.encode_text(texts), m.encode_text(enc["input_ids"], enc["attention_mask"]))
+    torch.testing.assert_close(
+        m.encode_text(texts), m.encode_text(enc["input_ids"], enc["attention_mask"])
+    )
     assert m.itm_score(torch.randn(2, 3, 32, 32), texts).shape == (2,)
 
 
@@ -188,7 +210,7 @@ def test_attention_goes_through_the_kernel_dispatcher_with_the_configured_backen
     m.itm_score(torch.randn(3, 3, 24, 24), ids, mask)
     # vit 2 + text 2 + 2 cross encoders x 2 layers x (self + cross)
     assert len(calls) == 2 + 2 + 8 and {c[2] for c in calls} == {"eager"}
-    assert calls[2][0] == (3, 3, 7, 16)           # text self-attention: [B, H, L, D]
+    assert calls[2][0] == (3, 3, 7, 16)  # text self-attention: [B, H, L, D]
     m.set_kernels(K.KernelConfig(attention="sdpa"))
     calls.clear()
     m.encode_text(ids, mask)
@@ -220,7 +242,9 @@ def test_clamp_temperature_in_place():
         with torch.no_grad():
             m.temp.fill_(start)
         m.clamp_temperature_()
-        assert m.temp.item() == pytest.approx(expect) and m.temp.requires_grad and m.temp.grad is None
+        assert (
+            m.temp.item() == pytest.approx(expect) and m.temp.requires_grad and m.temp.grad is None
+        )
 
 
 def test_temperature_is_clamped():
@@ -273,10 +297,10 @@ def test_retrieve_reranks_only_the_top_k():
     for i in range(5):
         top = set(out["pre_i2t"][i].tolist())
         assert top == set(torch.topk(sim[i], 3).indices.tolist())
-        assert set(out["i2t_indices"][i].tolist()) == top       # re-ranking permutes the top k
+        assert set(out["i2t_indices"][i].tolist()) == top  # re-ranking permutes the top k
         for j in range(7):
-            if j in top:   # (p_ti + p_it) / 2 + cosine
-                p = m.itm_score(imgs[i:i + 1], ids[j:j + 1], mask[j:j + 1])
+            if j in top:  # (p_ti + p_it) / 2 + cosine
+                p = m.itm_score(imgs[i : i + 1], ids[j : j + 1], mask[j : j + 1])
                 assert out["i2t"][i, j].item() == pytest.approx((p + sim[i, j]).item(), abs=1e-5)
             else:
                 assert out["i2t"][i, j].item() == pytest.approx(sim[i, j].item() - 2.0, abs=1e-6)
@@ -293,6 +317,6 @@ def test_retrieve_with_strings_and_prd2():
     cfg = model_preset("prd2-tiny")
     m = R2D2Model(cfg, tokenizer=tok)
     out = retrieve(m, torch.randn(3, 3, 32, 32), ["猫", "狗", "鸟", "鱼"], top_k=2)
-    assert m.training    # retrieve restores the mode it found
+    assert m.training  # retrieve restores the mode it found
     torch.testing.assert_close(out["i2t"], out["sim_i2t"])
     assert out["i2t_indices"].shape == (3, 2)

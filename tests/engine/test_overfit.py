@@ -15,12 +15,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def pairs():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 21185, (B, 12), generator=g)
-    ids[:, 0] = 2                      # [CLS]
+    ids[:, 0] = 2  # [CLS]
     mask = torch.ones(B, 12, dtype=torch.long)
-    mask[3, 7:] = 0                    # a padded caption
+    mask[3, 7:] = 0  # a padded caption
     mask[5, 4:] = 0
-    return dict(images=torch.randn(B, 3, 32, 32, generator=g), input_ids=ids, attention_mask=mask,
-                image_ids=torch.arange(B))
+    return dict(
+        images=torch.randn(B, 3, 32, 32, generator=g),
+        input_ids=ids,
+        attention_mask=mask,
+        image_ids=torch.arange(B),
+    )
 
 
 def train(loss_cfg, steps, lr):
@@ -41,9 +45,14 @@ def train(loss_cfg, steps, lr):
 
 @torch.no_grad()
 def in_batch_recall(model, batch):
-    sim = model.encode_image(batch["images"]) @ model.encode_text(batch["input_ids"], batch["attention_mask"]).t()
+    sim = (
+        model.encode_image(batch["images"])
+        @ model.encode_text(batch["input_ids"], batch["attention_mask"]).t()
+    )
     target = torch.arange(B)
-    return (sim.argmax(1) == target).float().mean().item(), (sim.argmax(0) == target).float().mean().item()
+    return (sim.argmax(1) == target).float().mean().item(), (
+        sim.argmax(0) == target
+    ).float().mean().item()
 
 
 def test_overfit_gcpr_fast():
@@ -72,7 +81,9 @@ def test_overfit_itm_learns_the_pairs():
     with torch.no_grad():
         i = torch.arange(B).repeat_interleave(B)
         t = torch.arange(B).repeat(B)
-        p = model.itm_score(batch["images"][i], batch["input_ids"][t], batch["attention_mask"][t]).view(B, B)
+        p = model.itm_score(
+            batch["images"][i], batch["input_ids"][t], batch["attention_mask"][t]
+        ).view(B, B)
     diag = p.diagonal()
     off = p[~torch.eye(B, dtype=torch.bool)]
     assert diag.mean() > off.mean() + 0.3

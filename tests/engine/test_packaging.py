@@ -20,11 +20,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # ---- flags: a function of the torch version ----
 
-@pytest.mark.parametrize("version, std", [
-    ("2.4.0", "c++17"), ("2.9.1+cu128", "c++17"), ("2.13.0+cpu", "c++17"),
-    ("2.14.0", "c++20"), ("2.14.1+cu130", "c++20"), ("2.15.0.dev20260301", "c++20"),
-    ("3.0.0", "c++20"),
-])
+
+@pytest.mark.parametrize(
+    "version, std",
+    [
+        ("2.4.0", "c++17"),
+        ("2.9.1+cu128", "c++17"),
+        ("2.13.0+cpu", "c++17"),
+        ("2.14.0", "c++20"),
+        ("2.14.1+cu130", "c++20"),
+        ("2.15.0.dev20260301", "c++20"),
+        ("3.0.0", "c++20"),
+    ],
+)
 def test_cxx_standard_follows_torch(version, std):
     flags = _build.cxx_flags(version)
     assert f"-std={std}" in flags and sum(f.startswith("-std=") for f in flags) == 1
@@ -56,8 +64,9 @@ def test_build_system_has_no_torch():
     """An isolated build must not pull a torch of its own (a CUDA build, gigabytes)."""
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     reqs = cfg["build-system"]["requires"]
-    assert not any(r.split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip() == "torch"
-                   for r in reqs), reqs
+    assert not any(
+        r.split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip() == "torch" for r in reqs
+    ), reqs
     assert "ninja" in cfg["project"]["dependencies"]  # the first-use build's builder
 
 
@@ -76,8 +85,9 @@ ns = runpy.run_path({str(ROOT / "setup.py")!r}, run_name="under_test")
 ext, cmd = ns["_ext_modules"]()
 print("EXT", ext, sorted(cmd))
 """
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert r.returncode == 0, r.stderr
     assert "EXT [] ['build_py']" in r.stdout
     assert "compiled on first use" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -85,13 +95,23 @@ print("EXT", ext, sorted(cmd))
 
 # ---- the first-use build ----
 
+
 def test_cache_key_names_what_the_binary_depends_on(monkeypatch, tmp_path):
     k = _build.cache_key("2.13.0+cpu", None, None, "abc123", "cp311", "x86_64")
     assert k == "torch2.13.0+cpu-cpu-cp311-x86_64-abc123"
     kc = _build.cache_key("2.13.0+cu130", "13.0", ["80", "90"], "abc123", "cp311", "x86_64")
     assert kc == "torch2.13.0+cu130-cu13.0-sm80_90-cp311-x86_64-abc123"
-    assert len({k, kc, _build.cache_key("2.14.0", None, None, "abc123", "cp311", "x86_64"),
-                _build.cache_key("2.13.0+cpu", None, None, "def456", "cp311", "x86_64")}) == 4
+    assert (
+        len(
+            {
+                k,
+                kc,
+                _build.cache_key("2.14.0", None, None, "abc123", "cp311", "x86_64"),
+                _build.cache_key("2.13.0+cpu", None, None, "def456", "cp311", "x86_64"),
+            }
+        )
+        == 4
+    )
     monkeypatch.setenv("R2D2_EXT_CACHE", str(tmp_path))
     assert _build.cache_root() == tmp_path
     assert _build.cache_root({"XDG_CACHE_HOME": "/x"}) == Path("/x/r2d2/ext")
@@ -109,8 +129,14 @@ def test_sources_digest_changes_with_a_source(tmp_path):
 
 
 def _in_fresh_python(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_no_jit_says_so_in_one_line(tmp_path):
@@ -119,7 +145,8 @@ def test_no_jit_says_so_in_one_line(tmp_path):
     r = _in_fresh_python(
         "from r2d2 import _jit\n"
         "try:\n    _jit.load()\nexcept ImportError as e:\n    print('ERR', e)\n",
-        {"R2D2_NO_JIT": "1", "R2D2_EXT_CACHE": str(tmp_path)})
+        {"R2D2_NO_JIT": "1", "R2D2_EXT_CACHE": str(tmp_path)},
+    )
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
     assert line.startswith("ERR r2d2._C is not built for torch") and "\n" not in line
@@ -133,7 +160,8 @@ def test_missing_compiler_is_one_line_and_not_retried(tmp_path):
         "for _ in range(2):\n"
         "    try:\n        _jit.load(build=True)\n    except ImportError as e:\n"
         "        print('ERR', e)\n",
-        {"CXX": "no-such-compiler-r2d2", "R2D2_EXT_CACHE": str(tmp_path)})
+        {"CXX": "no-such-compiler-r2d2", "R2D2_EXT_CACHE": str(tmp_path)},
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0] == lines[1]
@@ -154,8 +182,9 @@ def test_a_cached_build_loads_without_compiling(tmp_path):
     d.mkdir(parents=True)
     (d / "_C.so").write_bytes(prebuilt.read_bytes())
     (d / "ok").write_text("test\n")
-    r = _in_fresh_python("from r2d2 import _jit; m = _jit.load(); "
-                         "print(m.__name__, m.__file__, m.cuda_built())", env)
+    r = _in_fresh_python(
+        "from r2d2 import _jit; m = _jit.load(); print(m.__name__, m.__file__, m.cuda_built())", env
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["r2d2._C", str(d / "_C.so"), "False"]
 
@@ -167,10 +196,12 @@ def test_c_shim_defers_to_a_built_extension():
     if c.__file__.endswith(".py"):
         pytest.fail("the r2d2/_C.py stand-in must replace itself with the extension module")
     from importlib.machinery import EXTENSION_SUFFIXES
+
     assert c.__file__.endswith(tuple(EXTENSION_SUFFIXES) + ("_C.so",))
 
 
 # ---- presets ----
+
 
 def test_presets_ship_in_the_package_and_resolve_by_name(tmp_path, monkeypatch):
     from r2d2.engine.config import (
@@ -203,7 +234,10 @@ def test_base_chain_falls_back_to_a_preset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.yaml").write_text("base: tiny.yaml\ntrain:\n  max_steps: 5\n")
     cfg = load_config("mine.yaml")
-    assert cfg.train.max_steps == 5 and cfg.model.vision.width == load_config("tiny").model.vision.width
+    assert (
+        cfg.train.max_steps == 5
+        and cfg.model.vision.width == load_config("tiny").model.vision.width
+    )
 
 
 def test_relative_paths_in_a_preset_are_relative_to_the_current_directory(tmp_path, monkeypatch):
@@ -230,6 +264,7 @@ def test_presets_command_lists_and_locates(capsys):
 
 # ---- benchmarks ----
 
+
 def test_bench_scripts_are_in_the_package_and_old_paths_still_work():
     from r2d2.bench import harness
     from r2d2.cli import bench as bench_cli
@@ -245,8 +280,13 @@ def test_bench_scripts_are_in_the_package_and_old_paths_still_work():
     finally:
         sys.path.pop(0)
     assert old is harness
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "harness.py"), "slug",
-                        "--device", "cpu"], capture_output=True, text=True, cwd="/", check=False)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "harness.py"), "slug", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        check=False,
+    )
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 

@@ -22,8 +22,11 @@ from r2d2.engine.model import model_preset
 from r2d2.engine.trainer import build_objective
 
 ROOT = str(Path(__file__).resolve().parents[2])
-PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "r2d2", "configs", "*.yaml"))
-                 if not os.path.basename(p).startswith("eval_"))
+PRESETS = sorted(
+    p
+    for p in glob.glob(os.path.join(ROOT, "r2d2", "configs", "*.yaml"))
+    if not os.path.basename(p).startswith("eval_")
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,8 +65,14 @@ def batch(task: str, b: int = 4, L: int = 10) -> dict:
 
 def test_there_are_training_presets():
     names = {os.path.basename(p) for p in PRESETS}
-    assert {"tiny.yaml", "base.yaml", "large.yaml", "prd2.yaml", "finetune_ccmb_icr.yaml",
-            "ablation_1_pre_ranking.yaml"} <= names
+    assert {
+        "tiny.yaml",
+        "base.yaml",
+        "large.yaml",
+        "prd2.yaml",
+        "finetune_ccmb_icr.yaml",
+        "ablation_1_pre_ranking.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
@@ -88,14 +97,16 @@ def test_objective_runs_on_a_tiny_twin(path):
     if cfg.train.task != "matching":
         lc = obj.config
         want = {t for t in ("gcpr", "fgr", "mlm", "fgd") if getattr(lc, t)}
-        want |= {"tgd"} if lc.tgd and lc.fgr else set()   # GCPR's TgD lives inside gcpr_loss
+        want |= {"tgd"} if lc.tgd and lc.fgr else set()  # GCPR's TgD lives inside gcpr_loss
         got = {k.split("_")[0] for k in out if k != "loss"}
         assert got == want
     out["loss"].backward()
     if not cfg.distributed.find_unused_parameters:
         unused = [n for n, p in obj.named_parameters() if p.requires_grad and p.grad is None]
-        assert not unused, (f"{os.path.basename(path)}: distributed.find_unused_parameters is false "
-                            f"but these trainable parameters get no gradient: {unused}")
+        assert not unused, (
+            f"{os.path.basename(path)}: distributed.find_unused_parameters is false "
+            f"but these trainable parameters get no gradient: {unused}"
+        )
 
 
 def test_prd2_preset_is_gcpr_plus_tgd():
@@ -106,12 +117,18 @@ def test_prd2_preset_is_gcpr_plus_tgd():
 
 
 def test_ablation_ladder_adds_one_term_per_row():
-    rows = [load_config(os.path.join(ROOT, "r2d2", "configs", f"ablation_{n}.yaml")).loss
-            for n in ("1_pre_ranking", "2_ranking", "3_tgd", "4_fgd")]
+    rows = [
+        load_config(os.path.join(ROOT, "r2d2", "configs", f"ablation_{n}.yaml")).loss
+        for n in ("1_pre_ranking", "2_ranking", "3_tgd", "4_fgd")
+    ]
     flags = [tuple(getattr(r, t) for t in ("gcpr", "fgr", "mlm", "tgd", "fgd")) for r in rows]
-    assert flags == [(True, False, False, False, False), (True, True, True, False, False),
-                     (True, True, True, True, False), (True, True, True, True, True)]
+    assert flags == [
+        (True, False, False, False, False),
+        (True, True, True, False, False),
+        (True, True, True, True, False),
+        (True, True, True, True, True),
+    ]
     from r2d2.engine.losses import LossConfig
 
-    full = dataclasses.replace(LossConfig(), mlm_weight=rows[-1].mlm_weight)   # tiny's MLM weight
+    full = dataclasses.replace(LossConfig(), mlm_weight=rows[-1].mlm_weight)  # tiny's MLM weight
     assert rows[-1] == full

@@ -19,12 +19,23 @@ from r2d2.engine.observability import read_log
 
 ROOT = str(Path(__file__).resolve().parents[2])
 STEPS = 16
-ARGS = ["--config", os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"), f"--train.max_steps={STEPS}",
-        "--train.checkpoint_every=3", "--train.log_every=1", "--train.deterministic=true",
-        "--data.batch_size=8", "--data.synthetic_size=256", "--logging.progress=false",
-        "--logging.tensorboard=false", "--logging.plot=false", "--train.eval_at_end=false",
-        # dropout draws from the global RNG every step (BERT's default in base/large)
-        "--model.text.dropout=0.1", "--model.vision.dropout=0.1"]
+ARGS = [
+    "--config",
+    os.path.join(ROOT, "r2d2", "configs", "tiny.yaml"),
+    f"--train.max_steps={STEPS}",
+    "--train.checkpoint_every=3",
+    "--train.log_every=1",
+    "--train.deterministic=true",
+    "--data.batch_size=8",
+    "--data.synthetic_size=256",
+    "--logging.progress=false",
+    "--logging.tensorboard=false",
+    "--logging.plot=false",
+    "--train.eval_at_end=false",
+    # dropout draws from the global RNG every step (BERT's default in base/large)
+    "--model.text.dropout=0.1",
+    "--model.vision.dropout=0.1",
+]
 
 
 def _env():
@@ -42,11 +53,14 @@ def _losses(out):
 
 def _kill_and_resume(tmp_path, extra=(), min_rows=0):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    r = subprocess.run(_cmd(ref, *extra), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        _cmd(ref, *extra), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
-    proc = subprocess.Popen(_cmd(cut, *extra), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cmd(cut, *extra), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     latest = cut / "checkpoints" / "latest"
     deadline = time.time() + 900
     while not latest.exists() or len(_losses(cut)) < min_rows:
@@ -56,17 +70,25 @@ def _kill_and_resume(tmp_path, extra=(), min_rows=0):
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: only what is on disk survives
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    killed_at = int(latest.read_text().strip()[len("step_"):-len(".pt")])
+    killed_at = int(latest.read_text().strip()[len("step_") : -len(".pt")])
     done = len(_losses(cut))
     assert killed_at < STEPS and done < STEPS, "the run finished before it was killed"
     assert not (cut / "model").exists()
 
-    res = subprocess.run(_cmd(cut, *extra, "--resume"), env=_env(), cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run(
+        _cmd(cut, *extra, "--resume"),
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resumed from step {killed_at}" in res.stdout + res.stderr
     want, got = _losses(ref), _losses(cut)
-    assert [s for s, _ in got] == list(range(1, STEPS + 1))  # rows after the checkpoint rewritten once
+    assert [s for s, _ in got] == list(
+        range(1, STEPS + 1)
+    )  # rows after the checkpoint rewritten once
     assert got == want  # bitwise: JSON floats round-trip exactly
     return read_log(os.path.join(ref, "log.jsonl")), read_log(os.path.join(cut, "log.jsonl"))
 
@@ -87,7 +109,9 @@ def _write_shards(folder, n_shards=3, per_shard=30):
         with wds.TarWriter(str(folder / f"shard-{s}.tar")) as w:
             for i in range(per_shard):
                 buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                    buf, format="JPEG"
+                )
                 jpg = buf.getvalue() if i % 9 else b"corrupt"  # every ninth image cannot be decoded
                 w.write({"__key__": f"s{s}_{i:03d}", "jpg": jpg, "txt": f"第{s}个分片的第{i}张图"})
     return str(folder / f"shard-{{0..{n_shards - 1}}}.tar")
@@ -98,15 +122,26 @@ def test_sigkill_then_resume_webdataset_with_workers_and_accumulation(tmp_path):
     # streams: 2 DataLoader workers (the resumed loader must take the worker round robin where
     # the killed one stood), a shuffle buffer, corrupt samples, grad accumulation, several epochs
     urls = _write_shards(tmp_path)
-    ref, cut = _kill_and_resume(tmp_path, ["--data.format=webdataset", f"--data.path={urls}",
-                                           "--data.num_workers=2", "--data.shuffle_buffer=16",
-                                           "--train.grad_accum=2", "--data.max_skip_rate=0.3"], min_rows=4)
+    ref, cut = _kill_and_resume(
+        tmp_path,
+        [
+            "--data.format=webdataset",
+            f"--data.path={urls}",
+            "--data.num_workers=2",
+            "--data.shuffle_buffer=16",
+            "--train.grad_accum=2",
+            "--data.max_skip_rate=0.3",
+        ],
+        min_rows=4,
+    )
     assert [r["skipped_decode"] for r in cut] == [r["skipped_decode"] for r in ref]
     assert ref[-1]["skipped_decode"] > 0 and ref[-1]["samples"] == STEPS * 8 > 90  # past one pass
 
 
 def test_cli_refuses_to_overwrite_or_resume_nothing(tmp_path):
-    r = subprocess.run(_cmd(tmp_path / "none", "--resume"), env=_env(), cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        _cmd(tmp_path / "none", "--resume"), env=_env(), cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "--resume but" in r.stderr
     (tmp_path / "x" / "checkpoints").mkdir(parents=True)
     (tmp_path / "x" / "checkpoints" / "latest").write_text("step_000001.pt\n")
@@ -177,7 +212,10 @@ while True:
 def _check_latest_is_valid(out, want_step=None):
     ck = Checkpointer(str(out), keep=3)  # a new run's checkpointer also clears stale .tmp files
     path = ck.latest()
-    state, _ = ck.load(path, torch.nn.Linear(*torch.load(path, weights_only=False)["objective"]["weight"].shape[::-1]))
+    state, _ = ck.load(
+        path,
+        torch.nn.Linear(*torch.load(path, weights_only=False)["objective"]["weight"].shape[::-1]),
+    )
     if want_step is not None:
         assert state.step == want_step
     assert not [f for f in os.listdir(ck.dir) if f.endswith(".tmp")]
@@ -186,8 +224,14 @@ def _check_latest_is_valid(out, want_step=None):
 
 @pytest.mark.parametrize("mode", ["payload", "pointer"])
 def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_and_latest_valid(tmp_path, mode):
-    r = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path), mode], env=_env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", WRITER, str(tmp_path), mode],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 9 and "saved 1" in r.stdout, r.stderr[-2000:]
     files = set(os.listdir(tmp_path / "checkpoints"))
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000001.pt"
@@ -207,8 +251,14 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_and_latest_vali
 def test_sigkill_at_a_random_moment_of_repeated_saves(tmp_path):
     import random
 
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "loop"], env=_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path), "loop"],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().startswith("saved 1")
     proc.stdout.readline()  # the first big save completed: from now on every phase can be hit
     time.sleep(random.uniform(0.0, 1.5))

@@ -30,7 +30,7 @@ def test_truncation_and_max_length_padding():
     tok = build_tokenizer(max_length=7, padding="max_length")
     out = tok(["一二三四五六七八九十", "一"])
     assert out["input_ids"].shape == (2, 7)
-    assert out["input_ids"][0, -1].item() == tok.sep_id   # truncated but still closed by [SEP]
+    assert out["input_ids"][0, -1].item() == tok.sep_id  # truncated but still closed by [SEP]
     assert out["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0]
 
 
@@ -40,7 +40,7 @@ def test_vocab_file_and_unknown_chars(tmp_path):
     tok = build_tokenizer(str(path), max_length=10)
     assert tok.vocab_size == 7
     ids = tok(["猫鱼狗"])["input_ids"][0].tolist()
-    assert ids == [2, 5, 1, 6, 3]   # 鱼 is not in this vocab -> [UNK]
+    assert ids == [2, 5, 1, 6, 3]  # 鱼 is not in this vocab -> [UNK]
     # the wrapped tokenizers API passes through (used by the eval CLI)
     assert tok.encode_batch(["猫"])[0].ids == [2, 5, 3]
     tok.save_vocab(str(tmp_path / "v2.txt"))

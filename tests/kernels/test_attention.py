@@ -104,7 +104,7 @@ def test_triton_writes_every_output_element():
 
     q, k, v, m = make_inputs(2, 2, 19, 37, 80, mask="random")
     q, k, v = q.detach(), k.detach(), v.detach()
-    scale = 80 ** -0.5
+    scale = 80**-0.5
     poison = lambda x: torch.full(x.shape, float("nan"))  # noqa: E731
     o, lse = at.fwd(q, k, v, m, scale, out=poison(q))
     torch.testing.assert_close(o, attention_ref(q, k, v, m), **FP32_TOL)
@@ -136,13 +136,13 @@ def test_triton_skips_padding_tiles_and_ignores_padding_slots():
         assert torch.isfinite(g).all(), f"d{name} not finite"
         torch.testing.assert_close(g, w, **FP32_TOL, msg=lambda s_, n=name: f"d{n}: {s_}")
     # Tiles processed, per (batch, head): only those with an attended key.
-    live = torch.stack([m[:, j:j + bn].any(-1) for j in range(0, Lk, bn)], -1).sum(-1)
+    live = torch.stack([m[:, j : j + bn].any(-1) for j in range(0, Lk, bn)], -1).sum(-1)
     live = live.to(torch.int32).repeat_interleave(H)
     n_m = -(-Lq // bm)
     assert live.tolist()[::H] == [2, 3, 0]  # the mask really has padded tiles to skip
     count = lambda: torch.zeros(B * H, dtype=torch.int32)  # noqa: E731
     c_fwd, c_kv, c_q = count(), count(), count()
-    qd, scale = q.detach(), D ** -0.5
+    qd, scale = q.detach(), D**-0.5
     o, lse = at.fwd(qd, kp.detach(), vp.detach(), m, scale, tile_count=c_fwd)
     at.bwd(do, qd, kp.detach(), vp.detach(), o, lse, m, scale, tile_count=(c_kv, c_q))
     assert torch.equal(c_fwd, live * n_m)
@@ -197,13 +197,15 @@ def test_triton_dropout_weight_mass_matches_p():
 # sdpa, eager, xformers, errors (auto: test_attention_auto.py)
 
 
-@pytest.mark.parametrize("B,H,Lq,Lk,D,mask", [(3, 2, 7, 63, 32, "random"),
-                                              (2, 2, 1, 7, 80, "lengths"),
-                                              (2, 1, 197, 64, 64, None)])
+@pytest.mark.parametrize(
+    "B,H,Lq,Lk,D,mask",
+    [(3, 2, 7, 63, 32, "random"), (2, 2, 1, 7, 80, "lengths"), (2, 1, 197, 64, 64, None)],
+)
 def test_sdpa_matches_ref(B, H, Lq, Lk, D, mask):
     q, k, v, m = make_inputs(B, H, Lq, Lk, D, mask=mask)
-    out, (_dq, dk, _dv) = check_against_ref(q, k, v, m, "sdpa", scale=0.2,
-                                             tol=dict(atol=1e-5, rtol=1e-5))
+    out, (_dq, dk, _dv) = check_against_ref(
+        q, k, v, m, "sdpa", scale=0.2, tol=dict(atol=1e-5, rtol=1e-5)
+    )
     if m is not None:
         dead = ~m.any(-1)
         assert dead.any() or B == 1
@@ -229,6 +231,7 @@ def test_xformers_unavailable_is_clear():
     q, k, v, m = make_inputs(1, 1, 3, 5, 8)
     try:
         import xformers  # noqa: F401
+
         pytest.skip("xformers is installed: its unavailable path cannot be reached")
     except ImportError:
         pass
@@ -242,26 +245,38 @@ def test_cuda_backend_on_cpu_is_clear():
         attention(q, k, v, key_padding_mask=m, backend="cuda")
 
 
-@pytest.mark.parametrize("make,exc,match", [
-    (lambda q, k, v, m: (q[0], k, v, m), ValueError, r"\[B, H, L, D\]"),
-    (lambda q, k, v, m: (q, k[:, :1], v[:, :1], None), ValueError, "k and v must be"),
-    (lambda q, k, v, m: (q, k, v[..., :4], m), ValueError, "k and v must be"),
-    (lambda q, k, v, m: (q, k.double(), v, m), TypeError, "one floating dtype"),
-    (lambda q, k, v, m: (q, k, v, m.int()), TypeError, "key_padding_mask must be bool"),
-    (lambda q, k, v, m: (q, k, v, m[:, :3]), ValueError, r"key_padding_mask must be \[B=2, Lk=5\]"),
-    (lambda q, k, v, m: (q, k, v, m.to("meta")), ValueError, "key_padding_mask on meta"),
-    (lambda q, k, v, m: (q, k.to("meta"), v.to("meta"), m), ValueError, "different devices"),
-])
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda q, k, v, m: (q[0], k, v, m), ValueError, r"\[B, H, L, D\]"),
+        (lambda q, k, v, m: (q, k[:, :1], v[:, :1], None), ValueError, "k and v must be"),
+        (lambda q, k, v, m: (q, k, v[..., :4], m), ValueError, "k and v must be"),
+        (lambda q, k, v, m: (q, k.double(), v, m), TypeError, "one floating dtype"),
+        (lambda q, k, v, m: (q, k, v, m.int()), TypeError, "key_padding_mask must be bool"),
+        (
+            lambda q, k, v, m: (q, k, v, m[:, :3]),
+            ValueError,
+            r"key_padding_mask must be \[B=2, Lk=5\]",
+        ),
+        (lambda q, k, v, m: (q, k, v, m.to("meta")), ValueError, "key_padding_mask on meta"),
+        (lambda q, k, v, m: (q, k.to("meta"), v.to("meta"), m), ValueError, "different devices"),
+    ],
+)
 def test_bad_input_errors(make, exc, match):
     args = make(*make_inputs(2, 2, 3, 5, 8))
     with pytest.raises(exc, match=match):
         attention(*args[:3], key_padding_mask=args[3], backend="eager")
 
 
-@pytest.mark.parametrize("kw,match", [(dict(dropout_p=1.0), "dropout_p"),
-                                      (dict(dropout_p=-0.1), "dropout_p"),
-                                      (dict(scale=float("nan")), "scale"),
-                                      (dict(backend="nope"), "unknown backend")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(dropout_p=1.0), "dropout_p"),
+        (dict(dropout_p=-0.1), "dropout_p"),
+        (dict(scale=float("nan")), "scale"),
+        (dict(backend="nope"), "unknown backend"),
+    ],
+)
 def test_bad_argument_errors(kw, match):
     q, k, v, m = make_inputs(1, 1, 3, 5, 8)
     with pytest.raises((ValueError, BackendUnavailable), match=match):
@@ -278,10 +293,15 @@ def test_triton_rejects_float64():
 # ---------------------------------------------------------------------------------------------
 # GPU: low precision with flash-attention's error rule, dropout, padding, the CUDA kernels
 
-GPU_CASES = [(4, 3, 64, 64, 64, "lengths"), (2, 4, 197, 197, 64, None),
-             (2, 2, 257, 257, 80, "random"), (3, 2, 64, 257, 64, "random"),
-             (3, 2, 257, 64, 128, "lengths"), (2, 2, 1, 7, 32, "random"),
-             (2, 2, 577, 577, 64, "lengths")]
+GPU_CASES = [
+    (4, 3, 64, 64, 64, "lengths"),
+    (2, 4, 197, 197, 64, None),
+    (2, 2, 257, 257, 80, "random"),
+    (3, 2, 64, 257, 64, "random"),
+    (3, 2, 257, 64, 128, "lengths"),
+    (2, 2, 1, 7, 32, "random"),
+    (2, 2, 577, 577, 64, "lengths"),
+]
 
 
 def _plain_low_precision(q, k, v, m, dropout_p=0.0, keep=None):
@@ -425,9 +445,19 @@ def test_gpu_odd_head_dims_and_layouts(backend, dtype, D, layout):
     # (scalar loads), D = 8 pads to DP = 32; "blhd" are strided views the binding must copy;
     # "misaligned" tensors are contiguous but start 1 element past a 16-byte boundary, so the
     # vector-load alignment check must fall back (a wrong check faults: misaligned address).
-    q, k, v, m = make_inputs(2, 3, 37, 45, D, dtype=dtype, device="cuda", mask="random",
-                         layout="blhd" if layout == "blhd" else "bhld")
+    q, k, v, m = make_inputs(
+        2,
+        3,
+        37,
+        45,
+        D,
+        dtype=dtype,
+        device="cuda",
+        mask="random",
+        layout="blhd" if layout == "blhd" else "bhld",
+    )
     if layout == "misaligned":
+
         def shift(x):
             buf = torch.empty(x.numel() + 1, device=x.device, dtype=x.dtype)
             return buf[1:].view(x.shape).copy_(x.detach()).requires_grad_()
@@ -466,12 +496,27 @@ def test_cuda_dropout_stream_equals_triton_on_host(tmp_path):
         pytest.skip("no C++ compiler on PATH")
     root = Path(__file__).resolve().parents[2]
     exe = tmp_path / "attention_philox"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(root / "csrc"),
-                    str(root / "tests/cpp/attention_philox.cc"), "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            cxx,
+            "-std=c++17",
+            "-O2",
+            "-I",
+            str(root / "csrc"),
+            str(root / "tests/cpp/attention_philox.cc"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     B, H, Lq, Lk, p = 2, 3, 9, 37, 0.3
     for seed, offset in ((12345, 0), (2**31 - 2, 77)):
-        run = subprocess.run([str(exe), *map(str, (B, H, Lq, Lk, p, seed, offset))],
-                             capture_output=True, text=True, check=True)
+        run = subprocess.run(
+            [str(exe), *map(str, (B, H, Lq, Lk, p, seed, offset))],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         host = torch.tensor([c == "1" for c in run.stdout.strip()]).view(B, H, Lq, Lk)
         tri = at.dropout_keep_mask(B, H, Lq, Lk, p, seed, offset, "cpu")
         assert 0.2 < 1 - host.float().mean().item() < 0.4
@@ -492,8 +537,9 @@ def test_gpu_xformers_matches_ref():
     pytest.importorskip("xformers", reason="xformers not installed on this GPU machine")
     q, k, v, m = make_inputs(3, 2, 65, 129, 64, dtype=torch.float16, device="cuda", mask="random")
     out = attention(q, k, v, key_padding_mask=m, backend="xformers")
-    torch.testing.assert_close(out.float(), attention_ref(q.float(), k.float(), v.float(), m),
-                               atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(
+        out.float(), attention_ref(q.float(), k.float(), v.float(), m), atol=2e-3, rtol=2e-3
+    )
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # the fully padded batch row
 
 

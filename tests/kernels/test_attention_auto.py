@@ -35,16 +35,18 @@ needs_triton = pytest.mark.skipif(not triton_importable(), reason="triton not in
 def _inputs(B, H, Lq, Lk, D, *, dtype=torch.float32, device="cpu", mask="random"):
     """Fresh random leaves and a key mask ("random": last batch row fully padded; "lengths":
     prefix-valid like padded captions; None)."""
-    q, k, v = (torch.randn(B, H, L, D, device=device).to(dtype).requires_grad_()
-               for L in (Lq, Lk, Lk))
+    q, k, v = (
+        torch.randn(B, H, L, D, device=device).to(dtype).requires_grad_() for L in (Lq, Lk, Lk)
+    )
     m = None
     if mask == "random":
         m = torch.rand(B, Lk, device=device) > 0.35
         m[:, 0] = True
         m[-1] = False
     elif mask == "lengths":
-        m = torch.arange(Lk, device=device)[None, :] < torch.randint(1, Lk + 1, (B, 1),
-                                                                      device=device)
+        m = torch.arange(Lk, device=device)[None, :] < torch.randint(
+            1, Lk + 1, (B, 1), device=device
+        )
     return q, k, v, m
 
 
@@ -86,8 +88,10 @@ def test_auto_real_timing_works_in_eval_and_inference_mode(auto_on_cpu, monkeypa
     assert torch.equal(torch.get_rng_state(), rng)  # measuring draws nothing from the caller
     torch.testing.assert_close(out, attention_ref(q, k, v, m), **FP32_TOL)
     picks = attn_mod.auto_picks()
-    assert sorted(picks) == ["cpu bf16 Lq<=64 Lk<=64 D<=64 masked fwd+bwd",
-                             "cpu fp32 Lq<=16 Lk<=32 D<=32 masked fwd"]
+    assert sorted(picks) == [
+        "cpu bf16 Lq<=64 Lk<=64 D<=64 masked fwd+bwd",
+        "cpu fp32 Lq<=16 Lk<=32 D<=32 masked fwd",
+    ]
     assert picks["cpu bf16 Lq<=64 Lk<=64 D<=64 masked fwd+bwd"].backend == ref
     for p in picks.values():
         assert p.failed == {} and set(p.timings_ms) == {"eager", "sdpa"}, p
@@ -97,9 +101,11 @@ def test_auto_real_timing_works_in_eval_and_inference_mode(auto_on_cpu, monkeypa
 @needs_triton
 def test_auto_picks_the_fastest_injected_candidate_per_class(auto_on_cpu, monkeypatch, caplog):
     # Stubbed timings (what runs on a GPU is measured there); the picked backend really runs.
-    fake_ms = {(True, True): dict(triton=1.0, sdpa=2.0, eager=3.0),  # (masked, grad)
-               (True, False): dict(triton=2.0, sdpa=3.0, eager=1.0),
-               (False, True): dict(triton=3.0, sdpa=1.0, eager=2.0)}
+    fake_ms = {
+        (True, True): dict(triton=1.0, sdpa=2.0, eager=3.0),  # (masked, grad)
+        (True, False): dict(triton=2.0, sdpa=3.0, eager=1.0),
+        (False, True): dict(triton=3.0, sdpa=1.0, eager=2.0),
+    }
     calls = []
 
     def timer(b, probe):
@@ -111,38 +117,43 @@ def test_auto_picks_the_fastest_injected_candidate_per_class(auto_on_cpu, monkey
     ran = []
     for name in ("attention_sdpa", "attention_ref", "_fused"):
         real = getattr(attn_mod, name)
-        monkeypatch.setattr(attn_mod, name, lambda *a, _r=real, _n=name, **kw: (
-            ran.append(_n), _r(*a, **kw))[1])
+        monkeypatch.setattr(
+            attn_mod, name, lambda *a, _r=real, _n=name, **kw: (ran.append(_n), _r(*a, **kw))[1]
+        )
     caplog.set_level("INFO", logger="r2d2.kernels")
     _q, k, v, m = _inputs(2, 2, 20, 24, 32, mask="random")
     cases = [  # (Lq, masked, no_grad) -> backend that must run
-        ((20, True, False), "_fused"), ((30, True, False), "_fused"),  # one class (Lq <= 32)
-        ((20, True, True), "attention_ref"), ((20, False, False), "attention_sdpa"),
-        ((40, True, False), "_fused")]  # Lq <= 64: a new class
+        ((20, True, False), "_fused"),
+        ((30, True, False), "_fused"),  # one class (Lq <= 32)
+        ((20, True, True), "attention_ref"),
+        ((20, False, False), "attention_sdpa"),
+        ((40, True, False), "_fused"),
+    ]  # Lq <= 64: a new class
     for (lq, masked, no_grad), want in cases:
         qq = torch.randn(2, 2, lq, 32, requires_grad=True)
         ran.clear()
         with torch.no_grad() if no_grad else torch.enable_grad():
             out = attention(qq, k, v, key_padding_mask=m if masked else None)
         assert ran == [want], (lq, masked, no_grad, ran)
-        torch.testing.assert_close(out, attention_ref(qq, k, v, m if masked else None),
-                                   **FP32_TOL)
+        torch.testing.assert_close(out, attention_ref(qq, k, v, m if masked else None), **FP32_TOL)
     assert [c[1:] for c in calls[::3]] == [(20, True), (20, False), (20, True), (40, True)]
     picks = attn_mod.auto_picks()
     assert {n: p.backend for n, p in picks.items()} == {
         "cpu fp32 Lq<=32 Lk<=32 D<=32 masked fwd+bwd": "triton",
         "cpu fp32 Lq<=32 Lk<=32 D<=32 masked fwd": "eager",
         "cpu fp32 Lq<=32 Lk<=32 D<=32 unmasked fwd+bwd": "sdpa",
-        "cpu fp32 Lq<=64 Lk<=32 D<=32 masked fwd+bwd": "triton"}
+        "cpu fp32 Lq<=64 Lk<=32 D<=32 masked fwd+bwd": "triton",
+    }
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention auto")]
     assert len(logged) == 4  # once per class
-    assert logged[0] == ("attention auto: cpu fp32 Lq<=32 Lk<=32 D<=32 masked fwd+bwd -> triton "
-                         "(triton 1.000 ms, sdpa 2.000 ms, eager 3.000 ms; at B=2 H=2 Lq=20 "
-                         "Lk=24 D=32)")
+    assert logged[0] == (
+        "attention auto: cpu fp32 Lq<=32 Lk<=32 D<=32 masked fwd+bwd -> triton "
+        "(triton 1.000 ms, sdpa 2.000 ms, eager 3.000 ms; at B=2 H=2 Lq=20 "
+        "Lk=24 D=32)"
+    )
 
 
-def test_auto_failing_candidate_is_reported_never_cached_as_none(auto_on_cpu, monkeypatch,
-                                                                  caplog):
+def test_auto_failing_candidate_is_reported_never_cached_as_none(auto_on_cpu, monkeypatch, caplog):
     broken = {"sdpa"}
 
     def timer(b, probe):
@@ -205,8 +216,9 @@ def test_gpu_auto_measures_each_class_and_every_candidate_runs():
         attention(qi, qi, qi).sum().backward()
         picks = attn_mod.auto_picks()
         assert len(picks) == 3, list(picks)
-        runnable = {b for b in attn_mod.TUNING.candidates
-                    if why_unavailable("attention", b, "cuda") is None}
+        runnable = {
+            b for b in attn_mod.TUNING.candidates if why_unavailable("attention", b, "cuda") is None
+        }
         assert {"triton", "sdpa"} <= runnable
         for name, p in picks.items():
             assert p.source == "measured" and p.failed == {}, (name, p)
@@ -250,8 +262,9 @@ def test_scale_refuses_a_bool():
 
 def _fake_pick(backend, Lq=64, dtype=torch.float32, masked=True, source="measured"):
     key = class_key(torch.device("cpu"), dtype, Lq, Lq, 64, masked, False, True)
-    autotune.remember("attention", key, autotune.AutoPick(backend, {backend: 1.0}, {}, {}, "",
-                                                          source))
+    autotune.remember(
+        "attention", key, autotune.AutoPick(backend, {backend: 1.0}, {}, {}, "", source)
+    )
     return class_str(key)
 
 
@@ -300,14 +313,25 @@ def test_resumed_run_takes_the_picks_of_its_checkpoint(clean_picks, tmp_path, ca
     from r2d2.cli.train import pretrain
 
     root = str(Path(__file__).resolve().parents[2])
-    args = ["--config", os.path.join(root, "r2d2", "configs", "tiny.yaml"), "--out", str(tmp_path / "run"),
-            "--train.checkpoint_every=1", "--data.batch_size=4", "--data.synthetic_size=16",
-            "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
-            "--train.eval_at_end=false"]
+    args = [
+        "--config",
+        os.path.join(root, "r2d2", "configs", "tiny.yaml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--train.checkpoint_every=1",
+        "--data.batch_size=4",
+        "--data.synthetic_size=16",
+        "--logging.progress=false",
+        "--logging.tensorboard=false",
+        "--logging.plot=false",
+        "--train.eval_at_end=false",
+    ]
     name = _fake_pick("eager", Lq=1024)  # as if measured during the run
     assert pretrain([*args, "--train.max_steps=1"]) == 0
     ck = torch.load(tmp_path / "run" / "checkpoints" / "step_000001.pt", weights_only=False)
-    assert any(p["lq"] == 1024 and p["backend"] == "eager" for p in ck["extra"]["kernels"]["attention"])
+    assert any(
+        p["lq"] == 1024 and p["backend"] == "eager" for p in ck["extra"]["kernels"]["attention"]
+    )
     attn_mod.auto_timings_clear()  # a new process
     assert pretrain([*args, "--train.max_steps=2", "--resume"]) == 0
     assert attn_mod.auto_picks()[name].source == "checkpoint"

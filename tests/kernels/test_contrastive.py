@@ -61,10 +61,20 @@ def _fused(img, txt, s, kw, tiles, *, neg=False, seed=0, kern=None):
 
     keys = (C.seed_key(seed, 0), C.seed_key(seed, 1)) if neg else (0, 0)
     return contrastive_dist.fused_contrastive(
-        kern or contrastive_triton, img, txt, s, image_ids=kw.get("image_ids"),
+        kern or contrastive_triton,
+        img,
+        txt,
+        s,
+        image_ids=kw.get("image_ids"),
         teacher_image_feat=kw.get("teacher_image_feat"),
-        teacher_text_feat=kw.get("teacher_text_feat"), distill_alpha=kw.get("distill_alpha", 0.0),
-        group=None, keys=keys, neg=neg, mode="gather", tiles=tiles)
+        teacher_text_feat=kw.get("teacher_text_feat"),
+        distill_alpha=kw.get("distill_alpha", 0.0),
+        group=None,
+        keys=keys,
+        neg=neg,
+        mode="gather",
+        tiles=tiles,
+    )
 
 
 def _ref(img, txt, s, kw, **extra):
@@ -90,8 +100,13 @@ def _compare(img, txt, s, kw, tiles):
     _assert_grads(torch.autograd.grad(loss, [img, txt, s]), g_ref, nonzero=img.shape[0] > 1)
 
 
-_COMBOS = [("diag", 0.0, 1.0), ("repeated", 0.0, 100.0), ("repeated", 0.4, 1.0),
-           ("diag", 0.4, 100.0), ("repeated", 0.4, 14.0)]
+_COMBOS = [
+    ("diag", 0.0, 1.0),
+    ("repeated", 0.0, 100.0),
+    ("repeated", 0.4, 1.0),
+    ("diag", 0.4, 100.0),
+    ("repeated", 0.4, 14.0),
+]
 
 
 @needs_triton
@@ -103,8 +118,9 @@ def test_matches_reference_fp32(b, ids, alpha, scale):
 
 
 @needs_triton
-@pytest.mark.parametrize("ids,alpha,scale", [
-    ("repeated", 0.0, 1.0), ("repeated", 0.4, 100.0), ("diag", 0.4, 14.0)])
+@pytest.mark.parametrize(
+    "ids,alpha,scale", [("repeated", 0.0, 1.0), ("repeated", 0.4, 100.0), ("diag", 0.4, 14.0)]
+)
 def test_matches_reference_b257(ids, alpha, scale):
     """b = B = 257: 5 ragged tiles of 64 each way (the interpreter's cost grows with the tiles)."""
     img, txt, s, kw = _inputs(257, 16, ids=ids, alpha=alpha, scale=scale)
@@ -112,8 +128,9 @@ def test_matches_reference_b257(ids, alpha, scale):
 
 
 @needs_triton
-@pytest.mark.parametrize("programs,budget", [(1, 256 << 20), (2, 256 << 20), (7, 256 << 20),
-                                             (7, 2000)])
+@pytest.mark.parametrize(
+    "programs,budget", [(1, 256 << 20), (2, 256 << 20), (7, 256 << 20), (7, 2000)]
+)
 def test_grid_plans_and_poisoned_buffers(programs, budget, monkeypatch):
     """Every program count / column split / backward split (a tiny budget forces one slot and
     many column splits) gives the reference, with every buffer the kernels must write starting
@@ -124,9 +141,16 @@ def test_grid_plans_and_poisoned_buffers(programs, budget, monkeypatch):
     img, txt, s, kw = _inputs(45, 40, ids="repeated", alpha=0.4, scale=50.0)
     tiles = _tiles(programs=programs, budget_bytes=budget)
     plan = contrastive_dist.fwd_plan(45, 45, tiles.resolved(40, img.device), True, True)[:2]
-    if not HAS_CUDA:   # 3 x 3 tiles of 16; a 2000-byte budget fits one 45-column slot
-        assert plan == {(1, 256 << 20): (1, 1), (2, 256 << 20): (2, 1), (7, 256 << 20): (3, 3),
-                        (7, 2000): (1, 1)}[(programs, budget)]
+    if not HAS_CUDA:  # 3 x 3 tiles of 16; a 2000-byte budget fits one 45-column slot
+        assert (
+            plan
+            == {
+                (1, 256 << 20): (1, 1),
+                (2, 256 << 20): (2, 1),
+                (7, 256 << 20): (3, 3),
+                (7, 2000): (1, 1),
+            }[(programs, budget)]
+        )
     _compare(img, txt, s, kw, tiles)
     out = _fused(img, txt, s, kw, tiles, neg=True, seed=9)
     ref = C.contrastive_loss(img, txt, s, backend="eager", return_negatives=True, seed=9, **kw)
@@ -153,19 +177,54 @@ def test_split_columns_merge_to_one_pass(monkeypatch):
         return CD.State.empty(m, True, True, q.device)
 
     rows1, cols1 = state(b), state(n)
-    CD.forward_block(K, tiles, q, k, tq, tk, rid, cid, s, row_off=0, col_off=0, keys=keys,
-                     neg=True, rows=rows1, rows_init=True, cols=cols1, cols_init=True)
+    CD.forward_block(
+        K,
+        tiles,
+        q,
+        k,
+        tq,
+        tk,
+        rid,
+        cid,
+        s,
+        row_off=0,
+        col_off=0,
+        keys=keys,
+        neg=True,
+        rows=rows1,
+        rows_init=True,
+        cols=cols1,
+        cols_init=True,
+    )
     rows2, cols2 = state(b), state(n)
     for c0, c1 in ((0, 7), (7, 40), (40, 45)):
         part = state(c1 - c0)
-        CD.forward_block(K, tiles, q, k[c0:c1].contiguous(), tq, tk[c0:c1].contiguous(), rid,
-                         cid[c0:c1].contiguous(), s, row_off=0, col_off=c0, keys=keys, neg=True,
-                         rows=rows2, rows_init=c0 == 0, cols=part, cols_init=True)
+        CD.forward_block(
+            K,
+            tiles,
+            q,
+            k[c0:c1].contiguous(),
+            tq,
+            tk[c0:c1].contiguous(),
+            rid,
+            cid[c0:c1].contiguous(),
+            s,
+            row_off=0,
+            col_off=c0,
+            keys=keys,
+            neg=True,
+            rows=rows2,
+            rows_init=c0 == 0,
+            cols=part,
+            cols_init=True,
+        )
         cols2.f[:, c0:c1], cols2.gi[c0:c1] = part.f, part.gi
     logits, tlog = 20.0 * q @ k.t(), 20.0 * tq @ tk.t()
     same = rid[:, None] == cid[None, :]
-    for st, lg, tg, sm, dim in ((rows1, logits, tlog, same, 1), (cols1, logits.t(), tlog.t(),
-                                                                 same.t(), 1)):
+    for st, lg, tg, sm, dim in (
+        (rows1, logits, tlog, same, 1),
+        (cols1, logits.t(), tlog.t(), same.t(), 1),
+    ):
         torch.testing.assert_close(st.lse(), torch.logsumexp(lg, dim), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(st.tlse(), torch.logsumexp(tg, dim), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(st.f[3], sm.sum(1).float())
@@ -176,8 +235,9 @@ def test_split_columns_merge_to_one_pass(monkeypatch):
         torch.testing.assert_close(a.f, b_.f, atol=1e-5, rtol=1e-5)
         assert torch.equal(a.gi, b_.gi)
     assert torch.equal(rows1.negatives(), C.sample_negatives_ref(logits, rid, cid, seed=5))
-    assert torch.equal(cols1.negatives(),
-                       C.sample_negatives_ref(logits.t(), cid, rid, seed=5, stream=1))
+    assert torch.equal(
+        cols1.negatives(), C.sample_negatives_ref(logits.t(), cid, rid, seed=5, stream=1)
+    )
 
 
 @needs_triton
@@ -208,8 +268,9 @@ def test_alpha_zero_weights_the_teacher_out_in_the_kernels():
 def test_alpha_zero_api_never_reads_the_teacher():
     img, txt, s, kw = _inputs(19, 16, ids="repeated", alpha=0.0, scale=20.0)
     nan = torch.full_like(img, float("nan")).detach()
-    a = C.contrastive_loss(img, txt, s, backend="triton", teacher_image_feat=nan,
-                           teacher_text_feat=nan, **kw)
+    a = C.contrastive_loss(
+        img, txt, s, backend="triton", teacher_image_feat=nan, teacher_text_feat=nan, **kw
+    )
     b = C.contrastive_loss(img, txt, s, backend="triton", **kw)
     assert torch.isfinite(a)
     torch.testing.assert_close(a, b)
@@ -219,8 +280,9 @@ def test_alpha_zero_api_never_reads_the_teacher():
 @pytest.mark.parametrize("ids", ["diag", "repeated", "all_same"])
 def test_negatives_equal_reference_and_exclude_same_id(ids):
     b = 40
-    img, txt, s, kw = _inputs(b, 16, ids="repeated" if ids == "repeated" else "diag",
-                              alpha=0.4, scale=30.0)
+    img, txt, s, kw = _inputs(
+        b, 16, ids="repeated" if ids == "repeated" else "diag", alpha=0.4, scale=30.0
+    )
     if ids == "all_same":
         kw["image_ids"] = torch.zeros(b, dtype=torch.long, device=DEV)
     ref = C.contrastive_loss(img, txt, s, backend="eager", return_negatives=True, seed=11, **kw)
@@ -251,7 +313,7 @@ def _chi_square_pvalue(draws, probs):
 
 
 _LOGITS = torch.tensor([1.0, 0.5, -0.3, 2.0, 0.0, 1.2, -1.0, 0.7, 1.5])
-_IDS = torch.tensor([0, 1, 2, 3, 0, 4, 5, 6, 3])   # partner id 3: entries 3 and 8 are positives
+_IDS = torch.tensor([0, 1, 2, 3, 0, 4, 5, 6, 3])  # partner id 3: entries 3 and 8 are positives
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("triton", marks=needs_triton)])
@@ -262,8 +324,13 @@ def test_sampler_law_is_softmax_without_same_ids(backend, direction):
     n, R = len(_LOGITS), (20000 if backend == "eager" else 2048)
     probs = torch.softmax(_LOGITS.double().masked_fill(_IDS == 3, float("-inf")), 0)
     if backend == "eager":
-        draws = C.sample_negatives_ref(_LOGITS.expand(R, n), torch.full((R,), 3), _IDS,
-                                       seed=123, stream=0 if direction == "i2t" else 1)
+        draws = C.sample_negatives_ref(
+            _LOGITS.expand(R, n),
+            torch.full((R,), 3),
+            _IDS,
+            seed=123,
+            stream=0 if direction == "i2t" else 1,
+        )
         assert _chi_square_pvalue(draws, probs) > 1e-3
         return
     from r2d2.kernels import contrastive_triton as K
@@ -276,14 +343,30 @@ def test_sampler_law_is_softmax_without_same_ids(backend, direction):
     few = torch.zeros(n, 16, device=DEV)
     few[:, 0] = _LOGITS
     many_ids, few_ids = torch.full((R,), 3, device=DEV), _IDS.to(DEV)
-    q, k, rid, cid = (many, few, many_ids, few_ids) if direction == "i2t" else \
-        (few, many, few_ids, many_ids)
+    q, k, rid, cid = (
+        (many, few, many_ids, few_ids) if direction == "i2t" else (few, many, few_ids, many_ids)
+    )
     rows = CD.State.empty(q.shape[0], False, True, q.device)
     cols = CD.State.empty(k.shape[0], False, True, q.device)
-    CD.forward_block(K, _tiles(block_r=64, block_c=64), q, k, None, None, rid, cid,
-                     torch.tensor([1.0], device=DEV), row_off=0, col_off=0,
-                     keys=(C.seed_key(123, 0), C.seed_key(123, 1)), neg=True, rows=rows,
-                     rows_init=True, cols=cols, cols_init=True)
+    CD.forward_block(
+        K,
+        _tiles(block_r=64, block_c=64),
+        q,
+        k,
+        None,
+        None,
+        rid,
+        cid,
+        torch.tensor([1.0], device=DEV),
+        row_off=0,
+        col_off=0,
+        keys=(C.seed_key(123, 0), C.seed_key(123, 1)),
+        neg=True,
+        rows=rows,
+        rows_init=True,
+        cols=cols,
+        cols_init=True,
+    )
     draws = (rows if direction == "i2t" else cols).negatives()
     assert _chi_square_pvalue(draws, probs) > 1e-3
 
@@ -298,14 +381,17 @@ def test_gumbel_noise_is_finite_at_the_extreme_hashes():
     ends = torch.tensor([0, 1, 2**23 - 1, 2**23, 2**24 - 2, 2**24 - 1])
     g = C.gumbel_from_bits(ends)
     u = (2 * ends.double() + 1) / 2**25
-    exact = -torch.log(-torch.log1p(-(1 - u)))                     # float64 truth
+    exact = -torch.log(-torch.log1p(-(1 - u)))  # float64 truth
     assert torch.isfinite(g).all()
     torch.testing.assert_close(g.double(), exact, atol=2e-6, rtol=1e-6)
-    assert float((2**24 - 1) + 0.5) == 2**24 - 0.5 and torch.tensor(2**24 - 0.5).item() == 2**24, \
+    assert float((2**24 - 1) + 0.5) == 2**24 - 0.5 and torch.tensor(2**24 - 0.5).item() == 2**24, (
         "the fp32 rounding the old formula hit"
+    )
     for (row, col), k in ((_TOP, 2**24 - 1), (_BOTTOM, 0)):
-        h = CR._mix32((CR._mix32(torch.tensor([[row]]) ^ _KEY) + CR._mul32(torch.tensor([[col]]),
-                                                                         CR._GOLD)) & CR._U32)
+        h = CR._mix32(
+            (CR._mix32(torch.tensor([[row]]) ^ _KEY) + CR._mul32(torch.tensor([[col]]), CR._GOLD))
+            & CR._U32
+        )
         assert int(h >> 8) == k
         noise = C.gumbel_noise(_KEY, torch.tensor([row]), torch.tensor([col]))
         assert torch.isfinite(noise).all() and -2.9 < noise.item() < 17.4
@@ -358,7 +444,8 @@ def test_fp16_gradients_do_not_underflow():
     ref = torch.autograd.grad(C.contrastive_loss_ref(*up), up)
     lo = [t.detach().clone().requires_grad_() for t in (img, txt)]
     eager16 = torch.autograd.grad(
-        C.contrastive_loss_ref(*lo, s.detach().half(), compute_dtype=torch.float16), lo)
+        C.contrastive_loss_ref(*lo, s.detach().half(), compute_dtype=torch.float16), lo
+    )
     for name, a, r, e in zip(("image", "text"), got, ref, eager16):
         err, err_e = (a.float() - r).norm() / r.norm(), (e.float() - r).norm() / r.norm()
         assert err < 5e-4 and err <= 2 * err_e + 1e-4, f"{name}: {err:.2e} vs eager {err_e:.2e}"
@@ -385,8 +472,9 @@ def test_fused_path_never_allocates_b_by_B():
     sizes = {}
     for backend in ("eager", "triton"):
         with _Allocations() as log:
-            out = C.contrastive_loss(img, txt, s, backend=backend, return_negatives=True, seed=1,
-                                     **kw)
+            out = C.contrastive_loss(
+                img, txt, s, backend=backend, return_negatives=True, seed=1, **kw
+            )
             torch.autograd.grad(out.loss, [img, txt, s])
         sizes[backend] = log.largest
     assert sizes["eager"] >= 4 * b * b, "the detector sees the eager logits"
@@ -440,17 +528,21 @@ def _gpu_backend(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("b,d,ids,alpha,scale", [(1, 64, "diag", 0.0, 14.0),
-                                                 (257, 100, "repeated", 0.4, 100.0),
-                                                 (1000, 768, "repeated", 0.4, 14.0),
-                                                 (4099, 512, "diag", 0.0, 1.0)])
+@pytest.mark.parametrize(
+    "b,d,ids,alpha,scale",
+    [
+        (1, 64, "diag", 0.0, 14.0),
+        (257, 100, "repeated", 0.4, 100.0),
+        (1000, 768, "repeated", 0.4, 14.0),
+        (4099, 512, "diag", 0.0, 1.0),
+    ],
+)
 def test_gpu_matches_reference(backend, dtype, b, d, ids, alpha, scale):
     """fp32: the reference's tolerance. fp16 / bf16, flash-attention's rule: error against the
     fp32 reference (on the same rounded inputs) <= 2x the error of plain PyTorch eager in that
     dtype + a small atol."""
     _gpu_backend(backend)
-    img, txt, s, kw = _inputs(b, d, ids=ids, alpha=alpha, scale=scale, dtype=dtype,
-                              device="cuda")
+    img, txt, s, kw = _inputs(b, d, ids=ids, alpha=alpha, scale=scale, dtype=dtype, device="cuda")
     out = C.contrastive_loss(img, txt, s, backend=backend, **kw)
     got = [out.detach(), *torch.autograd.grad(out, [img, txt, s])]
     _, l_ref, g_ref = _ref(img, txt, s, kw)
@@ -502,8 +594,12 @@ def test_gpu_cuda_equals_triton_on_plans(monkeypatch):
     base = _fused(img, txt, s, kw, KT.Tiles(), neg=True, seed=2)
     g_base = torch.autograd.grad(base[0], [img, txt, s])
     monkeypatch.setattr(CD, "POISON", True)
-    for tiles in (KC.Tiles(programs=1), KC.Tiles(programs=5), KC.Tiles(),
-                  KC.Tiles(budget_bytes=4096)):
+    for tiles in (
+        KC.Tiles(programs=1),
+        KC.Tiles(programs=5),
+        KC.Tiles(),
+        KC.Tiles(budget_bytes=4096),
+    ):
         out = _fused(img, txt, s, kw, tiles, neg=True, seed=2, kern=KC)
         torch.testing.assert_close(out[0], base[0], atol=2e-5, rtol=1e-5)
         _assert_grads(torch.autograd.grad(out[0], [img, txt, s]), g_base)
@@ -525,25 +621,36 @@ def test_gpu_cuda_ops_opcheck():
     rp = CD.State.empty((2, b), True, True, dev)
     cp = CD.State.empty((1, n), True, True, dev)
     ops = torch.ops.r2d2
-    torch.library.opcheck(ops.contrastive_fwd.default,
-                          (q, k, tq, tk, rid, cid, s, rp.f, rp.gi, cp.f, cp.gi, 1, 0, 0, 5, 6,
-                           True))
+    torch.library.opcheck(
+        ops.contrastive_fwd.default,
+        (q, k, tq, tk, rid, cid, s, rp.f, rp.gi, cp.f, cp.gi, 1, 0, 0, 5, 6, True),
+    )
     ops.contrastive_fwd(q, k, tq, tk, rid, cid, s, rp.f, rp.gi, cp.f, cp.gi, 1, 0, 0, 5, 6, True)
     st = CD.State.empty(n, True, True, dev)
-    torch.library.opcheck(ops.contrastive_merge.default, (st.f, st.gi, cp.f, cp.gi, True, True,
-                                                          True))
+    torch.library.opcheck(
+        ops.contrastive_merge.default, (st.f, st.gi, cp.f, cp.gi, True, True, True)
+    )
     rstat, cstat = torch.rand(3, b, device=dev) + 5, torch.rand(3, n, device=dev) + 5
     coef, bco = torch.tensor([1.0, 0.01], device=dev), torch.ones(n, device=dev)
     dq, ds = torch.zeros(1, b, d, device=dev), torch.empty(2, device=dev)
-    torch.library.opcheck(ops.contrastive_bwd_rows.default,
-                          (q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bco, 0.4, dq, ds, 5))
+    torch.library.opcheck(
+        ops.contrastive_bwd_rows.default,
+        (q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bco, 0.4, dq, ds, 5),
+    )
     dk, dsc = torch.zeros(1, n, d, device=dev), torch.empty(1, n, device=dev)
-    torch.library.opcheck(ops.contrastive_bwd_cols.default,
-                          (q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bco, 0.4, dk, dsc, 1))
+    torch.library.opcheck(
+        ops.contrastive_bwd_cols.default,
+        (q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bco, 0.4, dk, dsc, 1),
+    )
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=[needs_triton, pytest.mark.slow]),
-                                     pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("triton", marks=[needs_triton, pytest.mark.slow]),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
 def test_merges_of_blocks_equal_one_pass(backend, monkeypatch):
     """The merges a ring hop runs (init=False): row states over column blocks, and a column state
     of one half of the rows merged with the other half's, equal one pass, buffers poisoned. A
@@ -553,9 +660,11 @@ def test_merges_of_blocks_equal_one_pass(backend, monkeypatch):
     if backend == "cuda":
         _gpu_backend("cuda")
         from r2d2.kernels.contrastive import cuda as K
+
         tiles, dev, (b, n, d) = K.Tiles(programs=4), "cuda", (37, 150, 70)
     else:
         from r2d2.kernels import contrastive_triton as K
+
         tiles, dev, (b, n, d) = _tiles(), DEV, (37, 70, 40)
     monkeypatch.setattr(CD, "POISON", True)
     q, k, tq, tk = (_feats(m, d, device=dev) for m in (b, n, b, n))
@@ -567,10 +676,25 @@ def test_merges_of_blocks_equal_one_pass(backend, monkeypatch):
         return CD.State.empty(m, True, True, dev)
 
     def fwd(qq, kk, tqq, tkk, rr, cc, row_off, col_off, rows, rows_init, cols):
-        CD.forward_block(K, tiles, qq.contiguous(), kk.contiguous(), tqq.contiguous(),
-                         tkk.contiguous(), rr.contiguous(), cc.contiguous(), s, row_off=row_off,
-                         col_off=col_off, keys=keys, neg=True, rows=rows, rows_init=rows_init,
-                         cols=cols, cols_init=True)
+        CD.forward_block(
+            K,
+            tiles,
+            qq.contiguous(),
+            kk.contiguous(),
+            tqq.contiguous(),
+            tkk.contiguous(),
+            rr.contiguous(),
+            cc.contiguous(),
+            s,
+            row_off=row_off,
+            col_off=col_off,
+            keys=keys,
+            neg=True,
+            rows=rows,
+            rows_init=rows_init,
+            cols=cols,
+            cols_init=True,
+        )
 
     rows1, cols1 = state(b), state(n)
     fwd(q, k, tq, tk, rid, cid, 0, 0, rows1, True, cols1)
@@ -587,8 +711,9 @@ def test_merges_of_blocks_equal_one_pass(backend, monkeypatch):
         assert torch.equal(got.gi, ref.gi)
     logits = 20.0 * q @ k.t()
     assert torch.equal(rows1.negatives(), C.sample_negatives_ref(logits, rid, cid, seed=5))
-    assert torch.equal(cols1.negatives(),
-                       C.sample_negatives_ref(logits.t(), cid, rid, seed=5, stream=1))
+    assert torch.equal(
+        cols1.negatives(), C.sample_negatives_ref(logits.t(), cid, rid, seed=5, stream=1)
+    )
 
 
 @pytest.mark.gpu

@@ -39,7 +39,7 @@ def _global_batch(world):
         return F.normalize(torch.randn(n, D, generator=g), dim=1)
 
     img, txt, t_img, t_txt = feats(), feats(), feats(), feats()
-    ids = torch.randint(0, max(2, n // 2), (n,), generator=g)   # positives across ranks
+    ids = torch.randint(0, max(2, n // 2), (n,), generator=g)  # positives across ranks
     return img, txt, t_img, t_txt, ids
 
 
@@ -48,12 +48,28 @@ def _run(img, txt, t_img, t_txt, ids, backend, mode, alpha, weight=1.0, group=No
     txt = txt.clone().requires_grad_()
     s = torch.tensor(40.0, requires_grad=True)
     teacher = dict(teacher_image_feat=t_img, teacher_text_feat=t_txt) if alpha > 0 else {}
-    out = C.contrastive_loss(img, txt, s, image_ids=ids, distill_alpha=alpha, group=group,
-                             backend=backend, mode=mode, return_negatives=True, seed=SEED,
-                             **teacher)
+    out = C.contrastive_loss(
+        img,
+        txt,
+        s,
+        image_ids=ids,
+        distill_alpha=alpha,
+        group=group,
+        backend=backend,
+        mode=mode,
+        return_negatives=True,
+        seed=SEED,
+        **teacher,
+    )
     g_img, g_txt, g_s = torch.autograd.grad(weight * out.loss, [img, txt, s])
-    return dict(loss=out.loss.detach(), g_img=g_img, g_txt=g_txt, g_s=g_s,
-                neg_t=out.neg_text_for_image, neg_i=out.neg_image_for_text)
+    return dict(
+        loss=out.loss.detach(),
+        g_img=g_img,
+        g_txt=g_txt,
+        g_s=g_s,
+        neg_t=out.neg_text_for_image,
+        neg_i=out.neg_image_for_text,
+    )
 
 
 def _worker(rank, world, port, out_dir):
@@ -111,14 +127,17 @@ def test_eager_distributed_equals_single_process(world, alpha, tmp_path_factory)
     ranks = _ranks(world, tmp_path_factory)
     ref = _run(*_global_batch(world), "eager", "gather", alpha)
     got = [r[("eager", "gather", alpha, 1.0)] for r in ranks]
-    torch.testing.assert_close(torch.stack([r["loss"] for r in got]).mean(), ref["loss"],
-                               atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.stack([r["g_s"] for r in got]).mean(), ref["g_s"],
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.stack([r["loss"] for r in got]).mean(), ref["loss"], atol=2e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.stack([r["g_s"] for r in got]).mean(), ref["g_s"], atol=2e-5, rtol=1e-4
+    )
     for key in ("g_img", "g_txt"):
         assert ref[key].abs().max() > 0
-        torch.testing.assert_close(torch.cat([r[key] for r in got]) / world, ref[key],
-                                   atol=2e-5, rtol=1e-4, msg=key)
+        torch.testing.assert_close(
+            torch.cat([r[key] for r in got]) / world, ref[key], atol=2e-5, rtol=1e-4, msg=key
+        )
     for key in ("neg_t", "neg_i"):
         assert torch.equal(torch.cat([r[key] for r in got]), ref[key]), key
 
@@ -132,12 +151,14 @@ def test_fused_distributed_equals_eager_rank_by_rank(world, mode, alpha, tmp_pat
     ranks = _ranks(world, tmp_path_factory)
     for r, res in enumerate(ranks):
         ref, got = res[("eager", "gather", alpha, "w")], res[("triton", mode, alpha, "w")]
-        torch.testing.assert_close(got["loss"], ref["loss"], atol=2e-5, rtol=1e-5,
-                                   msg=f"rank {r} loss")
+        torch.testing.assert_close(
+            got["loss"], ref["loss"], atol=2e-5, rtol=1e-5, msg=f"rank {r} loss"
+        )
         for key in ("g_img", "g_txt", "g_s"):
             assert ref[key].abs().max() > 0, key
-            torch.testing.assert_close(got[key], ref[key], atol=2e-5, rtol=1e-4,
-                                       msg=f"rank {r} {key}")
+            torch.testing.assert_close(
+                got[key], ref[key], atol=2e-5, rtol=1e-4, msg=f"rank {r} {key}"
+            )
         # Counter-based noise: the sample depends on (seed, global row, column) only.
         for key in ("neg_t", "neg_i"):
             assert torch.equal(got[key], ref[key]), f"rank {r} {key}"

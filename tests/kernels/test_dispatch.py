@@ -32,26 +32,32 @@ def _fake(monkeypatch, *, ext: bool, cuda_ext: bool, triton: bool, interpret: bo
     monkeypatch.setattr(dispatch, "triton_interpret", lambda: interpret)
 
 
-@pytest.mark.parametrize("ext, cuda_ext, triton, want", [
-    (True, True, True, "cuda"),     # the CUDA extension first, when it is built
-    (True, True, False, "cuda"),
-    (True, False, True, "triton"),  # a CPU-only extension: Triton next
-    (False, False, True, "triton"),
-    (True, False, False, "eager"),  # neither: eager
-    (False, False, False, "eager"),
-])
+@pytest.mark.parametrize(
+    "ext, cuda_ext, triton, want",
+    [
+        (True, True, True, "cuda"),  # the CUDA extension first, when it is built
+        (True, True, False, "cuda"),
+        (True, False, True, "triton"),  # a CPU-only extension: Triton next
+        (False, False, True, "triton"),
+        (True, False, False, "eager"),  # neither: eager
+        (False, False, False, "eager"),
+    ],
+)
 def test_auto_order_on_cuda_tensors(monkeypatch, ext, cuda_ext, triton, want):
     _fake(monkeypatch, ext=ext, cuda_ext=cuda_ext, triton=triton)
     assert dispatch.auto_backend("distill_kl", "cuda") == want
     assert dispatch.auto_backend("distill_kl", torch.device("cuda", 1)) == want
 
 
-@pytest.mark.parametrize("ext, triton, interpret, want", [
-    (True, True, True, "eager"),    # the C++ kernel is a correctness path, slower than eager
-    (True, False, False, "eager"),
-    (False, True, True, "eager"),   # never Triton on CPU, even under the interpreter
-    (False, False, False, "eager"),
-])
+@pytest.mark.parametrize(
+    "ext, triton, interpret, want",
+    [
+        (True, True, True, "eager"),  # the C++ kernel is a correctness path, slower than eager
+        (True, False, False, "eager"),
+        (False, True, True, "eager"),  # never Triton on CPU, even under the interpreter
+        (False, False, False, "eager"),
+    ],
+)
 def test_auto_order_on_cpu_tensors(monkeypatch, ext, triton, interpret, want):
     _fake(monkeypatch, ext=ext, cuda_ext=False, triton=triton, interpret=interpret)
     assert dispatch.auto_backend("distill_kl", "cpu") == want
@@ -60,8 +66,9 @@ def test_auto_order_on_cpu_tensors(monkeypatch, ext, triton, interpret, want):
 def test_unavailable_backends_name_why(monkeypatch):
     _fake(monkeypatch, ext=True, cuda_ext=False, triton=False)
     why = dispatch.why_unavailable
-    assert "needs the r2d2._C CUDA build; this install has CPU only" in why("distill_kl", "cuda",
-                                                                            "cuda")
+    assert "needs the r2d2._C CUDA build; this install has CPU only" in why(
+        "distill_kl", "cuda", "cuda"
+    )
     assert "needs the triton package" in why("distill_kl", "triton", "cuda")
     _fake(monkeypatch, ext=False, cuda_ext=False, triton=True, interpret=False)
     assert "r2d2._C is not built (x)" in why("distill_kl", "cuda", "cuda")
@@ -71,8 +78,9 @@ def test_unavailable_backends_name_why(monkeypatch):
 
 def test_cuda_backend_on_cpu_tensors_names_why():
     s = torch.randn(3, 7)
-    with pytest.raises(BackendUnavailable,
-                       match=r"distill_kl: backend='cuda' needs CUDA tensors, got cpu tensors"):
+    with pytest.raises(
+        BackendUnavailable, match=r"distill_kl: backend='cuda' needs CUDA tensors, got cpu tensors"
+    ):
         distill_kl(s, s, backend="cuda")
     for op, spec in dispatch.registered_ops().items():
         if "cuda" in spec.backends:
@@ -97,8 +105,11 @@ def test_kernel_config_validates():
 
 
 def _picks(caplog):
-    return [r.getMessage() for r in caplog.records
-            if r.name == "r2d2.kernels" and "(auto)" in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "r2d2.kernels" and "(auto)" in r.getMessage()
+    ]
 
 
 def test_auto_pick_is_logged_once_per_op_and_device(monkeypatch, caplog):

@@ -28,8 +28,17 @@ from r2d2.kernels.distill_kl import saved_grad_dtype
 HAS_CUDA = torch.cuda.is_available()
 HAS_OP = _ext.has_op("distill_kl_fwd")
 
-SHAPES = [(1, 1), (37, 1), (3, 7), (37, 7), (1, 1000), (37, 1000), (3, 32768), (2, 3, 7),
-          (5, 1, 257)]
+SHAPES = [
+    (1, 1),
+    (37, 1),
+    (3, 7),
+    (37, 7),
+    (1, 1000),
+    (37, 1000),
+    (3, 32768),
+    (2, 3, 7),
+    (5, 1, 257),
+]
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -139,8 +148,11 @@ def test_student_minus_inf_where_teacher_has_mass_is_inf(backend):
 def test_zero_rows_are_an_empty_batch(backend):
     """No rows: sum is 0 (as torch), none is empty, batchmean is 0 too (not 0/0 = NaN)."""
     need_backend(backend)
-    for reduction, check in (("batchmean", lambda x: x == 0), ("sum", lambda x: x == 0),
-                             ("none", lambda x: torch.tensor(x.shape == (4, 0)))):
+    for reduction, check in (
+        ("batchmean", lambda x: x == 0),
+        ("sum", lambda x: x == 0),
+        ("none", lambda x: torch.tensor(x.shape == (4, 0))),
+    ):
         s = torch.randn(4, 0, 7, requires_grad=True)
         out = distill_kl(s, torch.randn(4, 0, 7), reduction=reduction, backend=backend)
         assert check(out)
@@ -184,6 +196,7 @@ def test_module_and_backward_twice():
 
 # ---- loss scaling: the saved gradient must not lose what a GradScaler's scale would keep ----
 
+
 def _assert_grad_like_eager(grad, ref_grad, s, t, temperature, scale_rows, fp32_ulps=8):
     """Element-wise, with no tolerance relative to the largest element (which would hide small
     elements flushed to zero). Allowed: two roundings of the dtype, four of its subnormal steps,
@@ -193,13 +206,20 @@ def _assert_grad_like_eager(grad, ref_grad, s, t, temperature, scale_rows, fp32_
     fi = torch.finfo(grad.dtype)
     q = torch.softmax(s.double() / temperature, -1)
     p = torch.softmax(t.double() / temperature, -1)
-    fp32_err = fp32_ulps * torch.finfo(torch.float32).eps * temperature * torch.maximum(q, p) * (
-        scale_rows.double().abs().reshape(-1, 1))
+    fp32_err = (
+        fp32_ulps
+        * torch.finfo(torch.float32).eps
+        * temperature
+        * torch.maximum(q, p)
+        * (scale_rows.double().abs().reshape(-1, 1))
+    )
     bound = 2 * fi.eps * ref_grad.double().abs() + 4 * fi.smallest_normal * fi.eps + fp32_err
     err = (grad.double() - ref_grad.double()).abs()
     bad = err > bound
-    assert not bad.any(), (f"{bad.sum().item()} elements off; worst err {err.max().item():.3g}, "
-                           f"e.g. got {grad[bad][:4].tolist()} want {ref_grad[bad][:4].tolist()}")
+    assert not bad.any(), (
+        f"{bad.sum().item()} elements off; worst err {err.max().item():.3g}, "
+        f"e.g. got {grad[bad][:4].tolist()} want {ref_grad[bad][:4].tolist()}"
+    )
     # The same elements are exactly zero (eager underflows only where the scaled value does).
     zeros, ref_zeros = (grad == 0).sum().item(), (ref_grad == 0).sum().item()
     assert abs(zeros - ref_zeros) <= 1e-4 * grad.numel(), (zeros, ref_zeros)
@@ -244,14 +264,19 @@ def test_saved_gradient_dtype(backend):
         from r2d2.kernels import distill_kl_triton
 
         fwd = distill_kl_triton.fwd
-    for dtype, want in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                        (torch.float32, torch.float32), (torch.float64, torch.float64)):
+    for dtype, want in (
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ):
         s, t = rand_logits((3, 7), dtype), rand_logits((3, 7), dtype)
         _, grad = fwd(s, t, 2.0, 1.0, True)
         assert grad.dtype == want == saved_grad_dtype(dtype)
 
 
 # ---- the Triton kernel's one-tile (one read) and streaming (two sweeps) paths ----
+
 
 def test_triton_one_tile_up_to_16384_columns():
     need_backend("triton")
@@ -276,6 +301,7 @@ def test_triton_paths_at_the_boundary(cols, dtype):
 
 
 # ---- temperature: a number or a 0-d tensor ----
+
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_temperature_as_a_0d_tensor(backend):
@@ -302,6 +328,7 @@ def test_temperature_rejections_say_what_is_accepted():
 
 # ---- the Triton launcher checks its arguments (the kernel would read out of bounds) ----
 
+
 def test_triton_launcher_validates_its_arguments():
     need_backend("triton")
     from r2d2.kernels import distill_kl_triton as k
@@ -310,25 +337,54 @@ def test_triton_launcher_validates_its_arguments():
     loss, grad = torch.empty(4), torch.empty(4, 9)
     k.launch(s, t, 2.0, 1.0, loss, grad)  # the valid call the cases below break one at a time
     cases = [
-        ((s, torch.randn(3, 9), 2.0, 1.0, loss, grad), ValueError,
-         r"teacher shape \(3, 9\) must equal student shape \(4, 9\)"),
-        ((s.reshape(2, 2, 9), t.reshape(2, 2, 9), 2.0, 1.0, loss, grad), ValueError,
-         r"student must be 2-D"),
-        ((s, t.double(), 2.0, 1.0, loss, grad), TypeError,
-         "teacher dtype torch.float64 must equal student dtype torch.float32"),
+        (
+            (s, torch.randn(3, 9), 2.0, 1.0, loss, grad),
+            ValueError,
+            r"teacher shape \(3, 9\) must equal student shape \(4, 9\)",
+        ),
+        (
+            (s.reshape(2, 2, 9), t.reshape(2, 2, 9), 2.0, 1.0, loss, grad),
+            ValueError,
+            r"student must be 2-D",
+        ),
+        (
+            (s, t.double(), 2.0, 1.0, loss, grad),
+            TypeError,
+            "teacher dtype torch.float64 must equal student dtype torch.float32",
+        ),
         ((s.long(), t.long(), 2.0, 1.0, loss, grad), TypeError, "student dtype torch.int64"),
-        ((s, torch.empty(4, 9, device="meta"), 2.0, 1.0, loss, grad), ValueError,
-         "teacher is on meta but student is on cpu"),
+        (
+            (s, torch.empty(4, 9, device="meta"), 2.0, 1.0, loss, grad),
+            ValueError,
+            "teacher is on meta but student is on cpu",
+        ),
         ((s, t, 2.0, 1.0, torch.empty(4, device="meta"), grad), ValueError, "row_loss is on meta"),
-        ((torch.randn(9, 4).t(), t, 2.0, 1.0, loss, grad), ValueError, "student must be contiguous"),
-        ((s, torch.randn(9, 4).t(), 2.0, 1.0, loss, grad), ValueError, "teacher must be contiguous"),
-        ((s, t, 2.0, 1.0, torch.empty(3), grad), ValueError,
-         r"row_loss must be a contiguous torch.float32 tensor of shape \(4,\)"),
-        ((s, t, 2.0, 1.0, loss, torch.empty(4, 8)), ValueError,
-         r"grad must be a contiguous torch.float32 tensor of shape \(4, 9\)"),
+        (
+            (torch.randn(9, 4).t(), t, 2.0, 1.0, loss, grad),
+            ValueError,
+            "student must be contiguous",
+        ),
+        (
+            (s, torch.randn(9, 4).t(), 2.0, 1.0, loss, grad),
+            ValueError,
+            "teacher must be contiguous",
+        ),
+        (
+            (s, t, 2.0, 1.0, torch.empty(3), grad),
+            ValueError,
+            r"row_loss must be a contiguous torch.float32 tensor of shape \(4,\)",
+        ),
+        (
+            (s, t, 2.0, 1.0, loss, torch.empty(4, 8)),
+            ValueError,
+            r"grad must be a contiguous torch.float32 tensor of shape \(4, 9\)",
+        ),
         ((s, t, 2.0, 1.0, loss, torch.empty(9, 4).t()), ValueError, r"\(non-contiguous\)"),
-        ((s.half(), t.half(), 2.0, 1.0, loss, grad.half()), ValueError,
-         "grad must be a contiguous torch.float32"),  # fp16 saves its gradient in fp32
+        (
+            (s.half(), t.half(), 2.0, 1.0, loss, grad.half()),
+            ValueError,
+            "grad must be a contiguous torch.float32",
+        ),  # fp16 saves its gradient in fp32
         ((s, t, 0.0, 1.0, loss, grad), ValueError, "temperature must be a finite number > 0"),
         ((s, [1.0], 2.0, 1.0, loss, grad), TypeError, "teacher must be a tensor, got list"),
     ]
@@ -338,6 +394,7 @@ def test_triton_launcher_validates_its_arguments():
 
 
 # ---- poisoned output buffers: an element the kernel does not write stays NaN and fails ----
+
 
 def _poisoned_launch(backend, s, t, temperature, grad_scale):
     rows = s.numel() // s.shape[-1]
@@ -357,11 +414,16 @@ def _check_poisoned(backend, shape, dtype, device, tol):
     s, t = rand_logits(shape, dtype, device), rand_logits(shape, dtype, device)
     rows = shape[0]
     row_loss, grad = _poisoned_launch(backend, s, t, 2.0, 1.0 / rows)
-    ref_out, ref_grad = run_ref(s.to(saved_grad_dtype(dtype)), t.to(saved_grad_dtype(dtype)),
-                                  2.0, "none", grad_out=torch.full((rows,), 1.0 / rows,
-                                                                   device=device))
-    assert_matches(row_loss, grad, ref_out, ref_grad, dtype, 2.0, tol,
-                    grad_dtype=saved_grad_dtype(dtype))
+    ref_out, ref_grad = run_ref(
+        s.to(saved_grad_dtype(dtype)),
+        t.to(saved_grad_dtype(dtype)),
+        2.0,
+        "none",
+        grad_out=torch.full((rows,), 1.0 / rows, device=device),
+    )
+    assert_matches(
+        row_loss, grad, ref_out, ref_grad, dtype, 2.0, tol, grad_dtype=saved_grad_dtype(dtype)
+    )
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -374,6 +436,7 @@ def test_every_output_element_written(backend, shape, dtype):
 
 # ---- float64 gradcheck and the compiled op's contract ----
 
+
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_gradcheck_float64(backend, reduction):
@@ -381,7 +444,8 @@ def test_gradcheck_float64(backend, reduction):
     s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 7, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda x: distill_kl(x, t, temperature=2.0, reduction=reduction, backend=backend), (s,))
+        lambda x: distill_kl(x, t, temperature=2.0, reduction=reduction, backend=backend), (s,)
+    )
 
 
 @pytest.mark.skipif(not HAS_OP, reason="r2d2._C with distill_kl_fwd is not built")
@@ -396,16 +460,21 @@ def test_opcheck_cpp(need_grad):
 @pytest.mark.skipif(not HAS_OP, reason="r2d2._C with distill_kl_fwd is not built")
 def test_opcheck_cpp_out_variant():
     s, t = torch.randn(5, 33), torch.randn(5, 33)
-    torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd_out.default,
-                          (s, t, 2.0, 0.2, torch.empty(5), torch.empty(5, 33)))
+    torch.library.opcheck(
+        torch.ops.r2d2.distill_kl_fwd_out.default,
+        (s, t, 2.0, 0.2, torch.empty(5), torch.empty(5, 33)),
+    )
 
 
 @pytest.mark.skipif(not HAS_OP, reason="r2d2._C with distill_kl_fwd is not built")
 # Dispatch looks its answers up through lru_cache'd helpers; dynamo traces through them and says so.
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_torch_compile_traces_the_op():
-    fn = torch.compile(lambda a, b: distill_kl(a, b, temperature=2.0, backend="cpp"),
-                       backend="aot_eager", fullgraph=True)
+    fn = torch.compile(
+        lambda a, b: distill_kl(a, b, temperature=2.0, backend="cpp"),
+        backend="aot_eager",
+        fullgraph=True,
+    )
     s = torch.randn(5, 33, requires_grad=True)
     t = torch.randn(5, 33)
     out = fn(s, t)
@@ -427,9 +496,19 @@ def test_cuda_reduction_order_on_host(tmp_path):
         pytest.skip("no C++ compiler on PATH")
     root = Path(__file__).resolve().parents[2]
     exe = tmp_path / "block_reduce"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(root / "csrc"),
-                    str(root / "tests/cpp/distill_kl_block_reduce.cc"), "-o", str(exe)],
-                   check=True)
+    subprocess.run(
+        [
+            cxx,
+            "-std=c++17",
+            "-O2",
+            "-I",
+            str(root / "csrc"),
+            str(root / "tests/cpp/distill_kl_block_reduce.cc"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout
     assert "144 cases, 0 mismatches" in run.stdout
@@ -437,16 +516,19 @@ def test_cuda_reduction_order_on_host(tmp_path):
 
 # ---- clear errors ----
 
+
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 def test_errors_name_the_argument(backend):
     need_backend(backend)
     s = torch.randn(3, 7)
-    with pytest.raises(ValueError,
-                       match=r"student_logits shape \(3, 7\).*teacher_logits shape \(3, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"student_logits shape \(3, 7\).*teacher_logits shape \(3, 8\)"
+    ):
         distill_kl(s, torch.randn(3, 8), backend=backend)
     with pytest.raises(TypeError, match=r"student_logits dtype torch\.int64"):
-        distill_kl(torch.ones(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long),
-                   backend=backend)
+        distill_kl(
+            torch.ones(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long), backend=backend
+        )
     with pytest.raises(TypeError, match=r"teacher_logits dtype torch\.float16 must equal"):
         distill_kl(s, s.half(), backend=backend)
     with pytest.raises(ValueError, match="student_logits is on cpu but teacher_logits is on meta"):
@@ -463,16 +545,20 @@ def test_errors_name_the_argument(backend):
 def test_compiled_op_checks_its_arguments():
     """The C++ boundary checks too (for callers of torch.ops.r2d2.distill_kl_fwd)."""
     op = torch.ops.r2d2.distill_kl_fwd
-    with pytest.raises(RuntimeError, match=r"student_logits shape \[3, 7\] must equal "
-                                           r"teacher_logits shape \[3, 8\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"student_logits shape \[3, 7\] must equal "
+        r"teacher_logits shape \[3, 8\]",
+    ):
         op(torch.randn(3, 7), torch.randn(3, 8), 1.0)
     with pytest.raises(RuntimeError, match="student_logits dtype Long is not supported"):
         op(torch.ones(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long), 1.0)
     with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
         op(torch.randn(3, 7), torch.randn(3, 7), -1.0)
     with pytest.raises(RuntimeError, match="row_loss must be a contiguous Float tensor of 3"):
-        torch.ops.r2d2.distill_kl_fwd_out(torch.randn(3, 7), torch.randn(3, 7), 1.0, 1.0,
-                                          torch.empty(4), torch.empty(3, 7))
+        torch.ops.r2d2.distill_kl_fwd_out(
+            torch.randn(3, 7), torch.randn(3, 7), 1.0, 1.0, torch.empty(4), torch.empty(3, 7)
+        )
 
 
 def test_cuda_backend_on_cpu_tensors_says_why():
@@ -485,8 +571,19 @@ def test_cuda_backend_on_cpu_tensors_says_why():
 
 # One-pass / two-pass boundaries: CUDA (bf16 16384 | 16392, fp32 8192 | 16384, unvectorized
 # rows 1001 | 9001), Triton 16384 for every dtype.
-GPU_SHAPES = [(1, 1), (37, 7), (3, 1000), (257, 4096), (3, 32768), (2, 100000), (7, 1001),
-              (2, 8192), (2, 16384), (2, 16392), (3, 9001)]
+GPU_SHAPES = [
+    (1, 1),
+    (37, 7),
+    (3, 1000),
+    (257, 4096),
+    (3, 32768),
+    (2, 100000),
+    (7, 1001),
+    (2, 8192),
+    (2, 16384),
+    (2, 16392),
+    (3, 9001),
+]
 
 
 @pytest.mark.gpu
@@ -560,5 +657,6 @@ def test_gpu_gradcheck_cuda_float64():
     need_backend("cuda", "cuda")
     s = torch.randn(3, 7, dtype=torch.float64, device="cuda", requires_grad=True)
     t = torch.randn(3, 7, dtype=torch.float64, device="cuda")
-    assert torch.autograd.gradcheck(lambda x: distill_kl(x, t, temperature=2.0, backend="cuda"),
-                                    (s,))
+    assert torch.autograd.gradcheck(
+        lambda x: distill_kl(x, t, temperature=2.0, backend="cuda"), (s,)
+    )

@@ -52,11 +52,14 @@ def test_gpu_masked_and_nonfinite_logits(backend, cols):
     """-inf classes (whole warps without teacher mass, one class left), then -inf / NaN where
     they make the row infinite or NaN, the other rows untouched."""
     need_backend(backend, "cuda")
-    s, t = rand_logits((6, cols), torch.float32, "cuda"), rand_logits((6, cols), torch.float32, "cuda")
-    t[:, 17:cols // 2] = float("-inf")
-    t[2, :cols - 1] = float("-inf")
-    s[4, cols // 2:] = float("-inf")
-    t[4, cols // 2:] = float("-inf")
+    s, t = (
+        rand_logits((6, cols), torch.float32, "cuda"),
+        rand_logits((6, cols), torch.float32, "cuda"),
+    )
+    t[:, 17 : cols // 2] = float("-inf")
+    t[2, : cols - 1] = float("-inf")
+    s[4, cols // 2 :] = float("-inf")
+    t[4, cols // 2 :] = float("-inf")
     out, grad = run_backend(backend, s, t, 2.0, "none")
     assert_matches(out, grad, *run_ref(s, t, 2.0, "none"), torch.float32, 2.0, GPU_TOL)
     s2, t2 = s.clone(), t.clone()
@@ -99,7 +102,10 @@ def test_gpu_cuda_out_variant_with_misaligned_grad():
 def test_gpu_cuda_runs_on_the_current_stream():
     """Graph capture fails on a legacy-stream launch, and replay misses a side-stream one."""
     need_backend("cuda", "cuda")
-    s, t = rand_logits((33, 1000), torch.float16, "cuda"), rand_logits((33, 1000), torch.float16, "cuda")
+    s, t = (
+        rand_logits((33, 1000), torch.float16, "cuda"),
+        rand_logits((33, 1000), torch.float16, "cuda"),
+    )
     loss, grad = torch.empty(33, device="cuda"), torch.empty(33, 1000, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -114,8 +120,15 @@ def test_gpu_cuda_runs_on_the_current_stream():
     grad.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()
-    assert_matches(loss, grad, *run_ref(s.float(), t.float(), 2.0, "none"), torch.float16,
-                    2.0, GPU_TOL, grad_dtype=torch.float32)
+    assert_matches(
+        loss,
+        grad,
+        *run_ref(s.float(), t.float(), 2.0, "none"),
+        torch.float16,
+        2.0,
+        GPU_TOL,
+        grad_dtype=torch.float32,
+    )
 
 
 @pytest.mark.gpu
@@ -124,10 +137,14 @@ def test_gpu_opcheck_cuda(need_grad):
     need_backend("cuda", "cuda")
     s, t = torch.randn(5, 33, device="cuda"), torch.randn(5, 33, device="cuda")
     torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd.default, (s, t, 2.0, 0.2, need_grad))
-    torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd.default,
-                          (s.half().reshape(5, 3, 11), t.half().reshape(5, 3, 11), 1.0, 1.0, need_grad))
-    torch.library.opcheck(torch.ops.r2d2.distill_kl_fwd_out.default,
-                          (s, t, 2.0, 0.2, torch.empty(5, device="cuda"), torch.empty(5, 33, device="cuda")))
+    torch.library.opcheck(
+        torch.ops.r2d2.distill_kl_fwd.default,
+        (s.half().reshape(5, 3, 11), t.half().reshape(5, 3, 11), 1.0, 1.0, need_grad),
+    )
+    torch.library.opcheck(
+        torch.ops.r2d2.distill_kl_fwd_out.default,
+        (s, t, 2.0, 0.2, torch.empty(5, device="cuda"), torch.empty(5, 33, device="cuda")),
+    )
 
 
 @pytest.mark.gpu
@@ -142,5 +159,11 @@ def test_gpu_cuda_rows_past_2_31_elements():
     t = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
     loss, grad = torch.ops.r2d2.distill_kl_fwd(s, t, 2.0, 1.0, True)
     tail = slice(rows - 4, rows)
-    assert_matches(loss[tail], grad[tail], *run_ref(s[tail], t[tail], 2.0, "none"),
-                    torch.bfloat16, 2.0, GPU_TOL)
+    assert_matches(
+        loss[tail],
+        grad[tail],
+        *run_ref(s[tail], t[tail], 2.0, "none"),
+        torch.bfloat16,
+        2.0,
+        GPU_TOL,
+    )

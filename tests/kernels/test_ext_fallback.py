@@ -22,8 +22,11 @@ def package_copy(tmp_path: Path, ext: str) -> Path:
     """A copy of the r2d2 package whose r2d2._C is ``absent`` or ``broken`` (a file of the
     extension's name that is not a shared library: what an ABI break looks like to the import)."""
     dst = tmp_path / "pkg"
-    shutil.copytree(ROOT / "r2d2", dst / "r2d2",
-                    ignore=shutil.ignore_patterns("__pycache__", "_C*.so", "_C*.pyd"))
+    shutil.copytree(
+        ROOT / "r2d2",
+        dst / "r2d2",
+        ignore=shutil.ignore_patterns("__pycache__", "_C*.so", "_C*.pyd"),
+    )
     if ext == "broken":
         so = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
         (dst / "r2d2" / so).write_bytes(b"not an ELF file: built against another torch\n")
@@ -43,8 +46,14 @@ def start_python(pkg: Path, code: str) -> subprocess.Popen:
     # R2D2_NO_JIT: the copy has no sources to compile, and this tests the fallback, not the build
     env = {**os.environ, "PYTHONPATH": str(pkg), "TRITON_INTERPRET": "1", "R2D2_NO_JIT": "1"}
     code = ONLY_THE_COPY + textwrap.dedent(code)
-    return subprocess.Popen([sys.executable, "-c", code], cwd=pkg, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=pkg,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 FALLBACK = """
@@ -90,10 +99,13 @@ def fallback_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("ext, why", [
-    ("absent", "r2d2._C is not built"),
-    ("broken", "r2d2._C is built but fails to import: "),
-])
+@pytest.mark.parametrize(
+    "ext, why",
+    [
+        ("absent", "r2d2._C is not built"),
+        ("broken", "r2d2._C is built but fails to import: "),
+    ],
+)
 def test_no_extension_falls_back_and_says_why_once(fallback_runs, ext, why):
     run = fallback_runs[ext]
     assert run.returncode == 0, run.stderr
@@ -108,10 +120,13 @@ def test_no_extension_falls_back_and_says_why_once(fallback_runs, ext, why):
         assert "invalid ELF header" in cpp or "file too short" in cpp, cpp
 
 
-@pytest.mark.parametrize("ext, state", [
-    ("absent", "unavailable: r2d2._C is not built"),
-    ("broken", "unavailable: r2d2._C is built but fails to import:"),
-])
+@pytest.mark.parametrize(
+    "ext, state",
+    [
+        ("absent", "unavailable: r2d2._C is not built"),
+        ("broken", "unavailable: r2d2._C is built but fails to import:"),
+    ],
+)
 def test_doctor_shows_why_the_extension_is_unavailable(fallback_runs, ext, state):
     run = fallback_runs[ext]
     assert run.returncode == 0, run.stderr
@@ -125,6 +140,7 @@ def test_doctor_shows_why_the_extension_is_unavailable(fallback_runs, ext, state
 
 
 # ---- setup.py: the nvcc check, the env switches, the flags check_nvcc.sh compiles with ----
+
 
 @pytest.fixture
 def setup_py(monkeypatch):
@@ -143,13 +159,17 @@ def fake_cuda_home(tmp_path: Path, nvcc_script: str) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("script, message", [
-    ("echo 'nvcc: NVIDIA (R) Cuda compiler driver'; echo 'Built on a day'\n",
-     "cannot read the CUDA version from"),
-    ("echo broken >&2; exit 3\n", "cannot run"),
-])
-def test_setup_stops_when_nvcc_version_is_unknown(setup_py, monkeypatch, tmp_path, script,
-                                                  message):
+@pytest.mark.parametrize(
+    "script, message",
+    [
+        (
+            "echo 'nvcc: NVIDIA (R) Cuda compiler driver'; echo 'Built on a day'\n",
+            "cannot read the CUDA version from",
+        ),
+        ("echo broken >&2; exit 3\n", "cannot run"),
+    ],
+)
+def test_setup_stops_when_nvcc_version_is_unknown(setup_py, monkeypatch, tmp_path, script, message):
     import torch
     from torch.utils import cpp_extension
 
@@ -167,11 +187,16 @@ def test_setup_env_switches(setup_py, monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME",
-                        fake_cuda_home(tmp_path, "echo 'Cuda compilation tools, release 11.8, V11.8.89'\n"))
+    monkeypatch.setattr(
+        cpp_extension,
+        "CUDA_HOME",
+        fake_cuda_home(tmp_path, "echo 'Cuda compilation tools, release 11.8, V11.8.89'\n"),
+    )
     monkeypatch.delenv("R2D2_SKIP_EXT", raising=False)
     monkeypatch.delenv("R2D2_FORCE_CPU", raising=False)
-    with pytest.raises(SystemExit, match=r"nvcc .* is CUDA 11.x but torch was built with CUDA 12.8"):
+    with pytest.raises(
+        SystemExit, match=r"nvcc .* is CUDA 11.x but torch was built with CUDA 12.8"
+    ):
         setup_py["_ext_modules"]()
     monkeypatch.setenv("R2D2_FORCE_CPU", "1")
     (ext,), _ = setup_py["_ext_modules"]()
@@ -190,10 +215,18 @@ def test_check_nvcc_compiles_with_the_builds_flags(setup_py, monkeypatch, capsys
     monkeypatch.delenv("DEBUG", raising=False)
     setup_py["_print_nvcc_flags"]()  # what `python setup.py --print-nvcc-flags` prints
     flags = capsys.readouterr().out.split("\n")
-    for f in ("--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-O3",
-              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-              "arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90"):
+    for f in (
+        "--use_fast_math",
+        "-std=c++17",
+        "--expt-relaxed-constexpr",
+        "-O3",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        "arch=compute_80,code=sm_80",
+        "arch=compute_90,code=sm_90",
+    ):
         assert f in flags, (f, flags)
     # ...and check_nvcc.sh has no list of its own: its nvcc call takes exactly those.
     script = (ROOT / "csrc" / "check_nvcc.sh").read_text()
@@ -215,8 +248,9 @@ exit 0
 """
 
 
-@pytest.mark.parametrize("case", ["local_wheel", "local_wheel_gpu", "cpu_machine", "gpu_machine",
-                                  "R2D2_TORCH"])
+@pytest.mark.parametrize(
+    "case", ["local_wheel", "local_wheel_gpu", "cpu_machine", "gpu_machine", "R2D2_TORCH"]
+)
 def test_setup_env_torch_choice(tmp_path, case):
     venv, bindir, calls = tmp_path / "venv", tmp_path / "bin", tmp_path / "calls.txt"
     (venv / "bin").mkdir(parents=True)
@@ -225,14 +259,29 @@ def test_setup_env_torch_choice(tmp_path, case):
     py.write_text(FAKE_PYTHON)
     py.chmod(0o755)
     # A PATH of only the tools the script needs, so a real nvidia-smi cannot leak in.
-    for tool in ("bash", "cat", "find", "sort", "sha1sum", "cut", "grep", "mktemp", "rm",
-                 "dirname"):
+    for tool in (
+        "bash",
+        "cat",
+        "find",
+        "sort",
+        "sha1sum",
+        "cut",
+        "grep",
+        "mktemp",
+        "rm",
+        "dirname",
+    ):
         (bindir / tool).symlink_to(shutil.which(tool))
     if case in ("gpu_machine", "local_wheel_gpu"):
         (bindir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
         (bindir / "nvidia-smi").chmod(0o755)
-    env = {"PATH": str(bindir), "R2D2_VENV": str(venv), "CALLS": str(calls),
-           "LOCAL_RC": "0" if case.startswith("local_wheel") else "1", "HOME": str(tmp_path)}
+    env = {
+        "PATH": str(bindir),
+        "R2D2_VENV": str(venv),
+        "CALLS": str(calls),
+        "LOCAL_RC": "0" if case.startswith("local_wheel") else "1",
+        "HOME": str(tmp_path),
+    }
     if case == "R2D2_TORCH":
         env["R2D2_TORCH"] = "torch==2.5.1"
     # A copy of what the script reads (its stamp hashes csrc/), so edits elsewhere cannot race it.
@@ -244,17 +293,24 @@ def test_setup_env_torch_choice(tmp_path, case):
     script = str(repo / "scripts" / "setup_env.sh")
     run = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    pip = [c for c in calls.read_text().splitlines() if c.startswith("-m pip install") and "torch" in c]
+    pip = [
+        c for c in calls.read_text().splitlines() if c.startswith("-m pip install") and "torch" in c
+    ]
     want = {
         # no GPU: the wheel's small dependencies only (a CUDA wheel's nvidia-* would be GBs)
         "local_wheel": ["-m pip install -q --no-index --no-deps torch==2.13.0"],
-        "local_wheel_gpu": ["-m pip install -q --no-index --no-deps torch==2.13.0",
-                            "-m pip install -q torch==2.13.0"],
-        "cpu_machine": ["-m pip install -q --no-index --no-deps torch==2.13.0",
-                        "-m pip install -q --index-url https://download.pytorch.org/whl/cpu "
-                        "torch==2.13.0"],
-        "gpu_machine": ["-m pip install -q --no-index --no-deps torch==2.13.0",
-                        "-m pip install -q torch==2.13.0"],
+        "local_wheel_gpu": [
+            "-m pip install -q --no-index --no-deps torch==2.13.0",
+            "-m pip install -q torch==2.13.0",
+        ],
+        "cpu_machine": [
+            "-m pip install -q --no-index --no-deps torch==2.13.0",
+            "-m pip install -q --index-url https://download.pytorch.org/whl/cpu torch==2.13.0",
+        ],
+        "gpu_machine": [
+            "-m pip install -q --no-index --no-deps torch==2.13.0",
+            "-m pip install -q torch==2.13.0",
+        ],
         "R2D2_TORCH": ["-m pip install -q torch==2.5.1"],
     }[case]
     assert pip == want, (pip, run.stdout)

@@ -22,12 +22,30 @@ WORLD, B_LOCAL = 2, 3
 
 def build(fgr: bool, negatives: str = "global"):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
-                      text=TextConfig(vocab_size=61, width=32, layers=1, heads=2, intermediate=48,
-                                      max_positions=16, dropout=0.0),
-                      cross_layers=1, embed_dim=16, max_text_len=16)
-    loss = LossConfig(gcpr=True, fgr=fgr, mlm=False, tgd=True, fgd=False, distill_alpha=0.4,
-                      fgr_negatives=negatives)
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
+        text=TextConfig(
+            vocab_size=61,
+            width=32,
+            layers=1,
+            heads=2,
+            intermediate=48,
+            max_positions=16,
+            dropout=0.0,
+        ),
+        cross_layers=1,
+        embed_dim=16,
+        max_text_len=16,
+    )
+    loss = LossConfig(
+        gcpr=True,
+        fgr=fgr,
+        mlm=False,
+        tgd=True,
+        fgd=False,
+        distill_alpha=0.4,
+        fgr_negatives=negatives,
+    )
     obj = R2D2ForPretraining(R2D2Model(cfg), loss)
     with torch.no_grad():  # a teacher that differs from the student, identically on every rank
         for p in obj.teacher.parameters():
@@ -41,9 +59,12 @@ def global_batch():
     mask = torch.ones(n, 7, dtype=torch.long)
     mask[1, 3:] = 0
     mask[4, 5:] = 0
-    return dict(images=torch.randn(n, 3, 16, 16, generator=g),
-                input_ids=torch.randint(5, 61, (n, 7), generator=g), attention_mask=mask,
-                image_ids=torch.tensor([0, 1, 2, 2, 0, 5]))   # ids shared across the two ranks
+    return dict(
+        images=torch.randn(n, 3, 16, 16, generator=g),
+        input_ids=torch.randint(5, 61, (n, 7), generator=g),
+        attention_mask=mask,
+        image_ids=torch.tensor([0, 1, 2, 2, 0, 5]),
+    )  # ids shared across the two ranks
 
 
 def grads(obj):
@@ -60,10 +81,12 @@ def _worker(rank, init_file, out_dir):
         out = obj(local)
         out["loss"].backward()
         g = grads(obj)
-        for v in g.values():          # what DDP does: average over ranks
+        for v in g.values():  # what DDP does: average over ranks
             dist.all_reduce(v)
             v /= WORLD
-        torch.save({"g": g, "gcpr": out["gcpr_loss"].detach()}, os.path.join(out_dir, f"gcpr{rank}.pt"))
+        torch.save(
+            {"g": g, "gcpr": out["gcpr_loss"].detach()}, os.path.join(out_dir, f"gcpr{rank}.pt")
+        )
 
         # FGR with global negatives: indices address the gathered batch of both ranks, and the
         # gathered token states carry gradients back to the rank that owns them.
@@ -82,24 +105,38 @@ def _worker(rank, init_file, out_dir):
         for v in g.values():
             dist.all_reduce(v)
             v /= WORLD
-        torch.save({"g": g, "neg_t": seen[0].neg_text_for_image, "neg_i": seen[0].neg_image_for_text,
-                    "loss": out["loss"].detach()}, os.path.join(out_dir, f"fgr{rank}.pt"))
+        torch.save(
+            {
+                "g": g,
+                "neg_t": seen[0].neg_text_for_image,
+                "neg_i": seen[0].neg_image_for_text,
+                "loss": out["loss"].detach(),
+            },
+            os.path.join(out_dir, f"fgr{rank}.pt"),
+        )
 
         # Local negatives: no token-state gather, still a finite loss and gradients.
         obj = build(fgr=True, negatives="local")
         out = obj(local)
         out["loss"].backward()
-        ok = all(torch.isfinite(v).all() for v in grads(obj).values()) and out["fgr_loss"].item() > 0
+        ok = (
+            all(torch.isfinite(v).all() for v in grads(obj).values()) and out["fgr_loss"].item() > 0
+        )
         torch.save(ok, os.path.join(out_dir, f"local{rank}.pt"))
 
         # Ranks that disagree on (b, L): the same clear error on every rank (no hang), after
         # which the group still works. Local negatives need only the same b.
         res = {}
-        short_L = {k: (v[:, :6] if k in ("input_ids", "attention_mask") and rank == 1 else v)
-                   for k, v in local.items()}
+        short_L = {
+            k: (v[:, :6] if k in ("input_ids", "attention_mask") and rank == 1 else v)
+            for k, v in local.items()
+        }
         short_b = {k: (v[:2] if rank == 1 else v) for k, v in local.items()}
-        for name, obj, b in (("L", build(fgr=True), short_L), ("b", build(fgr=True), short_b),
-                             ("b_local", build(fgr=True, negatives="local"), short_b)):
+        for name, obj, b in (
+            ("L", build(fgr=True), short_L),
+            ("b", build(fgr=True), short_b),
+            ("b_local", build(fgr=True, negatives="local"), short_b),
+        ):
             try:
                 obj(b)
                 res[name] = None
@@ -119,14 +156,19 @@ def _worker(rank, init_file, out_dir):
             with torch.no_grad():
                 obj.model.temp.fill_(0.0009)
             if strategy == "ddp":
-                wrapped = torch.nn.parallel.DistributedDataParallel(obj, find_unused_parameters=True)
+                wrapped = torch.nn.parallel.DistributedDataParallel(
+                    obj, find_unused_parameters=True
+                )
             else:
                 replicated = shard_fsdp(obj, torch.device("cpu"))
                 assert any(p is obj.model.temp for p in replicated)
                 wrapped = obj
             wrapped(local)["loss"].backward()
-            temps[strategy] = (obj.model.temp.detach().clone(), obj.model.temp.grad.clone(),
-                               type(obj.model.temp).__name__)
+            temps[strategy] = (
+                obj.model.temp.detach().clone(),
+                obj.model.temp.grad.clone(),
+                type(obj.model.temp).__name__,
+            )
         torch.save(temps, os.path.join(out_dir, f"temp{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -147,7 +189,9 @@ def test_gcpr_gradients_equal_single_process(runs):
     ref["loss"].backward()
     g_ref = grads(ref_obj)
     ranks = [torch.load(tmp_path / f"gcpr{r}.pt") for r in range(WORLD)]
-    torch.testing.assert_close(torch.stack([r["gcpr"] for r in ranks]).mean(), ref["gcpr_loss"].detach())
+    torch.testing.assert_close(
+        torch.stack([r["gcpr"] for r in ranks]).mean(), ref["gcpr_loss"].detach()
+    )
     assert len(g_ref) > 10
     for r in ranks:
         assert set(r["g"]) == set(g_ref)
@@ -165,7 +209,9 @@ def test_fgr_global_negatives_gradients_equal_single_process(runs, monkeypatch):
     ids = global_batch()["image_ids"]
     assert (neg_t >= 0).all() and (ids[neg_t] != ids).all() and (ids[neg_i] != ids).all()
     rows = torch.arange(WORLD * B_LOCAL) // B_LOCAL
-    assert (neg_t // B_LOCAL != rows).any() or (neg_i // B_LOCAL != rows).any(), "no cross-rank negative"
+    assert (neg_t // B_LOCAL != rows).any() or (neg_i // B_LOCAL != rows).any(), (
+        "no cross-rank negative"
+    )
     real = K.contrastive_loss
 
     def replay(*a, **kw):
@@ -202,6 +248,6 @@ def test_temperature_clamp_under_ddp_and_fsdp2(runs):
     for strategy in ("ddp", "fsdp"):
         for t, g, kind in (r[strategy] for r in ranks):
             assert t.item() == pytest.approx(0.001) and g.abs().item() > 0
-            assert kind == "Parameter"          # FSDP2 leaves the 0-d temperature unsharded
+            assert kind == "Parameter"  # FSDP2 leaves the 0-d temperature unsharded
     # DDP averages the gradient: both ranks hold the same value
     torch.testing.assert_close(ranks[0]["ddp"][1], ranks[1]["ddp"][1])

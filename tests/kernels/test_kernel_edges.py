@@ -27,9 +27,16 @@ NAN, INF = float("nan"), float("inf")
 
 
 def _runnable(op: str, backends, device="cpu"):
-    return [pytest.param(b, marks=pytest.mark.skipif(
-        why_unavailable(op, b, device) is not None,
-        reason=str(why_unavailable(op, b, device)))) for b in backends]
+    return [
+        pytest.param(
+            b,
+            marks=pytest.mark.skipif(
+                why_unavailable(op, b, device) is not None,
+                reason=str(why_unavailable(op, b, device)),
+            ),
+        )
+        for b in backends
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +150,7 @@ def _attn_case(bad: float, where: str):
     m[1] = False
     m[2, [0, 4, 20]] = False
     clean_k, clean_v = k.clone(), v.clone()
-    for x in ((k,) if where == "k" else (v,) if where == "v" else (k, v)):
+    for x in (k,) if where == "k" else (v,) if where == "v" else (k, v):
         x.transpose(1, 2)[~m] = bad
     for x in (clean_k, clean_v):
         x.transpose(1, 2)[~m] = 0.0
@@ -168,8 +175,9 @@ def test_attention_masked_keys_are_never_read(backend, where, bad):
     want = _attn_run("eager", q, ck, cv, m, do)
     for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):
         assert torch.isfinite(got).all(), f"{backend}: non-finite {name}"
-        torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5,
-                                   msg=lambda s, n=name: f"{backend} {n}: {s}")
+        torch.testing.assert_close(
+            got, ref, atol=2e-5, rtol=2e-5, msg=lambda s, n=name: f"{backend} {n}: {s}"
+        )
     masked = ~m[:, None, :, None].expand_as(dk)
     assert (dk[masked] == 0).all() and (dv[masked] == 0).all()
     assert (out[1] == 0).all() and (dq[1] == 0).all()  # fully masked batch row: zeros
@@ -229,8 +237,7 @@ def test_attention_empty_output(backend, shape, masked):
 def test_attention_no_keys_gives_zeros(backend):
     q = torch.randn(2, 2, 5, 8, requires_grad=True)
     k, v = torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 8)
-    out = attention(q, k, v, key_padding_mask=torch.zeros(2, 0, dtype=torch.bool),
-                    backend=backend)
+    out = attention(q, k, v, key_padding_mask=torch.zeros(2, 0, dtype=torch.bool), backend=backend)
     assert out.shape == q.shape and (out == 0).all()
 
 
@@ -266,21 +273,28 @@ def test_contrastive_empty_batch_is_a_value_error(backend):
 
 @pytest.mark.parametrize("backend", CON_BACKENDS)
 def test_contrastive_zero_feature_dim_is_log_b(backend):
-    loss = contrastive_loss(torch.randn(4, 0), torch.randn(4, 0), torch.tensor(10.0),
-                            backend=backend)
+    loss = contrastive_loss(
+        torch.randn(4, 0), torch.randn(4, 0), torch.tensor(10.0), backend=backend
+    )
     torch.testing.assert_close(loss, torch.tensor(4.0).log())
 
 
-@pytest.mark.parametrize("name", ["image_feat", "text_feat", "image_ids", "teacher_image_feat",
-                                  "teacher_text_feat"])
+@pytest.mark.parametrize(
+    "name", ["image_feat", "text_feat", "image_ids", "teacher_image_feat", "teacher_text_feat"]
+)
 def test_contrastive_non_tensor_argument_is_a_type_error(name):
-    kw = dict(image_feat=torch.randn(3, 4), text_feat=torch.randn(3, 4),
-              image_ids=torch.arange(3), teacher_image_feat=torch.randn(3, 4),
-              teacher_text_feat=torch.randn(3, 4))
+    kw = dict(
+        image_feat=torch.randn(3, 4),
+        text_feat=torch.randn(3, 4),
+        image_ids=torch.arange(3),
+        teacher_image_feat=torch.randn(3, 4),
+        teacher_text_feat=torch.randn(3, 4),
+    )
     kw[name] = kw[name].tolist()
     with pytest.raises(TypeError, match=f"contrastive_loss: {name} must be a tensor"):
-        contrastive_loss(kw.pop("image_feat"), kw.pop("text_feat"), torch.tensor(10.0),
-                         distill_alpha=0.5, **kw)
+        contrastive_loss(
+            kw.pop("image_feat"), kw.pop("text_feat"), torch.tensor(10.0), distill_alpha=0.5, **kw
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +317,9 @@ def test_distill_kl_non_distribution_row_is_nan_gpu(backend, case):
     out = distill_kl(x, t, reduction="none", backend=backend)
     out.sum().backward()
     assert out[1].isnan() and x.grad[1].isnan().all()
-    torch.testing.assert_close(out[[0, 2]], distill_kl_ref(s[[0, 2]], t[[0, 2]], 1.0, "none"),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        out[[0, 2]], distill_kl_ref(s[[0, 2]], t[[0, 2]], 1.0, "none"), atol=1e-4, rtol=1e-4
+    )
     empty = torch.randn(0, 7, device="cuda", requires_grad=True)
     assert distill_kl(empty, empty.detach(), backend=backend).item() == 0.0
 

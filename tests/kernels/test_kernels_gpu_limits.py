@@ -3,6 +3,7 @@
 memory: only the unpipelined config fits), the autotuner's trial runs leaving the tile counter
 exact, launches on the tensors' device (two GPUs), and fp64 constants kept at fp64 precision.
 Helpers and tolerances: tests/_helpers/ (shared with the kernels' CPU tests)."""
+
 import pytest
 import torch
 
@@ -15,18 +16,20 @@ from r2d2.kernels import attention, attention_ref
 def test_gpu_triton_attention_more_than_65535_batch_heads():
     # B*H = 66000: a (tiles, B*H) grid (axis 1 <= 65535) fails to launch.
     B, H, L, D = 8250, 8, 16, 16
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.float16).requires_grad_()
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(B, H, L, D, device="cuda", dtype=torch.float16).requires_grad_()
+        for _ in range(3)
+    )
     out = attention(q, k, v, backend="triton")
     do = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), do)
     for b in (0, B - 1):
-        leaves = [x[b:b + 1].detach().float().requires_grad_() for x in (q, k, v)]
+        leaves = [x[b : b + 1].detach().float().requires_grad_() for x in (q, k, v)]
         ref = attention_ref(*leaves)
-        want = torch.autograd.grad(ref, leaves, do[b:b + 1].float())
-        torch.testing.assert_close(out[b:b + 1].float(), ref, atol=2e-3, rtol=2e-3)
+        want = torch.autograd.grad(ref, leaves, do[b : b + 1].float())
+        torch.testing.assert_close(out[b : b + 1].float(), ref, atol=2e-3, rtol=2e-3)
         for g, w in zip(got, want):
-            torch.testing.assert_close(g[b:b + 1].float(), w, atol=5e-3, rtol=5e-3)
+            torch.testing.assert_close(g[b : b + 1].float(), w, atol=5e-3, rtol=5e-3)
 
 
 @pytest.mark.gpu
@@ -42,8 +45,8 @@ def test_gpu_triton_attention_beyond_2_31_elements():
     B, H, L, D = 131100, 16, 16, 64
     assert B * H * L * D > 2**31
     q, k, v, do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.float16) for _ in range(4))
-    o, lse = at.fwd(q, k, v, None, D ** -0.5)
-    dq, dk, dv = at.bwd(do, q, k, v, o, lse, None, D ** -0.5)
+    o, lse = at.fwd(q, k, v, None, D**-0.5)
+    dq, dk, dv = at.bwd(do, q, k, v, o, lse, None, D**-0.5)
     leaves = [x[-1:].float().requires_grad_() for x in (q, k, v)]
     ref = attention_ref(*leaves)
     want = torch.autograd.grad(ref, leaves, do[-1:].float())
@@ -68,15 +71,15 @@ def test_gpu_triton_attention_tile_count_on_first_call():
     # counter back, so the first call's count is the chosen config's.
     from r2d2.kernels import attention_triton as at
 
-    B, H, Lq, Lk, D = 3, 2, 83, 3 * 64 + 5, 64   # an Lq no other test tunes
+    B, H, Lq, Lk, D = 3, 2, 83, 3 * 64 + 5, 64  # an Lq no other test tunes
     q, k, v, _ = make_inputs(B, H, Lq, Lk, D, dtype=torch.float16, device="cuda", mask=None)
     q, k, v = q.detach(), k.detach(), v.detach()
     m = tile_mask(B, Lk, 64, device="cuda")
     cnt = torch.zeros(B * H, dtype=torch.int32, device="cuda")
-    at.fwd(q, k, v, m, D ** -0.5, tile_count=cnt)
+    at.fwd(q, k, v, m, D**-0.5, tile_count=cnt)
     cfg = at._attn_fwd_kernel.best_config.kwargs
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    live = torch.stack([m[:, j:j + bn].any(-1) for j in range(0, Lk, bn)], -1).sum(-1)
+    live = torch.stack([m[:, j : j + bn].any(-1) for j in range(0, Lk, bn)], -1).sum(-1)
     want = (live * -(-Lq // bm)).to(torch.int32).repeat_interleave(H)
     assert torch.equal(cnt, want)
 
@@ -88,20 +91,28 @@ def test_gpu_triton_kernels_launch_on_the_tensors_device():
     from r2d2.kernels import distill_kl
 
     with torch.cuda.device(0):
-        q, k, v, m = make_inputs(2, 2, 33, 70, 64, dtype=torch.float16, device="cuda:1",
-                             mask="random")
+        q, k, v, m = make_inputs(
+            2, 2, 33, 70, 64, dtype=torch.float16, device="cuda:1", mask="random"
+        )
         out = attention(q, k, v, key_padding_mask=m, backend="triton")
-        torch.testing.assert_close(out.float(), attention_ref(q, k, v, m).float(), atol=2e-3,
-                                   rtol=2e-3)
+        torch.testing.assert_close(
+            out.float(), attention_ref(q, k, v, m).float(), atol=2e-3, rtol=2e-3
+        )
         f = torch.nn.functional.normalize(torch.randn(64, 32, device="cuda:1"), dim=1)
         s = torch.tensor(10.0, device="cuda:1")
-        torch.testing.assert_close(C.contrastive_loss(f, f.flip(0), s, backend="triton"),
-                                   C.contrastive_loss(f, f.flip(0), s, backend="eager"),
-                                   atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            C.contrastive_loss(f, f.flip(0), s, backend="triton"),
+            C.contrastive_loss(f, f.flip(0), s, backend="eager"),
+            atol=2e-5,
+            rtol=1e-4,
+        )
         x, y = torch.randn(2, 2, 50, device="cuda:1").unbind(0)
-        torch.testing.assert_close(distill_kl(x, y, temperature=2.0, backend="triton"),
-                                   distill_kl(x, y, temperature=2.0, backend="eager"),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            distill_kl(x, y, temperature=2.0, backend="triton"),
+            distill_kl(x, y, temperature=2.0, backend="eager"),
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 @pytest.mark.gpu

@@ -49,7 +49,7 @@ def _imports(name: str, path: Path) -> set[str]:
             base = node.module or ""
             if node.level:
                 anchor = name.split(".")
-                anchor = anchor[:len(anchor) - node.level + is_pkg]
+                anchor = anchor[: len(anchor) - node.level + is_pkg]
                 base = ".".join(anchor + ([base] if base else []))
             for a in node.names:
                 sub = f"{base}.{a.name}"
@@ -98,7 +98,8 @@ def test_kernels_have_no_import_cycle():
     graph = _graph(KERNELS)
     for a, b in PENDING_CYCLE_EDGES:
         assert b in graph.get(a, ()), (
-            f"{a} no longer imports {b}: remove the entry from PENDING_CYCLE_EDGES")
+            f"{a} no longer imports {b}: remove the entry from PENDING_CYCLE_EDGES"
+        )
         graph[a] = graph[a] - {b}
     assert _cycles(graph) == []
 
@@ -118,8 +119,11 @@ def test_kernels_import_nothing_from_the_engine():
         path = ROOT.joinpath(*m.split("."))
         path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         deps = _imports(m, path)
-        bad += [f"{m} (imported by the kernels) imports {d}" for d in deps
-                if d.startswith("r2d2.engine")]
+        bad += [
+            f"{m} (imported by the kernels) imports {d}"
+            for d in deps
+            if d.startswith("r2d2.engine")
+        ]
         todo += deps
     assert bad == []
 

@@ -32,12 +32,15 @@ def toolkit(root: Path, header: bool = True, release: str = "12.8") -> Path:
     """A fake toolkit: bin/nvcc answering --version and --dryrun as the real one does (the dry
     run's TOP / _HERE_ lines name its own folder), include/cuda_runtime_api.h unless header=False."""
     bin_dir = root / "bin"
-    script(bin_dir / "nvcc", f"""\
+    script(
+        bin_dir / "nvcc",
+        f"""\
 case "$*" in
   *--dryrun*) echo '#$ _HERE_={bin_dir}' >&2; echo '#$ TOP={bin_dir}/..' >&2 ;;
   *--version*) echo 'Cuda compilation tools, release {release}, V{release}.1' ;;
 esac
-""")
+""",
+    )
     if header:
         (root / "include").mkdir(parents=True, exist_ok=True)
         (root / "include" / HEADER).write_text("/* fake */\n")
@@ -83,8 +86,9 @@ def test_symlinked_nvcc_is_followed(setup_py, tmp_path):
     link = tmp_path / "links" / "bin" / "nvcc"
     link.parent.mkdir(parents=True)
     link.symlink_to(real / "bin" / "nvcc")
-    home, why = setup_py["find_cuda_home"]({}, str(tmp_path / "links"), str(link),
-                                           default=str(tmp_path / "none"))
+    home, why = setup_py["find_cuda_home"](
+        {}, str(tmp_path / "links"), str(link), default=str(tmp_path / "none")
+    )
     assert why is None and Path(home) == real.resolve()
 
 
@@ -102,8 +106,9 @@ def test_no_headers_anywhere_stops_with_one_line(setup_py, tmp_path):
     nvcc = wrapper(tmp_path / "usr-local", real)
     dflt = tmp_path / "usr-local-cuda"
     dflt.mkdir()
-    home, why = setup_py["find_cuda_home"]({}, str(tmp_path / "usr-local"), str(nvcc),
-                                           default=str(dflt))
+    home, why = setup_py["find_cuda_home"](
+        {}, str(tmp_path / "usr-local"), str(nvcc), default=str(dflt)
+    )
     assert home is None
     assert "\n" not in why and why.startswith("r2d2: ")
     assert f"include/{HEADER}" in why and "set CUDA_HOME" in why
@@ -112,7 +117,10 @@ def test_no_headers_anywhere_stops_with_one_line(setup_py, tmp_path):
 
 
 def test_no_toolkit_at_all_means_cpu_part_only(setup_py, tmp_path):
-    assert setup_py["find_cuda_home"]({}, None, None, default=str(tmp_path / "none")) == (None, None)
+    assert setup_py["find_cuda_home"]({}, None, None, default=str(tmp_path / "none")) == (
+        None,
+        None,
+    )
     # ...but an nvcc on PATH whose toolkit has no headers is a broken install: stop.
     nvcc = script(tmp_path / "x" / "bin" / "nvcc", "exit 1\n")
     home, why = setup_py["find_cuda_home"]({}, None, str(nvcc), default=str(tmp_path / "none"))
@@ -132,7 +140,7 @@ def test_ext_modules_builds_cuda_with_the_discovered_toolkit(setup_py, monkeypat
     monkeypatch.setenv("PATH", f"{tmp_path / 'usr-local' / 'bin'}{os.pathsep}{os.environ['PATH']}")
     for var in ("CUDA_HOME", "CUDA_PATH", "R2D2_SKIP_EXT", "R2D2_FORCE_CPU"):
         monkeypatch.setenv(var, "")  # so that monkeypatch restores the environment afterwards:
-        monkeypatch.delenv(var)      # _ext_modules sets CUDA_HOME for torch's builder
+        monkeypatch.delenv(var)  # _ext_modules sets CUDA_HOME for torch's builder
     (ext,), cmdclass = setup_py["_ext_modules"]()
     assert Path(cpp_extension.CUDA_HOME) == real.resolve()
     assert Path(os.environ["CUDA_HOME"]) == real.resolve()

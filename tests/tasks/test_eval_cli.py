@@ -37,14 +37,29 @@ def test_eval_cli_writes_json_markdown_plot(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(1)
     img_emb = torch.randn(n_img, 8, generator=g)
     owner = torch.arange(2 * n_img) // 2
-    model = StubModel(img_emb, img_emb[owner] + torch.randn(2 * n_img, 8, generator=g),
-                      torch.where(owner[None] == torch.arange(n_img)[:, None], 5.0, -5.0))
+    model = StubModel(
+        img_emb,
+        img_emb[owner] + torch.randn(2 * n_img, 8, generator=g),
+        torch.where(owner[None] == torch.arange(n_img)[:, None], 5.0, -5.0),
+    )
     _stub_cli(monkeypatch, model, texts)
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text(f"data:\n  format: flickr30k_cna\n  path: {tmp_path / 'test.txt'}\nretrieval:\n  k: 4\n")
+    cfg.write_text(
+        f"data:\n  format: flickr30k_cna\n  path: {tmp_path / 'test.txt'}\nretrieval:\n  k: 4\n"
+    )
     out = tmp_path / "run"
-    rc = cli.main(["retrieval", "--config", str(cfg), "--checkpoint", str(tmp_path),
-                   "--out", str(out), "--retrieval.pair_batch=5"])
+    rc = cli.main(
+        [
+            "retrieval",
+            "--config",
+            str(cfg),
+            "--checkpoint",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--retrieval.pair_batch=5",
+        ]
+    )
     assert rc == 0
     rep = json.loads((out / "eval_retrieval.json").read_text(encoding="utf-8"))
     assert rep["skipped"] == 1 and rep["skip_reasons"] == {"missing_image": 1}
@@ -69,20 +84,26 @@ def test_eval_cli_rejects_bad_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.startswith("eval_")))
 def test_eval_configs_parse(name):
-    task = {"icm": "matching", "iqm": "matching", "zeroshot": "zeroshot"}.get(name[5:-5], "retrieval")
+    task = {"icm": "matching", "iqm": "matching", "zeroshot": "zeroshot"}.get(
+        name[5:-5], "retrieval"
+    )
     cfg = eval_config.load_eval_config(os.path.join(CONFIGS, name), [], task)
     assert (cfg.data.path or cfg.data.format == "synthetic") and cfg.out.endswith(name[5:-5])
     if name == "eval_flickr30k_cna.yaml":
         assert cfg.retrieval.k == 128  # the official Flickr30k-CNA setting
 
 
-@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.startswith("finetune_ccmb_")))
+@pytest.mark.parametrize(
+    "name", sorted(f for f in os.listdir(CONFIGS) if f.startswith("finetune_ccmb_"))
+)
 def test_finetune_configs_parse(name):
     from r2d2.engine.config import load_config
 
     cfg = load_config(os.path.join(CONFIGS, name), [])
-    assert cfg.data.format == "ccmb_" + name[len("finetune_ccmb_"):-5]
-    assert cfg.train.task == ("matching" if cfg.data.format in ("ccmb_icm", "ccmb_iqm") else "retrieval")
+    assert cfg.data.format == "ccmb_" + name[len("finetune_ccmb_") : -5]
+    assert cfg.train.task == (
+        "matching" if cfg.data.format in ("ccmb_icm", "ccmb_iqm") else "retrieval"
+    )
 
 
 def test_synthetic_eval_sets():
@@ -93,17 +114,24 @@ def test_synthetic_eval_sets():
     pairs = evaluate.synthetic_eval_set("matching", 20, 3).records
     pos = [r for r in pairs if r.label == 1]
     neg = [r for r in pairs if r.label == 0]
-    assert [(r.image, r.text, r.image_id) for r in pos] == [(r.image, r.text, r.image_id) for r in held]
+    assert [(r.image, r.text, r.image_id) for r in pos] == [
+        (r.image, r.text, r.image_id) for r in held
+    ]
     caption_of = {r.image: r.text for r in held}
     assert len(neg) == 20 and all(r.text != caption_of[r.image] for r in neg)
     with pytest.raises(ValueError, match="zeroshot"):
         evaluate.synthetic_eval_set("zeroshot", 20, 3)
 
 
-@pytest.mark.parametrize("task,fmt,hint", [("retrieval", "icm", "r2d2 eval matching"),
-                                           ("retrieval", "iqm", "twin is iqr"),
-                                           ("matching", "icr", "matching needs icm"),
-                                           ("zeroshot", "flickr30k_cn", "zeroshot reads")])
+@pytest.mark.parametrize(
+    "task,fmt,hint",
+    [
+        ("retrieval", "icm", "r2d2 eval matching"),
+        ("retrieval", "iqm", "twin is iqr"),
+        ("matching", "icr", "matching needs icm"),
+        ("zeroshot", "flickr30k_cn", "zeroshot reads"),
+    ],
+)
 def test_eval_cli_refuses_a_format_the_task_cannot_read(tmp_path, capsys, task, fmt, hint):
     # icm/iqm label-0 pairs used as retrieval ground truth would reward wrong matches
     with pytest.raises(SystemExit) as e:
@@ -123,10 +151,19 @@ def _tiny_checkpoint(path, preset):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_eval_cli_prd2_matching_is_one_clear_line_and_retrieval_notes_pre_rank_only(tmp_path, capsys):
+def test_eval_cli_prd2_matching_is_one_clear_line_and_retrieval_notes_pre_rank_only(
+    tmp_path, capsys
+):
     ckpt = _tiny_checkpoint(tmp_path / "prd2", "prd2-tiny")
-    args = ["--checkpoint", ckpt, "--data.format=synthetic", "--data.synthetic_size=12",
-            "--data.max_text_len=16", "--out", str(tmp_path / "run")]
+    args = [
+        "--checkpoint",
+        ckpt,
+        "--data.format=synthetic",
+        "--data.synthetic_size=12",
+        "--data.max_text_len=16",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert cli.main(["matching", *args]) == 1  # found by loading the model: a run-time failure
     err = capsys.readouterr().err.strip()
     assert err.startswith("r2d2 eval matching: error: matching scores pairs with the ITM heads")
@@ -142,8 +179,20 @@ def test_eval_cli_prd2_matching_is_one_clear_line_and_retrieval_notes_pre_rank_o
 
 def test_eval_cli_bad_input_is_one_line(tmp_path, capsys):
     ckpt = tmp_path / "none"
-    assert cli.main(["retrieval", "--checkpoint", str(ckpt), "--data.format=icr",
-                     f"--data.path={tmp_path / 'absent.json'}", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(
+            [
+                "retrieval",
+                "--checkpoint",
+                str(ckpt),
+                "--data.format=icr",
+                f"--data.path={tmp_path / 'absent.json'}",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("r2d2 eval retrieval: error:") and "\n" not in err
 
@@ -159,27 +208,49 @@ def test_eval_cli_muge_ranks_against_the_whole_pool_t2i_mean_recall(tmp_path, mo
     d = tmp_path / "muge"
     (d / "valid_imgs").mkdir(parents=True)
     payload = _jpeg_b64()
-    (d / "valid_imgs.tsv").write_text("".join(f"{i}\t{payload}\n" for i in range(8)), encoding="utf-8")
+    (d / "valid_imgs.tsv").write_text(
+        "".join(f"{i}\t{payload}\n" for i in range(8)), encoding="utf-8"
+    )
     for i in range(8):
         (d / "valid_imgs" / f"{i}.jpg").write_bytes(base64.b64decode(payload))
-    queries = [{"query_id": 0, "query_text": "红色", "item_ids": [0]},
-               {"query_id": 1, "query_text": "蓝色", "item_ids": [1, 2]},
-               {"query_id": 2, "query_text": "绿色", "item_ids": [3, 99]},   # 99: not in the pool
-               {"query_id": 3, "query_text": None, "item_ids": [4]},        # null: empty, not "None"
-               {"query_id": 4, "query_text": 7, "item_ids": [5]}]           # a number: its own reason
-    (d / "valid_queries.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in queries),
-                                           encoding="utf-8")
+    queries = [
+        {"query_id": 0, "query_text": "红色", "item_ids": [0]},
+        {"query_id": 1, "query_text": "蓝色", "item_ids": [1, 2]},
+        {"query_id": 2, "query_text": "绿色", "item_ids": [3, 99]},  # 99: not in the pool
+        {"query_id": 3, "query_text": None, "item_ids": [4]},  # null: empty, not "None"
+        {"query_id": 4, "query_text": 7, "item_ids": [5]},
+    ]  # a number: its own reason
+    (d / "valid_queries.jsonl").write_text(
+        "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in queries), encoding="utf-8"
+    )
     texts = ["红色", "蓝色", "绿色"]
     g = torch.Generator().manual_seed(2)
     img = torch.randn(8, 6, generator=g)
-    txt = torch.stack([img[0], img[1] + img[6] * 3, img[3]])  # query 1 is closest to pool-only image 6
+    txt = torch.stack(
+        [img[0], img[1] + img[6] * 3, img[3]]
+    )  # query 1 is closest to pool-only image 6
     _stub_cli(monkeypatch, StubModel(img, txt, torch.zeros(8, 3)), texts)
     cfg = eval_config.load_eval_config(os.path.join(CONFIGS, "eval_muge.yaml"), [], "retrieval")
     assert cfg.data.gallery.endswith("valid_imgs.tsv")
     out = tmp_path / "run"
-    assert cli.main(["retrieval", "--config", os.path.join(CONFIGS, "eval_muge.yaml"), "--checkpoint", str(d),
-                     f"--data.path={d / 'valid_queries.jsonl'}", f"--data.gallery={d / 'valid_imgs.tsv'}",
-                     f"--data.image_root={d / 'valid_imgs'}", "--retrieval.k=4", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "retrieval",
+                "--config",
+                os.path.join(CONFIGS, "eval_muge.yaml"),
+                "--checkpoint",
+                str(d),
+                f"--data.path={d / 'valid_queries.jsonl'}",
+                f"--data.gallery={d / 'valid_imgs.tsv'}",
+                f"--data.image_root={d / 'valid_imgs'}",
+                "--retrieval.k=4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "eval_retrieval.json").read_text(encoding="utf-8"))
     m = rep["metrics"]
     assert m["n_images"] == 8 and m["n_texts"] == 3 and m["protocol"] == "t2i"
@@ -191,13 +262,41 @@ def test_eval_cli_muge_ranks_against_the_whole_pool_t2i_mean_recall(tmp_path, mo
     md = (out / "eval_retrieval.md").read_text(encoding="utf-8")
     assert "mean_recall = mean of t2i_r1 t2i_r5 t2i_r10 (MUGE protocol" in md
     # the default pool is <split>_imgs.tsv beside the queries; with none there, a clear error
-    assert cli.main(["retrieval", "--config", os.path.join(CONFIGS, "eval_muge.yaml"), "--checkpoint", str(d),
-                     f"--data.path={d / 'valid_queries.jsonl'}", "--data.gallery=null",
-                     f"--data.image_root={d / 'valid_imgs'}", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "retrieval",
+                "--config",
+                os.path.join(CONFIGS, "eval_muge.yaml"),
+                "--checkpoint",
+                str(d),
+                f"--data.path={d / 'valid_queries.jsonl'}",
+                "--data.gallery=null",
+                f"--data.image_root={d / 'valid_imgs'}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (d / "valid_imgs.tsv").rename(d / "elsewhere.tsv")
-    assert cli.main(["retrieval", "--config", os.path.join(CONFIGS, "eval_muge.yaml"), "--checkpoint", str(d),
-                     f"--data.path={d / 'valid_queries.jsonl'}", "--data.gallery=null",
-                     f"--data.image_root={d / 'valid_imgs'}", "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            [
+                "retrieval",
+                "--config",
+                os.path.join(CONFIGS, "eval_muge.yaml"),
+                "--checkpoint",
+                str(d),
+                f"--data.path={d / 'valid_queries.jsonl'}",
+                "--data.gallery=null",
+                f"--data.image_root={d / 'valid_imgs'}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_zeroshot_preset_and_docs_use_the_default_templates():
@@ -207,7 +306,7 @@ def test_zeroshot_preset_and_docs_use_the_default_templates():
     assert tuple(cfg.zeroshot.templates) == DEFAULT_TEMPLATES
     with open(os.path.join(ROOT, "docs", "downstream.md"), encoding="utf-8") as f:
         doc = f.read()
-    section = doc[doc.index("## Zero-shot classification"):]
+    section = doc[doc.index("## Zero-shot classification") :]
     assert all(f"`{t}`" in section for t in DEFAULT_TEMPLATES)
     assert section.count("{}") == len(DEFAULT_TEMPLATES)  # and no other template is listed
 
@@ -220,15 +319,42 @@ def test_eval_cli_on_the_synthetic_set_equals_the_runs_eval_json(tmp_path, capsy
     from r2d2.cli.train import pretrain
 
     run = tmp_path / "run"
-    assert pretrain(["--config", os.path.join(CONFIGS, "tiny.yaml"), "--out", str(run),
-                     "--train.max_steps=2", "--data.synthetic_eval_size=24", "--model.vision.image_size=40",
-                     "--train.checkpoint_every=0", "--logging.progress=false",
-                     "--logging.tensorboard=false", "--logging.plot=false"]) == 0
+    assert (
+        pretrain(
+            [
+                "--config",
+                os.path.join(CONFIGS, "tiny.yaml"),
+                "--out",
+                str(run),
+                "--train.max_steps=2",
+                "--data.synthetic_eval_size=24",
+                "--model.vision.image_size=40",
+                "--train.checkpoint_every=0",
+                "--logging.progress=false",
+                "--logging.tensorboard=false",
+                "--logging.plot=false",
+            ]
+        )
+        == 0
+    )
     ref = json.loads((run / "eval.json").read_text(encoding="utf-8"))
     assert ref["rerank_k"] == 16
     for task in ("retrieval", "matching"):
-        assert cli.main([task, "--config", os.path.join(CONFIGS, "eval_synthetic.yaml"), "--checkpoint",
-                         str(run / "model"), "--data.synthetic_size=24", "--out", str(run)]) == 0
+        assert (
+            cli.main(
+                [
+                    task,
+                    "--config",
+                    os.path.join(CONFIGS, "eval_synthetic.yaml"),
+                    "--checkpoint",
+                    str(run / "model"),
+                    "--data.synthetic_size=24",
+                    "--out",
+                    str(run),
+                ]
+            )
+            == 0
+        )
     got = json.loads((run / "eval_retrieval.json").read_text(encoding="utf-8"))["metrics"]
     keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"]
     assert (got["n_images"], got["n_texts"]) == (ref["n_images"], ref["n_texts"])
@@ -237,8 +363,15 @@ def test_eval_cli_on_the_synthetic_set_equals_the_runs_eval_json(tmp_path, capsy
     mat = json.loads((run / "eval_matching.json").read_text(encoding="utf-8"))["metrics"]
     assert 0.0 <= mat["auc"] <= 1.0 and mat["n_pairs"] == 48
     with pytest.raises(SystemExit):  # zeroshot cannot read the synthetic set
-        cli.main(["zeroshot", "--config", os.path.join(CONFIGS, "eval_synthetic.yaml"),
-                  "--checkpoint", str(run / "model")])
+        cli.main(
+            [
+                "zeroshot",
+                "--config",
+                os.path.join(CONFIGS, "eval_synthetic.yaml"),
+                "--checkpoint",
+                str(run / "model"),
+            ]
+        )
 
 
 def test_a_corrupt_image_is_left_out_and_counted_not_fatal(tmp_path):
@@ -256,11 +389,17 @@ def test_a_corrupt_image_is_left_out_and_counted_not_fatal(tmp_path):
         Image.fromarray(arr).save(tmp_path / f"{i}.jpg", quality=90)
         lines += [json.dumps({"image_path": f"{i}.jpg", "text": f"图{i}"}, ensure_ascii=False)]
     good = (tmp_path / "0.jpg").read_bytes()
-    (tmp_path / "4.jpg").write_bytes(good[: len(good) // 3])    # truncated
-    (tmp_path / "5.jpg").write_bytes(b"not an image at all")    # garbage
+    (tmp_path / "4.jpg").write_bytes(good[: len(good) // 3])  # truncated
+    (tmp_path / "5.jpg").write_bytes(b"not an image at all")  # garbage
     (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    args = ["retrieval", "--checkpoint", str(model_dir), "--data.format=icr",
-            f"--data.path={tmp_path / 'test.jsonl'}", "--device=cpu"]
+    args = [
+        "retrieval",
+        "--checkpoint",
+        str(model_dir),
+        "--data.format=icr",
+        f"--data.path={tmp_path / 'test.jsonl'}",
+        "--device=cpu",
+    ]
     assert cli.main(args + ["--out", str(tmp_path / "run")]) == 0
     rep = json.loads((tmp_path / "run" / "eval_retrieval.json").read_text(encoding="utf-8"))
     assert rep["skipped"] == 2 and rep["skip_reasons"] == {"corrupt_image": 2}
@@ -274,12 +413,24 @@ def test_eval_cli_takes_a_run_folder_like_init_from(tmp_path, capsys):
     run = tmp_path / "run"
     _tiny_checkpoint(run / "model", "tiny")
     (run / "checkpoints").mkdir()
-    args = ["--data.format=synthetic", "--data.synthetic_size=8", "--data.max_text_len=16", "--device=cpu"]
-    assert cli.main(["retrieval", "--checkpoint", str(run), *args, "--out", str(tmp_path / "e")]) == 0
-    assert f"--checkpoint {run} is a run folder: evaluating its model/ ({run / 'model'})" in capsys.readouterr().out
+    args = [
+        "--data.format=synthetic",
+        "--data.synthetic_size=8",
+        "--data.max_text_len=16",
+        "--device=cpu",
+    ]
+    assert (
+        cli.main(["retrieval", "--checkpoint", str(run), *args, "--out", str(tmp_path / "e")]) == 0
+    )
+    assert (
+        f"--checkpoint {run} is a run folder: evaluating its model/ ({run / 'model'})"
+        in capsys.readouterr().out
+    )
     rep = json.loads((tmp_path / "e" / "eval_retrieval.json").read_text(encoding="utf-8"))
     assert rep["checkpoint"] == str(run / "model")
     assert cli.main(["retrieval", "--checkpoint", str(tmp_path / "nothing"), *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"r2d2 eval retrieval: error: --checkpoint {tmp_path / 'nothing'}: no such folder (expected a "
-                   "save_pretrained folder, e.g. <run>/model, or a run folder)")
+    assert err == (
+        f"r2d2 eval retrieval: error: --checkpoint {tmp_path / 'nothing'}: no such folder (expected a "
+        "save_pretrained folder, e.g. <run>/model, or a run folder)"
+    )

@@ -16,10 +16,12 @@ from r2d2.engine.metrics import (
 
 def test_retrieval_hand_case_multi_caption():
     # 2 images, 4 texts; texts 0,1 describe image 0, texts 2,3 image 1.
-    sim = np.array([
-        [0.1, 0.9, 0.8, 0.0],   # image 0: best text 1 (correct) -> rank 0
-        [0.7, 0.2, 0.3, 0.1],   # image 1: order 0,2,1,3 -> best correct (2) at rank 1
-    ])
+    sim = np.array(
+        [
+            [0.1, 0.9, 0.8, 0.0],  # image 0: best text 1 (correct) -> rank 0
+            [0.7, 0.2, 0.3, 0.1],  # image 1: order 0,2,1,3 -> best correct (2) at rank 1
+        ]
+    )
     m = retrieval_metrics(sim, [[0, 1], [2, 3]], [0, 0, 1, 1], ks=(1, 2))
     assert m["i2t_r1"] == pytest.approx(50.0)
     assert m["i2t_r2"] == pytest.approx(100.0)
@@ -30,18 +32,25 @@ def test_retrieval_hand_case_multi_caption():
     assert m["mean_recall"] == pytest.approx(75.0)
 
 
-@pytest.mark.parametrize("convert", [
-    lambda x: x,                                   # lists
-    lambda x: torch.tensor(x),                     # torch tensors (txt2img as a LongTensor raised)
-    lambda x: np.asarray(x),                       # numpy arrays
-    lambda x: [torch.tensor(v) for v in x],        # a list of 0-d / 1-d tensors
-])
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda x: x,  # lists
+        lambda x: torch.tensor(x),  # torch tensors (txt2img as a LongTensor raised)
+        lambda x: np.asarray(x),  # numpy arrays
+        lambda x: [torch.tensor(v) for v in x],  # a list of 0-d / 1-d tensors
+    ],
+)
 def test_ground_truth_as_tensors_arrays_or_lists(convert):
     sim = np.array([[0.1, 0.9, 0.8, 0.0], [0.7, 0.2, 0.3, 0.1]])
     ref = retrieval_metrics(sim, [[0, 1], [2, 3]], [0, 0, 1, 1], ks=(1, 2))
-    got = retrieval_metrics(torch.tensor(sim), convert([[0, 1], [2, 3]]), convert([0, 0, 1, 1]), ks=(1, 2))
+    got = retrieval_metrics(
+        torch.tensor(sim), convert([[0, 1], [2, 3]]), convert([0, 0, 1, 1]), ks=(1, 2)
+    )
     assert got == ref
-    assert t2i_metrics(sim.T, convert([0, 0, 1, 1]), ks=(1,)) == t2i_metrics(sim.T, [0, 0, 1, 1], ks=(1,))
+    assert t2i_metrics(sim.T, convert([0, 0, 1, 1]), ks=(1,)) == t2i_metrics(
+        sim.T, [0, 0, 1, 1], ks=(1,)
+    )
     assert ranks_of_targets(torch.tensor(sim), convert([[0, 1], [2, 3]])).tolist() == [0, 1]
     with pytest.raises(TypeError, match="integer indices"):
         retrieval_metrics(sim, [[0.5, 1], [2, 3]], [0, 0, 1, 1])
@@ -71,7 +80,9 @@ def test_ties_lower_index_wins():
 def test_ranks_match_brute_force_random():
     rng = np.random.default_rng(1)
     sim = rng.integers(0, 4, size=(9, 23)).astype(float)  # many ties on purpose
-    img2txt = [sorted(rng.choice(23, size=rng.integers(1, 4), replace=False).tolist()) for _ in range(9)]
+    img2txt = [
+        sorted(rng.choice(23, size=rng.integers(1, 4), replace=False).tolist()) for _ in range(9)
+    ]
     ranks = ranks_of_targets(sim, img2txt)
 
     def rank(r, c):  # items ranked before c: strictly better, or equal with a lower index
@@ -101,13 +112,16 @@ def test_t2i_metrics_multiple_correct():
     assert m["t2i_r1"] == 0.0 and m["t2i_r3"] == 100.0 and m["mean_recall"] == 50.0
 
 
-@pytest.mark.parametrize("scores,labels,expected", [
-    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),       # sklearn docs example
-    ([1, 2, 2, 3], [0, 0, 1, 1], 0.875),                # pos 2 ties neg 2 -> half a pair
-    ([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1], 0.5),          # all tied
-    ([3, 2, 1], [1, 0, 0], 1.0),
-    ([3, 2, 1], [0, 1, 1], 0.0),
-])
+@pytest.mark.parametrize(
+    "scores,labels,expected",
+    [
+        ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),  # sklearn docs example
+        ([1, 2, 2, 3], [0, 0, 1, 1], 0.875),  # pos 2 ties neg 2 -> half a pair
+        ([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1], 0.5),  # all tied
+        ([3, 2, 1], [1, 0, 0], 1.0),
+        ([3, 2, 1], [0, 1, 1], 0.0),
+    ],
+)
 def test_auc_hand_cases(scores, labels, expected):
     assert auc(scores, labels) == pytest.approx(expected)
 
@@ -152,8 +166,8 @@ def test_binary_and_topk_accuracy():
 
 
 def test_separate_t2i_matrix_and_multi_image_texts():
-    sim_i2t = np.array([[0.9, 0.1], [0.2, 0.8]])   # i2t perfect
-    sim_t2i = np.array([[0.1, 0.9], [0.7, 0.3]])   # t2i: both texts pick the wrong image
+    sim_i2t = np.array([[0.9, 0.1], [0.2, 0.8]])  # i2t perfect
+    sim_t2i = np.array([[0.1, 0.9], [0.7, 0.3]])  # t2i: both texts pick the wrong image
     m = retrieval_metrics(sim_i2t, [[0], [1]], [0, 1], ks=(1,), sim_t2i=sim_t2i)
     assert m == {"i2t_r1": 100.0, "t2i_r1": 0.0, "mean_recall": 50.0}
     # the same t2i matrix, but text 0 is also a correct description of image 1 -> hit

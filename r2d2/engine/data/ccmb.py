@@ -68,7 +68,7 @@ class _Collector:
 
     def add(self, image: str | None, text, image_id: str, label: int | None = None) -> None:
         if text is not None and not isinstance(text, str):  # a number or list in the JSON: a bad
-            self.reasons["non_string_text"] += 1           # sample, not an empty caption
+            self.reasons["non_string_text"] += 1  # sample, not an empty caption
             return
         if not text or not text.strip():
             self.reasons["empty_text"] += 1
@@ -79,7 +79,9 @@ class _Collector:
         self.records.append(Record(image=image, text=text.strip(), image_id=image_id, label=label))
 
     def result(self) -> ReadResult:
-        return ReadResult(records=self.records, skipped=sum(self.reasons.values()), reasons=self.reasons)
+        return ReadResult(
+            records=self.records, skipped=sum(self.reasons.values()), reasons=self.reasons
+        )
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
@@ -93,7 +95,9 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:  # malformed like broken JSON: the same error
-                raise ValueError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise ValueError(
+                    f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})"
+                ) from None
             if line:
                 yield n, line
 
@@ -132,8 +136,9 @@ def _parse_label(path: str, n: int, value) -> int:
     raise ValueError(f"{path}:{n}: label must be 0 or 1, got {value!r}")
 
 
-def read_jsonl_pairs(path: str, image_root: str | None = None, with_label: bool = False,
-                     check_images: bool = True) -> ReadResult:
+def read_jsonl_pairs(
+    path: str, image_root: str | None = None, with_label: bool = False, check_images: bool = True
+) -> ReadResult:
     """ICR/IQR (``with_label=False``) and ICM/IQM (``with_label=True``) JSON lines."""
     root = _root(path, image_root)
     out = _Collector(check_images)
@@ -144,7 +149,9 @@ def read_jsonl_pairs(path: str, image_root: str | None = None, with_label: bool 
         if not isinstance(rel, str) or not rel.strip():
             raise ValueError(f"{path}:{n}: image_path must be a non-empty string, got {rel!r}")
         label = _parse_label(path, n, obj["label"]) if with_label else None
-        image = _find_image(root, rel) if check_images else os.path.join(root, os.path.basename(rel))
+        image = (
+            _find_image(root, rel) if check_images else os.path.join(root, os.path.basename(rel))
+        )
         out.add(image, obj["text"], Path(rel).stem, label)
     return out.result()
 
@@ -166,7 +173,9 @@ def _split_keyed_caption(path: str, n: int, line: str) -> tuple[str, str]:
     return image_id, caption.strip()
 
 
-def read_flickr_tsv(path: str, image_root: str | None = None, check_images: bool = True) -> ReadResult:
+def read_flickr_tsv(
+    path: str, image_root: str | None = None, check_images: bool = True
+) -> ReadResult:
     """Flickr30k-CNA / Flickr30k-CN caption lines; image ``<image_root>/<image_id>.jpg``."""
     root = _root(path, image_root)
     out = _Collector(check_images)
@@ -184,12 +193,14 @@ def _coco_image(root: str, image_id: str) -> str | None:
     return next((c for c in cands if os.path.isfile(c)), None)
 
 
-def read_coco_cn(path: str, image_root: str | None = None, captions: str | None = None,
-                 check_images: bool = True) -> ReadResult:
+def read_coco_cn(
+    path: str, image_root: str | None = None, captions: str | None = None, check_images: bool = True
+) -> ReadResult:
     """COCO-CN: split id list ``path`` + captions file (see the module docstring)."""
     root = _root(path, image_root)
-    captions = captions or os.path.join(os.path.dirname(os.path.abspath(path)),
-                                        "imageid.human-written-caption.txt")
+    captions = captions or os.path.join(
+        os.path.dirname(os.path.abspath(path)), "imageid.human-written-caption.txt"
+    )
     ids: list[str] = []
     for n, line in _lines(path):
         if len(line.split()) != 1:
@@ -204,7 +215,9 @@ def read_coco_cn(path: str, image_root: str | None = None, captions: str | None 
         if image_id not in by_image:
             out.reasons["no_caption"] += 1
             continue
-        image = _coco_image(root, image_id) if check_images else os.path.join(root, f"{image_id}.jpg")
+        image = (
+            _coco_image(root, image_id) if check_images else os.path.join(root, f"{image_id}.jpg")
+        )
         for caption in by_image[image_id]:
             out.add(image, caption, image_id)
     return out.result()
@@ -236,12 +249,15 @@ def default_muge_gallery(path: str) -> str | None:
     name = os.path.basename(path)
     if "_queries" not in name:
         return None
-    cand = os.path.join(os.path.dirname(os.path.abspath(path)), name.split("_queries")[0] + "_imgs.tsv")
+    cand = os.path.join(
+        os.path.dirname(os.path.abspath(path)), name.split("_queries")[0] + "_imgs.tsv"
+    )
     return cand if os.path.isfile(cand) else None
 
 
-def read_muge(path: str, image_root: str | None = None, check_images: bool = True,
-              gallery: str | None = None) -> MugeRead:
+def read_muge(
+    path: str, image_root: str | None = None, check_images: bool = True, gallery: str | None = None
+) -> MugeRead:
     """MUGE queries: one record per (query, correct item); all records of a query share its text.
 
     ``gallery``: the split's image pool, ``<split>_imgs.tsv`` (ids read, payloads ignored) or a
@@ -261,7 +277,9 @@ def read_muge(path: str, image_root: str | None = None, check_images: bool = Tru
             paths = [os.path.join(gallery, f) for f in files]
         else:
             if not os.path.isfile(gallery):
-                raise FileNotFoundError(f"MUGE gallery (the split's image pool) not found: {gallery}")
+                raise FileNotFoundError(
+                    f"MUGE gallery (the split's image pool) not found: {gallery}"
+                )
             ids = _tsv_ids(gallery)
             paths = [os.path.join(root, f"{i}.jpg") for i in ids]
         if len(set(ids)) != len(ids):
@@ -289,9 +307,13 @@ def read_muge(path: str, image_root: str | None = None, check_images: bool = Tru
             image = pool[item] if pool is not None else os.path.join(root, f"{item}.jpg")
             out.add(image, obj["query_text"], item)
     res = out.result()
-    return MugeRead(res.records, res.skipped, res.reasons,
-                    gallery=None if pool is None else [(p, i) for i, p in pool.items()],
-                    gallery_source=gallery)
+    return MugeRead(
+        res.records,
+        res.skipped,
+        res.reasons,
+        gallery=None if pool is None else [(p, i) for i, p in pool.items()],
+        gallery_source=gallery,
+    )
 
 
 def unpack_base64_tsv(tsv: str, out_dir: str) -> tuple[int, Counter]:
@@ -338,8 +360,12 @@ def read_classnames(path: str) -> list[str]:
     return raw
 
 
-def read_zeroshot(path: str, image_root: str | None = None, classnames: str | None = None,
-                  check_images: bool = True) -> tuple[ReadResult, list[str]]:
+def read_zeroshot(
+    path: str,
+    image_root: str | None = None,
+    classnames: str | None = None,
+    check_images: bool = True,
+) -> tuple[ReadResult, list[str]]:
     """Zero-shot classification set -> (records with ``label`` = class index, class names).
 
     ``path`` a directory: ImageFolder layout, classes are the sorted sub-directory names unless
@@ -352,7 +378,9 @@ def read_zeroshot(path: str, image_root: str | None = None, classnames: str | No
             raise ValueError(f"{path}: no class sub-directories")
         names = read_classnames(classnames) if classnames else dirs
         if len(names) != len(dirs):
-            raise ValueError(f"{classnames}: {len(names)} class names for {len(dirs)} class folders")
+            raise ValueError(
+                f"{classnames}: {len(names)} class names for {len(dirs)} class folders"
+            )
         for label, d in enumerate(dirs):
             for f in sorted(os.listdir(os.path.join(path, d))):
                 full = os.path.join(path, d, f)
@@ -383,8 +411,9 @@ def read_zeroshot(path: str, image_root: str | None = None, classnames: str | No
     return out.result(), names
 
 
-def read_ccmb(format: str, path: str, image_root: str | None = None, *, check_images: bool = True,
-              **options) -> ReadResult:
+def read_ccmb(
+    format: str, path: str, image_root: str | None = None, *, check_images: bool = True, **options
+) -> ReadResult:
     """Read one downstream annotation file (see the module docstring for each ``format``).
 
     ``options``: ``captions=`` for ``coco_cn``, ``gallery=`` for ``muge``, ``classnames=`` for
@@ -392,7 +421,9 @@ def read_ccmb(format: str, path: str, image_root: str | None = None, *, check_im
     False skips the per-sample file check (for huge sets on slow storage; missing files then fail
     at load time instead of being counted here)."""
     fmt = format.lower()
-    allowed = {"coco_cn": {"captions"}, "muge": {"gallery"}, "zeroshot": {"classnames"}}.get(fmt, set())
+    allowed = {"coco_cn": {"captions"}, "muge": {"gallery"}, "zeroshot": {"classnames"}}.get(
+        fmt, set()
+    )
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"read_ccmb({fmt!r}): unexpected option(s) {sorted(unknown)}")

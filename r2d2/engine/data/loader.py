@@ -60,7 +60,10 @@ class Skipped:
 
 def id_hash(image_id: str) -> int:
     """Stable 63-bit integer for an image id string (the losses take ``image_ids`` as a long tensor)."""
-    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+    return (
+        int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "little")
+        >> 1
+    )
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -68,7 +71,9 @@ class PairDataset(torch.utils.data.Dataset):
     or its seeded replacement when it cannot be loaded (``skips`` = the reasons of the failed
     tries); ``Skipped`` only when ``REPLACE_TRIES`` replacements fail too."""
 
-    def __init__(self, records: Sequence[Record], transform, seed: int = 0, canvas: int = 64) -> None:
+    def __init__(
+        self, records: Sequence[Record], transform, seed: int = 0, canvas: int = 64
+    ) -> None:
         self.records = list(records)
         self.transform = transform
         self.seed = seed
@@ -87,7 +92,12 @@ class PairDataset(torch.utils.data.Dataset):
         except Exception:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, OSError...)
             return Skipped("corrupt_image")
         rng = random.Random(aug_key or f"{self.seed}:{epoch}:{index}")
-        return {"image": self.transform(img, rng), "text": r.text, "image_id": r.image_id, "label": r.label}
+        return {
+            "image": self.transform(img, rng),
+            "text": r.text,
+            "image_id": r.image_id,
+            "label": r.label,
+        }
 
     def __getitem__(self, key) -> dict | Skipped:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -99,7 +109,9 @@ class PairDataset(torch.utils.data.Dataset):
             k += 1
             if k > REPLACE_TRIES:
                 return Skipped(failed[0], tuple(failed[1:]))
-            draw = random.Random(f"{self.seed}:{epoch}:{index}:swap{k}").randrange(len(self.records))
+            draw = random.Random(f"{self.seed}:{epoch}:{index}:swap{k}").randrange(
+                len(self.records)
+            )
             item = self.load(epoch, draw, aug_key=f"{self.seed}:{epoch}:{index}:swap{k}")
         item["skips"] = failed
         return item
@@ -109,13 +121,23 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     """Infinite stream of this rank's micro-batches of ``(epoch, index)``, from stream position
     ``start`` (in samples, over all ranks) on."""
 
-    def __init__(self, n: int, micro_global: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 start: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        n: int,
+        micro_global: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        start: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         if n <= 0:
             raise DataError("the data set has no usable samples (all skipped or empty file)")
         if micro_global % world:
-            raise ValueError(f"micro-batch {micro_global} (data.batch_size / train.grad_accum) is "
-                             f"not divisible by the world size {world}")
+            raise ValueError(
+                f"micro-batch {micro_global} (data.batch_size / train.grad_accum) is "
+                f"not divisible by the world size {world}"
+            )
         self.n, self.micro_global, self.rank, self.world = n, micro_global, rank, world
         self.seed, self.start, self.shuffle = seed, start, shuffle
         self._perm_epoch, self._perm = -1, None
@@ -163,8 +185,11 @@ class Collate:
                 reasons.update(x.get("skips", ()))
                 good.append(x)
         # skipped counts samples; damaged-shard events travel in skip_reasons only
-        batch = {"skipped": sum(v for k, v in reasons.items() if k not in SHARD_EVENTS),
-                 "skip_reasons": reasons, "size": len(good)}
+        batch = {
+            "skipped": sum(v for k, v in reasons.items() if k not in SHARD_EVENTS),
+            "skip_reasons": reasons,
+            "size": len(good),
+        }
         if pos is not None:
             batch["stream_pos"] = tuple(pos)
         if not good:
@@ -172,12 +197,15 @@ class Collate:
         ids, mask = self.tokenize([x["text"] for x in good])
         batch.update(
             images=torch.stack([x["image"] for x in good]),
-            input_ids=ids, attention_mask=mask,
+            input_ids=ids,
+            attention_mask=mask,
             image_ids=torch.tensor([id_hash(x["image_id"]) for x in good], dtype=torch.long),
             texts=[x["text"] for x in good],
         )
         if any(x["label"] is not None for x in good):
-            batch["labels"] = torch.tensor([-100 if x["label"] is None else x["label"] for x in good])
+            batch["labels"] = torch.tensor(
+                [-100 if x["label"] is None else x["label"] for x in good]
+            )
         return batch
 
 
@@ -217,7 +245,11 @@ def _decode_wds(sample: dict, transform, seed: int, epoch: int = 0):
     img_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
     text = None
     if "txt" in sample:
-        text = sample["txt"].decode("utf-8", "replace") if isinstance(sample["txt"], bytes) else sample["txt"]
+        text = (
+            sample["txt"].decode("utf-8", "replace")
+            if isinstance(sample["txt"], bytes)
+            else sample["txt"]
+        )
     elif "json" in sample:
         try:
             meta = json.loads(sample["json"])
@@ -235,7 +267,13 @@ def _decode_wds(sample: dict, transform, seed: int, epoch: int = 0):
     except Exception:  # noqa: BLE001 - PIL raises many types, as in PairDataset.load
         return Skipped("corrupt_image")
     rng = random.Random(f"{seed}:{epoch}:{key}")
-    return {"image": transform(img, rng), "text": text.strip(), "image_id": key, "label": None, "skips": []}
+    return {
+        "image": transform(img, rng),
+        "text": text.strip(),
+        "image_id": key,
+        "label": None,
+        "skips": [],
+    }
 
 
 def shard_list(urls: str) -> list[str]:
@@ -247,8 +285,10 @@ def shard_list(urls: str) -> list[str]:
     remote = ("pipe:", "http:", "https:", "gs:", "s3:", "ais:")
     missing = [s for s in shards if not s.startswith(remote) and not os.path.isfile(s)]
     if not shards or missing:
-        raise MissingDataError(f"data.path={urls!r}: {len(missing)} of {len(shards)} shard files do not exist "
-                        f"(first: {missing[0] if missing else urls})")
+        raise MissingDataError(
+            f"data.path={urls!r}: {len(missing)} of {len(shards)} shard files do not exist "
+            f"(first: {missing[0] if missing else urls})"
+        )
     return shards
 
 
@@ -269,16 +309,29 @@ def _shard_samples(url: str, damaged: list | None):
 
     yield from wds.tarfile_to_samples(handler=note)(iter([{"url": url}]))
     if errors:
-        first = " ".join(str(errors[0].args[0] if errors[0].args else errors[0]).split(" @ ")[0].split())
+        first = " ".join(
+            str(errors[0].args[0] if errors[0].args else errors[0]).split(" @ ")[0].split()
+        )
         logging.getLogger("r2d2.data").warning(
             "webdataset: shard %s is damaged (%s: %s); the samples after the damage are lost "
-            "(counted as truncated_shards in the log)", url, type(errors[0]).__name__, first)
+            "(counted as truncated_shards in the log)",
+            url,
+            type(errors[0]).__name__,
+            first,
+        )
         if damaged is not None:
             damaged.append((url, errors[0]))
 
 
-def _raw_epoch(shards: list[str], epoch: int, seed: int, slot: int, slots: int, shuffle_buffer: int,
-               damaged: list | None = None):
+def _raw_epoch(
+    shards: list[str],
+    epoch: int,
+    seed: int,
+    slot: int,
+    slots: int,
+    shuffle_buffer: int,
+    damaged: list | None = None,
+):
     """Raw (undecoded) samples of this slot's shards in ``epoch``: shard order and the buffer
     shuffle are seeded by (seed, epoch, slot), so the sequence is reproducible for resuming.
     Shards that end in damage are appended to ``damaged`` (see :func:`_shard_samples`)."""
@@ -290,7 +343,9 @@ def _raw_epoch(shards: list[str], epoch: int, seed: int, slot: int, slots: int, 
     mine = order[slot::slots]
     src = (x for u in mine for x in _shard_samples(u, damaged))
     if shuffle_buffer:
-        src = wds.shuffle(shuffle_buffer, shuffle_buffer, rng=random.Random(f"{seed}:buf:{epoch}:{slot}"))(src)
+        src = wds.shuffle(
+            shuffle_buffer, shuffle_buffer, rng=random.Random(f"{seed}:buf:{epoch}:{slot}")
+        )(src)
     return src
 
 
@@ -303,8 +358,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     over workers (the DataLoader's round robin), so a resume after ``b`` batches passes
     ``role_offset = b % K`` to keep the order."""
 
-    def __init__(self, shards: list[str], transform, local_batch: int, seed: int = 0, rank: int = 0,
-                 world: int = 1, shuffle_buffer: int = 0, start: dict | None = None, role_offset: int = 0) -> None:
+    def __init__(
+        self,
+        shards: list[str],
+        transform,
+        local_batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        shuffle_buffer: int = 0,
+        start: dict | None = None,
+        role_offset: int = 0,
+    ) -> None:
         self.shards, self.transform, self.local_batch = list(shards), transform, local_batch
         self.seed, self.rank, self.world, self.shuffle_buffer = seed, rank, world, shuffle_buffer
         self.start = {int(k): tuple(v) for k, v in (start or {}).items()}
@@ -316,8 +381,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         role = (wid + self.role_offset) % workers
         slot, slots = self.rank * workers + role, self.world * workers
         if len(self.shards) < slots:
-            raise DataError(f"webdataset: {len(self.shards)} shards for {self.world} ranks x {workers} "
-                            "workers; every (rank, worker) needs at least one shard")
+            raise DataError(
+                f"webdataset: {len(self.shards)} shards for {self.world} ranks x {workers} "
+                "workers; every (rank, worker) needs at least one shard"
+            )
         epoch, skip = self.start.get(role, (0, 0))
         items: list = []
         good = 0
@@ -337,8 +404,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             raw_seen = good_in_epoch = 0
             reasons: Counter = Counter()
             damaged: list = []
-            for i, raw in enumerate(_raw_epoch(self.shards, epoch, self.seed, slot, slots, self.shuffle_buffer,
-                                               damaged)):
+            for i, raw in enumerate(
+                _raw_epoch(self.shards, epoch, self.seed, slot, slots, self.shuffle_buffer, damaged)
+            ):
                 raw_seen = i + 1
                 count_damaged(i)
                 if i < skip:  # consumed before the checkpoint: not decoded
@@ -355,10 +423,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                     items, good = [], 0
             count_damaged(raw_seen)  # a shard whose damage came after its last sample
             if raw_seen == 0:
-                raise DataError(f"webdataset: the shards of rank {self.rank} worker {role} hold no samples")
+                raise DataError(
+                    f"webdataset: the shards of rank {self.rank} worker {role} hold no samples"
+                )
             if skip == 0 and good_in_epoch == 0:
-                raise DataError(f"webdataset: no usable sample in a whole pass over the shards of rank "
-                                f"{self.rank} worker {role} ({dict(reasons)})")
+                raise DataError(
+                    f"webdataset: no usable sample in a whole pass over the shards of rank "
+                    f"{self.rank} worker {role} ({dict(reasons)})"
+                )
             epoch, skip = epoch + 1, 0
 
 
@@ -407,12 +479,22 @@ def check_data_source(cfg, eval_too: bool = False) -> None:
     elif cfg.format != "synthetic" and not os.path.isfile(cfg.path):
         raise MissingDataError(f"data.path={cfg.path!r} (data.format={cfg.format}): no such file")
     if eval_too and cfg.eval_path and not os.path.isfile(cfg.eval_path):
-        raise MissingDataError(f"data.eval_path={cfg.eval_path!r}: no such file (the held-out set of the "
-                        "end-of-run evaluation; or --train.eval_at_end=false)")
+        raise MissingDataError(
+            f"data.eval_path={cfg.eval_path!r}: no such file (the held-out set of the "
+            "end-of-run evaluation; or --train.eval_at_end=false)"
+        )
 
 
-def build_train_data(cfg, tokenize: Tokenize, image_size: int, micro_global: int, rank: int = 0,
-                     world: int = 1, start_sample: int = 0, stream_state: dict | None = None) -> TrainData:
+def build_train_data(
+    cfg,
+    tokenize: Tokenize,
+    image_size: int,
+    micro_global: int,
+    rank: int = 0,
+    world: int = 1,
+    start_sample: int = 0,
+    stream_state: dict | None = None,
+) -> TrainData:
     """``cfg`` is a ``DataConfig``. Files / synthetic: the stream starts at sample position
     ``start_sample``. WebDataset: ``stream_state`` is this rank's saved
     ``{"batches": consumed, "positions": {role: [epoch, raw]}}``. Unreadable data raises
@@ -422,28 +504,53 @@ def build_train_data(cfg, tokenize: Tokenize, image_size: int, micro_global: int
     from r2d2.engine.data.transforms import build_transform
 
     if micro_global % world:
-        raise DataError(f"micro-batch {micro_global} (data.batch_size / train.grad_accum) is not "
-                        f"divisible by the world size {world}")
-    tf = build_transform(image_size, train=True, augment=cfg.augment, scale=cfg.crop_scale, hflip=cfg.hflip,
-                         randaugment=tuple(cfg.randaugment) if cfg.randaugment else None)
+        raise DataError(
+            f"micro-batch {micro_global} (data.batch_size / train.grad_accum) is not "
+            f"divisible by the world size {world}"
+        )
+    tf = build_transform(
+        image_size,
+        train=True,
+        augment=cfg.augment,
+        scale=cfg.crop_scale,
+        hflip=cfg.hflip,
+        randaugment=tuple(cfg.randaugment) if cfg.randaugment else None,
+    )
     # Its own generator: iter(loader) must not draw from the global RNG, which a resumed run has
     # just restored from the checkpoint (dropout and the loss masks draw from it).
-    common = dict(num_workers=cfg.num_workers, collate_fn=Collate(tokenize), persistent_workers=cfg.num_workers > 0,
-                  pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.seed),
-                  worker_init_fn=_worker_ignores_sigterm if cfg.num_workers > 0 else None)
+    common = dict(
+        num_workers=cfg.num_workers,
+        collate_fn=Collate(tokenize),
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=_worker_ignores_sigterm if cfg.num_workers > 0 else None,
+    )
     if cfg.format == "webdataset":
         state = stream_state or {}
         workers = max(1, cfg.num_workers)
         shards = shard_list(cfg.path)
         if len(shards) < world * workers:
-            raise DataError(f"data.path={cfg.path!r}: {len(shards)} shards for {world} ranks x {workers} "
-                            "workers (data.num_workers); every (rank, worker) reads whole shards, so "
-                            "there must be at least that many")
-        stream = ShardStream(shards, tf, micro_global // world, cfg.seed, rank, world, cfg.shuffle_buffer,
-                             start=state.get("positions"), role_offset=int(state.get("batches", 0)) % workers)
+            raise DataError(
+                f"data.path={cfg.path!r}: {len(shards)} shards for {world} ranks x {workers} "
+                "workers (data.num_workers); every (rank, worker) reads whole shards, so "
+                "there must be at least that many"
+            )
+        stream = ShardStream(
+            shards,
+            tf,
+            micro_global // world,
+            cfg.seed,
+            rank,
+            world,
+            cfg.shuffle_buffer,
+            start=state.get("positions"),
+            role_offset=int(state.get("batches", 0)) % workers,
+        )
         loader = torch.utils.data.DataLoader(stream, batch_size=None, **common)
-        return TrainData(loader, None, 0, Counter(), stream=True, workers=workers,
-                         info={"shards": len(shards)})
+        return TrainData(
+            loader, None, 0, Counter(), stream=True, workers=workers, info={"shards": len(shards)}
+        )
     try:
         if cfg.format == "synthetic":
             res = read_synthetic(cfg.synthetic_size, "train", cfg.seed)
@@ -452,7 +559,9 @@ def build_train_data(cfg, tokenize: Tokenize, image_size: int, micro_global: int
     except (OSError, ValueError) as e:  # no such file, a malformed annotation line (ccmb readers)
         raise DataError(f"data.format={cfg.format}: {e}") from None
     ds = PairDataset(res.records, tf, cfg.seed, canvas=max(64, image_size))
-    sampler = ResumableBatchSampler(len(ds), micro_global, rank, world, cfg.seed, start=start_sample)
+    sampler = ResumableBatchSampler(
+        len(ds), micro_global, rank, world, cfg.seed, start=start_sample
+    )
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, **common)
     return TrainData(loader, len(ds), res.skipped, Counter(res.reasons))
 
@@ -493,8 +602,15 @@ class DataCursor:
     still takes one position). WebDataset: per role ``[epoch, raw samples read]`` of the batches
     this rank consumed, and how many batches (for the worker round robin)."""
 
-    def __init__(self, fmt: str, stream: bool, world: int, workers: int, start_sample: int = 0,
-                 stream_state: dict | None = None) -> None:
+    def __init__(
+        self,
+        fmt: str,
+        stream: bool,
+        world: int,
+        workers: int,
+        start_sample: int = 0,
+        stream_state: dict | None = None,
+    ) -> None:
         self.fmt, self.stream, self.world, self.workers = fmt, stream, world, workers
         self.samples = start_sample
         st = stream_state or {}
@@ -510,15 +626,27 @@ class DataCursor:
                 self.batches += 1
 
     def global_state(self) -> dict:
-        return {"format": self.fmt, "kind": "stream" if self.stream else "samples", "samples": self.samples,
-                "world": self.world, "workers": self.workers}
+        return {
+            "format": self.fmt,
+            "kind": "stream" if self.stream else "samples",
+            "samples": self.samples,
+            "world": self.world,
+            "workers": self.workers,
+        }
 
     def rank_state(self) -> dict:
         return {"batches": self.batches, "positions": self.positions} if self.stream else {}
 
 
-def resume_position(saved: dict | int | None, rank_data: list, cfg_data, step: int, saved_cfg: dict | None,
-                    rank: int, world: int) -> tuple[int, dict | None, str | None]:
+def resume_position(
+    saved: dict | int | None,
+    rank_data: list,
+    cfg_data,
+    step: int,
+    saved_cfg: dict | None,
+    rank: int,
+    world: int,
+) -> tuple[int, dict | None, str | None]:
     """The checkpoint's data position -> ``(start_sample, stream_state, note)`` for this rank,
     checked against the run: ``DataError`` if it cannot be the position of this data at ``step``;
     ``note`` says when the stream cannot continue exactly (another world size / worker count)."""
@@ -527,13 +655,17 @@ def resume_position(saved: dict | int | None, rank_data: list, cfg_data, step: i
     if saved is None or isinstance(saved, int):  # checkpoints before positions were dicts
         return step * cfg_data.batch_size, None, None
     if saved.get("format") != cfg_data.format:
-        raise DataError(f"--resume: the checkpoint was written reading data.format={saved.get('format')!r}, "
-                        f"this run reads {cfg_data.format!r}; resume with the same data")
+        raise DataError(
+            f"--resume: the checkpoint was written reading data.format={saved.get('format')!r}, "
+            f"this run reads {cfg_data.format!r}; resume with the same data"
+        )
     if saved.get("kind") == "samples":
         start = int(saved["samples"])
         if start < 0 or (same_batch and start != step * cfg_data.batch_size):
-            raise DataError(f"--resume: the checkpoint's data position {start} does not match its step "
-                            f"{step} x data.batch_size {cfg_data.batch_size}: the checkpoint is inconsistent")
+            raise DataError(
+                f"--resume: the checkpoint's data position {start} does not match its step "
+                f"{step} x data.batch_size {cfg_data.batch_size}: the checkpoint is inconsistent"
+            )
         return start, None, None
     workers = max(1, cfg_data.num_workers)
     mine = rank_data[rank] if rank < len(rank_data) else {}
@@ -541,7 +673,9 @@ def resume_position(saved: dict | int | None, rank_data: list, cfg_data, step: i
         return 0, mine, None
     epochs = [p[0] for r in rank_data for p in (r or {}).get("positions", {}).values()]
     epoch = min(epochs) if epochs else 0
-    note = (f"the checkpoint's stream was read by {saved.get('world')} ranks x {saved.get('workers')} workers, "
-            f"this run has {world} x {workers}: positions cannot be mapped, every worker restarts at "
-            f"epoch {epoch} (samples of that epoch may be seen twice)")
+    note = (
+        f"the checkpoint's stream was read by {saved.get('world')} ranks x {saved.get('workers')} workers, "
+        f"this run has {world} x {workers}: positions cannot be mapped, every worker restarts at "
+        f"epoch {epoch} (samples of that epoch may be seen twice)"
+    )
     return 0, {"batches": 0, "positions": {r: [epoch, 0] for r in range(workers)}}, note

@@ -31,6 +31,7 @@ def _enhance(cls) -> Callable:
     # Enhancement factor 1 is the identity; magnitude m moves it by up to +-0.9 (0.1 .. 1.9).
     def op(img: Image.Image, m: float, rng: random.Random) -> Image.Image:
         return cls(img).enhance(1.0 + _signed(0.9 * m / MAX_LEVEL, rng))
+
     return op
 
 
@@ -39,6 +40,7 @@ def _shear(axis: int) -> Callable:
         s = _signed(0.3 * m / MAX_LEVEL, rng)
         coeffs = (1, s, 0, 0, 1, 0) if axis == 0 else (1, 0, 0, s, 1, 0)
         return img.transform(img.size, Image.AFFINE, coeffs, Image.BICUBIC, fillcolor=FILL)
+
     return op
 
 
@@ -48,6 +50,7 @@ def _translate(axis: int) -> Callable:
         t = _signed(0.1 * m / MAX_LEVEL, rng) * img.size[axis]
         coeffs = (1, 0, t, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, t)
         return img.transform(img.size, Image.AFFINE, coeffs, Image.BICUBIC, fillcolor=FILL)
+
     return op
 
 
@@ -84,8 +87,9 @@ OPS: dict[str, Callable[[Image.Image, float, random.Random], Image.Image]] = {
 class RandAugment:
     """``RandAugment(n, m)(img, rng)`` -> augmented RGB image of the same size."""
 
-    def __init__(self, n: int = 2, m: float = 5.0, p: float = 0.5,
-                 ops: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self, n: int = 2, m: float = 5.0, p: float = 0.5, ops: tuple[str, ...] | None = None
+    ) -> None:
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"RandAugment n={n!r}: expected an int >= 0 (operations per image)")
         if not 0 <= m <= MAX_LEVEL:
@@ -95,7 +99,9 @@ class RandAugment:
         names = tuple(ops) if ops is not None else tuple(OPS)
         unknown = [o for o in names if o not in OPS]
         if unknown or not names:
-            raise ValueError(f"RandAugment ops {unknown or names}: expected names from {sorted(OPS)}")
+            raise ValueError(
+                f"RandAugment ops {unknown or names}: expected names from {sorted(OPS)}"
+            )
         self.n, self.m, self.p, self.ops = n, float(m), p, names
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:

@@ -50,7 +50,9 @@ class _Acc:
         elif self.check_images and not os.path.isfile(image):
             self.reasons["missing_image"] += 1
         else:
-            self.records.append(Record(image=image, text=text.strip(), image_id=str(image_id), label=label))
+            self.records.append(
+                Record(image=image, text=text.strip(), image_id=str(image_id), label=label)
+            )
 
     def result(self) -> ReadResult:
         return ReadResult(self.records, sum(self.reasons.values()), self.reasons)
@@ -110,5 +112,7 @@ def read_records(format: str, path: str, image_root: str | None = None) -> ReadR
     if format.startswith("ccmb_"):
         from r2d2.engine.data import ccmb  # lazy: owned and evolved separately
 
-        return ccmb.read_ccmb(format[len("ccmb_"):], path, image_root)
-    raise ValueError(f"data.format={format!r} has no file reader; expected jsonl, tsv or ccmb_<name>")
+        return ccmb.read_ccmb(format[len("ccmb_") :], path, image_root)
+    raise ValueError(
+        f"data.format={format!r} has no file reader; expected jsonl, tsv or ccmb_<name>"
+    )

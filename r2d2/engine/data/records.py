@@ -13,8 +13,18 @@ from dataclasses import dataclass, field
 
 from r2d2.engine.errors import RunError, UsageError
 
-SKIP_REASONS = ("corrupt_image", "missing_image", "empty_text", "non_string_text", "malformed_line",
-                "no_caption", "not_in_gallery", "missing_gallery_image", "not_image", "truncated_shard")
+SKIP_REASONS = (
+    "corrupt_image",
+    "missing_image",
+    "empty_text",
+    "non_string_text",
+    "malformed_line",
+    "no_caption",
+    "not_in_gallery",
+    "missing_gallery_image",
+    "not_image",
+    "truncated_shard",
+)
 """The skip reasons the readers and the loader report; the trainer sums them over ranks in this
 order (anything else is summed as ``other``)."""
 
@@ -73,5 +83,6 @@ class ReadResult:
 
     def merge(self, other: ReadResult) -> ReadResult:
         """The union of two reads (e.g. several annotation files of one set)."""
-        return ReadResult(self.records + other.records, self.skipped + other.skipped,
-                          self.reasons + other.reasons)
+        return ReadResult(
+            self.records + other.records, self.skipped + other.skipped, self.reasons + other.reasons
+        )

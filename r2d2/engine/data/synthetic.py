@@ -20,9 +20,16 @@ from PIL import Image, ImageDraw
 
 from r2d2.engine.data.records import ReadResult, Record
 
-COLOURS = (("红色", (220, 40, 40)), ("绿色", (40, 170, 60)), ("蓝色", (40, 80, 220)),
-           ("黄色", (240, 210, 40)), ("白色", (245, 245, 245)), ("黑色", (20, 20, 20)),
-           ("紫色", (140, 60, 180)), ("橙色", (245, 140, 30)))
+COLOURS = (
+    ("红色", (220, 40, 40)),
+    ("绿色", (40, 170, 60)),
+    ("蓝色", (40, 80, 220)),
+    ("黄色", (240, 210, 40)),
+    ("白色", (245, 245, 245)),
+    ("黑色", (20, 20, 20)),
+    ("紫色", (140, 60, 180)),
+    ("橙色", (245, 140, 30)),
+)
 SHAPES = ("圆形", "正方形", "三角形")
 COUNTS = ("一个", "两个", "三个")
 SPLITS = ("train", "eval")
@@ -41,7 +48,14 @@ def attributes(seed: int, split: str, index: int) -> dict:
     cells = rng.sample(range(9), count)
     # per-shape relative size and jitter inside its cell, in [0, 1]
     geometry = [(rng.uniform(0.55, 0.95), rng.uniform(0, 1), rng.uniform(0, 1)) for _ in cells]
-    return {"bg": bg, "fg": fg, "shape": shape, "count": count, "cells": cells, "geometry": geometry}
+    return {
+        "bg": bg,
+        "fg": fg,
+        "shape": shape,
+        "count": count,
+        "cells": cells,
+        "geometry": geometry,
+    }
 
 
 def caption(a: dict) -> str:
@@ -63,7 +77,9 @@ def render(a: dict, size: int = 64) -> Image.Image:
         elif a["shape"] == 1:
             draw.rectangle(box, fill=colour)
         else:
-            draw.polygon([(x0 + side / 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=colour)
+            draw.polygon(
+                [(x0 + side / 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=colour
+            )
     return img
 
 
@@ -73,11 +89,12 @@ def make_key(seed: int, split: str, index: int) -> str:
 
 def parse_key(key: str) -> tuple[int, str, int]:
     try:
-        seed, split, index = key[len(PREFIX):].split(":")
+        seed, split, index = key[len(PREFIX) :].split(":")
         return int(seed), split, int(index)
     except ValueError:
-        raise ValueError(f"malformed synthetic image key {key!r}; expected "
-                         f"{PREFIX}<seed>:<split>:<index>") from None
+        raise ValueError(
+            f"malformed synthetic image key {key!r}; expected {PREFIX}<seed>:<split>:<index>"
+        ) from None
 
 
 def read_synthetic(size: int, split: str = "train", seed: int = 0) -> ReadResult:
@@ -85,7 +102,9 @@ def read_synthetic(size: int, split: str = "train", seed: int = 0) -> ReadResult
     records = []
     for i in range(size):
         a = attributes(seed, split, i)
-        records.append(Record(image=make_key(seed, split, i), text=caption(a), image_id=f"{split}-{i}"))
+        records.append(
+            Record(image=make_key(seed, split, i), text=caption(a), image_id=f"{split}-{i}")
+        )
     return ReadResult(records=records)
 
 

@@ -31,8 +31,13 @@ def normalize(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random,
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    rng: random.Random,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a crop with area in ``scale`` and aspect in ``ratio``.
 
     Ten tries as in the usual recipe, then a center crop clamped to the aspect range."""
@@ -70,8 +75,13 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 class TrainTransform:
     """RandomResizedCrop + optional flip + optional RandAugment + normalise; ``tf(img, rng)``."""
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 1.0), hflip: bool = False,
-                 randaugment: tuple[int, float] | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.5, 1.0),
+        hflip: bool = False,
+        randaugment: tuple[int, float] | None = None,
+    ) -> None:
         self.size, self.scale, self.hflip = size, tuple(scale), hflip
         self.randaugment = None
         if randaugment is not None:
@@ -105,6 +115,16 @@ def eval_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
     return EvalTransform(size)
 
 
-def build_transform(size: int, train: bool, augment: bool = True, scale=(0.5, 1.0), hflip: bool = False,
-                    randaugment: tuple[int, float] | None = None):
-    return TrainTransform(size, scale, hflip, randaugment) if (train and augment) else EvalTransform(size)
+def build_transform(
+    size: int,
+    train: bool,
+    augment: bool = True,
+    scale=(0.5, 1.0),
+    hflip: bool = False,
+    randaugment: tuple[int, float] | None = None,
+):
+    return (
+        TrainTransform(size, scale, hflip, randaugment)
+        if (train and augment)
+        else EvalTransform(size)
+    )

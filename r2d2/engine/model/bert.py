@@ -28,16 +28,26 @@ class TextEncoder(nn.Module):
         self.type_embed = nn.Embedding(cfg.type_vocab_size, w)
         self.embed_ln = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(BertLayer(w, cfg.heads, cfg.intermediate, cfg.layer_norm_eps,
-                                              cfg.dropout, kernels) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(
+            BertLayer(w, cfg.heads, cfg.intermediate, cfg.layer_norm_eps, cfg.dropout, kernels)
+            for _ in range(cfg.layers)
+        )
 
     def check_inputs(self, input_ids, attention_mask):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer tensor [B, L], got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dim() != 2
+            or input_ids.is_floating_point()
+        ):
+            raise ValueError(
+                f"input_ids must be an integer tensor [B, L], got "
+                f"{getattr(input_ids, 'shape', type(input_ids).__name__)}"
+            )
         if input_ids.shape[1] > self.cfg.max_positions:
-            raise ValueError(f"input_ids has length {input_ids.shape[1]} > text.max_positions="
-                             f"{self.cfg.max_positions}")
+            raise ValueError(
+                f"input_ids has length {input_ids.shape[1]} > text.max_positions="
+                f"{self.cfg.max_positions}"
+            )
         mask = as_bool_mask(attention_mask, tuple(input_ids.shape), "attention_mask")
         return mask if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
 
@@ -59,9 +69,18 @@ class CrossEncoder(nn.Module):
 
     def __init__(self, cfg: TextConfig, layers: int, context_width: int, kernels: K.KernelConfig):
         super().__init__()
-        self.layers = nn.ModuleList(BertLayer(cfg.width, cfg.heads, cfg.intermediate, cfg.layer_norm_eps,
-                                              cfg.dropout, kernels, cross_width=context_width)
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(
+            BertLayer(
+                cfg.width,
+                cfg.heads,
+                cfg.intermediate,
+                cfg.layer_norm_eps,
+                cfg.dropout,
+                kernels,
+                cross_width=context_width,
+            )
+            for _ in range(layers)
+        )
 
     def forward(self, x, mask, context, context_mask):
         for layer in self.layers:

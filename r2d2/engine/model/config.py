@@ -1,6 +1,6 @@
 """Typed model configs (dict/YAML round-trippable) and the named presets.
 
-    cfg = model_preset("tiny"); ModelConfig.from_dict(cfg.to_dict()) == cfg
+cfg = model_preset("tiny"); ModelConfig.from_dict(cfg.to_dict()) == cfg
 """
 
 from __future__ import annotations
@@ -42,12 +42,18 @@ class VisionConfig:
     """attention-probability dropout (CLIP: 0)"""
 
     def __post_init__(self) -> None:
-        positive("vision", self, "image_size", "patch_size", "width", "layers", "heads", integer=True)
+        positive(
+            "vision", self, "image_size", "patch_size", "width", "layers", "heads", integer=True
+        )
         if self.image_size % self.patch_size:
-            raise ConfigError(f"vision.image_size={self.image_size} must be a multiple of "
-                             f"vision.patch_size={self.patch_size}")
+            raise ConfigError(
+                f"vision.image_size={self.image_size} must be a multiple of "
+                f"vision.patch_size={self.patch_size}"
+            )
         if self.width % self.heads:
-            raise ConfigError(f"vision.width={self.width} must be a multiple of vision.heads={self.heads}")
+            raise ConfigError(
+                f"vision.width={self.width} must be a multiple of vision.heads={self.heads}"
+            )
         positive("vision", self, "mlp_ratio", "layer_norm_eps")
         in_range("vision", self, "dropout", hi_open=True)
 
@@ -82,14 +88,28 @@ class TextConfig:
     """padding token id ([PAD])"""
 
     def __post_init__(self) -> None:
-        positive("text", self, "vocab_size", "width", "layers", "heads", "intermediate",
-                 "max_positions", "type_vocab_size", integer=True)
+        positive(
+            "text",
+            self,
+            "vocab_size",
+            "width",
+            "layers",
+            "heads",
+            "intermediate",
+            "max_positions",
+            "type_vocab_size",
+            integer=True,
+        )
         if self.width % self.heads:
-            raise ConfigError(f"text.width={self.width} must be a multiple of text.heads={self.heads}")
+            raise ConfigError(
+                f"text.width={self.width} must be a multiple of text.heads={self.heads}"
+            )
         positive("text", self, "layer_norm_eps")
         in_range("text", self, "dropout", hi_open=True)
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ConfigError(f"text.pad_id={self.pad_id}: expected an id in [0, {self.vocab_size})")
+            raise ConfigError(
+                f"text.pad_id={self.pad_id}: expected an id in [0, {self.vocab_size})"
+            )
 
 
 @dataclass
@@ -138,14 +158,24 @@ class ModelConfig:
             raise TypeError("ModelConfig: vision/text must be VisionConfig/TextConfig or dicts")
         positive("model", self, "cross_layers", allow_zero=True, integer=True)
         positive("model", self, "embed_dim", "max_text_len", integer=True)
-        positive("model", self, "initializer_range", "temperature_min", "temperature_init",
-                 "temperature_max")
+        positive(
+            "model",
+            self,
+            "initializer_range",
+            "temperature_min",
+            "temperature_init",
+            "temperature_max",
+        )
         if not 0 < self.temperature_min <= self.temperature_init <= self.temperature_max:
-            raise ConfigError("model: expected 0 < temperature_min <= temperature_init <= temperature_max; "
-                             f"got {self.temperature_min}, {self.temperature_init}, {self.temperature_max}")
+            raise ConfigError(
+                "model: expected 0 < temperature_min <= temperature_init <= temperature_max; "
+                f"got {self.temperature_min}, {self.temperature_init}, {self.temperature_max}"
+            )
         if self.max_text_len > self.text.max_positions:
-            raise ConfigError(f"model.max_text_len={self.max_text_len} exceeds text.max_positions="
-                             f"{self.text.max_positions}")
+            raise ConfigError(
+                f"model.max_text_len={self.max_text_len} exceeds text.max_positions="
+                f"{self.text.max_positions}"
+            )
         if self.mlm_head and self.cross_layers == 0:
             # PRD2-style configs simply have no MLM head.
             self.mlm_head = False
@@ -195,8 +225,15 @@ _TINY_INIT = 0.02 * (768 / 64) ** 0.5
 def _tiny_text() -> dict:
     from r2d2.engine.tokenizer import default_vocab_size
 
-    return dict(vocab_size=default_vocab_size(), width=64, layers=2, heads=4, intermediate=256,
-                max_positions=64, dropout=0.0)
+    return dict(
+        vocab_size=default_vocab_size(),
+        width=64,
+        layers=2,
+        heads=4,
+        intermediate=256,
+        max_positions=64,
+        dropout=0.0,
+    )
 
 
 def model_preset(name: str) -> ModelConfig:
@@ -220,21 +257,35 @@ def model_preset(name: str) -> ModelConfig:
 
 def _preset(name: str) -> ModelConfig:
     if name == "tiny":
-        return ModelConfig(vision=VisionConfig(**_TINY_VISION), text=TextConfig(**_tiny_text()),
-                           cross_layers=1, embed_dim=64, max_text_len=32, initializer_range=_TINY_INIT)
+        return ModelConfig(
+            vision=VisionConfig(**_TINY_VISION),
+            text=TextConfig(**_tiny_text()),
+            cross_layers=1,
+            embed_dim=64,
+            max_text_len=32,
+            initializer_range=_TINY_INIT,
+        )
     if name == "prd2-tiny":
-        return ModelConfig(vision=VisionConfig(**_TINY_VISION), text=TextConfig(**_tiny_text()),
-                           cross_layers=0, embed_dim=64, max_text_len=32, initializer_range=_TINY_INIT)
+        return ModelConfig(
+            vision=VisionConfig(**_TINY_VISION),
+            text=TextConfig(**_tiny_text()),
+            cross_layers=0,
+            embed_dim=64,
+            max_text_len=32,
+            initializer_range=_TINY_INIT,
+        )
     if name == "base":
         return ModelConfig(vision=VisionConfig(**_VIT_B16), text=TextConfig(**_ROBERTA_BASE))
     if name == "large":
         return ModelConfig(vision=VisionConfig(**_VIT_L14), text=TextConfig(**_ROBERTA_LARGE))
     if name == "large-released":
-        return ModelConfig(vision=VisionConfig(**_VIT_L14), text=TextConfig(**_ROBERTA_BASE),
-                           mlm_head=False)
+        return ModelConfig(
+            vision=VisionConfig(**_VIT_L14), text=TextConfig(**_ROBERTA_BASE), mlm_head=False
+        )
     if name == "prd2":
-        return ModelConfig(vision=VisionConfig(**_VIT_B16), text=TextConfig(**_ROBERTA_BASE),
-                           cross_layers=0)
+        return ModelConfig(
+            vision=VisionConfig(**_VIT_B16), text=TextConfig(**_ROBERTA_BASE), cross_layers=0
+        )
     raise ValueError(f"model preset {name!r}: expected one of {PRESETS}")
 
 

@@ -28,8 +28,14 @@ class Attention(nn.Module):
     x ``[B, Lq, width]``, context ``[B, Lk, kv_width]`` (None = self-attention), mask ``[B, Lk]``
     bool True = attend -> ``[B, Lq, width]``."""
 
-    def __init__(self, width: int, heads: int, kernels: K.KernelConfig, kv_width: int | None = None,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        kernels: K.KernelConfig,
+        kv_width: int | None = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         kv_width = width if kv_width is None else kv_width
         self.heads, self.dropout, self.kernels = heads, dropout, kernels
@@ -46,9 +52,19 @@ class Attention(nn.Module):
         def split(t, L):
             return t.view(B, L, H, W // H).transpose(1, 2)
 
-        q, k, v = split(self.query(x), Lq), split(self.key(context), Lk), split(self.value(context), Lk)
-        o = K.attention(q, k, v, key_padding_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                        backend=self.kernels.attention)
+        q, k, v = (
+            split(self.query(x), Lq),
+            split(self.key(context), Lk),
+            split(self.value(context), Lk),
+        )
+        o = K.attention(
+            q,
+            k,
+            v,
+            key_padding_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            backend=self.kernels.attention,
+        )
         return self.out(o.transpose(1, 2).reshape(B, Lq, W))
 
 
@@ -72,7 +88,11 @@ class ViTBlock(Checkpointable):
         self.attn = Attention(width, heads, kernels, dropout=dropout)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
         hidden = round(width * mlp_ratio)
-        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), QuickGELU(), nn.Linear(hidden, width)
+        self.fc1, self.act, self.fc2 = (
+            nn.Linear(width, hidden),
+            QuickGELU(),
+            nn.Linear(hidden, width),
+        )
 
     def forward(self, x, mask=None):
         x = x + self.attn(self.ln_1(x), mask=mask)
@@ -84,7 +104,9 @@ class BertLayer(Checkpointable):
 
     Each sub-layer: x = LN(x + dropout(sublayer(x)))."""
 
-    def __init__(self, width, heads, intermediate, eps, dropout, kernels, cross_width: int | None = None):
+    def __init__(
+        self, width, heads, intermediate, eps, dropout, kernels, cross_width: int | None = None
+    ):
         super().__init__()
         self.attn = Attention(width, heads, kernels, dropout=dropout)
         self.attn_ln = nn.LayerNorm(width, eps=eps)
@@ -103,7 +125,9 @@ class BertLayer(Checkpointable):
         return self.mlp_ln(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
-def as_bool_mask(mask: torch.Tensor | None, shape: tuple[int, int], name: str) -> torch.Tensor | None:
+def as_bool_mask(
+    mask: torch.Tensor | None, shape: tuple[int, int], name: str
+) -> torch.Tensor | None:
     """Validate a ``[B, L]`` padding mask (bool or 0/1 ints) and return it as bool True = keep."""
     if mask is None:
         return None

@@ -95,7 +95,9 @@ class R2D2Model(nn.Module):
 
     def _require_cross(self, what: str) -> None:
         if not self.config.has_cross:
-            raise RuntimeError(f"{what} needs the cross encoders; this model has cross_layers=0 (PRD2)")
+            raise RuntimeError(
+                f"{what} needs the cross encoders; this model has cross_layers=0 (PRD2)"
+            )
 
     # ------------------------------------------------------------------ encoders
     def image_tokens(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,19 +119,25 @@ class R2D2Model(nn.Module):
         """The attached tokenizer must not produce ids beyond the embedding table."""
         n = getattr(self.tokenizer, "vocab_size", None)
         if n is not None and n > self.config.text.vocab_size:
-            raise ValueError(f"the attached tokenizer has {n} tokens but text.vocab_size="
-                             f"{self.config.text.vocab_size}; use a matching vocab or model config")
+            raise ValueError(
+                f"the attached tokenizer has {n} tokens but text.vocab_size="
+                f"{self.config.text.vocab_size}; use a matching vocab or model config"
+            )
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
-            raise ValueError("texts given as strings need a tokenizer: set model.tokenizer = "
-                             "r2d2.engine.tokenizer.build_tokenizer(...) or pass input_ids")
+            raise ValueError(
+                "texts given as strings need a tokenizer: set model.tokenizer = "
+                "r2d2.engine.tokenizer.build_tokenizer(...) or pass input_ids"
+            )
         self.check_tokenizer()
         enc = self.tokenizer(list(texts))
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def _text_inputs(self, texts_or_ids, attention_mask):
-        if isinstance(texts_or_ids, (list, tuple)) and all(isinstance(t, str) for t in texts_or_ids):
+        if isinstance(texts_or_ids, (list, tuple)) and all(
+            isinstance(t, str) for t in texts_or_ids
+        ):
             return self.tokenize(texts_or_ids)
         if attention_mask is None and isinstance(texts_or_ids, torch.Tensor):
             attention_mask = torch.ones_like(texts_or_ids, dtype=torch.bool)
@@ -145,24 +153,38 @@ class R2D2Model(nn.Module):
         return self.text_embed(self.text_tokens(ids, mask))
 
     # ------------------------------------------------------------------ cross encoders
-    def text_image_states(self, text_tokens, text_mask, image_tokens, image_mask=None) -> torch.Tensor:
+    def text_image_states(
+        self, text_tokens, text_mask, image_tokens, image_mask=None
+    ) -> torch.Tensor:
         """Text-image cross encoder: text states attend to image tokens -> ``[B, L, Wt]``."""
         self._require_cross("text_image_states")
-        return self.text_cross(text_tokens, as_bool_mask(text_mask, text_tokens.shape[:2], "text_mask"),
-                               image_tokens, image_mask)
+        return self.text_cross(
+            text_tokens,
+            as_bool_mask(text_mask, text_tokens.shape[:2], "text_mask"),
+            image_tokens,
+            image_mask,
+        )
 
-    def image_text_states(self, image_tokens, text_tokens, text_mask, image_mask=None) -> torch.Tensor:
+    def image_text_states(
+        self, image_tokens, text_tokens, text_mask, image_mask=None
+    ) -> torch.Tensor:
         """Image-text cross encoder: projected image tokens attend to text -> ``[B, 1+N, Wt]``."""
         self._require_cross("image_text_states")
-        return self.image_cross(self.image_cross_proj(image_tokens), image_mask, text_tokens,
-                                as_bool_mask(text_mask, text_tokens.shape[:2], "text_mask"))
+        return self.image_cross(
+            self.image_cross_proj(image_tokens),
+            image_mask,
+            text_tokens,
+            as_bool_mask(text_mask, text_tokens.shape[:2], "text_mask"),
+        )
 
     def itm_logits(self, image_tokens, text_tokens, text_mask, image_mask=None):
         """Both heads' 2-way logits for row-wise pairs: ``(text-image [B, 2], image-text [B, 2])``;
         class 1 = match."""
         if image_tokens.shape[0] != text_tokens.shape[0]:
-            raise ValueError(f"itm_logits pairs rows: {image_tokens.shape[0]} images vs "
-                             f"{text_tokens.shape[0]} texts")
+            raise ValueError(
+                f"itm_logits pairs rows: {image_tokens.shape[0]} images vs "
+                f"{text_tokens.shape[0]} texts"
+            )
         x = self.text_image_states(text_tokens, text_mask, image_tokens, image_mask)
         y = self.image_text_states(image_tokens, text_tokens, text_mask, image_mask)
         return self.itm_head(x[:, 0]).float(), self.itm_head_i(y[:, 0]).float()
@@ -195,8 +217,9 @@ class R2D2Model(nn.Module):
 
         cfg_path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"from_pretrained: {cfg_path} not found (expected a "
-                                    "save_pretrained directory)")
+            raise FileNotFoundError(
+                f"from_pretrained: {cfg_path} not found (expected a save_pretrained directory)"
+            )
         with open(cfg_path) as f:
             d = json.load(f)
         d.pop("model_type", None)
@@ -210,7 +233,9 @@ class R2D2Model(nn.Module):
         return model
 
     @classmethod
-    def from_official(cls, path, config: ModelConfig | None = None, kernels=None, strict: bool = False):
+    def from_official(
+        cls, path, config: ModelConfig | None = None, kernels=None, strict: bool = False
+    ):
         """Build from an official R2D2 release checkpoint (a path or a state dict); see
         ``hf_io.load_official``. The key report is kept on ``model.load_report``."""
         from r2d2.engine.hf_io import load_official

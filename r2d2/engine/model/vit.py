@@ -24,20 +24,27 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         w = cfg.width
         self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size, bias=False)
-        scale = w ** -0.5  # CLIP's init scale for the class token and positions
+        scale = w**-0.5  # CLIP's init scale for the class token and positions
         self.cls_token = nn.Parameter(scale * torch.randn(w))
         self.pos_embed = nn.Parameter(scale * torch.randn(cfg.num_patches + 1, w))
         self.ln_pre = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
-        self.blocks = nn.ModuleList(ViTBlock(w, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps,
-                                             cfg.dropout, kernels) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(
+            ViTBlock(w, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, cfg.dropout, kernels)
+            for _ in range(cfg.layers)
+        )
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch + class + position embeddings, before ln_pre: ``[B, 1+N, W]``."""
         c = self.cfg
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or \
-                tuple(pixel_values.shape[2:]) != (c.image_size, c.image_size):
-            raise ValueError(f"images must be [B, 3, {c.image_size}, {c.image_size}], got "
-                             f"{tuple(pixel_values.shape)}")
+        if (
+            pixel_values.dim() != 4
+            or pixel_values.shape[1] != 3
+            or tuple(pixel_values.shape[2:]) != (c.image_size, c.image_size)
+        ):
+            raise ValueError(
+                f"images must be [B, 3, {c.image_size}, {c.image_size}], got "
+                f"{tuple(pixel_values.shape)}"
+            )
         if not pixel_values.is_floating_point():
             raise TypeError(f"images must be a float tensor, got {pixel_values.dtype}")
         w = self.patch_embed.weight
@@ -65,16 +72,24 @@ class VisionTransformer(nn.Module):
 
 def check_keep(keep: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
     """Validate visible-patch indices ``[batch, K]`` (K <= num_patches) and return them."""
-    if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.is_floating_point() \
-            or keep.dtype == torch.bool:
-        raise ValueError(f"keep must be an integer tensor [B, K] of visible patch indices, got "
-                         f"{getattr(keep, 'dtype', type(keep).__name__)} "
-                         f"{tuple(getattr(keep, 'shape', ()))}")
+    if (
+        not isinstance(keep, torch.Tensor)
+        or keep.dim() != 2
+        or keep.is_floating_point()
+        or keep.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"keep must be an integer tensor [B, K] of visible patch indices, got "
+            f"{getattr(keep, 'dtype', type(keep).__name__)} "
+            f"{tuple(getattr(keep, 'shape', ()))}"
+        )
     if keep.shape[0] != batch or keep.shape[1] > num_patches:
         raise ValueError(f"keep must be [B={batch}, K <= {num_patches}], got {tuple(keep.shape)}")
     if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= num_patches):
-        raise ValueError(f"keep indices must lie in [0, {num_patches}), got "
-                         f"[{int(keep.min())}, {int(keep.max())}]")
+        raise ValueError(
+            f"keep indices must lie in [0, {num_patches}), got "
+            f"[{int(keep.min())}, {int(keep.max())}]"
+        )
     return keep
 
 

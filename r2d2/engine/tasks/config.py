@@ -25,9 +25,11 @@ TASKS = ("retrieval", "matching", "zeroshot")
 EVAL_FORMATS = FORMATS + ("synthetic",)
 # Which data formats each task evaluates. icm / iqm are refused for retrieval: their label-0 pairs
 # are deliberate mismatches, so treating every pair as ground truth would reward wrong matches.
-TASK_FORMATS = {"retrieval": RETRIEVAL_FORMATS + ("synthetic",),
-                "matching": MATCHING_FORMATS + ("synthetic",),
-                "zeroshot": CLASSIFICATION_FORMATS}
+TASK_FORMATS = {
+    "retrieval": RETRIEVAL_FORMATS + ("synthetic",),
+    "matching": MATCHING_FORMATS + ("synthetic",),
+    "zeroshot": CLASSIFICATION_FORMATS,
+}
 
 
 @dataclass
@@ -70,7 +72,9 @@ class EvalDataConfig:
             raise ConfigError(f"data.synthetic_size={self.synthetic_size!r} must be an int >= 2")
         if self.limit is not None:
             positive("data", self, "limit", integer=True)
-        if self.max_text_len is not None and (not is_int(self.max_text_len) or self.max_text_len < 2):
+        if self.max_text_len is not None and (
+            not is_int(self.max_text_len) or self.max_text_len < 2
+        ):
             raise ConfigError(f"data.max_text_len={self.max_text_len!r} must be an int >= 2")
 
 
@@ -124,12 +128,17 @@ class EvalConfig:
     def __post_init__(self) -> None:
         choice("eval", "task", self.task, TASKS)
         if self.data.format not in TASK_FORMATS[self.task]:
-            hint = {"icm": " (a matching set: r2d2 eval matching; its retrieval twin is icr)",
-                    "iqm": " (a matching set: r2d2 eval matching; its retrieval twin is iqr)",
-                    "icr": " (no labels: matching needs icm)", "iqr": " (no labels: matching needs iqm)"}
-            raise ConfigError(f"data.format={self.data.format!r} cannot be evaluated by "
-                             f"`r2d2 eval {self.task}`{hint.get(self.data.format, '')}; "
-                             f"{self.task} reads {TASK_FORMATS[self.task]}")
+            hint = {
+                "icm": " (a matching set: r2d2 eval matching; its retrieval twin is icr)",
+                "iqm": " (a matching set: r2d2 eval matching; its retrieval twin is iqr)",
+                "icr": " (no labels: matching needs icm)",
+                "iqr": " (no labels: matching needs iqm)",
+            }
+            raise ConfigError(
+                f"data.format={self.data.format!r} cannot be evaluated by "
+                f"`r2d2 eval {self.task}`{hint.get(self.data.format, '')}; "
+                f"{self.task} reads {TASK_FORMATS[self.task]}"
+            )
 
 
 def load_eval_config(path: str | None, overrides: list[str], task: str) -> EvalConfig:

@@ -56,11 +56,14 @@ def resolve_checkpoint(checkpoint: str) -> str:
     training run folder (no ``config.json``, a ``model/`` that has one) its ``model/``, the folder
     ``train.init_from`` also takes from a run. A :class:`UsageError` when it names no folder."""
     if not os.path.isdir(checkpoint):
-        raise UsageError(f"--checkpoint {checkpoint}: no such folder (expected a save_pretrained "
-                         "folder, e.g. <run>/model, or a run folder)")
+        raise UsageError(
+            f"--checkpoint {checkpoint}: no such folder (expected a save_pretrained "
+            "folder, e.g. <run>/model, or a run folder)"
+        )
     inner = os.path.join(checkpoint, "model")
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")) and \
-            os.path.isfile(os.path.join(inner, "config.json")):
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")) and os.path.isfile(
+        os.path.join(inner, "config.json")
+    ):
         return inner
     return checkpoint
 
@@ -71,7 +74,9 @@ def load_model(checkpoint: str, device: torch.device):
     try:  # safetensors: data only, never unpickled
         model = R2D2Model.from_pretrained(checkpoint)
     except SafetensorError as e:  # e.g. a pickle renamed model.safetensors
-        raise EvalError(f"--checkpoint {checkpoint}: model.safetensors is not a safetensors file ({e})") from None
+        raise EvalError(
+            f"--checkpoint {checkpoint}: model.safetensors is not a safetensors file ({e})"
+        ) from None
     return model.to(device).eval()
 
 
@@ -83,17 +88,24 @@ def check_inputs(cfg: EvalConfig) -> None:
         return
     if not d.path:
         raise UsageError(f"data.path is required for data.format={d.format}")
-    named = [("data.path", d.path), ("data.image_root", d.image_root), ("data.vocab", d.vocab),
-             ("data.classnames", d.classnames), ("data.gallery", d.gallery)]
+    named = [
+        ("data.path", d.path),
+        ("data.image_root", d.image_root),
+        ("data.vocab", d.vocab),
+        ("data.classnames", d.classnames),
+        ("data.gallery", d.gallery),
+    ]
     if d.format == "coco_cn":
         named.append(("data.captions", d.captions))
     for name, path in named:
         if path and not os.path.exists(path):
             raise UsageError(f"{name}={path!r}: no such file or folder")
     if d.format == "muge" and not d.gallery and default_muge_gallery(d.path) is None:
-        raise UsageError(f"MUGE ranks every query against the split's whole image pool: set "
-                         f"data.gallery to <split>_imgs.tsv (or the unpacked image folder); no "
-                         f"<split>_imgs.tsv beside {d.path}")
+        raise UsageError(
+            f"MUGE ranks every query against the split's whole image pool: set "
+            f"data.gallery to <split>_imgs.tsv (or the unpacked image folder); no "
+            f"<split>_imgs.tsv beside {d.path}"
+        )
 
 
 def make_tokenize(model, cfg: EvalDataConfig, checkpoint: str):
@@ -121,15 +133,23 @@ def synthetic_eval_set(task: str, size: int, seed: int):
     retrieval; for matching, each pair (label 1) plus the image with the next caption that
     differs from its own (label 0)."""
     if task == "zeroshot":
-        raise ValueError("data.format=synthetic serves retrieval and matching; zeroshot needs an "
-                         "image folder or list file (data.path) and class names")
+        raise ValueError(
+            "data.format=synthetic serves retrieval and matching; zeroshot needs an "
+            "image folder or list file (data.path) and class names"
+        )
     recs = read_synthetic(size, "eval", seed).records
     if task == "retrieval":
         return ReadResult(records=recs)
     out = []
     for i, r in enumerate(recs):
-        neg = next((recs[(i + j) % len(recs)].text for j in range(1, len(recs))
-                    if recs[(i + j) % len(recs)].text != r.text), None)
+        neg = next(
+            (
+                recs[(i + j) % len(recs)].text
+                for j in range(1, len(recs))
+                if recs[(i + j) % len(recs)].text != r.text
+            ),
+            None,
+        )
         out.append(Record(r.image, r.text, r.image_id, 1))
         if neg is not None:
             out.append(Record(r.image, neg, r.image_id, 0))
@@ -152,9 +172,11 @@ def _read(cfg: EvalConfig):
     if d.format == "muge":
         gallery = read.gallery
         if gallery is None:
-            raise EvalError(f"MUGE ranks every query against the split's whole image pool: set "
-                            f"data.gallery to <split>_imgs.tsv (or the unpacked image folder); no "
-                            f"<split>_imgs.tsv beside {d.path}")
+            raise EvalError(
+                f"MUGE ranks every query against the split's whole image pool: set "
+                f"data.gallery to <split>_imgs.tsv (or the unpacked image folder); no "
+                f"<split>_imgs.tsv beside {d.path}"
+            )
     return read, None, gallery
 
 
@@ -162,6 +184,7 @@ def undecodable_images(paths: list[str], load_image, threads: int = 8) -> set[st
     """The files among ``paths`` that ``load_image`` (the evaluation's own loader: a full decode
     and the eval transform) cannot load. Synthetic keys are rendered, never files. Under torchrun
     each rank loads a strided share and the findings are all-gathered."""
+
     def fails(path: str) -> bool:
         try:
             load_image(path)
@@ -203,31 +226,48 @@ def run(cfg: EvalConfig, checkpoint: str) -> dict:
     device = _device(cfg.device)
     model = load_model(checkpoint, device)
     if cfg.task == "matching" and not getattr(getattr(model, "config", None), "has_cross", True):
-        raise EvalError(f"matching scores pairs with the ITM heads of the cross encoders; {checkpoint} "
-                        "is a dual-encoder model (PRD2, cross_layers=0). Evaluate it with "
-                        "`r2d2 eval retrieval` (pre-rank) or `r2d2 eval zeroshot`")
+        raise EvalError(
+            f"matching scores pairs with the ITM heads of the cross encoders; {checkpoint} "
+            "is a dual-encoder model (PRD2, cross_layers=0). Evaluate it with "
+            "`r2d2 eval retrieval` (pre-rank) or `r2d2 eval zeroshot`"
+        )
     tokenize = make_tokenize(model, d, checkpoint)
     load_image = make_load_image(model)
     read, classnames, gallery = _read(cfg)
     records = read.records[: d.limit] if d.limit else read.records
     if not records:
-        raise EvalError(f"{d.path}: no usable records (skipped {read.skipped}: {dict(read.reasons)})")
+        raise EvalError(
+            f"{d.path}: no usable records (skipped {read.skipped}: {dict(read.reasons)})"
+        )
     notes: list[str] = []
     if gallery is not None and d.limit:
         named = {r.image_id for r in records}
-        gallery = [g for g in gallery if g[1] in named] + [g for g in gallery[: d.limit] if g[1] not in named]
-        notes.append(f"data.limit={d.limit}: the gallery is cut to {len(gallery)} images, a quick "
-                     "check, not the MUGE protocol (the whole pool)")
+        gallery = [g for g in gallery if g[1] in named] + [
+            g for g in gallery[: d.limit] if g[1] not in named
+        ]
+        notes.append(
+            f"data.limit={d.limit}: the gallery is cut to {len(gallery)} images, a quick "
+            "check, not the MUGE protocol (the whole pool)"
+        )
     if d.check_images:
         read, records, gallery = drop_undecodable(read, records, gallery, load_image)
         if not records:
-            raise EvalError(f"{d.path}: no record has an image that decodes (skipped "
-                            f"{read.skipped}: {dict(read.reasons)})")
-    report: dict = {"task": cfg.task, "checkpoint": checkpoint, "data": dataclasses.asdict(d),
-                    "skipped": read.skipped, "skip_reasons": dict(read.reasons)}
+            raise EvalError(
+                f"{d.path}: no record has an image that decodes (skipped "
+                f"{read.skipped}: {dict(read.reasons)})"
+            )
+    report: dict = {
+        "task": cfg.task,
+        "checkpoint": checkpoint,
+        "data": dataclasses.asdict(d),
+        "skipped": read.skipped,
+        "skip_reasons": dict(read.reasons),
+    }
     curves = None
     if cfg.task == "retrieval":
-        rset = RetrievalSet.from_records(records, gallery, protocol="t2i" if d.format == "muge" else "both")
+        rset = RetrievalSet.from_records(
+            records, gallery, protocol="t2i" if d.format == "muge" else "both"
+        )
         res = evaluate_retrieval(model, rset, tokenize, load_image, cfg.retrieval)
         metrics = res.to_dict()
         metrics["notes"] = res.notes + notes
@@ -236,18 +276,28 @@ def run(cfg: EvalConfig, checkpoint: str) -> dict:
         max_k = min(50, len(rset.texts), len(rset.images))
         rows = rset.queried_images
         i2t_t = [rset.img2txt[i] for i in rows]
-        curves = {"i2t pre-rank only": recall_curve(res.sim_i2t[rows], i2t_t, max_k),
-                  "t2i pre-rank only": recall_curve(res.sim_i2t.t(), rset.txt2img, max_k)}
+        curves = {
+            "i2t pre-rank only": recall_curve(res.sim_i2t[rows], i2t_t, max_k),
+            "t2i pre-rank only": recall_curve(res.sim_i2t.t(), rset.txt2img, max_k),
+        }
         if res.scores_i2t is not None:
             curves["i2t pre-rank + rank"] = recall_curve(res.scores_i2t[rows], i2t_t, max_k)
             curves["t2i pre-rank + rank"] = recall_curve(res.scores_t2i, rset.txt2img, max_k)
     elif cfg.task == "matching":
-        metrics = evaluate_matching(model, records, tokenize, load_image, cfg.matching.batch_size,
-                                    cfg.matching.threshold).to_dict()
+        metrics = evaluate_matching(
+            model, records, tokenize, load_image, cfg.matching.batch_size, cfg.matching.threshold
+        ).to_dict()
         report["config"] = dataclasses.asdict(cfg.matching)
     else:
-        metrics = evaluate_zeroshot(model, records, classnames, tokenize, load_image,
-                                    cfg.zeroshot.templates, cfg.zeroshot.batch_size).to_dict()
+        metrics = evaluate_zeroshot(
+            model,
+            records,
+            classnames,
+            tokenize,
+            load_image,
+            cfg.zeroshot.templates,
+            cfg.zeroshot.batch_size,
+        ).to_dict()
         report["config"] = dataclasses.asdict(cfg.zeroshot)
     report["metrics"] = metrics
     report["notes"] = list(metrics.get("notes", [])) + notes
@@ -256,8 +306,12 @@ def run(cfg: EvalConfig, checkpoint: str) -> dict:
         with open(os.path.join(cfg.out, f"eval_{cfg.task}.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=2)
         with open(os.path.join(cfg.out, f"eval_{cfg.task}.md"), "w", encoding="utf-8") as f:
-            title = os.path.basename(d.path) if d.path else f"held-out split ({d.synthetic_size} pairs)"
-            f.write(f"# {cfg.task}: {d.format} {title}\n\n" + markdown_table(cfg.task, metrics, notes))
+            title = (
+                os.path.basename(d.path) if d.path else f"held-out split ({d.synthetic_size} pairs)"
+            )
+            f.write(
+                f"# {cfg.task}: {d.format} {title}\n\n" + markdown_table(cfg.task, metrics, notes)
+            )
         if curves:
             plot_recall(curves, os.path.join(cfg.out, "recall_at_k.png"), f"{d.format}: recall@k")
     return report

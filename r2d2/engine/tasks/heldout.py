@@ -23,8 +23,10 @@ def no_eval_reason(cfg, model) -> str | None:
     if not hasattr(model, "encode_image"):
         return f"the model ({type(model).__name__}) has no encode_image"
     if d.format != "synthetic" and not d.eval_path:
-        return (f"data.eval_path is not set (data.format={d.format} has no built-in held-out split); "
-                "set it to a held-out annotation file, or --train.eval_at_end=false")
+        return (
+            f"data.eval_path is not set (data.format={d.format} has no built-in held-out split); "
+            "set it to a held-out annotation file, or --train.eval_at_end=false"
+        )
     return None
 
 
@@ -59,23 +61,43 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     skipped = sum(reasons.values())
     where = trainer.cfg.data.eval_path or "the synthetic held-out split"
     if not records:
-        raise DataError(f"end-of-run evaluation: no usable pair in {where} (skipped {skipped}: "
-                        f"{dict(reasons)}); the trained model is in {os.path.join(out, 'model')}")
+        raise DataError(
+            f"end-of-run evaluation: no usable pair in {where} (skipped {skipped}: "
+            f"{dict(reasons)}); the trained model is in {os.path.join(out, 'model')}"
+        )
     rset = RetrievalSet.from_records(records)
     k = trainer.cfg.train.eval_rerank_k
     rerank = k > 0 and getattr(getattr(model, "config", None), "has_cross", False)
-    res = evaluate_retrieval(model, rset, trainer.tokenize, load,
-                             RetrievalEvalConfig(k=max(k, 1), rerank=rerank, image_cache_dtype="float32"))
+    res = evaluate_retrieval(
+        model,
+        rset,
+        trainer.tokenize,
+        load,
+        RetrievalEvalConfig(k=max(k, 1), rerank=rerank, image_cache_dtype="float32"),
+    )
     m = res.pre_rank
     task = trainer.cfg.train.task
     # by what it is: a pre-trained model meets the held-out set zero-shot; a fine-tuned one was
     # trained for it (retrieval) or next to it (matching: the ITM heads, evaluated here as
     # dual-encoder retrieval)
     title = "zero-shot retrieval" if task == "pretrain" else f"retrieval after {task} fine-tuning"
-    report = {"evaluation": title, "split": "held-out", "n_images": res.n_images, "n_texts": res.n_texts,
-              "chance_r1_i2t": 100.0 * sum(len(t) for t in rset.img2txt) / len(rset.img2txt) / res.n_texts,
-              "chance_r1_t2i": 100.0 * sum(len(i) for i in rset.txt2img) / len(rset.txt2img) / res.n_images,
-              **m, "skipped": skipped, "skip_reasons": dict(reasons)}
+    report = {
+        "evaluation": title,
+        "split": "held-out",
+        "n_images": res.n_images,
+        "n_texts": res.n_texts,
+        "chance_r1_i2t": 100.0
+        * sum(len(t) for t in rset.img2txt)
+        / len(rset.img2txt)
+        / res.n_texts,
+        "chance_r1_t2i": 100.0
+        * sum(len(i) for i in rset.txt2img)
+        / len(rset.txt2img)
+        / res.n_images,
+        **m,
+        "skipped": skipped,
+        "skip_reasons": dict(reasons),
+    }
     if mismatched:
         report["mismatched_pairs_left_out"] = mismatched
     if res.two_stage is not None:
@@ -84,8 +106,10 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     if rank == 0:
         with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
-        print(f"{report['evaluation']} on {res.n_images} held-out images / {res.n_texts} texts "
-              f"(chance R@1 ~ {report['chance_r1_i2t']:.1f}% i2t, {report['chance_r1_t2i']:.1f}% t2i):")
+        print(
+            f"{report['evaluation']} on {res.n_images} held-out images / {res.n_texts} texts "
+            f"(chance R@1 ~ {report['chance_r1_i2t']:.1f}% i2t, {report['chance_r1_t2i']:.1f}% t2i):"
+        )
         if skipped:
             print(f"  skipped {skipped} held-out pairs of {where}: {dict(reasons)}")
         rows = [("pre-rank", m)]
@@ -94,7 +118,11 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
         for title, r in rows:
             if len(rows) > 1:
                 print(f"  {title}:")
-            print(f"  image->text  R@1 {r['i2t_r1']:.1f}  R@5 {r['i2t_r5']:.1f}  R@10 {r['i2t_r10']:.1f}")
-            print(f"  text->image  R@1 {r['t2i_r1']:.1f}  R@5 {r['t2i_r5']:.1f}  R@10 {r['t2i_r10']:.1f}")
+            print(
+                f"  image->text  R@1 {r['i2t_r1']:.1f}  R@5 {r['i2t_r5']:.1f}  R@10 {r['i2t_r10']:.1f}"
+            )
+            print(
+                f"  text->image  R@1 {r['t2i_r1']:.1f}  R@5 {r['t2i_r5']:.1f}  R@10 {r['t2i_r10']:.1f}"
+            )
             print(f"  mean recall {r['mean_recall']:.1f}", flush=True)
     return report

@@ -20,7 +20,12 @@ def plot_recall(curves: dict[str, np.ndarray], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, y in curves.items():
-        ax.plot(np.arange(1, len(y) + 1), y, label=label, linestyle="--" if "pre-rank only" in label else "-")
+        ax.plot(
+            np.arange(1, len(y) + 1),
+            y,
+            label=label,
+            linestyle="--" if "pre-rank only" in label else "-",
+        )
     ax.set_xlabel("k")
     ax.set_ylabel("recall@k (%)")
     ax.set_ylim(0, 100)
@@ -40,15 +45,22 @@ def markdown_table(task: str, metrics: dict, notes: list[str] | None = None) -> 
         rows = [head, "|" + "---|" * (len(keys) + 1)]
         for stage in ("pre_rank", "pre_rank+rank"):
             if metrics.get(stage):
-                rows.append(f"| {stage} | " + " | ".join(f"{metrics[stage][k]:.2f}" for k in keys) + " |")
-        text = "\n".join(rows) + (f"\n\n{metrics['n_images']} images, {metrics['n_texts']} texts, "
-                                  f"re-rank k = {metrics['k']}; mean_recall = mean of "
-                                  f"{metrics.get('mean_recall_of', 'the six recalls')}\n")
+                rows.append(
+                    f"| {stage} | " + " | ".join(f"{metrics[stage][k]:.2f}" for k in keys) + " |"
+                )
+        text = "\n".join(rows) + (
+            f"\n\n{metrics['n_images']} images, {metrics['n_texts']} texts, "
+            f"re-rank k = {metrics['k']}; mean_recall = mean of "
+            f"{metrics.get('mean_recall_of', 'the six recalls')}\n"
+        )
         notes = list(metrics.get("notes") or []) + notes
     else:
         keys = ["auc", "accuracy"] if task == "matching" else ["top1", "top5"]
         fmt = {"auc": "{:.4f}"}
-        rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-                "| " + " | ".join(fmt.get(k, "{:.2f}").format(metrics[k]) for k in keys) + " |"]
+        rows = [
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+            "| " + " | ".join(fmt.get(k, "{:.2f}").format(metrics[k]) for k in keys) + " |",
+        ]
         text = "\n".join(rows) + "\n"
     return text + "".join(f"\nNote: {n}\n" for n in notes)

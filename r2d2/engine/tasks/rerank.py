@@ -63,8 +63,9 @@ def shard_rows(n_rows: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def encode_shard(fn: Callable[[int, int], torch.Tensor], n: int, batch_size: int,
-                 group=None) -> torch.Tensor:
+def encode_shard(
+    fn: Callable[[int, int], torch.Tensor], n: int, batch_size: int, group=None
+) -> torch.Tensor:
     """This rank's rows ``shard_rows(n, rank, world)`` of ``cat(fn(s, e) for batches)``.
 
     ``fn(start, end)`` returns ``[end - start, ...]``. An empty shard (more ranks than rows) still
@@ -93,8 +94,9 @@ def gather_shards(local: torch.Tensor, n: int, group=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sharded_encode(fn: Callable[[int, int], torch.Tensor], n: int, batch_size: int,
-                   group=None) -> torch.Tensor:
+def sharded_encode(
+    fn: Callable[[int, int], torch.Tensor], n: int, batch_size: int, group=None
+) -> torch.Tensor:
     """``cat(fn(s, e) for batches)`` over all ``n`` rows, each rank computing a shard."""
     return gather_shards(encode_shard(fn, n, batch_size, group), n, group)
 
@@ -150,7 +152,7 @@ def rerank(
         active = torch.zeros_like(active)
         active[rows] = True
 
-    top_val, top_idx = topk_stable(sim, k)                               # [n_q, k], every rank
+    top_val, top_idx = topk_stable(sim, k)  # [n_q, k], every rank
     if shard == "rows":
         start, end = shard_rows(n_q, rank, world)
         mine = torch.zeros_like(active)
@@ -159,7 +161,7 @@ def rerank(
     else:
         start, end = shard_rows(n_c, rank, world)
         mine = active[:, None] & (top_idx >= start) & (top_idx < end)
-    q_idx, slot = mine.nonzero(as_tuple=True)                            # row-major: query by query
+    q_idx, slot = mine.nonzero(as_tuple=True)  # row-major: query by query
     c_idx = top_idx[q_idx, slot]
     img_idx, txt_idx = (q_idx, c_idx) if direction == "i2t" else (c_idx, q_idx)
     probs = torch.zeros(n_q, k, dtype=torch.float32, device=sim.device)
@@ -170,8 +172,8 @@ def rerank(
 
         steps = tqdm(steps, desc=f"re-rank {direction} (k={k})", unit="batch")
     for s in steps:
-        p = scorer(img_idx[s:s + pair_batch], txt_idx[s:s + pair_batch])
-        flat[s:s + pair_batch] = p.detach().float().reshape(-1).to(sim.device)
+        p = scorer(img_idx[s : s + pair_batch], txt_idx[s : s + pair_batch])
+        flat[s : s + pair_batch] = p.detach().float().reshape(-1).to(sim.device)
     probs[q_idx, slot] = flat
     if world > 1:
         import torch.distributed as dist

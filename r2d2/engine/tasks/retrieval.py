@@ -59,15 +59,23 @@ class RetrievalSet:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"RetrievalSet.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+            raise ValueError(
+                f"RetrievalSet.protocol must be one of {PROTOCOLS}, got {self.protocol!r}"
+            )
         if self.protocol == "both" and any(not t for t in self.img2txt):
             n = sum(not t for t in self.img2txt)
-            raise ValueError(f"{n} image(s) have no text: image-to-text recall is undefined for "
-                             "them (a gallery of extra images needs protocol='t2i')")
+            raise ValueError(
+                f"{n} image(s) have no text: image-to-text recall is undefined for "
+                "them (a gallery of extra images needs protocol='t2i')"
+            )
 
     @classmethod
-    def from_records(cls, records: Sequence, gallery: Sequence[tuple[str, str]] | None = None,
-                     protocol: str = "both") -> RetrievalSet:
+    def from_records(
+        cls,
+        records: Sequence,
+        gallery: Sequence[tuple[str, str]] | None = None,
+        protocol: str = "both",
+    ) -> RetrievalSet:
         """Group ``Record``s: images by ``image_id`` (first path seen), texts by their string.
 
         ``gallery``: ``(image path, image_id)`` of every candidate image (MUGE's image pool),
@@ -109,7 +117,9 @@ class RetrievalSet:
         return [i for i, t in enumerate(self.img2txt) if t]
 
 
-def set_metrics(rset: RetrievalSet, scores_i2t, scores_t2i=None, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+def set_metrics(
+    rset: RetrievalSet, scores_i2t, scores_t2i=None, ks: Sequence[int] = RECALL_KS
+) -> dict[str, float]:
     """R@k both ways and the mean recall of ``rset``'s protocol.
 
     ``both``: :func:`retrieval_metrics` (mean of the six). ``t2i``: mean recall over the t2i
@@ -143,7 +153,12 @@ class RetrievalEvalConfig:
 
     def __post_init__(self) -> None:
         positive("retrieval", self, "k", "batch_size", "pair_batch", integer=True)
-        choice("retrieval", "image_cache_dtype", self.image_cache_dtype, ("float16", "bfloat16", "float32"))
+        choice(
+            "retrieval",
+            "image_cache_dtype",
+            self.image_cache_dtype,
+            ("float16", "bfloat16", "float32"),
+        )
 
 
 @dataclass
@@ -164,13 +179,22 @@ class RetrievalResult:
     """what the reader of the numbers must know (e.g. a PRD2 model was not re-ranked)"""
 
     def to_dict(self) -> dict:
-        return {"n_images": self.n_images, "n_texts": self.n_texts, "k": self.k,
-                "protocol": self.protocol, "mean_recall_of": MEAN_RECALL_OF[self.protocol],
-                "pre_rank": self.pre_rank, "pre_rank+rank": self.two_stage, "notes": self.notes}
+        return {
+            "n_images": self.n_images,
+            "n_texts": self.n_texts,
+            "k": self.k,
+            "protocol": self.protocol,
+            "mean_recall_of": MEAN_RECALL_OF[self.protocol],
+            "pre_rank": self.pre_rank,
+            "pre_rank+rank": self.two_stage,
+            "notes": self.notes,
+        }
 
 
-MEAN_RECALL_OF = {"both": "i2t_r1 i2t_r5 i2t_r10 t2i_r1 t2i_r5 t2i_r10",
-                  "t2i": "t2i_r1 t2i_r5 t2i_r10 (MUGE protocol; i2t over the queried images, not in the mean)"}
+MEAN_RECALL_OF = {
+    "both": "i2t_r1 i2t_r5 i2t_r10 t2i_r1 t2i_r5 t2i_r10",
+    "t2i": "t2i_r1 t2i_r5 t2i_r10 (MUGE protocol; i2t over the queried images, not in the mean)",
+}
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -178,8 +202,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def load_images(paths: Sequence[str], load_image: LoadImage, dtype: torch.dtype,
-                workers: int = 4) -> torch.Tensor:
+def load_images(
+    paths: Sequence[str], load_image: LoadImage, dtype: torch.dtype, workers: int = 4
+) -> torch.Tensor:
     """Decode and preprocess ``paths`` into one ``[N, 3, H, W]`` tensor. Threads, because Pillow
     releases the GIL while decoding; order is preserved."""
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
@@ -187,8 +212,14 @@ def load_images(paths: Sequence[str], load_image: LoadImage, dtype: torch.dtype,
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, rset: RetrievalSet, tokenize: Tokenize, load_image: LoadImage,
-                       cfg: RetrievalEvalConfig | None = None, group=None) -> RetrievalResult:
+def evaluate_retrieval(
+    model,
+    rset: RetrievalSet,
+    tokenize: Tokenize,
+    load_image: LoadImage,
+    cfg: RetrievalEvalConfig | None = None,
+    group=None,
+) -> RetrievalResult:
     """Pre-rank and (unless ``cfg.rerank`` is False or the model has no cross encoders)
     pre-rank + rank metrics of an ``R2D2Model``-like ``model``, under ``rset.protocol``.
 
@@ -200,23 +231,35 @@ def evaluate_retrieval(model, rset: RetrievalSet, tokenize: Tokenize, load_image
     notes: list[str] = []
     has_cross = getattr(getattr(model, "config", None), "has_cross", False)
     if cfg.rerank and not has_cross:
-        notes.append("the model has no cross encoders (PRD2 / cross_layers=0): pre-rank only, "
-                     "no pre-rank + rank stage")
+        notes.append(
+            "the model has no cross encoders (PRD2 / cross_layers=0): pre-rank only, "
+            "no pre-rank + rank stage"
+        )
     dtype = getattr(torch, cfg.image_cache_dtype)
     input_ids, attention_mask = tokenize(rset.texts)
     i2t_rows = None
     if rset.protocol == "t2i":
         i2t_rows = torch.tensor(rset.queried_images, dtype=torch.long)
-    out = retrieve_sharded(model, lambda s, e: load_images(rset.images[s:e], load_image, dtype),
-                           len(rset.images), input_ids, attention_mask, top_k=cfg.k,
-                           batch_size=cfg.batch_size, pair_batch=cfg.pair_batch, group=group,
-                           rerank_stage=cfg.rerank and has_cross, i2t_rows=i2t_rows,
-                           progress=cfg.progress)
+    out = retrieve_sharded(
+        model,
+        lambda s, e: load_images(rset.images[s:e], load_image, dtype),
+        len(rset.images),
+        input_ids,
+        attention_mask,
+        top_k=cfg.k,
+        batch_size=cfg.batch_size,
+        pair_batch=cfg.pair_batch,
+        group=group,
+        rerank_stage=cfg.rerank and has_cross,
+        i2t_rows=i2t_rows,
+        progress=cfg.progress,
+    )
     sim = out["sim_i2t"].float().cpu()
     pre = set_metrics(rset, sim)
     two = s_i2t = s_t2i = None
     if cfg.rerank and has_cross:
         s_i2t, s_t2i = out["i2t"].float().cpu(), out["t2i"].float().cpu()
         two = set_metrics(rset, s_i2t, s_t2i)
-    return RetrievalResult(pre, two, len(rset.images), len(rset.texts), cfg.k, sim, s_i2t, s_t2i,
-                           rset.protocol, notes)
+    return RetrievalResult(
+        pre, two, len(rset.images), len(rset.texts), cfg.k, sim, s_i2t, s_t2i, rset.protocol, notes
+    )

@@ -45,8 +45,15 @@ from r2d2.kernels.attention.reference import attention_ref, default_scale
 from r2d2.kernels.attention.tuning import AttentionTuning, class_key, class_str
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
 
-__all__ = ["attention", "attention_ref", "attention_sdpa", "attention_xformers", "auto_class",
-           "auto_picks", "auto_timings_clear"]
+__all__ = [
+    "attention",
+    "attention_ref",
+    "attention_sdpa",
+    "attention_xformers",
+    "auto_class",
+    "auto_picks",
+    "auto_timings_clear",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -56,31 +63,44 @@ def _check(q, k, v, key_padding_mask):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"attention: {name} must be a tensor, got {type(x).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention: q, k, v must be [B, H, L, D]; got q{tuple(q.shape)} "
-                         f"k{tuple(k.shape)} v{tuple(v.shape)}")
+        raise ValueError(
+            f"attention: q, k, v must be [B, H, L, D]; got q{tuple(q.shape)} "
+            f"k{tuple(k.shape)} v{tuple(v.shape)}"
+        )
     B, H, _, D = q.shape
     if k.shape[:2] != (B, H) or k.shape[3] != D or v.shape != k.shape:
-        raise ValueError(f"attention: k and v must be [B={B}, H={H}, Lk, D={D}] and equal; got "
-                         f"k{tuple(k.shape)} v{tuple(v.shape)}")
+        raise ValueError(
+            f"attention: k and v must be [B={B}, H={H}, Lk, D={D}] and equal; got "
+            f"k{tuple(k.shape)} v{tuple(v.shape)}"
+        )
     if not (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype):
-        raise TypeError(f"attention: q, k, v must share one floating dtype; got {q.dtype}, "
-                        f"{k.dtype}, {v.dtype}")
+        raise TypeError(
+            f"attention: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, "
-                         f"{v.device}")
+        raise ValueError(
+            f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}"
+        )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"attention: key_padding_mask must be a bool tensor or None, got "
-                            f"{type(key_padding_mask).__name__}")
+            raise TypeError(
+                f"attention: key_padding_mask must be a bool tensor or None, got "
+                f"{type(key_padding_mask).__name__}"
+            )
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"attention: key_padding_mask must be bool (True = attend), got "
-                            f"{key_padding_mask.dtype}")
+            raise TypeError(
+                f"attention: key_padding_mask must be bool (True = attend), got "
+                f"{key_padding_mask.dtype}"
+            )
         if tuple(key_padding_mask.shape) != (B, k.shape[2]):
-            raise ValueError(f"attention: key_padding_mask must be [B={B}, Lk={k.shape[2]}], got "
-                             f"{tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"attention: key_padding_mask must be [B={B}, Lk={k.shape[2]}], got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
         if key_padding_mask.device != q.device:
-            raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, q on "
-                             f"{q.device}")
+            raise ValueError(
+                f"attention: key_padding_mask on {key_padding_mask.device}, q on {q.device}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +143,10 @@ class _FusedAttention(torch.autograd.Function):
 def _fused(backend, q, k, v, key_padding_mask, dropout_p, scale):
     scale = default_scale(q) if scale is None else float(scale)
     if q.dtype not in _DTYPES:
-        raise TypeError(f"attention (backend={backend!r}): dtype {q.dtype} unsupported; expected "
-                        f"one of {[str(d) for d in _DTYPES]}")
+        raise TypeError(
+            f"attention (backend={backend!r}): dtype {q.dtype} unsupported; expected "
+            f"one of {[str(d) for d in _DTYPES]}"
+        )
     seed = offset = 0
     if dropout_p > 0.0:
         # Drawn from torch's CPU generator, so torch.manual_seed makes the mask reproducible.
@@ -153,11 +175,15 @@ def attention(q, k, v, *, key_padding_mask=None, dropout_p=0.0, scale=None, back
         backend (see the module docstring).
     """
     _check(q, k, v, key_padding_mask)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (
-            0.0 <= dropout_p < 1.0):
+    if (
+        isinstance(dropout_p, bool)
+        or not isinstance(dropout_p, (int, float))
+        or not (0.0 <= dropout_p < 1.0)
+    ):
         raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if scale is not None and (isinstance(scale, bool) or not (
-            isinstance(scale, (int, float)) and math.isfinite(scale))):
+    if scale is not None and (
+        isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale))
+    ):
         raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     b = resolve("attention", backend, q.device, call=(q, k, v, key_padding_mask, dropout_p))
     if q.numel() == 0:
@@ -175,25 +201,38 @@ def attention(q, k, v, *, key_padding_mask=None, dropout_p=0.0, scale=None, back
 
 TUNING = AttentionTuning(attention)
 
-SPEC = register_op(OpSpec(
-    name="attention",
-    backends=("eager", "sdpa", "xformers", "triton", "cuda"),
-    ext_op=cuda_impl.EXT_OP,
-    auto_cuda=("sdpa", "eager"),
-    auto_cpu=("sdpa", "eager"),
-    tuning=TUNING,
-))
+SPEC = register_op(
+    OpSpec(
+        name="attention",
+        backends=("eager", "sdpa", "xformers", "triton", "cuda"),
+        ext_op=cuda_impl.EXT_OP,
+        auto_cuda=("sdpa", "eager"),
+        auto_cpu=("sdpa", "eager"),
+        tuning=TUNING,
+    )
+)
 
 
-def auto_class(q, k, key_padding_mask=None, dropout_p: float = 0.0,
-               grad: bool | None = None) -> str:
+def auto_class(
+    q, k, key_padding_mask=None, dropout_p: float = 0.0, grad: bool | None = None
+) -> str:
     """The class description ``auto`` files a call with these arguments under (the key of
     ``auto_picks()``); ``grad=None`` takes it from the current grad mode and q/k's requires_grad
     (v is taken to be like k)."""
     if grad is None:
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    return class_str(class_key(q.device, q.dtype, q.shape[2], k.shape[2], q.shape[3],
-                               key_padding_mask is not None, dropout_p > 0.0, grad))
+    return class_str(
+        class_key(
+            q.device,
+            q.dtype,
+            q.shape[2],
+            k.shape[2],
+            q.shape[3],
+            key_padding_mask is not None,
+            dropout_p > 0.0,
+            grad,
+        )
+    )
 
 
 def auto_picks() -> dict[str, autotune.AutoPick]:

@@ -48,8 +48,13 @@ def attention_xformers(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None
         buf[..., :Lk].masked_fill_(~keep[:, None, None, :], float("-inf"))
         bias = buf[..., :Lk].expand(B, H, Lq, Lk)  # broadcast over heads: stride 0, no copy
     out = xops.memory_efficient_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p,
-        scale=scale).transpose(1, 2)
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_bias=bias,
+        p=dropout_p,
+        scale=scale,
+    ).transpose(1, 2)
     if valid is not None:
         out = torch.where(valid[:, None, None, None], out, out.new_zeros(()))
     return out

@@ -28,8 +28,9 @@ def zero_masked_keys(k, v, key_padding_mask):
     return k.masked_fill(drop, 0), v.masked_fill(drop, 0)
 
 
-def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generator=None,
-                  dropout_mask=None):
+def attention_ref(
+    q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generator=None, dropout_mask=None
+):
     """Plain-PyTorch attention in fp32; the spec and the test oracle.
 
     ``dropout_mask`` (bool ``[B, H, Lq, Lk]``, True = keep) replaces the random draw, so a

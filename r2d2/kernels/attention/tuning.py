@@ -58,19 +58,31 @@ def bucket_d(d: int) -> int:
     return e
 
 
-def class_key(device: torch.device, dtype, Lq, Lk, D, masked: bool, dropout: bool,
-              grad: bool) -> tuple:
+def class_key(
+    device: torch.device, dtype, Lq, Lk, D, masked: bool, dropout: bool, grad: bool
+) -> tuple:
     # A plain tuple (not a dataclass) so a compiled caller's lookup traces without a graph break.
-    return (device.type, device.index, dtype, bucket(Lq), bucket(Lk), bucket_d(D), masked,
-            dropout, grad)
+    return (
+        device.type,
+        device.index,
+        dtype,
+        bucket(Lq),
+        bucket(Lk),
+        bucket_d(D),
+        masked,
+        dropout,
+        grad,
+    )
 
 
 def class_str(key: tuple) -> str:
     dev_type, index, dtype, lq, lk, d, masked, dropout, grad = key
     dev = dev_type if index is None else f"{dev_type}:{index}"
-    return (f"{dev} {dtype_name(dtype)} Lq<={lq} Lk<={lk} D<={d} "
-            f"{'masked' if masked else 'unmasked'}{' dropout' if dropout else ''} "
-            f"{'fwd+bwd' if grad else 'fwd'}")
+    return (
+        f"{dev} {dtype_name(dtype)} Lq<={lq} Lk<={lk} D<={d} "
+        f"{'masked' if masked else 'unmasked'}{' dropout' if dropout else ''} "
+        f"{'fwd+bwd' if grad else 'fwd'}"
+    )
 
 
 def reference_probe(device: torch.device) -> Probe:
@@ -106,10 +118,10 @@ class AttentionTuning(autotune.Tuning):
         Lk = k.shape[2]
         if B * H * Lq * Lk * D == 0:
             return None
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or
-                                            v.requires_grad)
-        return class_key(q.device, q.dtype, Lq, Lk, D, key_padding_mask is not None,
-                         dropout_p > 0.0, grad)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return class_key(
+            q.device, q.dtype, Lq, Lk, D, key_padding_mask is not None, dropout_p > 0.0, grad
+        )
 
     def class_str(self, key: tuple) -> str:
         return class_str(key)
@@ -138,11 +150,16 @@ class AttentionTuning(autotune.Tuning):
         """
         dev = probe.device
         g = torch.Generator(device="cpu").manual_seed(0)
-        with torch.inference_mode(False), torch.random.fork_rng(
-                devices=[dev] if dev.type == "cuda" else []):
-            q, k, v = (torch.randn((probe.B, probe.H, L, probe.D), generator=g)
-                       .to(dev, probe.dtype).requires_grad_(probe.grad)
-                       for L in (probe.Lq, probe.Lk, probe.Lk))
+        with (
+            torch.inference_mode(False),
+            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),
+        ):
+            q, k, v = (
+                torch.randn((probe.B, probe.H, L, probe.D), generator=g)
+                .to(dev, probe.dtype)
+                .requires_grad_(probe.grad)
+                for L in (probe.Lq, probe.Lk, probe.Lk)
+            )
             do = torch.randn(q.shape, generator=g).to(dev, probe.dtype)
             # A copy made here is a normal tensor even if the probe's was made in inference mode
             # (the fused backends save the mask for backward, which an inference tensor refuses).
@@ -150,18 +167,35 @@ class AttentionTuning(autotune.Tuning):
 
             def call():
                 with torch.enable_grad() if probe.grad else torch.no_grad():
-                    out = self.run(q, k, v, key_padding_mask=mask, dropout_p=probe.dropout_p,
-                                   backend=backend)
+                    out = self.run(
+                        q, k, v, key_padding_mask=mask, dropout_p=probe.dropout_p, backend=backend
+                    )
                     if probe.grad:
                         torch.autograd.grad(out, (q, k, v), do)
 
             return autotune.median_ms(call, dev)
 
     def to_record(self, key: tuple) -> dict:
-        return {"device": key[0], "dtype": dtype_name(key[2]), "lq": key[3], "lk": key[4],
-                "d": key[5], "masked": key[6], "dropout": key[7], "grad": key[8]}
+        return {
+            "device": key[0],
+            "dtype": dtype_name(key[2]),
+            "lq": key[3],
+            "lk": key[4],
+            "d": key[5],
+            "masked": key[6],
+            "dropout": key[7],
+            "grad": key[8],
+        }
 
     def from_record(self, record: dict, device: torch.device) -> tuple:
-        return (device.type, device.index, dtype_from_name(record["dtype"]), int(record["lq"]),
-                int(record["lk"]), int(record["d"]), bool(record["masked"]),
-                bool(record["dropout"]), bool(record["grad"]))
+        return (
+            device.type,
+            device.index,
+            dtype_from_name(record["dtype"]),
+            int(record["lq"]),
+            int(record["lk"]),
+            int(record["d"]),
+            bool(record["masked"]),
+            bool(record["dropout"]),
+            bool(record["grad"]),
+        )

@@ -59,64 +59,113 @@ from r2d2.kernels.contrastive.reference import (
 )
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
 
-__all__ = ["MODES", "ContrastiveOutput", "contrastive_loss", "contrastive_loss_ref",
-           "global_ids", "gumbel_from_bits", "gumbel_noise", "hard_targets",
-           "sample_negatives_ref", "seed_key"]
+__all__ = [
+    "MODES",
+    "ContrastiveOutput",
+    "contrastive_loss",
+    "contrastive_loss_ref",
+    "global_ids",
+    "gumbel_from_bits",
+    "gumbel_noise",
+    "hard_targets",
+    "sample_negatives_ref",
+    "seed_key",
+]
 
 
-def _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
-           distill_alpha):
-    for name, x, optional in (("image_feat", image_feat, False), ("text_feat", text_feat, False),
-                              ("image_ids", image_ids, True),
-                              ("teacher_image_feat", teacher_image_feat, True),
-                              ("teacher_text_feat", teacher_text_feat, True)):
+def _check(
+    image_feat,
+    text_feat,
+    logit_scale,
+    image_ids,
+    teacher_image_feat,
+    teacher_text_feat,
+    distill_alpha,
+):
+    for name, x, optional in (
+        ("image_feat", image_feat, False),
+        ("text_feat", text_feat, False),
+        ("image_ids", image_ids, True),
+        ("teacher_image_feat", teacher_image_feat, True),
+        ("teacher_text_feat", teacher_text_feat, True),
+    ):
         if not (isinstance(x, torch.Tensor) or (optional and x is None)):
-            raise TypeError(f"contrastive_loss: {name} must be a tensor{' or None' * optional}, "
-                            f"got {type(x).__name__}")
+            raise TypeError(
+                f"contrastive_loss: {name} must be a tensor{' or None' * optional}, "
+                f"got {type(x).__name__}"
+            )
     if image_feat.dim() != 2 or text_feat.shape != image_feat.shape:
-        raise ValueError(f"contrastive_loss: image_feat and text_feat must both be [b, d]; got "
-                         f"{tuple(image_feat.shape)} and {tuple(text_feat.shape)}")
+        raise ValueError(
+            f"contrastive_loss: image_feat and text_feat must both be [b, d]; got "
+            f"{tuple(image_feat.shape)} and {tuple(text_feat.shape)}"
+        )
     if not image_feat.is_floating_point() or text_feat.dtype != image_feat.dtype:
-        raise TypeError(f"contrastive_loss: features must share one floating dtype; got "
-                        f"{image_feat.dtype} and {text_feat.dtype}")
+        raise TypeError(
+            f"contrastive_loss: features must share one floating dtype; got "
+            f"{image_feat.dtype} and {text_feat.dtype}"
+        )
     if image_feat.device != text_feat.device:
-        raise ValueError(f"contrastive_loss: features on different devices: {image_feat.device}, "
-                         f"{text_feat.device}")
+        raise ValueError(
+            f"contrastive_loss: features on different devices: {image_feat.device}, "
+            f"{text_feat.device}"
+        )
     if not torch.is_tensor(logit_scale) or logit_scale.numel() != 1:
-        raise TypeError("contrastive_loss: logit_scale must be a one-element tensor (the scale s, "
-                        "not its log)")
+        raise TypeError(
+            "contrastive_loss: logit_scale must be a one-element tensor (the scale s, not its log)"
+        )
     if image_ids is not None and tuple(image_ids.shape) != (image_feat.shape[0],):
-        raise ValueError(f"contrastive_loss: image_ids must be [b={image_feat.shape[0]}], got "
-                         f"{tuple(image_ids.shape)}")
+        raise ValueError(
+            f"contrastive_loss: image_ids must be [b={image_feat.shape[0]}], got "
+            f"{tuple(image_ids.shape)}"
+        )
     if (teacher_image_feat is None) != (teacher_text_feat is None):
-        raise ValueError("contrastive_loss: give both teacher_image_feat and teacher_text_feat "
-                         "or neither")
-    if teacher_image_feat is not None and (teacher_image_feat.shape != image_feat.shape
-                                           or teacher_text_feat.shape != image_feat.shape):
-        raise ValueError("contrastive_loss: teacher features must have the student's shape "
-                         f"{tuple(image_feat.shape)}")
+        raise ValueError(
+            "contrastive_loss: give both teacher_image_feat and teacher_text_feat or neither"
+        )
+    if teacher_image_feat is not None and (
+        teacher_image_feat.shape != image_feat.shape or teacher_text_feat.shape != image_feat.shape
+    ):
+        raise ValueError(
+            "contrastive_loss: teacher features must have the student's shape "
+            f"{tuple(image_feat.shape)}"
+        )
     if not 0.0 <= distill_alpha <= 1.0:
         raise ValueError(f"contrastive_loss: distill_alpha must be in [0, 1], got {distill_alpha}")
     if distill_alpha > 0 and teacher_image_feat is None:
         raise ValueError("contrastive_loss: distill_alpha > 0 needs teacher features")
 
 
-SPEC = register_op(OpSpec(
-    name="contrastive",
-    backends=("eager", "triton", "cuda"),
-    ext_op="contrastive_fwd",
-    # The Triton kernels use tensor-core dots; the CUDA ones are the plain CUDA-core twin, so
-    # auto prefers Triton on a GPU.
-    auto_cuda=("triton", "cuda", "eager"),
-))
+SPEC = register_op(
+    OpSpec(
+        name="contrastive",
+        backends=("eager", "triton", "cuda"),
+        ext_op="contrastive_fwd",
+        # The Triton kernels use tensor-core dots; the CUDA ones are the plain CUDA-core twin, so
+        # auto prefers Triton on a GPU.
+        auto_cuda=("triton", "cuda", "eager"),
+    )
+)
 
 MODES = ("gather", "ring")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teacher_image_feat=None,
-                     teacher_text_feat=None, distill_alpha=0.0, group=None, backend="auto",
-                     return_negatives=False, seed=None, mode="gather", check_ranks=True):
+def contrastive_loss(
+    image_feat,
+    text_feat,
+    logit_scale,
+    *,
+    image_ids=None,
+    teacher_image_feat=None,
+    teacher_text_feat=None,
+    distill_alpha=0.0,
+    group=None,
+    backend="auto",
+    return_negatives=False,
+    seed=None,
+    mode="gather",
+    check_ranks=True,
+):
     """GCPR loss over features gathered from every rank of ``group``; see the module docstring.
 
     With ``return_negatives`` it returns ``ContrastiveOutput(loss, neg_text_for_image,
@@ -139,25 +188,43 @@ def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teac
     softmaxes over no column are undefined); it is checked after the ranks' ``b`` are compared,
     so every rank raises it together. ``d = 0`` is allowed: every logit is 0 and the loss is
     ``log B``."""
-    _check(image_feat, text_feat, logit_scale, image_ids, teacher_image_feat, teacher_text_feat,
-           distill_alpha)
+    _check(
+        image_feat,
+        text_feat,
+        logit_scale,
+        image_ids,
+        teacher_image_feat,
+        teacher_text_feat,
+        distill_alpha,
+    )
     if mode not in MODES:
         raise ValueError(f"contrastive_loss: mode must be one of {MODES}, got {mode!r}")
     if check_ranks:
         all_equal_rows(image_feat.shape[0], image_feat.device, group, "contrastive_loss")
     if image_feat.shape[0] == 0:
-        raise ValueError("contrastive_loss: image_feat and text_feat have 0 rows (b = 0); the loss "
-                         "is a mean over image-text pairs and needs b >= 1")
+        raise ValueError(
+            "contrastive_loss: image_feat and text_feat have 0 rows (b = 0); the loss "
+            "is a mean over image-text pairs and needs b >= 1"
+        )
     picked = resolve("contrastive", backend, image_feat.device)
     if picked == "eager":
-        return contrastive_loss_ref(image_feat, text_feat, logit_scale, image_ids=image_ids,
-                                    teacher_image_feat=teacher_image_feat,
-                                    teacher_text_feat=teacher_text_feat,
-                                    distill_alpha=distill_alpha, group=group,
-                                    return_negatives=return_negatives, seed=seed)
+        return contrastive_loss_ref(
+            image_feat,
+            text_feat,
+            logit_scale,
+            image_ids=image_ids,
+            teacher_image_feat=teacher_image_feat,
+            teacher_text_feat=teacher_text_feat,
+            distill_alpha=distill_alpha,
+            group=group,
+            return_negatives=return_negatives,
+            seed=seed,
+        )
     if image_feat.dtype not in _FUSED_DTYPES:
-        raise TypeError(f"contrastive_loss: backend={picked!r} takes float16, bfloat16 or float32 "
-                        f"features, got {image_feat.dtype} (use backend='eager')")
+        raise TypeError(
+            f"contrastive_loss: backend={picked!r} takes float16, bfloat16 or float32 "
+            f"features, got {image_feat.dtype} (use backend='eager')"
+        )
     if picked == "triton":
         # Imports triton: only when this backend runs, so the package works without triton.
         # moved into contrastive/triton.py after the tile work lands
@@ -169,10 +236,20 @@ def contrastive_loss(image_feat, text_feat, logit_scale, *, image_ids=None, teac
         seed = resolve_seed(seed)
         keys = (seed_key(seed, 0), seed_key(seed, 1))
     loss, neg_t, neg_i = fused_contrastive(
-        kern, image_feat, text_feat, logit_scale, image_ids=image_ids,
-        teacher_image_feat=teacher_image_feat, teacher_text_feat=teacher_text_feat,
-        distill_alpha=float(distill_alpha), group=group, keys=keys, neg=return_negatives,
-        mode=mode, tiles=kern.Tiles())
+        kern,
+        image_feat,
+        text_feat,
+        logit_scale,
+        image_ids=image_ids,
+        teacher_image_feat=teacher_image_feat,
+        teacher_text_feat=teacher_text_feat,
+        distill_alpha=float(distill_alpha),
+        group=group,
+        keys=keys,
+        neg=return_negatives,
+        mode=mode,
+        tiles=kern.Tiles(),
+    )
     if not return_negatives:
         return loss
     return ContrastiveOutput(loss, neg_t, neg_i)

@@ -16,9 +16,9 @@ import torch
 
 from r2d2 import _ext
 
-TILE_ROWS = 16   # kTileRows: rows per forward tile / rows-backward program
-TILE_COLS = 64   # kTileCols: columns per forward tile / streamed by the rows-backward program
-COL_OWN = 16     # kColOwn: columns per cols-backward program (it streams 64-row tiles)
+TILE_ROWS = 16  # kTileRows: rows per forward tile / rows-backward program
+TILE_COLS = 64  # kTileCols: columns per forward tile / streamed by the rows-backward program
+COL_OWN = 16  # kColOwn: columns per cols-backward program (it streams 64-row tiles)
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class Geometry:
     budget_bytes: int
     block_r: int = TILE_ROWS
     block_c: int = TILE_COLS
-    bwd_rows_tile: tuple[int, int] = (TILE_ROWS, TILE_COLS)   # (rows owned, columns streamed)
-    bwd_cols_tile: tuple[int, int] = (COL_OWN, TILE_COLS)     # (columns owned, rows streamed)
+    bwd_rows_tile: tuple[int, int] = (TILE_ROWS, TILE_COLS)  # (rows owned, columns streamed)
+    bwd_cols_tile: tuple[int, int] = (COL_OWN, TILE_COLS)  # (columns owned, rows streamed)
 
 
 def geometry(d: int, device, tiles: Tiles) -> Geometry:
@@ -48,27 +48,50 @@ def geometry(d: int, device, tiles: Tiles) -> Geometry:
     return Geometry(progs, tiles.budget_bytes)
 
 
-def launch_fwd(q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, keys, neg,
-               geo) -> None:
-    torch.ops.r2d2.contrastive_fwd(q, k, tq, tk, rid, cid, s, rpart.f, rpart.gi, cpart.f,
-                                   cpart.gi, tpc, row_off, col_off, keys[0], keys[1], neg)
+def launch_fwd(
+    q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, keys, neg, geo
+) -> None:
+    torch.ops.r2d2.contrastive_fwd(
+        q,
+        k,
+        tq,
+        tk,
+        rid,
+        cid,
+        s,
+        rpart.f,
+        rpart.gi,
+        cpart.f,
+        cpart.gi,
+        tpc,
+        row_off,
+        col_off,
+        keys[0],
+        keys[1],
+        neg,
+    )
 
 
 def launch_merge(state, part, init: bool, geo) -> None:
-    torch.ops.r2d2.contrastive_merge(state.f, state.gi, part.f, part.gi, state.teacher,
-                                     state.neg, init)
+    torch.ops.r2d2.contrastive_merge(
+        state.f, state.gi, part.f, part.gi, state.teacher, state.neg, init
+    )
 
 
-def launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dq_part,
-                    ds_part, tps, geo) -> None:
-    torch.ops.r2d2.contrastive_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef,
-                                        float(alpha), dq_part, ds_part, tps)
+def launch_bwd_rows(
+    q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dq_part, ds_part, tps, geo
+) -> None:
+    torch.ops.r2d2.contrastive_bwd_rows(
+        q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, float(alpha), dq_part, ds_part, tps
+    )
 
 
-def launch_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dk_part,
-                    dsc_part, tps, geo) -> None:
-    torch.ops.r2d2.contrastive_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef,
-                                        float(alpha), dk_part, dsc_part, tps)
+def launch_bwd_cols(
+    q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, dk_part, dsc_part, tps, geo
+) -> None:
+    torch.ops.r2d2.contrastive_bwd_cols(
+        q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, float(alpha), dk_part, dsc_part, tps
+    )
 
 
 def _register_fakes() -> None:
@@ -78,8 +101,25 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("r2d2::contrastive_fwd")
-    def _fwd_fake(q, k, tq, tk, rid, cid, scale, row_part, row_gi, col_part, col_gi, tpc,
-                  row_off, col_off, key_row, key_col, neg):
+    def _fwd_fake(
+        q,
+        k,
+        tq,
+        tk,
+        rid,
+        cid,
+        scale,
+        row_part,
+        row_gi,
+        col_part,
+        col_gi,
+        tpc,
+        row_off,
+        col_off,
+        key_row,
+        key_col,
+        neg,
+    ):
         return None
 
     @torch.library.register_fake("r2d2::contrastive_merge")

@@ -137,8 +137,12 @@ class State:
 
     def slots(self) -> State:
         """This state seen as a one-slot partial ``[nf, 1, n]`` (for merging two states)."""
-        return State(self.f.unsqueeze(1), self.gi.unsqueeze(0) if self.neg else self.gi,
-                     self.teacher, self.neg)
+        return State(
+            self.f.unsqueeze(1),
+            self.gi.unsqueeze(0) if self.neg else self.gi,
+            self.teacher,
+            self.neg,
+        )
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -154,10 +158,9 @@ MAX_SLOTS = 32
 def fwd_plan(b: int, n: int, geo, teacher: bool, neg: bool) -> tuple[int, int, int]:
     """(R row-programs, C column splits, column tiles per split) of the forward grid."""
     nrb, nct = _cdiv(b, geo.block_r), _cdiv(n, geo.block_c)
-    per = 4 * nfields(teacher, neg) + 4 * neg      # bytes per slot and column (gi is int32)
+    per = 4 * nfields(teacher, neg) + 4 * neg  # bytes per slot and column (gi is int32)
     R = max(1, min(nrb, geo.programs, MAX_SLOTS, geo.budget_bytes // max(1, n * per)))
-    C = max(1, min(nct, _cdiv(geo.programs, R), MAX_SLOTS,
-                   geo.budget_bytes // max(1, b * per)))
+    C = max(1, min(nct, _cdiv(geo.programs, R), MAX_SLOTS, geo.budget_bytes // max(1, b * per)))
     tpc = _cdiv(nct, C)
     return R, _cdiv(nct, tpc), tpc
 
@@ -172,9 +175,26 @@ def bwd_split(owned_blocks: int, stream_tiles: int, out_rows: int, d: int, geo) 
     return _cdiv(stream_tiles, tps), tps
 
 
-def forward_block(kern, tiles, q, k, tq, tk, rid, cid, s, *, row_off: int, col_off: int,
-                  keys: tuple[int, int], neg: bool, rows: State, rows_init: bool, cols: State,
-                  cols_init: bool) -> None:
+def forward_block(
+    kern,
+    tiles,
+    q,
+    k,
+    tq,
+    tk,
+    rid,
+    cid,
+    s,
+    *,
+    row_off: int,
+    col_off: int,
+    keys: tuple[int, int],
+    neg: bool,
+    rows: State,
+    rows_init: bool,
+    cols: State,
+    cols_init: bool,
+) -> None:
     """One pass over the tiles of ``s * q k^T``: merge this block's row and column statistics into
     ``rows`` ([b]) and ``cols`` ([n]); ``*_init`` overwrite instead of merging."""
     b, d = q.shape
@@ -184,14 +204,32 @@ def forward_block(kern, tiles, q, k, tq, tk, rid, cid, s, *, row_off: int, col_o
     R, C, tpc = fwd_plan(b, n, geo, teacher, neg)
     rpart = State.empty((C, b), teacher, neg, q.device)
     cpart = State.empty((R, n), teacher, neg, q.device)
-    kern.launch_fwd(q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, keys, neg,
-                    geo)
+    kern.launch_fwd(q, k, tq, tk, rid, cid, s, rpart, cpart, tpc, row_off, col_off, keys, neg, geo)
     kern.launch_merge(rows, rpart, rows_init, geo)
     kern.launch_merge(cols, cpart, cols_init, geo)
 
 
-def backward_block(kern, tiles, q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, *,
-                   dq, dk, ds_col, need_ds: bool) -> torch.Tensor:
+def backward_block(
+    kern,
+    tiles,
+    q,
+    k,
+    tq,
+    tk,
+    rid,
+    cid,
+    s,
+    rstat,
+    cstat,
+    coef,
+    bcoef,
+    alpha,
+    *,
+    dq,
+    dk,
+    ds_col,
+    need_ds: bool,
+) -> torch.Tensor:
     """Recompute the tiles of ``s * q k^T``; add dI to ``dq`` (fp32 [b, d]), dT to ``dk`` (fp32
     [n, d]) and the t2i term's per-column ds to ``ds_col`` (fp32 [n]); ``None`` skips one.
     Returns the i2t term's ds (fp32 0-d). ``coef`` = [a, cn], ``bcoef`` [n]: see the kernels."""
@@ -208,8 +246,9 @@ def backward_block(kern, tiles, q, k, tq, tk, rid, cid, s, rstat, cstat, coef, b
         if dq is not None:
             part = dq.unsqueeze(0) if split == 1 else torch.zeros((split, b, d), **f32)
         ds_part = _empty((nrb * split,), torch.float32, q.device)
-        kern.launch_bwd_rows(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, part,
-                             ds_part, tps, geo)
+        kern.launch_bwd_rows(
+            q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, part, ds_part, tps, geo
+        )
         if dq is not None and split > 1:
             dq += part.sum(0)
         ds_rows = ds_part.sum()
@@ -220,8 +259,9 @@ def backward_block(kern, tiles, q, k, tq, tk, rid, cid, s, rstat, cstat, coef, b
         if dk is not None:
             part = dk.unsqueeze(0) if split == 1 else torch.zeros((split, n, d), **f32)
         dsc = _empty((split, n), torch.float32, q.device)
-        kern.launch_bwd_cols(q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, part,
-                             dsc, tps, geo)
+        kern.launch_bwd_cols(
+            q, k, tq, tk, rid, cid, s, rstat, cstat, coef, bcoef, alpha, part, dsc, tps, geo
+        )
         if dk is not None and split > 1:
             dk += part.sum(0)
         if ds_col is not None:
@@ -289,7 +329,7 @@ def _post_shift(tensors, group, rank, world):
         ops += [dist.P2POp(dist.irecv, r, prv, group) for r in bufs]
         try:
             return bufs, dist.batch_isend_irecv(ops) + [send]
-        except (RuntimeError, NotImplementedError) as e:   # a backend without batched P2P
+        except (RuntimeError, NotImplementedError) as e:  # a backend without batched P2P
             log.warning("contrastive ring: no batch_isend_irecv (%s); plain isend/irecv", e)
             _BATCH_P2P = False
     reqs = [dist.isend(t, nxt, group=group) for t in send]
@@ -299,7 +339,7 @@ def _post_shift(tensors, group, rank, world):
 
 def _wait(reqs) -> None:
     for r in reqs:
-        if not isinstance(r, list):   # the trailing list keeps the sent tensors alive until here
+        if not isinstance(r, list):  # the trailing list keeps the sent tensors alive until here
             r.wait()
 
 
@@ -345,9 +385,25 @@ class FusedGather(torch.autograd.Function):
         tT = _all_gather_cat(c.tT_l, c.group, c.world) if teacher else None
         rows = State.empty(b, teacher, c.neg, dev)
         cols = State.empty(T.shape[0], teacher, c.neg, dev)
-        forward_block(c.kern, c.tiles, img_l, T, c.tI_l, tT, c.ids_l, ids, s,
-                      row_off=c.rank * b, col_off=0, keys=c.keys, neg=c.neg, rows=rows,
-                      rows_init=True, cols=cols, cols_init=True)
+        forward_block(
+            c.kern,
+            c.tiles,
+            img_l,
+            T,
+            c.tI_l,
+            tT,
+            c.ids_l,
+            ids,
+            s,
+            row_off=c.rank * b,
+            col_off=0,
+            keys=c.keys,
+            neg=c.neg,
+            rows=rows,
+            rows_init=True,
+            cols=cols,
+            cols_init=True,
+        )
         if c.world > 1:
             allreduce_state(cols, c.group)
         own = slice(c.rank * b, (c.rank + 1) * b)
@@ -371,8 +427,26 @@ class FusedGather(torch.autograd.Function):
         dI = torch.zeros((b, d), **f32) if need_i else None
         dT = torch.zeros((B, d), **f32) if need_t else None
         dsc = torch.zeros(B, **f32) if need_s else None
-        ds = backward_block(c.kern, c.tiles, img_l, T, c.tI_l, tT, c.ids_l, ids, s, rstat, cstat,
-                            coef, bcoef, c.alpha, dq=dI, dk=dT, ds_col=dsc, need_ds=need_s)
+        ds = backward_block(
+            c.kern,
+            c.tiles,
+            img_l,
+            T,
+            c.tI_l,
+            tT,
+            c.ids_l,
+            ids,
+            s,
+            rstat,
+            cstat,
+            coef,
+            bcoef,
+            c.alpha,
+            dq=dI,
+            dk=dT,
+            ds_col=dsc,
+            need_ds=need_s,
+        )
         d_txt = d_s = None
         if need_t:
             d_txt = (reduce_scatter(dT, c.group) if c.world > 1 else dT).to(T.dtype)
@@ -403,25 +477,41 @@ class FusedRing(torch.autograd.Function):
         acc, acc_reqs = None, []
         for j in range(c.world):
             reqs = []
-            if j < c.world - 1:   # prefetch the next block while this one is computed
+            if j < c.world - 1:  # prefetch the next block while this one is computed
                 nxt_blk, reqs = _post_shift(blk, c.group, c.rank, c.world)
             owner = (c.rank - j) % c.world
             part = State.empty(b, teacher, c.neg, dev)
-            forward_block(c.kern, c.tiles, img_l, blk[0], c.tI_l, blk[2] if teacher else None,
-                          c.ids_l, blk[1], s, row_off=c.rank * b, col_off=owner * b,
-                          keys=c.keys, neg=c.neg, rows=rows, rows_init=j == 0, cols=part,
-                          cols_init=True)
+            forward_block(
+                c.kern,
+                c.tiles,
+                img_l,
+                blk[0],
+                c.tI_l,
+                blk[2] if teacher else None,
+                c.ids_l,
+                blk[1],
+                s,
+                row_off=c.rank * b,
+                col_off=owner * b,
+                keys=c.keys,
+                neg=c.neg,
+                rows=rows,
+                rows_init=j == 0,
+                cols=part,
+                cols_init=True,
+            )
             # The accumulator of this block (the previous ranks' rows) arrives one hop behind.
             _wait(acc_reqs)
             if acc is not None:
-                c.kern.launch_merge(part, acc.slots(), False, c.kern.geometry(
-                    img_l.shape[1], dev, c.tiles))
+                c.kern.launch_merge(
+                    part, acc.slots(), False, c.kern.geometry(img_l.shape[1], dev, c.tiles)
+                )
             bufs, acc_reqs = _post_shift(part.tensors(), c.group, c.rank, c.world)
             acc = part.with_tensors(bufs)
             _wait(reqs)
             if reqs:
                 blk = nxt_blk
-        _wait(acc_reqs)            # after W hops the accumulator back here is this rank's own
+        _wait(acc_reqs)  # after W hops the accumulator back here is this rank's own
         cols = acc
         loss = 0.5 * (rows.ce(c.alpha).mean() + cols.ce(c.alpha).mean())
         neg_t, neg_i = _negatives(rows, cols, slice(None), c.neg, b, dev)
@@ -451,16 +541,32 @@ class FusedRing(torch.autograd.Function):
             dT = torch.zeros((b, d), **f32) if need_t else None
             dsc = torch.zeros(b, **f32) if need_s else None
             bcoef = bw[owner].expand(b).contiguous()
-            ds = ds + backward_block(c.kern, c.tiles, img_l, blk[0], c.tI_l,
-                                     blk[3] if teacher else None, c.ids_l, blk[1], s, rstat,
-                                     blk[2], coef, bcoef, c.alpha, dq=dI, dk=dT, ds_col=dsc,
-                                     need_ds=need_s)
+            ds = ds + backward_block(
+                c.kern,
+                c.tiles,
+                img_l,
+                blk[0],
+                c.tI_l,
+                blk[3] if teacher else None,
+                c.ids_l,
+                blk[1],
+                s,
+                rstat,
+                blk[2],
+                coef,
+                bcoef,
+                c.alpha,
+                dq=dI,
+                dk=dT,
+                ds_col=dsc,
+                need_ds=need_s,
+            )
             part = [t for t in (dT, dsc) if t is not None]
-            _wait(acc_reqs)      # this block's dT / ds accumulator, one hop behind
+            _wait(acc_reqs)  # this block's dT / ds accumulator, one hop behind
             if acc is not None:
                 for p, a in zip(part, acc):
                     p += a
-            acc, acc_reqs = (_post_shift(part, c.group, c.rank, c.world) if part else ([], []))
+            acc, acc_reqs = _post_shift(part, c.group, c.rank, c.world) if part else ([], [])
             _wait(reqs)
             if reqs:
                 blk = nxt_blk
@@ -471,8 +577,22 @@ class FusedRing(torch.autograd.Function):
         return dI.to(img_l.dtype) if need_i else None, d_txt, d_s, None
 
 
-def fused_contrastive(kern, image_feat, text_feat, logit_scale, *, image_ids, teacher_image_feat,
-                      teacher_text_feat, distill_alpha, group, keys, neg, mode, tiles):
+def fused_contrastive(
+    kern,
+    image_feat,
+    text_feat,
+    logit_scale,
+    *,
+    image_ids,
+    teacher_image_feat,
+    teacher_text_feat,
+    distill_alpha,
+    group,
+    keys,
+    neg,
+    mode,
+    tiles,
+):
     """(loss, neg_text_for_image, neg_image_for_text) through the tiled kernels of ``kern``."""
     rank, world = dist_info(group)
     b = image_feat.shape[0]

@@ -31,10 +31,20 @@ def global_ids(image_ids: torch.Tensor | None, b: int, device, group=None) -> to
     return gather(image_ids.to(device=device, dtype=torch.long), group, with_grad=False)
 
 
-def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
-                         teacher_image_feat=None, teacher_text_feat=None, distill_alpha=0.0,
-                         group=None, return_negatives=False, seed=None,
-                         compute_dtype=torch.float32):
+def contrastive_loss_ref(
+    image_feat,
+    text_feat,
+    logit_scale,
+    *,
+    image_ids=None,
+    teacher_image_feat=None,
+    teacher_text_feat=None,
+    distill_alpha=0.0,
+    group=None,
+    return_negatives=False,
+    seed=None,
+    compute_dtype=torch.float32,
+):
     """Eager GCPR (+TgD targets), the spec: fp32 by default. Returns the local loss (mean over
     local rows), or a ``ContrastiveOutput`` with sampled hard negatives when ``return_negatives``.
 
@@ -46,8 +56,8 @@ def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
     I_all = gather(image_feat, group).to(compute_dtype)
     T_all = gather(text_feat, group).to(compute_dtype)
     ids = global_ids(image_ids, b, image_feat.device, group)
-    local_ids = ids[rank * b:(rank + 1) * b]
-    I_l, T_l = I_all[rank * b:(rank + 1) * b], T_all[rank * b:(rank + 1) * b]
+    local_ids = ids[rank * b : (rank + 1) * b]
+    I_l, T_l = I_all[rank * b : (rank + 1) * b], T_all[rank * b : (rank + 1) * b]
     s = logit_scale.to(compute_dtype).reshape(())
     logits_i2t = s * I_l @ T_all.t()
     logits_t2i = s * T_l @ I_all.t()
@@ -58,8 +68,8 @@ def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
             tI = gather(teacher_image_feat.detach(), group, with_grad=False).to(compute_dtype)
             tT = gather(teacher_text_feat.detach(), group, with_grad=False).to(compute_dtype)
             sd = s.detach()
-            soft_i2t = torch.softmax(sd * tI[rank * b:(rank + 1) * b] @ tT.t(), 1)
-            soft_t2i = torch.softmax(sd * tT[rank * b:(rank + 1) * b] @ tI.t(), 1)
+            soft_i2t = torch.softmax(sd * tI[rank * b : (rank + 1) * b] @ tT.t(), 1)
+            soft_t2i = torch.softmax(sd * tT[rank * b : (rank + 1) * b] @ tI.t(), 1)
         tgt_i2t = (1 - distill_alpha) * tgt + distill_alpha * soft_i2t
         tgt_t2i = (1 - distill_alpha) * tgt + distill_alpha * soft_t2i
     loss_i2t = -(tgt_i2t * torch.log_softmax(logits_i2t, 1)).sum(1).mean()
@@ -75,8 +85,8 @@ def contrastive_loss_ref(image_feat, text_feat, logit_scale, *, image_ids=None,
 
 class ContrastiveOutput(NamedTuple):
     loss: torch.Tensor
-    neg_text_for_image: torch.Tensor   # [b] global text index per local image, -1 if none
-    neg_image_for_text: torch.Tensor   # [b] global image index per local text, -1 if none
+    neg_text_for_image: torch.Tensor  # [b] global text index per local image, -1 if none
+    neg_image_for_text: torch.Tensor  # [b] global image index per local text, -1 if none
 
 
 # Counter-based noise (module docstring).
@@ -129,7 +139,7 @@ def gumbel_noise(key: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tens
 
 def gumbel_from_bits(k: torch.Tensor) -> torch.Tensor:
     """The noise of the 24-bit integers ``k`` (int64 in [0, 2^24)); see ``gumbel_noise``."""
-    u = (2 * k + 1).to(torch.float32) * 2.0**-25          # exact where k < 2^23
+    u = (2 * k + 1).to(torch.float32) * 2.0**-25  # exact where k < 2^23
     v = (2**25 - 1 - 2 * k).to(torch.float32) * 2.0**-25  # exact where k >= 2^23
     t = v / (2.0 - v)
     t2 = t * t

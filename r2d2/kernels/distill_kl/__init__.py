@@ -71,8 +71,9 @@ from r2d2.kernels.distill_kl.reference import (  # saved_grad_dtype: distill_kl_
 __all__ = ["REDUCTIONS", "DistillKLLoss", "distill_kl", "distill_kl_ref", "saved_grad_dtype"]
 
 # (student [R, C], teacher [R, C], temperature, grad_scale, need_grad) -> (row_loss [R], grad)
-FwdFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool],
-                 tuple[torch.Tensor, torch.Tensor]]
+FwdFn = Callable[
+    [torch.Tensor, torch.Tensor, float, float, bool], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def _temperature(value: object) -> float:
@@ -84,16 +85,24 @@ def _temperature(value: object) -> float:
     accepted = "a Python int/float or a 0-d real tensor (no grad)"
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(f"distill_kl: temperature must be {accepted}; got a {value.dtype} "
-                             f"tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"distill_kl: temperature must be {accepted}; got a {value.dtype} "
+                f"tensor of shape {tuple(value.shape)}"
+            )
         if value.requires_grad:
-            raise ValueError("distill_kl: temperature is a constant here (no gradient flows to "
-                             "it); pass temperature.detach() or a float")
+            raise ValueError(
+                "distill_kl: temperature is a constant here (no gradient flows to "
+                "it); pass temperature.detach() or a float"
+            )
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"distill_kl: temperature must be a finite number > 0 ({accepted}), "
-                         f"got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(
+            f"distill_kl: temperature must be a finite number > 0 ({accepted}), got {value!r}"
+        )
     return float(value)
 
 
@@ -102,21 +111,31 @@ def _validate(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> N
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"distill_kl: {name} must be a tensor, got {type(x).__name__}")
     if student.shape != teacher.shape:
-        raise ValueError(f"distill_kl: student_logits shape {tuple(student.shape)} must equal "
-                         f"teacher_logits shape {tuple(teacher.shape)}")
+        raise ValueError(
+            f"distill_kl: student_logits shape {tuple(student.shape)} must equal "
+            f"teacher_logits shape {tuple(teacher.shape)}"
+        )
     if student.dim() < 1 or student.shape[-1] == 0:
-        raise ValueError(f"distill_kl: logits need a non-empty last (class) dimension, got shape "
-                         f"{tuple(student.shape)}")
+        raise ValueError(
+            f"distill_kl: logits need a non-empty last (class) dimension, got shape "
+            f"{tuple(student.shape)}"
+        )
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if x.dtype not in DTYPES:
-            raise TypeError(f"distill_kl: {name} dtype {x.dtype} is not supported; expected one of "
-                            f"{[str(d) for d in DTYPES]}")
+            raise TypeError(
+                f"distill_kl: {name} dtype {x.dtype} is not supported; expected one of "
+                f"{[str(d) for d in DTYPES]}"
+            )
     if teacher.dtype != student.dtype:
-        raise TypeError(f"distill_kl: teacher_logits dtype {teacher.dtype} must equal "
-                        f"student_logits dtype {student.dtype}")
+        raise TypeError(
+            f"distill_kl: teacher_logits dtype {teacher.dtype} must equal "
+            f"student_logits dtype {student.dtype}"
+        )
     if student.device != teacher.device:
-        raise ValueError(f"distill_kl: student_logits is on {student.device} but teacher_logits is "
-                         f"on {teacher.device}; both must be on one device")
+        raise ValueError(
+            f"distill_kl: student_logits is on {student.device} but teacher_logits is "
+            f"on {teacher.device}; both must be on one device"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"distill_kl: reduction={reduction!r}; expected one of {REDUCTIONS}")
 
@@ -162,9 +181,14 @@ class _DistillKLFunction(torch.autograd.Function):
         return torch.mul(grad, scale, out=out), None, None, None, None, None
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-               temperature: float | torch.Tensor = 1.0, reduction: str = "batchmean",
-               backend: str = "auto") -> torch.Tensor:
+def distill_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    reduction: str = "batchmean",
+    backend: str = "auto",
+) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last dim of ``[..., C]``.
 
     Args:
@@ -202,21 +226,38 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 class DistillKLLoss(torch.nn.Module):
     """Module form of :func:`distill_kl` (``forward(student_logits, teacher_logits)``)."""
 
-    def __init__(self, temperature: float | torch.Tensor = 1.0, reduction: str = "batchmean",
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        temperature: float | torch.Tensor = 1.0,
+        reduction: str = "batchmean",
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return distill_kl(student_logits, teacher_logits, temperature=self.temperature,
-                          reduction=self.reduction, backend=self.backend)
+        return distill_kl(
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+        return (
+            f"temperature={self.temperature}, reduction={self.reduction!r}, "
+            f"backend={self.backend!r}"
+        )
 
 
 # auto on CPU tensors is eager: the C++ kernel is a scalar correctness path (no SIMD exp), slower
 # than eager's vectorised ops (docs/benchmarks.md); backend="cpp" still runs it.
-SPEC = register_op(OpSpec(name="distill_kl", backends=("eager", "triton", "cuda", "cpp"),
-                          ext_op=cuda_impl.EXT_OP, auto_cpu=("eager",)))
+SPEC = register_op(
+    OpSpec(
+        name="distill_kl",
+        backends=("eager", "triton", "cuda", "cpp"),
+        ext_op=cuda_impl.EXT_OP,
+        auto_cpu=("eager",),
+    )
+)

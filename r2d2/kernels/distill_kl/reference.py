@@ -31,8 +31,12 @@ def reduce(row_loss: torch.Tensor, reduction: str, lead_shape: torch.Size) -> to
     return row_loss.reshape(lead_shape)
 
 
-def distill_kl_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                   temperature: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
+def distill_kl_ref(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
     """Plain-PyTorch reference in fp32 (fp64 for float64 inputs): the spec and the test oracle.
 
     Both distributions go through log_softmax, so logits of +-1e4 stay finite; classes the teacher
@@ -47,7 +51,8 @@ def distill_kl_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     p = log_p.exp()
     # Only p == 0 is dropped: a NaN p (teacher row with a NaN or +inf logit, or all -inf) must
     # reach the sum, as it does in the fused kernels.
-    terms = torch.where(p == 0, torch.zeros((), dtype=cdt, device=student_logits.device),
-                        p * (log_p - log_q))
+    terms = torch.where(
+        p == 0, torch.zeros((), dtype=cdt, device=student_logits.device), p * (log_p - log_q)
+    )
     row_loss = terms.sum(-1) * (t * t)
     return reduce(row_loss.reshape(-1), reduction, student_logits.shape[:-1])
