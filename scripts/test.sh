@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The test command of the README and of CI: set up the venv, compile-check the CUDA sources when
-# nvcc is present, run the suite (slow cases deselected unless R2D2_SLOW=1). Extra args go to pytest.
+# The test command of the README and of CI: set up the venv, lint and format-check with ruff (the
+# pyproject settings; stops at the first failure), compile-check the CUDA sources when nvcc is
+# present, run the suite (slow cases deselected unless R2D2_SLOW=1). Extra args go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
 VENV="${R2D2_VENV:-$ROOT/.venv}"
 cd "$ROOT"
+"$VENV/bin/ruff" check . ||
+  { echo "test.sh: ruff check failed (ruff check --fix fixes some findings)" >&2; exit 1; }
+"$VENV/bin/ruff" format --check . ||
+  { echo "test.sh: ruff format --check failed (ruff format rewrites those files)" >&2; exit 1; }
 if command -v nvcc >/dev/null 2>&1 && [ "${R2D2_SKIP_NVCC:-0}" != "1" ]; then
   PYTHON="$VENV/bin/python" bash csrc/check_nvcc.sh
 fi
