@@ -18,7 +18,8 @@ autotuner's ``prune_configs_by``) are listed as ``pruned`` and compiled only wit
 The configurations come from the kernels' modules (autotune config lists, ``Tiles`` defaults,
 ``_blocks``), never from copies here. Usage::
 
-    python scripts/check_gpu_compile.py --arch 80 90          # full table, exit 1 on a failure
+    python scripts/check_gpu_compile.py --arch 80 90          # CI's table, exit 1 on a failure
+    python scripts/check_gpu_compile.py --arch 80 90 --all    # every head dim and dtype too
     python scripts/check_gpu_compile.py --quick --kernel attn  # a representative subset
     python scripts/check_gpu_compile.py --arch 80 90 --write-docs --json /tmp/rows.json
 
@@ -74,6 +75,63 @@ class Case:
 
 
 # ---------------------------------------------------------------------------------- the cases
+ATTN_DEFAULT_D = 64
+"""The attention head dim of every GPU preset (r2d2/engine/model/config.py: ViT-B/16 and RoBERTa
+base 768 / 12 heads, ViT-L/14 and RoBERTa large 1024 / 16): the default sweep compiles attention at
+BLOCK_D 64 only; ``--all`` adds 16, 32, 128 and 256 (the tiny CPU presets run D = 16)."""
+
+
+# (HAS_MASK, DROPOUT, COUNT_TILES): every mask / dropout switch; the tests' tile counter without
+# them (one representative; its cases are sorted next to the plain ones).
+_ATTN_SWITCHES = ((False, False, False), (False, False, True), (True, False, False),
+                  (False, True, False), (True, True, False))
+
+
+def _attention_case(at, kind, fn_name, jit, cfg, dt, ty, arch, bd, has_mask, dropout, count,
+                    chosen, first):
+    import torch
+
+    Lq = Lk = 197  # any length that is not a multiple of 16: no extra alignment assumed
+    H = 12
+    D = bd
+
+    def strides(L, D):  # contiguous [B, H, L, D] (unit stride in D becomes a constexpr 1)
+        return (H * L * D, L * D, D, 1)
+
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    args = dict(q_ptr="*" + ty, k_ptr="*" + ty, v_ptr="*" + ty, mask_ptr="*u8", lse_ptr="*fp32",
+                cnt_ptr="*i32")
+    if kind == "fwd":
+        args.update(o_ptr="*" + ty)
+        names = ["sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn",
+                 "svd", "sob", "soh", "som", "sod"]
+    else:
+        args.update(do_ptr="*" + ty, delta_ptr="*fp32")
+        if kind == "dkdv":
+            args.update(dk_ptr="*" + ty, dv_ptr="*" + ty)
+        else:
+            args.update(dq_ptr="*" + ty)
+        names = ["sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn",
+                 "svd", "sdb", "sdh", "sdm", "sdd"]
+        args.update(scale=0.125)
+    vals = strides(Lq, D) + strides(Lk, D) * 2 + strides(Lq, D)
+    args.update(dict(zip(names, vals)))
+    args.update(stride_mb=Lk, stride_mk=1, H=H, Lq=Lq, Lk=Lk, D=D, qk_scale=0.18, dropout_p=0.1,
+                seed=1234, offset=5678)
+    ce = dict(HAS_MASK=has_mask, DROPOUT=dropout, BLOCK_D=bd, PRECISION=at._precision(dt),
+              COUNT_TILES=count, BLOCK_M=bm, BLOCK_N=bn)
+    conf = (f"M{bm} N{bn} D{bd} w{cfg.num_warps} s{cfg.num_stages}"
+            + (" mask" if has_mask else "") + (" dropout" if dropout else "")
+            + (" count" if count else ""))
+    quick = (first and not count
+             and ((bd == 64 and dt == torch.float16 and not has_mask and not dropout)
+                  or (bd == 256 and dt == torch.float32 and has_mask and dropout)))
+    # The tile counter is a test-only switch: fp16 and fp32 in the default run, bf16 with --all.
+    ext = bd != ATTN_DEFAULT_D or (count and dt == torch.bfloat16)
+    return Case(fn_name, "attention_triton", conf, ty, arch, _order(jit, args), ce,
+                cfg.num_warps, cfg.num_stages, True, chosen=chosen, quick=quick, extended=ext)
+
+
 def _attention_cases(archs):
     import torch
 
@@ -95,60 +153,22 @@ def _attention_cases(archs):
         for arch in archs:
             for dt in dtypes:
                 ty = _TORCH_TO_TT[str(dt).split(".")[1]]
+                cands = set(at._SHAPES[(kind, 32 if dt.itemsize >= 4 else 16)])
                 for bd in block_ds:
-                    D = bd
-                    kept_list = at.prune_configs(tuner.configs, kind, bd, dt.itemsize, arch)
-                    kept = {id(c) for c in kept_list}
-                    first_kept = kept_list[0] if kept_list else None
-                    for cfg in tuner.configs:
-                        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                        for has_mask in (False, True):
-                            for dropout in (False, True):
-                                for count in (False, True):
-                                    if count and (has_mask or dropout or bd != 64):
-                                        continue  # test-only switch: one representative per shape
-                                    args = dict(q_ptr="*" + ty, k_ptr="*" + ty, v_ptr="*" + ty,
-                                                mask_ptr="*u8", lse_ptr="*fp32", cnt_ptr="*i32")
-                                    if kind == "fwd":
-                                        args.update(o_ptr="*" + ty)
-                                        names = ["sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn",
-                                                 "skd", "svb", "svh", "svn", "svd", "sob", "soh",
-                                                 "som", "sod"]
-                                        vals = strides(Lq, D) + strides(Lk, D) * 2 + strides(Lq, D)
-                                    else:
-                                        args.update(do_ptr="*" + ty, delta_ptr="*fp32")
-                                        if kind == "dkdv":
-                                            args.update(dk_ptr="*" + ty, dv_ptr="*" + ty)
-                                        else:
-                                            args.update(dq_ptr="*" + ty)
-                                        names = ["sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn",
-                                                 "skd", "svb", "svh", "svn", "svd", "sdb", "sdh",
-                                                 "sdm", "sdd"]
-                                        vals = strides(Lq, D) + strides(Lk, D) * 2 + strides(Lq, D)
-                                        args.update(scale=0.125)
-                                    args.update(dict(zip(names, vals)))
-                                    args.update(stride_mb=Lk, stride_mk=1, H=H, Lq=Lq, Lk=Lk, D=D,
-                                                qk_scale=0.18, dropout_p=0.1, seed=1234,
-                                                offset=5678)
-                                    ce = dict(HAS_MASK=has_mask, DROPOUT=dropout, BLOCK_D=bd,
-                                              PRECISION=at._precision(dt), COUNT_TILES=count,
-                                              BLOCK_M=bm, BLOCK_N=bn)
-                                    conf = (f"M{bm} N{bn} D{bd} w{cfg.num_warps} "
-                                            f"s{cfg.num_stages}" + (" mask" if has_mask else "")
-                                            + (" dropout" if dropout else "")
-                                            + (" count" if count else ""))
-                                    quick = (cfg is first_kept and not count
-                                             and ((bd == 64 and dt == torch.float16
-                                                   and not has_mask and not dropout)
-                                                  or (bd == 256 and dt == torch.float32
-                                                      and has_mask and dropout)))
-                                    ext = count or has_mask != dropout or dt == torch.bfloat16
-                                    cases.append(Case(fn_name, "attention_triton", conf, ty, arch,
-                                                      _order(jit, args), ce, cfg.num_warps,
-                                                      cfg.num_stages, True,
-                                                      chosen=id(cfg) in kept, quick=quick,
-                                                      extended=ext))
-            # Preprocess (fixed BLOCK_M) and the test-only keep-mask kernel.
+                    for has_mask, dropout, count in _ATTN_SWITCHES:
+                        if count and bd != ATTN_DEFAULT_D:
+                            continue  # test-only switch: one representative head dim
+                        kept_list = at.prune_configs(tuner.configs, kind, bd, dt.itemsize, arch,
+                                                     has_mask, dropout, count)
+                        kept = {id(c) for c in kept_list}
+                        first_kept = kept_list[0] if kept_list else None
+                        for cfg in tuner.configs:
+                            if at._shape(cfg) not in cands:
+                                continue  # the other element size's candidate
+                            cases.append(_attention_case(
+                                at, kind, fn_name, jit, cfg, dt, ty, arch, bd, has_mask, dropout,
+                                count, id(cfg) in kept, cfg is first_kept))
+    # Preprocess (fixed BLOCK_M) and the test-only keep-mask kernel.
     for arch in archs:
         for dt in dtypes:
             ty = _TORCH_TO_TT[str(dt).split(".")[1]]
@@ -162,13 +182,19 @@ def _attention_cases(archs):
                                   ty, arch, _order(at._attn_bwd_delta_kernel, args),
                                   dict(BLOCK_M=bm, BLOCK_D=bd), 4, 3, False,
                                   quick=bd == 64 and dt == torch.float16,
-                                  extended=dt == torch.bfloat16))
+                                  extended=bd != ATTN_DEFAULT_D))
         cases.append(Case("_keep_mask_kernel", "attention_triton", "M16 N16 w4", "-", arch,
                           _order(at._keep_mask_kernel,
                                  dict(out_ptr="*u8", Lq=Lq, Lk=Lk, dropout_p=0.1, seed=1,
                                       offset=2)),
                           dict(BLOCK_M=16, BLOCK_N=16), 4, 3, False, quick=True))
     return cases
+
+
+CONTRASTIVE_DEFAULT_D = 768
+"""The embedding dim of R2D2's GPU presets (``embed_dim``; the tiny CPU presets' 64 is in the same
+d > 32 tile class): the default sweep compiles the contrastive kernels at d = 768 only; ``--all``
+adds the d <= 16 and d <= 32 classes."""
 
 
 def _contrastive_cases(archs):
@@ -188,7 +214,7 @@ def _contrastive_cases(archs):
                 prec = "ieee" if dt == torch.float32 else "tf32"
                 tile = f"R{t.block_r} C{t.block_c} K{t.block_k}"
                 quick_d = d == 768 and dt != torch.bfloat16
-                ext = dt == torch.bfloat16 and d != 768
+                ext = d != CONTRASTIVE_DEFAULT_D
                 for teacher in (False, True):
                     for neg in (False, True):
                         args = dict(x, rp_ptr="*fp32", rgi_ptr="*i32", cp_ptr="*fp32",
@@ -273,17 +299,20 @@ def _distill_cases(archs):
                                       dk.NUM_STAGES, False,
                                       quick=grad and dt == torch.float32
                                       and cols in (768, dk.MAX_ONE_TILE, 2 * dk.MAX_ONE_TILE),
-                                      extended=dt == torch.bfloat16))
+                                      extended=dt == torch.float64))
     return cases
 
 
-_EXTENDED = """The default run compiles, for both arches, every kernel in every configuration
-its launcher or autotuner can pick (every autotune config, BLOCK_D, tile and width class, num_warps
-and num_stages, teacher / negatives / gradient switch) in fp16 and fp32, attention with neither and
-with both of its mask and dropout switches. ``--all`` adds what only repeats those code paths:
-bf16 (the fp16 code with another element type; bf16 is in the default run for contrastive at
-d = 768), attention with only one of mask / dropout, and the test-only tile
-counter (COUNT_TILES)."""
+_EXTENDED = """The default run (what CI runs: about 1,250 CPU seconds cold, so 11 minutes on 2 idle
+cores; ``--cold`` times it) compiles, for both arches, every kernel with every switch and every
+configuration its launcher or autotuner keeps, at the shapes and dtypes R2D2 launches on a GPU:
+attention at head dim 64 (every GPU preset) in fp16, bf16 and fp32, with and without each of its
+mask and dropout switches (the test-only tile counter in fp16 and fp32); contrastive at d = 768
+(embed_dim); distill_kl at every width class in fp16, bf16 and fp32; the merge kernel at every
+width class. ``--all`` adds the other attention head dims (16, 32, 128, 256: every BLOCK_D the
+launcher pads D <= 256 to; the tiny CPU presets run 16), the tile counter in bf16, contrastive at
+d <= 16 and d <= 32, and distill_kl in fp64 (not a training dtype): 1,764 compiles, hours on 2
+cores."""
 
 
 def _order(fn, args):
@@ -309,14 +338,14 @@ def _jit(fn):
 
 def all_cases(archs, kernel_filter=None, quick=False, extended=True):
     cases = _attention_cases(archs) + _contrastive_cases(archs) + _distill_cases(archs)
-    if not extended:
+    if quick:  # its own subset, whether or not extended
+        cases = [c for c in cases if c.quick]
+    elif not extended:
         cases = [c for c in cases if not c.extended]
     if kernel_filter:  # a full kernel name matches itself only, anything else as a substring
         names = {c.kernel for c in cases}
         cases = [c for c in cases
                  if any(c.kernel == k if k in names else k in c.kernel for k in kernel_filter)]
-    if quick:
-        cases = [c for c in cases if c.quick]
     return cases
 
 
@@ -629,7 +658,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--kernel", nargs="+", help="only kernels whose name contains one of these")
     ap.add_argument("--quick", action="store_true", help="a representative subset")
-    ap.add_argument("--all", action="store_true", help="also the repeated code paths (see below)")
+    ap.add_argument("--all", action="store_true",
+                    help="also the head dims, dtypes and classes R2D2 does not launch (see below)")
+    ap.add_argument("--cold", action="store_true",
+                    help="compile in a fresh temporary triton cache (and results cache), to time "
+                         "a cold run")
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--write-docs", action="store_true",
                     help=f"replace the triton-table block of {DOCS.relative_to(ROOT)}")
@@ -639,6 +672,9 @@ def main(argv=None) -> int:
     ap.add_argument("--summary-only", action="store_true",
                     help="print the per-kernel summary, not every row")
     a = ap.parse_args(argv)
+    if a.cold:  # read when first used, in this process and the workers it forks
+        cold = tempfile.TemporaryDirectory(prefix="r2d2-triton-cold-")
+        os.environ["TRITON_CACHE_DIR"] = cold.name
     try:
         import triton.backends.nvidia.compiler  # noqa: F401
     except Exception as e:  # noqa: BLE001

@@ -116,24 +116,75 @@ print(json.dumps(r))
 
 
 def test_attention_pruning_is_what_the_autotuner_uses():
-    """The autotuner's early_config_prune calls the pure prune_configs with the GPU's arch; on
-    CPU tensors (the interpreter) it keeps every config."""
+    """The autotuner's own pruning step (``Autotuner.prune_configs``, run before it benchmarks)
+    calls early_config_prune with the launch's named arguments and constexprs, and that is the
+    pure ``prune_configs`` of the call's class (kind, BLOCK_D, element size, mask, dropout) on the
+    GPU's arch; on CPU tensors (the interpreter) it keeps every config."""
     code = """
-import torch, triton
+import torch
 from r2d2.kernels import attention_triton as at
+
+class FakeCuda:  # what the hook reads of q: a CUDA tensor of this element size
+    is_cuda = True
+    device = 'cuda:0'
+    def __init__(self, size): self.size = size
+    def element_size(self): return self.size
+
+arch = [80]
+torch.cuda.get_device_capability = lambda device=None: divmod(arch[0], 10)
+checked = 0
 for name, kind in (('_attn_fwd_kernel', 'fwd'), ('_attn_bwd_dkdv_kernel', 'dkdv'),
                    ('_attn_bwd_dq_kernel', 'dq')):
     tuner = getattr(at, name)
-    prune = tuner.early_config_prune
-    assert prune is not None, name
-    q = torch.empty(1, 1, 1, 256)
-    assert prune(tuner.configs, {'q_ptr': q}, BLOCK_D=256) == tuner.configs
-    for arch in (80, 90):
+    assert tuner.early_config_prune is not None, name
+    tuner.nargs = {'q_ptr': torch.empty(1, 1, 1, 256)}
+    assert tuner.prune_configs(dict(BLOCK_D=256, HAS_MASK=True, DROPOUT=True)) == tuner.configs
+    for arch[0] in (80, 90):
         for bd in at.block_d_choices():
             for size in (2, 4):
-                kept = at.prune_configs(tuner.configs, kind, bd, size, arch)
-                assert kept, (name, arch, bd, size)
-                assert all(c in tuner.configs for c in kept)
+                for mask in (False, True):
+                    for drop in (False, True):
+                        tuner.nargs = {'q_ptr': FakeCuda(size)}
+                        got = tuner.prune_configs(dict(
+                            # the tile counter varies along with the mask
+                            BLOCK_D=bd, HAS_MASK=mask, DROPOUT=drop, COUNT_TILES=mask,
+                            PRECISION='ieee' if size == 4 else 'tf32'))
+                        want = at.prune_configs(tuner.configs, kind, bd, size, arch[0], mask,
+                                                drop, mask)
+                        assert want and got == want, (name, arch, bd, size, mask, drop)
+                        checked += 1
+    tuner.nargs = None
+print('ok', checked)
+"""
+    p = _py(code, 300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok 240"), p.stdout + p.stderr
+
+
+def test_attention_every_class_keeps_a_config():
+    """Every class the launchers can produce (kind, BLOCK_D, element size, mask, dropout, tile
+    counter) keeps at least one config on sm_80 and sm_90 (the autotuner would otherwise fall back
+    to all of them), fp32 keeps only its own 32-key candidates, and the
+    measured exceptions (``_SPILLS``) name real candidates."""
+    code = """
+import itertools
+from r2d2.kernels import attention_triton as at
+for key, by_arch in at._SPILLS.items():
+    kind, bits, bd, shape = key
+    assert shape in at._SHAPES[(kind, bits)] and bd in at.block_d_choices(), key
+    assert by_arch and set(by_arch) <= {'80', '90'}, key
+    for when in by_arch.values():
+        assert when and set(when) <= {'any', 'mask', 'dropout', 'count'}, key
+for kind, name in (('fwd', '_attn_fwd_kernel'), ('dkdv', '_attn_bwd_dkdv_kernel'),
+                   ('dq', '_attn_bwd_dq_kernel')):
+    configs = getattr(at, name).configs
+    for arch in (80, 90):  # measured; 99 KB archs (sm_86/89/120) lack an fp32 D = 256 backward
+        for bd in at.block_d_choices():
+            for size in (2, 4):
+                for mask, drop, count in itertools.product((False, True), repeat=3):
+                    kept = at.prune_configs(configs, kind, bd, size, arch, mask, drop, count)
+                    assert kept, (kind, arch, bd, size, mask, drop, count)
+                    if size == 4:  # 32 x 32, or its 16-row fallback
+                        assert all(at._shape(c)[1] == 32 for c in kept), kept
 print('ok')
 """
     p = _py(code, 300)
@@ -143,9 +194,10 @@ print('ok')
 @pytest.mark.slow
 def test_pruned_attention_configs_fail_and_kept_ones_pass(backend, tmp_path):
     """Every attention config that fails on an arch is one prune_configs drops there (so the
-    autotuner never picks it), compiled for fp32 and fp16 at the widest head dims."""
-    r, rows = _run(["--arch", "80", "90", "--kernel", "_attn_", "--with-pruned"], tmp_path,
-                   timeout=3600)
+    autotuner never picks it): every head dim, dtype and switch (--all), pruned ones compiled
+    too. About 1,500 compiles: hours on 2 cores."""
+    r, rows = _run(["--arch", "80", "90", "--kernel", "_attn_", "--all", "--with-pruned"],
+                   tmp_path, timeout=4 * 3600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert any(x["verdict"] == "pruned" for x in rows)
     _assert_rows_ok(rows)

@@ -54,28 +54,47 @@ LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and element size: "16" for
+# fp16 / bf16 (tensor-core dots), "32" for fp32 (IEEE dots on the FMA units). The autotuner holds
+# their union; ``prune_configs`` keeps those of the call's element size that fit its class.
+_SHAPES = {
+    ("fwd", 16): [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
+                  (32, 32, 4, 1)],
+    # dK/dV: BLOCK_N keys held per program, BLOCK_M queries streamed.
+    ("dkdv", 16): [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
+                   (32, 32, 4, 1), (32, 32, 8, 1)],
+    # dQ: BLOCK_M queries held, BLOCK_N keys streamed.
+    ("dq", 16): [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (32, 32, 4, 1),
+                 (32, 32, 8, 1)],
+    # fp32: compiled for sm_80 (triton 3.9, scripts/check_gpu_compile.py --with-pruned), every
+    # tile larger than 32 x 32 spills at D >= 64 (forward 300-34,292 bytes a thread, dK/dV
+    # 32,280-73,196, dQ 752-50,908; at D = 32 most of them too), so fp32 gets unpipelined 32 x 32
+    # tiles, at 4 and 8 warps (``_SPILLS`` drops one where it spills), and where both spill in
+    # some classes one narrower tile (``_FP32_NARROW``).
+    ("fwd", 32): [(32, 32, 4, 1), (32, 32, 8, 1), (16, 32, 8, 1)],
+    ("dkdv", 32): [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 8, 1)],
+    ("dq", 32): [(32, 32, 4, 1), (32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+}
+# (kind, BLOCK_D) -> the one narrower fp32 tile kept there (16 queries, or 16 keys for dK/dV),
+# for the classes where both 32 x 32 tiles spill (``_SPILLS``): on sm_90 the forward at D >= 128,
+# dK/dV at D = 256 (at D = 128 with dropout) and dQ at D = 256; on sm_80 dQ at D = 32 and 128
+# with dropout. Compiled with every switch on sm_80 and sm_90, it is spill-free except where
+# ``_SPILLS`` says (a 32 x 32 one is kept there). dQ at D = 256 uses 16 x 16: 16 x 32 spills at
+# 4 warps (sm_80 64-88 bytes with dropout, sm_90 4,316-5,200 without) and at 8 warps (sm_80 32
+# with the mask alone).
+_FP32_NARROW = {("fwd", 128): (16, 32, 8, 1), ("fwd", 256): (16, 32, 8, 1),
+                ("dkdv", 128): (32, 16, 8, 1), ("dkdv", 256): (32, 16, 8, 1),
+                ("dq", 32): (16, 32, 4, 1), ("dq", 128): (16, 32, 4, 1),
+                ("dq", 256): (16, 16, 4, 1)}
+
+
 def _configs(kind: str) -> list[triton.Config]:
-    """Block configs autotuned per ``_TUNE_KEY`` (Lq, Lk, D, masked, dropout, dtypes); a single
-    small one under the interpreter, where every config would be run (slowly) on the CPU."""
+    """Block configs autotuned per ``_TUNE_KEY`` (Lq, Lk, D, masked, dropout, dtypes): the union of
+    ``_SHAPES`` for ``kind``; a single small one under the interpreter, where every config would
+    be run (slowly) on the CPU."""
     if triton_interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    if kind == "fwd":
-        shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)]
-    elif kind == "dkdv":  # BLOCK_N keys held per program, BLOCK_M queries streamed
-        shapes = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
-    else:  # dq: BLOCK_M queries held, BLOCK_N keys streamed
-        shapes = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
-    # A config whose shared memory exceeds the GPU's is skipped by the autotuner (OutOfResources);
-    # a call fails only if all do. Compiled by triton 3.6, fp32 D = 256 needs 200-416 KB in the
-    # dK/dV configs above and 192-384 KB in the dQ ones (sm_90 allows 227 KB, sm_80 164 KB), so
-    # this small unpipelined one (fp32 D = 256 on sm_80: fwd 96, dK/dV 132, dQ 128 KB) keeps every
-    # D <= 256 compilable.
-    shapes.append((32, 32, 4, 1))
-    if kind != "fwd":
-        # The backward kernels hold two [32, D] tiles more than the forward: at D = 256 the 4-warp
-        # one needs 192 registers a thread for them (fp32 dQ, fp16 dK/dV) and spills; 8 warps
-        # halve that (``prune_configs`` keeps whichever fits).
-        shapes.append((32, 32, 8, 1))
+    shapes = list(dict.fromkeys(_SHAPES[(kind, 16)] + _SHAPES[(kind, 32)]))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
@@ -85,22 +104,127 @@ def block_d_choices() -> list[int]:
     return sorted({_block_d(D) for D in range(1, 257)})
 
 
-def prune_configs(configs, kind: str, block_d: int, itemsize: int, arch: int):
-    """The configs of ``configs`` that kernel ``kind`` may run at ``BLOCK_D`` and element size
-    ``itemsize`` on compute capability ``arch`` (major * 10 + minor). Pure: the autotuner's
-    early_config_prune calls it with the GPU's, scripts/check_gpu_compile.py with each arch.
+def _shape(c) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
-    A config is kept when the tiles it holds across its loop fit a thread's registers and its
-    tiles fit the arch's shared memory (``gpu_footprint``); compiled for sm_80 / sm_90
-    (scripts/check_gpu_compile.py --with-pruned), the dropped ones spill registers or overflow
-    shared memory, and the unpipelined 32 x 32 config keeps every D <= 256 compilable."""
+
+def _spills_by_rule(kind: str, bits: int, block_d: int, shape) -> bool:
+    """Tiles dropped by kind and head dim. fp32: the narrow tiles outside their class
+    (``_FP32_NARROW``). fp16 / bf16: the tiles that run out of registers at wide head dims
+    (compiled for sm_80 with triton 3.9 / ptxas 13.4, bytes of spill stores + loads a thread,
+    mask + dropout unless said):
+
+    - forward at D >= 128: a 64-key tile's scores and probabilities no longer fit beside the
+      [BLOCK_M, D] fp32 accumulator (D = 128: M64 N64 104, M128 N64 300, M32 N64 8 without any
+      switch; D = 256: M32 N64 204), so BLOCK_N = 32 only;
+    - dK/dV with BLOCK_N = 128 holds two fp32 [128, D] accumulators: 255 registers from D = 32 on
+      and spills (D = 32: M64 N128 20 without switches, 44; D = 64: M32 N128 516 / 660, M64 N128
+      524 / 576), so 128-key tiles only at D = 16;
+    - dQ at D >= 128 with more than 2048 scores a tile (M64 N64 148, M128 N32 48, M128 N64 128
+      without switches and 1148)."""
+    m, n = shape[0], shape[1]
+    if bits != 16:
+        return (m, n) != (32, 32) and _FP32_NARROW.get((kind, block_d)) != shape
+    if kind == "fwd":
+        return block_d >= 128 and n > 32
+    if kind == "dkdv":
+        return n == 128 and block_d > 16
+    return block_d >= 128 and m * n > 2048
+
+
+# The remaining configs measured to spill in some classes only, where the footprint and the rules
+# above keep them (triton 3.9 / ptxas 13.4, scripts/check_gpu_compile.py --with-pruned; bytes of
+# spill stores + loads a thread). Key: (kind, bits, BLOCK_D, (BLOCK_M, BLOCK_N, num_warps,
+# num_stages)); value: {arch: switches}, "80" for sm_80 and the other pre-Hopper archs, "90" for
+# sm_90 and later. Switches, any of: "any"; "mask" (with a key-padding mask, dropout or not);
+# "dropout" (with dropout, masked or not: the Philox draws tip them over; some spill with dropout
+# alone and not with mask + dropout, or the other way round); "count" (with the tests' tile
+# counter, COUNT_TILES). The 16-bit entries at D = 16 / 32 were measured on sm_80 only (those
+# head dims are not compiled for sm_90 yet) and are pruned on sm_90 too.
+_SPILLS: dict[tuple, dict[str, tuple[str, ...]]] = {
+    # fp16 / bf16 at D = 16, mask + dropout: 8 bytes each (sm_80).
+    ("fwd", 16, 16, (64, 64, 4, 3)): {"80": ("dropout",), "90": ("dropout",)},
+    ("fwd", 16, 16, (128, 64, 8, 3)): {"80": ("dropout",), "90": ("dropout",)},
+    ("dkdv", 16, 16, (32, 64, 4, 2)): {"80": ("dropout",), "90": ("dropout",)},
+    ("dq", 16, 16, (128, 64, 8, 2)): {"80": ("dropout",), "90": ("dropout",)},
+    # fp16 / bf16 dQ at D = 32, mask + dropout: 28 bytes (sm_80).
+    ("dq", 16, 32, (128, 32, 8, 2)): {"80": ("dropout",), "90": ("dropout",)},
+    # fp16 / bf16 at D = 64 with dropout alone (none with mask + dropout): dK/dV M64 N64 40 bytes
+    # on sm_80, 56 on sm_90; dK/dV M32 N64 32 on sm_90; dQ M64 N64 88 on sm_80.
+    ("dkdv", 16, 64, (64, 64, 4, 2)): {"80": ("dropout",), "90": ("dropout",)},
+    ("dkdv", 16, 64, (32, 64, 4, 2)): {"90": ("dropout",)},
+    ("dq", 16, 64, (64, 64, 4, 2)): {"80": ("dropout",)},
+    # fp32 forward. D = 32, 4 warps, with dropout: 8-16 bytes on sm_90. D = 64, 4 warps, with the
+    # tile counter: 752 bytes on sm_80, 700 on sm_90 (92 registers and none without it). D = 128:
+    # 4 warps 1,328-1,432 bytes and 8 warps 140-240 on sm_90 (none on sm_80); 16 x 32 8 bytes
+    # with mask + dropout on sm_80. D = 256: 4 warps 3,036 (41,844 with mask + dropout) on sm_80;
+    # 8 warps 5,820 (4,192-20,704) on sm_90.
+    ("fwd", 32, 32, (32, 32, 4, 1)): {"90": ("dropout",)},
+    ("fwd", 32, 64, (32, 32, 4, 1)): {"80": ("count",), "90": ("count",)},
+    ("fwd", 32, 128, (32, 32, 4, 1)): {"90": ("any",)},
+    ("fwd", 32, 128, (32, 32, 8, 1)): {"90": ("any",)},
+    ("fwd", 32, 128, (16, 32, 8, 1)): {"80": ("dropout",)},
+    ("fwd", 32, 256, (32, 32, 4, 1)): {"80": ("any",), "90": ("any",)},
+    ("fwd", 32, 256, (32, 32, 8, 1)): {"90": ("any",)},
+    # fp32 dK/dV. D = 16, 8 warps, with dropout: 8 bytes on sm_90. D = 64, 4 warps, dropout
+    # alone: 20 bytes on sm_90. D = 128: 4 warps 1,648 with mask + dropout on sm_80, 3,700 on
+    # sm_90; 8 warps 112 with dropout alone on sm_90; 32 x 16 8 bytes without dropout on sm_80.
+    # D = 256: 8 warps 2,200-44,808 on sm_90 (none on sm_80); 32 x 16 32 bytes with dropout on
+    # sm_80.
+    ("dkdv", 32, 16, (32, 32, 8, 1)): {"90": ("dropout",)},
+    ("dkdv", 32, 64, (32, 32, 4, 1)): {"90": ("dropout",)},
+    ("dkdv", 32, 128, (32, 32, 4, 1)): {"80": ("dropout",), "90": ("any",)},
+    ("dkdv", 32, 128, (32, 32, 8, 1)): {"90": ("dropout",)},
+    ("dkdv", 32, 128, (32, 16, 8, 1)): {"80": ("any",)},
+    ("dkdv", 32, 256, (32, 32, 8, 1)): {"90": ("any",)},
+    ("dkdv", 32, 256, (32, 16, 8, 1)): {"80": ("dropout",)},
+    # fp32 dQ. D = 32 on sm_80: 4 warps 8 bytes with the mask alone and with dropout alone
+    # (none with both), 8 warps 8 with dropout alone. D = 64, 4 warps: 16 bytes with mask +
+    # dropout on sm_80; with the tile counter 672 on sm_80, 624 on sm_90. D = 128: 4 warps 64 with
+    # mask + dropout on sm_80, 1,536-1,656 on sm_90; 8 warps 16 with dropout on sm_80. D = 256:
+    # 8 warps 4,212-5,140 on sm_90 (none with mask + dropout, none on sm_80).
+    ("dq", 32, 32, (32, 32, 4, 1)): {"80": ("mask", "dropout")},
+    ("dq", 32, 32, (32, 32, 8, 1)): {"80": ("dropout",)},
+    ("dq", 32, 64, (32, 32, 4, 1)): {"80": ("dropout", "count"), "90": ("count",)},
+    ("dq", 32, 128, (32, 32, 4, 1)): {"80": ("dropout",), "90": ("any",)},
+    ("dq", 32, 128, (32, 32, 8, 1)): {"80": ("dropout",)},
+    ("dq", 32, 256, (32, 32, 8, 1)): {"90": ("any",)},
+}
+
+
+def prune_configs(configs, kind: str, block_d: int, itemsize: int, arch: int,
+                  has_mask: bool = True, dropout: bool = True, count_tiles: bool = False):
+    """The configs of ``configs`` that kernel ``kind`` may run at ``BLOCK_D`` and element size
+    ``itemsize``, with or without a key-padding mask, dropout and the tests' tile counter, on
+    compute capability ``arch`` (major * 10 + minor). Pure: the autotuner's early_config_prune
+    calls it with the call's switches and the GPU's arch, scripts/check_gpu_compile.py with each
+    class and arch.
+
+    A config is kept when (1) it is a candidate for the element size (``_SHAPES``: fp32 has its
+    own, 32 x 32 and narrower), (2) the tiles it holds across its loop fit a thread's registers
+    and its tiles fit the arch's shared memory (``gpu_footprint``) and (3) it does not run out of
+    registers in this class (``_spills_by_rule``, ``_SPILLS``). Compiled for sm_80 / sm_90
+    (scripts/check_gpu_compile.py; ``--all --with-pruned`` for every head dim and the dropped
+    ones), the kept configs are spill-free and within shared memory, and every class (kind,
+    BLOCK_D, dtype, mask, dropout, tile counter) keeps at least one on sm_80 and sm_90."""
     smem = SMEM_BYTES.get(arch, min(SMEM_BYTES.values()))
+    bits = 32 if itemsize >= 4 else 16
+    cands = set(_SHAPES[(kind, bits)])
+    gen = "90" if arch >= 90 else "80"
     kept = []
     for c in configs:
-        regs, shared = gpu_footprint(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
-                                     itemsize, c.num_warps, c.num_stages)
-        if regs <= HELD_REGS and shared <= smem:
-            kept.append(c)
+        shape = _shape(c)
+        if shape not in cands:
+            continue
+        regs, shared = gpu_footprint(kind, shape[0], shape[1], block_d, itemsize, shape[2],
+                                     shape[3])
+        if regs > HELD_REGS or shared > smem or _spills_by_rule(kind, bits, block_d, shape):
+            continue
+        when = _SPILLS.get((kind, bits, block_d, shape), {}).get(gen, ())
+        if ("any" in when or ("mask" in when and has_mask) or ("dropout" in when and dropout)
+                or ("count" in when and count_tiles)):
+            continue
+        kept.append(c)
     return kept
 
 
@@ -131,12 +255,15 @@ def gpu_footprint(kind: str, bm: int, bn: int, block_d: int, itemsize: int, warp
 
 def _early_prune(kind: str):
     def prune(configs, named_args, **kwargs):
+        # named_args: the launch's arguments by name; kwargs: its constexprs (HAS_MASK, DROPOUT,
+        # BLOCK_D, COUNT_TILES, ...), the class ``prune_configs`` decides on.
         q = named_args["q_ptr"]
         if not q.is_cuda:
             return configs
         major, minor = torch.cuda.get_device_capability(q.device)
         kept = prune_configs(configs, kind, kwargs["BLOCK_D"], q.element_size(),
-                             major * 10 + minor)
+                             major * 10 + minor, bool(kwargs["HAS_MASK"]),
+                             bool(kwargs["DROPOUT"]), bool(kwargs.get("COUNT_TILES", False)))
         return kept or configs
     return prune
 
