@@ -35,16 +35,16 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # must precede the first triton import
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default; silences its warning
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,19 +59,19 @@ _TORCH_TO_TT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float
 
 @dataclasses.dataclass
 class Case:
-    kernel: str                 # function name in its module
-    module: str                 # r2d2.kernels.<module>
-    config: str                 # human-readable configuration
-    dtype: str                  # input dtype: fp16 / bf16 / fp32 / fp64 / "-" (fp32 state only)
+    kernel: str  # function name in its module
+    module: str  # r2d2.kernels.<module>
+    config: str  # human-readable configuration
+    dtype: str  # input dtype: fp16 / bf16 / fp32 / fp64 / "-" (fp32 state only)
     arch: int
-    args: dict                  # runtime argument -> "*<ty>" (pointer) or an example Python scalar
-    constexprs: dict            # constexpr argument -> value ("tl.<dtype>" strings become tl dtypes)
+    args: dict  # runtime argument -> "*<ty>" (pointer) or an example Python scalar
+    constexprs: dict  # constexpr argument -> value ("tl.<dtype>" strings become tl dtypes)
     num_warps: int
     num_stages: int
     uses_dot: bool
-    chosen: bool = True         # False: the launcher never picks it on this arch (pruned)
-    quick: bool = False         # part of the --quick subset
-    extended: bool = False      # only with --all (see _EXTENDED)
+    chosen: bool = True  # False: the launcher never picks it on this arch (pruned)
+    quick: bool = False  # part of the --quick subset
+    extended: bool = False  # only with --all (see _EXTENDED)
 
 
 # ---------------------------------------------------------------------------------- the cases
@@ -83,12 +83,18 @@ BLOCK_D 64 only; ``--all`` adds 16, 32, 128 and 256 (the tiny CPU presets run D 
 
 # (HAS_MASK, DROPOUT, COUNT_TILES): every mask / dropout switch; the tests' tile counter without
 # them (one representative; its cases are sorted next to the plain ones).
-_ATTN_SWITCHES = ((False, False, False), (False, False, True), (True, False, False),
-                  (False, True, False), (True, True, False))
+_ATTN_SWITCHES = (
+    (False, False, False),
+    (False, False, True),
+    (True, False, False),
+    (False, True, False),
+    (True, True, False),
+)
 
 
-def _attention_case(at, kind, fn_name, jit, cfg, dt, ty, arch, bd, has_mask, dropout, count,
-                    chosen, first):
+def _attention_case(
+    at, kind, fn_name, jit, cfg, dt, ty, arch, bd, has_mask, dropout, count, chosen, first
+):
     import torch
 
     Lq = Lk = 197  # any length that is not a multiple of 16: no extra alignment assumed
@@ -99,43 +105,119 @@ def _attention_case(at, kind, fn_name, jit, cfg, dt, ty, arch, bd, has_mask, dro
         return (H * L * D, L * D, D, 1)
 
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    args = dict(q_ptr="*" + ty, k_ptr="*" + ty, v_ptr="*" + ty, mask_ptr="*u8", lse_ptr="*fp32",
-                cnt_ptr="*i32")
+    args = dict(
+        q_ptr="*" + ty,
+        k_ptr="*" + ty,
+        v_ptr="*" + ty,
+        mask_ptr="*u8",
+        lse_ptr="*fp32",
+        cnt_ptr="*i32",
+    )
     if kind == "fwd":
         args.update(o_ptr="*" + ty)
-        names = ["sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn",
-                 "svd", "sob", "soh", "som", "sod"]
+        names = [
+            "sqb",
+            "sqh",
+            "sqm",
+            "sqd",
+            "skb",
+            "skh",
+            "skn",
+            "skd",
+            "svb",
+            "svh",
+            "svn",
+            "svd",
+            "sob",
+            "soh",
+            "som",
+            "sod",
+        ]
     else:
         args.update(do_ptr="*" + ty, delta_ptr="*fp32")
         if kind == "dkdv":
             args.update(dk_ptr="*" + ty, dv_ptr="*" + ty)
         else:
             args.update(dq_ptr="*" + ty)
-        names = ["sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn",
-                 "svd", "sdb", "sdh", "sdm", "sdd"]
+        names = [
+            "sqb",
+            "sqh",
+            "sqm",
+            "sqd",
+            "skb",
+            "skh",
+            "skn",
+            "skd",
+            "svb",
+            "svh",
+            "svn",
+            "svd",
+            "sdb",
+            "sdh",
+            "sdm",
+            "sdd",
+        ]
         args.update(scale=0.125)
     vals = strides(Lq, D) + strides(Lk, D) * 2 + strides(Lq, D)
     args.update(dict(zip(names, vals)))
-    args.update(stride_mb=Lk, stride_mk=1, H=H, Lq=Lq, Lk=Lk, D=D, qk_scale=0.18, dropout_p=0.1,
-                seed=1234, offset=5678)
-    ce = dict(HAS_MASK=has_mask, DROPOUT=dropout, BLOCK_D=bd, PRECISION=at._precision(dt),
-              COUNT_TILES=count, BLOCK_M=bm, BLOCK_N=bn)
-    conf = (f"M{bm} N{bn} D{bd} w{cfg.num_warps} s{cfg.num_stages}"
-            + (" mask" if has_mask else "") + (" dropout" if dropout else "")
-            + (" count" if count else ""))
-    quick = (first and not count
-             and ((bd == 64 and dt == torch.float16 and not has_mask and not dropout)
-                  or (bd == 256 and dt == torch.float32 and has_mask and dropout)))
+    args.update(
+        stride_mb=Lk,
+        stride_mk=1,
+        H=H,
+        Lq=Lq,
+        Lk=Lk,
+        D=D,
+        qk_scale=0.18,
+        dropout_p=0.1,
+        seed=1234,
+        offset=5678,
+    )
+    ce = dict(
+        HAS_MASK=has_mask,
+        DROPOUT=dropout,
+        BLOCK_D=bd,
+        PRECISION=at._precision(dt),
+        COUNT_TILES=count,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+    )
+    conf = (
+        f"M{bm} N{bn} D{bd} w{cfg.num_warps} s{cfg.num_stages}"
+        + (" mask" if has_mask else "")
+        + (" dropout" if dropout else "")
+        + (" count" if count else "")
+    )
+    quick = (
+        first
+        and not count
+        and (
+            (bd == 64 and dt == torch.float16 and not has_mask and not dropout)
+            or (bd == 256 and dt == torch.float32 and has_mask and dropout)
+        )
+    )
     # The tile counter is a test-only switch: fp16 and fp32 in the default run, bf16 with --all.
     ext = bd != ATTN_DEFAULT_D or (count and dt == torch.bfloat16)
-    return Case(fn_name, "attention_triton", conf, ty, arch, _order(jit, args), ce,
-                cfg.num_warps, cfg.num_stages, True, chosen=chosen, quick=quick, extended=ext)
+    return Case(
+        fn_name,
+        "attention.triton",
+        conf,
+        ty,
+        arch,
+        _order(jit, args),
+        ce,
+        cfg.num_warps,
+        cfg.num_stages,
+        True,
+        chosen=chosen,
+        quick=quick,
+        extended=ext,
+    )
 
 
 def _attention_cases(archs):
     import torch
 
-    from r2d2.kernels import attention_triton as at
+    from r2d2.kernels.attention import triton as at
 
     cases = []
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -146,8 +228,11 @@ def _attention_cases(archs):
     def strides(L, D):  # contiguous [B, H, L, D] (unit stride in D becomes a constexpr 1)
         return (H * L * D, L * D, D, 1)
 
-    for kind, fn_name in (("fwd", "_attn_fwd_kernel"), ("dkdv", "_attn_bwd_dkdv_kernel"),
-                          ("dq", "_attn_bwd_dq_kernel")):
+    for kind, fn_name in (
+        ("fwd", "_attn_fwd_kernel"),
+        ("dkdv", "_attn_bwd_dkdv_kernel"),
+        ("dq", "_attn_bwd_dq_kernel"),
+    ):
         tuner = getattr(at, fn_name)
         jit = tuner.fn
         for arch in archs:
@@ -158,16 +243,32 @@ def _attention_cases(archs):
                     for has_mask, dropout, count in _ATTN_SWITCHES:
                         if count and bd != ATTN_DEFAULT_D:
                             continue  # test-only switch: one representative head dim
-                        kept_list = at.prune_configs(tuner.configs, kind, bd, dt.itemsize, arch,
-                                                     has_mask, dropout, count)
+                        kept_list = at.prune_configs(
+                            tuner.configs, kind, bd, dt.itemsize, arch, has_mask, dropout, count
+                        )
                         kept = {id(c) for c in kept_list}
                         first_kept = kept_list[0] if kept_list else None
                         for cfg in tuner.configs:
                             if at._shape(cfg) not in cands:
                                 continue  # the other element size's candidate
-                            cases.append(_attention_case(
-                                at, kind, fn_name, jit, cfg, dt, ty, arch, bd, has_mask, dropout,
-                                count, id(cfg) in kept, cfg is first_kept))
+                            cases.append(
+                                _attention_case(
+                                    at,
+                                    kind,
+                                    fn_name,
+                                    jit,
+                                    cfg,
+                                    dt,
+                                    ty,
+                                    arch,
+                                    bd,
+                                    has_mask,
+                                    dropout,
+                                    count,
+                                    id(cfg) in kept,
+                                    cfg is first_kept,
+                                )
+                            )
     # Preprocess (fixed BLOCK_M) and the test-only keep-mask kernel.
     for arch in archs:
         for dt in dtypes:
@@ -175,19 +276,49 @@ def _attention_cases(archs):
             for bd in block_ds:
                 bm = at.DELTA_BLOCK_M
                 args = dict(o_ptr="*" + ty, do_ptr="*" + ty, delta_ptr="*fp32")
-                args.update(dict(zip(["sob", "soh", "som", "sod", "sdb", "sdh", "sdm", "sdd"],
-                                     strides(Lq, bd) * 2)))
+                args.update(
+                    dict(
+                        zip(
+                            ["sob", "soh", "som", "sod", "sdb", "sdh", "sdm", "sdd"],
+                            strides(Lq, bd) * 2,
+                        )
+                    )
+                )
                 args.update(H=H, Lq=Lq, D=bd)
-                cases.append(Case("_attn_bwd_delta_kernel", "attention_triton", f"M{bm} D{bd} w4",
-                                  ty, arch, _order(at._attn_bwd_delta_kernel, args),
-                                  dict(BLOCK_M=bm, BLOCK_D=bd), 4, 3, False,
-                                  quick=bd == 64 and dt == torch.float16,
-                                  extended=bd != ATTN_DEFAULT_D))
-        cases.append(Case("_keep_mask_kernel", "attention_triton", "M16 N16 w4", "-", arch,
-                          _order(at._keep_mask_kernel,
-                                 dict(out_ptr="*u8", Lq=Lq, Lk=Lk, dropout_p=0.1, seed=1,
-                                      offset=2)),
-                          dict(BLOCK_M=16, BLOCK_N=16), 4, 3, False, quick=True))
+                cases.append(
+                    Case(
+                        "_attn_bwd_delta_kernel",
+                        "attention.triton",
+                        f"M{bm} D{bd} w4",
+                        ty,
+                        arch,
+                        _order(at._attn_bwd_delta_kernel, args),
+                        dict(BLOCK_M=bm, BLOCK_D=bd),
+                        4,
+                        3,
+                        False,
+                        quick=bd == 64 and dt == torch.float16,
+                        extended=bd != ATTN_DEFAULT_D,
+                    )
+                )
+        cases.append(
+            Case(
+                "_keep_mask_kernel",
+                "attention.triton",
+                "M16 N16 w4",
+                "-",
+                arch,
+                _order(
+                    at._keep_mask_kernel,
+                    dict(out_ptr="*u8", Lq=Lq, Lk=Lk, dropout_p=0.1, seed=1, offset=2),
+                ),
+                dict(BLOCK_M=16, BLOCK_N=16),
+                4,
+                3,
+                False,
+                quick=True,
+            )
+        )
     return cases
 
 
@@ -200,7 +331,7 @@ adds the d <= 16 and d <= 32 classes."""
 def _contrastive_cases(archs):
     import torch
 
-    from r2d2.kernels import contrastive_triton as ct
+    from r2d2.kernels.contrastive import triton as ct
 
     cases = []
     b = n = 1000  # not a multiple of 16: no extra alignment assumed
@@ -209,69 +340,154 @@ def _contrastive_cases(archs):
             t = ct.gpu_tiles(d)
             for dt in (torch.float16, torch.bfloat16, torch.float32):
                 ty = _TORCH_TO_TT[str(dt).split(".")[1]]
-                x = dict(q_ptr="*" + ty, k_ptr="*" + ty, tq_ptr="*" + ty, tk_ptr="*" + ty,
-                         rid_ptr="*i64", cid_ptr="*i64", s_ptr="*fp32")
+                x = dict(
+                    q_ptr="*" + ty,
+                    k_ptr="*" + ty,
+                    tq_ptr="*" + ty,
+                    tk_ptr="*" + ty,
+                    rid_ptr="*i64",
+                    cid_ptr="*i64",
+                    s_ptr="*fp32",
+                )
                 prec = "ieee" if dt == torch.float32 else "tf32"
                 tile = f"R{t.block_r} C{t.block_c} K{t.block_k}"
                 quick_d = d == 768 and dt != torch.bfloat16
                 ext = d != CONTRASTIVE_DEFAULT_D
                 for teacher in (False, True):
                     for neg in (False, True):
-                        args = dict(x, rp_ptr="*fp32", rgi_ptr="*i32", cp_ptr="*fp32",
-                                    cgi_ptr="*i32", b=b, n=n, D=d, TPC=3, row_off=1000,
-                                    col_off=2000, key_r=12345, key_c=678)
-                        ce = dict(HAS_TEACHER=teacher, NEG=neg, PREC=prec, BLOCK_R=t.block_r,
-                                  BLOCK_C=t.block_c, BLOCK_K=t.block_k)
+                        args = dict(
+                            x,
+                            rp_ptr="*fp32",
+                            rgi_ptr="*i32",
+                            cp_ptr="*fp32",
+                            cgi_ptr="*i32",
+                            b=b,
+                            n=n,
+                            D=d,
+                            TPC=3,
+                            row_off=1000,
+                            col_off=2000,
+                            key_r=12345,
+                            key_c=678,
+                        )
+                        ce = dict(
+                            HAS_TEACHER=teacher,
+                            NEG=neg,
+                            PREC=prec,
+                            BLOCK_R=t.block_r,
+                            BLOCK_C=t.block_c,
+                            BLOCK_K=t.block_k,
+                        )
                         w = ct.gpu_warps("fwd", d, arch, teacher, neg)
-                        conf = (f"d{d} {tile} w{w}" + (" teacher" if teacher else "")
-                                + (" neg" if neg else ""))
-                        cases.append(Case("_fwd_kernel", "contrastive_triton", conf, ty, arch,
-                                          _order(ct._fwd_kernel, args), ce, w,
-                                          ct.NUM_STAGES, True, quick=quick_d and teacher == neg,
-                                          extended=ext))
+                        conf = (
+                            f"d{d} {tile} w{w}"
+                            + (" teacher" if teacher else "")
+                            + (" neg" if neg else "")
+                        )
+                        cases.append(
+                            Case(
+                                "_fwd_kernel",
+                                "contrastive.triton",
+                                conf,
+                                ty,
+                                arch,
+                                _order(ct._fwd_kernel, args),
+                                ce,
+                                w,
+                                ct.NUM_STAGES,
+                                True,
+                                quick=quick_d and teacher == neg,
+                                extended=ext,
+                            )
+                        )
                     for grad in (False, True):
-                        for fn_name, gname, oname in (("_bwd_rows_kernel", "HAS_DQ", "dq_ptr"),
-                                                      ("_bwd_cols_kernel", "HAS_DK", "dk_ptr")):
+                        for fn_name, gname, oname in (
+                            ("_bwd_rows_kernel", "HAS_DQ", "dq_ptr"),
+                            ("_bwd_cols_kernel", "HAS_DK", "dk_ptr"),
+                        ):
                             fn = getattr(ct, fn_name)
-                            args = dict(x, rst_ptr="*fp32", cst_ptr="*fp32", coef_ptr="*fp32",
-                                        bco_ptr="*fp32")
+                            args = dict(
+                                x,
+                                rst_ptr="*fp32",
+                                cst_ptr="*fp32",
+                                coef_ptr="*fp32",
+                                bco_ptr="*fp32",
+                            )
                             args[oname] = "*fp32"
                             args["ds_ptr" if oname == "dq_ptr" else "dsc_ptr"] = "*fp32"
                             args.update(b=b, n=n, D=d, TPS=3, alpha=0.5)
-                            ce = dict(HAS_TEACHER=teacher, PREC=prec, SINGLE=d <= t.block_d,
-                                      LP=ct._LP_SCALE_FP16 if dt == torch.float16 else 1.0,
-                                      BLOCK_R=t.block_r, BLOCK_C=t.block_c, BLOCK_K=t.block_k,
-                                      BLOCK_D=t.block_d)
+                            ce = dict(
+                                HAS_TEACHER=teacher,
+                                PREC=prec,
+                                SINGLE=d <= t.block_d,
+                                LP=ct._LP_SCALE_FP16 if dt == torch.float16 else 1.0,
+                                BLOCK_R=t.block_r,
+                                BLOCK_C=t.block_c,
+                                BLOCK_K=t.block_k,
+                                BLOCK_D=t.block_d,
+                            )
                             ce[gname] = grad
-                            w = ct.gpu_warps("rows" if gname == "HAS_DQ" else "cols", d, arch,
-                                             teacher, False)
-                            conf = (f"d{d} {tile} D{t.block_d} w{w}"
-                                    + (" teacher" if teacher else "") + ("" if grad else " no-grad"))
-                            cases.append(Case(fn_name, "contrastive_triton", conf, ty, arch,
-                                              _order(fn, args), ce, w, ct.NUM_STAGES,
-                                              True, quick=quick_d and grad, extended=ext))
+                            w = ct.gpu_warps(
+                                "rows" if gname == "HAS_DQ" else "cols", d, arch, teacher, False
+                            )
+                            conf = (
+                                f"d{d} {tile} D{t.block_d} w{w}"
+                                + (" teacher" if teacher else "")
+                                + ("" if grad else " no-grad")
+                            )
+                            cases.append(
+                                Case(
+                                    fn_name,
+                                    "contrastive.triton",
+                                    conf,
+                                    ty,
+                                    arch,
+                                    _order(fn, args),
+                                    ce,
+                                    w,
+                                    ct.NUM_STAGES,
+                                    True,
+                                    quick=quick_d and grad,
+                                    extended=ext,
+                                )
+                            )
         for n_cols in ct.MERGE_N_CLASSES:
             block = ct.merge_block(n_cols)
             for init in (False, True):
                 for teacher in (False, True):
                     for neg in (False, True):
-                        args = dict(st_ptr="*fp32", sgi_ptr="*i32", p_ptr="*fp32", pgi_ptr="*i32",
-                                    n=n, P=3)
-                        conf = (f"BLOCK{block} w4" + (" init" if init else "")
-                                + (" teacher" if teacher else "") + (" neg" if neg else ""))
-                        cases.append(Case("_merge_kernel", "contrastive_triton", conf, "-", arch,
-                                          _order(ct._merge_kernel, args),
-                                          dict(INIT=init, HAS_TEACHER=teacher, NEG=neg,
-                                               BLOCK=block), 4, 3, False,
-                                          quick=block == 128 and teacher and neg and not init))
+                        args = dict(
+                            st_ptr="*fp32", sgi_ptr="*i32", p_ptr="*fp32", pgi_ptr="*i32", n=n, P=3
+                        )
+                        conf = (
+                            f"BLOCK{block} w4"
+                            + (" init" if init else "")
+                            + (" teacher" if teacher else "")
+                            + (" neg" if neg else "")
+                        )
+                        cases.append(
+                            Case(
+                                "_merge_kernel",
+                                "contrastive.triton",
+                                conf,
+                                "-",
+                                arch,
+                                _order(ct._merge_kernel, args),
+                                dict(INIT=init, HAS_TEACHER=teacher, NEG=neg, BLOCK=block),
+                                4,
+                                3,
+                                False,
+                                quick=block == 128 and teacher and neg and not init,
+                            )
+                        )
     return cases
 
 
 def _distill_cases(archs):
     import torch
 
-    from r2d2.kernels import distill_kl_triton as dk
     from r2d2.kernels.distill_kl import saved_grad_dtype
+    from r2d2.kernels.distill_kl import triton as dk
 
     cases = []
     for arch in archs:
@@ -286,20 +502,50 @@ def _distill_cases(archs):
                 acc = "fp64" if dt == torch.float64 else "fp32"
                 gty = _TORCH_TO_TT[str(saved_grad_dtype(dt)).split(".")[1]]
                 for grad in (False, True):
-                    args = dict(s_ptr="*" + ty, t_ptr="*" + ty, loss_ptr="*" + acc,
-                                grad_ptr="*" + gty, R=1000, C=cols, inv_t=0.5, t_sq=4.0,
-                                coef=2.0, inv_t_lo=1e-9, t_sq_lo=0.0, coef_lo=0.0)
-                    ce = dict(NEED_GRAD=grad, ONE_TILE=one_tile, BLOCK_R=block_r,
-                              BLOCK_C=block_c, ACC="tl.float64" if acc == "fp64" else "tl.float32")
-                    conf = (f"C<={block_c if one_tile else 'inf'} R{block_r} C{block_c} w{warps}"
-                            + (" one-tile" if one_tile else " streaming")
-                            + (" grad" if grad else ""))
-                    cases.append(Case("_distill_kl_fwd_kernel", "distill_kl_triton", conf, ty, arch,
-                                      _order(dk._distill_kl_fwd_kernel, args), ce, warps,
-                                      dk.NUM_STAGES, False,
-                                      quick=grad and dt == torch.float32
-                                      and cols in (768, dk.MAX_ONE_TILE, 2 * dk.MAX_ONE_TILE),
-                                      extended=dt == torch.float64))
+                    args = dict(
+                        s_ptr="*" + ty,
+                        t_ptr="*" + ty,
+                        loss_ptr="*" + acc,
+                        grad_ptr="*" + gty,
+                        R=1000,
+                        C=cols,
+                        inv_t=0.5,
+                        t_sq=4.0,
+                        coef=2.0,
+                        inv_t_lo=1e-9,
+                        t_sq_lo=0.0,
+                        coef_lo=0.0,
+                    )
+                    ce = dict(
+                        NEED_GRAD=grad,
+                        ONE_TILE=one_tile,
+                        BLOCK_R=block_r,
+                        BLOCK_C=block_c,
+                        ACC="tl.float64" if acc == "fp64" else "tl.float32",
+                    )
+                    conf = (
+                        f"C<={block_c if one_tile else 'inf'} R{block_r} C{block_c} w{warps}"
+                        + (" one-tile" if one_tile else " streaming")
+                        + (" grad" if grad else "")
+                    )
+                    cases.append(
+                        Case(
+                            "_distill_kl_fwd_kernel",
+                            "distill_kl.triton",
+                            conf,
+                            ty,
+                            arch,
+                            _order(dk._distill_kl_fwd_kernel, args),
+                            ce,
+                            warps,
+                            dk.NUM_STAGES,
+                            False,
+                            quick=grad
+                            and dt == torch.float32
+                            and cols in (768, dk.MAX_ONE_TILE, 2 * dk.MAX_ONE_TILE),
+                            extended=dt == torch.float64,
+                        )
+                    )
     return cases
 
 
@@ -344,8 +590,11 @@ def all_cases(archs, kernel_filter=None, quick=False, extended=True):
         cases = [c for c in cases if not c.extended]
     if kernel_filter:  # a full kernel name matches itself only, anything else as a substring
         names = {c.kernel for c in cases}
-        cases = [c for c in cases
-                 if any(c.kernel == k if k in names else k in c.kernel for k in kernel_filter)]
+        cases = [
+            c
+            for c in cases
+            if any(c.kernel == k if k in names else k in c.kernel for k in kernel_filter)
+        ]
     return cases
 
 
@@ -361,6 +610,7 @@ def _tools():
         if p.exists():
             return str(p)
         import shutil
+
         return shutil.which(name)
 
     return find("cuobjdump"), get_ptxas
@@ -373,6 +623,7 @@ def _res_cache() -> Path:
     global _RES_CACHE
     if _RES_CACHE is None:
         from triton import knobs
+
         _RES_CACHE = Path(knobs.cache.dir) / "r2d2_check_gpu_compile"
         _RES_CACHE.mkdir(parents=True, exist_ok=True)
     return _RES_CACHE
@@ -427,11 +678,27 @@ def compile_case(case: Case) -> dict:
     from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    row = dict(kernel=case.kernel, config=case.config, dtype=case.dtype, arch=case.arch,
-               num_warps=case.num_warps, num_stages=case.num_stages, uses_dot=case.uses_dot,
-               chosen=case.chosen, compiled=False, error="", shared=None, regs=None, stack=None,
-               spill_stores=None, spill_loads=None, spills=None, tensor_cores=None,
-               cuobjdump_regs=None, cuobjdump_stack=None)
+    row = dict(
+        kernel=case.kernel,
+        config=case.config,
+        dtype=case.dtype,
+        arch=case.arch,
+        num_warps=case.num_warps,
+        num_stages=case.num_stages,
+        uses_dot=case.uses_dot,
+        chosen=case.chosen,
+        compiled=False,
+        error="",
+        shared=None,
+        regs=None,
+        stack=None,
+        spill_stores=None,
+        spill_loads=None,
+        spills=None,
+        tensor_cores=None,
+        cuobjdump_regs=None,
+        cuobjdump_stack=None,
+    )
     mod = importlib.import_module(f"r2d2.kernels.{case.module}")
     fn = getattr(mod, case.kernel)
     jit = _jit(fn)
@@ -445,9 +712,11 @@ def compile_case(case: Case) -> dict:
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            k = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=ce, attrs=attrs),
-                               target=GPUTarget("cuda", case.arch, 32),
-                               options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+            k = triton.compile(
+                ASTSource(fn=jit, signature=sig, constexprs=ce, attrs=attrs),
+                target=GPUTarget("cuda", case.arch, 32),
+                options=dict(num_warps=case.num_warps, num_stages=case.num_stages),
+            )
     except Exception as e:  # noqa: BLE001 - any compiler error is a result
         msg = str(e).strip().splitlines()
         row["error"] = (type(e).__name__ + ": " + (msg[0] if msg else ""))[:300]
@@ -471,27 +740,37 @@ def compile_case(case: Case) -> dict:
         log = log.getvalue()
         if "Used" not in log:  # triton's cache had the cubin: run its ptxas again for the log
             # The flags of triton's make_cubin (nvidia backend), -v for the resource log.
-            cmd = [get_ptxas(case.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                   f"--gpu-name={sm_arch_from_capability(case.arch)}", str(ptx), "-o",
-                   str(Path(tmp) / "v.o")]
+            cmd = [
+                get_ptxas(case.arch).path,
+                "-lineinfo",
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(case.arch)}",
+                str(ptx),
+                "-o",
+                str(Path(tmp) / "v.o"),
+            ]
             log = subprocess.run(cmd, capture_output=True, text=True).stderr
         for key, rx in _PTXAS_RE.items():
             m = rx.search(log)
             res[key] = int(m.group(1)) if m else None
         res["spill_stores"], res["spill_loads"] = res.pop("spill_st"), res.pop("spill_ld")
         if cuobjdump:
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)],
-                                   capture_output=True, text=True).stdout
+            usage = subprocess.run(
+                [cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True, text=True
+            ).stdout
             m = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)
             if m:
                 res["cuobjdump_regs"], res["cuobjdump_stack"] = int(m.group(1)), int(m.group(2))
             if case.uses_dot:
-                sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
-                                      text=True).stdout
+                sass = subprocess.run(
+                    [cuobjdump, "-sass", str(cubin)], capture_output=True, text=True
+                ).stdout
                 ops = ("HMMA",) if case.arch < 90 else ("HGMMA", "HMMA")
                 res["tensor_cores"] = any(re.search(rf"\b{op}\b", sass) for op in ops)
-    res["spills"] = (None if res["spill_stores"] is None
-                     else res["spill_stores"] + res["spill_loads"])
+    res["spills"] = (
+        None if res["spill_stores"] is None else res["spill_stores"] + res["spill_loads"]
+    )
     cache.write_text(json.dumps(res))
     row.update(res)
     return _verdict(row)
@@ -539,12 +818,29 @@ def _verdict(row: dict) -> dict:
 def _skipped(case: Case) -> dict:
     """The row of a pruned configuration that is not compiled (the default: some of them take
     ptxas minutes, and the autotuner never runs them)."""
-    return dict(kernel=case.kernel, config=case.config, dtype=case.dtype, arch=case.arch,
-                num_warps=case.num_warps, num_stages=case.num_stages, uses_dot=case.uses_dot,
-                chosen=False, compiled=None, error="", shared=None, regs=None, stack=None,
-                spill_stores=None, spill_loads=None, spills=None, tensor_cores=None,
-                cuobjdump_regs=None, cuobjdump_stack=None, verdict="pruned",
-                problems="not compiled (--with-pruned compiles it)")
+    return dict(
+        kernel=case.kernel,
+        config=case.config,
+        dtype=case.dtype,
+        arch=case.arch,
+        num_warps=case.num_warps,
+        num_stages=case.num_stages,
+        uses_dot=case.uses_dot,
+        chosen=False,
+        compiled=None,
+        error="",
+        shared=None,
+        regs=None,
+        stack=None,
+        spill_stores=None,
+        spill_loads=None,
+        spills=None,
+        tensor_cores=None,
+        cuobjdump_regs=None,
+        cuobjdump_stack=None,
+        verdict="pruned",
+        problems="not compiled (--with-pruned compiles it)",
+    )
 
 
 def run_cases(cases, jobs, progress=True, with_pruned=False):
@@ -569,8 +865,12 @@ def run_cases(cases, jobs, progress=True, with_pruned=False):
 
 def _progress(i, n, r, t0):
     flag = "" if r["verdict"] == "ok" else f"  {r['verdict']}: {r['problems']}"
-    print(f"[{i}/{n} {time.time() - t0:5.0f}s] sm_{r['arch']} {r['kernel']} {r['dtype']} "
-          f"{r['config']}{flag}", file=sys.stderr, flush=True)
+    print(
+        f"[{i}/{n} {time.time() - t0:5.0f}s] sm_{r['arch']} {r['kernel']} {r['dtype']} "
+        f"{r['config']}{flag}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------------- reports
@@ -583,17 +883,21 @@ def _fmt(v):
 
 
 def table(rows) -> str:
-    head = ("| kernel | config | dtype | arch | compiled | shared bytes | regs | spills "
-            "| tensor cores | verdict |\n|---|---|---|---|---|---:|---:|---:|---|---|\n")
+    head = (
+        "| kernel | config | dtype | arch | compiled | shared bytes | regs | spills "
+        "| tensor cores | verdict |\n|---|---|---|---|---|---:|---:|---:|---|---|\n"
+    )
     lines = []
     for r in rows:
         verdict = r["verdict"] + (f" ({r['problems']})" if r["problems"] else "")
         if r["compiled"] is False:
             verdict += f": {r['error']}".replace("|", "/")
-        lines.append(f"| {r['kernel']} | {r['config']} | {r['dtype']} | sm_{r['arch']} "
-                     f"| {_fmt(r['compiled'])} | {_fmt(r['shared'])} | {_fmt(r['regs'])} "
-                     f"| {_fmt(r['spills'])} | {_tc(r)} "
-                     f"| {verdict} |")
+        lines.append(
+            f"| {r['kernel']} | {r['config']} | {r['dtype']} | sm_{r['arch']} "
+            f"| {_fmt(r['compiled'])} | {_fmt(r['shared'])} | {_fmt(r['regs'])} "
+            f"| {_fmt(r['spills'])} | {_tc(r)} "
+            f"| {verdict} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -602,21 +906,32 @@ def summary(rows) -> str:
     by = {}
     for r in rows:
         by.setdefault((r["kernel"], r["arch"]), []).append(r)
-    out.append("| kernel | arch | configs | ok | pruned | FAIL | max shared | max regs "
-               "| max spills | tensor cores |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    out.append(
+        "| kernel | arch | configs | ok | pruned | FAIL | max shared | max regs "
+        "| max spills | tensor cores |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
     for (kname, arch), rs in sorted(by.items()):
         chosen = [r for r in rs if r["chosen"]]
         comp = [r for r in chosen if r["compiled"]]
         tcs = [r["tensor_cores"] for r in comp if _needs_tc(r)]
-        tc = ("n/a" if not rs[0]["uses_dot"] else "-" if not tcs else
-              "yes (fp16/bf16)" if all(tcs) else "NO")
-        out.append(f"| {kname} | sm_{arch} | {len(rs)} | "
-                   f"{sum(r['verdict'] == 'ok' for r in rs)} | "
-                   f"{sum(r['verdict'] == 'pruned' for r in rs)} | "
-                   f"{sum(r['verdict'] == 'FAIL' for r in rs)} | "
-                   f"{max((r['shared'] for r in comp), default='-')} | "
-                   f"{max((r['regs'] or 0 for r in comp), default='-')} | "
-                   f"{max((r['spills'] or 0 for r in comp), default='-')} | {tc} |")
+        tc = (
+            "n/a"
+            if not rs[0]["uses_dot"]
+            else "-"
+            if not tcs
+            else "yes (fp16/bf16)"
+            if all(tcs)
+            else "NO"
+        )
+        out.append(
+            f"| {kname} | sm_{arch} | {len(rs)} | "
+            f"{sum(r['verdict'] == 'ok' for r in rs)} | "
+            f"{sum(r['verdict'] == 'pruned' for r in rs)} | "
+            f"{sum(r['verdict'] == 'FAIL' for r in rs)} | "
+            f"{max((r['shared'] for r in comp), default='-')} | "
+            f"{max((r['regs'] or 0 for r in comp), default='-')} | "
+            f"{max((r['spills'] or 0 for r in comp), default='-')} | {tc} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -636,41 +951,58 @@ def write_docs(rows, archs, elapsed, cmd_args=""):
     i = text.index("-->", i) + 3
     fails = sum(r["verdict"] == "FAIL" for r in rows)
     pruned = sum(r["verdict"] == "pruned" for r in rows)
-    body = (f"\nGenerated by `python scripts/check_gpu_compile.py --arch {' '.join(map(str, archs))}"
-            f"{cmd_args} --write-docs` with {versions()}, without a GPU, in {elapsed / 60:.0f} minutes on "
-            f"{os.cpu_count()} cores. {len(rows)} configurations: {len(rows) - fails - pruned} "
-            f"ok, {pruned} pruned (the attention autotuner's `prune_configs_by` never picks them on "
-            f"that arch: `attention_triton.prune_configs`), {fails} failing. "
-            f"{_EXTENDED.replace(chr(10), ' ')} Shared memory "
-            f"is per block (limit sm_80 {SMEM_LIMIT[80]}, sm_90 {SMEM_LIMIT[90]} bytes), "
-            f"registers and spill bytes (stores + loads) per thread from `ptxas -v`, registers "
-            f"cross-checked with `cuobjdump --dump-resource-usage`; tensor cores: HMMA (sm_80) "
-            f"or HGMMA/HMMA (sm_90) in the SASS of kernels that use `tl.dot`, required of fp16 / "
-            f"bf16 inputs (fp32 inputs use IEEE fp32 dots by design).\n\n"
-            f"Summary per kernel:\n\n{summary(rows)}\n<details><summary>Every configuration "
-            f"({len(rows)} rows)</summary>\n\n{table(rows)}\n</details>\n")
+    body = (
+        f"\nGenerated by `python scripts/check_gpu_compile.py --arch {' '.join(map(str, archs))}"
+        f"{cmd_args} --write-docs` with {versions()}, without a GPU, in {elapsed / 60:.0f} minutes on "
+        f"{os.cpu_count()} cores. {len(rows)} configurations: {len(rows) - fails - pruned} "
+        f"ok, {pruned} pruned (the attention autotuner's `prune_configs_by` never picks them on "
+        f"that arch: `attention/triton.py: prune_configs`), {fails} failing. "
+        f"{_EXTENDED.replace(chr(10), ' ')} Shared memory "
+        f"is per block (limit sm_80 {SMEM_LIMIT[80]}, sm_90 {SMEM_LIMIT[90]} bytes), "
+        f"registers and spill bytes (stores + loads) per thread from `ptxas -v`, registers "
+        f"cross-checked with `cuobjdump --dump-resource-usage`; tensor cores: HMMA (sm_80) "
+        f"or HGMMA/HMMA (sm_90) in the SASS of kernels that use `tl.dot`, required of fp16 / "
+        f"bf16 inputs (fp32 inputs use IEEE fp32 dots by design).\n\n"
+        f"Summary per kernel:\n\n{summary(rows)}\n<details><summary>Every configuration "
+        f"({len(rows)} rows)</summary>\n\n{table(rows)}\n</details>\n"
+    )
     DOCS.write_text(text[:i] + body + text[j:])
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=_EXTENDED,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=_EXTENDED,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--kernel", nargs="+", help="only kernels whose name contains one of these")
     ap.add_argument("--quick", action="store_true", help="a representative subset")
-    ap.add_argument("--all", action="store_true",
-                    help="also the head dims, dtypes and classes R2D2 does not launch (see below)")
-    ap.add_argument("--cold", action="store_true",
-                    help="compile in a fresh temporary triton cache (and results cache), to time "
-                         "a cold run")
+    ap.add_argument(
+        "--all",
+        action="store_true",
+        help="also the head dims, dtypes and classes R2D2 does not launch (see below)",
+    )
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="compile in a fresh temporary triton cache (and results cache), to time a cold run",
+    )
     ap.add_argument("--json", help="write the rows to this file")
-    ap.add_argument("--write-docs", action="store_true",
-                    help=f"replace the triton-table block of {DOCS.relative_to(ROOT)}")
+    ap.add_argument(
+        "--write-docs",
+        action="store_true",
+        help=f"replace the triton-table block of {DOCS.relative_to(ROOT)}",
+    )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--with-pruned", action="store_true",
-                    help="also compile the configurations the autotuner prunes on each arch")
-    ap.add_argument("--summary-only", action="store_true",
-                    help="print the per-kernel summary, not every row")
+    ap.add_argument(
+        "--with-pruned",
+        action="store_true",
+        help="also compile the configurations the autotuner prunes on each arch",
+    )
+    ap.add_argument(
+        "--summary-only", action="store_true", help="print the per-kernel summary, not every row"
+    )
     a = ap.parse_args(argv)
     if a.cold:  # read when first used, in this process and the workers it forks
         cold = tempfile.TemporaryDirectory(prefix="r2d2-triton-cold-")
@@ -682,24 +1014,34 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     cases = all_cases(a.arch, a.kernel, a.quick, extended=a.all)
-    print(f"check_gpu_compile: {len(cases)} compiles, {a.jobs} processes, {versions()}",
-          file=sys.stderr, flush=True)
+    print(
+        f"check_gpu_compile: {len(cases)} compiles, {a.jobs} processes, {versions()}",
+        file=sys.stderr,
+        flush=True,
+    )
     rows = run_cases(cases, a.jobs, with_pruned=a.with_pruned)
     elapsed = time.time() - t0
     if not a.summary_only:
         print(table(rows))
     print(summary(rows))
     fails = [r for r in rows if r["verdict"] == "FAIL"]
-    print(f"{len(rows)} compiles in {elapsed:.0f} s: {len(rows) - len(fails)} pass "
-          f"({sum(r['verdict'] == 'pruned' for r in rows)} of them pruned), {len(fails)} fail")
+    print(
+        f"{len(rows)} compiles in {elapsed:.0f} s: {len(rows) - len(fails)} pass "
+        f"({sum(r['verdict'] == 'pruned' for r in rows)} of them pruned), {len(fails)} fail"
+    )
     for r in fails:
-        print(f"FAIL sm_{r['arch']} {r['kernel']} {r['dtype']} {r['config']}: {r['problems']}"
-              + (f" {r['error']}" if r["error"] else ""))
+        print(
+            f"FAIL sm_{r['arch']} {r['kernel']} {r['dtype']} {r['config']}: {r['problems']}"
+            + (f" {r['error']}" if r["error"] else "")
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.write_docs:
-        extra = (" --kernel " + " ".join(a.kernel) if a.kernel else "") + (
-            " --quick" if a.quick else "") + (" --all" if a.all else "")
+        extra = (
+            (" --kernel " + " ".join(a.kernel) if a.kernel else "")
+            + (" --quick" if a.quick else "")
+            + (" --all" if a.all else "")
+        )
         write_docs(rows, a.arch, elapsed, extra)
     return 1 if fails else 0
 

@@ -2,7 +2,7 @@
 
 GPU: eager vs triton vs cuda in bf16 at (4096, 4096) and (8192, 32768): the first takes the
       kernels' one-pass path (the row fits one tile / the block's registers), the second their
-      two-pass path (see distill_kl_triton.py and csrc/distill_kl/distill_kl_kernel.cu).
+      two-pass path (see distill_kl/triton.py and csrc/distill_kl/distill_kl_kernel.cu).
 CPU: eager vs cpp in fp32 at (256, 4096) (so the script and the C++ path are exercised in CI);
       never read these as GPU numbers.
 ``--shape RxC`` (repeatable) and ``--dtype`` replace those defaults.

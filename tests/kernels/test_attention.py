@@ -100,7 +100,7 @@ def test_triton_fully_masked_rows_are_zero_with_zero_grads():
 
 @needs_triton
 def test_triton_writes_every_output_element():
-    from r2d2.kernels import attention_triton as at
+    from r2d2.kernels.attention import triton as at
 
     q, k, v, m = make_inputs(2, 2, 19, 37, 80, mask="random")
     q, k, v = q.detach(), k.detach(), v.detach()
@@ -117,7 +117,7 @@ def test_triton_writes_every_output_element():
 @needs_triton
 def test_triton_skips_padding_tiles_and_ignores_padding_slots():
     """Deleting the padding skip, or reading a padded key's K/V into the math, fails here."""
-    from r2d2.kernels import attention_triton as at
+    from r2d2.kernels.attention import triton as at
 
     (cfg,) = at._configs("fwd")  # the interpreter's single config
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -155,7 +155,7 @@ def test_triton_skips_padding_tiles_and_ignores_padding_slots():
 
 @needs_triton
 def test_triton_dropout_keep_fraction_and_exact_backward():
-    from r2d2.kernels import attention_triton as at
+    from r2d2.kernels.attention import triton as at
 
     B, H, Lq, Lk, D, p = 2, 2, 23, 45, 32, 0.3
     q, k, v, m = make_inputs(B, H, Lq, Lk, D, mask="random")
@@ -365,7 +365,7 @@ def test_gpu_dropout_exact_against_shared_philox_mask(backend, dtype):
     # so the Triton mask generator gives the exact mask the CUDA kernels used, too. fp16/bf16 run
     # the CUDA kernels' WMMA path (fp32 runs their FMA fallback); D = 64, Lk = 70 spans a full
     # and a partial 64-key tile.
-    from r2d2.kernels import attention_triton as at
+    from r2d2.kernels.attention import triton as at
 
     B, H, Lq, Lk, D, p = 2, 2, 33, 70, 64, 0.2
     q, k, v, m = make_inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask="random")
@@ -489,7 +489,7 @@ def test_cuda_dropout_stream_equals_triton_on_host(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from r2d2.kernels import attention_triton as at
+    from r2d2.kernels.attention import triton as at
 
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:

@@ -28,7 +28,7 @@ TOL32 = (2e-5, 2e-5, 1e-4)
 
 
 def _tiles(**kw):
-    from r2d2.kernels import contrastive_triton as K
+    from r2d2.kernels.contrastive import triton as K
 
     if HAS_CUDA:
         return K.Tiles(**kw)
@@ -56,8 +56,8 @@ def _inputs(b, d, *, ids, alpha, scale, dtype=torch.float32, device=DEV):
 
 
 def _fused(img, txt, s, kw, tiles, *, neg=False, seed=0, kern=None):
-    from r2d2.kernels import contrastive_triton
     from r2d2.kernels.contrastive import distributed as contrastive_dist
+    from r2d2.kernels.contrastive import triton as contrastive_triton
 
     keys = (C.seed_key(seed, 0), C.seed_key(seed, 1)) if neg else (0, 0)
     return contrastive_dist.fused_contrastive(
@@ -162,8 +162,8 @@ def test_grid_plans_and_poisoned_buffers(programs, budget, monkeypatch):
 def test_split_columns_merge_to_one_pass(monkeypatch):
     """Feeding the columns in blocks (what a ring hop does) and merging the states gives the
     state of one pass; rows and columns both checked against torch, buffers poisoned."""
-    from r2d2.kernels import contrastive_triton as K
     from r2d2.kernels.contrastive import distributed as CD
+    from r2d2.kernels.contrastive import triton as K
 
     monkeypatch.setattr(CD, "POISON", True)
     b, n, d = 37, 45, 16
@@ -244,8 +244,8 @@ def test_split_columns_merge_to_one_pass(monkeypatch):
 def test_alpha_zero_weights_the_teacher_out_in_the_kernels():
     """The kernels given teacher features with alpha = 0 compute the teacher statistics and must
     weight them out: loss and gradients equal the no-teacher ones (and differ at alpha = 0.4)."""
-    from r2d2.kernels import contrastive_triton as K
     from r2d2.kernels.contrastive import distributed as CD
+    from r2d2.kernels.contrastive import triton as K
 
     img, txt, s, kw = _inputs(19, 16, ids="repeated", alpha=0.4, scale=20.0)
 
@@ -333,8 +333,8 @@ def test_sampler_law_is_softmax_without_same_ids(backend, direction):
         )
         assert _chi_square_pvalue(draws, probs) > 1e-3
         return
-    from r2d2.kernels import contrastive_triton as K
     from r2d2.kernels.contrastive import distributed as CD
+    from r2d2.kernels.contrastive import triton as K
 
     # Unit vectors with q . k = logit (scale 1): the R copies are the images (i2t: each draws a
     # text) or the texts (t2i: each text draws an image).
@@ -405,7 +405,7 @@ if triton_ok:
     import triton
     import triton.language as tl
 
-    from r2d2.kernels.contrastive_triton import _gumbel_tl
+    from r2d2.kernels.contrastive.triton import _gumbel_tl
 
     @triton.jit
     def _noise_kernel(out_ptr, rows_ptr, cols_ptr, key, N: tl.constexpr):
@@ -586,9 +586,9 @@ def test_gpu_cuda_equals_triton_on_plans(monkeypatch):
     """The CUDA kernels on several grids (programs 1 / 5 / default, a tiny budget) against
     Triton's, fp32: same loss, gradients, negatives; buffers poisoned (every slot must be written)."""
     _gpu_backend("cuda")
-    from r2d2.kernels import contrastive_triton as KT
     from r2d2.kernels.contrastive import cuda as KC
     from r2d2.kernels.contrastive import distributed as CD
+    from r2d2.kernels.contrastive import triton as KT
 
     img, txt, s, kw = _inputs(333, 200, ids="repeated", alpha=0.4, scale=30.0, device="cuda")
     base = _fused(img, txt, s, kw, KT.Tiles(), neg=True, seed=2)
@@ -663,7 +663,7 @@ def test_merges_of_blocks_equal_one_pass(backend, monkeypatch):
 
         tiles, dev, (b, n, d) = K.Tiles(programs=4), "cuda", (37, 150, 70)
     else:
-        from r2d2.kernels import contrastive_triton as K
+        from r2d2.kernels.contrastive import triton as K
 
         tiles, dev, (b, n, d) = _tiles(), DEV, (37, 70, 40)
     monkeypatch.setattr(CD, "POISON", True)

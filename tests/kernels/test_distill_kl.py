@@ -261,7 +261,7 @@ def test_saved_gradient_dtype(backend):
     need_backend(backend)
     fwd = {"cpp": torch.ops.r2d2.distill_kl_fwd if HAS_OP else None}.get(backend)
     if backend == "triton":
-        from r2d2.kernels import distill_kl_triton
+        from r2d2.kernels.distill_kl import triton as distill_kl_triton
 
         fwd = distill_kl_triton.fwd
     for dtype, want in (
@@ -280,7 +280,7 @@ def test_saved_gradient_dtype(backend):
 
 def test_triton_one_tile_up_to_16384_columns():
     need_backend("triton")
-    from r2d2.kernels import distill_kl_triton as k
+    from r2d2.kernels.distill_kl import triton as k
 
     for cols in (1, 7, 1000, 4096, 16384):
         assert k._blocks(cols)[3], cols
@@ -331,7 +331,7 @@ def test_temperature_rejections_say_what_is_accepted():
 
 def test_triton_launcher_validates_its_arguments():
     need_backend("triton")
-    from r2d2.kernels import distill_kl_triton as k
+    from r2d2.kernels.distill_kl import triton as k
 
     s, t = torch.randn(4, 9), torch.randn(4, 9)
     loss, grad = torch.empty(4), torch.empty(4, 9)
@@ -402,7 +402,7 @@ def _poisoned_launch(backend, s, t, temperature, grad_scale):
     row_loss = torch.full((rows,), float("nan"), dtype=loss_dtype, device=s.device)
     grad = torch.full(s.shape, float("nan"), dtype=saved_grad_dtype(s.dtype), device=s.device)
     if backend == "triton":
-        from r2d2.kernels import distill_kl_triton
+        from r2d2.kernels.distill_kl import triton as distill_kl_triton
 
         distill_kl_triton.launch(s, t, temperature, grad_scale, row_loss, grad)
     else:

@@ -38,7 +38,7 @@ def test_gpu_triton_attention_beyond_2_31_elements():
     # 131100 x 16 x 16 x 64 = 2.15e9 elements per tensor (4.3 GB fp16; ~35 GB in all): the last
     # (batch, head)'s base offset is past 2^31, where int32 pointer math wraps. L = 16 keeps the
     # FLOPs small (they grow with L, the elements do not have to).
-    from r2d2.kernels import attention_triton as at
+    from r2d2.kernels.attention import triton as at
 
     if torch.cuda.get_device_properties(0).total_memory < 64 * 2**30:
         pytest.skip("needs a 64 GiB GPU (~35 GB in use)")
@@ -69,7 +69,7 @@ def test_gpu_triton_attention_fp32_head_dim_256():
 def test_gpu_triton_attention_tile_count_on_first_call():
     # The autotuner runs each config on the caller's arguments; restore_value puts the tile
     # counter back, so the first call's count is the chosen config's.
-    from r2d2.kernels import attention_triton as at
+    from r2d2.kernels.attention import triton as at
 
     B, H, Lq, Lk, D = 3, 2, 83, 3 * 64 + 5, 64  # an Lq no other test tunes
     q, k, v, _ = make_inputs(B, H, Lq, Lk, D, dtype=torch.float16, device="cuda", mask=None)

@@ -19,7 +19,7 @@ Backends (see dispatch.py), one module each:
   eager     reference.py ``attention_ref``: fp32 math, the spec and the test oracle.
   sdpa      library.py: torch SDPA with a boolean mask.
   xformers  library.py: ``memory_efficient_attention`` with an additive bias.
-  triton    attention_triton.py: flash-style forward with per-tile padding skip, LSE-recompute
+  triton    attention/triton.py: flash-style forward with per-tile padding skip, LSE-recompute
             backward, Philox dropout.
   cuda      cuda.py over csrc/attention (CUDA builds only).
   auto      CPU (and any non-CUDA device): sdpa, never the Triton interpreter. CUDA: per shape
@@ -109,8 +109,7 @@ def _check(q, k, v, key_padding_mask):
 
 def _triton_fns():
     # Imports triton: only when this backend runs, so the package works without triton.
-    # moved into attention/triton.py after the tile work lands
-    from r2d2.kernels import attention_triton as triton_impl
+    from r2d2.kernels.attention import triton as triton_impl
 
     return triton_impl.fwd, triton_impl.bwd
 

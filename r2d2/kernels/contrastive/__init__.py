@@ -18,7 +18,7 @@ softmax / gradient copies); it is the spec, the test oracle and the CPU fallback
 backends never hold a ``[b, B]`` buffer: they stream tiles of the one similarity ``s I_l T^T`` per
 rank (the i2t rows and the t2i columns of it, both from the same pass; distributed.py has the
 state, the modes, the autograd and the exact memory each holds):
-  triton   contrastive_triton.py: tensor-core dots, fp32 accumulation
+  triton   contrastive/triton.py: tensor-core dots, fp32 accumulation
   cuda     csrc/contrastive/ via cuda.py: the same design on CUDA cores (fp32 math)
 ``auto`` on a GPU picks triton first (tensor cores; the CUDA kernels are the plain CUDA-core twin),
 then cuda, then eager; on CPU it is eager (the interpreter is for tests). Extra memory of the
@@ -227,8 +227,7 @@ def contrastive_loss(
         )
     if picked == "triton":
         # Imports triton: only when this backend runs, so the package works without triton.
-        # moved into contrastive/triton.py after the tile work lands
-        from r2d2.kernels import contrastive_triton as kern
+        from r2d2.kernels.contrastive import triton as kern
     else:
         kern = cuda_impl
     keys = (0, 0)

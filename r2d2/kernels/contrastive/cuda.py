@@ -1,4 +1,4 @@
-"""GCPR contrastive loss, CUDA launcher: the kernel API of contrastive_triton.py (``geometry``,
+"""GCPR contrastive loss, CUDA launcher: the kernel API of contrastive/triton.py (``geometry``,
 ``launch_fwd``, ``launch_merge``, ``launch_bwd_rows``, ``launch_bwd_cols``; see
 distributed.py) over the compiled ops ``torch.ops.r2d2.contrastive_{fwd, merge, bwd_rows,
 bwd_cols}`` (csrc/contrastive/), so the autograd and the gather / ring drivers serve both

@@ -1,6 +1,6 @@
 """Fused GCPR: streaming state, tile plans, autograd, one process and distributed (gather, ring).
 
-A backend module (contrastive_triton.py, cuda.py) provides the tiled kernels over one
+A backend module (contrastive/triton.py, cuda.py) provides the tiled kernels over one
 similarity ``S = s * Q K^T``: rows ``Q`` = this rank's images ``[b, d]``, columns ``K`` = texts
 ``[n, d]`` (all B in gather mode, one rank's block per ring hop). Its API:
 

@@ -5,7 +5,7 @@ references: hard targets, the counter-based Gumbel noise every backend draws, ha
 ``compute_dtype`` (fp32 by default); the package docstring has the math. The noise is a 32-bit
 integer hash of (key, global row, global column), so that the fused kernels (which draw it tile
 by tile, on any rank, in any ring order) and this reference draw the very same numbers; the
-kernels' twins are ``_gumbel_tl`` in contrastive_triton.py and ``gumbel()`` in csrc/contrastive.
+kernels' twins are ``_gumbel_tl`` in contrastive/triton.py and ``gumbel()`` in csrc/contrastive.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def gumbel_noise(key: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tens
     The uniform is u = (k + 1/2) / 2^24 with k the hash's top 24 bits, so u lies strictly inside
     (0, 1) and the noise is finite for every hash: -2.86 <= g <= 17.33. It is evaluated in fp32
     from exact inputs: u itself below 1/2 (-log u), v = 1 - u above (-log u by the atanh series,
-    no log of a number near 1). The kernels (contrastive_triton._gumbel_tl, the CUDA
+    no log of a number near 1). The kernels (contrastive.triton._gumbel_tl, the CUDA
     gumbel()) run the same steps. Departures from an exact Gumbel sample: the 2^24-point grid of u
     (so the tails are cut at those bounds) and fp32 rounding of g (about 1e-6)."""
     r = rows.to(torch.int64)[:, None] & _U32

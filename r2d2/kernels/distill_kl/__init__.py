@@ -11,7 +11,7 @@ The ``T^2`` factor keeps gradient magnitudes independent of T (Hinton et al., 20
 is a constant: it receives no gradient (its logits come from the EMA teacher under no_grad).
 
 Backends (see dispatch.py): ``eager`` is ``distill_kl_ref`` (reference.py; fp32 math, the spec and
-test oracle); ``triton`` (distill_kl_triton.py), ``cuda`` and ``cpp`` (cuda.py over r2d2._C,
+test oracle); ``triton`` (distill_kl/triton.py), ``cuda`` and ``cpp`` (cuda.py over r2d2._C,
 csrc/distill_kl/) stream each row once with online max/sum for both distributions and, when the
 student needs a gradient, write ``d row_loss / d student = T * (q - p)`` during the forward (from
 registers for rows that fit one tile; wider rows are read a second time, see the kernel files).
@@ -60,7 +60,7 @@ import torch
 
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
 from r2d2.kernels.distill_kl import cuda as cuda_impl
-from r2d2.kernels.distill_kl.reference import (  # saved_grad_dtype: distill_kl_triton imports it
+from r2d2.kernels.distill_kl.reference import (  # saved_grad_dtype: public, as before
     DTYPES,
     REDUCTIONS,
     distill_kl_ref,
@@ -142,8 +142,7 @@ def _validate(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> N
 
 def _fwd_triton(student, teacher, temperature, grad_scale, need_grad):
     # Imports triton: only when this backend runs, so the package works without triton.
-    # moved into distill_kl/triton.py after the tile work lands
-    from r2d2.kernels import distill_kl_triton as triton_impl
+    from r2d2.kernels.distill_kl import triton as triton_impl
 
     return triton_impl.fwd(student, teacher, temperature, grad_scale, need_grad)
 

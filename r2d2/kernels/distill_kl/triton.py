@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from r2d2.kernels.dispatch import triton_interpret
-from r2d2.kernels.distill_kl import saved_grad_dtype
+from r2d2.kernels.distill_kl.reference import saved_grad_dtype
 
 
 @triton.jit

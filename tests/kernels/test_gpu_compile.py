@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "check_gpu_compile.py"
 
 
@@ -29,8 +29,14 @@ def _env():
 
 
 def _py(code: str, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _backend_missing() -> str | None:
@@ -51,8 +57,14 @@ def backend():
 
 def _run(args, tmp_path, timeout=900):
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(out), "--summary-only"],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--json", str(out), "--summary-only"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     rows = json.loads(out.read_text()) if out.exists() else []
     return r, rows
 
@@ -60,8 +72,10 @@ def _run(args, tmp_path, timeout=900):
 def _assert_rows_ok(rows):
     assert rows
     bad = [r for r in rows if r["chosen"] and r["verdict"] != "ok"]
-    assert not bad, "\n".join(f"sm_{r['arch']} {r['kernel']} {r['dtype']} {r['config']}: "
-                              f"{r['problems']} {r['error']}" for r in bad)
+    assert not bad, "\n".join(
+        f"sm_{r['arch']} {r['kernel']} {r['dtype']} {r['config']}: {r['problems']} {r['error']}"
+        for r in bad
+    )
     for r in rows:
         if not r["chosen"]:
             continue
@@ -79,9 +93,16 @@ def test_quick_subset_compiles_for_sm80_sm90(backend, tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     _assert_rows_ok(rows)
     kernels = {x["kernel"] for x in rows}
-    for k in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_fwd_kernel",
-              "_bwd_rows_kernel", "_bwd_cols_kernel", "_merge_kernel",
-              "_distill_kl_fwd_kernel"):
+    for k in (
+        "_attn_fwd_kernel",
+        "_attn_bwd_dkdv_kernel",
+        "_attn_bwd_dq_kernel",
+        "_fwd_kernel",
+        "_bwd_rows_kernel",
+        "_bwd_cols_kernel",
+        "_merge_kernel",
+        "_distill_kl_fwd_kernel",
+    ):
         assert k in kernels
     assert {x["arch"] for x in rows} == {80, 90}
 
@@ -98,7 +119,7 @@ def test_oversized_config_is_reported_failing(backend, tmp_path):
     tiles needs ~256 KB of shared memory, more than sm_80 gives a block."""
     code = f"""
 import sys, dataclasses, json
-sys.path.insert(0, {str(ROOT / 'scripts')!r})
+sys.path.insert(0, {str(ROOT / "scripts")!r})
 import check_gpu_compile as g
 c = [c for c in g.all_cases([80], ['_fwd_kernel'])
      if c.dtype == 'fp16' and 'd768' in c.config and 'teacher' not in c.config
@@ -122,7 +143,7 @@ def test_attention_pruning_is_what_the_autotuner_uses():
     GPU's arch; on CPU tensors (the interpreter) it keeps every config."""
     code = """
 import torch
-from r2d2.kernels import attention_triton as at
+from r2d2.kernels.attention import triton as at
 
 class FakeCuda:  # what the hook reads of q: a CUDA tensor of this element size
     is_cuda = True
@@ -167,7 +188,7 @@ def test_attention_every_class_keeps_a_config():
     measured exceptions (``_SPILLS``) name real candidates."""
     code = """
 import itertools
-from r2d2.kernels import attention_triton as at
+from r2d2.kernels.attention import triton as at
 for key, by_arch in at._SPILLS.items():
     kind, bits, bd, shape = key
     assert shape in at._SHAPES[(kind, bits)] and bd in at.block_d_choices(), key
@@ -196,8 +217,11 @@ def test_pruned_attention_configs_fail_and_kept_ones_pass(backend, tmp_path):
     """Every attention config that fails on an arch is one prune_configs drops there (so the
     autotuner never picks it): every head dim, dtype and switch (--all), pruned ones compiled
     too. About 1,500 compiles: hours on 2 cores."""
-    r, rows = _run(["--arch", "80", "90", "--kernel", "_attn_", "--all", "--with-pruned"],
-                   tmp_path, timeout=4 * 3600)
+    r, rows = _run(
+        ["--arch", "80", "90", "--kernel", "_attn_", "--all", "--with-pruned"],
+        tmp_path,
+        timeout=4 * 3600,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert any(x["verdict"] == "pruned" for x in rows)
     _assert_rows_ok(rows)

@@ -58,14 +58,32 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 # fp16 / bf16 (tensor-core dots), "32" for fp32 (IEEE dots on the FMA units). The autotuner holds
 # their union; ``prune_configs`` keeps those of the call's element size that fit its class.
 _SHAPES = {
-    ("fwd", 16): [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
-                  (32, 32, 4, 1)],
+    ("fwd", 16): [
+        (64, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 32, 4, 3),
+        (64, 32, 4, 2),
+        (32, 64, 4, 2),
+        (32, 32, 4, 1),
+    ],
     # dK/dV: BLOCK_N keys held per program, BLOCK_M queries streamed.
-    ("dkdv", 16): [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
-                   (32, 32, 4, 1), (32, 32, 8, 1)],
+    ("dkdv", 16): [
+        (32, 64, 4, 2),
+        (64, 64, 4, 2),
+        (32, 128, 8, 2),
+        (64, 128, 8, 2),
+        (32, 32, 4, 1),
+        (32, 32, 8, 1),
+    ],
     # dQ: BLOCK_M queries held, BLOCK_N keys streamed.
-    ("dq", 16): [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (32, 32, 4, 1),
-                 (32, 32, 8, 1)],
+    ("dq", 16): [
+        (64, 32, 4, 2),
+        (64, 64, 4, 2),
+        (128, 32, 8, 2),
+        (128, 64, 8, 2),
+        (32, 32, 4, 1),
+        (32, 32, 8, 1),
+    ],
     # fp32: compiled for sm_80 (triton 3.9, scripts/check_gpu_compile.py --with-pruned), every
     # tile larger than 32 x 32 spills at D >= 64 (forward 300-34,292 bytes a thread, dK/dV
     # 32,280-73,196, dQ 752-50,908; at D = 32 most of them too), so fp32 gets unpipelined 32 x 32
@@ -82,10 +100,15 @@ _SHAPES = {
 # ``_SPILLS`` says (a 32 x 32 one is kept there). dQ at D = 256 uses 16 x 16: 16 x 32 spills at
 # 4 warps (sm_80 64-88 bytes with dropout, sm_90 4,316-5,200 without) and at 8 warps (sm_80 32
 # with the mask alone).
-_FP32_NARROW = {("fwd", 128): (16, 32, 8, 1), ("fwd", 256): (16, 32, 8, 1),
-                ("dkdv", 128): (32, 16, 8, 1), ("dkdv", 256): (32, 16, 8, 1),
-                ("dq", 32): (16, 32, 4, 1), ("dq", 128): (16, 32, 4, 1),
-                ("dq", 256): (16, 16, 4, 1)}
+_FP32_NARROW = {
+    ("fwd", 128): (16, 32, 8, 1),
+    ("fwd", 256): (16, 32, 8, 1),
+    ("dkdv", 128): (32, 16, 8, 1),
+    ("dkdv", 256): (32, 16, 8, 1),
+    ("dq", 32): (16, 32, 4, 1),
+    ("dq", 128): (16, 32, 4, 1),
+    ("dq", 256): (16, 16, 4, 1),
+}
 
 
 def _configs(kind: str) -> list[triton.Config]:
@@ -95,8 +118,10 @@ def _configs(kind: str) -> list[triton.Config]:
     if triton_interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     shapes = list(dict.fromkeys(_SHAPES[(kind, 16)] + _SHAPES[(kind, 32)]))
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in shapes
+    ]
 
 
 def block_d_choices() -> list[int]:
@@ -192,8 +217,16 @@ _SPILLS: dict[tuple, dict[str, tuple[str, ...]]] = {
 }
 
 
-def prune_configs(configs, kind: str, block_d: int, itemsize: int, arch: int,
-                  has_mask: bool = True, dropout: bool = True, count_tiles: bool = False):
+def prune_configs(
+    configs,
+    kind: str,
+    block_d: int,
+    itemsize: int,
+    arch: int,
+    has_mask: bool = True,
+    dropout: bool = True,
+    count_tiles: bool = False,
+):
     """The configs of ``configs`` that kernel ``kind`` may run at ``BLOCK_D`` and element size
     ``itemsize``, with or without a key-padding mask, dropout and the tests' tile counter, on
     compute capability ``arch`` (major * 10 + minor). Pure: the autotuner's early_config_prune
@@ -216,13 +249,18 @@ def prune_configs(configs, kind: str, block_d: int, itemsize: int, arch: int,
         shape = _shape(c)
         if shape not in cands:
             continue
-        regs, shared = gpu_footprint(kind, shape[0], shape[1], block_d, itemsize, shape[2],
-                                     shape[3])
+        regs, shared = gpu_footprint(
+            kind, shape[0], shape[1], block_d, itemsize, shape[2], shape[3]
+        )
         if regs > HELD_REGS or shared > smem or _spills_by_rule(kind, bits, block_d, shape):
             continue
         when = _SPILLS.get((kind, bits, block_d, shape), {}).get(gen, ())
-        if ("any" in when or ("mask" in when and has_mask) or ("dropout" in when and dropout)
-                or ("count" in when and count_tiles)):
+        if (
+            "any" in when
+            or ("mask" in when and has_mask)
+            or ("dropout" in when and dropout)
+            or ("count" in when and count_tiles)
+        ):
             continue
         kept.append(c)
     return kept
@@ -235,8 +273,9 @@ HELD_REGS = 128
 resident operands); the rest of the 255 go to the streamed tiles, scores and addresses."""
 
 
-def gpu_footprint(kind: str, bm: int, bn: int, block_d: int, itemsize: int, warps: int,
-                  stages: int) -> tuple[int, int]:
+def gpu_footprint(
+    kind: str, bm: int, bn: int, block_d: int, itemsize: int, warps: int, stages: int
+) -> tuple[int, int]:
     """(registers a thread holds across the loop, shared bytes of the streamed and resident
     tiles) of kernel ``kind``: fwd holds q and the fp32 o accumulator (BLOCK_M rows) and streams
     k, v; dK/dV holds k, v and two fp32 accumulators (BLOCK_N rows) and streams q, dO; dQ holds
@@ -261,10 +300,18 @@ def _early_prune(kind: str):
         if not q.is_cuda:
             return configs
         major, minor = torch.cuda.get_device_capability(q.device)
-        kept = prune_configs(configs, kind, kwargs["BLOCK_D"], q.element_size(),
-                             major * 10 + minor, bool(kwargs["HAS_MASK"]),
-                             bool(kwargs["DROPOUT"]), bool(kwargs.get("COUNT_TILES", False)))
+        kept = prune_configs(
+            configs,
+            kind,
+            kwargs["BLOCK_D"],
+            q.element_size(),
+            major * 10 + minor,
+            bool(kwargs["HAS_MASK"]),
+            bool(kwargs["DROPOUT"]),
+            bool(kwargs.get("COUNT_TILES", False)),
+        )
         return kept or configs
+
     return prune
 
 
@@ -311,22 +358,54 @@ def _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK: tl.constexpr)
     return ok
 
 
-@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, restore_value=_RESTORE,
-                 prune_configs_by={"early_config_prune": _early_prune("fwd")},
-                 cache_results=True)
+@triton.autotune(
+    configs=_configs("fwd"),
+    key=_TUNE_KEY,
+    restore_value=_RESTORE,
+    prune_configs_by={"early_config_prune": _early_prune("fwd")},
+    cache_results=True,
+)
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr,  # [B, H, Lq, D], [B, H, Lk, D] x2, any strides
+    q_ptr,
+    k_ptr,
+    v_ptr,  # [B, H, Lq, D], [B, H, Lk, D] x2, any strides
     mask_ptr,  # [B, Lk] uint8 (1 = attend); unused unless HAS_MASK
     o_ptr,  # [B, H, Lq, D] out, q's dtype
     lse_ptr,  # [B*H, Lq] fp32 out: log2-domain logsumexp of the scaled scores
     cnt_ptr,  # [B*H] int32 in/out: += key tiles processed (tests); unused unless COUNT_TILES
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    stride_mb, stride_mk,
-    H, Lq, Lk, D, qk_scale,  # qk_scale = scale * log2(e)
-    dropout_p, seed, offset,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    som,
+    sod,
+    stride_mb,
+    stride_mk,
+    H,
+    Lq,
+    Lk,
+    D,
+    qk_scale,  # qk_scale = scale * log2(e)
+    dropout_p,
+    seed,
+    offset,
+    HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_m, bh, b, h, bh64 = _program(Lq, H, BLOCK_M)
@@ -334,8 +413,11 @@ def _attn_fwd_kernel(
     dcol = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = dcol < D
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     # A finite floor (not -inf) for the running max keeps exp2(m - m') = 1, not NaN, for rows that
@@ -375,47 +457,99 @@ def _attn_fwd_kernel(
             m_i = m_new
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(o_ptr + b * sob + h * soh + rows[:, None] * som + dcol[None, :] * sod,
-             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        o_ptr + b * sob + h * soh + rows[:, None] * som + dcol[None, :] * sod,
+        o.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
     tl.store(lse_ptr + bh64 * Lq + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    o_ptr, do_ptr,  # [B, H, Lq, D] each, any strides
+    o_ptr,
+    do_ptr,  # [B, H, Lq, D] each, any strides
     delta_ptr,  # [B*H, Lq] fp32 out: rowsum(dO * O)
-    sob, soh, som, sod, sdb, sdh, sdm, sdd,
-    H, Lq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    sob,
+    soh,
+    som,
+    sod,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    H,
+    Lq,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid_m, bh, b, h, bh64 = _program(Lq, H, BLOCK_M)
+    pid_m, _bh, b, h, bh64 = _program(Lq, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
     msk = (rows < Lq)[:, None] & (dcol < D)[None, :]
-    o = tl.load(o_ptr + b * sob + h * soh + rows[:, None] * som + dcol[None, :] * sod, mask=msk,
-                other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd, mask=msk,
-                 other=0.0).to(tl.float32)
+    o = tl.load(
+        o_ptr + b * sob + h * soh + rows[:, None] * som + dcol[None, :] * sod, mask=msk, other=0.0
+    ).to(tl.float32)
+    do = tl.load(
+        do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd, mask=msk, other=0.0
+    ).to(tl.float32)
     tl.store(delta_ptr + bh64 * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, restore_value=_RESTORE,
-                 prune_configs_by={"early_config_prune": _early_prune("dkdv")},
-                 cache_results=True)
+@triton.autotune(
+    configs=_configs("dkdv"),
+    key=_TUNE_KEY,
+    restore_value=_RESTORE,
+    prune_configs_by={"early_config_prune": _early_prune("dkdv")},
+    cache_results=True,
+)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr,  # [B, H, L*, D], any strides (do: like q)
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,  # [B, H, L*, D], any strides (do: like q)
     mask_ptr,  # [B, Lk] uint8
-    lse_ptr, delta_ptr,  # [B*H, Lq] fp32
-    dk_ptr, dv_ptr,  # [B, H, Lk, D] contiguous out
+    lse_ptr,
+    delta_ptr,  # [B*H, Lq] fp32
+    dk_ptr,
+    dv_ptr,  # [B, H, Lk, D] contiguous out
     cnt_ptr,  # [B*H] int32 in/out: += key tiles processed (tests); unused unless COUNT_TILES
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-    stride_mb, stride_mk,
-    H, Lq, Lk, D, scale, qk_scale,
-    dropout_p, seed, offset,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    stride_mb,
+    stride_mk,
+    H,
+    Lq,
+    Lk,
+    D,
+    scale,
+    qk_scale,
+    dropout_p,
+    seed,
+    offset,
+    HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_n, bh, b, h, bh64 = _program(Lk, H, BLOCK_N)
@@ -431,19 +565,31 @@ def _attn_bwd_dkdv_kernel(
         if COUNT_TILES:
             tl.atomic_add(cnt_ptr + bh, 1)
         kv_load = kok[:, None] & d_ok[None, :]  # padded keys as 0: no NaN from padding slots
-        k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
-                    mask=kv_load, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
-                    mask=kv_load, other=0.0)
+        k = tl.load(
+            k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
+            mask=kv_load,
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
+            mask=kv_load,
+            other=0.0,
+        )
         inv_keep = 1.0 / (1.0 - dropout_p)
         for m0 in range(0, Lq, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < Lq
             qm = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd,
-                        mask=qm, other=0.0)
-            do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd,
-                         mask=qm, other=0.0)
+            q = tl.load(
+                q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd,
+                mask=qm,
+                other=0.0,
+            )
+            do = tl.load(
+                do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd,
+                mask=qm,
+                other=0.0,
+            )
             # +inf LSE (absent or fully masked rows) makes p exactly 0.
             lse = tl.load(lse_ptr + bh64 * Lq + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_ptr + bh64 * Lq + rows, mask=row_ok, other=0.0)
@@ -460,27 +606,63 @@ def _attn_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     out_off = cols[:, None] * D + dcol[None, :]  # int32 per element; the int64 base apart
-    tl.store(dk_ptr + bh64 * Lk * D + out_off, (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=kv_mask)
+    tl.store(
+        dk_ptr + bh64 * Lk * D + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask
+    )
     tl.store(dv_ptr + bh64 * Lk * D + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, restore_value=_RESTORE,
-                 prune_configs_by={"early_config_prune": _early_prune("dq")},
-                 cache_results=True)
+@triton.autotune(
+    configs=_configs("dq"),
+    key=_TUNE_KEY,
+    restore_value=_RESTORE,
+    prune_configs_by={"early_config_prune": _early_prune("dq")},
+    cache_results=True,
+)
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
     mask_ptr,
-    lse_ptr, delta_ptr,
+    lse_ptr,
+    delta_ptr,
     dq_ptr,  # [B, H, Lq, D] contiguous out
     cnt_ptr,  # [B*H] int32 in/out: += key tiles processed (tests); unused unless COUNT_TILES
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-    stride_mb, stride_mk,
-    H, Lq, Lk, D, scale, qk_scale,
-    dropout_p, seed, offset,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    stride_mb,
+    stride_mk,
+    H,
+    Lq,
+    Lk,
+    D,
+    scale,
+    qk_scale,
+    dropout_p,
+    seed,
+    offset,
+    HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_m, bh, b, h, bh64 = _program(Lq, H, BLOCK_M)
@@ -489,10 +671,12 @@ def _attn_bwd_dq_kernel(
     row_ok = rows < Lq
     d_ok = dcol < D
     qm = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd, mask=qm,
-                other=0.0)
-    do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd, mask=qm,
-                 other=0.0)
+    q = tl.load(
+        q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd, mask=qm, other=0.0
+    )
+    do = tl.load(
+        do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd, mask=qm, other=0.0
+    )
     lse = tl.load(lse_ptr + bh64 * Lq + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh64 * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -507,10 +691,16 @@ def _attn_bwd_dq_kernel(
             if COUNT_TILES:
                 tl.atomic_add(cnt_ptr + bh, 1)
             kv_mask = kok[:, None] & d_ok[None, :]  # padded keys as 0 (see the forward)
-            k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
-                        mask=kv_mask, other=0.0)
+            k = tl.load(
+                k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
+                mask=kv_mask,
+                other=0.0,
+            )
+            v = tl.load(
+                v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
+                mask=kv_mask,
+                other=0.0,
+            )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.where(kok[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -519,21 +709,28 @@ def _attn_bwd_dq_kernel(
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + bh64 * Lq * D + rows[:, None] * D + dcol[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=qm)
+    tl.store(
+        dq_ptr + bh64 * Lq * D + rows[:, None] * D + dcol[None, :],
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=qm,
+    )
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, Lq, Lk, dropout_p, seed, offset,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keep_mask_kernel(
+    out_ptr, Lq, Lk, dropout_p, seed, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     # out [B*H, Lq, Lk] uint8: the forward's keep mask, for tests and debugging.
     pid_m, bh, _b, _h, bh64 = _program(Lq, 1, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for n0 in range(0, Lk, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
-        tl.store(out_ptr + bh64 * Lq * Lk + rows[:, None] * Lk + cols[None, :], keep.to(tl.uint8),
-                 mask=(rows < Lq)[:, None] & (cols < Lk)[None, :])
+        tl.store(
+            out_ptr + bh64 * Lq * Lk + rows[:, None] * Lk + cols[None, :],
+            keep.to(tl.uint8),
+            mask=(rows < Lq)[:, None] & (cols < Lk)[None, :],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,8 +763,10 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _check_dropout_range(B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> None:
     if dropout_p > 0.0 and B * H * Lq * Lk >= 2**32:
-        raise ValueError(f"attention (triton): dropout draws one Philox offset per score and needs "
-                         f"B*H*Lq*Lk < 2^32, got {B * H * Lq * Lk}")
+        raise ValueError(
+            f"attention (triton): dropout draws one Philox offset per score and needs "
+            f"B*H*Lq*Lk < 2^32, got {B * H * Lq * Lk}"
+        )
 
 
 def _counter(tile_count: torch.Tensor | None, BH: int, fallback: torch.Tensor):
@@ -575,15 +774,21 @@ def _counter(tile_count: torch.Tensor | None, BH: int, fallback: torch.Tensor):
     or any valid pointer (never read) when not counting."""
     if tile_count is None:
         return fallback, False
-    if (tile_count.dtype != torch.int32 or tile_count.shape != (BH,)
-            or not tile_count.is_contiguous()):
-        raise ValueError(f"attention (triton): tile_count must be a contiguous int32 [B*H={BH}] "
-                         f"tensor, got {tile_count.dtype} {tuple(tile_count.shape)}")
+    if (
+        tile_count.dtype != torch.int32
+        or tile_count.shape != (BH,)
+        or not tile_count.is_contiguous()
+    ):
+        raise ValueError(
+            f"attention (triton): tile_count must be a contiguous int32 [B*H={BH}] "
+            f"tensor, got {tile_count.dtype} {tuple(tile_count.shape)}"
+        )
     return tile_count, True
 
 
-def fwd(q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=None,
-        tile_count=None):
+def fwd(
+    q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=None, tile_count=None
+):
     """Forward: returns (o [B,H,Lq,D] in q's dtype, lse2 [B*H, Lq] fp32). ``out`` may be given
     (tests pass a poisoned buffer) and must be a contiguous [B,H,Lq,D] tensor like q.
 
@@ -606,15 +811,53 @@ def fwd(q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=N
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     with _on_device(q):
         _attn_fwd_kernel[grid](
-            q, k, v, m, o, lse, cnt, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smk,
-            H, Lq, Lk, D, scale * LOG2E, float(dropout_p), int(seed), int(offset),
-            HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=_block_d(D),
-            PRECISION=_precision(q.dtype), COUNT_TILES=count)
+            q,
+            k,
+            v,
+            m,
+            o,
+            lse,
+            cnt,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *o.stride(),
+            smb,
+            smk,
+            H,
+            Lq,
+            Lk,
+            D,
+            scale * LOG2E,
+            float(dropout_p),
+            int(seed),
+            int(offset),
+            HAS_MASK=has_mask,
+            DROPOUT=dropout_p > 0.0,
+            BLOCK_D=_block_d(D),
+            PRECISION=_precision(q.dtype),
+            COUNT_TILES=count,
+        )
     return o, lse
 
 
-def bwd(do, q, k, v, o, lse, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0,
-        dq=None, dk=None, dv=None, tile_count=None):
+def bwd(
+    do,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    key_padding_mask,
+    scale,
+    dropout_p=0.0,
+    seed=0,
+    offset=0,
+    dq=None,
+    dk=None,
+    dv=None,
+    tile_count=None,
+):
     """Backward: returns (dq, dk, dv), contiguous, in q's dtype. Buffers may be given (poisoned
     ones in tests); they must be contiguous and shaped like q, k, v. ``tile_count`` (tests): a
     pair of int32 [B*H] tensors counting the key tiles the dK/dV and the dQ kernels processed
@@ -632,20 +875,39 @@ def bwd(do, q, k, v, o, lse, key_padding_mask, scale, dropout_p=0.0, seed=0, off
     BLOCK_D = _block_d(D)
     bm = 16 if triton_interpret() else DELTA_BLOCK_M
     m, smb, smk, has_mask = _mask_args(key_padding_mask, q)
-    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smk,
-              H, Lq, Lk, D, float(scale), scale * LOG2E, float(dropout_p), int(seed), int(offset))
-    kw = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D,
-              PRECISION=_precision(q.dtype))
+    common = (
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        smb,
+        smk,
+        H,
+        Lq,
+        Lk,
+        D,
+        float(scale),
+        scale * LOG2E,
+        float(dropout_p),
+        int(seed),
+        int(offset),
+    )
+    kw = dict(
+        HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D, PRECISION=_precision(q.dtype)
+    )
     cnt_kv, cnt_q = (None, None) if tile_count is None else tile_count
     with _on_device(q):
         _attn_bwd_delta_kernel[(triton.cdiv(Lq, bm) * B * H,)](
-            o, do, delta, *o.stride(), *do.stride(), H, Lq, D, BLOCK_M=bm, BLOCK_D=BLOCK_D)
+            o, do, delta, *o.stride(), *do.stride(), H, Lq, D, BLOCK_M=bm, BLOCK_D=BLOCK_D
+        )
         cnt, count = _counter(cnt_kv, B * H, delta)
         _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
-            q, k, v, do, m, lse, delta, dk, dv, cnt, *common, COUNT_TILES=count, **kw)
+            q, k, v, do, m, lse, delta, dk, dv, cnt, *common, COUNT_TILES=count, **kw
+        )
         cnt, count = _counter(cnt_q, B * H, delta)
         _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
-            q, k, v, do, m, lse, delta, dq, cnt, *common, COUNT_TILES=count, **kw)
+            q, k, v, do, m, lse, delta, dq, cnt, *common, COUNT_TILES=count, **kw
+        )
     return dq, dk, dv
 
 
@@ -656,5 +918,6 @@ def dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, offset, device) -> torch.Te
     if out.numel():
         with _on_device(out):
             _keep_mask_kernel[(triton.cdiv(Lq, 16) * B * H,)](
-                out, Lq, Lk, float(dropout_p), int(seed), int(offset), BLOCK_M=16, BLOCK_N=16)
+                out, Lq, Lk, float(dropout_p), int(seed), int(offset), BLOCK_M=16, BLOCK_N=16
+            )
     return out.view(B, H, Lq, Lk).bool()
