@@ -236,10 +236,12 @@ def prune_configs(
     A config is kept when (1) it is a candidate for the element size (``_SHAPES``: fp32 has its
     own, 32 x 32 and narrower), (2) the tiles it holds across its loop fit a thread's registers
     and its tiles fit the arch's shared memory (``gpu_footprint``) and (3) it does not run out of
-    registers in this class (``_spills_by_rule``, ``_SPILLS``). Compiled for sm_80 / sm_90
-    (scripts/check_gpu_compile.py; ``--all --with-pruned`` for every head dim and the dropped
-    ones), the kept configs are spill-free and within shared memory, and every class (kind,
-    BLOCK_D, dtype, mask, dropout, tile counter) keeps at least one on sm_80 and sm_90."""
+    registers in this class (``_spills_by_rule``, ``_SPILLS``). Every class (kind, BLOCK_D,
+    dtype, mask, dropout, tile counter) keeps at least one config on sm_80 and sm_90. Compiled
+    with scripts/check_gpu_compile.py, the kept configs are spill-free and within shared memory
+    on both arches in every class at D = 64 and in every fp32 class; fp16 / bf16 at the other
+    head dims were compiled on sm_80, with neither or both of mask and dropout (``--all``
+    compiles them all, ``--with-pruned`` the dropped ones too)."""
     smem = SMEM_BYTES.get(arch, min(SMEM_BYTES.values()))
     bits = 32 if itemsize >= 4 else 16
     cands = set(_SHAPES[(kind, bits)])
