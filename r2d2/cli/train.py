@@ -15,6 +15,7 @@ and pre-rank + ITM re-rank of the top ``train.eval_rerank_k`` when the model has
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -120,6 +121,7 @@ def _main(cmd: str, argv: list[str]) -> int:
     if args.resume and not os.path.exists(latest):
         raise UsageError(f"--resume but {latest} does not exist")
     check_inputs(cfg, args)
+    trainer = model = None
     try:
         trainer = Trainer(cfg, out, resume=args.resume)
         if trainer.rank == 0:  # the group is joined now: before, every process said rank 0
@@ -137,6 +139,10 @@ def _main(cmd: str, argv: list[str]) -> int:
         print(f"r2d2 {cmd}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     finally:
+        # DDP's reducer holds the gloo group: freed after destroy_process_group (when this frame
+        # unwinds), its destructor joins a gloo thread that waits on the peer that already left.
+        trainer = model = None
+        gc.collect()
         if is_dist():
             dist.destroy_process_group()
     return 0
