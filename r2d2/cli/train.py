@@ -35,7 +35,7 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"r2d2 {cmd}",
         description=f"R2D2 {cmd}. Any config field can be overridden as --section.field=value "
-        "(sections: model, loss, data, optim, kernels, train, distributed, logging), "
+        "(sections: model, loss, data, optim, kernels, train, distributed, logging, caption, t2i), "
         "e.g. --train.max_steps=100 --train.log_every=5 --train.checkpoint_every=50.",
     )
     p.add_argument(
@@ -60,7 +60,8 @@ def parse(cmd: str, argv: list[str]) -> tuple[RunConfig, argparse.Namespace]:
         )
     if cmd == "finetune" and cfg.train.task == "pretrain":
         raise ConfigError(
-            "r2d2 finetune needs train.task=retrieval or matching, the config says 'pretrain'"
+            "r2d2 finetune needs train.task=retrieval, matching, caption or t2i, the config says "
+            "'pretrain'"
         )
     args.init_from_given = "init_from" in (parse_overrides(rest).get("train") or {})
     return cfg, args

@@ -1,8 +1,8 @@
 """Typed run configuration: one dataclass per section, YAML presets, ``--section.field=value``.
 
 A run is described by :class:`RunConfig` with the sections ``model`` (:class:`ModelConfig`),
-``loss`` (:class:`LossConfig`), ``data``, ``optim``, ``kernels``, ``train``, ``distributed`` and
-``logging``. A YAML file gives any subset of them (``base: other.yaml`` inherits another file
+``loss`` (:class:`LossConfig`), ``data``, ``optim``, ``kernels``, ``train``, ``distributed``,
+``logging``, and the generative tasks' ``caption`` and ``t2i``. A YAML file gives any subset of them (``base: other.yaml`` inherits another file
 first, relative to this one, else a packaged preset of that name); command-line overrides ``--section.field=value`` (or
 ``--section.field value``) come last, their values parsed as YAML (``64`` -> int, ``null`` ->
 None, ``[0.9, 0.98]`` -> list) and coerced to the field's type (``1e-3`` is a float). Every
@@ -38,6 +38,8 @@ import yaml
 from r2d2.engine.data import ccmb
 from r2d2.engine.losses import LossConfig
 from r2d2.engine.model.config import DEFAULT_PRESET, ModelConfig, model_preset
+from r2d2.engine.tasks.caption.config import CaptionConfig
+from r2d2.engine.tasks.t2i.config import T2IConfig
 from r2d2.engine.validate import (
     ConfigError,
     ConfigFileNotFound,
@@ -74,7 +76,7 @@ __all__ = [
 FORMATS = ("synthetic", "jsonl", "tsv", "webdataset")
 """Data formats read here; ``ccmb_<name>`` formats (``<name>`` in ``r2d2.engine.data.ccmb.FORMATS``)
 go to ``r2d2.engine.data.ccmb``."""
-TASKS = ("pretrain", "retrieval", "matching")
+TASKS = ("pretrain", "retrieval", "matching", "caption", "t2i")
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
@@ -244,7 +246,8 @@ class TrainConfig:
     """The loop: objective, length, precision, checkpoints, failure handling."""
 
     task: str = "pretrain"
-    """pretrain (R2D2 objectives) | retrieval (fine-tune with the pre-training losses) | matching (ITM)"""
+    """pretrain (R2D2 objectives) | retrieval (fine-tune with the pre-training losses) | matching
+    (ITM) | caption (the ``caption`` section) | t2i (text-to-image, the ``t2i`` section)"""
     max_steps: int = 1000
     """optimizer steps"""
     grad_accum: int = 1
@@ -353,6 +356,10 @@ class RunConfig:
     """how torchrun's processes share the work"""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """what the run reports besides log.jsonl"""
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    """captioning decoder, loss and decoding (``train.task=caption``)"""
+    t2i: T2IConfig = field(default_factory=T2IConfig)
+    """text-to-image generator, training and sampling (``train.task=t2i``)"""
 
     def __post_init__(self) -> None:
         """Checks that involve two sections, at config time: before a model is built or a

@@ -4,6 +4,7 @@ names, and the ``save_pretrained`` export at the end."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 
@@ -18,10 +19,25 @@ from r2d2.engine.losses import R2D2ForPretraining
 from r2d2.engine.model import R2D2Model
 from r2d2.engine.tasks.matching import MatchingObjective
 
+# Tasks that train something beyond R2D2's own heads: each module provides
+# ``build_objective(cfg, model) -> nn.Module`` (the R2D2 model, already initialised from
+# ``train.init_from``, in; the objective out, its ``.model`` what the run exports with
+# ``save_pretrained``) and ``evaluate_heldout(trainer, out, model)`` (the end-of-run evaluation).
+TASK_MODULES = {
+    "caption": "r2d2.engine.tasks.caption.task",
+    "t2i": "r2d2.engine.tasks.t2i.task",
+}
+
+
+def task_module(task: str):
+    """The module of a ``TASK_MODULES`` task, or None for R2D2's own tasks."""
+    name = TASK_MODULES.get(task)
+    return None if name is None else importlib.import_module(name)
+
 
 def build_objective(cfg: RunConfig) -> nn.Module:
     """The model wrapped in the objective of ``train.task``: the pre-training objective (also
-    for retrieval fine-tuning) or the ITM matching objective."""
+    for retrieval fine-tuning), the ITM matching objective, or a ``TASK_MODULES`` task's."""
     model = R2D2Model(cfg.model, kernels=cfg.kernels)
     if cfg.train.init_from:
         try:
@@ -35,6 +51,9 @@ def build_objective(cfg: RunConfig) -> nn.Module:
             if not msg.startswith("train.init_from="):
                 msg = f"train.init_from={cfg.train.init_from!r}: {msg}"
             raise TrainingError(msg) from None
+    mod = task_module(cfg.train.task)
+    if mod is not None:
+        return mod.build_objective(cfg, model)
     if cfg.train.task in ("pretrain", "retrieval"):
         if cfg.train.freeze_image_encoder:
             # The official retrieval fine-tuning: the ViT is fixed (no graph, no optimizer state);

@@ -182,8 +182,13 @@ class Trainer:
         )  # decode-time skip reasons (all ranks), this run and before
 
     def _flops(self) -> float:
+        own = getattr(self.objective, "flops_per_sample", None)
+        if callable(own):  # a task's objective that knows its own cost
+            return float(own(self.cfg, self.image_size))
         try:
             cfg = self.cfg
+            if cfg.train.task not in ("pretrain", "retrieval", "matching"):
+                return float("nan")  # a task objective that does not say: reported as null
             if cfg.train.task != "matching" and hasattr(flops, "flops_per_sample"):
                 # the run's objective (which terms are on) and its contrastive batch: one
                 # micro-batch over all ranks

@@ -74,7 +74,7 @@ def test_base_inheritance(tmp_path):
     [
         (
             ["--train.task=foo"],
-            "train.task='foo' is not allowed; expected one of ('pretrain', 'retrieval', 'matching')",
+            "train.task='foo' is not allowed; expected one of ('pretrain', 'retrieval', 'matching', 'caption', 't2i')",
         ),
         (
             ["--train.nope=1"],
@@ -181,7 +181,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_cli_checks_task_against_command():
     with pytest.raises(ConfigError, match="use r2d2 finetune"):
         parse("pretrain", ["--out", "x", "--train.task=retrieval"])
-    with pytest.raises(ConfigError, match=r"needs train\.task=retrieval or matching"):
+    with pytest.raises(ConfigError, match=r"needs train\.task=retrieval, matching, caption or t2i"):
         parse("finetune", ["--out", "x"])
     cfg, args = parse("finetune", ["--out", "x", "--train.task=matching", "--resume"])
     assert args.resume and cfg.train.task == "matching"

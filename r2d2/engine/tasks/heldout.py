@@ -40,6 +40,11 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     ``skip_reasons`` and the printed summary. Matching sets' mismatched pairs (label 0) are no
     retrieval ground truth and are left out too. Returns None (after one printed line saying why)
     when there is nothing to evaluate."""
+    from r2d2.engine.objective import task_module  # the objective module imports the tasks
+
+    mod = task_module(trainer.cfg.train.task)
+    if mod is not None:  # captioning, text-to-image: their own held-out evaluation
+        return mod.evaluate_heldout(trainer, out, model)
     model = trainer.model if model is None else model
     rank, _ = dist_info()
     why = no_eval_reason(trainer.cfg, model)
