@@ -25,7 +25,7 @@ from r2d2.cli import UsageError, check_out_dir, guarded
 from r2d2.dist import dist_info, is_dist
 from r2d2.engine.config import ConfigError, RunConfig, load_config, parse_overrides
 from r2d2.engine.data.loader import check_data_source
-from r2d2.engine.objective import export_pretrained
+from r2d2.engine.objective import export_pretrained, missing_input_file
 from r2d2.engine.parallel import plain_model
 from r2d2.engine.tasks.heldout import evaluate_heldout
 from r2d2.engine.trainer import Trainer, TrainingError
@@ -81,20 +81,11 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Everything the command line and config name must exist, and ``--out`` must be writable,
     before a model is built: each a one-line :class:`UsageError` (exit status 2)."""
     check_data_source(cfg.data, eval_too=cfg.train.eval_at_end)  # MissingDataError: a UsageError
-    v = cfg.data.vocab
-    if v is not None and not os.path.isfile(v):
-        raise UsageError(
-            f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
-            "line; null = the built-in vocabulary)"
-        )
-    p = cfg.train.init_from
-    if p and not os.path.exists(p):
-        rel = "" if os.path.isabs(p) else f", relative to the current directory {os.getcwd()}"
-        msg = (
-            f"train.init_from={p!r}: no such file or directory{rel} (expected a save_pretrained "
-            "folder such as <run>/model, a run folder or a checkpoint file)"
-        )
-        if not args.init_from_given:  # the preset's own default is missing: say how to make it
+    msg = missing_input_file(cfg)
+    if msg is not None:
+        p = cfg.train.init_from
+        if msg.startswith("train.init_from=") and not args.init_from_given:
+            # the preset's own default is missing: say how to make it
             src = f"the preset {args.config}" if args.config else "the config"
             demo = os.path.normpath(p).replace(os.sep, "/").endswith("runs/demo/model")
             msg += (

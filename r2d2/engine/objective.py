@@ -63,25 +63,31 @@ def build_objective(cfg: RunConfig) -> nn.Module:
     return MatchingObjective(model, freeze_image_encoder=cfg.train.freeze_image_encoder)
 
 
-def check_input_files(cfg: RunConfig) -> None:
-    """The files a config names besides the data (``data.vocab``, ``train.init_from``) must exist:
-    checked before the model is built, each a one-line :class:`TrainingError` naming the field.
-    (Not at config time: a saved config is loaded on machines without them, e.g. to compare.)"""
+def missing_input_file(cfg: RunConfig) -> str | None:
+    """What is wrong with the files a config names besides the data (``data.vocab``,
+    ``train.init_from``), one line naming the field, or None when they exist. (Not checked at
+    config time: a saved config is loaded on machines without them, e.g. to compare.)"""
     v = cfg.data.vocab
     if v is not None and not os.path.isfile(v):
-        raise TrainingError(
+        return (
             f"data.vocab={v!r}: no such file (expected a BERT vocab.txt, one token per "
             "line; null = the built-in vocabulary)"
         )
     p = cfg.train.init_from
     if p and not os.path.exists(p):
         rel = "" if os.path.isabs(p) else f", relative to the current directory {os.getcwd()}"
-        raise TrainingError(
+        return (
             f"train.init_from={p!r}: no such file or directory{rel} (expected a "
-            "save_pretrained folder such as <run>/model, a run folder or a checkpoint "
-            "file; configs/finetune_tiny.yaml starts from the demo's runs/demo/model: "
-            "run bash scripts/demo.sh first)"
+            "save_pretrained folder such as <run>/model, a run folder or a checkpoint file)"
         )
+    return None
+
+
+def check_input_files(cfg: RunConfig) -> None:
+    """:func:`missing_input_file` as a :class:`TrainingError`, before the model is built."""
+    msg = missing_input_file(cfg)
+    if msg is not None:
+        raise TrainingError(msg)
 
 
 def load_init(model: nn.Module, path: str) -> None:
