@@ -9,40 +9,16 @@ counts from the checkpoint's config or requires --preset (14)."""
 import errno
 import io
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 import r2d2.engine.checkpoint as C
+from _helpers.cli import QUIET, TINY, one_line, run_cli
 from _helpers.layouts import official_cfg, official_names
-from r2d2 import cli
 from r2d2.engine.config import ConfigError, load_config
 from r2d2.engine.trainer import TrainingError
-
-ROOT = str(Path(__file__).resolve().parents[2])
-TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
-QUIET = [
-    "--logging.progress=false",
-    "--logging.tensorboard=false",
-    "--logging.plot=false",
-    "--train.eval_at_end=false",
-]
-
-
-def _run(capsys, *argv):
-    try:
-        rc = cli.main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.err.strip(), out.out
-
-
-def _one_line(err):
-    assert err and "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 class Toy(nn.Module):
@@ -126,10 +102,10 @@ def test_infinite_hyper_parameters_are_config_errors(arg):
 
 
 def test_infinite_lr_on_the_command_line_exits_2(tmp_path, capsys):
-    rc, err, _ = _run(
+    rc, err, _ = run_cli(
         capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), "--optim.lr=inf"
     )
-    assert rc == 2 and "optim.lr=inf is not a finite number" in _one_line(err)
+    assert rc == 2 and "optim.lr=inf is not a finite number" in one_line(err)
 
 
 def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path):
@@ -197,17 +173,17 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys, damage):
     assert res.step == 6 and res.checkpoint.endswith("step_000006.pt")
 
 
-def test_resume_when_no_checkpoint_loads_is_one_line(tmp_path, capsys):
+def test_resume_when_no_checkpoint_loads_isone_line(tmp_path, capsys):
     ck = tmp_path / "run" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "step_000002.pt").write_bytes(b"")
     (ck / "step_000004.pt").write_bytes(b"PK\x03\x04 not really a zip")
     (ck / "latest").write_text("step_000004.pt\n")
-    rc, err, _ = _run(
+    rc, err, _ = run_cli(
         capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET, "--resume"
     )
     assert rc == 1, err
-    line = _one_line(err)
+    line = one_line(err)
     assert (
         "--resume: none of the 2 checkpoint(s)" in line
         and "step_000004.pt" in line
@@ -223,7 +199,7 @@ def test_resume_when_no_checkpoint_loads_is_one_line(tmp_path, capsys):
         ["--model.preset=prd2-tiny", "--loss.fgr=false", "--loss.mlm=false"],
     ],
 )
-def test_resume_with_another_model_is_one_line(tmp_path, capsys, other):
+def test_resume_with_another_model_isone_line(tmp_path, capsys, other):
     from r2d2.engine.trainer import build_objective, build_optimizer
 
     cfg = load_config(TINY, [])
@@ -231,7 +207,7 @@ def test_resume_with_another_model_is_one_line(tmp_path, capsys, other):
     C.Checkpointer(str(tmp_path / "run")).save(
         obj, build_optimizer(obj, cfg.optim, torch.device("cpu")), None, C.TrainState(step=1)
     )
-    rc, err, _ = _run(
+    rc, err, _ = run_cli(
         capsys,
         "pretrain",
         "--config",
@@ -243,7 +219,7 @@ def test_resume_with_another_model_is_one_line(tmp_path, capsys, other):
         *other,
     )
     assert rc == 1, err
-    assert "the weights do not fit the model of the config" in _one_line(err)
+    assert "the weights do not fit the model of the config" in one_line(err)
     assert "resume with the config the run was started with" in err
 
 
@@ -289,11 +265,11 @@ def test_latest_naming_a_missing_file(tmp_path, capsys):
     ck = tmp_path / "run" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "latest").write_text("step_000009.pt\n")
-    rc, err, _ = _run(
+    rc, err, _ = run_cli(
         capsys, "pretrain", "--config", TINY, "--out", str(tmp_path / "run"), *QUIET, "--resume"
     )
     assert rc == 1, err
-    assert "points at step_000009.pt, which does not exist" in _one_line(err)
+    assert "points at step_000009.pt, which does not exist" in one_line(err)
     # with an intact older checkpoint beside it, that one is taken (and the run says so)
     _trainer(tmp_path / "b", ["--train.max_steps=2", "--train.checkpoint_every=2"]).fit()
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step_000009.pt\n")
@@ -329,7 +305,7 @@ def test_convert_reads_head_counts_from_the_checkpoint_config(tmp_path, capsys):
     path = _official(
         tmp_path, heads=4, with_config=True
     )  # width 64: 4 heads of 16, not 64 / 64 = 1
-    rc, err, out = _run(capsys, "convert", "official", path, str(tmp_path / "m"))
+    rc, err, out = run_cli(capsys, "convert", "official", path, str(tmp_path / "m"))
     assert rc == 0, err
     assert "attention heads from the checkpoint's config: vision 4, text 4" in out
     m = R2D2Model.from_pretrained(str(tmp_path / "m"))
@@ -338,6 +314,6 @@ def test_convert_reads_head_counts_from_the_checkpoint_config(tmp_path, capsys):
 
 def test_convert_without_preset_or_config_requires_preset(tmp_path, capsys):
     path = _official(tmp_path, heads=4, with_config=False)
-    rc, err, _ = _run(capsys, "convert", "official", path, str(tmp_path / "m"))
-    assert rc == 2 and "pass --preset" in _one_line(err)
+    rc, err, _ = run_cli(capsys, "convert", "official", path, str(tmp_path / "m"))
+    assert rc == 2 and "pass --preset" in one_line(err)
     assert not (tmp_path / "m").exists()

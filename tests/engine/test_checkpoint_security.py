@@ -10,14 +10,13 @@ import datetime
 import os
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from r2d2 import cli
+from _helpers.cli import QUIET, TINY, one_line, run_cli
 from r2d2.engine.checkpoint import (
     Checkpointer,
     TrainState,
@@ -29,15 +28,6 @@ from r2d2.engine.checkpoint import (
 )
 from r2d2.engine.config import load_config
 from r2d2.engine.observability import read_log
-
-ROOT = str(Path(__file__).resolve().parents[2])
-TINY = os.path.join(ROOT, "r2d2", "configs", "tiny.yaml")
-QUIET = [
-    "--logging.progress=false",
-    "--logging.tensorboard=false",
-    "--logging.plot=false",
-    "--train.eval_at_end=false",
-]
 
 
 class Payload:
@@ -70,19 +60,6 @@ def _evil_checkpoint(path, sentinel, objective=None):
     return path
 
 
-def _run(capsys, *argv):
-    try:
-        rc = cli.main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err.strip()
-
-
-def _one_line(err):
-    assert err and "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
-
-
 def _tiny_objective():
     from r2d2.engine.trainer import build_objective
 
@@ -111,7 +88,7 @@ def test_init_from_refuses_a_payload(tmp_path, capsys, where):
         _evil_checkpoint(str(run / "checkpoints" / "step_000003.pt"), sentinel, _tiny_objective())
         (run / "checkpoints" / "latest").write_text("step_000003.pt\n")
         target = str(run)
-    rc, err = _run(
+    rc, err, _ = run_cli(
         capsys,
         "pretrain",
         "--config",
@@ -122,7 +99,7 @@ def test_init_from_refuses_a_payload(tmp_path, capsys, where):
         f"--train.init_from={target}",
         "--train.max_steps=1",
     )
-    assert rc == 1 and "refused: loading it needs posix.system" in _one_line(err)
+    assert rc == 1 and "refused: loading it needs posix.system" in one_line(err)
     assert "train.init_from=" in err
     assert not sentinel.exists()
     assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
@@ -135,7 +112,7 @@ def test_resume_refuses_a_payload(tmp_path, capsys):
     run = tmp_path / "run"
     _evil_checkpoint(str(run / "checkpoints" / "step_000003.pt"), sentinel, _tiny_objective())
     (run / "checkpoints" / "latest").write_text("step_000003.pt\n")
-    rc, err = _run(
+    rc, err, _ = run_cli(
         capsys,
         "pretrain",
         "--config",
@@ -148,7 +125,7 @@ def test_resume_refuses_a_payload(tmp_path, capsys):
     )
     assert rc == 1, err
     assert (
-        "--resume:" in _one_line(err)
+        "--resume:" in one_line(err)
         and "step_000003.pt: refused: loading it needs posix.system" in err
     )
     assert not sentinel.exists()
@@ -158,7 +135,7 @@ def test_eval_checkpoint_never_unpickles(tmp_path, capsys):
     sentinel = tmp_path / "pwned"
     evil = _evil_checkpoint(str(tmp_path / "evil.pt"), sentinel)
     # a file: not a model folder
-    rc, err = _run(
+    rc, err, _ = run_cli(
         capsys,
         "eval",
         "retrieval",
@@ -168,14 +145,14 @@ def test_eval_checkpoint_never_unpickles(tmp_path, capsys):
         str(tmp_path / "e1"),
         "--data.format=synthetic",
     )
-    assert rc == 2 and _one_line(err)
+    assert rc == 2 and one_line(err)
     # a model folder whose model.safetensors is a pickle with a payload: safetensors never unpickles
     from r2d2.engine.model import R2D2Model, model_preset
 
     folder = tmp_path / "model"
     R2D2Model(model_preset("tiny")).save_pretrained(str(folder))
     shutil.copy(evil, folder / "model.safetensors")
-    rc, err = _run(
+    rc, err, _ = run_cli(
         capsys,
         "eval",
         "retrieval",
@@ -185,13 +162,13 @@ def test_eval_checkpoint_never_unpickles(tmp_path, capsys):
         str(tmp_path / "e2"),
         "--data.format=synthetic",
     )
-    assert rc == 1 and "model.safetensors" in _one_line(err)
+    assert rc == 1 and "model.safetensors" in one_line(err)
     # a run folder: its model/ is what is read, never its checkpoints/
     run = tmp_path / "run"
     shutil.copytree(folder, run / "model")
     _evil_checkpoint(str(run / "checkpoints" / "step_000003.pt"), sentinel)
     (run / "checkpoints" / "latest").write_text("step_000003.pt\n")
-    rc, err = _run(
+    rc, err, _ = run_cli(
         capsys,
         "eval",
         "retrieval",
@@ -201,7 +178,7 @@ def test_eval_checkpoint_never_unpickles(tmp_path, capsys):
         str(tmp_path / "e3"),
         "--data.format=synthetic",
     )
-    assert rc == 1 and _one_line(err)
+    assert rc == 1 and one_line(err)
     assert not sentinel.exists()
 
 
@@ -209,14 +186,16 @@ def test_convert_refuses_a_payload(tmp_path, capsys):
     sentinel = tmp_path / "pwned"
     evil = str(tmp_path / "release.pth")
     torch.save({"model": {"visual_encoder.x": torch.zeros(1), "payload": Payload(sentinel)}}, evil)
-    rc, err = _run(capsys, "convert", "official", evil, str(tmp_path / "out"), "--preset", "tiny")
-    assert rc == 1 and "refused: loading it needs posix.system" in _one_line(err)
-    rc, err = _run(capsys, "convert", "official", evil, str(tmp_path / "out2"))
-    assert rc == 1 and "refused" in _one_line(err)
+    rc, err, _ = run_cli(
+        capsys, "convert", "official", evil, str(tmp_path / "out"), "--preset", "tiny"
+    )
+    assert rc == 1 and "refused: loading it needs posix.system" in one_line(err)
+    rc, err, _ = run_cli(capsys, "convert", "official", evil, str(tmp_path / "out2"))
+    assert rc == 1 and "refused" in one_line(err)
     # re-saving needs the explicit flag: without it nothing is loaded
     ck = _evil_checkpoint(str(tmp_path / "ck.pt"), sentinel)
-    rc, err = _run(capsys, "convert", "checkpoint", ck, str(tmp_path / "new.pt"))
-    assert rc == 2 and "--trust-source" in _one_line(err)
+    rc, err, _ = run_cli(capsys, "convert", "checkpoint", ck, str(tmp_path / "new.pt"))
+    assert rc == 2 and "--trust-source" in one_line(err)
     assert not sentinel.exists() and not (tmp_path / "new.pt").exists()
 
 
@@ -345,7 +324,7 @@ def test_resume_is_exact_and_an_old_checkpoint_resumes_after_convert(tmp_path, c
             r".*r2d2 convert checkpoint .*--trust-source",
         ):
             _toy_trainer(cut, resume=True).fit()
-        rc, err = _run(
+        rc, err, _ = run_cli(
             capsys, "convert", "checkpoint", str(step3), str(step3), "--trust-source", "--force"
         )
         assert rc == 0, err
@@ -365,8 +344,8 @@ def test_convert_checkpoint_refuses_what_cannot_be_plain(tmp_path, capsys):
         {"objective": {"w": torch.zeros(1)}, "extra": {"when": datetime.date(2020, 1, 1)}},
         str(path),
     )
-    rc, err = _run(
+    rc, err, _ = run_cli(
         capsys, "convert", "checkpoint", str(path), str(tmp_path / "new.pt"), "--trust-source"
     )
-    assert rc == 1 and "datetime.date is not plain data" in _one_line(err)
+    assert rc == 1 and "datetime.date is not plain data" in one_line(err)
     assert not (tmp_path / "new.pt").exists()

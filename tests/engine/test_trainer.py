@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from _helpers.cli import QUIET
 from r2d2.engine.config import load_config
 from r2d2.engine.data.loader import Tokenize
 from r2d2.engine.flops import mfu, peak_tflops
@@ -24,12 +25,6 @@ from r2d2.engine.tokenizer import build_tokenizer
 from r2d2.engine.trainer import Trainer, TrainingError, lr_factor, param_groups
 
 ROOT = str(Path(__file__).resolve().parents[2])
-QUIET = [
-    "--logging.progress=false",
-    "--logging.tensorboard=false",
-    "--logging.plot=false",
-    "--train.eval_at_end=false",
-]
 
 
 class PerSample(nn.Module):
