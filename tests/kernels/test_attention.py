@@ -15,7 +15,14 @@ import math
 import pytest
 import torch
 
-from _helpers.attention import FP32_TOL, check_against_ref, grads, make_inputs, tile_mask
+from _helpers.attention import (
+    FP32_TOL,
+    assert_fa_rule,
+    check_against_ref,
+    grads,
+    make_inputs,
+    tile_mask,
+)
 from r2d2.kernels import BackendUnavailable, attention, attention_ref
 from r2d2.kernels.dispatch import triton_importable
 
@@ -304,42 +311,11 @@ GPU_CASES = [
 ]
 
 
-def _plain_low_precision(q, k, v, m, dropout_p=0.0, keep=None):
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if m is not None:
-        s = s.masked_fill(~m[:, None, None, :], torch.finfo(s.dtype).min)
-    p = torch.softmax(s, dim=-1)
-    if m is not None:
-        p = p * m.any(-1).to(p.dtype)[:, None, None, None]
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
-    return p @ v
-
-
-def _assert_fa_rule(out, got, q, k, v, m, do, dropout_p=0.0, keep=None):
-    """flash-attention's rule for ``out`` and its gradients ``got`` (computed from leaves q, k, v
-    in a low precision, or from poisoned copies of them): each max error against the fp32 oracle
-    is <= 2 x that of plain PyTorch in the same precision on q, k, v, + 1e-3."""
-    # fp32 oracle on fp32 leaves, so its gradients are not rounded to dtype on the way back.
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref32 = attention_ref(q32, k32, v32, m, dropout_p=dropout_p, dropout_mask=keep)
-    lowpt = _plain_low_precision(q, k, v, m, dropout_p, keep)  # plain PyTorch computed in dtype
-    want = grads(ref32, do.float(), q32, k32, v32)
-    base = grads(lowpt, do, q, k, v)
-    assert torch.isfinite(out).all()
-    assert (out.float() - ref32).abs().max() <= 2 * (lowpt.float() - ref32).abs().max() + 1e-3
-    for name, g, w, b_ in zip("qkv", got, want, base):
-        assert torch.isfinite(g).all(), f"d{name} not finite"
-        err = (g.float() - w).abs().max()
-        bound = 2 * (b_.float() - w).abs().max() + 1e-3
-        assert err <= bound, f"d{name}: {err} > {bound}"
-
-
 def _fa_rule(backend, B, H, Lq, Lk, D, mask, dtype):
     q, k, v, m = make_inputs(B, H, Lq, Lk, D, dtype=dtype, device="cuda", mask=mask)
     out = attention(q, k, v, key_padding_mask=m, backend=backend)
     do = torch.randn_like(out)
-    _assert_fa_rule(out, grads(out, do, q, k, v), q, k, v, m, do)
+    assert_fa_rule(out, grads(out, do, q, k, v), q, k, v, m, do)
 
 
 @pytest.mark.gpu
@@ -377,7 +353,7 @@ def test_gpu_dropout_exact_against_shared_philox_mask(backend, dtype):
     do = torch.randn_like(out)
     got = grads(out, do, q, k, v)
     if dtype != torch.float32:
-        _assert_fa_rule(out, got, q, k, v, m, do, dropout_p=p, keep=keep)
+        assert_fa_rule(out, got, q, k, v, m, do, dropout_p=p, keep=keep)
         return
     ref = attention_ref(q, k, v, m, dropout_p=p, dropout_mask=keep)
     tol = dict(atol=1e-4, rtol=1e-4)
@@ -418,7 +394,7 @@ def test_gpu_padding_slots_cannot_leak(backend, dtype):
     do = torch.randn_like(out)
     got = grads(out, do, q, kp, vp)
     if dtype != torch.float32:
-        _assert_fa_rule(out, got, q, k, v, m, do)
+        assert_fa_rule(out, got, q, k, v, m, do)
         return
     ref = attention_ref(q, k, v, m)
     tol = dict(atol=1e-4, rtol=1e-4)
@@ -469,7 +445,7 @@ def test_gpu_odd_head_dims_and_layouts(backend, dtype, D, layout):
         return
     out = attention(q, k, v, key_padding_mask=m, backend=backend)
     do = torch.randn_like(out)
-    _assert_fa_rule(out, grads(out, do, q, k, v), q, k, v, m, do)
+    assert_fa_rule(out, grads(out, do, q, k, v), q, k, v, m, do)
 
 
 @pytest.mark.gpu

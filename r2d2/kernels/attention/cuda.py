@@ -16,11 +16,11 @@ from r2d2 import _ext
 EXT_OP = "attention_fwd"
 
 
-def fwd(q, k, v, mask, scale, dropout_p, seed, offset):
+def fwd(q, k, v, mask, scale, dropout_p, seed, offset, causal=False):
     return torch.ops.r2d2.attention_fwd(q, k, v, mask, scale, dropout_p, seed, offset)
 
 
-def bwd(do, q, k, v, o, lse, mask, scale, dropout_p, seed, offset):
+def bwd(do, q, k, v, o, lse, mask, scale, dropout_p, seed, offset, causal=False):
     return torch.ops.r2d2.attention_bwd(do, q, k, v, o, lse, mask, scale, dropout_p, seed, offset)
 
 

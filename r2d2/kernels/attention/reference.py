@@ -3,7 +3,8 @@
     out[b, h, i] = sum_j dropout(softmax_j(scale * q[b,h,i] . k[b,h,j] + mask[b,j])) v[b,h,j]
 
 Computed in fp32 and rounded once to q's dtype. The mask rules every backend follows are the
-package docstring's (masked keys never read, fully masked queries give zeros).
+package docstring's (masked keys never read, fully masked queries give zeros, ``causal`` aligned
+bottom-right: query i sees key j iff ``j <= i + (Lk - Lq)``).
 """
 
 from __future__ import annotations
@@ -28,24 +29,56 @@ def zero_masked_keys(k, v, key_padding_mask):
     return k.masked_fill(drop, 0), v.masked_fill(drop, 0)
 
 
+def causal_mask(Lq: int, Lk: int, device=None) -> torch.Tensor:
+    """Bool ``[Lq, Lk]``, True = query i may attend key j: ``j <= i + (Lk - Lq)``, the causal mask
+    aligned to the bottom-right corner (flash-attention >= 2.1, torch's ``causal_lower_right``).
+    Lq == Lk is the usual lower triangle; one query against Lk cached keys sees them all; with
+    Lq > Lk the first ``Lq - Lk`` queries see no key."""
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    return j <= i + (Lk - Lq)
+
+
+def allowed_mask(key_padding_mask, causal: bool, Lq: int, Lk: int, device=None):
+    """Bool mask broadcastable to ``[B, H, Lq, Lk]`` (True = attend): the key padding mask AND
+    the causal mask, or None when neither is given."""
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = key_padding_mask[:, None, None, :]
+    if causal:
+        c = causal_mask(Lq, Lk, device)[None, None]
+        allowed = c if allowed is None else allowed & c
+    return allowed
+
+
 def attention_ref(
-    q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None, generator=None, dropout_mask=None
+    q,
+    k,
+    v,
+    key_padding_mask=None,
+    dropout_p=0.0,
+    scale=None,
+    generator=None,
+    dropout_mask=None,
+    causal=False,
 ):
     """Plain-PyTorch attention in fp32; the spec and the test oracle.
 
     ``dropout_mask`` (bool ``[B, H, Lq, Lk]``, True = keep) replaces the random draw, so a
-    kernel's own dropout mask can be checked exactly.
+    kernel's own dropout mask can be checked exactly. ``causal``: bottom-right aligned (see
+    ``causal_mask``), combined with the padding mask; a query with no key left gives zeros with
+    zero gradients.
     """
     scale = default_scale(q) if scale is None else scale
     k, v = zero_masked_keys(k, v, key_padding_mask)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if key_padding_mask is not None:
-        m = key_padding_mask[:, None, None, :]
+    allowed = allowed_mask(key_padding_mask, causal, q.shape[2], k.shape[2], q.device)
+    if allowed is not None:
         # finfo.min (not -inf) keeps fully masked rows finite; they are zeroed below.
-        s = s.masked_fill(~m, torch.finfo(s.dtype).min)
+        s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
     p = torch.softmax(s, dim=-1)
-    if key_padding_mask is not None:
-        p = p * key_padding_mask.any(-1).to(p.dtype)[:, None, None, None]
+    if allowed is not None:
+        p = p * allowed.any(-1, keepdim=True).to(p.dtype)
     if dropout_p > 0.0:
         keep = dropout_mask
         if keep is None:

@@ -789,7 +789,17 @@ def _counter(tile_count: torch.Tensor | None, BH: int, fallback: torch.Tensor):
 
 
 def fwd(
-    q, k, v, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0, out=None, tile_count=None
+    q,
+    k,
+    v,
+    key_padding_mask,
+    scale,
+    dropout_p=0.0,
+    seed=0,
+    offset=0,
+    causal=False,
+    out=None,
+    tile_count=None,
 ):
     """Forward: returns (o [B,H,Lq,D] in q's dtype, lse2 [B*H, Lq] fp32). ``out`` may be given
     (tests pass a poisoned buffer) and must be a contiguous [B,H,Lq,D] tensor like q.
@@ -855,6 +865,7 @@ def bwd(
     dropout_p=0.0,
     seed=0,
     offset=0,
+    causal=False,
     dq=None,
     dk=None,
     dv=None,

@@ -2,10 +2,11 @@
 the reference class, the checkpoint record.
 
 A class is (device, dtype, Lq and Lk rounded up to a power of two >= 16, D rounded up to a
-multiple of 32, masked or not, dropout or not, and fwd+bwd when autograd records the call (grad
+multiple of 32, masked or not, dropout or not, causal or not, and fwd+bwd when autograd records the call (grad
 enabled, an input requires grad) else fwd only). So padded text 64 x 64, image 197 (bucket 256)
 and 257 (bucket 512), cross 64 x 257 and their training and no-grad variants are each measured
-once per device and process. The first call of a class times every candidate (cuda, triton,
+once per device and process; causal calls (the captioning decoder) are classes of their own, since
+the fused kernels skip half the tiles there and SDPA takes another path. The first call of a class times every candidate (cuda, triton,
 xformers, sdpa) on fresh random inputs shaped like that call: its Lq, Lk, D, H, its mask rows (the
 fused kernels skip fully padded tiles, so the padding matters) and dropout p, with B cut so that
 ``B*H*Lq*Lk <= MAX_SCORES``. ``auto_backend("attention", dev)`` (``r2d2 doctor``) knows no shape
@@ -40,6 +41,7 @@ class Probe:
     mask: torch.Tensor | None  # [B, Lk] bool (the caller's rows; copied before use)
     dropout_p: float
     grad: bool
+    causal: bool = False
 
 
 def bucket(n: int, lo: int = 16) -> int:
@@ -59,8 +61,18 @@ def bucket_d(d: int) -> int:
 
 
 def class_key(
-    device: torch.device, dtype, Lq, Lk, D, masked: bool, dropout: bool, grad: bool
+    device: torch.device,
+    dtype,
+    Lq,
+    Lk,
+    D,
+    masked: bool,
+    dropout: bool,
+    grad: bool,
+    causal: bool = False,
 ) -> tuple:
+    """(device type, index, dtype, Lq bucket, Lk bucket, D bucket, masked, dropout, causal, grad):
+    grad stays last (``probe`` reads it there)."""
     # A plain tuple (not a dataclass) so a compiled caller's lookup traces without a graph break.
     return (
         device.type,
@@ -71,17 +83,19 @@ def class_key(
         bucket_d(D),
         masked,
         dropout,
+        bool(causal),
         grad,
     )
 
 
 def class_str(key: tuple) -> str:
-    dev_type, index, dtype, lq, lk, d, masked, dropout, grad = key
+    dev_type, index, dtype, lq, lk, d, masked, dropout, causal, grad = key
     dev = dev_type if index is None else f"{dev_type}:{index}"
+    # " causal" only when set: the non-causal descriptions read as before.
     return (
         f"{dev} {dtype_name(dtype)} Lq<={lq} Lk<={lk} D<={d} "
-        f"{'masked' if masked else 'unmasked'}{' dropout' if dropout else ''} "
-        f"{'fwd+bwd' if grad else 'fwd'}"
+        f"{'masked' if masked else 'unmasked'}{' dropout' if dropout else ''}"
+        f"{' causal' if causal else ''} {'fwd+bwd' if grad else 'fwd'}"
     )
 
 
@@ -94,12 +108,12 @@ def reference_probe(device: torch.device) -> Probe:
     return Probe(32, 12, 64, 64, 64, torch.bfloat16, device, mask, 0.0, True)
 
 
-def call_probe(q, k, mask, dropout_p: float, grad: bool) -> Probe:
+def call_probe(q, k, mask, dropout_p: float, grad: bool, causal: bool = False) -> Probe:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     b = max(1, min(B, MAX_SCORES // max(1, H * Lq * Lk)))
     m = None if mask is None else mask[:b]  # the caller's padding (tile skipping depends on it)
-    return Probe(b, H, Lq, Lk, D, q.dtype, q.device, m, float(dropout_p), grad)
+    return Probe(b, H, Lq, Lk, D, q.dtype, q.device, m, float(dropout_p), grad, bool(causal))
 
 
 class AttentionTuning(autotune.Tuning):
@@ -113,14 +127,22 @@ class AttentionTuning(autotune.Tuning):
     def __init__(self, run: Callable[..., torch.Tensor]) -> None:
         self.run = run
 
-    def class_key(self, q, k, v, key_padding_mask, dropout_p) -> tuple | None:
+    def class_key(self, q, k, v, key_padding_mask, dropout_p, causal=False) -> tuple | None:
         B, H, Lq, D = q.shape
         Lk = k.shape[2]
         if B * H * Lq * Lk * D == 0:
             return None
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         return class_key(
-            q.device, q.dtype, Lq, Lk, D, key_padding_mask is not None, dropout_p > 0.0, grad
+            q.device,
+            q.dtype,
+            Lq,
+            Lk,
+            D,
+            key_padding_mask is not None,
+            dropout_p > 0.0,
+            grad,
+            causal,
         )
 
     def class_str(self, key: tuple) -> str:
@@ -133,11 +155,13 @@ class AttentionTuning(autotune.Tuning):
         device = torch.device(key[0], key[1])
         if call is None:
             return reference_probe(device)
-        q, k, _, mask, dropout_p = call
-        return call_probe(q, k, mask, dropout_p, grad=key[-1])
+        q, k, _, mask, dropout_p, *rest = call  # rest: (causal,) from attention()
+        causal = bool(rest[0]) if rest else False
+        return call_probe(q, k, mask, dropout_p, grad=key[-1], causal=causal)
 
     def probe_str(self, probe: Probe) -> str:
-        return f"B={probe.B} H={probe.H} Lq={probe.Lq} Lk={probe.Lk} D={probe.D}"
+        causal = " causal" if probe.causal else ""
+        return f"B={probe.B} H={probe.H} Lq={probe.Lq} Lk={probe.Lk} D={probe.D}{causal}"
 
     def time(self, backend: str, probe: Probe) -> float:
         """Median ms of one call of ``backend`` on fresh random inputs shaped like ``probe``:
@@ -168,7 +192,13 @@ class AttentionTuning(autotune.Tuning):
             def call():
                 with torch.enable_grad() if probe.grad else torch.no_grad():
                     out = self.run(
-                        q, k, v, key_padding_mask=mask, dropout_p=probe.dropout_p, backend=backend
+                        q,
+                        k,
+                        v,
+                        key_padding_mask=mask,
+                        causal=probe.causal,
+                        dropout_p=probe.dropout_p,
+                        backend=backend,
                     )
                     if probe.grad:
                         torch.autograd.grad(out, (q, k, v), do)
@@ -184,7 +214,8 @@ class AttentionTuning(autotune.Tuning):
             "d": key[5],
             "masked": key[6],
             "dropout": key[7],
-            "grad": key[8],
+            "causal": key[8],
+            "grad": key[9],
         }
 
     def from_record(self, record: dict, device: torch.device) -> tuple:
@@ -197,5 +228,7 @@ class AttentionTuning(autotune.Tuning):
             int(record["d"]),
             bool(record["masked"]),
             bool(record["dropout"]),
+            # Records written before causal classes existed have no "causal": non-causal.
+            bool(record.get("causal", False)),
             bool(record["grad"]),
         )
