@@ -73,9 +73,9 @@ __all__ = [
     "resolve_config_path",
 ]
 
-FORMATS = ("synthetic", "jsonl", "tsv", "webdataset")
+FORMATS = ("synthetic", "jsonl", "tsv", "webdataset", "aic_icc")
 """Data formats read here; ``ccmb_<name>`` formats (``<name>`` in ``r2d2.engine.data.ccmb.FORMATS``)
-go to ``r2d2.engine.data.ccmb``."""
+go to ``r2d2.engine.data.ccmb``; ``aic_icc`` (AIC-ICC captions) is the same as ``ccmb_aic_icc``."""
 TASKS = ("pretrain", "retrieval", "matching", "caption", "t2i")
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -86,7 +86,8 @@ class DataConfig:
     """Where samples come from and how they become batches."""
 
     format: str = "synthetic"
-    """synthetic | jsonl | tsv | webdataset | ccmb_<name> (icr, iqr, icm, iqm, flickr30k_cn, ...)"""
+    """synthetic | jsonl | tsv | webdataset | aic_icc (AIC-ICC caption JSON) | ccmb_<name> (icr,
+    iqr, icm, iqm, flickr30k_cn, coco_cn, ...)"""
     path: str | None = None
     """annotation file (jsonl/tsv/ccmb) or shard pattern ``dir/shard-{000..009}.tar`` (webdataset)"""
     image_root: str | None = None

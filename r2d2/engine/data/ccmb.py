@@ -29,6 +29,9 @@ Layouts (the released ones; where a release is ambiguous the assumption is state
     folder of unpacked images; :func:`default_muge_gallery` finds the TSV beside the queries).
     Without ``gallery=`` there is no pool (training needs none, and scanning a multi-GB TSV for
     its ids is not free).
+``aic_icc``  AI Challenger image Chinese captioning: a JSON list of ``{"image_id": "<hash>.jpg",
+    "caption": [...]}``; one record per (image, caption), read by
+    :func:`r2d2.engine.data.captions.read_aic_icc` (layout and skip rules there).
 ``zeroshot``  an ImageFolder tree ``root/<class>/*.jpg`` or a list file ``<path><TAB><label>`` with
     a class-names file (one name per line, label = 0-based line number, or the name itself).
     ``text`` holds the class name and ``label`` the class index.
@@ -47,8 +50,12 @@ from pathlib import Path
 
 from r2d2.engine.data.records import ReadResult, Record
 
-RETRIEVAL_FORMATS = ("icr", "iqr", "flickr30k_cna", "flickr30k_cn", "coco_cn", "muge")
+RETRIEVAL_FORMATS = ("icr", "iqr", "flickr30k_cna", "flickr30k_cn", "coco_cn", "muge", "aic_icc")
 """image-text pairs: retrieval evaluation, retrieval fine-tuning"""
+CAPTION_FORMATS = ("aic_icc", "coco_cn", "flickr30k_cn", "flickr30k_cna")
+"""human-written captions, several per image: caption training and evaluation (the evaluation
+groups their records by ``image_id``: ``r2d2.engine.tasks.caption.references``); all of them are
+also retrieval formats"""
 MATCHING_FORMATS = ("icm", "iqm")
 """labelled pairs (label 1 = match): matching evaluation and fine-tuning"""
 CLASSIFICATION_FORMATS = ("zeroshot",)
@@ -439,4 +446,8 @@ def read_ccmb(
         return read_muge(path, image_root, check_images=check_images, **options)
     if fmt == "zeroshot":
         return read_zeroshot(path, image_root, check_images=check_images, **options)[0]
+    if fmt == "aic_icc":
+        from r2d2.engine.data.captions import read_aic_icc  # it imports this module
+
+        return read_aic_icc(path, image_root, check_images=check_images)
     raise ValueError(f"unknown CCMB format {format!r}; expected one of {FORMATS}")

@@ -235,7 +235,9 @@ class Tokenize:
 
 # ------------------------------------------------------------------------------ webdataset
 def _decode_wds(sample: dict, transform, seed: int, epoch: int = 0):
-    """Raw tar members -> the dict PairDataset yields, or Skipped."""
+    """Raw tar members -> the dict PairDataset yields, or Skipped. The caption is ``txt``, or
+    ``text`` / ``caption`` / ``captions`` of ``json``; a list there (the captions of the image)
+    gives one of them, drawn by (seed, epoch, key), so each epoch may see another."""
     import io
     import json
 
@@ -253,11 +255,18 @@ def _decode_wds(sample: dict, transform, seed: int, epoch: int = 0):
     elif "json" in sample:
         try:
             meta = json.loads(sample["json"])
-            text = meta.get("text", meta.get("caption"))
+            text = meta.get("text", meta.get("caption", meta.get("captions")))
         except (ValueError, AttributeError):
             return Skipped("malformed_line")
     if img_bytes is None:
         return Skipped("missing_image")
+    if isinstance(text, list):  # the captions of the image (AIC-ICC style): one per epoch, seeded
+        if not text:
+            return Skipped("no_caption")
+        from r2d2.engine.data.captions import clean_caption
+
+        usable = [clean_caption(t) for t in text if isinstance(t, str) and t.strip()]
+        text = random.Random(f"{seed}:{epoch}:{key}:caption").choice(usable) if usable else None
     if not isinstance(text, str) or not text.strip():
         return Skipped("empty_text")
     try:

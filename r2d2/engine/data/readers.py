@@ -1,9 +1,14 @@
 """Annotation readers for the formats users have, each returning a :class:`ReadResult`.
 
 ``jsonl``  one JSON object per line: ``image_path`` or ``image``, ``text`` or ``caption``, optional
-           ``image_id`` (default: the image file name) and ``label``.
+           ``image_id`` (default: the image file name) and ``label``. A line may instead carry
+           several captions of its image, ``"captions": [...]`` (or a list as ``caption``): one
+           record each, skipped and counted as in ``r2d2.engine.data.captions.add_captions``
+           (``non_string_text``, ``empty_text``, ``no_caption`` for an empty list).
 ``tsv``    ``<image_id>\\t<caption>`` per line; the image is ``image_root/<image_id>`` (``.jpg`` is
            appended when ``image_id`` has no extension).
+``aic_icc`` AIC-ICC caption JSON (``r2d2.engine.data.captions.read_aic_icc``); the same as
+           ``ccmb_aic_icc``.
 ``ccmb_*`` the CCMB / public-benchmark layouts, read by ``r2d2.engine.data.ccmb.read_ccmb``.
 
 A line that cannot be parsed (invalid JSON, no TAB, or bytes that are not UTF-8), an empty caption
@@ -71,7 +76,7 @@ def read_jsonl(path: str, image_root: str | None = None, check_images: bool = Tr
         try:
             obj = json.loads(line)
             image = obj.get("image_path", obj.get("image"))
-            text = obj.get("text", obj.get("caption"))
+            text = obj.get("text", obj.get("caption", obj.get("captions")))
             if not isinstance(image, str) or not image:
                 raise ValueError("no image_path/image")
             label = obj.get("label")
@@ -81,7 +86,14 @@ def read_jsonl(path: str, image_root: str | None = None, check_images: bool = Tr
             continue
         full = image if os.path.isabs(image) else os.path.join(root, image)
         image_id = obj.get("image_id", os.path.basename(image))
-        acc.add(full, text, image_id, label)
+        if isinstance(text, list):  # the captions of one image: a record each
+            from r2d2.engine.data.captions import add_captions
+
+            add_captions(
+                acc.records, acc.reasons, full, str(image_id), text, acc.check_images, label
+            )
+        else:
+            acc.add(full, text, image_id, label)
     return acc.result()
 
 
@@ -109,10 +121,12 @@ def read_records(format: str, path: str, image_root: str | None = None) -> ReadR
         return read_jsonl(path, image_root)
     if format == "tsv":
         return read_tsv(path, image_root)
+    if format == "aic_icc":
+        format = "ccmb_aic_icc"
     if format.startswith("ccmb_"):
         from r2d2.engine.data import ccmb  # lazy: owned and evolved separately
 
         return ccmb.read_ccmb(format[len("ccmb_") :], path, image_root)
     raise ValueError(
-        f"data.format={format!r} has no file reader; expected jsonl, tsv or ccmb_<name>"
+        f"data.format={format!r} has no file reader; expected jsonl, tsv, aic_icc or ccmb_<name>"
     )
