@@ -117,6 +117,7 @@ def test_clean_caption_rules():
     "content, match",
     [
         ('{"image_id": "a.png", "caption": ["x"]}', "top level is a dict"),
+        ('{"annotations": [{"image_id": 1, "caption": "x"}]}', "a COCO-style caption file"),
         ('[{"image_id": "a.png", "caption": ["x"]}', "not valid JSON"),
         (b'[{"image_id": "a.png", "caption": ["\xff\xfe"]}]', "not valid UTF-8"),
     ],

@@ -98,6 +98,13 @@ def read_aic_icc(path: str, image_root: str | None = None, check_images: bool = 
     ``check_images`` False skips the per-image file check (missing files then fail at load time
     instead of being counted here)."""
     data = _load_json(path)
+    if isinstance(data, dict) and "annotations" in data:
+        raise DataError(
+            f"{path}: a COCO-style caption file (a dict with 'annotations'), such as the AIC-ICC "
+            "evaluation kit's reference file; data.format aic_icc reads the release's "
+            "caption_<split>_annotations_<date>.json, a JSON list of "
+            '{"image_id": ..., "caption": [...]} objects'
+        )
     if not isinstance(data, list):
         raise DataError(
             f"{path}: expected the AIC-ICC layout, a JSON list of "
