@@ -44,19 +44,32 @@ class Attention(nn.Module):
         self.value = nn.Linear(kv_width, width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, context=None, mask=None):
-        context = x if context is None else context
+    def forward(self, x, context=None, mask=None, causal=False, cache=None):
+        """``causal``: query i sees key j iff j <= i + Lk - Lq (bottom-right aligned, so a step
+        of new queries against cached keys sees the whole prefix). ``cache`` (a dict this call
+        reads and fills; None = no cache) makes incremental decoding cost one new row per step:
+        self-attention (``context`` None) appends this call's keys/values to ``cache["k"]`` /
+        ``cache["v"]`` and attends over all of them (``mask``, if given, covers them all);
+        cross-attention projects ``context`` into ``cache["k"]`` / ``cache["v"]`` on the first
+        call and reuses them afterwards (``context`` may then be None)."""
         B, Lq, W = x.shape
-        Lk, H = context.shape[1], self.heads
+        H = self.heads
 
-        def split(t, L):
-            return t.view(B, L, H, W // H).transpose(1, 2)
+        def split(t):
+            return t.view(B, t.shape[1], H, W // H).transpose(1, 2)
 
-        q, k, v = (
-            split(self.query(x), Lq),
-            split(self.key(context), Lk),
-            split(self.value(context), Lk),
-        )
+        q = split(self.query(x))
+        if cache is not None and cache.get("static"):  # cross-attention: the context's, once
+            k, v = cache["k"], cache["v"]
+        else:
+            src = x if context is None else context
+            k, v = split(self.key(src)), split(self.value(src))
+            if cache is not None:
+                if context is None and "k" in cache:  # self-attention: the prefix's, then ours
+                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                cache.update(k=k, v=v, static=context is not None)
+        # only a causal call passes the flag: the default path is exactly what it was
+        extra = {"causal": True} if causal else {}
         o = K.attention(
             q,
             k,
@@ -64,6 +77,7 @@ class Attention(nn.Module):
             key_padding_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.kernels.attention,
+            **extra,
         )
         return self.out(o.transpose(1, 2).reshape(B, Lq, W))
 
@@ -118,10 +132,18 @@ class BertLayer(Checkpointable):
         self.mlp_ln = nn.LayerNorm(width, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, context=None, context_mask=None):
-        x = self.attn_ln(x + self.drop(self.attn(x, mask=mask)))
+    def forward(self, x, mask=None, context=None, context_mask=None, causal=False, cache=None):
+        """``causal`` masks the self-attention (decoder); ``cache`` is this layer's KV cache,
+        ``{"self": {}, "cross": {}}`` to start (see :meth:`Attention.forward`): with it, ``x``
+        holds only the new positions and ``context`` may be None after the first call."""
+        sc = cc = None
+        if cache is not None:
+            sc, cc = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        x = self.attn_ln(x + self.drop(self.attn(x, mask=mask, causal=causal, cache=sc)))
         if self.cross is not None:
-            x = self.cross_ln(x + self.drop(self.cross(x, context, context_mask)))
+            if cc is not None and context is None and "k" not in cc:
+                raise ValueError("BertLayer: the first cached call needs the context")
+            x = self.cross_ln(x + self.drop(self.cross(x, context, context_mask, cache=cc)))
         return self.mlp_ln(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
