@@ -153,7 +153,7 @@ def test_triton_skips_padding_tiles_and_ignores_padding_slots():
     o, lse = at.fwd(qd, kp.detach(), vp.detach(), m, scale, tile_count=c_fwd)
     at.bwd(do, qd, kp.detach(), vp.detach(), o, lse, m, scale, tile_count=(c_kv, c_q))
     assert torch.equal(c_fwd, live * n_m)
-    assert torch.equal(c_kv, live)  # one dK/dV program per key tile
+    assert torch.equal(c_kv, live * n_m)  # every query tile for each live key tile
     assert torch.equal(c_q, live * n_m)
     c_all = count()  # no mask: every tile is processed
     at.fwd(qd, k.detach(), v.detach(), None, scale, tile_count=c_all)

@@ -157,9 +157,9 @@ def _attn_case(bad: float, where: str):
     return q, k, v, clean_k, clean_v, m
 
 
-def _attn_run(backend, q, k, v, m, do):
+def _attn_run(backend, q, k, v, m, do, causal=False):
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    out = attention(q, k, v, key_padding_mask=m, backend=backend)
+    out = attention(q, k, v, key_padding_mask=m, causal=causal, backend=backend)
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
 
 
@@ -181,6 +181,22 @@ def test_attention_masked_keys_are_never_read(backend, where, bad):
     masked = ~m[:, None, :, None].expand_as(dk)
     assert (dk[masked] == 0).all() and (dv[masked] == 0).all()
     assert (out[1] == 0).all() and (dq[1] == 0).all()  # fully masked batch row: zeros
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_attention_masked_keys_are_never_read_causal(backend, bad):
+    """Padding stays never-read with ``causal=True`` on top (the masks are ANDed)."""
+    q, k, v, ck, cv, m = _attn_case(bad, "kv")
+    do = torch.randn(q.shape)
+    got = _attn_run(backend, q, k, v, m, do, causal=True)
+    want = _attn_run("eager", q, ck, cv, m, do, causal=True)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), f"{backend}: non-finite {name}"
+        torch.testing.assert_close(
+            g, w, atol=2e-5, rtol=2e-5, msg=lambda s, n=name: f"{backend} {n}: {s}"
+        )
+    assert (got[0][1] == 0).all() and (got[1][1] == 0).all()  # fully masked batch row
 
 
 class _FakeXops(types.ModuleType):
@@ -212,6 +228,24 @@ def test_attention_xformers_wrapper_zeroes_masked_keys(monkeypatch, bad):
     assert (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("Lq,Lk", [(9, 21), (21, 21), (25, 21), (1, 21)])
+def test_attention_xformers_wrapper_causal_is_bottom_right(monkeypatch, Lq, Lk):
+    # The wrapper builds the causal bias itself (bottom-right, ANDed with padding): its output
+    # under the stand-in equals the reference's, queries with no key included (zeros).
+    fake = _FakeXops()
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake)
+    sys.modules["xformers"].ops = fake
+    q, k, v, ck, cv, m = _attn_case(NAN, "kv")
+    q = torch.randn(q.shape[0], q.shape[1], Lq, q.shape[3])
+    out = attention_xformers(q, k, v, m, causal=True)
+    assert torch.isfinite(out).all()
+    ref = attention_ref(q, ck, cv, m, causal=True)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    out = attention_xformers(q, ck, cv, None, causal=True)
+    torch.testing.assert_close(out, attention_ref(q, ck, cv, causal=True), atol=2e-5, rtol=2e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # attention: empty inputs
 
@@ -219,14 +253,15 @@ def test_attention_xformers_wrapper_zeroes_masked_keys(monkeypatch, bad):
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 2, 5, 0), (0, 2, 5, 8), (2, 0, 5, 8), (2, 2, 0, 8)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_empty_output(backend, shape, masked):
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_empty_output(backend, shape, masked, causal):
     """Head dim 0 used to raise ZeroDivisionError (the default scale 1/sqrt(D))."""
     B, H, _Lq, D = shape
     q = torch.randn(shape, requires_grad=True)
     k = torch.randn(B, H, 6, D, requires_grad=True)
     v = torch.randn(B, H, 6, D, requires_grad=True)
     m = torch.rand(B, 6) > 0.3 if masked else None
-    out = attention(q, k, v, key_padding_mask=m, backend=backend)
+    out = attention(q, k, v, key_padding_mask=m, causal=causal, backend=backend)
     assert out.shape == shape and out.dtype == q.dtype
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
     for g, x in ((dq, q), (dk, k), (dv, v)):
@@ -234,10 +269,12 @@ def test_attention_empty_output(backend, shape, masked):
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
-def test_attention_no_keys_gives_zeros(backend):
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_no_keys_gives_zeros(backend, causal):
     q = torch.randn(2, 2, 5, 8, requires_grad=True)
     k, v = torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 8)
-    out = attention(q, k, v, key_padding_mask=torch.zeros(2, 0, dtype=torch.bool), backend=backend)
+    m = torch.zeros(2, 0, dtype=torch.bool)
+    out = attention(q, k, v, key_padding_mask=m, causal=causal, backend=backend)
     assert out.shape == q.shape and (out == 0).all()
 
 

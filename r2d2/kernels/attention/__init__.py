@@ -135,7 +135,7 @@ def _cuda_fns():
 
 
 _FNS = {"triton": _triton_fns, "cuda": _cuda_fns}
-_NO_CAUSAL_YET = ("triton", "cuda")  # milestone 1: eager and sdpa first
+_NO_CAUSAL_YET = ("cuda",)  # its causal kernels land next
 
 
 class _FusedAttention(torch.autograd.Function):

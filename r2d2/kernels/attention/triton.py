@@ -17,6 +17,13 @@ Backward recomputes p from the saved ``lse2`` (no [Lq, Lk] matrix is ever stored
     dp    = dO v^T, dropped/rescaled like p;  ds = p * (dp - delta)
     dv    = sum_i dropout(p)^T dO;  dk = scale * ds^T q;  dq = scale * ds k
 
+Causal (``CAUSAL``, bottom-right: query i sees key j iff j <= i + Lk - Lq): a query tile's key
+range is split by ``_causal_keys`` into tiles every row of the tile sees (run unmasked), tiles
+straddling the diagonal (``DIAG``: the one elementwise mask) and tiles wholly above it, which the
+forward and dQ loops never reach (their loop stops there); the dK/dV loop of a key tile starts at
+the first query tile that sees one of its keys (``_causal_queries``). So causal self-attention
+does about half the tile work, and nothing is loaded from a tile a query tile cannot see.
+
 dk/dv and dq are two kernels (one looping over query tiles per key tile, one over key tiles per
 query tile) rather than one kernel with fp32 atomics on dq: at R2D2's lengths (<= 577) the second
 q k^T recompute is cheap, the results are deterministic, and no zero-initialised fp32 dq buffer
@@ -32,8 +39,8 @@ Dropout: a keep mask drawn with Philox (``tl.rand(seed, offset)``), the offset o
 1 / (1 - p); the softmax normaliser ``l`` uses the undropped ``p``.
 
 Tests: the launchers take an optional int32 ``tile_count`` per (batch, head) that the kernels
-increment for every K/V tile they process (compiled out otherwise), so the padding skip is
-asserted, not assumed.
+increment for every tile they process (forward and dQ: K/V tiles; dK/dV: query tiles; compiled
+out otherwise), so the padding and causal skips are asserted, not assumed.
 
 Limits: q/k/v any strides (unit stride in D is fastest), D <= 256 (padded to a power of two with
 masked loads, so D = 80 works), fp16/bf16/fp32 (fp32 uses IEEE dots on GPU, not TF32). On CPU
@@ -317,10 +324,11 @@ def _early_prune(kind: str):
     return prune
 
 
-# A padded call skips tiles and a dropout call draws Philox per score: both move the best block
-# shape, so a config tuned on unmasked, dropout-free calls must not be reused for them. (Triton
+# A padded call skips tiles, a causal one about half of them, and a dropout call draws Philox per
+# score: each moves the best block shape, so a config tuned on unmasked, non-causal, dropout-free
+# calls must not be reused for them. (Triton
 # appends the pointer arguments' dtypes to the key itself.)
-_TUNE_KEY = ["Lq", "Lk", "D", "HAS_MASK", "DROPOUT"]
+_TUNE_KEY = ["Lq", "Lk", "D", "HAS_MASK", "DROPOUT", "CAUSAL"]
 # The autotuner runs each config several times on the caller's arguments; the outputs are plain
 # writes, but the tile counter accumulates, so it is put back after every trial run (and a count
 # taken on the first call of a key is exact).
@@ -358,6 +366,112 @@ def _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK: tl.constexpr)
         mv = tl.load(mask_ptr + b * stride_mb + cols * stride_mk, mask=ok, other=0)
         ok = ok & (mv != 0)
     return ok
+
+
+@triton.jit
+def _causal_keys(m0, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Causal (bottom-right: row i sees key j iff j <= i + Lk - Lq), query rows [m0, m0 + BLOCK_M):
+    # every row sees the keys < m0 + Lk - Lq + 1, some row those < m0 + BLOCK_M + Lk - Lq.
+    # Returns (full, hi): key tiles starting below ``full`` (a multiple of BLOCK_N) hold only keys
+    # every row sees (no elementwise mask), tiles in [full, hi) straddle the diagonal; keys from
+    # ``hi`` on are seen by no row and their tiles are never visited. hi <= 0: no key at all.
+    hi = tl.maximum(tl.minimum(m0 + BLOCK_M + Lk - Lq, Lk), 0)
+    full = tl.minimum(tl.maximum(m0 + Lk - Lq + 1, 0), hi)
+    return (full // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _causal_queries(n0, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Causal, key rows [n0, n0 + BLOCK_N): key j is seen by the queries i >= j - (Lk - Lq), so the
+    # tile's first key from row n0 - (Lk - Lq) on and its last (existing) key from row
+    # min(n0 + BLOCK_N, Lk) - 1 - (Lk - Lq) on. Returns (lo, full), multiples of BLOCK_M: query
+    # tiles before ``lo`` see none of these keys and are never visited, tiles in [lo, full)
+    # straddle the diagonal, tiles from ``full`` on see every key (no elementwise mask).
+    lo = tl.maximum(n0 - (Lk - Lq), 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    full = tl.maximum(tl.minimum(n0 + BLOCK_N, Lk) - 1 - (Lk - Lq), lo)
+    full = tl.minimum(tl.cdiv(full, BLOCK_M), tl.cdiv(Lq, BLOCK_M)) * BLOCK_M
+    return lo, full
+
+
+@triton.jit
+def _causal_ok(rows, cols, Lq, Lk):
+    # [BLOCK_M, BLOCK_N] bool: query row i may see key j (diagonal tiles only).
+    return cols[None, :] <= rows[:, None] + (Lk - Lq)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    skn,
+    skd,
+    svn,
+    svd,
+    mask_ptr,
+    stride_mb,
+    stride_mk,
+    cnt_ptr,
+    b,
+    bh,
+    rows,
+    dcol,
+    d_ok,
+    lo,
+    hi,
+    Lq,
+    Lk,
+    qk_scale,
+    dropout_p,
+    seed,
+    offset,
+    HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    DIAG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # The forward's online softmax over the K/V tiles starting in [lo, hi); DIAG: the causal
+    # diagonal tiles, which mask scores elementwise (the others need no causal mask at all).
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
+        # Padding tiles (the tail of short captions) cost one mask load and no math. Without a
+        # mask every tile is live and the test is static: loads under a runtime `if` are not
+        # software-pipelined (compiled for sm_90, fp16 D=64: 24 KB of shared memory whatever
+        # num_stages, 56 KB = 3 K/V stages without it).
+        live = True
+        if HAS_MASK:
+            live = tl.max(kok.to(tl.int32), axis=0) > 0
+        if live:
+            if COUNT_TILES:
+                tl.atomic_add(cnt_ptr + bh, 1)
+            # Padded keys load as 0: their p is 0, and 0 * (NaN or Inf left in a padded slot of
+            # V) would still be NaN in p @ v.
+            kv_mask = kok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * skn + dcol[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * svn + dcol[None, :] * svd, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            ok = kok[None, :]
+            if DIAG:
+                ok = ok & _causal_ok(rows, cols, Lq, Lk)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:
+                keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
+                p = tl.where(keep, p * inv_keep, 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.autotune(
@@ -404,6 +518,7 @@ def _attn_fwd_kernel(
     offset,
     HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
@@ -427,36 +542,26 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    inv_keep = 1.0 / (1.0 - dropout_p)
-    for n0 in range(0, Lk, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
-        # Padding tiles (the tail of short captions) cost one mask load and no math. Without a
-        # mask every tile is live and the test is static: loads under a runtime `if` are not
-        # software-pipelined (compiled for sm_90, fp16 D=64: 24 KB of shared memory whatever
-        # num_stages, 56 KB = 3 K/V stages without it).
-        live = True
-        if HAS_MASK:
-            live = tl.max(kok.to(tl.int32), axis=0) > 0
-        if live:
-            if COUNT_TILES:
-                tl.atomic_add(cnt_ptr + bh, 1)
-            # Padded keys load as 0: their p is 0, and 0 * (NaN or Inf left in a padded slot of
-            # V) would still be NaN in p @ v.
-            kv_mask = kok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * skn + dcol[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * svn + dcol[None, :] * svd, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(kok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if DROPOUT:
-                keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
-                p = tl.where(keep, p * inv_keep, 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    if CAUSAL:
+        # Tiles wholly above the diagonal are never visited (no load, no math), tiles wholly
+        # below it run unmasked, only the diagonal ones mask elementwise.
+        full, hi = _causal_keys(pid_m * BLOCK_M, Lq, Lk, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, mask_ptr, stride_mb, stride_mk,
+            cnt_ptr, b, bh, rows, dcol, d_ok, 0, full, Lq, Lk, qk_scale, dropout_p, seed,
+            offset, HAS_MASK, DROPOUT, PRECISION, COUNT_TILES, False, BLOCK_N,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, mask_ptr, stride_mb, stride_mk,
+            cnt_ptr, b, bh, rows, dcol, d_ok, full, hi, Lq, Lk, qk_scale, dropout_p, seed,
+            offset, HAS_MASK, DROPOUT, PRECISION, COUNT_TILES, True, BLOCK_N,
+        )  # fmt: skip
+    else:
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, mask_ptr, stride_mb, stride_mk,
+            cnt_ptr, b, bh, rows, dcol, d_ok, 0, Lk, Lq, Lk, qk_scale, dropout_p, seed,
+            offset, HAS_MASK, DROPOUT, PRECISION, COUNT_TILES, False, BLOCK_N,
+        )  # fmt: skip
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     tl.store(
@@ -500,6 +605,73 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptr + bh64 * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
 
 
+@triton.jit
+def _dkdv_tiles(
+    dk,
+    dv,
+    k,
+    v,
+    kok,
+    cols,
+    q_base,
+    do_base,
+    sqm,
+    sqd,
+    sdm,
+    sdd,
+    lse_ptr,
+    delta_ptr,
+    cnt_ptr,
+    bh,
+    bh64,
+    dcol,
+    d_ok,
+    lo,
+    hi,
+    Lq,
+    Lk,
+    qk_scale,
+    dropout_p,
+    seed,
+    offset,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # dK/dV of one key tile accumulated over the query tiles starting in [lo, hi); DIAG: the
+    # causal diagonal tiles (elementwise mask), the others need none.
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    for m0 in range(lo, hi, BLOCK_M):
+        if COUNT_TILES:
+            tl.atomic_add(cnt_ptr + bh, 1)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < Lq
+        qm = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * sqm + dcol[None, :] * sqd, mask=qm, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdm + dcol[None, :] * sdd, mask=qm, other=0.0)
+        # +inf LSE (absent or fully masked rows) makes p exactly 0.
+        lse = tl.load(lse_ptr + bh64 * Lq + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + bh64 * Lq + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = kok[None, :]
+        if DIAG:
+            ok = ok & _causal_ok(rows, cols, Lq, Lk)
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
+            pd = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            pd = p
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
+
+
 @triton.autotune(
     configs=_configs("dkdv"),
     key=_TUNE_KEY,
@@ -518,7 +690,7 @@ def _attn_bwd_dkdv_kernel(
     delta_ptr,  # [B*H, Lq] fp32
     dk_ptr,
     dv_ptr,  # [B, H, Lk, D] contiguous out
-    cnt_ptr,  # [B*H] int32 in/out: += key tiles processed (tests); unused unless COUNT_TILES
+    cnt_ptr,  # [B*H] int32 in/out: += query tiles processed (tests); unused unless COUNT_TILES
     sqb,
     sqh,
     sqm,
@@ -548,6 +720,7 @@ def _attn_bwd_dkdv_kernel(
     offset,
     HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
@@ -564,8 +737,6 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Masked keys get exactly zero gradient; a tile of only masked keys does no math at all.
     if tl.max(kok.to(tl.int32), axis=0) > 0:
-        if COUNT_TILES:
-            tl.atomic_add(cnt_ptr + bh, 1)
         kv_load = kok[:, None] & d_ok[None, :]  # padded keys as 0: no NaN from padding slots
         k = tl.load(
             k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
@@ -577,41 +748,99 @@ def _attn_bwd_dkdv_kernel(
             mask=kv_load,
             other=0.0,
         )
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        for m0 in range(0, Lq, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < Lq
-            qm = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(
-                q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dcol[None, :] * sqd,
-                mask=qm,
-                other=0.0,
-            )
-            do = tl.load(
-                do_ptr + b * sdb + h * sdh + rows[:, None] * sdm + dcol[None, :] * sdd,
-                mask=qm,
-                other=0.0,
-            )
-            # +inf LSE (absent or fully masked rows) makes p exactly 0.
-            lse = tl.load(lse_ptr + bh64 * Lq + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + bh64 * Lq + rows, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.where(kok[None, :], tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
-                pd = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            else:
-                pd = p
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        q_base = q_ptr + b * sqb + h * sqh
+        do_base = do_ptr + b * sdb + h * sdh
+        if CAUSAL:
+            # Query tiles that see none of these keys are never visited; those that see all of
+            # them run unmasked; only the diagonal ones mask elementwise.
+            lo, full = _causal_queries(pid_n * BLOCK_N, Lq, Lk, BLOCK_M, BLOCK_N)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, kok, cols, q_base, do_base, sqm, sqd, sdm, sdd, lse_ptr, delta_ptr,
+                cnt_ptr, bh, bh64, dcol, d_ok, lo, full, Lq, Lk, qk_scale, dropout_p, seed,
+                offset, DROPOUT, PRECISION, COUNT_TILES, True, BLOCK_M,
+            )  # fmt: skip
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, kok, cols, q_base, do_base, sqm, sqd, sdm, sdd, lse_ptr, delta_ptr,
+                cnt_ptr, bh, bh64, dcol, d_ok, full, Lq, Lq, Lk, qk_scale, dropout_p, seed,
+                offset, DROPOUT, PRECISION, COUNT_TILES, False, BLOCK_M,
+            )  # fmt: skip
+        else:
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, kok, cols, q_base, do_base, sqm, sqd, sdm, sdd, lse_ptr, delta_ptr,
+                cnt_ptr, bh, bh64, dcol, d_ok, 0, Lq, Lq, Lk, qk_scale, dropout_p, seed,
+                offset, DROPOUT, PRECISION, COUNT_TILES, False, BLOCK_M,
+            )  # fmt: skip
     out_off = cols[:, None] * D + dcol[None, :]  # int32 per element; the int64 base apart
     tl.store(
         dk_ptr + bh64 * Lk * D + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask
     )
     tl.store(dv_ptr + bh64 * Lk * D + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tiles(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    skn,
+    skd,
+    svn,
+    svd,
+    mask_ptr,
+    stride_mb,
+    stride_mk,
+    cnt_ptr,
+    b,
+    bh,
+    rows,
+    dcol,
+    d_ok,
+    lo,
+    hi,
+    Lq,
+    Lk,
+    qk_scale,
+    dropout_p,
+    seed,
+    offset,
+    HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    DIAG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # dQ of one query tile accumulated over the key tiles starting in [lo, hi); DIAG: the causal
+    # diagonal tiles (elementwise mask), the others need none.
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
+        live = True  # static without a mask, so the loads pipeline (see the forward)
+        if HAS_MASK:
+            live = tl.max(kok.to(tl.int32), axis=0) > 0
+        if live:
+            if COUNT_TILES:
+                tl.atomic_add(cnt_ptr + bh, 1)
+            kv_mask = kok[:, None] & d_ok[None, :]  # padded keys as 0 (see the forward)
+            k = tl.load(k_base + cols[:, None] * skn + dcol[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * svn + dcol[None, :] * svd, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            ok = kok[None, :]
+            if DIAG:
+                ok = ok & _causal_ok(rows, cols, Lq, Lk)
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
 
 
 @triton.autotune(
@@ -661,6 +890,7 @@ def _attn_bwd_dq_kernel(
     offset,
     HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
@@ -682,35 +912,27 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(lse_ptr + bh64 * Lq + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh64 * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    inv_keep = 1.0 / (1.0 - dropout_p)
-    for n0 in range(0, Lk, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kok = _key_ok(mask_ptr, stride_mb, stride_mk, b, cols, Lk, HAS_MASK)
-        live = True  # static without a mask, so the loads pipeline (see the forward)
-        if HAS_MASK:
-            live = tl.max(kok.to(tl.int32), axis=0) > 0
-        if live:
-            if COUNT_TILES:
-                tl.atomic_add(cnt_ptr + bh, 1)
-            kv_mask = kok[:, None] & d_ok[None, :]  # padded keys as 0 (see the forward)
-            k = tl.load(
-                k_ptr + b * skb + h * skh + cols[:, None] * skn + dcol[None, :] * skd,
-                mask=kv_mask,
-                other=0.0,
-            )
-            v = tl.load(
-                v_ptr + b * svb + h * svh + cols[:, None] * svn + dcol[None, :] * svd,
-                mask=kv_mask,
-                other=0.0,
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.where(kok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, offset, bh, rows, cols, Lq, Lk, dropout_p)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    if CAUSAL:
+        # The forward's key range: tiles above the diagonal never visited, diagonal ones masked.
+        full, hi = _causal_keys(pid_m * BLOCK_M, Lq, Lk, BLOCK_M, BLOCK_N)
+        dq = _dq_tiles(
+            dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, mask_ptr, stride_mb,
+            stride_mk, cnt_ptr, b, bh, rows, dcol, d_ok, 0, full, Lq, Lk, qk_scale, dropout_p,
+            seed, offset, HAS_MASK, DROPOUT, PRECISION, COUNT_TILES, False, BLOCK_N,
+        )  # fmt: skip
+        dq = _dq_tiles(
+            dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, mask_ptr, stride_mb,
+            stride_mk, cnt_ptr, b, bh, rows, dcol, d_ok, full, hi, Lq, Lk, qk_scale, dropout_p,
+            seed, offset, HAS_MASK, DROPOUT, PRECISION, COUNT_TILES, True, BLOCK_N,
+        )  # fmt: skip
+    else:
+        dq = _dq_tiles(
+            dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, mask_ptr, stride_mb,
+            stride_mk, cnt_ptr, b, bh, rows, dcol, d_ok, 0, Lk, Lq, Lk, qk_scale, dropout_p,
+            seed, offset, HAS_MASK, DROPOUT, PRECISION, COUNT_TILES, False, BLOCK_N,
+        )  # fmt: skip
     tl.store(
         dq_ptr + bh64 * Lq * D + rows[:, None] * D + dcol[None, :],
         (dq * scale).to(dq_ptr.dtype.element_ty),
@@ -804,8 +1026,9 @@ def fwd(
     """Forward: returns (o [B,H,Lq,D] in q's dtype, lse2 [B*H, Lq] fp32). ``out`` may be given
     (tests pass a poisoned buffer) and must be a contiguous [B,H,Lq,D] tensor like q.
 
-    ``tile_count`` (tests): an int32 [B*H] tensor; each program adds the number of K/V tiles it
-    did not skip, so a test can assert that padding tiles are skipped. The autotuner's trial runs
+    ``causal``: bottom-right causal mask (see the module docstring); tiles above the diagonal are
+    skipped. ``tile_count`` (tests): an int32 [B*H] tensor; each program adds the number of K/V
+    tiles it did not skip, so a test can assert that padding and causal tiles are skipped. The autotuner's trial runs
     restore it, so the count is the chosen config's (its BLOCK_M/BLOCK_N: ``best_config``)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -846,6 +1069,7 @@ def fwd(
             int(offset),
             HAS_MASK=has_mask,
             DROPOUT=dropout_p > 0.0,
+            CAUSAL=bool(causal),
             BLOCK_D=_block_d(D),
             PRECISION=_precision(q.dtype),
             COUNT_TILES=count,
@@ -874,7 +1098,7 @@ def bwd(
     """Backward: returns (dq, dk, dv), contiguous, in q's dtype. Buffers may be given (poisoned
     ones in tests); they must be contiguous and shaped like q, k, v. ``tile_count`` (tests): a
     pair of int32 [B*H] tensors counting the key tiles the dK/dV and the dQ kernels processed
-    (see ``fwd``)."""
+    (see ``fwd``; the dK/dV kernel counts the query tiles each of its key tiles visits)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype) if dq is None else dq
@@ -906,7 +1130,11 @@ def bwd(
         int(offset),
     )
     kw = dict(
-        HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D, PRECISION=_precision(q.dtype)
+        HAS_MASK=has_mask,
+        DROPOUT=dropout_p > 0.0,
+        CAUSAL=bool(causal),
+        BLOCK_D=BLOCK_D,
+        PRECISION=_precision(q.dtype),
     )
     cnt_kv, cnt_q = (None, None) if tile_count is None else tile_count
     with _on_device(q):
