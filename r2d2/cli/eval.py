@@ -1,4 +1,4 @@
-"""``r2d2 eval retrieval|matching|zeroshot --config CFG --checkpoint DIR [--out DIR] [--a.b=v ...]``
+"""``r2d2 eval retrieval|matching|zeroshot|caption --config CFG --checkpoint DIR [--out DIR] [--a.b=v ...]``
 
 Reads the evaluation split named by the config, loads the model from ``--checkpoint`` (a
 ``save_pretrained`` directory, or a training run folder: its ``model/``, as ``train.init_from``
@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         if is_dist():
             torch.distributed.destroy_process_group()
         return 2 if isinstance(e, (UsageError, FileNotFoundError)) else 1
-    if dist_info()[0] == 0:
+    if dist_info()[0] == 0 and cfg.task == "caption":
+        from r2d2.engine.tasks.caption.evaluate import REPORT_NAME, print_report
+
+        print_report(report, report["split"])
+        print(f"wrote {cfg.out}/{REPORT_NAME}")
+    elif dist_info()[0] == 0:
         print(
             markdown_table(
                 cfg.task, report["metrics"], None if cfg.task == "retrieval" else report["notes"]

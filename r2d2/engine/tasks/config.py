@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 
 from r2d2.engine.config import load_tree
 from r2d2.engine.data.ccmb import (
+    CAPTION_FORMATS,
     CLASSIFICATION_FORMATS,
     FORMATS,
     MATCHING_FORMATS,
     RETRIEVAL_FORMATS,
 )
+from r2d2.engine.tasks.caption.config import CaptionConfig
 from r2d2.engine.tasks.retrieval import RetrievalEvalConfig
 from r2d2.engine.tasks.zeroshot import DEFAULT_TEMPLATES, check_templates
 from r2d2.engine.validate import ConfigError, build, choice, in_range, is_int, positive
 
-TASKS = ("retrieval", "matching", "zeroshot")
+TASKS = ("retrieval", "matching", "zeroshot", "caption")
 EVAL_FORMATS = FORMATS + ("synthetic",)
 # Which data formats each task evaluates. icm / iqm are refused for retrieval: their label-0 pairs
 # are deliberate mismatches, so treating every pair as ground truth would reward wrong matches.
@@ -29,6 +31,7 @@ TASK_FORMATS = {
     "retrieval": RETRIEVAL_FORMATS + ("synthetic",),
     "matching": MATCHING_FORMATS + ("synthetic",),
     "zeroshot": CLASSIFICATION_FORMATS,
+    "caption": CAPTION_FORMATS + ("synthetic",),
 }
 
 
@@ -120,6 +123,8 @@ class EvalConfig:
     """ITM matching settings"""
     zeroshot: ZeroShotEvalConfig = field(default_factory=ZeroShotEvalConfig)
     """zero-shot classification settings"""
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    """captioning: decoding, metric tokenisation, baselines (the training fields are unused)"""
     out: str = "runs/eval"
     """run folder for the JSON, Markdown and plot"""
     device: str = "auto"
