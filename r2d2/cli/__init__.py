@@ -6,8 +6,9 @@ engine code it drives.
     r2d2 presets                         the packaged presets (--config NAME or a path)
     r2d2 pretrain  --config ... [--section.field=value ...]
     r2d2 finetune  --config ... [...]
-    r2d2 eval retrieval|matching|zeroshot|caption --config ... --checkpoint ...
+    r2d2 eval retrieval|matching|zeroshot|caption|t2i --config ... --checkpoint ...
     r2d2 caption --checkpoint DIR IMAGE... [--beam N | --greedy | --top-p P --seed S]
+    r2d2 generate --checkpoint DIR "提示" [...] -o out.png [--seed --steps --guidance]
     r2d2 bench [kernels|step|all] [--quick]
     r2d2 convert official CKPT OUT [--preset large-released] [--vocab vocab.txt]
 
@@ -71,6 +72,7 @@ COMMANDS = {
     "finetune": ("r2d2.cli.train", "finetune", "fine-tuning on a downstream set"),
     "eval": ("r2d2.cli.eval", "main", "retrieval / matching / zero-shot evaluation"),
     "caption": ("r2d2.cli.caption", "main", "caption images with a fine-tuned captioner"),
+    "generate": ("r2d2.cli.generate", "main", "images from Chinese prompts (text-to-image)"),
     "bench": ("r2d2.cli.bench", "main", "kernel and training-step benchmarks"),
     "convert": ("r2d2.cli.convert", "main", "official R2D2 checkpoint -> save_pretrained folder"),
     "presets": ("r2d2.cli.presets", "main", "list the packaged YAML presets (--config NAME)"),

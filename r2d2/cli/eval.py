@@ -1,4 +1,4 @@
-"""``r2d2 eval retrieval|matching|zeroshot|caption --config CFG --checkpoint DIR [--out DIR] [--a.b=v ...]``
+"""``r2d2 eval retrieval|matching|zeroshot|caption|t2i --config CFG --checkpoint DIR [--out DIR] [--a.b=v ...]``
 
 Reads the evaluation split named by the config, loads the model from ``--checkpoint`` (a
 ``save_pretrained`` directory, or a training run folder: its ``model/``, as ``train.init_from``
@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         help="model folder written by save_pretrained, or a training run folder (its model/)",
     )
     p.add_argument("--out", help="run folder (overrides the config's out)")
+    p.add_argument(
+        "--r2d2",
+        help="t2i: the R2D2 folder that scores the images (default: the generator's own)",
+    )
     args, rest = p.parse_known_args(argv)
     try:
         cfg = load_eval_config(args.config, rest, args.task)
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.out:
         cfg.out = args.out
+    if args.r2d2:
+        if cfg.task != "t2i":
+            p.error("--r2d2 names the evaluator of r2d2 eval t2i only")
+        cfg.t2i.evaluator = args.r2d2
     if os.environ.get("WORLD_SIZE", "1") != "1" and not is_dist():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
@@ -73,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_dist():
             torch.distributed.destroy_process_group()
         return 2 if isinstance(e, (UsageError, FileNotFoundError)) else 1
-    if dist_info()[0] == 0 and cfg.task == "caption":
+    if dist_info()[0] == 0 and cfg.task == "t2i":
+        print(f"wrote {cfg.out}/t2i_eval.json, grid.png and samples/")
+    elif dist_info()[0] == 0 and cfg.task == "caption":
         from r2d2.engine.tasks.caption.evaluate import REPORT_NAME, print_report
 
         print_report(report, report["split"])

@@ -20,10 +20,11 @@ from r2d2.engine.data.ccmb import (
 )
 from r2d2.engine.tasks.caption.config import CaptionConfig
 from r2d2.engine.tasks.retrieval import RetrievalEvalConfig
+from r2d2.engine.tasks.t2i.config import T2IConfig
 from r2d2.engine.tasks.zeroshot import DEFAULT_TEMPLATES, check_templates
 from r2d2.engine.validate import ConfigError, build, choice, in_range, is_int, positive
 
-TASKS = ("retrieval", "matching", "zeroshot", "caption")
+TASKS = ("retrieval", "matching", "zeroshot", "caption", "t2i")
 EVAL_FORMATS = FORMATS + ("synthetic",)
 # Which data formats each task evaluates. icm / iqm are refused for retrieval: their label-0 pairs
 # are deliberate mismatches, so treating every pair as ground truth would reward wrong matches.
@@ -31,6 +32,7 @@ TASK_FORMATS = {
     "retrieval": RETRIEVAL_FORMATS + ("synthetic",),
     "matching": MATCHING_FORMATS + ("synthetic",),
     "zeroshot": CLASSIFICATION_FORMATS,
+    "t2i": RETRIEVAL_FORMATS + ("synthetic",),
     "caption": CAPTION_FORMATS + ("synthetic",),
 }
 
@@ -125,6 +127,10 @@ class EvalConfig:
     """zero-shot classification settings"""
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     """captioning: decoding, metric tokenisation, baselines (the training fields are unused)"""
+    t2i: T2IConfig = field(default_factory=T2IConfig)
+    """text-to-image: sampling (sampler, steps, guidance, seed) and scoring (eval_prompts,
+    eval_candidates, evaluator, inception_weights); the generator's shape comes from the
+    checkpoint, the training fields are unused"""
     out: str = "runs/eval"
     """run folder for the JSON, Markdown and plot"""
     device: str = "auto"

@@ -138,7 +138,7 @@ def synthetic_eval_set(task: str, size: int, seed: int):
             "image folder or list file (data.path) and class names"
         )
     recs = read_synthetic(size, "eval", seed).records
-    if task in ("retrieval", "caption"):
+    if task in ("retrieval", "caption", "t2i"):
         return ReadResult(records=recs)
     out = []
     for i, r in enumerate(recs):
@@ -222,6 +222,10 @@ def drop_undecodable(read, records: list, gallery, load_image):
 
 
 def run(cfg: EvalConfig, checkpoint: str) -> dict:
+    if cfg.task == "t2i":  # a generator, scored by an R2D2 evaluator (t2i_eval.json)
+        from r2d2.engine.tasks.t2i.evaluate import run_eval as run_t2i
+
+        return run_t2i(cfg, checkpoint, _device(cfg.device))
     if cfg.task == "caption":  # its own model class, runner and report (caption_eval.json)
         from r2d2.engine.tasks.caption.evaluate import run_eval
 
