@@ -268,3 +268,34 @@ def test_eval_t2i_scores_three_image_sets(tmp_path, capsys, gen_dir):
     )
     rep = json.loads((tmp_path / "g" / "t2i_eval.json").read_text())
     assert rc == 0 and "no such file" in rep["fid_is"]["skipped"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # about a minute: two gloo processes
+def test_t2i_two_process_ddp_with_corrupt_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(40):
+        name = tmp_path / f"{i}.png"
+        if i % 10 == 3:
+            name.write_bytes(b"\x89PNG truncated")
+        elif i != 5:
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(name)
+        lines.append(json.dumps({"image": str(name), "text": f"第{i}张图片"}, ensure_ascii=False))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "r2d2", "finetune", "--out", str(tmp_path / "run"), *TRAIN]
+    cmd += ["--train.max_steps=4", "--train.checkpoint_every=0", "--train.eval_at_end=false"]
+    cmd += ["--data.format=jsonl", f"--data.path={tmp_path / 'train.jsonl'}"]
+    cmd += ["--data.max_skip_rate=0.3", "--distributed.backend=gloo"]
+    r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(tmp_path / "run")
+    assert [x["step"] for x in rows] == [1, 2, 3, 4]
+    assert rows[-1]["samples"] == 4 * 4  # every global batch full: bad samples were replaced
+    assert rows[-1]["skip_reasons"]["missing_image"] == 1
+    assert all(x["grad_norm"] > 0 and np.isfinite(x["loss"]) for x in rows)
+    assert (tmp_path / "run" / "model" / "conditioner.safetensors").exists()
