@@ -83,7 +83,8 @@ def test_objective_builds_at_full_size(path):
     cfg = _no_init(load_config(path))
     with torch.device("meta"):
         obj = build_objective(cfg)
-    assert obj.model.config == cfg.model
+    r2d2 = getattr(obj.model, "r2d2", obj.model)  # t2i: the R2D2 model inside the generator
+    assert r2d2.config == cfg.model
     if cfg.train.task in R2D2_LOSS_TASKS:
         assert obj.config == cfg.loss
         assert (obj.teacher is not None) == obj.config.needs_teacher
