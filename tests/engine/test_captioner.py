@@ -14,6 +14,9 @@ from r2d2.engine.tasks.caption.config import CaptionConfig
 from r2d2.engine.tasks.caption.decoding import beam_search, decode_ids, sample_or_greedy
 from r2d2.engine.tokenizer import build_tokenizer
 
+# tiny models, step-by-step decoding: extra threads only spin against the machine's other jobs
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _captioner(seed=0, **caption):
     torch.manual_seed(seed)

@@ -25,6 +25,9 @@ from r2d2.engine.tasks.caption.config import CaptionConfig
 from r2d2.engine.tasks.caption.objective import CaptionObjective
 from r2d2.engine.tokenizer import build_tokenizer
 
+# tiny models, step-by-step decoding: extra threads only spin against the machine's other jobs
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = os.path.join(ROOT, "r2d2", "configs", "caption_tiny.yaml")
 SMALL = [
     "--train.init_from=null",
