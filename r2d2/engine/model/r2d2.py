@@ -222,6 +222,11 @@ class R2D2Model(nn.Module):
             )
         with open(cfg_path) as f:
             d = json.load(f)
+        if isinstance(d, dict) and d.get("model_type") == "r2d2-captioner":
+            raise ValueError(
+                f"{path} holds a captioner (model_type r2d2-captioner), not an R2D2 model: "
+                "load it with R2D2Captioner.from_pretrained (r2d2 caption, r2d2 eval caption)"
+            )
         d.pop("model_type", None)
         model = cls(ModelConfig.from_dict(d), kernels)
         load_model(model, os.path.join(path, WEIGHTS_NAME))
