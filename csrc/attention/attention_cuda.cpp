@@ -61,7 +61,7 @@ at::Tensor check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q
 }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, double scale, double dropout_p,
-                     int64_t seed, int64_t offset) {
+                     int64_t seed, int64_t offset, bool causal) {
   TORCH_CHECK(q.dim() == 4, "attention (cuda): q must be [B, H, Lq, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
                   k.size(3) == q.size(3),
@@ -90,7 +90,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, double scale, dou
                  static_cast<int>(q.size(2)), static_cast<int>(k.size(2)),
                  static_cast<int>(q.size(3)), static_cast<float>(scale),
                  static_cast<float>(dropout_p), static_cast<uint64_t>(seed),
-                 static_cast<uint32_t>(offset)};
+                 static_cast<uint32_t>(offset), causal ? 1 : 0};
 }
 
 cudaStream_t current_stream(const at::Tensor& q) {
@@ -112,13 +112,14 @@ void check_launch(int err, const char* what) {
 std::tuple<at::Tensor, at::Tensor> fwd_op(const at::Tensor& q_in, const at::Tensor& k_in,
                                           const at::Tensor& v_in,
                                           const std::optional<at::Tensor>& mask_in, double scale,
-                                          double dropout_p, int64_t seed, int64_t offset) {
+                                          double dropout_p, int64_t seed, int64_t offset,
+                                          bool causal) {
   TORCH_CHECK(q_in.is_cuda(), "attention (cuda): q must be a CUDA tensor, got ", q_in.device());
   check_same(q_in, k_in, "k");
   check_same(q_in, v_in, "v");
   TORCH_CHECK(v_in.sizes() == k_in.sizes(), "attention (cuda): v shape ", v_in.sizes(),
               " must equal k shape ", k_in.sizes());
-  const Problem pr = make_problem(q_in, k_in, scale, dropout_p, seed, offset);
+  const Problem pr = make_problem(q_in, k_in, scale, dropout_p, seed, offset, causal);
   const DType dt = kernel_dtype(q_in.scalar_type());
   const at::Tensor mask = check_mask(mask_in, q_in, k_in.size(2));
   const c10::DeviceGuard guard(q_in.device());
@@ -142,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_op(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& mask_in, double scale, double dropout_p, int64_t seed,
-    int64_t offset) {
+    int64_t offset, bool causal) {
   TORCH_CHECK(q_in.is_cuda(), "attention (cuda): q must be a CUDA tensor, got ", q_in.device());
   check_same(q_in, k_in, "k");
   check_same(q_in, v_in, "v");
@@ -159,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_op(
               lse_in.scalar_type(), " ", lse_in.sizes());
   TORCH_CHECK(lse_in.device() == q_in.device(), "attention (cuda): lse is on ", lse_in.device(),
               " but q is on ", q_in.device());
-  const Problem pr = make_problem(q_in, k_in, scale, dropout_p, seed, offset);
+  const Problem pr = make_problem(q_in, k_in, scale, dropout_p, seed, offset, causal);
   const DType dt = kernel_dtype(q_in.scalar_type());
   const at::Tensor mask = check_mask(mask_in, q_in, k_in.size(2));
   const c10::DeviceGuard guard(q_in.device());
@@ -188,15 +189,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_op(
 }  // namespace r2d2
 
 TORCH_LIBRARY_FRAGMENT(r2d2, m) {
-  // out = softmax(scale * q k^T masked by key_padding_mask (True = attend), dropout) v;
+  // out = softmax(scale * q k^T masked by key_padding_mask (True = attend) and, if causal, by
+  // j <= i + Lk - Lq (bottom-right), dropout) v;
   // lse = log2-domain logsumexp per query, float32 [B*H, Lq], +inf for a query with no key.
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, "
-      "float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)");
+      "float dropout_p, int seed, int offset, bool causal=False) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset) -> "
-      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset, "
+      "bool causal=False) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 TORCH_LIBRARY_IMPL(r2d2, CUDA, m) {

@@ -38,6 +38,7 @@
 #include <mma.h>
 
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -215,8 +216,16 @@ __device__ __forceinline__ bool keep(const Problem& pr, int bh, int row, int key
   return philox_uniform(pr.seed, off) >= pr.dropout_p;
 }
 
+// One block per 16*WARPS queries; streams TILE keys at a time, skipping padding tiles and (causal)
+// the tiles above the block's diagonal.
+// minBlocksPerSM = 1, as dkdv_kernel (see there). With the causal bounds added, ptxas (nvcc 13.0)
+// spilled a loop invariant inside the key-tile loop without it (sm_90: fwd fp16 DP 128 8/12 B at
+// 72 registers; dq fp16 DP 96, fp32 DP 96 and 128 8/8 B; sm_80: dq fp16 DP 128 12/20 B). With it
+// no attention kernel spills on either arch (ptxas -v), at 59-136 registers a thread (fwd and dq,
+// both archs): at most 17.4K registers a block of <= 128 threads, so registers allow >= 3 blocks
+// per SM where shared memory (29-99 KB a block) allows 1-7: shared memory still bounds occupancy.
 template <typename T, int DP, int WARPS, int TILE>
-__global__ void __launch_bounds__(32 * WARPS)
+__global__ void __launch_bounds__(32 * WARPS, 1)
     fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const uint8_t* __restrict__ mask, T* __restrict__ o, float* __restrict__ lse,
                const Problem pr) {
@@ -249,8 +258,12 @@ __global__ void __launch_bounds__(32 * WARPS)
   const bool dropout = pr.dropout_p > 0.0f;
   // Two lanes per row of the warp's 16; each takes every other column.
   const int r = wr + (lane >> 1), half = lane & 1, row = m0 + r;
+  // Causal: key tiles from n_end on are wholly above this block's diagonal and never visited;
+  // only tiles reaching past the keys every row sees (n_full) test causality per element.
+  const int n_end = pr.causal ? causal_key_end(m0, C::kRows, Lq, Lk) : Lk;
+  const int n_full = pr.causal ? causal_key_full(m0, Lq, Lk) : INT_MAX;
 
-  for (int n0 = 0; n0 < Lk; n0 += TILE) {
+  for (int n0 = 0; n0 < n_end; n0 += TILE) {
     __syncthreads();  // the previous tile's K/V are no longer read
     int any = 0;
     for (int j = threadIdx.x; j < TILE; j += C::kThreads) {
@@ -264,9 +277,12 @@ __global__ void __launch_bounds__(32 * WARPS)
     WarpMM<T, true>::run(Qs + wr * C::kLdT, C::kLdT, Ks, C::kLdT, S + wr * C::kLdS, C::kLdS, TILE,
                          DP, false);
     const float* s = S + r * C::kLdS;
+    const bool diag = n0 + TILE > n_full;  // straddles the diagonal: test each key
     float mx = kFloor;
     for (int j = half; j < TILE; j += 2) {
-      if (kval[j]) mx = fmaxf(mx, s[j] * qk_scale);
+      if (kval[j] && (!diag || causal_sees(row, n0 + j, Lq, Lk))) {
+        mx = fmaxf(mx, s[j] * qk_scale);
+      }
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     const float m_old = row_m[r];
@@ -275,7 +291,8 @@ __global__ void __launch_bounds__(32 * WARPS)
     float sum = 0.0f;
     T* p = P + r * C::kLdP;
     for (int j = half; j < TILE; j += 2) {
-      float pj = kval[j] ? exp2f(s[j] * qk_scale - m_new) : 0.0f;
+      const bool seen = kval[j] && (!diag || causal_sees(row, n0 + j, Lq, Lk));
+      float pj = seen ? exp2f(s[j] * qk_scale - m_new) : 0.0f;
       sum += pj;  // the normaliser uses undropped weights
       if (dropout) pj = keep(pr, bh, row, n0 + j) ? pj * inv_keep : 0.0f;
       p[j] = from_f<T>(pj);
@@ -364,7 +381,12 @@ __global__ void __launch_bounds__(32 * WARPS, 1)
     const float qk_scale = pr.scale * kLog2e;
     const float inv_keep = 1.0f / (1.0f - pr.dropout_p);
     const bool dropout = pr.dropout_p > 0.0f;
-    for (int m0 = 0; m0 < Lq; m0 += TILE) {
+    // Causal: query tiles before m_begin see none of this block's keys and are never visited;
+    // those starting at or after m_full see all of them (no per-element test).
+    const int n_last = (n0 + C::kRows < Lk ? n0 + C::kRows : Lk) - 1;
+    const int m_begin = pr.causal ? causal_first_query(n0, Lq, Lk) / TILE * TILE : 0;
+    const int m_full = pr.causal ? causal_first_query(n_last, Lq, Lk) : 0;
+    for (int m0 = m_begin; m0 < Lq; m0 += TILE) {
       __syncthreads();  // previous query tile no longer read
       load_rows<T, DP>(Qs, C::kLdT, q + qoff, m0, TILE, Lq, D);
       load_rows<T, DP>(dOs, C::kLdT, dout + qoff, m0, TILE, Lq, D);
@@ -378,9 +400,11 @@ __global__ void __launch_bounds__(32 * WARPS, 1)
                            TILE, DP, false);
       WarpMM<T, true>::run(Vs + wr * C::kLdT, C::kLdT, dOs, C::kLdT, dPt + wr * C::kLdS, C::kLdS,
                            TILE, DP, false);
+      const bool diag = m0 < m_full;
       for (int idx = lane; idx < 16 * TILE; idx += 32) {
         const int r = wr + idx / TILE, j = idx % TILE;
-        const float p = kval[r] ? exp2f(St[r * C::kLdS + j] * qk_scale - lse_s[j]) : 0.0f;
+        const bool seen = kval[r] && (!diag || causal_sees(m0 + j, n0 + r, Lq, Lk));
+        const float p = seen ? exp2f(St[r * C::kLdS + j] * qk_scale - lse_s[j]) : 0.0f;
         float dp = dPt[r * C::kLdS + j], pd = p;
         if (dropout) {
           const bool kp = keep(pr, bh, m0 + j, n0 + r);
@@ -410,9 +434,10 @@ __global__ void __launch_bounds__(32 * WARPS, 1)
   }
 }
 
-// One block per 16*WARPS queries; streams TILE keys at a time, skipping padding tiles.
+// One block per 16*WARPS queries; streams TILE keys at a time, skipping padding tiles and (causal)
+// the tiles above the block's diagonal. minBlocksPerSM = 1: see fwd_kernel.
 template <typename T, int DP, int WARPS, int TILE>
-__global__ void __launch_bounds__(32 * WARPS)
+__global__ void __launch_bounds__(32 * WARPS, 1)
     dq_kernel(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
               const T* __restrict__ v, const float* __restrict__ lse,
               const float* __restrict__ delta, const uint8_t* __restrict__ mask,
@@ -447,7 +472,11 @@ __global__ void __launch_bounds__(32 * WARPS)
   const float qk_scale = pr.scale * kLog2e;
   const float inv_keep = 1.0f / (1.0f - pr.dropout_p);
   const bool dropout = pr.dropout_p > 0.0f;
-  for (int n0 = 0; n0 < Lk; n0 += TILE) {
+  // Causal: the forward's bounds (tiles from n_end on never visited, per-element test only on
+  // tiles reaching past n_full).
+  const int n_end = pr.causal ? causal_key_end(m0, C::kRows, Lq, Lk) : Lk;
+  const int n_full = pr.causal ? causal_key_full(m0, Lq, Lk) : INT_MAX;
+  for (int n0 = 0; n0 < n_end; n0 += TILE) {
     __syncthreads();
     int any = 0;
     for (int j = threadIdx.x; j < TILE; j += C::kThreads) {
@@ -462,9 +491,11 @@ __global__ void __launch_bounds__(32 * WARPS)
                          DP, false);
     WarpMM<T, true>::run(dOs + wr * C::kLdT, C::kLdT, Vs, C::kLdT, dP + wr * C::kLdS, C::kLdS,
                          TILE, DP, false);
+    const bool diag = n0 + TILE > n_full;
     for (int idx = lane; idx < 16 * TILE; idx += 32) {
       const int r = wr + idx / TILE, j = idx % TILE;
-      const float p = kval[j] ? exp2f(S[r * C::kLdS + j] * qk_scale - lse_s[r]) : 0.0f;
+      const bool seen = kval[j] && (!diag || causal_sees(m0 + r, n0 + j, Lq, Lk));
+      const float p = seen ? exp2f(S[r * C::kLdS + j] * qk_scale - lse_s[r]) : 0.0f;
       float dp = dP[r * C::kLdS + j];
       if (dropout) dp = keep(pr, bh, m0 + r, n0 + j) ? dp * inv_keep : 0.0f;
       dS[r * C::kLdP + j] = from_f<T>(p * (dp - delta_s[r]));

@@ -7,6 +7,10 @@
 //   mask [B, Lk] uint8 (1 = attend) or null; lse [B*H, Lq] fp32 in the log2 domain
 //   (lse2 = log2 sum_j 2^(s_j * scale * log2 e)), +inf for a query that has no attended key
 //   (its output and gradients are zero).
+// Causal (Problem::causal): query i attends key j only if j <= i + (Lk - Lq) (bottom-right
+// aligned, as flash-attention >= 2.1), ANDed with the mask. Key tiles wholly above a query
+// block's diagonal are never loaded (forward, dQ), query tiles wholly before a key block's first
+// viewer are never loaded (dK/dV), and only tiles straddling the diagonal test it per element.
 // Dropout keeps score (bh, i, j) when philox_uniform(seed, offset + (bh*Lq + i)*Lk + j) >= p,
 // the same stream Triton's tl.rand draws (Philox4x32-10, first word, same float mapping), so the
 // CUDA and Triton backends drop the same weights for the same (seed, offset).
@@ -68,7 +72,25 @@ struct Problem {
   float dropout_p;  // in [0, 1)
   uint64_t seed;
   uint32_t offset;
+  int causal;  // 0 / 1: a runtime switch (uniform per launch), not a template parameter, so the
+               // instantiations check_cuda_resources.py checks are the ones causal calls run
 };
+
+// Causal bounds, shared by the kernels (and checked on the host by the tests' formulas).
+// Rows [m0, m0 + rows) see keys < causal_key_end: some row sees each of them, none sees more.
+R2D2_ATTN_HD int causal_key_end(int m0, int rows, int Lq, int Lk) {
+  const int e = m0 + rows + (Lk - Lq);
+  return e < 0 ? 0 : (e > Lk ? Lk : e);
+}
+// Keys < causal_key_full are seen by every one of the rows from m0 on.
+R2D2_ATTN_HD int causal_key_full(int m0, int Lq, int Lk) { return m0 + 1 + (Lk - Lq); }
+// Whether query row i sees key j (tested per element on diagonal tiles only).
+R2D2_ATTN_HD bool causal_sees(int i, int j, int Lq, int Lk) { return j <= i + (Lk - Lq); }
+// The first query row that sees key n0 (0 if every row does).
+R2D2_ATTN_HD int causal_first_query(int n0, int Lq, int Lk) {
+  const int i = n0 - (Lk - Lq);
+  return i < 0 ? 0 : i;
+}
 
 // Each returns 0 or a cudaError_t value. Pointers are device pointers; mask may be null.
 int attention_fwd_cuda(DType dtype, const void* q, const void* k, const void* v,

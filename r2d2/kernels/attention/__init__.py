@@ -56,7 +56,6 @@ from r2d2.kernels.attention import cuda as cuda_impl
 from r2d2.kernels.attention.library import attention_sdpa, attention_xformers
 from r2d2.kernels.attention.reference import attention_ref, default_scale
 from r2d2.kernels.attention.tuning import AttentionTuning, class_key, class_str
-from r2d2.kernels.common import BackendUnavailable
 from r2d2.kernels.dispatch import OpSpec, register_op, resolve
 
 __all__ = [
@@ -135,7 +134,6 @@ def _cuda_fns():
 
 
 _FNS = {"triton": _triton_fns, "cuda": _cuda_fns}
-_NO_CAUSAL_YET = ("cuda",)  # its causal kernels land next
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -163,8 +161,6 @@ def _fused(backend, q, k, v, key_padding_mask, dropout_p, scale, causal=False):
             f"attention (backend={backend!r}): dtype {q.dtype} unsupported; expected "
             f"one of {[str(d) for d in _DTYPES]}"
         )
-    if causal and backend in _NO_CAUSAL_YET:
-        raise BackendUnavailable(f"attention: backend={backend!r} has no causal kernel yet")
     seed = offset = 0
     if dropout_p > 0.0:
         # Drawn from torch's CPU generator, so torch.manual_seed makes the mask reproducible.
