@@ -90,10 +90,39 @@ _ATTN_SWITCHES = (
     (False, True, False),
     (True, True, False),
 )
+# (kind, HAS_MASK, DROPOUT) compiled with CAUSAL: what the captioning decoder launches, causal
+# self-attention at D = 64 in fp16 / bf16 (the default sweep's head dim): training with padded
+# captions, with and without attention dropout (forward and both backward kernels), and KV-cache
+# decoding without a mask (forward only, under no_grad). Nothing else is causal in R2D2, so the
+# other head dims, fp32 and the tile counter are not compiled causal (the CPU tests run the
+# causal kernels in the interpreter); this adds about 140 compiles to the default sweep.
+_ATTN_CAUSAL_SWITCHES = (
+    ("fwd", True, False),
+    ("fwd", True, True),
+    ("fwd", False, False),
+    ("dkdv", True, False),
+    ("dkdv", True, True),
+    ("dq", True, False),
+    ("dq", True, True),
+)
 
 
 def _attention_case(
-    at, kind, fn_name, jit, cfg, dt, ty, arch, bd, has_mask, dropout, count, chosen, first
+    at,
+    kind,
+    fn_name,
+    jit,
+    cfg,
+    dt,
+    ty,
+    arch,
+    bd,
+    has_mask,
+    dropout,
+    count,
+    chosen,
+    first,
+    causal=False,
 ):
     import torch
 
@@ -175,6 +204,7 @@ def _attention_case(
     ce = dict(
         HAS_MASK=has_mask,
         DROPOUT=dropout,
+        CAUSAL=causal,
         BLOCK_D=bd,
         PRECISION=at._precision(dt),
         COUNT_TILES=count,
@@ -185,14 +215,16 @@ def _attention_case(
         f"M{bm} N{bn} D{bd} w{cfg.num_warps} s{cfg.num_stages}"
         + (" mask" if has_mask else "")
         + (" dropout" if dropout else "")
+        + (" causal" if causal else "")
         + (" count" if count else "")
     )
     quick = (
         first
         and not count
         and (
-            (bd == 64 and dt == torch.float16 and not has_mask and not dropout)
+            (bd == 64 and dt == torch.float16 and not has_mask and not dropout and not causal)
             or (bd == 256 and dt == torch.float32 and has_mask and dropout)
+            or (bd == 64 and dt == torch.bfloat16 and has_mask and not dropout and causal)
         )
     )
     # The tile counter is a test-only switch: fp16 and fp32 in the default run, bf16 with --all.
@@ -239,12 +271,25 @@ def _attention_cases(archs):
             for dt in dtypes:
                 ty = _TORCH_TO_TT[str(dt).split(".")[1]]
                 cands = set(at._SHAPES[(kind, 32 if dt.itemsize >= 4 else 16)])
+                switches = [(m, d, c, False) for m, d, c in _ATTN_SWITCHES]
+                if dt != torch.float32:
+                    switches += [
+                        (m, d, False, True) for k, m, d in _ATTN_CAUSAL_SWITCHES if k == kind
+                    ]
                 for bd in block_ds:
-                    for has_mask, dropout, count in _ATTN_SWITCHES:
-                        if count and bd != ATTN_DEFAULT_D:
-                            continue  # test-only switch: one representative head dim
+                    for has_mask, dropout, count, causal in switches:
+                        if (count or causal) and bd != ATTN_DEFAULT_D:
+                            continue  # test-only switch / decoder only: one head dim
                         kept_list = at.prune_configs(
-                            tuner.configs, kind, bd, dt.itemsize, arch, has_mask, dropout, count
+                            tuner.configs,
+                            kind,
+                            bd,
+                            dt.itemsize,
+                            arch,
+                            has_mask,
+                            dropout,
+                            count,
+                            causal,
                         )
                         kept = {id(c) for c in kept_list}
                         first_kept = kept_list[0] if kept_list else None
@@ -267,6 +312,7 @@ def _attention_cases(archs):
                                     count,
                                     id(cfg) in kept,
                                     cfg is first_kept,
+                                    causal,
                                 )
                             )
     # Preprocess (fixed BLOCK_M) and the test-only keep-mask kernel.
@@ -582,7 +628,7 @@ def _jit(fn):
     return fn
 
 
-def all_cases(archs, kernel_filter=None, quick=False, extended=True):
+def all_cases(archs, kernel_filter=None, quick=False, extended=True, config_filter=None):
     cases = _attention_cases(archs) + _contrastive_cases(archs) + _distill_cases(archs)
     if quick:  # its own subset, whether or not extended
         cases = [c for c in cases if c.quick]
@@ -595,6 +641,8 @@ def all_cases(archs, kernel_filter=None, quick=False, extended=True):
             for c in cases
             if any(c.kernel == k if k in names else k in c.kernel for k in kernel_filter)
         ]
+    if config_filter:  # e.g. "causal": only the configurations whose description has it
+        cases = [c for c in cases if any(f in c.config.split() for f in config_filter)]
     return cases
 
 
@@ -977,6 +1025,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--kernel", nargs="+", help="only kernels whose name contains one of these")
+    ap.add_argument(
+        "--config",
+        nargs="+",
+        help="only configurations with one of these words (e.g. causal, mask, dropout, w8)",
+    )
     ap.add_argument("--quick", action="store_true", help="a representative subset")
     ap.add_argument(
         "--all",
@@ -1013,7 +1066,7 @@ def main(argv=None) -> int:
         print(f"check_gpu_compile: triton's NVIDIA backend is unavailable: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
-    cases = all_cases(a.arch, a.kernel, a.quick, extended=a.all)
+    cases = all_cases(a.arch, a.kernel, a.quick, extended=a.all, config_filter=a.config)
     print(
         f"check_gpu_compile: {len(cases)} compiles, {a.jobs} processes, {versions()}",
         file=sys.stderr,
@@ -1039,6 +1092,7 @@ def main(argv=None) -> int:
     if a.write_docs:
         extra = (
             (" --kernel " + " ".join(a.kernel) if a.kernel else "")
+            + (" --config " + " ".join(a.config) if a.config else "")
             + (" --quick" if a.quick else "")
             + (" --all" if a.all else "")
         )

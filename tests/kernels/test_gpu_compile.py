@@ -165,20 +165,21 @@ for name, kind in (('_attn_fwd_kernel', 'fwd'), ('_attn_bwd_dkdv_kernel', 'dkdv'
             for size in (2, 4):
                 for mask in (False, True):
                     for drop in (False, True):
+                      for causal in (False, True):
                         tuner.nargs = {'q_ptr': FakeCuda(size)}
                         got = tuner.prune_configs(dict(
                             # the tile counter varies along with the mask
                             BLOCK_D=bd, HAS_MASK=mask, DROPOUT=drop, COUNT_TILES=mask,
-                            PRECISION='ieee' if size == 4 else 'tf32'))
+                            CAUSAL=causal, PRECISION='ieee' if size == 4 else 'tf32'))
                         want = at.prune_configs(tuner.configs, kind, bd, size, arch[0], mask,
-                                                drop, mask)
-                        assert want and got == want, (name, arch, bd, size, mask, drop)
+                                                drop, mask, causal)
+                        assert want and got == want, (name, arch, bd, size, mask, drop, causal)
                         checked += 1
     tuner.nargs = None
 print('ok', checked)
 """
     p = _py(code, 300)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok 240"), p.stdout + p.stderr
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok 480"), p.stdout + p.stderr
 
 
 def test_attention_every_class_keeps_a_config():
@@ -194,22 +195,50 @@ for key, by_arch in at._SPILLS.items():
     assert shape in at._SHAPES[(kind, bits)] and bd in at.block_d_choices(), key
     assert by_arch and set(by_arch) <= {'80', '90'}, key
     for when in by_arch.values():
-        assert when and set(when) <= {'any', 'mask', 'dropout', 'count'}, key
+        assert when and set(when) <= {'any', 'mask', 'dropout', 'count', 'causal'}, key
 for kind, name in (('fwd', '_attn_fwd_kernel'), ('dkdv', '_attn_bwd_dkdv_kernel'),
                    ('dq', '_attn_bwd_dq_kernel')):
     configs = getattr(at, name).configs
     for arch in (80, 90):  # measured; 99 KB archs (sm_86/89/120) lack an fp32 D = 256 backward
         for bd in at.block_d_choices():
             for size in (2, 4):
-                for mask, drop, count in itertools.product((False, True), repeat=3):
-                    kept = at.prune_configs(configs, kind, bd, size, arch, mask, drop, count)
-                    assert kept, (kind, arch, bd, size, mask, drop, count)
+                for mask, drop, count, causal in itertools.product((False, True), repeat=4):
+                    kept = at.prune_configs(
+                        configs, kind, bd, size, arch, mask, drop, count, causal)
+                    assert kept, (kind, arch, bd, size, mask, drop, count, causal)
                     if size == 4:  # 32 x 32, or a narrower fallback (16 queries or keys)
                         assert all(max(at._shape(c)[:2]) <= 32 for c in kept), kept
 print('ok')
 """
     p = _py(code, 300)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
+
+
+def test_causal_rows_are_the_decoders():
+    """The default sweep compiles the causal attention kernels the captioning decoder launches:
+    forward, dK/dV and dQ at D = 64 in fp16 and bf16 on both arches, with the padding mask (with
+    and without dropout) and the forward unmasked (KV-cache decoding); nothing else causal."""
+    code = """
+import sys
+sys.path.insert(0, 'scripts')
+import check_gpu_compile as g
+rows = g.all_cases([80, 90], ['_attn_'], extended=False, config_filter=['causal'])
+assert rows and all(' causal' in c.config for c in rows)
+assert all(c.constexprs['CAUSAL'] and c.constexprs['BLOCK_D'] == 64 for c in rows)
+assert {c.dtype for c in rows} == {'fp16', 'bf16'} and {c.arch for c in rows} == {80, 90}
+classes = {(c.kernel, c.arch, c.dtype, c.constexprs['HAS_MASK'], c.constexprs['DROPOUT'])
+           for c in rows if c.chosen}
+for arch in (80, 90):
+    for dt in ('fp16', 'bf16'):
+        for k in ('_attn_fwd_kernel', '_attn_bwd_dkdv_kernel', '_attn_bwd_dq_kernel'):
+            assert (k, arch, dt, True, False) in classes and (k, arch, dt, True, True) in classes
+        assert ('_attn_fwd_kernel', arch, dt, False, False) in classes
+plain = g.all_cases([80], ['_attn_fwd_kernel'], extended=False)
+assert all(c.constexprs['CAUSAL'] is (' causal' in c.config) for c in plain)
+print('ok', len(rows))
+"""
+    p = _py(code, 300)
+    assert p.returncode == 0 and p.stdout.strip().startswith("ok"), p.stdout + p.stderr
 
 
 @pytest.mark.slow

@@ -171,7 +171,8 @@ def _spills_by_rule(kind: str, bits: int, block_d: int, shape) -> bool:
 # sm_90 and later. Switches, any of: "any"; "mask" (with a key-padding mask, dropout or not);
 # "dropout" (with dropout, masked or not: the Philox draws tip them over; some spill with dropout
 # alone and not with mask + dropout, or the other way round); "count" (with the tests' tile
-# counter, COUNT_TILES). The 16-bit entries at D = 16 / 32 were measured on sm_80 only (those
+# counter, COUNT_TILES); "causal" (CAUSAL: the two loop ranges, each with its own copy of the tile
+# body, hold more live values). The 16-bit entries at D = 16 / 32 were measured on sm_80 only (those
 # head dims are not compiled for sm_90 yet) and are pruned on sm_90 too.
 _SPILLS: dict[tuple, dict[str, tuple[str, ...]]] = {
     # fp16 / bf16 at D = 16, mask + dropout: 8 bytes each (sm_80).
@@ -183,9 +184,17 @@ _SPILLS: dict[tuple, dict[str, tuple[str, ...]]] = {
     ("dq", 16, 32, (128, 32, 8, 2)): {"80": ("dropout",), "90": ("dropout",)},
     # fp16 / bf16 at D = 64 with dropout alone (none with mask + dropout): dK/dV M64 N64 40 bytes
     # on sm_80, 56 on sm_90; dK/dV M32 N64 32 on sm_90; dQ M64 N64 88 on sm_80.
-    ("dkdv", 16, 64, (64, 64, 4, 2)): {"80": ("dropout",), "90": ("dropout",)},
-    ("dkdv", 16, 64, (32, 64, 4, 2)): {"90": ("dropout",)},
+    # Causal (compiled at D = 64, fp16 and bf16 alike, for the decoder's classes: mask, mask +
+    # dropout, and the unmasked forward): forward M64 N32 s2 24-28 bytes on sm_80 (unmasked and
+    # mask + dropout); dK/dV M64 N64 60+56 on sm_80, 60+80 on sm_90 (mask), M32 N64 12-32 on sm_80
+    # (mask, mask + dropout), M32 N32 8 warps 20 on sm_80 (mask + dropout) and 8 on sm_90 (mask);
+    # dQ M32 N32 8 warps 36 on sm_90 (mask + dropout). Pruned for every causal class there.
+    ("fwd", 16, 64, (64, 32, 4, 2)): {"80": ("causal",)},
+    ("dkdv", 16, 64, (64, 64, 4, 2)): {"80": ("dropout", "causal"), "90": ("dropout", "causal")},
+    ("dkdv", 16, 64, (32, 64, 4, 2)): {"80": ("causal",), "90": ("dropout",)},
+    ("dkdv", 16, 64, (32, 32, 8, 1)): {"80": ("causal",), "90": ("causal",)},
     ("dq", 16, 64, (64, 64, 4, 2)): {"80": ("dropout",)},
+    ("dq", 16, 64, (32, 32, 8, 1)): {"90": ("causal",)},
     # fp32 forward. D = 32, 4 warps, with dropout: 8-16 bytes on sm_90. D = 64, 4 warps, with the
     # tile counter: 752 bytes on sm_80, 700 on sm_90 (92 registers and none without it). D = 128:
     # 4 warps 1,328-1,432 bytes and 8 warps 140-240 on sm_90 (none on sm_80); 16 x 32 8 bytes
@@ -233,6 +242,7 @@ def prune_configs(
     has_mask: bool = True,
     dropout: bool = True,
     count_tiles: bool = False,
+    causal: bool = False,
 ):
     """The configs of ``configs`` that kernel ``kind`` may run at ``BLOCK_D`` and element size
     ``itemsize``, with or without a key-padding mask, dropout and the tests' tile counter, on
@@ -269,6 +279,7 @@ def prune_configs(
             or ("mask" in when and has_mask)
             or ("dropout" in when and dropout)
             or ("count" in when and count_tiles)
+            or ("causal" in when and causal)
         ):
             continue
         kept.append(c)
@@ -318,6 +329,7 @@ def _early_prune(kind: str):
             bool(kwargs["HAS_MASK"]),
             bool(kwargs["DROPOUT"]),
             bool(kwargs.get("COUNT_TILES", False)),
+            bool(kwargs.get("CAUSAL", False)),
         )
         return kept or configs
 
