@@ -6,18 +6,24 @@ GPU (bf16, D = 64, batch 256, H in {12, 16}; --quick: batch 64, H 12):
   image self    197 x 197 and 257 x 257, no mask
   cross t->i    64 x 257 (text queries, image keys), no mask
   cross i->t    257 x 64 (image queries, text keys), text key padding ~40%
+  decoder self  causal (``causal=True``, the captioning decoder): 32 x 32 and 64 x 64 unpadded,
+                where the ``sdpa`` providers run torch SDPA's own ``is_causal=True`` (flash
+                included), and 64 x 64 with caption padding (SDPA then needs the combined
+                boolean mask); --quick: 64 x 64 unpadded only
 Modes: fwd, bwd (backward of one retained forward, the forward not timed) and fwd+bwd.
 Providers: eager; sdpa (torch's own pick) and each SDPA backend forced through
 torch.nn.attention.sdpa_kernel (flash, efficient, cudnn, math; one that refuses the case, e.g.
 flash with a mask, is reported and skipped); xformers when installed; ours triton and cuda; and
 auto (what ``backend="auto"`` picks for the case's class, stored as ``auto_pick``).
-CPU (--device cpu, fp32, tiny shapes): eager vs sdpa vs triton under TRITON_INTERPRET=1. The
+CPU (--device cpu, fp32, tiny shapes, a causal one among them): eager vs sdpa vs triton under
+TRITON_INTERPRET=1. The
 interpreter is a correctness tool; its times say nothing about GPU speed. Never read CPU rows as
 GPU results, and never write them into benchmarks/results (pass --no-out or --out /tmp/...).
 
 FLOPs count only unmasked work, the same for every provider of a case: with v_b valid keys and
 u_b useful queries of batch row b (valid queries for padded self-attention, all queries
-otherwise), fwd = 4 H D sum_b u_b v_b (two matmuls); bwd = 2.5 x fwd (five matmuls: the score
+otherwise), fwd = 4 H D sum_b u_b v_b (two matmuls; causal: 4 H D x the (query, key) pairs
+that are visible and unpadded, about half); bwd = 2.5 x fwd (five matmuls: the score
 recompute, dV, dP, dQ, dK); fwd+bwd = 3.5 x fwd. Columns: "x eager" from the harness, plus
 "x best sdpa" printed below the table and stored as ``ratio_best_sdpa`` (best SDPA backend's
 median / row's median, > 1 = faster).
@@ -38,6 +44,7 @@ if not torch.cuda.is_available():  # the Triton interpreter must be chosen befor
 
 from r2d2.bench import harness
 from r2d2.kernels import attention
+from r2d2.kernels.attention.reference import causal_mask
 from r2d2.kernels.dispatch import why_unavailable
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -57,16 +64,26 @@ def cases(device: str, quick: bool) -> tuple[list[dict], torch.dtype]:
             dict(name="cross_t2i", Lq=64, Lk=257, kmask=False, qmask=False),
             dict(name="cross_i2t", Lq=257, Lk=64, kmask=True, qmask=False),
         ]
+        # The captioning decoder's causal self-attention (D = 64 like every GPU preset).
+        base += [dict(name="decoder_self", Lq=64, Lk=64, kmask=False, qmask=False, causal=True)]
+        if not quick:
+            base += [
+                dict(name="decoder_self", Lq=32, Lk=32, kmask=False, qmask=False, causal=True),
+                dict(name="decoder_self", Lq=64, Lk=64, kmask=True, qmask=True, causal=True),
+            ]
         return [dict(c, B=B, H=h, D=D) for h in heads for c in base], torch.bfloat16
     # The interpreter's time grows with programs x tiles (16 x 16 each): --quick keeps one case
-    # of two key tiles and one head.
+    # of two key tiles and one head, and a causal one of a single tile.
     if quick:
         return [
-            dict(name="text_self", Lq=24, Lk=24, kmask=True, qmask=True, B=2, H=1, D=16)
+            dict(name="text_self", Lq=24, Lk=24, kmask=True, qmask=True, B=2, H=1, D=16),
+            dict(name="decoder_self", Lq=16, Lk=16, kmask=False, qmask=False, B=1, H=1, D=16)
+            | dict(causal=True),
         ], torch.float32
     base = [
         dict(name="text_self", Lq=32, Lk=32, kmask=True, qmask=True),
         dict(name="cross_i2t", Lq=37, Lk=64, kmask=True, qmask=False),
+        dict(name="decoder_self", Lq=32, Lk=32, kmask=False, qmask=False, causal=True),
     ]
     return [dict(c, B=2, H=2, D=32) for c in base], torch.float32
 
@@ -109,7 +126,13 @@ def make_inputs(c: dict, dtype: torch.dtype, device: str):
         valid_k = torch.randint(lo, Lk + 1, (B,), generator=g)
         mask = (torch.arange(Lk)[None, :] < valid_k[:, None]).to(device)
     useful_q = valid_k if c["qmask"] else torch.full((B,), c["Lq"])
-    fwd_flops = 4.0 * H * D * float((useful_q * valid_k).sum())
+    if c.get("causal"):  # the (query, key) pairs that are visible (bottom-right) and unpadded
+        vis = causal_mask(c["Lq"], Lk)[None]
+        vis = vis & (torch.arange(Lk)[None, None, :] < valid_k[:, None, None])
+        vis = vis & (torch.arange(c["Lq"])[None, :, None] < useful_q[:, None, None])
+        fwd_flops = 4.0 * H * D * float(vis.sum())
+    else:
+        fwd_flops = 4.0 * H * D * float((useful_q * valid_k).sum())
     return q, k, v, mask, fwd_flops, 1.0 - float(valid_k.sum()) / (B * Lk)
 
 
@@ -124,6 +147,9 @@ def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
         q, k, v, mask, fwd_flops, pad = make_inputs(c, dtype, device)
         shape = {k_: c[k_] for k_ in ("name", "B", "H", "Lq", "Lk", "D")}
         shape["padded"] = c["kmask"]
+        causal = bool(c.get("causal"))
+        if causal:  # only then: the other cases' shape strings (and stored rows) read as before
+            shape["causal"] = True
         extra = {"key_padding": round(pad, 4), "dtype": dt}
 
         def no_timing(label, status, error, shape=shape, extra=extra):
@@ -148,13 +174,14 @@ def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
                 no_timing(label, "skipped", why)
                 continue
 
-            def fwd(backend=backend, sdp=sdp, q=q, k=k, v=v, mask=mask):
+            def fwd(backend=backend, sdp=sdp, q=q, k=k, v=v, mask=mask, causal=causal):
+                kw = dict(key_padding_mask=mask, causal=causal, backend=backend)
                 if sdp is None:
-                    return attention(q, k, v, key_padding_mask=mask, backend=backend)
+                    return attention(q, k, v, **kw)
                 from torch.nn.attention import sdpa_kernel
 
                 with sdpa_kernel(sdp):
-                    return attention(q, k, v, key_padding_mask=mask, backend=backend)
+                    return attention(q, k, v, **kw)
 
             try:  # an SDPA backend that refuses the case (flash + mask) raises here
                 fwd().sum().backward()
@@ -168,7 +195,7 @@ def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
                 q.grad = k.grad = v.grad = None
             row_extra = dict(extra)
             if backend == "auto":
-                row_extra["auto_pick"] = auto_pick_of(q, k, mask)
+                row_extra["auto_pick"] = auto_pick_of(q, k, mask, causal)
             for mode, (fn, grad_to_none) in harness.modes(fwd, [q, k, v], which=MODES).items():
                 timing = harness.measure(fn, device=device, grad_to_none=grad_to_none)
                 peak = harness.peak_memory_bytes(fn, device) if mode == "fwd+bwd" else None
@@ -193,11 +220,11 @@ def run(device: str, quick: bool, out: str | None = None) -> list[dict]:
     return rows
 
 
-def auto_pick_of(q: torch.Tensor, k: torch.Tensor, mask) -> str | None:
+def auto_pick_of(q: torch.Tensor, k: torch.Tensor, mask, causal: bool = False) -> str | None:
     """The backend auto chose for this case's training class (measured in the warm-up call)."""
     from r2d2.kernels.attention import auto_class, auto_picks
 
-    pick = auto_picks().get(auto_class(q, k, mask, grad=True))
+    pick = auto_picks().get(auto_class(q, k, mask, grad=True, causal=causal))
     return pick.backend if pick else None
 
 

@@ -639,6 +639,32 @@ def test_contrastive_and_attention_scripts_cpu_quick(tmp_path):
         ["eager", "sdpa", "triton"],
         ["fwd", "fwd+bwd"],
     )
+    causal = {r["provider"] for r in rows if r["op"] == "attention" and r["shape"].get("causal")}
+    assert causal == {"eager", "sdpa", "triton"}  # the decoder's causal case, every provider
+
+
+def test_attention_bench_causal_flops_count_visible_pairs():
+    """Causal cases count only the (query, key) pairs a query may see (bottom-right) and that
+    are not padding: L (L + 1) / 2 per (batch, head) unpadded, checked pair by pair padded."""
+    from r2d2.bench import bench_attention
+
+    B, H, L, D = 3, 2, 20, 16
+    c = dict(name="decoder_self", Lq=L, Lk=L, B=B, H=H, D=D, kmask=False, qmask=False)
+    flops = bench_attention.make_inputs(dict(c, causal=True), torch.float32, "cpu")[4]
+    assert flops == 4.0 * H * D * B * L * (L + 1) / 2
+    full = bench_attention.make_inputs(c, torch.float32, "cpu")[4]
+    assert full == 4.0 * H * D * B * L * L
+    _, _, _, mask, flops, _ = bench_attention.make_inputs(
+        dict(c, causal=True, kmask=True, qmask=True), torch.float32, "cpu"
+    )
+    pairs = sum(
+        1
+        for b in range(B)
+        for i in range(L)
+        for j in range(L)
+        if j <= i and mask[b, i] and mask[b, j]
+    )
+    assert flops == 4.0 * H * D * pairs
 
 
 @pytest.mark.slow
