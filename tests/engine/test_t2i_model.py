@@ -195,3 +195,24 @@ def test_missing_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(UsageError, match=r"pip install r2d2-engine\[t2i\]"):
         diffusers_module()
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpm", "ddpm"])
+def test_pixel_samplers_keep_x0_in_range_latent_ones_do_not(gen, kind):
+    from r2d2.engine.tasks.t2i.model import sampler_scheduler
+
+    on = sampler_scheduler(kind, gen.scheduler.config, pixel=True).config
+    off = sampler_scheduler(kind, gen.scheduler.config, pixel=False).config
+    key = "thresholding" if kind == "dpm" else "clip_sample"
+    assert on[key] is True and off[key] is False
+    # the first DPM-Solver++ step under the cosine schedule divides by alpha ~ 0.008: an eps
+    # error of 0.1 becomes ~12 in x0; kept in range, the sample ends near [-1, 1] (the last
+    # step still adds sqrt(1 - abar_0) eps, a few thousandths)
+    sch = sampler_scheduler(kind, gen.scheduler.config, pixel=True)
+    sch.set_timesteps(5)
+    x = torch.randn(2, 3, 8, 8)
+    for t in sch.timesteps:
+        x = sch.step(
+            torch.randn_like(x), t, x, generator=torch.Generator().manual_seed(0)
+        ).prev_sample
+    assert x.abs().max() < 1.1

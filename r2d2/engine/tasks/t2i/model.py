@@ -94,17 +94,28 @@ def noise_scheduler(cfg: T2IConfig):
     )
 
 
-def sampler_scheduler(kind: str, train_config):
-    """A fresh sampler (``ddim`` | ``dpm`` | ``ddpm``) on the training schedule ``train_config``."""
+def sampler_scheduler(kind: str, train_config, pixel: bool = True):
+    """A fresh sampler (``ddim`` | ``dpm`` | ``ddpm``) on the training schedule ``train_config``.
+
+    In pixel space every sampler keeps its x0 prediction inside the data range [-1, 1] (DDIM /
+    DDPM ``clip_sample``, DPM-Solver++ dynamic thresholding), as pixel-space models do (Imagen,
+    DeepFloyd IF): under the cosine schedule abar at the first steps is ~1e-4, so the x0
+    prediction (x - sigma eps) / alpha amplifies the noise prediction's error a hundredfold, and
+    DPM-Solver++, which steps on x0 predictions, ends with every pixel saturated without it.
+    Latents have no fixed range: nothing is clipped there."""
     d = diffusers_module()
     if kind == "ddim":
-        return d.DDIMScheduler.from_config(train_config, clip_sample=False, set_alpha_to_one=False)
+        return d.DDIMScheduler.from_config(train_config, clip_sample=pixel, set_alpha_to_one=False)
     if kind == "dpm":
         return d.DPMSolverMultistepScheduler.from_config(
-            train_config, algorithm_type="dpmsolver++", solver_order=2
+            train_config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            thresholding=pixel,
+            sample_max_value=1.0,
         )
     if kind == "ddpm":
-        return d.DDPMScheduler.from_config(train_config)
+        return d.DDPMScheduler.from_config(train_config, clip_sample=pixel)
     raise UsageError(f"sampler {kind!r} is not one of ('ddim', 'dpm', 'ddpm')")
 
 
@@ -373,7 +384,9 @@ class T2IModel(nn.Module):
             chunk = prompts[i : i + batch_size]
             c, m = self.encode_prompts(chunk, den)
             nc, nm = den.null_condition(len(chunk), c.shape[1])
-            sch = sampler_scheduler(sampler or cfg.sampler, self.scheduler.config)
+            sch = sampler_scheduler(
+                sampler or cfg.sampler, self.scheduler.config, pixel=self.vae is None
+            )
             sch.set_timesteps(steps)
             takes_gen = "generator" in inspect.signature(sch.step).parameters
             x = noise[i : i + batch_size].to(dev) * sch.init_noise_sigma
