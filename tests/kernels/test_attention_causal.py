@@ -525,3 +525,42 @@ def test_cuda_causal_bounds_on_host(causal_bounds_exe, rows, tile, Lq, Lk):
     if Lq == Lk == 128 and rows == tile:
         n = 128 // rows
         assert visits_fwd == visits_kv == n * (n + 1) // 2 < n_all
+
+
+def test_old_checkpoint_picks_load_as_non_causal(monkeypatch):
+    """A checkpoint's attention picks written before causal classes existed (no "causal" in the
+    record) load through kernels.load_state_dict as the non-causal class; a causal call of the
+    same shape is a class of its own and is measured."""
+    from r2d2.kernels import autotune, load_state_dict, state_dict
+    from r2d2.kernels.attention import SPEC, auto_picks, auto_timings_clear
+
+    monkeypatch.setattr(SPEC.tuning, "device_types", ("cpu",))
+    monkeypatch.delenv(autotune.env_name("attention"), raising=False)
+    auto_timings_clear()
+    try:
+        old = {
+            "device": "cpu",
+            "dtype": "fp32",
+            "lq": 32,
+            "lk": 32,
+            "d": 32,
+            "masked": False,
+            "dropout": False,
+            "grad": True,
+            "backend": "eager",
+        }
+        assert load_state_dict({"attention": [old]}, "cpu") == 1
+        plain = "cpu fp32 Lq<=32 Lk<=32 D<=32 unmasked fwd+bwd"
+        assert auto_picks()[plain].source == "checkpoint"
+        timed = []
+        monkeypatch.setattr(SPEC.tuning, "candidates", ("sdpa",))
+        monkeypatch.setattr(SPEC.tuning, "time", lambda b, p: timed.append(p.causal) or 1.0)
+        q, k, v, _ = make_inputs(2, 2, 20, 20, 32, mask=None)
+        attention(q, k, v)  # the restored pick: nothing measured
+        assert timed == []
+        attention(q, k, v, causal=True)
+        assert timed == [True]
+        saved = {r["causal"]: r["backend"] for r in state_dict()["attention"]}
+        assert saved == {False: "eager", True: "sdpa"}  # both written back, causal marked
+    finally:
+        auto_timings_clear()

@@ -32,9 +32,9 @@ Backends (see dispatch.py), one module each:
   sdpa      library.py: torch SDPA with a boolean mask (``is_causal`` when causal, Lq == Lk and
             unpadded; SDPA's own is_causal is top-left aligned, so not otherwise).
   xformers  library.py: ``memory_efficient_attention`` with an additive bias.
-  triton    attention/triton.py: flash-style forward with per-tile padding skip, LSE-recompute
-            backward, Philox dropout.
-  cuda      cuda.py over csrc/attention (CUDA builds only).
+  triton    attention/triton.py: flash-style forward with per-tile padding and causal skips,
+            LSE-recompute backward, Philox dropout.
+  cuda      cuda.py over csrc/attention (CUDA builds only), the same skips.
   auto      CPU (and any non-CUDA device): sdpa, never the Triton interpreter. CUDA: per shape
             class, the fastest of the runnable candidates (cuda, triton, xformers, sdpa),
             measured on the first call of the class (autotune.py; the class and the timed inputs
