@@ -30,10 +30,11 @@ def test_same_prompt_and_seed_give_the_same_image_and_the_prompt_changes_it(gen)
 
 
 def test_empty_prompt_is_the_null_condition(gen):
-    c, m = gen.encode_prompts(["", PROMPTS[0]])
-    nc, nm = gen.ema.null_condition(2, c.shape[1])
-    assert torch.equal(c[0], nc[0]) and torch.equal(m[0], nm[0])
-    assert not torch.equal(c[1], nc[1])
+    cond = gen.encode_prompts(["", PROMPTS[0]])
+    null = gen.ema.null_condition(2, cond[0].shape[1])
+    assert cond[2] is not None  # pooled conditioning is on by default
+    for got, want in zip(cond, null):
+        assert torch.equal(got[0], want[0]) and not torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("g", [0.0, 1.0, 2.5])
@@ -41,11 +42,11 @@ def test_guidance(gen, g):
     torch.manual_seed(1)
     den = gen.ema
     x, t = torch.randn(3, 3, 16, 16), torch.randint(0, 1000, (3,))
-    c, m = gen.encode_prompts(PROMPTS)
-    nc, nm = den.null_condition(3, c.shape[1])
+    cond = gen.encode_prompts(PROMPTS)
+    null = den.null_condition(3, cond[0].shape[1])
     with torch.no_grad():
-        ec, eu = den(x, t, c, m), den(x, t, nc, nm)
-        got = gen.guided(den, x, t if g in (0, 1) else torch.cat([t, t]), c, m, nc, nm, g)
+        ec, eu = den(x, t, cond), den(x, t, null)
+        got = gen.guided(den, x, t, cond, null, g)
     if g == 1:
         assert torch.equal(got, ec)  # guidance 1 is the conditional prediction, exactly
     elif g == 0:
@@ -54,24 +55,29 @@ def test_guidance(gen, g):
         torch.testing.assert_close(got, eu + g * (ec - eu), atol=1e-5, rtol=1e-5)
 
 
-def test_cond_dropout_rate_and_rows():
-    m = small_generator(cond_dropout=0.3)
+@pytest.mark.parametrize("pooled", [True, False])
+def test_cond_dropout_rate_and_rows(pooled):
+    m = small_generator(cond_dropout=0.3, pooled=pooled)
     torch.manual_seed(0)
     n = 200_000
     rate = m.drop_mask(n, "cpu").float().mean().item()
     assert abs(rate - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5
     assert not small_generator(cond_dropout=0.0).drop_mask(1000, "cpu").any()
     assert small_generator(cond_dropout=1.0).drop_mask(1000, "cpu").all()
-    # dropped rows carry exactly the null condition, the others the projected text states
+    # dropped rows carry exactly the null condition, the others the text's
     ids, mask = m.tokenize(PROMPTS)
-    states = m.text_states(ids, mask)
+    states, p = m.text_states(ids, mask)
+    assert (p is not None) == pooled
     drop = torch.tensor([True, False, True])
-    c, cm = m.denoiser.condition(states, mask, drop)
-    nc, nm = m.denoiser.null_condition(3, c.shape[1])
-    full, fm = m.denoiser.condition(states, mask)
-    for i, d in enumerate(drop.tolist()):
-        assert torch.equal(c[i], nc[i] if d else full[i])
-        assert torch.equal(cm[i], nm[i] if d else fm[i])
+    got = m.denoiser.condition(states, mask, p, drop)
+    null = m.denoiser.null_condition(3, states.shape[1])
+    full = m.denoiser.condition(states, mask, p)
+    for part, n_, f in zip(got, null, full):
+        if not pooled and f is None:
+            assert part is None
+            continue
+        for i, d in enumerate(drop.tolist()):
+            assert torch.equal(part[i], n_[i] if d else f[i])
 
 
 def test_cond_dropout_one_makes_the_loss_blind_to_the_prompt():

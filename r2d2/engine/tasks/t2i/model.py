@@ -3,7 +3,10 @@ encoder, trained with the DDPM noise schedule, sampled with DDIM / DPM-Solver++ 
 
     text states   S = r2d2.text_tokens(ids, mask)                [B, L, Wt]  (frozen by default)
     condition     C = proj(S), mask = tokenizer mask            [B, L, D]   D = t2i.cross_dim
-    null cond     C0 = (null token, masked padding), mask0 = [1, 0, ..., 0]   (learned)
+                  (t2i.pooled) p = sqrt(E) normalize(text_proj(S[:, 0]))  [B, E], the dual
+                  encoder's text embedding, into the UNet's class embedding (added to the
+                  timestep embedding)
+    null cond     C0 = (null token, masked padding), mask0 = [1, 0, ..., 0], p0   (learned)
     training      x0 = image in [-1, 1] (pixel) or VAE latent * scaling_factor (latent)
                   t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
                   target = eps (epsilon) or sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v_prediction)
@@ -64,8 +67,11 @@ def diffusers_module():
     return diffusers
 
 
-def build_unet(cfg: T2IConfig, channels: int, sample_size: int) -> nn.Module:
-    """A randomly initialised ``UNet2DConditionModel`` of ``cfg``'s shape."""
+def build_unet(
+    cfg: T2IConfig, channels: int, sample_size: int, pooled_dim: int | None = None
+) -> nn.Module:
+    """A randomly initialised ``UNet2DConditionModel`` of ``cfg``'s shape; with ``pooled_dim``
+    its class-embedding input takes a pooled text vector of that width."""
     d = diffusers_module()
     levels = list(zip(cfg.block_out_channels, cfg.attention_levels))
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for _, a in levels)
@@ -81,6 +87,8 @@ def build_unet(cfg: T2IConfig, channels: int, sample_size: int) -> nn.Module:
         cross_attention_dim=cfg.cross_dim,
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_groups,
+        class_embed_type="projection" if pooled_dim else None,
+        projection_class_embeddings_input_dim=pooled_dim,
     )
 
 
@@ -161,44 +169,70 @@ class T2IModelConfig:
 
 class Denoiser(nn.Module):
     """The trainable generator: UNet, the projection of R2D2 token states to its cross-attention
-    width, and the learned null condition (one token; the rest of its sequence is masked)."""
+    width, and the learned null condition (one token; the rest of its sequence is masked). With
+    ``pooled_dim`` the UNet also takes the prompt's pooled R2D2 embedding through its
+    class-embedding input (added to the timestep embedding, Imagen's pooled conditioning), with
+    a learned null vector of its own.
 
-    def __init__(self, unet: nn.Module, text_width: int, cross_dim: int) -> None:
+    A condition is the triple ``(C [B, L, D], mask [B, L], pooled [B, P] or None)``."""
+
+    def __init__(
+        self, unet: nn.Module, text_width: int, cross_dim: int, pooled_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.proj = nn.Linear(text_width, cross_dim)
         self.null = nn.Parameter(torch.randn(cross_dim) * 0.02)
+        self.null_pooled = (
+            nn.Parameter(torch.randn(pooled_dim) * 0.02) if pooled_dim is not None else None
+        )
 
     def condition(
-        self, states: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(C [B, L, D], mask [B, L])``; rows where ``drop`` is True get the null condition.
-        ``torch.where`` keeps the null token in the graph for every batch, so DDP sees all
-        parameters used whether or not a row was dropped."""
+        self,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> tuple:
+        """The condition of the text ``states``; rows where ``drop`` is True get the null
+        condition. ``torch.where`` keeps the null parameters in the graph for every batch, so DDP
+        sees all parameters used whether or not a row was dropped."""
         c = self.proj(states)
         mask = mask.to(c.dtype)
+        if self.null_pooled is None:
+            pooled = None
+        elif pooled is None:
+            raise ValueError("this generator is conditioned on the pooled text embedding too")
         if drop is None:
-            return c, mask
-        null_c = torch.zeros_like(c)
-        null_c[:, 0] = 1.0
-        null_c = null_c * self.null.to(c.dtype)
-        null_m = torch.zeros_like(mask)
-        null_m[:, 0] = 1.0
+            return c, mask, pooled
+        nc, nm, npool = self.null_condition(c.shape[0], c.shape[1])
         d = drop.view(-1, 1, 1)
-        return torch.where(d, null_c, c), torch.where(d[..., 0], null_m, mask)
+        c = torch.where(d, nc.to(c.dtype), c)
+        mask = torch.where(d[..., 0], nm.to(mask.dtype), mask)
+        if pooled is not None:
+            pooled = torch.where(d[..., 0], npool.to(pooled.dtype), pooled)
+        return c, mask, pooled
 
-    def null_condition(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def null_condition(self, n: int, length: int) -> tuple:
         """The null condition for ``n`` rows of ``length`` positions."""
-        c = torch.zeros(
-            n, length, self.null.numel(), device=self.null.device, dtype=self.null.dtype
-        )
-        c[:, 0] = self.null
-        m = torch.zeros(n, length, device=self.null.device, dtype=self.null.dtype)
-        m[:, 0] = 1.0
-        return c, m
+        dev, dt = self.null.device, self.null.dtype
+        first = torch.zeros(n, length, 1, device=dev, dtype=dt)
+        first[:, 0] = 1.0
+        c = first * self.null  # the null token at position 0, zeros (masked) after it
+        m = first[..., 0]
+        p = None if self.null_pooled is None else self.null_pooled.expand(n, -1)
+        return c, m, p
 
-    def forward(self, x, t, c, mask) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=c, encoder_attention_mask=mask).sample
+    def forward(self, x, t, cond: tuple) -> torch.Tensor:
+        c, mask, pooled = cond
+        return self.unet(
+            x, t, encoder_hidden_states=c, encoder_attention_mask=mask, class_labels=pooled
+        ).sample
+
+
+def cat_conditions(a: tuple, b: tuple) -> tuple:
+    """Two conditions stacked along the batch (for one guided forward)."""
+    return tuple(None if x is None else torch.cat([x, y]) for x, y in zip(a, b))
 
 
 class T2IModel(nn.Module):
@@ -233,9 +267,10 @@ class T2IModel(nn.Module):
             self.latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
         else:
             self.channels, self.sample_size, self.latent_scale = 3, config.image_size, 1.0
+        pooled_dim = r2d2.config.embed_dim if cfg.pooled else None
         if unet is None:
-            unet = build_unet(cfg, self.channels, self.sample_size)
-        self.denoiser = Denoiser(unet, r2d2.config.text.width, cfg.cross_dim)
+            unet = build_unet(cfg, self.channels, self.sample_size, pooled_dim)
+        self.denoiser = Denoiser(unet, r2d2.config.text.width, cfg.cross_dim, pooled_dim)
         self.ema = copy.deepcopy(self.denoiser)
         self.ema.requires_grad_(False)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
@@ -243,6 +278,7 @@ class T2IModel(nn.Module):
         self.r2d2.requires_grad_(False)
         if cfg.finetune_text:
             self.r2d2.text.requires_grad_(True)
+            self.r2d2.text_proj.requires_grad_(cfg.pooled)
         self.r2d2.eval()
 
     def train(self, mode: bool = True) -> T2IModel:
@@ -279,11 +315,17 @@ class T2IModel(nn.Module):
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ conditioning
-    def text_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """R2D2 text encoder token states ``[B, L, Wt]`` (no graph unless it is fine-tuned)."""
+    def text_states(self, ids: torch.Tensor, mask: torch.Tensor):
+        """``(token states [B, L, Wt], pooled [B, E] or None)`` of the R2D2 text encoder (no graph
+        unless it is fine-tuned). Pooled: the dual encoder's L2-normalised text embedding, scaled
+        by sqrt(E) to unit-variance entries, the vector R2D2 matches against images."""
         train_text = self.config.t2i.finetune_text and self.training
         with torch.set_grad_enabled(train_text and torch.is_grad_enabled()):
-            return self.r2d2.text_tokens(ids, mask)
+            states = self.r2d2.text_tokens(ids, mask)
+            if not self.config.t2i.pooled:
+                return states, None
+            pooled = self.r2d2.text_embed(states) * self.r2d2.config.embed_dim**0.5
+            return states, pooled.to(states.dtype)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
@@ -291,18 +333,14 @@ class T2IModel(nn.Module):
         ids, mask = Tokenize(self.tokenizer, self.config.max_text_len)(list(prompts))
         return ids.to(self.r2d2.device), mask.to(self.r2d2.device)
 
-    def encode_prompts(self, prompts: list[str], denoiser: nn.Module | None = None):
-        """``(C, mask)`` for the prompts; an empty prompt gets the null condition (what
+    def encode_prompts(self, prompts: list[str], denoiser: nn.Module | None = None) -> tuple:
+        """The condition of each prompt; an empty prompt gets the null condition (what
         condition dropout trained), so "" samples the unconditional model."""
         den = self.ema if denoiser is None else denoiser
         ids, mask = self.tokenize(prompts)
-        c, m = den.condition(self.text_states(ids, mask), mask)
-        empty = torch.tensor([not p.strip() for p in prompts], device=c.device)
-        if empty.any():
-            nc, nm = den.null_condition(len(prompts), c.shape[1])
-            c = torch.where(empty.view(-1, 1, 1), nc.to(c.dtype), c)
-            m = torch.where(empty.view(-1, 1), nm.to(m.dtype), m)
-        return c, m
+        states, pooled = self.text_states(ids, mask)
+        empty = torch.tensor([not p.strip() for p in prompts], device=states.device)
+        return den.condition(states, mask, pooled, drop=empty if empty.any() else None)
 
     # ------------------------------------------------------------------ training
     def loss(self, images, input_ids, attention_mask) -> dict[str, torch.Tensor]:
@@ -317,10 +355,9 @@ class T2IModel(nn.Module):
         xt = self.scheduler.add_noise(x0, noise, t)
         target = noise if cfg.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
         drop = self.drop_mask(b, dev)
-        c, m = self.denoiser.condition(
-            self.text_states(input_ids, attention_mask), attention_mask, drop
-        )
-        pred = self.denoiser(xt, t, c, m)
+        states, pooled = self.text_states(input_ids, attention_mask)
+        cond = self.denoiser.condition(states, attention_mask, pooled, drop)
+        pred = self.denoiser(xt, t, cond)
         loss = F.mse_loss(pred.float(), target.float())
         return {"loss": loss, "dropped": drop.float().mean()}
 
@@ -341,14 +378,15 @@ class T2IModel(nn.Module):
         self.ema_updates += 1
 
     # ------------------------------------------------------------------ sampling
-    def guided(self, den, x, t, c, m, nc, nm, guidance: float) -> torch.Tensor:
+    def guided(self, den, x, t, cond: tuple, null: tuple, guidance: float) -> torch.Tensor:
         """The classifier-free-guided prediction ``e(C0) + g (e(C) - e(C0))``; g = 1 runs the
-        conditional branch only and g = 0 the unconditional one (exactly, and half the cost)."""
+        conditional branch only and g = 0 the unconditional one (exactly, and half the cost).
+        For other g, ``x`` and ``t`` are those of one branch: both run as one batch."""
         if guidance == 1:
-            return den(x, t, c, m)
+            return den(x, t, cond)
         if guidance == 0:
-            return den(x, t, nc, nm)
-        both = den(torch.cat([x, x]), t, torch.cat([nc, c]), torch.cat([nm, m]))
+            return den(x, t, null)
+        both = den(torch.cat([x, x]), torch.cat([t, t]), cat_conditions(null, cond))
         eu, ec = both.chunk(2)
         return eu + guidance * (ec - eu)
 
@@ -382,8 +420,8 @@ class T2IModel(nn.Module):
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            c, m = self.encode_prompts(chunk, den)
-            nc, nm = den.null_condition(len(chunk), c.shape[1])
+            cond = self.encode_prompts(chunk, den)
+            null = den.null_condition(len(chunk), cond[0].shape[1])
             sch = sampler_scheduler(
                 sampler or cfg.sampler, self.scheduler.config, pixel=self.vae is None
             )
@@ -393,9 +431,7 @@ class T2IModel(nn.Module):
             for t in sch.timesteps:
                 xin = sch.scale_model_input(x, t)
                 tt = t.to(dev).expand(xin.shape[0])
-                if guidance not in (0, 1):
-                    tt = torch.cat([tt, tt])
-                e = self.guided(den, xin, tt, c, m, nc, nm, guidance)
+                e = self.guided(den, xin, tt, cond, null, guidance)
                 kw = {"generator": g} if takes_gen else {}
                 x = sch.step(e, t, x, **kw).prev_sample
             out.append(self.to_pixels(x).cpu())
