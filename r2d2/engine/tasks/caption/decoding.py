@@ -25,6 +25,8 @@ its documented behaviour:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 NEG_INF = float("-inf")
@@ -174,9 +176,6 @@ def decode_captions(model, images: torch.Tensor, options=None, **overrides) -> l
     """Captions of ``images [B, 3, H, W]`` by ``model`` (an R2D2Captioner with a tokenizer):
     the prefix [CLS] + the model's prompt, decoded with ``options`` (a CaptionConfig; default
     the model's ``caption``) changed by ``overrides``, the prompt stripped."""
-    import dataclasses
-
-
     opts = options if options is not None else model.caption
     if overrides:
         opts = dataclasses.replace(opts, **overrides)
