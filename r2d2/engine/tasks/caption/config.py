@@ -59,6 +59,8 @@ class CaptionConfig:
     baseline_path: str | None = None
     """r2d2 eval caption: the training annotation file (data.format) whose captions the
     baselines use; the synthetic format uses its training split; unset = no baselines"""
+    baseline_image_root: str | None = None
+    """r2d2 eval caption: the image folder of caption.baseline_path (default data.image_root)"""
     baselines: bool = True
     """measure the most-frequent-caption and nearest-image baselines in the same evaluation"""
 

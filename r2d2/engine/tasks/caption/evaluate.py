@@ -313,7 +313,7 @@ def run_eval(cfg, checkpoint: str) -> dict:
         train = read_synthetic(max(c.baseline_pool, 20000), "train", d.seed).records
     elif c.baselines and c.baseline_path:
         fmt = d.format if d.format in ("jsonl", "tsv") else f"ccmb_{d.format}"
-        train = read_records(fmt, c.baseline_path, d.image_root).records
+        train = read_records(fmt, c.baseline_path, c.baseline_image_root or d.image_root).records
     report = evaluate_captions(
         model, records, load_image, c, train, read.skipped, dict(read.reasons)
     )
