@@ -195,7 +195,7 @@ for key, by_arch in at._SPILLS.items():
     assert shape in at._SHAPES[(kind, bits)] and bd in at.block_d_choices(), key
     assert by_arch and set(by_arch) <= {'80', '90'}, key
     for when in by_arch.values():
-        assert when and set(when) <= {'any', 'mask', 'dropout', 'count', 'causal'}, key
+        assert when and set(when) <= {'any', 'mask', 'mask-only', 'dropout', 'count', 'causal'}, key
 for kind, name in (('fwd', '_attn_fwd_kernel'), ('dkdv', '_attn_bwd_dkdv_kernel'),
                    ('dq', '_attn_bwd_dq_kernel')):
     configs = getattr(at, name).configs
