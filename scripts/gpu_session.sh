@@ -251,7 +251,7 @@ step_compile() {
     --no-max-batch --rep-ms 1500
 }
 KERNEL_TESTS="tests/kernels/test_distill_kl.py tests/kernels/test_distill_kl_edges.py
-  tests/kernels/test_contrastive.py tests/kernels/test_attention.py
+  tests/kernels/test_contrastive.py tests/kernels/test_attention.py tests/kernels/test_attention_causal.py
   tests/kernels/test_kernels_gpu_limits.py tests/kernels/test_kernel_edges.py"
 OPT_IN="step_compile"                       # phases that run only when --phases names them
 PLANNED=0
