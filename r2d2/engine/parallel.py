@@ -22,7 +22,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from r2d2.dist import dist_info, is_dist
 from r2d2.engine.config import RunConfig
 from r2d2.engine.errors import TrainingError
-from r2d2.engine.model import R2D2Model
 
 
 def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
@@ -95,10 +94,17 @@ def shard_fsdp(objective: nn.Module, device: torch.device) -> list[nn.Parameter]
 
 def plain_model(trainer):
     """The student model with ordinary (unsharded) parameters on every rank: FSDP2's sharded
-    parameters are gathered into a fresh copy; otherwise the trained model itself."""
+    parameters are gathered into a fresh copy, built by the model's ``unsharded_twin(kernels)``
+    (a new model of the same architecture and settings); otherwise the trained model itself."""
     if trainer.strategy != "fsdp":
         return trainer.model
+    twin = getattr(trainer.model, "unsharded_twin", None)
+    if not callable(twin):  # checked before training too (check_fsdp_export)
+        raise TrainingError(
+            f"distributed.strategy=fsdp: {type(trainer.model).__name__} cannot be exported "
+            "unsharded (it has no unsharded_twin)"
+        )
     sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
-    plain = R2D2Model(trainer.model.config, kernels=trainer.cfg.kernels)
+    plain = twin(trainer.cfg.kernels)
     plain.load_state_dict({k: v.detach().cpu() for k, v in sd.items()})
     return plain.to(trainer.device)

@@ -221,6 +221,12 @@ class Trainer:
                 block.compile()
         self.replicated: list[nn.Parameter] = []
         if self.strategy == "fsdp":
+            if not callable(getattr(self.model, "unsharded_twin", None)):
+                # found now, not after training, when the export would need it
+                raise TrainingError(
+                    f"distributed.strategy=fsdp: {type(self.model).__name__} cannot be "
+                    "exported unsharded at the end (no unsharded_twin); use ddp"
+                )
             self.replicated = shard_fsdp(self.objective, self.device)
             self.wrapped = self.objective
         elif self.strategy == "ddp":

@@ -306,7 +306,8 @@ def test_caption_kill_and_resume_is_exact(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_caption_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_caption_two_processes_match_one_process(tmp_path, strategy):
     args = [
         "finetune",
         "--config",
@@ -317,6 +318,7 @@ def test_caption_two_process_ddp_matches_one_process(tmp_path):
         "--train.checkpoint_every=0",
         "--train.eval_at_end=false",
         "--distributed.backend=gloo",
+        f"--distributed.strategy={strategy}",
     ]
     runs = {}
     for name, launcher in (
@@ -349,3 +351,8 @@ def test_caption_two_process_ddp_matches_one_process(tmp_path):
     # one-process token mean, not bitwise
     np.testing.assert_allclose(runs["two"], runs["one"], rtol=2e-2)
     assert len(runs["one"]) == 4
+    # the export of the two-process run is a whole captioner (FSDP: gathered from the shards)
+    two = R2D2Captioner.from_pretrained(str(tmp_path / "two" / "model"))
+    one = R2D2Captioner.from_pretrained(str(tmp_path / "one" / "model"))
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-2, msg=name)

@@ -86,6 +86,13 @@ class R2D2Captioner(nn.Module):
         self.set_activation_checkpointing(config.activation_checkpointing)
 
     # ------------------------------------------------------------------ plumbing
+    def unsharded_twin(self, kernels: K.KernelConfig | None = None) -> R2D2Captioner:
+        """A new captioner of this architecture and caption settings with ordinary parameters
+        (FSDP's export gathers the shards into it); the tokenizer is shared."""
+        return type(self)(
+            self.config, self.caption, kernels=kernels or self.kernels, tokenizer=self.tokenizer
+        )
+
     def set_kernels(self, kernels: K.KernelConfig) -> None:
         if not isinstance(kernels, K.KernelConfig):
             raise TypeError(f"kernels must be a KernelConfig, got {type(kernels).__name__}")

@@ -69,6 +69,11 @@ class R2D2Model(nn.Module):
             if hasattr(m, "kernels") and m is not self:
                 m.kernels = kernels
 
+    def unsharded_twin(self, kernels: K.KernelConfig | None = None) -> R2D2Model:
+        """A new model of this architecture with ordinary parameters (FSDP's export gathers
+        the shards into it); the tokenizer is shared."""
+        return type(self)(self.config, kernels=kernels or self.kernels, tokenizer=self.tokenizer)
+
     def set_activation_checkpointing(self, on: bool) -> None:
         for m in self.modules():
             if isinstance(m, Checkpointable):
