@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from r2d2 import kernels as K
 from r2d2.engine.model.bert import CrossEncoder, MLMHead, TextEncoder
 from r2d2.engine.model.config import ModelConfig
-from r2d2.engine.model.layers import Checkpointable, as_bool_mask
+from r2d2.engine.model.layers import ModelPlumbing, as_bool_mask
 from r2d2.engine.model.vit import VisionTransformer
 
 CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "vocab.txt"
 MODEL_TYPE = "r2d2-captioner"
 
 
-class R2D2Captioner(nn.Module):
+class R2D2Captioner(ModelPlumbing):
     """``forward(images, input_ids, attention_mask) -> logits [B, L, vocab]``: logits at
     position t predict token t+1 from the tokens <= t and the whole image.
 
@@ -92,19 +92,6 @@ class R2D2Captioner(nn.Module):
         return type(self)(
             self.config, self.caption, kernels=kernels or self.kernels, tokenizer=self.tokenizer
         )
-
-    def set_kernels(self, kernels: K.KernelConfig) -> None:
-        if not isinstance(kernels, K.KernelConfig):
-            raise TypeError(f"kernels must be a KernelConfig, got {type(kernels).__name__}")
-        self.kernels = kernels
-        for m in self.modules():
-            if hasattr(m, "kernels") and m is not self:
-                m.kernels = kernels
-
-    def set_activation_checkpointing(self, on: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, Checkpointable):
-                m.checkpointing = bool(on)
 
     @property
     def device(self) -> torch.device:

@@ -93,6 +93,27 @@ class Checkpointable(nn.Module):
         return super().__call__(*args, **kwargs)
 
 
+class ModelPlumbing(nn.Module):
+    """What a whole model (R2D2, the captioner) does to all its blocks at once: one shared
+    ``KernelConfig`` for every op, and activation checkpointing on or off."""
+
+    kernels: K.KernelConfig
+
+    def set_kernels(self, kernels: K.KernelConfig) -> None:
+        """Use ``kernels`` for every op of this model from now on."""
+        if not isinstance(kernels, K.KernelConfig):
+            raise TypeError(f"kernels must be a KernelConfig, got {type(kernels).__name__}")
+        self.kernels = kernels
+        for m in self.modules():
+            if hasattr(m, "kernels") and m is not self:
+                m.kernels = kernels
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Checkpointable):
+                m.checkpointing = bool(on)
+
+
 class ViTBlock(Checkpointable):
     """CLIP residual block: x + attn(ln_1 x); x + mlp(ln_2 x), quick-GELU."""
 

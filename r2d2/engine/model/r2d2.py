@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from r2d2 import kernels as K
 from r2d2.engine.model.bert import CrossEncoder, MLMHead, TextEncoder
 from r2d2.engine.model.config import ModelConfig
-from r2d2.engine.model.layers import Checkpointable, as_bool_mask
+from r2d2.engine.model.layers import ModelPlumbing, as_bool_mask
 from r2d2.engine.model.vit import VisionTransformer
 
 CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "vocab.txt"
 
 
-class R2D2Model(nn.Module):
+class R2D2Model(ModelPlumbing):
     def __init__(self, config: ModelConfig, kernels: K.KernelConfig | None = None, tokenizer=None):
         super().__init__()
         if not isinstance(config, ModelConfig):
@@ -60,24 +60,10 @@ class R2D2Model(nn.Module):
         self.set_activation_checkpointing(config.activation_checkpointing)
 
     # ------------------------------------------------------------------ plumbing
-    def set_kernels(self, kernels: K.KernelConfig) -> None:
-        """Use ``kernels`` for every op of this model from now on."""
-        if not isinstance(kernels, K.KernelConfig):
-            raise TypeError(f"kernels must be a KernelConfig, got {type(kernels).__name__}")
-        self.kernels = kernels
-        for m in self.modules():
-            if hasattr(m, "kernels") and m is not self:
-                m.kernels = kernels
-
     def unsharded_twin(self, kernels: K.KernelConfig | None = None) -> R2D2Model:
         """A new model of this architecture with ordinary parameters (FSDP's export gathers
         the shards into it); the tokenizer is shared."""
         return type(self)(self.config, kernels=kernels or self.kernels, tokenizer=self.tokenizer)
-
-    def set_activation_checkpointing(self, on: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, Checkpointable):
-                m.checkpointing = bool(on)
 
     @property
     def device(self) -> torch.device:
