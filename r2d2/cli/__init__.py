@@ -1,5 +1,6 @@
 """The ``r2d2`` command: the subcommand table and the exit-status rule; each subcommand is a
-module of this package (``train``, ``eval``, ``bench``, ``convert``, ``doctor``, ``presets``), thin over the
+module of this package (``train``, ``eval``, ``caption``, ``generate``, ``bench``, ``convert``, ``doctor``,
+``presets``), thin over the
 engine code it drives.
 
     r2d2 doctor [--build]                what this machine can run (--build: compile r2d2._C now)
@@ -70,7 +71,11 @@ COMMANDS = {
     ),
     "pretrain": ("r2d2.cli.train", "pretrain", "R2D2 pre-training (GCPR + FGR + MLM + TgD + FgD)"),
     "finetune": ("r2d2.cli.train", "finetune", "fine-tuning on a downstream set"),
-    "eval": ("r2d2.cli.eval", "main", "retrieval / matching / zero-shot evaluation"),
+    "eval": (
+        "r2d2.cli.eval",
+        "main",
+        "retrieval / matching / zero-shot / caption / t2i evaluation",
+    ),
     "caption": ("r2d2.cli.caption", "main", "caption images with a fine-tuned captioner"),
     "generate": ("r2d2.cli.generate", "main", "images from Chinese prompts (text-to-image)"),
     "bench": ("r2d2.cli.bench", "main", "kernel and training-step benchmarks"),
