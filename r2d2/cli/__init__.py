@@ -1,7 +1,6 @@
 """The ``r2d2`` command: the subcommand table and the exit-status rule; each subcommand is a
-module of this package (``train``, ``eval``, ``caption``, ``generate``, ``bench``, ``convert``, ``doctor``,
-``presets``), thin over the
-engine code it drives.
+module of this package (``train``, ``eval``, ``caption``, ``generate``, ``bench``, ``convert``,
+``doctor``, ``presets``), thin over the engine code it drives.
 
     r2d2 doctor [--build]                what this machine can run (--build: compile r2d2._C now)
     r2d2 presets                         the packaged presets (--config NAME or a path)
