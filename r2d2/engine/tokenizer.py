@@ -83,7 +83,9 @@ class R2D2Tokenizer:
         for i, e in enumerate(enc):
             ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
             mask[i, : len(e.ids)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        # cut at max_length: what was cut off is in the encoding's overflow
+        truncated = torch.tensor([len(e.overflowing) > 0 for e in enc], dtype=torch.bool)
+        return {"input_ids": ids, "attention_mask": mask, "truncated": truncated}
 
     def save_vocab(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:

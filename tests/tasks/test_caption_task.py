@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from _helpers.cli import ROOT, run_cli
+from r2d2.engine.data.loader import Tokenize
 from r2d2.engine.model import R2D2Model
 from r2d2.engine.model.captioner import R2D2Captioner
 from r2d2.engine.model.config import model_preset
@@ -60,7 +61,7 @@ def _batch(tok, texts, max_len=12):
         "images": torch.randn(len(texts), 3, 32, 32),
         "input_ids": ids,
         "attention_mask": mask,
-        "texts": texts,
+        "truncated": enc["truncated"],
     }
 
 
@@ -122,8 +123,11 @@ def test_truncated_caption_is_not_taught_to_end():
     assert targets[0, 6].item() == tok.sep_id and not scored[0, 6]
     assert targets[1, 6].item() == tok.sep_id and scored[1, 6]
     assert scored.sum(1).tolist() == [6, 7, 4]
-    # without the texts a full row counts as cut (its [SEP] unscored)
-    _, _, _, blind = obj.inputs_and_targets({k: v for k, v in b.items() if k != "texts"})
+    # the loader's Tokenize reports the same cut rows
+    _, _, cut = Tokenize(tok, 8).encode(texts)
+    assert cut.tolist() == [True, False, False]
+    # without the mark a full row counts as cut (its [SEP] unscored)
+    _, _, _, blind = obj.inputs_and_targets({k: v for k, v in b.items() if k != "truncated"})
     assert blind.sum(1).tolist() == [6, 6, 4]
 
 

@@ -194,13 +194,17 @@ class Collate:
             batch["stream_pos"] = tuple(pos)
         if not good:
             return batch
-        ids, mask = self.tokenize([x["text"] for x in good])
+        texts = [x["text"] for x in good]
+        encode = getattr(self.tokenize, "encode", None)  # tests may inject a plain callable
+        ids, mask, cut = encode(texts) if encode else (*self.tokenize(texts), None)
+        if cut is not None:
+            batch["truncated"] = cut
         batch.update(
             images=torch.stack([x["image"] for x in good]),
             input_ids=ids,
             attention_mask=mask,
             image_ids=torch.tensor([id_hash(x["image_id"]) for x in good], dtype=torch.long),
-            texts=[x["text"] for x in good],
+            texts=texts,
         )
         if any(x["label"] is not None for x in good):
             batch["labels"] = torch.tensor(
@@ -211,26 +215,40 @@ class Collate:
 
 class Tokenize:
     """Picklable wrapper giving ``(input_ids, attention_mask)`` [N, max_len] long for a tokenizer
-    that is either callable (``tok(texts) -> {"input_ids", "attention_mask"}``) or a HF
-    ``tokenizers.Tokenizer`` (``encode_batch``)."""
+    that is either callable (``tok(texts) -> {"input_ids", "attention_mask"[, "truncated"]}``) or
+    a HF ``tokenizers.Tokenizer`` (``encode_batch``); :meth:`encode` also says which texts were
+    cut."""
 
     def __init__(self, tok, max_len: int) -> None:
         self.tok, self.max_len = tok, max_len
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(texts)[:2]
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(input_ids, attention_mask, truncated)``: ``truncated`` [N] bool marks the texts
+        whose tokens did not all fit (cut by the tokenizer or at ``max_len``); None when a
+        callable tokenizer does not report its own cuts."""
+        cut = None
         if not callable(self.tok):  # a bare tokenizers.Tokenizer
-            rows = [e.ids for e in self.tok.encode_batch(list(texts))]
+            enc = self.tok.encode_batch(list(texts))
+            rows = [e.ids for e in enc]
+            cut = [len(e.overflowing) > 0 for e in enc]
         else:
             out = self.tok(list(texts))
             ids, mask = torch.as_tensor(out["input_ids"]), torch.as_tensor(out["attention_mask"])
             rows = [i[m.bool()].tolist() for i, m in zip(ids, mask)]
+            if "truncated" in out:
+                cut = [bool(c) for c in out["truncated"]]
         ids = torch.zeros(len(rows), self.max_len, dtype=torch.long)
         mask = torch.zeros(len(rows), self.max_len, dtype=torch.long)
         for k, r in enumerate(rows):
+            if cut is not None and len(r) > self.max_len:
+                cut[k] = True
             r = r[: self.max_len]
             ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[k, : len(r)] = 1
-        return ids, mask
+        return ids, mask, None if cut is None else torch.tensor(cut, dtype=torch.bool)
 
 
 # ------------------------------------------------------------------------------ webdataset

@@ -8,10 +8,10 @@ over the scored tokens of the batch (``F.cross_entropy(label_smoothing=...)``).
 
 Truncated captions: the tokenizer cuts a caption longer than ``data.max_text_len`` and still
 closes it with [SEP]. That [SEP] is no end of the caption, so it is not scored: the decoder is
-never taught to stop where a real caption went on. A row is truncated when its caption (``texts``
-in the batch, re-tokenised) has more word pieces than the row holds; without ``texts`` a row
-that fills ``data.max_text_len`` counts as truncated (its [SEP] then goes unscored; raise
-``data.max_text_len`` above the longest caption to have every ending taught).
+never taught to stop where a real caption went on. The loader's tokenisation marks the cut rows
+(the batch's ``truncated``); without that mark a row that fills ``data.max_text_len`` counts as
+truncated (its [SEP] then goes unscored; raise ``data.max_text_len`` above the longest caption
+to have every ending taught).
 """
 
 from __future__ import annotations
@@ -42,22 +42,12 @@ class CaptionObjective(nn.Module):
         self.max_text_len = max_text_len
 
     def truncated(self, batch: dict, lengths: torch.Tensor) -> torch.Tensor:
-        """``[B]`` bool: the row's caption was cut (its [SEP] is not its end)."""
-        tok = getattr(self.model, "tokenizer", None)
-        texts = batch.get("texts")
-        if (
-            tok is not None
-            and texts is not None
-            and len(texts) == len(lengths)
-            and hasattr(tok, "_tok")
-        ):
-            out = torch.zeros(len(lengths), dtype=torch.bool)
-            cap = getattr(tok, "max_length", None)
-            for i, (t, n) in enumerate(zip(texts, lengths.tolist())):
-                if cap is None or n >= min(cap, self.max_text_len or cap):  # only full rows
-                    pieces = len(tok._tok.encode(t, add_special_tokens=False).ids)
-                    out[i] = pieces > n - 2
-            return out.to(lengths.device)
+        """``[B]`` bool: the row's caption was cut (its [SEP] is not its end): the batch's
+        ``truncated`` (the loader's tokenisation reports it), else every row that fills
+        ``max_text_len``."""
+        cut = batch.get("truncated")
+        if cut is not None:
+            return cut.to(device=lengths.device, dtype=torch.bool)
         if self.max_text_len is None:
             return torch.zeros_like(lengths, dtype=torch.bool)
         return lengths >= self.max_text_len
