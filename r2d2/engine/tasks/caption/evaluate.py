@@ -72,22 +72,22 @@ def decode_all(model, images: dict, load_image, opts: CaptionConfig) -> dict:
 
 @torch.no_grad()
 def embed_images(model, paths: list[str], load_image, batch_size: int) -> torch.Tensor:
-    """``[N, E]`` image embeddings (CPU, fp32), each rank a strided share, gathered."""
-    rank, world = dist_info()
-    mine = list(range(len(paths)))[rank::world]
+    """``[N, E]`` image embeddings (CPU, fp32), each rank a share (``sharded_encode``)."""
+    from r2d2.engine.tasks.rerank import sharded_encode
+
+    if not paths:
+        return torch.zeros(0, model.config.embed_dim)
     was = model.training
     model.eval()
-    rows = []
-    for s in range(0, len(mine), batch_size):
-        idx = mine[s : s + batch_size]
-        x = _load_batch([paths[i] for i in idx], load_image).to(model.device)
-        rows.append(model.encode_image(x).cpu())
-    model.train(was)
-    local = torch.cat(rows) if rows else torch.zeros(0, model.config.embed_dim)
-    out = torch.zeros(len(paths), local.shape[1])
-    for r, part in enumerate(_all_gather(local)):
-        out[list(range(len(paths)))[r::world]] = part
-    return out
+    try:
+        out = sharded_encode(
+            lambda s, e: model.encode_image(_load_batch(paths[s:e], load_image).to(model.device)),
+            len(paths),
+            batch_size,
+        )
+    finally:
+        model.train(was)
+    return out.cpu()
 
 
 def loadable(records, load_image, limit: int) -> tuple[list, Counter]:
