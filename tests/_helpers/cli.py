@@ -1,6 +1,7 @@
 """Running ``r2d2`` commands inside the test process, and the flags that keep a tiny run quiet."""
 
 import os
+import sys
 from pathlib import Path
 
 from r2d2 import cli
@@ -14,6 +15,11 @@ QUIET = [
     "--train.eval_at_end=false",
 ]
 """No progress bar, TensorBoard, plot or end-of-run evaluation: what the tests do not look at."""
+R2D2 = [sys.executable, "-m", "r2d2"]
+"""``r2d2`` as a subprocess of this interpreter."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN += ["-m", "r2d2"]
+"""``r2d2`` under torchrun, two processes on this machine."""
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

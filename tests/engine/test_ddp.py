@@ -8,13 +8,13 @@ accumulation (each micro-batch's GCPR gathers over the ranks)."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from _helpers.cli import R2D2, TORCHRUN
 from r2d2.engine.observability import read_log
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -51,20 +51,11 @@ def _run(cmd, out, extra):
 
 
 DETERMINISTIC = ["--loss.mlm=false", "--loss.fgd=false"]
-TORCHRUN = [
-    sys.executable,
-    "-m",
-    "torch.distributed.run",
-    "--standalone",
-    "--nproc_per_node=2",
-    "-m",
-    "r2d2",
-]
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return _run([sys.executable, "-m", "r2d2"], tmp_path_factory.mktemp("one"), DETERMINISTIC)
+    return _run(R2D2, tmp_path_factory.mktemp("one"), DETERMINISTIC)
 
 
 def _check_same_curve(one, two):
@@ -97,7 +88,7 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, one_process):
 @pytest.mark.slow
 def test_two_process_ddp_full_objective_curve_within_tolerance(tmp_path):
     # MLM / FgD masks are drawn per rank, so the full loss agrees only statistically.
-    one = _run([sys.executable, "-m", "r2d2"], tmp_path / "one", [])
+    one = _run(R2D2, tmp_path / "one", [])
     two = _run(TORCHRUN, tmp_path / "two", [])
     a, b = np.array([r["loss"] for r in one]), np.array([r["loss"] for r in two])
     np.testing.assert_allclose(b, a, rtol=0.05)
@@ -157,7 +148,7 @@ def test_two_process_ddp_with_corrupt_images_and_accumulation_matches_one_proces
     # accumulation 2 on 2 ranks: micro-batches of 8 (4 per rank), GCPR over the gathered 8; the
     # one-process run with the same accumulation sees the same micro-batches and replacements
     accum = DETERMINISTIC + corrupt_manifest + ["--train.grad_accum=2"]
-    one = _run([sys.executable, "-m", "r2d2"], tmp_path / "one", accum)
+    one = _run(R2D2, tmp_path / "one", accum)
     two = _run(TORCHRUN, tmp_path / "two", accum)
     _check_same_curve(one, two)
     assert [r["skipped_decode"] for r in two] == [r["skipped_decode"] for r in one]

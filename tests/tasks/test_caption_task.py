@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from _helpers.cli import ROOT, run_cli
+from _helpers.cli import R2D2, ROOT, TORCHRUN, run_cli
 from r2d2.engine.data.loader import Tokenize
 from r2d2.engine.model import R2D2Model
 from r2d2.engine.model.captioner import R2D2Captioner
@@ -326,19 +326,8 @@ def test_caption_two_processes_match_one_process(tmp_path, strategy):
     ]
     runs = {}
     for name, launcher in (
-        ("one", [sys.executable, "-m", "r2d2"]),
-        (
-            "two",
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                "-m",
-                "r2d2",
-            ],
-        ),
+        ("one", R2D2),
+        ("two", TORCHRUN),
     ):
         out = tmp_path / name
         r = subprocess.run(

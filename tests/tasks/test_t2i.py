@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from _helpers.cli import ROOT, run_cli
+from _helpers.cli import ROOT, TORCHRUN, run_cli
 from _helpers.t2i import PROMPTS, small_generator
 from r2d2.engine.checkpoint import load_weights
 from r2d2.engine.data.synthetic import attributes, caption, read_synthetic, render
@@ -286,8 +286,7 @@ def test_t2i_two_process_ddp_with_corrupt_images(tmp_path):
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(name)
         lines.append(json.dumps({"image": str(name), "text": f"第{i}张图片"}, ensure_ascii=False))
     (tmp_path / "train.jsonl").write_text("\n".join(lines), encoding="utf-8")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "r2d2", "finetune", "--out", str(tmp_path / "run"), *TRAIN]
+    cmd = [*TORCHRUN, "finetune", "--out", str(tmp_path / "run"), *TRAIN]
     cmd += ["--train.max_steps=4", "--train.checkpoint_every=0", "--train.eval_at_end=false"]
     cmd += ["--data.format=jsonl", f"--data.path={tmp_path / 'train.jsonl'}"]
     cmd += ["--data.max_skip_rate=0.3", "--distributed.backend=gloo"]
