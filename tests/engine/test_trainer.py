@@ -360,6 +360,16 @@ def test_ddp_strategy_in_one_process_runs_single_process(tmp_path, capsys, monke
         )
 
 
+def test_fsdp_refused_before_training_for_a_model_it_cannot_export(tmp_path, monkeypatch):
+    # FSDP's end-of-run export needs the model's unsharded_twin; without one the run must stop
+    # before training, not after it (the process group is faked: the check precedes sharding)
+    import r2d2.engine.trainer as T
+
+    monkeypatch.setattr(T, "init_distributed", lambda cfg: (0, 2, torch.device("cpu")))
+    with pytest.raises(TrainingError, match=r"fsdp: Module cannot be exported unsharded"):
+        _trainer(tmp_path / "run", ["--distributed.strategy=fsdp", "--data.batch_size=4"])
+
+
 def test_peak_table_and_mfu():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
