@@ -36,9 +36,9 @@ from r2d2 import kernels as K
 from r2d2.engine.model.bert import CrossEncoder, MLMHead, TextEncoder
 from r2d2.engine.model.config import ModelConfig
 from r2d2.engine.model.layers import ModelPlumbing, as_bool_mask
+from r2d2.engine.model.r2d2 import CONFIG_NAME, VOCAB_NAME, WEIGHTS_NAME
 from r2d2.engine.model.vit import VisionTransformer
 
-CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "vocab.txt"
 MODEL_TYPE = "r2d2-captioner"
 
 
