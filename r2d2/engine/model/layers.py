@@ -68,16 +68,14 @@ class Attention(nn.Module):
                 if context is None and "k" in cache:  # self-attention: the prefix's, then ours
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache.update(k=k, v=v, static=context is not None)
-        # only a causal call passes the flag: the default path is exactly what it was
-        extra = {"causal": True} if causal else {}
         o = K.attention(
             q,
             k,
             v,
             key_padding_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
+            causal=causal,
             backend=self.kernels.attention,
-            **extra,
         )
         return self.out(o.transpose(1, 2).reshape(B, Lq, W))
 
