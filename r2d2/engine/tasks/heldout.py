@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
 from r2d2.dist import dist_info
 from r2d2.engine.data.loader import read_eval
 from r2d2.engine.data.records import DataError
@@ -15,6 +13,26 @@ from r2d2.engine.data.synthetic import open_image
 from r2d2.engine.data.transforms import eval_transform
 from r2d2.engine.tasks.evaluate import drop_undecodable
 from r2d2.engine.tasks.retrieval import RetrievalEvalConfig, RetrievalSet, evaluate_retrieval
+
+
+def heldout_image_loader(image_size: int):
+    """``key -> [3, H, W]`` tensor through the eval transform (synthetic keys rendered on a
+    canvas of at least 64 px, as in training)."""
+    tf = eval_transform(image_size)
+    canvas = max(64, image_size)
+    return lambda key: tf(open_image(key, canvas))
+
+
+def read_heldout(data_cfg, load) -> tuple:
+    """``(read, records, mismatched)``: the held-out split's records whose images ``load``
+    decodes, without matching sets' mismatched pairs (label 0: no ground truth for retrieval,
+    no reference caption, no prompt of their image); undecodable images are counted in
+    ``read`` as ``corrupt_image``, ``mismatched`` is how many label-0 pairs were left out."""
+    read = read_eval(data_cfg)
+    records = [r for r in read.records if r.label != 0]
+    mismatched = len(read.records) - len(records)
+    read, records, _ = drop_undecodable(read, records, None, load)
+    return read, records, mismatched
 
 
 def no_eval_reason(cfg, model) -> str | None:
@@ -52,16 +70,8 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
         if rank == 0:
             print(f"no end-of-run evaluation: {why}", flush=True)
         return None
-    read = read_eval(trainer.cfg.data)
-    records = [r for r in read.records if r.label != 0]
-    mismatched = len(read.records) - len(records)
-    tf = eval_transform(trainer.image_size)
-    canvas = max(64, trainer.image_size)
-
-    def load(key: str) -> torch.Tensor:
-        return tf(open_image(key, canvas))
-
-    read, records, _ = drop_undecodable(read, records, None, load)
+    load = heldout_image_loader(trainer.image_size)
+    read, records, mismatched = read_heldout(trainer.cfg.data, load)
     reasons = read.reasons
     skipped = sum(reasons.values())
     where = trainer.cfg.data.eval_path or "the synthetic held-out split"

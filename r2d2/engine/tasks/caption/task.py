@@ -46,11 +46,8 @@ def build_objective(cfg, model: nn.Module) -> CaptionObjective:
 def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     """Caption the held-out split (the synthetic ``eval`` split, or ``data.eval_path``), score
     it and the baselines (training captions of ``data``), write ``caption_eval.json``."""
-    from r2d2.engine.data.loader import read_eval
-    from r2d2.engine.data.synthetic import open_image
-    from r2d2.engine.data.transforms import eval_transform
     from r2d2.engine.tasks.caption import evaluate as ev
-    from r2d2.engine.tasks.evaluate import drop_undecodable
+    from r2d2.engine.tasks.heldout import heldout_image_loader, read_heldout
 
     cfg = trainer.cfg
     model = trainer.model if model is None else model
@@ -65,14 +62,8 @@ def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
         return None
     if getattr(model, "tokenizer", None) is None:
         model.tokenizer = trainer.tokenizer
-    read = read_eval(cfg.data)
-    tf = eval_transform(trainer.image_size)
-    canvas = max(64, trainer.image_size)
-
-    def load(key: str):
-        return tf(open_image(key, canvas))
-
-    read, records, _ = drop_undecodable(read, read.records, None, load)
+    load = heldout_image_loader(trainer.image_size)
+    read, records, _ = read_heldout(cfg.data, load)
     where = cfg.data.eval_path or "the synthetic held-out split"
     if not records:
         raise DataError(

@@ -52,27 +52,25 @@ def build_objective(cfg: RunConfig, model) -> T2IObjective:
 def evaluate_heldout(trainer, out: str, model=None) -> dict | None:
     """Generate for held-out prompts and score them (rank 0; the others return None): writes
     ``t2i_eval.json``, ``grid.png`` (+ ``grid.txt``) and ``samples/`` into the run folder."""
-    from r2d2.engine.data.loader import Tokenize, read_eval
+    from r2d2.engine.data.loader import Tokenize
     from r2d2.engine.data.records import DataError
     from r2d2.engine.data.synthetic import open_image
     from r2d2.engine.data.transforms import resize_center_crop
     from r2d2.engine.model import R2D2Model
-    from r2d2.engine.tasks.evaluate import drop_undecodable
+    from r2d2.engine.tasks.heldout import read_heldout
     from r2d2.engine.tasks.t2i.evaluate import evaluate_t2i
 
     if dist_info()[0] != 0:
         return None
     cfg = trainer.cfg
     model = trainer.model if model is None else model
-    read = read_eval(cfg.data)
-    records = [r for r in read.records if r.label != 0]
     size = model.config.image_size
     canvas = max(64, size)
 
-    def load(key: str):
+    def load(key: str):  # PIL images: the generator's real-image reference, not a model input
         return resize_center_crop(open_image(key, canvas), size)
 
-    read, records, _ = drop_undecodable(read, records, None, load)
+    read, records, _ = read_heldout(cfg.data, load)
     if not records:
         raise DataError(
             f"end-of-run evaluation: no usable held-out pair (skipped {read.skipped}: "
