@@ -602,7 +602,9 @@ def test_a_truncated_shard_is_counted_not_silent(tmp_path, caplog):
     # webdataset warning, with skipped=0
     from r2d2.engine.data.loader import ShardStream, shard_list
 
-    urls = _shards(tmp_path, 2, 6, bad=False)
+    # seeded: with random JPEG sizes the cut sometimes lands between a sample's jpg and its txt,
+    # and that half sample is counted as empty_text (a flake seen in a fresh-clone run)
+    urls = _shards(tmp_path, 2, 6, bad=False, seed=1)
     _truncate(tmp_path / "shard-0.tar")
     shards = shard_list(urls)
     with caplog.at_level("WARNING", logger="r2d2.data"):
